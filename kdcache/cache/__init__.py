@@ -1,0 +1,35 @@
+"""kdcache's on-disk teacher cache (format v1): memory-mapped Arrow IPC shards plus a manifest.
+
+The contract between stage one (dump-teacher writes it) and stage two (train-student reads it).
+Depends on numpy and pyarrow only (torch only inside the quantisation functions).
+"""
+
+from .errors import CacheError, CacheMismatchError
+from .fingerprint import canonical_json, fingerprint, hash_files, sha256_file
+from .format import FORMAT_VERSION, HiddenSpec, StoreSpec
+from .quant import dequantize_int8, dequantize_int8_torch, quantize_int8
+from .reader import CacheReader, TeacherRows
+from .summary import format_summary, summarize
+from .writer import BackgroundWriter, ShardWriter, TeacherBatch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "StoreSpec",
+    "HiddenSpec",
+    "TeacherBatch",
+    "TeacherRows",
+    "ShardWriter",
+    "BackgroundWriter",
+    "CacheReader",
+    "CacheError",
+    "CacheMismatchError",
+    "summarize",
+    "format_summary",
+    "fingerprint",
+    "canonical_json",
+    "sha256_file",
+    "hash_files",
+    "quantize_int8",
+    "dequantize_int8",
+    "dequantize_int8_torch",
+]

@@ -1,0 +1,31 @@
+"""Errors raised when a cache is missing, incomplete, corrupt or made for other inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CacheError(Exception):
+    """A cache cannot be used as it is; the message says why and what to do."""
+
+
+class CacheMismatchError(CacheError):
+    """A cache field differs from what this run expects (other data, tokenizer, layers, version)."""
+
+    def __init__(self, field: str, cache_value: Any, expected: Any, message: str | None = None):
+        self.field = field
+        self.cache_value = cache_value
+        self.expected = expected
+        if message is None:
+            message = (
+                f"cache field {field!r} is {short_repr(cache_value)} but this run expects "
+                f"{short_repr(expected)}: the cache was dumped for different inputs; re-run "
+                f"dump-teacher (or pass the matching --cache-dir)"
+            )
+        super().__init__(message)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters with an ellipsis, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,506 @@
+"""Writing a cache: shards published atomically (temp + fsync + rename + meta json), then the manifest.
+
+A crash leaves published shards (arrow + meta json) and temp files; a new ShardWriter deletes the
+temp files and :meth:`ShardWriter.done_shards` tells the caller which shards it can skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import format as fmt
+from .fingerprint import sha256_file
+from .format import StoreSpec
+
+META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
+
+
+@dataclass
+class TeacherBatch:
+    """One batch of teacher outputs on the host, padded along tokens; the writer slices each row.
+
+    Hidden arrays are [B, L, T, H]-shaped (for pooled specs T is 1, and [B, L, H] is accepted).
+    Fields not stored by the spec are None.
+    """
+
+    example_ids: np.ndarray  # int64 [B]
+    n_tokens: np.ndarray  # int32 [B]
+    logits: np.ndarray | None = None  # float32 [B, C]
+    hidden: np.ndarray | None = None  # float16 [B, L, T, H]
+    hidden_q: np.ndarray | None = None  # int8 [B, L, T, H]
+    hidden_scale: np.ndarray | None = None  # float16 [B, L, T]
+    hidden_outlier_idx: np.ndarray | None = None  # int16 [B, L, n_out]
+    hidden_outlier_val: np.ndarray | None = None  # float16 [B, L, T, n_out]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch -> Arrow record batch
+
+
+def _check_array(name: str, arr: Any, dtype: str, shape: tuple) -> np.ndarray:
+    """Check a batch field's dtype and shape (None in ``shape`` = any size) and return it."""
+    if arr is None:
+        raise ValueError(f"TeacherBatch.{name} is required by the store spec but is None")
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"TeacherBatch.{name} must be a numpy array (move tensors to the host), got {type(arr).__name__}")
+    if arr.dtype != np.dtype(dtype):
+        raise ValueError(f"TeacherBatch.{name} must be {dtype}, got {arr.dtype}")
+    if arr.ndim != len(shape) or any(w is not None and a != w for a, w in zip(arr.shape, shape)):
+        want = "[" + ", ".join("?" if w is None else str(w) for w in shape) + "]"
+        raise ValueError(f"TeacherBatch.{name} must have shape {want}, got {list(arr.shape)}")
+    return arr
+
+
+def _pooled_to_4d(arr: np.ndarray | None, ndim4: int) -> np.ndarray | None:
+    """Accept pooled hidden arrays without the token axis by inserting T=1."""
+    if arr is not None and isinstance(arr, np.ndarray) and arr.ndim == ndim4 - 1:
+        return arr[:, :, None]
+    return arr
+
+
+def _ragged(arr: np.ndarray, n_tokens: np.ndarray, token_axis: int) -> pa.LargeListArray:
+    """Rows of ``arr`` [B, ...] cut to n_tokens[b] along ``token_axis`` and flattened, as a large_list."""
+    B = arr.shape[0]
+    per_token = int(np.prod(arr.shape[1:])) // max(arr.shape[token_axis], 1)  # values per token
+    lengths = n_tokens.astype(np.int64) * per_token  # [B]
+    offsets = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if B and all(int(n) == arr.shape[token_axis] for n in n_tokens):
+        values = arr.reshape(-1)  # nothing to cut
+    else:
+        cut = [slice(None)] * (arr.ndim - 1)
+        parts = []
+        for b in range(B):
+            cut[token_axis - 1] = slice(0, int(n_tokens[b]))
+            parts.append(arr[b][tuple(cut)].reshape(-1))
+        values = np.concatenate(parts) if parts else arr.reshape(-1)[:0]
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values)))
+
+
+def _record_batch(spec: StoreSpec, batch: TeacherBatch) -> pa.RecordBatch:
+    """Validate ``batch`` against ``spec`` and build the record batch the shard stores."""
+    ids = np.asarray(batch.example_ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"TeacherBatch.example_ids must be an int64 [B] array, got {ids.dtype} {list(ids.shape)}")
+    ids = ids.astype(np.int64, copy=False)
+    B = ids.shape[0]
+    n_tok = np.asarray(batch.n_tokens)
+    if n_tok.shape != (B,) or n_tok.dtype.kind not in "iu":
+        raise ValueError(f"TeacherBatch.n_tokens must be an int32 [B={B}] array, got {n_tok.dtype} {list(n_tok.shape)}")
+    n_tok = n_tok.astype(np.int32, copy=False)
+    if B and (ids.min() < 0 or n_tok.min() < 0):
+        raise ValueError("TeacherBatch.example_ids and n_tokens must be non-negative")
+    cols: dict[str, pa.Array] = {fmt.COL_ID: pa.array(ids), fmt.COL_NTOK: pa.array(n_tok)}
+
+    if spec.num_logits is not None:
+        logits = _check_array("logits", batch.logits, "float32", (B, spec.num_logits))
+        cols[fmt.COL_LOGITS] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(logits).reshape(-1)), spec.num_logits)
+    elif batch.logits is not None:
+        raise ValueError("TeacherBatch.logits given but the store spec stores no logits (num_logits=None)")
+
+    h = spec.hidden
+    hidden_fields = ("hidden", "hidden_q", "hidden_scale", "hidden_outlier_idx", "hidden_outlier_val")
+    if h is None:
+        given = [f for f in hidden_fields if getattr(batch, f) is not None]
+        if given:
+            raise ValueError(f"TeacherBatch.{given[0]} given but the store spec stores no hidden states")
+        return pa.RecordBatch.from_arrays(list(cols.values()), schema=spec.arrow_schema())
+
+    L, H = h.num_layers, h.hidden_size
+    if h.pooled and B and (n_tok != 1).any():
+        raise ValueError(f"TeacherBatch.n_tokens must be 1 for pooling {h.pooling!r}, got {n_tok.tolist()}")
+    wanted = ("hidden",) if h.dtype == "float16" else hidden_fields[1:]
+    for f in hidden_fields:
+        if f not in wanted and getattr(batch, f) is not None:
+            raise ValueError(f"TeacherBatch.{f} given but the store spec's hidden dtype is {h.dtype!r}")
+
+    if h.dtype == "float16":
+        hid = _pooled_to_4d(batch.hidden, 4) if h.pooled else batch.hidden
+        hid = _check_array("hidden", hid, "float16", (B, L, None, H))
+        _check_tokens(n_tok, hid.shape[2])
+        cols[fmt.COL_HIDDEN] = _ragged(hid, n_tok, 2)
+    else:
+        n_out = h.n_outliers
+        q, scale, oval = batch.hidden_q, batch.hidden_scale, batch.hidden_outlier_val
+        if h.pooled:
+            q, scale, oval = _pooled_to_4d(q, 4), _pooled_to_4d(scale, 3), _pooled_to_4d(oval, 4)
+        q = _check_array("hidden_q", q, "int8", (B, L, None, H))
+        T = q.shape[2]
+        scale = _check_array("hidden_scale", scale, "float16", (B, L, T))
+        oidx = _check_array("hidden_outlier_idx", batch.hidden_outlier_idx, "int16", (B, L, n_out))
+        oval = _check_array("hidden_outlier_val", oval, "float16", (B, L, T, n_out))
+        _check_tokens(n_tok, T)
+        if oidx.size and (oidx.min() < 0 or oidx.max() >= H):
+            raise ValueError(f"TeacherBatch.hidden_outlier_idx must be in [0, {H})")
+        cols[fmt.COL_Q] = _ragged(q, n_tok, 2)
+        cols[fmt.COL_SCALE] = _ragged(scale, n_tok, 2)
+        cols[fmt.COL_OUT_IDX] = _ragged(oidx[:, :, None], np.ones(B, dtype=np.int32), 2)  # whole [L, n_out]
+        cols[fmt.COL_OUT_VAL] = _ragged(oval, n_tok, 2)
+    return pa.RecordBatch.from_arrays(list(cols.values()), schema=spec.arrow_schema())
+
+
+def _check_tokens(n_tok: np.ndarray, T: int) -> None:
+    if n_tok.size and n_tok.max() > T:
+        raise ValueError(f"TeacherBatch.n_tokens has {int(n_tok.max())} > the padded token axis ({T})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Durable file operations
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write json to ``path`` via temp file + fsync + rename + directory fsync."""
+    tmp = path.with_name(path.name + fmt.TMP_SUFFIX)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes the shards and the manifest of one cache directory (one open shard at a time)."""
+
+    def __init__(self, cache_dir: str | Path, spec: StoreSpec):
+        self.dir = Path(cache_dir)
+        self.spec = spec
+        self.schema = spec.arrow_schema()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for p in self.dir.glob("*" + fmt.TMP_SUFFIX):  # leftovers of a crashed run
+            _unlink(p)
+        self._index: int | None = None
+        self._id_range: tuple[int, int] | None = None
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._ids: list[np.ndarray] = []
+        self._tokens = 0
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def done_shards(self) -> dict[int, dict]:
+        """Metadata of shards already published and intact (size, sha256 and schema checked).
+
+        Invalid or unpaired shard files are deleted so the caller redoes those shards.
+        """
+        done: dict[int, dict] = {}
+        paired: set[str] = set()
+        for meta_path in sorted(self.dir.glob("shard-*.json")):
+            index = fmt.parse_shard_index(meta_path.name)
+            if index is None or meta_path.name != fmt.shard_meta_name(index):
+                continue
+            meta = self._valid_meta(meta_path, index)
+            if meta is None:
+                _unlink(meta_path)
+                _unlink(self.dir / fmt.shard_name(index))
+                continue
+            done[index] = meta
+            paired.add(fmt.shard_name(index))
+        for arrow_path in self.dir.glob("shard-*.arrow"):
+            if arrow_path.name not in paired and fmt.parse_shard_index(arrow_path.name) is not None:
+                _unlink(arrow_path)  # renamed but never published: redo
+        return done
+
+    def _valid_meta(self, meta_path: Path, index: int) -> dict | None:
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS) or meta["index"] != index:
+            return None
+        data = self.dir / fmt.shard_name(index)
+        if meta["file"] != data.name or not data.is_file() or data.stat().st_size != meta["bytes"]:
+            return None
+        if sha256_file(data) != meta["sha256"]:
+            return None
+        try:
+            with pa.memory_map(str(data)) as mm:
+                if not pa.ipc.open_file(mm).schema.equals(self.schema):
+                    return None  # written with another store spec
+        except (pa.ArrowException, OSError):
+            return None
+        return meta
+
+    # -- shards ---------------------------------------------------------------------------------
+
+    def open_shard(self, index: int, id_range: tuple[int, int]) -> None:
+        """Start shard ``index`` covering example ids [lo, hi); unpublishes any old copy of it."""
+        if self._writer is not None:
+            raise RuntimeError(f"shard {self._index} is still open: close or abort it first")
+        lo, hi = int(id_range[0]), int(id_range[1])
+        if index < 0 or not 0 <= lo < hi:
+            raise ValueError(f"bad shard index/id_range: {index}, [{lo}, {hi})")
+        # Writing a shard makes the cache incomplete until the manifest is written again.
+        _unlink(self.dir / fmt.MANIFEST_NAME)
+        _unlink(self.dir / fmt.shard_meta_name(index))
+        self._index, self._id_range = index, (lo, hi)
+        self._ids, self._tokens = [], 0
+        self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
+
+    def write(self, batch: TeacherBatch) -> None:
+        """Append one batch (rows in any order, ids inside the shard's range) to the open shard."""
+        if self._writer is None:
+            raise RuntimeError("no shard is open: call open_shard first")
+        rb = _record_batch(self.spec, batch)
+        ids = np.asarray(batch.example_ids, dtype=np.int64)
+        lo, hi = self._id_range
+        if ids.size and (ids.min() < lo or ids.max() >= hi):
+            bad = ids[(ids < lo) | (ids >= hi)][0]
+            raise ValueError(f"example id {int(bad)} is outside shard {self._index}'s id_range [{lo}, {hi})")
+        if rb.num_rows:
+            self._writer.write_batch(rb)
+        self._ids.append(ids.copy())
+        self._tokens += int(np.asarray(batch.n_tokens, dtype=np.int64).sum())
+
+    def close_shard(self) -> dict:
+        """Finish the open shard: fsync, rename to its final name, then publish its meta json.
+
+        Raises ValueError (and drops the shard) unless every id of its range was written once.
+        """
+        if self._writer is None:
+            raise RuntimeError("no shard is open")
+        index, (lo, hi) = self._index, self._id_range
+        ids = np.sort(np.concatenate(self._ids)) if self._ids else np.zeros(0, np.int64)
+        if ids.size != hi - lo or (ids.size and not np.array_equal(ids, np.arange(lo, hi))):
+            dup = ids[1:][ids[1:] == ids[:-1]]
+            detail = f"duplicate id {int(dup[0])}" if dup.size else f"{ids.size} distinct ids written for {hi - lo}"
+            self.abort_shard()
+            raise ValueError(f"shard {index} must hold each example id of [{lo}, {hi}) once: {detail}")
+        self._writer.close()
+        self._sink.close()
+        self._writer = self._sink = None
+        tmp, final = self._tmp_path(index), self.dir / fmt.shard_name(index)
+        with open(tmp, "rb") as f:  # fsync via a fresh descriptor (pa.OSFile has no fileno)
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        meta = {
+            "index": index,
+            "file": final.name,
+            "bytes": size,
+            "sha256": digest,
+            "rows": int(ids.size),
+            "tokens": self._tokens,
+            "id_range": [lo, hi],
+        }
+        _write_json_atomic(self.dir / fmt.shard_meta_name(index), meta)
+        self._index = self._id_range = None
+        self._ids, self._tokens = [], 0
+        return meta
+
+    def abort_shard(self) -> None:
+        """Drop the open shard's temp file (no-op if none is open)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except pa.ArrowException:
+                pass
+            self._sink.close()
+            _unlink(self._tmp_path(self._index))
+        self._writer = self._sink = None
+        self._index = self._id_range = None
+        self._ids, self._tokens = [], 0
+
+    def _tmp_path(self, index: int) -> Path:
+        return self.dir / (fmt.shard_name(index) + fmt.TMP_SUFFIX)
+
+    # -- manifest -------------------------------------------------------------------------------
+
+    def write_manifest(self, manifest: dict) -> dict:
+        """Write manifest.json last and atomically, marking the cache complete; returns it.
+
+        Adds format_version, store, shards and totals (rows, tokens, bytes), overriding any
+        caller values for those keys. ``manifest["num_examples"]`` must be given and the shards'
+        id ranges must tile [0, num_examples) exactly, else ValueError.
+        """
+        if self._writer is not None:
+            raise RuntimeError(f"shard {self._index} is still open: close it before the manifest")
+        if "num_examples" not in manifest:
+            raise ValueError("manifest needs 'num_examples' to check that the shards cover every example")
+        n = int(manifest["num_examples"])
+        shards = self._published_metas()
+        _check_tiling(shards, n)
+        out = dict(manifest)
+        out.update(
+            format_version=fmt.FORMAT_VERSION,
+            store=self.spec.to_dict(),
+            shards=shards,
+            rows=sum(s["rows"] for s in shards),
+            tokens=sum(s["tokens"] for s in shards),
+            bytes=sum(s["bytes"] for s in shards),
+        )
+        _write_json_atomic(self.dir / fmt.MANIFEST_NAME, out)
+        return out
+
+    def _published_metas(self) -> list[dict]:
+        """Metas of the published shards, sorted by index (sizes checked, checksums not)."""
+        metas = []
+        for meta_path in self.dir.glob("shard-*.json"):
+            index = fmt.parse_shard_index(meta_path.name)
+            if index is None:
+                continue
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            data = self.dir / meta["file"]
+            if not data.is_file() or data.stat().st_size != meta["bytes"]:
+                raise ValueError(f"shard {index}: {data.name} is missing or its size differs from its meta json")
+            metas.append({k: meta[k] for k in META_KEYS})
+        return sorted(metas, key=lambda m: m["index"])
+
+
+def _check_tiling(shards: list[dict], n: int) -> None:
+    """Raise ValueError unless the shards' id ranges tile [0, n) and row counts match them."""
+    pos = 0
+    for s in sorted(shards, key=lambda m: m["id_range"][0]):
+        lo, hi = s["id_range"]
+        if lo != pos:
+            what = "overlap" if lo < pos else "gap"
+            raise ValueError(f"shard id ranges do not tile [0, {n}): {what} at example id {min(lo, pos)} (shard {s['index']} starts at {lo})")
+        if s["rows"] != hi - lo:
+            raise ValueError(f"shard {s['index']} has {s['rows']} rows for id_range [{lo}, {hi})")
+        pos = hi
+    if pos != n:
+        raise ValueError(f"shard id ranges do not tile [0, {n}): they end at {pos}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Background writing
+
+
+class BackgroundWriter:
+    """A ShardWriter driven by one daemon thread through a bounded queue.
+
+    The producer (a GPU forward loop) only waits on disk when ``maxsize`` batches are queued.
+    Batches are held by reference: do not modify their arrays after :meth:`write`. An error in
+    the thread is re-raised in the caller on the next call (and on every call after it).
+    """
+
+    def __init__(self, writer: ShardWriter, maxsize: int = 4):
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._error: BaseException | None = None
+        self._closed_metas: list[dict] = []
+        self._shard_open = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            op, arg = self._queue.get()
+            try:
+                if op == "stop":
+                    return
+                if self._error is not None:
+                    continue  # drain: the caller sees the first error
+                if op == "open":
+                    self.writer.open_shard(*arg)
+                elif op == "write":
+                    self.writer.write(arg)
+                elif op == "close":
+                    self._closed_metas.append(self.writer.close_shard())
+                elif op == "abort":
+                    self.writer.abort_shard()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"background cache writer failed: {self._error}") from self._error
+
+    def _put(self, op: str, arg: Any = None) -> None:
+        self._raise_if_failed()
+        if self._stopped:
+            raise RuntimeError("BackgroundWriter is closed")
+        self._queue.put((op, arg))
+
+    def open_shard(self, index: int, id_range: tuple[int, int]) -> None:
+        """Queue the start of shard ``index`` over ids [lo, hi)."""
+        self._put("open", (index, id_range))
+        self._shard_open = True
+
+    def write(self, batch: TeacherBatch) -> None:
+        """Queue one batch; blocks only while the queue is full."""
+        self._put("write", batch)
+
+    def close_shard(self) -> None:
+        """Queue closing (publishing) the open shard; its meta is returned by :meth:`flush`."""
+        self._put("close")
+        self._shard_open = False
+
+    def flush(self) -> list[dict]:
+        """Wait until everything queued is written; return the metas of shards closed since the last flush."""
+        self._raise_if_failed()
+        if not self._stopped:
+            self._queue.join()
+        self._raise_if_failed()
+        metas, self._closed_metas = self._closed_metas, []
+        return metas
+
+    def close(self) -> list[dict]:
+        """Flush, stop the thread and return the metas of shards closed since the last flush."""
+        if self._stopped:
+            self._raise_if_failed()
+            return []
+        try:
+            return self.flush()
+        finally:
+            self._stop()
+
+    def abort(self) -> None:
+        """Drop the open shard (if any) and stop the thread, ignoring earlier errors."""
+        if self._stopped:
+            self.writer.abort_shard()
+            return
+        self._queue.put(("abort", None))
+        self._stop()
+        self.writer.abort_shard()  # the thread skips the queued abort after an error
+        self._shard_open = False
+
+    def _stop(self) -> None:
+        self._queue.put(("stop", None))
+        self._thread.join()
+        self._stopped = True
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
