@@ -20,7 +20,7 @@ from . import format as fmt
 from .errors import CacheError, CacheMismatchError, short_repr
 from .fingerprint import canonical_json, sha256_file
 from .format import StoreSpec
-from .quant import dequantize_int8
+from .quant import dequantize_int8, float16_to_float32
 
 
 @dataclass
@@ -170,7 +170,7 @@ class CacheReader:
         h = self.spec.hidden
         L, H = h.num_layers, h.hidden_size
         if h.dtype == "float16":
-            out[...] = self._row(b, r, fmt.COL_HIDDEN).reshape(L, n, H)
+            float16_to_float32(self._row(b, r, fmt.COL_HIDDEN).reshape(L, n, H), out)
         else:
             dequantize_int8(
                 self._row(b, r, fmt.COL_Q).reshape(L, n, H),
