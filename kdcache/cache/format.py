@@ -17,6 +17,7 @@ long sequences can exceed 2**31 values):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ class HiddenSpec:
     def __post_init__(self) -> None:
         layers = self.layers
         if isinstance(layers, (list, tuple)):
-            layers = tuple(layers)
+            layers = tuple(int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x for x in layers)
             object.__setattr__(self, "layers", layers)
         if not isinstance(layers, tuple) or not layers:
             raise ValueError(f"HiddenSpec.layers must be a non-empty tuple of ints, got {self.layers!r}")
