@@ -180,16 +180,22 @@ class CacheReader:
                 out=out,
             )
 
+    def get_logits(self, example_ids: Sequence[int]) -> np.ndarray:
+        """Logits of ``example_ids`` only (float32 [B, C]), without touching the hidden states."""
+        if self.spec.num_logits is None:
+            raise CacheError(f"the cache {self.path} stores no logits (store spec: {self.spec.to_dict()})")
+        _, bs, rs = self._locate(example_ids)
+        logits = np.empty((len(bs), self.spec.num_logits), dtype=np.float32)  # [B, C]
+        for i, (b, r) in enumerate(zip(bs, rs)):
+            logits[i] = self._batches[b].cols[fmt.COL_LOGITS][0][r]
+        return logits
+
     def get(self, example_ids: Sequence[int]) -> TeacherRows:
         """Teacher outputs for ``example_ids`` in that order (hidden dequantised to float32)."""
         ids, bs, rs = self._locate(example_ids)
         B = ids.shape[0]
         n_tokens = np.array([self._n_tokens(b, r) for b, r in zip(bs, rs)], dtype=np.int32)  # [B]
-        logits = None
-        if self.spec.num_logits is not None:
-            logits = np.empty((B, self.spec.num_logits), dtype=np.float32)  # [B, C]
-            for i, (b, r) in enumerate(zip(bs, rs)):
-                logits[i] = self._batches[b].cols[fmt.COL_LOGITS][0][r]
+        logits = self._logits_at(bs, rs) if self.spec.num_logits is not None else None
         hidden = None
         h = self.spec.hidden
         if h is not None:
@@ -205,6 +211,19 @@ class CacheReader:
                     self._hidden_into(b, r, int(n_tokens[i]), x)
                     hidden.append(x)
         return TeacherRows(example_ids=ids, n_tokens=n_tokens, logits=logits, hidden=hidden)
+
+    def get_logits(self, example_ids: Sequence[int]) -> np.ndarray:
+        """Only the stored logits of ``example_ids``: float32 [B, C] (no hidden states decoded)."""
+        if self.spec.num_logits is None:
+            raise CacheError("this cache stores no logits")
+        _, bs, rs = self._locate(example_ids)
+        return self._logits_at(bs, rs)
+
+    def _logits_at(self, bs: np.ndarray, rs: np.ndarray) -> np.ndarray:
+        logits = np.empty((len(bs), self.spec.num_logits), dtype=np.float32)  # [B, C]
+        for i, (b, r) in enumerate(zip(bs, rs)):
+            logits[i] = self._batches[b].cols[fmt.COL_LOGITS][0][r]
+        return logits
 
     def get_padded(self, example_ids: Sequence[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-token hidden states padded to ``seq_len``: (float32 [B, L, seq_len, H], bool mask [B, seq_len]).

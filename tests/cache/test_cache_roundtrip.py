@@ -31,9 +31,12 @@ def test_round_trip(tmp_path, mode):
     np.testing.assert_array_equal(rows.n_tokens, truth.n_tokens[ids])
     if spec.num_logits is None:
         assert rows.logits is None
+        with pytest.raises(CacheError, match="stores no logits"):
+            r.get_logits(ids)
     else:
         assert rows.logits.dtype == np.float32
         np.testing.assert_array_equal(rows.logits, truth.logits[ids])
+        np.testing.assert_array_equal(r.get_logits(ids), truth.logits[ids])
     h = spec.hidden
     if h is None:
         assert rows.hidden is None
