@@ -180,16 +180,6 @@ class CacheReader:
                 out=out,
             )
 
-    def get_logits(self, example_ids: Sequence[int]) -> np.ndarray:
-        """Logits of ``example_ids`` only (float32 [B, C]), without touching the hidden states."""
-        if self.spec.num_logits is None:
-            raise CacheError(f"the cache {self.path} stores no logits (store spec: {self.spec.to_dict()})")
-        _, bs, rs = self._locate(example_ids)
-        logits = np.empty((len(bs), self.spec.num_logits), dtype=np.float32)  # [B, C]
-        for i, (b, r) in enumerate(zip(bs, rs)):
-            logits[i] = self._batches[b].cols[fmt.COL_LOGITS][0][r]
-        return logits
-
     def get(self, example_ids: Sequence[int]) -> TeacherRows:
         """Teacher outputs for ``example_ids`` in that order (hidden dequantised to float32)."""
         ids, bs, rs = self._locate(example_ids)
@@ -215,11 +205,12 @@ class CacheReader:
     def get_logits(self, example_ids: Sequence[int]) -> np.ndarray:
         """Only the stored logits of ``example_ids``: float32 [B, C] (no hidden states decoded)."""
         if self.spec.num_logits is None:
-            raise CacheError("this cache stores no logits")
+            raise CacheError(f"the cache {self.path} stores no logits (store spec: {self.spec.to_dict()})")
         _, bs, rs = self._locate(example_ids)
         return self._logits_at(bs, rs)
 
     def _logits_at(self, bs: np.ndarray, rs: np.ndarray) -> np.ndarray:
+        """Gather logits rows located by (record batch, row) indices: float32 [B, C]."""
         logits = np.empty((len(bs), self.spec.num_logits), dtype=np.float32)  # [B, C]
         for i, (b, r) in enumerate(zip(bs, rs)):
             logits[i] = self._batches[b].cols[fmt.COL_LOGITS][0][r]
