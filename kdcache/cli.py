@@ -1,0 +1,172 @@
+"""The `kdcache` command line (click). Every `--field-name` option maps to one FineTuneConfig
+field; `--config` reads a pipeline YAML and the flags override it."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from kdcache.config import ConfigError, FineTuneConfig, flag_name
+
+_USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, reported as one clear line instead of a traceback."""
+    from kdcache.cache import CacheError
+    from kdcache.models import ModelError
+    from kdcache.tasks import DataError
+    from kdcache.teacher import LayerError
+
+    return (ConfigError, CacheError, DataError, ModelError, LayerError)
+
+
+def _handle_errors(func: Callable) -> Callable:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def config_options(func: Callable) -> Callable:
+    """Add --config and one --field-name option per FineTuneConfig field."""
+    for name in reversed(FineTuneConfig.field_names()):
+        func = click.option(flag_name(name), name, default=None, metavar="VALUE",
+                            help=FineTuneConfig.field_doc(name))(func)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                        help="Pipeline YAML; flags override its values.")(func)
+
+
+def resolve_config(config_path: Optional[str], fields: dict[str, Any]) -> FineTuneConfig:
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if config_path:
+        return FineTuneConfig.from_yaml(config_path, overrides)
+    return FineTuneConfig.from_dict(overrides, source="command line")
+
+
+def _split_fields(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = set(FineTuneConfig.field_names())
+    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.version_option(package_name="kdcache")
+def main(verbose: bool) -> None:
+    """kdcache: run the teacher once into a cache, then train many students from it."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+@main.command("dump-teacher")
+@config_options
+@click.option("--force", is_flag=True, help="Redo the cache even if a complete one exists.")
+@click.option("--device", default=None, help="torch device for the teacher (default: cuda if available).")
+@click.option("--shard-examples", type=int, default=None, help="Examples per shard (default: about 256 MiB each).")
+@_handle_errors
+def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[str], shard_examples: Optional[int], **kwargs: Any) -> None:
+    """Stage one: run the teacher over the training data and write its cache."""
+    from kdcache.dump import dump_teacher
+
+    fields, _ = _split_fields(kwargs)
+    config = resolve_config(config_path, fields)
+    result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples)
+    m = result.manifest
+    state = "cache hit (complete, nothing to do)" if result.hit else f"dumped in {result.seconds:.1f}s"
+    click.echo(f"{result.cache_dir}: {state}; {m['rows']} examples, {m['tokens']} tokens, "
+               f"{m['bytes'] / 2**20:.2f} MiB")
+
+
+@main.command("train-student")
+@config_options
+@_handle_errors
+def train_student_cmd(config_path: Optional[str], **kwargs: Any) -> None:
+    """Stage two: train the student from the cache (the teacher is not loaded)."""
+    from kdcache.train import train_student
+
+    fields, _ = _split_fields(kwargs)
+    config = resolve_config(config_path, fields)
+    if not config.use_distillation:
+        raise ConfigError("train-student distils from a cache: set use_distillation: true (or use `kdcache train`)")
+    _report(train_student(config))
+
+
+@main.command("train")
+@config_options
+@_handle_errors
+def train_cmd(config_path: Optional[str], **kwargs: Any) -> None:
+    """FineTunePipeline: plain fine-tuning, or dump (if needed) then distil."""
+    from kdcache.pipeline import FineTunePipeline
+
+    fields, _ = _split_fields(kwargs)
+    _report(FineTunePipeline(resolve_config(config_path, fields)).train())
+
+
+def _report(result) -> None:
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("eval_") and isinstance(v, float)
+                        and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"))
+    click.echo(f"saved {result.output_dir} ({result.num_parameters / 1e6:.1f}M parameters) in {result.seconds:.1f}s"
+               + (f"; {metrics}" if metrics else ""))
+
+
+@main.command("inspect")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--verify", is_flag=True, help="Also check every shard's sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_handle_errors
+def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:
+    """What a cache stores: rows, bytes, bytes per token per field, fingerprint inputs."""
+    from kdcache.cache import CacheReader, format_summary, summarize
+
+    with CacheReader(cache, verify=verify) as reader:
+        summary = summarize(reader)
+    click.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+
+
+@main.command("recommend")
+@click.option("--task", "task_type", default=None, help="Only this task.")
+def recommend_cmd(task_type: Optional[str]) -> None:
+    """The guide's recommended teachers, students, temperatures and layers."""
+    from kdcache.recommend import format_recommendations
+
+    click.echo(format_recommendations(task_type))
+
+
+@main.command("compare")
+@config_options
+@click.option("--teacher", default=None, help="Teacher model (default: teacher_model_name).")
+@click.option("--student", default=None, help="Student model (default: output_dir).")
+@_handle_errors
+def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Optional[str], **kwargs: Any) -> None:
+    """Teacher vs student on the eval data: metric, parameters, size on disk, inference speed."""
+    from kdcache import data as kdata
+    from kdcache.evaluate import evaluate_model, format_comparison
+    from kdcache.tasks import DataError, get_task
+
+    fields, _ = _split_fields(kwargs)
+    config = resolve_config(config_path, fields)
+    task = get_task(config.task_type)
+    eval_ds = kdata.load_split(config, "eval")
+    if eval_ds is None:
+        raise DataError("compare needs evaluation data: set eval_file (--eval-file) or dataset_name")
+    labels = task.label_info(kdata.require_train(None, config), config)
+    t = evaluate_model(teacher or config.teacher_model_name, config, eval_ds, labels)
+    s = evaluate_model(student or config.output_dir, config, eval_ds, labels)
+    click.echo(format_comparison(t, s, task.primary_metric()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

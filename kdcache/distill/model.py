@@ -1,0 +1,53 @@
+"""The student as trained in stage two: the Hugging Face model plus one learned projection per
+matched hidden layer (discarded after training; only the student is saved)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def proportional_layer_map(teacher_layers: tuple[int, ...], teacher_depth: int, student_depth: int) -> dict[int, int]:
+    """Teacher hidden_states index l -> student index round(l · S / T) (0 stays the embeddings)."""
+    return {l: int(round(l * student_depth / teacher_depth)) for l in teacher_layers}
+
+
+class DistillationModel(nn.Module):
+    """Wraps a student so its forward also returns projected hidden states for the matched layers."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, student: nn.Module, layer_map: dict[int, int], teacher_hidden_size: int):
+        super().__init__()
+        self.student = student
+        self.config = student.config
+        self.teacher_layers = sorted(layer_map)  # stored teacher layers, in cache order
+        self.student_layers = [layer_map[l] for l in self.teacher_layers]
+        width = student.config.hidden_size
+        self.projections = nn.ModuleList()
+        for _ in self.teacher_layers:
+            proj = nn.Linear(width, teacher_hidden_size)
+            if width == teacher_hidden_size:  # start as the identity: same-width students match at once
+                with torch.no_grad():
+                    proj.weight.copy_(torch.eye(width))
+                    proj.bias.zero_()
+            self.projections.append(proj)
+
+    def forward(self, output_kd_hidden: bool = False, **inputs):
+        """Student outputs; with output_kd_hidden, `kd_hidden` holds [B, L, S, H_teacher]."""
+        outputs = self.student(**inputs, output_hidden_states=output_kd_hidden and bool(self.projections))
+        result = {"logits": outputs.logits}
+        if output_kd_hidden and self.projections:
+            hs = outputs.hidden_states
+            result["kd_hidden"] = torch.stack(
+                [proj(hs[s]) for proj, s in zip(self.projections, self.student_layers)], dim=1
+            )  # [B, L, S, H_teacher]
+        return result
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **_: object) -> None:
+        self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **_: object) -> None:
+        self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)

@@ -1,0 +1,161 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss reads the teacher's targets from the
+batch (cached, via the collator) or, for the online baseline, from a teacher run in the loop.
+
+Everything else (mixed precision, accumulation, checkpointing, logging, DDP) is the Trainer's."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from kdcache.distill.collator import ReadAheadSampler, TargetFetcher
+from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss
+from kdcache.teacher import pool_student, select_hidden
+
+TEACHER_KEYS = ("teacher_logits", "teacher_hidden", "teacher_mask")
+PROJECTIONS_FILE = "kd_projections.safetensors"
+
+
+class OnlineTeacher:
+    """The teacher in the loop (the baseline kdcache replaces): same targets as the cache, computed each step."""
+
+    def __init__(self, model: torch.nn.Module, layers: Optional[tuple[int, ...]], pooling: str, need_logits: bool = True):
+        self.model = model.eval()
+        self.layers = layers
+        self.pooling = pooling
+        self.need_logits = need_logits
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self.model(**model_inputs, output_hidden_states=self.layers is not None)
+        targets = {"teacher_logits": out.logits.float()} if self.need_logits else {}
+        if self.layers is not None:
+            mask = model_inputs["attention_mask"]
+            targets["teacher_hidden"] = select_hidden(out.hidden_states, self.layers, mask, self.pooling).float()
+            if self.pooling == "none":
+                targets["teacher_mask"] = mask.bool()
+        return targets
+
+
+class DistillationTrainer(Trainer):
+    """Trainer with the kdcache loss: alpha·T²·KL + (1−alpha)·CE + hidden_weight·Σ MSE."""
+
+    def __init__(self, *args: Any, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
+                 hidden_pooling: str = "none", fetcher: Optional[TargetFetcher] = None,
+                 online_teacher: Optional[OnlineTeacher] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature
+        self.alpha = alpha
+        self.hidden_weight = hidden_weight
+        self.distill_logits = distill_logits
+        self.hidden_pooling = hidden_pooling
+        self.fetcher = fetcher
+        self.online_teacher = online_teacher
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+        self.last_predictions: Optional[tuple[np.ndarray, np.ndarray]] = None  # (teacher, student) argmax
+
+    # -- data -------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        base = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.fetcher is None or base is None:
+            return base
+        return ReadAheadSampler(
+            base, self._train_batch_size, np.asarray(dataset["kd_example_id"]), np.asarray(dataset["length"]), self.fetcher,
+        )
+
+    # -- loss -------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        teacher = {k: inputs.pop(k) for k in TEACHER_KEYS if k in inputs}
+        labels = inputs.pop("labels", None)
+        if self.online_teacher is not None and model.training:
+            teacher = self.online_teacher(inputs)
+        want_hidden = "teacher_hidden" in teacher
+        outputs = model(**inputs, output_kd_hidden=want_hidden)
+        logits = outputs["logits"]  # [B, C]
+        ce = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        kd = None
+        if self.distill_logits and "teacher_logits" in teacher:
+            kd = kd_kl_loss(logits, teacher["teacher_logits"], self.temperature)
+        hidden = None
+        if want_hidden:
+            hidden = self._hidden_loss(outputs["kd_hidden"], teacher["teacher_hidden"], teacher.get("teacher_mask"),
+                                       inputs["attention_mask"])
+        if ce is None and kd is None and hidden is None:
+            raise ValueError("the batch has neither labels nor teacher targets: nothing to learn from")
+        if ce is None:
+            ce = logits.sum() * 0.0
+        loss = combined_loss(ce, kd, hidden, self.alpha if kd is not None else 0.0, self.hidden_weight)
+        if model.training:
+            self._track(ce, kd, hidden, logits, teacher.get("teacher_logits"))
+        return (loss, outputs) if return_outputs else loss
+
+    def _hidden_loss(self, student_h: torch.Tensor, teacher_h: torch.Tensor, teacher_mask, attention_mask) -> torch.Tensor:
+        """Σ over stored layers of the MSE; student_h [B, L, S, H], teacher_h [B, L, S|1, H]."""
+        total = student_h.new_zeros((), dtype=torch.float32)
+        for l in range(student_h.shape[1]):
+            s = student_h[:, l]  # [B, S, H]
+            if self.hidden_pooling == "none":
+                total = total + hidden_mse_loss(s, teacher_h[:, l], teacher_mask)
+            else:
+                total = total + hidden_mse_loss(pool_student(s, attention_mask, self.hidden_pooling), teacher_h[:, l])
+        return total
+
+    def _track(self, ce, kd, hidden, logits, teacher_logits) -> None:
+        self._sums["loss_ce"] += float(ce.detach())
+        if kd is not None:
+            self._sums["loss_kd"] += float(kd.detach())
+        if hidden is not None:
+            self._sums["loss_hidden"] += float(hidden.detach())
+        if teacher_logits is not None:
+            t_pred = teacher_logits.argmax(-1)
+            s_pred = logits.detach().argmax(-1)
+            self._sums["teacher_agreement"] += float((t_pred == s_pred).float().mean())
+            self.last_predictions = (t_pred.cpu().numpy(), s_pred.cpu().numpy())
+        self._count += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the mean loss components since the last log to the Trainer's training logs."""
+        if "loss" in logs and self._count:
+            for key, value in self._sums.items():
+                logs[key] = round(value / self._count, 6)
+            self._sums.clear()
+            self._count = 0
+        super().log(logs, *args, **kwargs)
+
+    # -- saving: only the student is a model; projections ride along in checkpoints ----------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.student.save_pretrained(output_dir)
+        if len(model.projections):
+            save_file({k: v.contiguous() for k, v in model.projections.state_dict().items()},
+                      os.path.join(output_dir, PROJECTIONS_FILE))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        student_cls = type(model.student)
+        loaded = student_cls.from_pretrained(resume_from_checkpoint)
+        model.student.load_state_dict(loaded.state_dict())
+        proj_path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
+        if os.path.exists(proj_path):
+            model.projections.load_state_dict(load_file(proj_path))

@@ -1,0 +1,340 @@
+"""Stage one, `kdcache dump-teacher`: run the teacher once over the training split and write
+what the student will learn from into a cache (DESIGN.md §1-2).
+
+The forward pass runs under `torch.inference_mode()` (bf16/fp16 autocast on GPU) over
+length-sorted batches; layer selection, pooling and int8 quantisation happen on the device, and a
+background thread writes shards so the forward pass never waits on disk. Shards cover contiguous
+example-id ranges and are published atomically, so a killed dump resumes at the first missing
+shard."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from kdcache import data as kdata
+from kdcache.cache import (
+    BackgroundWriter, CacheError, CacheMismatchError, HiddenSpec, ShardWriter, StoreSpec, TeacherBatch,
+    fingerprint, quantize_int8,
+)
+from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
+from kdcache.config import FineTuneConfig
+from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
+from kdcache.models import ModelError, model_identity, resolve_model_path
+from kdcache.recommend import default_layers, default_teacher
+from kdcache.tasks import get_task
+from kdcache.teacher import resolve_layers, select_hidden
+from kdcache.tokenizers import tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+PROGRESS_NAME = "dump.json"  # written at the start of a dump; names what the shards belong to
+TARGET_SHARD_BYTES = 256 * 2**20
+
+
+@dataclass
+class DumpResult:
+    """Where the cache is, whether it was already complete, and its manifest."""
+
+    cache_dir: Path
+    hit: bool
+    manifest: dict[str, Any]
+    seconds: float = 0.0
+
+
+def teacher_name_for(config: FineTuneConfig) -> str:
+    return config.teacher_model_name or default_teacher(config.task_type)
+
+
+def requested_layers(config: FineTuneConfig) -> Optional[list[int]]:
+    """The teacher layers the run distils (the guide's default for the task when unset)."""
+    if not config.distill_hidden_states:
+        return None
+    return list(config.teacher_layers_to_distill or default_layers(config.task_type))
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bf16 autocast on GPUs that have it, fp16 on older ones, nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext(), "float32"
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), str(dtype).replace("torch.", "")
+
+
+def store_spec_for(config: FineTuneConfig, model_config, num_labels: int) -> StoreSpec:
+    """What the cache will store, from the run's config and the teacher's architecture."""
+    hidden = None
+    layers = requested_layers(config)
+    if layers is not None:
+        hidden = HiddenSpec(
+            layers=resolve_layers(layers, model_config.num_hidden_layers),
+            hidden_size=int(model_config.hidden_size),
+            dtype=config.hidden_dtype,
+            pooling=config.hidden_pooling,
+            n_outliers=config.hidden_outliers if config.hidden_dtype == "int8" else 0,
+        )
+    # Classification logits are tiny and always stored in full: a sweep may turn distill_logits on later.
+    return StoreSpec(num_logits=num_labels, hidden=hidden)
+
+
+def _bytes_per_token(spec: StoreSpec) -> float:
+    if spec.hidden is None:
+        return 0.0
+    h = spec.hidden
+    per = h.hidden_size * (2 if h.dtype == "float16" else 1) + (2 + 2 * h.n_outliers if h.dtype == "int8" else 0)
+    return float(per * h.num_layers)
+
+
+def plan_shards(num_examples: int, mean_tokens: float, spec: StoreSpec, shard_examples: Optional[int]) -> int:
+    """Examples per shard: about TARGET_SHARD_BYTES each, unless given."""
+    if shard_examples:
+        return int(shard_examples)
+    tokens = 1.0 if spec.hidden is None or spec.hidden.pooled else mean_tokens
+    per_example = 16 + 4 * (spec.num_logits or 0) + tokens * _bytes_per_token(spec)
+    return int(min(max(TARGET_SHARD_BYTES // max(per_example, 1.0), 256), 1 << 20))
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_kdcache_file(name: str) -> bool:
+    return name in (MANIFEST_NAME, PROGRESS_NAME) or parse_shard_index(name) is not None or name.endswith(".tmp")
+
+
+def _clear_cache_dir(path: Path) -> None:
+    """Remove a cache's own files (never anything else) so it can be redone."""
+    for child in path.iterdir():
+        if child.is_file() and _is_kdcache_file(child.name):
+            child.unlink()
+
+
+def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
+    """'hit', 'resume' or 'fresh' for a cache directory; refuses foreign or mismatching content."""
+    if not path.exists():
+        return "fresh"
+    if not path.is_dir():
+        raise CacheError(f"--cache-dir {path} is a file, not a directory")
+    names = [p.name for p in path.iterdir()]
+    foreign = [n for n in names if not _is_kdcache_file(n)]
+    if foreign:
+        raise CacheError(
+            f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
+            f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory"
+        )
+    for marker in (MANIFEST_NAME, PROGRESS_NAME):
+        if marker in names:
+            try:
+                existing = json.loads((path / marker).read_text())
+            except (OSError, ValueError):
+                existing = {}
+            if existing.get("fingerprint") == fp:
+                return "hit" if marker == MANIFEST_NAME else "resume"
+            if force:
+                _clear_cache_dir(path)
+                return "fresh"
+            field, old, new = _first_difference(existing.get("fingerprint_inputs", {}), inputs)
+            raise CacheMismatchError(
+                field, old, new,
+                f"{path} holds a {'complete' if marker == MANIFEST_NAME else 'partial'} cache for different inputs: "
+                f"field {field!r} is {_short(old)} there but {_short(new)} for this run; pass --force to redo it, "
+                f"or a different --cache-dir",
+            )
+    if names and not force:
+        # shard files without a progress marker: a dump from before the marker, cannot be trusted
+        raise CacheError(f"--cache-dir {path} holds shard files but no {PROGRESS_NAME}; pass --force to redo it")
+    _clear_cache_dir(path)
+    return "fresh"
+
+
+def _first_difference(old: dict, new: dict) -> tuple[str, Any, Any]:
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+                sub, a, b = _first_difference(old[key], new[key])
+                return f"{key}.{sub}", a, b
+            return key, old.get(key), new.get(key)
+    return "fingerprint", None, None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def dump_teacher(
+    config: FineTuneConfig,
+    train_dataset=None,
+    cache_dir: Optional[str] = None,
+    force: bool = False,
+    device: Optional[str] = None,
+    shard_examples: Optional[int] = None,
+    progress: bool = True,
+) -> DumpResult:
+    """Run the teacher over the training split and write (or find) its cache."""
+    start = time.perf_counter()
+    task = get_task(config.task_type)
+    teacher_name = teacher_name_for(config)
+    teacher_path = resolve_model_path(teacher_name)
+
+    raw = kdata.with_example_ids(kdata.require_train(train_dataset, config))
+    task.check_columns(raw, config, "train", need_labels=True)
+    labels = task.label_info(raw, config)
+    ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
+
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(teacher_path)
+    except OSError as exc:
+        raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its config ({exc})") from None
+    teacher_labels = getattr(model_config, "num_labels", None)
+    if teacher_labels != labels.num_labels:
+        raise ModelError(
+            f"the teacher {teacher_name!r} has {teacher_labels} labels but the training data has {labels.num_labels}: "
+            "fine-tune the teacher on this label set first (kdcache train with use_distillation: false)"
+        )
+    spec = store_spec_for(config, model_config, labels.num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    lookup = lookup_inputs(config, teacher_name, ds_hash, len(raw), requested_layers(config))
+    inputs = fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer))
+    fp = fingerprint(inputs)
+    path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
+
+    state = _check_dir_state(path, fp, inputs, force)
+    if state == "hit":
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
+        return DumpResult(path, True, manifest, time.perf_counter() - start)
+
+    tokenized = task.tokenize(raw, tokenizer, config, labels, keep_ids=True)
+    lengths = np.asarray(tokenized["length"])
+    ids = np.asarray(tokenized[kdata.EXAMPLE_ID])
+    order_by_id = np.argsort(ids)  # row position of each example id
+
+    path.mkdir(parents=True, exist_ok=True)
+    if state == "fresh":
+        per_shard = plan_shards(len(raw), float(lengths.mean()), spec, shard_examples)
+        _write_json_atomic(path / PROGRESS_NAME, {
+            "fingerprint": fp, "fingerprint_inputs": inputs, "shard_examples": per_shard, "num_examples": len(raw),
+        })
+    else:
+        per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
+
+    shard_writer = ShardWriter(path, spec)
+    done = shard_writer.done_shards()
+    ranges = [(lo, min(lo + per_shard, len(raw))) for lo in range(0, len(raw), per_shard)]
+    todo = [i for i in range(len(ranges)) if i not in done]
+
+    dev = pick_device(device)
+    model = None
+    compute_dtype = "float32"
+    if todo:
+        model = task.model_class.from_pretrained(teacher_path).to(dev).eval()
+    amp, compute_dtype = autocast_for(dev)
+    batch_size = config.teacher_batch_size or 2 * config.batch_size
+    done_examples = sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i in done)
+    bar = tqdm(total=len(raw), initial=done_examples, desc="dump-teacher", unit="ex", disable=not progress)
+    tokens_seen, t0 = 0, time.perf_counter()
+    with BackgroundWriter(shard_writer) as writer:
+        for index in todo:
+            lo, hi = ranges[index]
+            writer.open_shard(index, (lo, hi))
+            shard_rows = order_by_id[lo:hi]
+            shard_rows = shard_rows[np.argsort(-lengths[shard_rows], kind="stable")]  # longest first
+            for b in range(0, len(shard_rows), batch_size):
+                rows = shard_rows[b:b + batch_size]
+                batch = _collate(tokenized, rows, tokenizer, dev)
+                with torch.inference_mode(), amp:
+                    outputs = model(**batch, output_hidden_states=spec.hidden is not None)
+                writer.write(_reduce(task, outputs, batch["attention_mask"], ids[rows], spec))
+                tokens_seen += int(lengths[rows].sum())
+                bar.update(len(rows))
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
+            writer.close_shard()
+        writer.flush()
+    bar.close()
+
+    manifest = {
+        "fingerprint": fp,
+        "fingerprint_inputs": inputs,
+        "lookup_inputs": lookup,
+        "num_examples": len(raw),
+        "task": config.task_type,
+        "dataset_hash": ds_hash,
+        "split": config.train_split if config.train_file is None and train_dataset is None else "train",
+        "data_source": config.train_file or config.dataset_name or "in-memory dataset",
+        "max_length": config.max_length,
+        "stride": None,
+        "teacher": {
+            "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
+            "model_type": model_config.model_type, "num_hidden_layers": model_config.num_hidden_layers,
+            "hidden_size": model_config.hidden_size, "compute_dtype": compute_dtype,
+        },
+        "tokenizer_hash": inputs["tokenizer_hash"],
+        "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
+        "labels": labels.to_dict(),
+        "logit_mode": "full",
+        "shard_examples": per_shard,
+        "created_unix": time.time(),
+    }
+    manifest = shard_writer.write_manifest(manifest)
+    (path / PROGRESS_NAME).unlink(missing_ok=True)
+    return DumpResult(path, False, manifest, time.perf_counter() - start)
+
+
+def _collate(tokenized, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad one length-sorted batch of tokenized rows and move it to the device."""
+    features = tokenized[rows.tolist()]  # dict of columns
+    features = [dict(zip(features, values)) for values in zip(*features.values())]
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features[0]]
+    padded = tokenizer.pad([{k: f[k] for k in keys} for f in features], return_tensors="pt")
+    return {k: v.to(device, non_blocking=True) for k, v in padded.items()}
+
+
+def _reduce(task, outputs, attention_mask: torch.Tensor, example_ids: np.ndarray, spec: StoreSpec) -> TeacherBatch:
+    """Reduce the teacher's outputs on the device and copy only what is stored to the host."""
+    logits = task.teacher_logits(outputs).float()  # [B, C]
+    batch = TeacherBatch(
+        example_ids=example_ids.astype(np.int64),
+        n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
+        logits=logits.cpu().numpy() if spec.num_logits is not None else None,
+    )
+    h_spec = spec.hidden
+    if h_spec is not None:
+        hidden = select_hidden(outputs.hidden_states, h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
+        if h_spec.pooled:
+            batch.n_tokens = np.ones(len(example_ids), dtype=np.int32)
+        if h_spec.dtype == "float16":
+            batch.hidden = hidden.to(torch.float16).cpu().numpy()
+        else:
+            q, scale, idx, val = quantize_int8(hidden.float(), h_spec.n_outliers)
+            batch.hidden_q = q.cpu().numpy()
+            batch.hidden_scale = scale.cpu().numpy()
+            batch.hidden_outlier_idx = idx.cpu().numpy()
+            batch.hidden_outlier_val = val.cpu().numpy()
+    return batch

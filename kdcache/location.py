@@ -1,0 +1,65 @@
+"""What identifies a teacher cache and where it lives.
+
+The *lookup inputs* are what a run names (task, teacher, data, lengths, what is stored); they are
+computable without loading the teacher, so train-student finds its cache with the teacher gone.
+The *fingerprint* adds the teacher's weights identity, checked by dump-teacher on a cache hit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from kdcache.cache import FORMAT_VERSION, fingerprint
+from kdcache.config import FineTuneConfig, kdcache_home
+
+
+def lookup_inputs(
+    config: FineTuneConfig, teacher_name: str, dataset_hash: str, num_examples: int, requested_layers: Optional[list[int]],
+) -> dict[str, Any]:
+    """Everything a run names that determines the cache's contents (from the config alone)."""
+    hidden = None
+    if requested_layers is not None:
+        hidden = {
+            "layers": list(requested_layers), "dtype": config.hidden_dtype, "pooling": config.hidden_pooling,
+            "n_outliers": config.hidden_outliers if config.hidden_dtype == "int8" else 0,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": config.task_type,
+        "teacher": teacher_name,
+        "dataset_hash": dataset_hash,
+        "num_examples": num_examples,
+        "input_columns": [config.text_column] + ([config.text_pair_column] if config.text_pair_column else []),
+        "max_length": config.max_length,
+        "hidden": hidden,
+    }
+
+
+def fingerprint_inputs(lookup: dict[str, Any], teacher_identity: dict[str, Any], tokenizer_hash: str) -> dict[str, Any]:
+    return {**lookup, "teacher_identity": teacher_identity, "tokenizer_hash": tokenizer_hash}
+
+
+def lookup_key(lookup: dict[str, Any]) -> str:
+    return fingerprint(lookup)[:20]
+
+
+def default_cache_dir(lookup: dict[str, Any]) -> Path:
+    """$KDCACHE_HOME/<task>-<key>: one directory per distinct set of lookup inputs."""
+    return kdcache_home() / f"{lookup['task']}-{lookup_key(lookup)}"
+
+
+def find_compatible(task: str, teacher: str, dataset_hash: str, max_length: int) -> list[Path]:
+    """Complete caches under $KDCACHE_HOME dumped for this task, teacher, data and length."""
+    found = []
+    root = kdcache_home()
+    if not root.is_dir():
+        return found
+    for manifest_path in sorted(root.glob(f"{task}-*/manifest.json")):
+        try:
+            lookup = json.loads(manifest_path.read_text()).get("lookup_inputs", {})
+        except (OSError, ValueError):
+            continue
+        if (lookup.get("teacher"), lookup.get("dataset_hash"), lookup.get("max_length")) == (teacher, dataset_hash, max_length):
+            found.append(manifest_path.parent)
+    return found

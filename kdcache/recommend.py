@@ -1,0 +1,127 @@
+"""The guide's recommendation tables, in one place: defaults for teachers, students,
+temperatures and layers per task. `kdcache recommend` prints them."""
+
+from __future__ import annotations
+
+RECOMMENDED_TEACHER_MODELS: dict[str, dict[str, str]] = {
+    "text_classification": {
+        "default": "bert-large-uncased",
+        "high_performance": "roberta-large",
+        "multilingual": "xlm-roberta-large",
+    },
+    "summarization": {
+        "default": "t5-large",
+        "high_performance": "facebook/bart-large",
+        "multilingual": "google/mt5-large",
+    },
+    "translation": {
+        "default": "facebook/mbart-large-50",
+        "high_performance": "google/mt5-large",
+        "specialized": "Helsinki-NLP/opus-mt-en-ROMANCE",
+    },
+    "question_answering": {
+        "default": "roberta-large",
+        "high_performance": "deepset/deberta-v3-large-squad2",
+        "efficient": "google/electra-large-discriminator",
+    },
+}
+
+RECOMMENDED_STUDENT_MODELS: dict[str, dict[str, str]] = {
+    "text_classification": {
+        "balanced": "bert-base-uncased",
+        "efficient": "distilbert-base-uncased",
+        "tiny": "prajjwal1/bert-tiny",
+    },
+    "summarization": {
+        "balanced": "t5-small",
+        "efficient": "facebook/bart-base",
+        "tiny": "sshleifer/tiny-mbart",
+    },
+    "translation": {
+        "balanced": "facebook/mbart-large-50-small",
+        "efficient": "Helsinki-NLP/opus-mt-en-fr",
+        "tiny": "facebook/m2m100_418M",
+    },
+    "question_answering": {
+        "balanced": "roberta-base",
+        "efficient": "distilroberta-base",
+        "tiny": "google/mobilebert-uncased",
+    },
+}
+
+TEMPERATURE_GUIDE: dict[str, float] = {
+    "binary_classification": 1.5,
+    "multi_class_classification": 2.0,
+    "token_classification": 2.5,
+    "summarization": 3.0,
+    "translation": 3.0,
+    "question_answering": 2.5,
+}
+
+LAYER_SELECTION_GUIDE: dict[str, dict] = {
+    "classification": {"strategy": "top_layers", "layers": [-1, -2, -3]},
+    "generation": {"strategy": "distributed", "layers": [0, 4, 8, 12]},
+    "qa": {"strategy": "bookend", "layers": [0, 1, 10, 11]},
+}
+
+MODEL_SIZE_RATIOS: dict[str, dict[str, str]] = {
+    "conservative": {"ratio": "2:1", "example": "bert-base → distilbert-base"},
+    "standard": {"ratio": "3:1", "example": "bert-large → bert-base"},
+    "aggressive": {"ratio": "4:1", "example": "t5-large → t5-small"},
+}
+
+# Which row of LAYER_SELECTION_GUIDE each task uses.
+_LAYER_FAMILY = {
+    "text_classification": "classification",
+    "token_classification": "classification",
+    "question_answering": "qa",
+    "summarization": "generation",
+    "translation": "generation",
+}
+
+
+def default_teacher(task_type: str) -> str:
+    """The guide's default teacher for a task."""
+    table = RECOMMENDED_TEACHER_MODELS.get(task_type)
+    if table is None:
+        # token classification has no row in the guide: the classification teacher serves.
+        table = RECOMMENDED_TEACHER_MODELS["text_classification"]
+    return table["default"]
+
+
+def default_temperature(task_type: str, num_labels: int | None = None) -> float:
+    """The guide's temperature for a task (binary vs multi-class for classification)."""
+    if task_type == "text_classification":
+        key = "binary_classification" if num_labels == 2 else "multi_class_classification"
+        return TEMPERATURE_GUIDE[key]
+    return TEMPERATURE_GUIDE[task_type]
+
+
+def default_layers(task_type: str) -> list[int]:
+    """The guide's hidden layers to distil for a task."""
+    return list(LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task_type]]["layers"])
+
+
+def format_recommendations(task_type: str | None = None) -> str:
+    """Human-readable tables for `kdcache recommend`."""
+    tasks = [task_type] if task_type else list(_LAYER_FAMILY)
+    lines = []
+    for task in tasks:
+        lines.append(f"{task}")
+        teachers = RECOMMENDED_TEACHER_MODELS.get(task)
+        if teachers:
+            lines.append("  teachers: " + ", ".join(f"{k}={v}" for k, v in teachers.items()))
+        students = RECOMMENDED_STUDENT_MODELS.get(task)
+        if students:
+            lines.append("  students: " + ", ".join(f"{k}={v}" for k, v in students.items()))
+        if task == "text_classification":
+            lines.append(
+                f"  temperature: {TEMPERATURE_GUIDE['binary_classification']} (binary), "
+                f"{TEMPERATURE_GUIDE['multi_class_classification']} (multi-class)"
+            )
+        else:
+            lines.append(f"  temperature: {default_temperature(task)}")
+        family = LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task]]
+        lines.append(f"  layers: {family['layers']} ({family['strategy']})")
+    lines.append("size ratios: " + ", ".join(f"{k} {v['ratio']} ({v['example']})" for k, v in MODEL_SIZE_RATIOS.items()))
+    return "\n".join(lines)

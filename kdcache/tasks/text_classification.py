@@ -1,0 +1,118 @@
+"""Text classification: one label per text (or text pair); the teacher stores its full logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from kdcache.config import FineTuneConfig
+from kdcache.tasks.base import DataError, LabelInfo, Task
+
+
+class TextClassification(Task):
+    name = "text_classification"
+    model_class = AutoModelForSequenceClassification
+
+    def input_columns(self, config: FineTuneConfig) -> list[str]:
+        cols = [config.text_column]
+        if config.text_pair_column:
+            cols.append(config.text_pair_column)
+        return cols
+
+    def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
+        if len(dataset) == 0:
+            raise DataError(f"the {split} dataset is empty: give a file or split with at least one row")
+        needed = [(c, "text_column" if c == config.text_column else "text_pair_column") for c in self.input_columns(config)]
+        if need_labels:
+            needed.append((config.label_column, "label_column"))
+        for column, option in needed:
+            if column not in dataset.column_names:
+                raise DataError(
+                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(dataset.column_names)}); "
+                    f"set {option} (--{option.replace('_', '-')}) to the right one"
+                )
+
+    def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
+        values = train_dataset[config.label_column]
+        if any(v is None for v in values):
+            raise DataError(f"column {config.label_column!r} has empty labels: every training row needs one")
+        if all(isinstance(v, str) for v in values):
+            names = sorted(set(values))
+            if config.num_labels is not None and config.num_labels != len(names):
+                raise DataError(f"num_labels is {config.num_labels} but the training labels have {len(names)} distinct values")
+            return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            raise DataError(f"column {config.label_column!r} must hold integer class ids or strings")
+        low, high = int(min(values)), int(max(values))
+        if low < 0:
+            raise DataError(f"label {low} in column {config.label_column!r} is negative: class ids start at 0")
+        num = config.num_labels if config.num_labels is not None else high + 1
+        if high >= num:
+            raise DataError(f"label {high} is out of range for num_labels={num}: class ids must be 0..{num - 1}")
+        if num < 2:
+            raise DataError(f"the training labels hold a single class ({low}): classification needs two or more")
+        return LabelInfo(num, {i: str(i) for i in range(num)}, {str(i): i for i in range(num)}, False)
+
+    def encode_labels(self, values, labels: LabelInfo, column: str, split: str) -> list[int]:
+        """Map raw labels to ids; out-of-range or unknown labels are errors naming the value."""
+        out = []
+        for v in values:
+            if labels.string_labels:
+                if v not in labels.label2id:
+                    raise DataError(f"{split} label {v!r} in column {column!r} does not occur in the training labels")
+                out.append(labels.label2id[v])
+            else:
+                if isinstance(v, str) or v is None or not 0 <= int(v) < labels.num_labels:
+                    raise DataError(
+                        f"{split} label {v!r} in column {column!r} is out of range: class ids must be 0..{labels.num_labels - 1}"
+                    )
+                out.append(int(v))
+        return out
+
+    def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, keep_ids: bool, split: str = "train"):
+        has_labels = config.label_column in dataset.column_names
+        text_cols = self.input_columns(config)
+
+        def encode(batch):
+            texts = [str(t) for t in batch[config.text_column]]
+            pairs = [str(t) for t in batch[config.text_pair_column]] if config.text_pair_column else None
+            enc = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            if has_labels:
+                enc["labels"] = self.encode_labels(batch[config.label_column], labels, config.label_column, split)
+            return enc
+
+        keep = {"kd_example_id"} if keep_ids else set()
+        remove = [c for c in dataset.column_names if c not in keep]
+        return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
+
+    def teacher_logits(self, outputs) -> torch.Tensor:
+        return outputs.logits  # [B, C]
+
+    def compute_metrics(self, eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        preds = np.asarray(logits).argmax(-1)
+        return {"accuracy": accuracy(preds, labels), "f1_macro": macro_f1(preds, labels)}
+
+    def primary_metric(self) -> str:
+        return "accuracy"
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(preds) == np.asarray(labels)).mean())
+
+
+def macro_f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Macro-averaged F1 over the classes present in labels or predictions."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    scores = []
+    for c in np.union1d(preds, labels):
+        tp = np.sum((preds == c) & (labels == c))
+        fp = np.sum((preds == c) & (labels != c))
+        fn = np.sum((preds != c) & (labels == c))
+        denom = 2 * tp + fp + fn
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
