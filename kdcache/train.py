@@ -128,7 +128,7 @@ def training_arguments(config: FineTuneConfig, output_dir: Path, has_eval: bool)
         seed=config.seed,
         bf16=bf16,
         fp16=fp16,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if config.use_dynamic_batching else "random",
         length_column_name="length",
         remove_unused_columns=False,

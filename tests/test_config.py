@@ -1,0 +1,94 @@
+"""FineTuneConfig: the guide's configuration snippets, validation errors that name the field,
+and YAML pipelines whose unknown keys are errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdcache import ConfigError, FineTuneConfig
+
+
+def test_guide_basic_configuration_runs_as_written():
+    # The guide's "Basic Configuration" snippet, import line changed.
+    config = FineTuneConfig(
+        model_name="distilbert-base-uncased",  # Student model
+        task_type="text_classification",
+        use_distillation=True,
+        teacher_model_name="bert-large-uncased",
+        distillation_alpha=0.5,  # Weight between soft and hard targets
+        temperature=2.0,  # Softening temperature
+    )
+    assert config.distillation_alpha == 0.5 and config.temperature == 2.0 and config.distill_logits
+
+
+def test_guide_advanced_configuration_runs_as_written():
+    config = FineTuneConfig(
+        model_name="distilbert-base-uncased",
+        task_type="text_classification",
+        use_distillation=True,
+        teacher_model_name="bert-large-uncased",
+        distillation_alpha=0.7,
+        temperature=3.0,
+        distill_logits=True,
+        distill_hidden_states=True,
+        teacher_layers_to_distill=[0, 6, 11],
+        batch_size=32,
+        learning_rate=2e-5,
+        num_epochs=3,
+    )
+    assert config.teacher_layers_to_distill == [0, 6, 11]
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("task_type", "image_generation", "unknown task"),
+        ("distillation_alpha", 1.5, "[0, 1]"),
+        ("temperature", 0.0, "> 0"),
+        ("batch_size", 0, "positive integer"),
+        ("learning_rate", -1.0, "> 0"),
+        ("hidden_dtype", "int4", "float16, int8"),
+        ("hidden_pooling", "max", "none, cls, mean"),
+        ("teacher_layers_to_distill", [], "non-empty list"),
+        ("train_file", "data.txt", ".jsonl"),
+    ],
+)
+def test_invalid_values_name_the_field_and_flag(field, value, words):
+    with pytest.raises(ConfigError) as err:
+        FineTuneConfig(model_name="m", **{field: value})
+    message = str(err.value)
+    assert f"FineTuneConfig.{field}" in message
+    assert "--" + field.replace("_", "-") in message
+    assert words in message
+
+
+def test_distillation_with_nothing_to_distil_is_an_error():
+    with pytest.raises(ConfigError, match="use_distillation"):
+        FineTuneConfig(model_name="m", use_distillation=True, distill_logits=False, distill_hidden_states=False)
+
+
+def test_yaml_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model_name: m\ndistilation_alpha: 0.3\n")
+    with pytest.raises(ConfigError) as err:
+        FineTuneConfig.from_yaml(path)
+    assert "'distilation_alpha'" in str(err.value) and "distillation_alpha" in str(err.value)
+
+
+def test_yaml_values_are_coerced_and_overrides_win(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model_name: m\nteacher_layers_to_distill: [-1, -2]\nuse_distillation: true\nnum_epochs: 2\n")
+    config = FineTuneConfig.from_yaml(path, {"num_epochs": "5", "use_mixed_precision": "true", "layer_map": "12: 6"})
+    assert config.teacher_layers_to_distill == [-1, -2]
+    assert config.num_epochs == 5.0 and config.use_mixed_precision is True and config.layer_map == {12: 6}
+
+
+def test_cli_strings_that_are_not_numbers_are_errors():
+    with pytest.raises(ConfigError, match="batch_size"):
+        FineTuneConfig.from_dict({"model_name": "m", "batch_size": "lots"})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = FineTuneConfig(model_name="m", use_distillation=True, distill_hidden_states=True, layer_map={4: 2})
+    config.save(tmp_path / "c.yaml")
+    assert FineTuneConfig.from_yaml(tmp_path / "c.yaml") == config
