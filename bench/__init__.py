@@ -1,0 +1,1 @@
+"""kdcache benchmarks: `python -m bench.run` (make bench)."""
