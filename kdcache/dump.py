@@ -151,11 +151,11 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
                 existing = json.loads((path / marker).read_text())
             except (OSError, ValueError):
                 existing = {}
-            if existing.get("fingerprint") == fp:
-                return "hit" if marker == MANIFEST_NAME else "resume"
             if force:
                 _clear_cache_dir(path)
                 return "fresh"
+            if existing.get("fingerprint") == fp:
+                return "hit" if marker == MANIFEST_NAME else "resume"
             field, old, new = _first_difference(existing.get("fingerprint_inputs", {}), inputs)
             raise CacheMismatchError(
                 field, old, new,

@@ -83,7 +83,8 @@ def open_cache_for(config: FineTuneConfig, path: Path, ds_hash: str, num_example
     wanted = requested_layers(config)
     if wanted is not None:
         if reader.spec.hidden is None:
-            raise CacheMismatchError("layers", None, wanted, f"{path} stores no hidden states; dump with distill_hidden_states on")
+            raise CacheMismatchError("layers", None, wanted, f"{path} stores no hidden states (layers {wanted} requested): "
+                                     "re-run dump-teacher with distill_hidden_states on")
         layers = resolve_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
         reader.expect(layers=layers)
         if reader.spec.hidden.pooling == "none":

