@@ -185,6 +185,18 @@ def _short(value: Any) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
+def load_teacher(task, teacher_name: str, teacher_path: str):
+    """Load the teacher, refusing one whose task head was never trained (it would teach noise)."""
+    model, info = task.model_class.from_pretrained(teacher_path, output_loading_info=True)
+    untrained = [k for k in info.get("missing_keys", []) if k.split(".")[0] in task.head_modules]
+    if untrained:
+        raise ModelError(
+            f"teacher {teacher_name!r} has no trained {task.name} head (missing {', '.join(sorted(untrained)[:2])}): "
+            "a teacher must be fine-tuned on the task first, e.g. `kdcache train` with use_distillation: false"
+        )
+    return model
+
+
 def dump_teacher(
     config: FineTuneConfig,
     train_dataset=None,
@@ -230,6 +242,9 @@ def dump_teacher(
         log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
         return DumpResult(path, True, manifest, time.perf_counter() - start)
 
+    dev = pick_device(device)
+    # Load the teacher before anything is written: a bad teacher leaves no trace on disk.
+    model = load_teacher(task, teacher_name, teacher_path).to(dev).eval()
     tokenized = task.tokenize(raw, tokenizer, config, labels, keep_ids=True)
     lengths = np.asarray(tokenized["length"])
     ids = np.asarray(tokenized[kdata.EXAMPLE_ID])
@@ -249,11 +264,6 @@ def dump_teacher(
     ranges = [(lo, min(lo + per_shard, len(raw))) for lo in range(0, len(raw), per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done]
 
-    dev = pick_device(device)
-    model = None
-    compute_dtype = "float32"
-    if todo:
-        model = task.model_class.from_pretrained(teacher_path).to(dev).eval()
     amp, compute_dtype = autocast_for(dev)
     batch_size = config.teacher_batch_size or 2 * config.batch_size
     done_examples = sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i in done)

@@ -3,7 +3,6 @@ save_pretrained and loaded back through kdcache's real loading code. No network.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -11,31 +10,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# The shipped CC BY 4.0 sample of mr_polarity (see data/mr_polarity/README.md).
-MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
-MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
+from helpers import MR_TRAIN, MR_VALID, make_bert, read_jsonl, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +30,6 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(out)
     return out
-
-
-def make_bert(path: Path, tokenizer_dir: Path, layers: int, hidden: int, num_labels: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised BertForSequenceClassification saved with its tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(
-        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=hidden * 2, max_position_embeddings=128, num_labels=num_labels,
-    )
-    torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +57,7 @@ def trained_teacher(tmp_path_factory, tokenizer_dir, small_data) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     config = FineTuneConfig(
         model_name=str(init), task_type="text_classification", train_file=str(small_data["train"]),
-        max_length=48, batch_size=16, learning_rate=2e-3, num_epochs=8, output_dir=str(out),
+        max_length=48, batch_size=16, learning_rate=2e-3, num_epochs=3, output_dir=str(out),
         disable_tqdm=True, logging_steps=50,
     )
     FineTunePipeline(config).train()

@@ -1,7 +1,8 @@
-"""Running the real CLI in a subprocess, as a user would."""
+"""Test helpers: the shipped data, tiny models built from configs, and running the real CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,42 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The shipped CC BY 4.0 sample of mr_polarity (see data/mr_polarity/README.md).
+MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
+MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
+
+
+def make_bert(path: Path, tokenizer_dir: Path, layers: int, hidden: int, num_labels: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised BertForSequenceClassification saved with its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=hidden * 2, max_position_embeddings=128, num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
 
 
 def cli_env(kdcache_home: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ from kdcache.dump import dump_teacher
 from kdcache.models import ModelError
 from kdcache.tasks import DataError
 from kdcache.train import train_student
-from conftest import make_bert
+from helpers import make_bert
 from helpers import run_cli, write_pipeline
 
 
@@ -82,7 +82,7 @@ def test_bad_datasets(tmp_path, kdcache_home, trained_teacher, tiny_student, sma
     bad_eval = Dataset.from_dict({"text": ["good film", "bad film"], "label": [1, 7]})
     with pytest.raises(DataError, match="label 7.*out of range"):
         train_student(config.replace(use_distillation=False), eval_dataset=bad_eval)
-    assert not list(kdcache_home.glob("*/shard-*")) if kdcache_home.exists() else True
+    assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
 
 
 def test_teacher_and_student_label_counts_must_match(tmp_path, kdcache_home, tokenizer_dir, small_data):
@@ -103,3 +103,17 @@ def test_cli_reports_unknown_yaml_key_and_unknown_task(tmp_path, kdcache_home):
     proc = run_cli(["train-student", "--config", str(bad_task)], kdcache_home, check=False)
     assert proc.returncode != 0 and "unknown task 'speech_recognition'" in proc.stderr
     assert not kdcache_home.exists()
+
+
+def test_a_teacher_without_a_trained_head_is_refused(tmp_path, kdcache_home, tokenizer_dir, small_data):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    bare = tmp_path / "bare"
+    BertModel(BertConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).save_pretrained(bare)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(bare)
+    config = FineTuneConfig(model_name=str(bare), teacher_model_name=str(bare), use_distillation=True,
+                            train_file=str(small_data["train"]), max_length=48)
+    with pytest.raises(ModelError, match="no trained text_classification head"):
+        dump_teacher(config, progress=False)
+    assert not kdcache_home.exists() or not any(kdcache_home.iterdir())

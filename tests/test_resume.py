@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import MR_TRAIN, make_bert, read_jsonl, write_jsonl
+from helpers import MR_TRAIN, make_bert, read_jsonl, write_jsonl
 from helpers import cli_env, run_cli, write_pipeline
 
 

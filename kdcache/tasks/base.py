@@ -35,6 +35,7 @@ class Task:
 
     name: str = ""
     model_class: Any = None
+    head_modules: tuple[str, ...] = ()  # top-level modules of the task head (must be trained in a teacher)
 
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         """The raw columns the model reads (hashed into the cache fingerprint)."""

@@ -13,6 +13,7 @@ from kdcache.tasks.base import DataError, LabelInfo, Task
 class TextClassification(Task):
     name = "text_classification"
     model_class = AutoModelForSequenceClassification
+    head_modules = ("classifier", "score", "pre_classifier")
 
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         cols = [config.text_column]
