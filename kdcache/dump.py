@@ -294,6 +294,7 @@ def dump_teacher(
         "fingerprint_inputs": inputs,
         "lookup_inputs": lookup,
         "num_examples": len(raw),
+        "input_tokens": int(lengths.sum()),
         "task": config.task_type,
         "dataset_hash": ds_hash,
         "split": config.train_split if config.train_file is None and train_dataset is None else "train",
@@ -310,6 +311,7 @@ def dump_teacher(
         "labels": labels.to_dict(),
         "logit_mode": "full",
         "shard_examples": per_shard,
+        "config": config.to_dict(),
         "created_unix": time.time(),
     }
     manifest = shard_writer.write_manifest(manifest)

@@ -34,7 +34,9 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
     m, spec = reader.manifest, reader.spec
     shards = m.get("shards", [])
     rows = sum(s["rows"] for s in shards)
-    tokens = sum(s["tokens"] for s in shards)
+    stored_tokens = sum(s["tokens"] for s in shards)  # vectors stored: 1 per example when pooled
+    # Bytes per token count the dataset's tokens (the manifest's input_tokens when the dump recorded it).
+    tokens = int(m.get("input_tokens") or stored_tokens)
     disk = sum(s["bytes"] for s in shards)
     col_bytes = _column_bytes(reader)
 
@@ -43,7 +45,7 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         groups["logits"] = ((fmt.COL_LOGITS,), rows * spec.num_logits * 4)
     if spec.hidden is not None:
         h = spec.hidden
-        groups["hidden"] = (spec.hidden_columns(), tokens * h.num_layers * h.hidden_size * 4)
+        groups["hidden"] = (spec.hidden_columns(), stored_tokens * h.num_layers * h.hidden_size * 4)
     fields = {}
     for name, (cols, raw) in groups.items():
         b = sum(col_bytes.get(c, 0) for c in cols)
@@ -76,6 +78,7 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         "stored": stored,
         "rows": rows,
         "tokens": tokens,
+        "stored_vectors": stored_tokens,
         "bytes_on_disk": disk,
         "num_shards": len(shards),
         "bytes_per_shard": disk / len(shards) if shards else 0.0,
