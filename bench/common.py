@@ -85,8 +85,8 @@ def sizes_for(profile: str, quick: bool, scale: int) -> Sizes:
         return Sizes("gpu", LARGE, DISTIL, 32 * scale, 128, 5, 30, 4096 * scale, 256, 256, 50,
                      None, None, 2, 3, 64, (0, 3))
     student = SMALL if scale < 2 else DISTIL
-    return Sizes("cpu" if scale == 1 else f"cpu-x{scale}", BASE, student, 16 * scale, 128, 3, 12, 240 * scale,
-                 32, 64, 40, 2000, None, 1, 2, 64, (0, 3))
+    return Sizes("cpu" if scale == 1 else f"cpu-x{scale}", BASE, student, 16 * scale, 128, 3, 10, 128 * scale,
+                 32, 32, 40, 1000, 500, 1, 1, 64, (0, 3))
 
 
 # --- data --------------------------------------------------------------------------------------

@@ -68,7 +68,9 @@ class Runner:
             tail = (self.log_dir / f"{name}.log").read_text()[-3000:]
             raise RuntimeError(f"bench mode {name!r} failed (exit {rc}); log {self.log_dir / (name + '.log')}:\n{tail}")
         print(f"  [{name}] done in {time.perf_counter() - t0:.0f}s", flush=True)
-        return json.loads(out_path.read_text())
+        result = json.loads(out_path.read_text())
+        result["loadavg_1m_after"] = os.getloadavg()[0]  # other work on the machine shows here
+        return result
 
     def run(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self.wait(self.start(name, spec))
@@ -97,8 +99,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="quality seeds (default 3; 2 with --quick)")
     p.add_argument("--out", default=None, help="Markdown output (default BENCHMARKS.md; bench/results/BENCHMARKS-quick.md with --quick)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: steps,dump,storage,quality")
+    p.add_argument("--rounds", type=int, default=None, help="step-cost rounds of (a, b, c), interleaved (default 1)")
+    p.add_argument("--render", metavar="JSON", help="only re-render the Markdown of a saved bench/results JSON")
     args = p.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        sizes = common.Sizes(**{**report["sizes"], "teacher": common.Shape(**report["sizes"]["teacher"]),
+                                "student": common.Shape(**report["sizes"]["student"])})
+        report["figures"] = compute_figures(report, sizes)
+        md = render_markdown(report, sizes, Path(args.out or REPO / "BENCHMARKS.md"))
+        Path(args.out or REPO / "BENCHMARKS.md").write_text(md)
+        print(md)
+        return 0
     skip = {s for s in args.skip.split(",") if s}
+    args.rounds = args.rounds or 1
     t_start = time.perf_counter()
 
     sizes = common.sizes_for(args.profile, args.quick, args.scale)
@@ -115,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("profile gpu: no GPU here; the GPU shapes are checked on the meta device and the runs use CPU", flush=True)
 
     report: dict[str, Any] = {"command": command.strip(), "sizes": sizes.to_dict(), "seeds": seeds, "device": device,
-                              "machine": common.machine_info(), "started_unix": time.time()}
+                              "machine": common.machine_info(), "started_unix": time.time(), "loadavg_start": os.getloadavg()[0]}
     if args.profile == "gpu":
         report["gpu_shapes"] = check_gpu_profile_shapes()
 
@@ -131,8 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "logging_steps": 10,
     }
     runner = Runner(work, log_dir)
-    threads = None  # torch's default: every usable core
     parallel = args.quick  # CI: overlap the independent parts; timings are meaningless there anyway
+    threads = 1 if parallel else None  # overlapping processes get one thread each; else torch's default (all cores)
 
     jobs = {}
     if "storage" not in skip:
@@ -144,33 +158,37 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "max_eval_samples": sizes.q_eval_rows, "max_length": sizes.q_max_length, "batch_size": 32,
                   "disable_tqdm": True, "logging_steps": 50, "model_name": MINILM}
         quality_spec = {"mode": "quality", "work": str(work / "quality"), "config": q_base, "seeds": seeds, "threads": threads,
-                        "teacher": {"num_epochs": sizes.q_teacher_epochs, "learning_rate": 5e-5},
+                        "teacher": {"num_epochs": sizes.q_teacher_epochs, "learning_rate": 1e-4},
                         "student": {"num_epochs": sizes.q_student_epochs, "learning_rate": 1e-4, "distillation_alpha": 0.5,
                                     "student_layers": list(sizes.q_student_layers)}}
     if parallel:
-        if "storage" not in skip:
-            jobs["storage"] = runner.start("storage", storage_spec)
         if "quality" not in skip:
             jobs["quality"] = runner.start("quality", quality_spec)
+        if "storage" not in skip:
+            jobs["storage"] = runner.start("storage", storage_spec)
 
     cache_dir = work / "cache-steps"
     if "dump" not in skip or "steps" not in skip:
         report["dump"] = runner.run("dump", {"mode": "dump", "config": {**base, "use_distillation": True},
                                              "cache_dir": str(cache_dir), "device": device, "threads": threads})
     if "steps" not in skip:
-        report["steps"] = {}
-        for kind in ("plain", "offline", "online"):
-            spec = {"mode": "train", "kind": kind, "config": {**base, "use_distillation": kind != "plain"},
-                    "cache_dir": str(cache_dir), "teacher_path": str(teacher), "output_dir": str(work / f"out-{kind}"),
-                    "max_steps": sizes.warmup_steps + sizes.measured_steps, "warmup_steps": sizes.warmup_steps,
-                    "device": device, "threads": threads}
-            report["steps"][kind] = runner.run(f"train-{kind}", spec)
+        # Rounds a, b, c, a, b, c, ...: a slow patch of other load on the machine hits every mode alike.
+        rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in ("plain", "offline", "online")}
+        for rnd in range(args.rounds):
+            for kind in rounds:
+                spec = {"mode": "train", "kind": kind, "config": {**base, "use_distillation": kind != "plain"},
+                        "cache_dir": str(cache_dir), "teacher_path": str(teacher), "output_dir": str(work / f"out-{kind}"),
+                        "max_steps": sizes.warmup_steps + sizes.measured_steps, "warmup_steps": sizes.warmup_steps,
+                        "device": device, "threads": threads}
+                rounds[kind].append(runner.run(f"train-{kind}-{rnd}", spec))
+        report["steps"] = {kind: merge_rounds(rs, sizes.warmup_steps) for kind, rs in rounds.items()}
     if "storage" not in skip:
         report["storage"] = runner.wait(jobs["storage"]) if "storage" in jobs else runner.run("storage", storage_spec)
     if "quality" not in skip:
         report["quality"] = runner.wait(jobs["quality"]) if "quality" in jobs else runner.run("quality", quality_spec)
 
     report["wall_s"] = time.perf_counter() - t_start
+    report["loadavg_end"] = os.getloadavg()[0]
     figures = compute_figures(report, sizes)
     report["figures"] = figures
     md = render_markdown(report, sizes, out_md)
@@ -188,6 +206,17 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def merge_rounds(rounds: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """One mode's rounds: measured steps pooled (median over all), peak RSS the largest."""
+    measured = [t for r in rounds for t in r["step_seconds"][warmup:]]
+    out = dict(rounds[0])
+    out.update(rounds=rounds, measured=measured, median_step_s=common.median(measured), measured_steps=len(measured),
+               peak_rss_bytes=max(r["peak_rss_bytes"] for r in rounds))
+    if any("gpu_peak_bytes" in r for r in rounds):
+        out["gpu_peak_bytes"] = max(r.get("gpu_peak_bytes", 0) for r in rounds)
+    return out
 
 
 # --- figures -----------------------------------------------------------------------------------
@@ -246,7 +275,10 @@ def render_markdown(r: dict[str, Any], sizes: common.Sizes, out_md: Path) -> str
           f"- Step-cost, dump, memory, storage and reader figures: random-weight BERTs, teacher "
           f"{sizes.teacher.describe()}, student {sizes.student.describe()}, batch {sizes.batch_size} x {sizes.seq_len} tokens "
           f"(real text from the shipped mr_polarity sample, reviews joined so every row fills {sizes.seq_len} tokens), "
-          f"{sizes.warmup_steps} warm-up + {sizes.measured_steps} measured steps, logits distillation (alpha 0.5).",
+          f"{sizes.warmup_steps} warm-up + {sizes.measured_steps} measured steps per process, "
+          f"{len(next(iter(r['steps'].values())).get('rounds', [0])) if r.get('steps') else 0} round(s) of (a, b, c), logits distillation (alpha 0.5).",
+          f"- Load average (1 min) at start {r.get('loadavg_start', float('nan')):.2f}, at end {r.get('loadavg_end', float('nan')):.2f} "
+          f"(on {m['cores_usable']} cores; above that, other work shared the machine and timings are noisier).",
           ""]
     if "gpu_shapes" in r:
         g = r["gpu_shapes"]
@@ -293,7 +325,7 @@ def render_markdown(r: dict[str, Any], sizes: common.Sizes, out_md: Path) -> str
                  "online": "(c) online, teacher forward each step"}
         for kind in ("plain", "offline", "online"):
             s = steps[kind]
-            meas = s["step_seconds"][sizes.warmup_steps:]
+            meas = s.get("measured") or s["step_seconds"][sizes.warmup_steps:]
             row = (f"| {names[kind]} | {s['median_step_s']:.3f} | {min(meas):.3f} | {max(meas):.3f} | "
                    f"{s['median_step_s'] / a['median_step_s']:.3f} | {_gib(s['peak_rss_bytes'])} | "
                    f"{s['peak_rss_bytes'] / a['peak_rss_bytes']:.3f} |")
@@ -319,25 +351,26 @@ def render_markdown(r: dict[str, Any], sizes: common.Sizes, out_md: Path) -> str
         L += ["## 4 + 5. Storage and reader headroom", "",
               f"Each case dumps the first {sizes.storage_examples} rows with the {sizes.teacher.describe()} teacher "
               "(hidden: the task's default layers, -1 -2 -3). Bytes from the Arrow buffers (as `kdcache inspect`); "
-              "ratio against raw float32 of the same field. Reader: `TargetFetcher.fetch` (the collator's read-ahead path) "
+              f"ratio against raw float32 of the same field. Bytes per *input* token (rows x {sizes.seq_len}): for pooled caches `kdcache inspect`'s bytes/token is per example, since they store n_tokens = 1. Reader: `TargetFetcher.fetch` (the collator's read-ahead path) "
               f"of random batches of {sizes.batch_size} on one core, tokens counted as the student sees them "
               f"({sizes.seq_len}/example); headroom = reader tokens/s / student tokens/s.", "",
-              "| case | field | bytes/token | bytes/example | x float32 | reader tokens/s (1 core) | headroom |",
+              "| case | field | bytes/input token | bytes/example | x float32 | reader tokens/s (1 core) | headroom |",
               "|---|---|---:|---:|---:|---:|---:|"]
         for c in s["cases"]:
             first = True
+            in_tokens = c["rows"] * sizes.seq_len  # every row fills seq_len tokens (pooled caches store n_tokens = 1)
             for name, fld in c["fields"].items():
                 if name == "index":
                     continue
                 ratio = "" if fld["ratio_to_float32"] is None else f"{fld['ratio_to_float32']:.3f}"
                 extra = (f"{c['reader_tokens_per_s']:,.0f} | {f['headroom'][c['name']]:.0f}" if first and "headroom" in f
                          else (f"{c['reader_tokens_per_s']:,.0f} | " if first else " | "))
-                L.append(f"| {c['label'] if first else ''} | {name} | {fld['bytes_per_token']:.1f} | "
+                L.append(f"| {c['label'] if first else ''} | {name} | {fld['bytes'] / in_tokens:.2f} | "
                          f"{fld['bytes_per_example']:.1f} | {ratio} | {extra} |")
                 first = False
             idx = c["fields"].get("index")
             if idx:
-                L.append(f"| | index (id, n_tokens) | {idx['bytes_per_token']:.2f} | {idx['bytes_per_example']:.1f} | | | |")
+                L.append(f"| | index (id, n_tokens) | {idx['bytes'] / in_tokens:.2f} | {idx['bytes_per_example']:.1f} | | | |")
         L.append("")
 
     q = r.get("quality")
@@ -346,9 +379,9 @@ def render_markdown(r: dict[str, Any], sizes: common.Sizes, out_md: Path) -> str
         L += ["## 6. Quality (real data)", "",
               f"Shipped mr_polarity sample (CC BY 4.0): {sizes.q_train_rows or 'all 4000'} training rows, "
               f"{sizes.q_eval_rows or 'all 1066'} validation rows, max_length {sizes.q_max_length}, batch 32. "
-              f"Teacher: pretrained MiniLM-L6 ({MINILM}) fine-tuned plainly, {sizes.q_teacher_epochs} epoch(s), lr 5e-5. "
+              f"Teacher: pretrained MiniLM-L6 ({MINILM}) fine-tuned plainly, {sizes.q_teacher_epochs} epoch(s), lr 1e-4. "
               f"Students: the pretrained MiniLM keeping layers {list(sizes.q_student_layers)} (not the fine-tuned teacher), "
-              f"{sizes.q_student_epochs} epochs, lr 1e-4, alpha 0.5, default temperature; seeds {r['seeds']}, the same for every mode.", "",
+              f"{sizes.q_student_epochs} epoch(s), lr 1e-4, alpha 0.5, default temperature; seeds {r['seeds']}, the same for every mode.", "",
               "| model | accuracy mean | std | min | max | x teacher |", "|---|---:|---:|---:|---:|---:|",
               f"| teacher (MiniLM-L6, fine-tuned) | {f['teacher_accuracy']:.4f} | | | | 1.000 |"]
         names = {"plain": "student, plain fine-tuning", "online": "student, online distillation",

@@ -132,14 +132,18 @@ def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
 
     with torch.inference_mode(), amp:  # warm-up (kernel selection, allocator), excluded
         model(**collate(batches[0]), output_hidden_states=want_hidden)
-    forward_s = forward_all()
-    del model
+    # forward, dump, forward: the bare forward is the mean of the passes either side of the dump, so
+    # that a change of load on the machine during the run does not fall on one side only.
+    forward_before = forward_all()
     result = dump_teacher(config, cache_dir=spec["cache_dir"], force=True, device=spec.get("device"), progress=False)
+    forward_after = forward_all()
+    forward_s = 0.5 * (forward_before + forward_after)
+    del model
     tokens = int(lengths.sum())
     return {
         "examples": len(raw), "tokens": tokens, "mean_tokens": float(lengths.mean()), "teacher_batch_size": bs,
         "batches": len(batches), "device": str(dev), "compute_dtype": compute_dtype,
-        "teacher_load_s": t_load, "bare_forward_s": forward_s, "dump_s": result.seconds,
+        "teacher_load_s": t_load, "bare_forward_s": forward_s, "bare_forward_passes_s": [forward_before, forward_after], "dump_s": result.seconds,
         "dump_tokens_per_s": tokens / result.seconds, "forward_tokens_per_s": tokens / forward_s,
         "cache_dir": str(result.cache_dir), "peak_rss_bytes": common.peak_rss_bytes(), **_gpu_peak(),
     }
