@@ -31,6 +31,7 @@ from kdcache.cache import (
 )
 from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
 from kdcache.config import FineTuneConfig
+from kdcache.distributed import barrier, local_device, rank_and_world
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import default_layers, default_teacher
@@ -66,9 +67,7 @@ def requested_layers(config: FineTuneConfig) -> Optional[list[int]]:
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device) if device else local_device()
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -236,7 +235,12 @@ def dump_teacher(
     fp = fingerprint(inputs)
     path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
 
-    state = _check_dir_state(path, fp, inputs, force)
+    rank, world = rank_and_world()
+    state = _check_dir_state(path, fp, inputs, force) if rank == 0 else None
+    if world > 1:  # every rank follows rank 0's verdict
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
     if state == "hit":
         manifest = json.loads((path / MANIFEST_NAME).read_text())
         log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
@@ -250,24 +254,30 @@ def dump_teacher(
     ids = np.asarray(tokenized[kdata.EXAMPLE_ID])
     order_by_id = np.argsort(ids)  # row position of each example id
 
-    path.mkdir(parents=True, exist_ok=True)
-    if state == "fresh":
-        per_shard = plan_shards(len(raw), float(lengths.mean()), spec, shard_examples)
-        _write_json_atomic(path / PROGRESS_NAME, {
-            "fingerprint": fp, "fingerprint_inputs": inputs, "shard_examples": per_shard, "num_examples": len(raw),
-        })
-    else:
-        per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
-
-    shard_writer = ShardWriter(path, spec)
-    done = shard_writer.done_shards()
+    # Rank 0 prepares the directory (progress marker, clean-up, shard verification) before any
+    # rank writes; then each rank takes every world-th missing shard.
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        if state == "fresh":
+            _write_json_atomic(path / PROGRESS_NAME, {
+                "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw),
+                "shard_examples": plan_shards(len(raw), float(lengths.mean()), spec, shard_examples),
+            })
+        ShardWriter(path, spec).done_shards()  # deletes temp files and invalid shards
+    barrier(world)
+    per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
+    shard_writer = ShardWriter(path, spec, clean=False)
+    done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
     ranges = [(lo, min(lo + per_shard, len(raw))) for lo in range(0, len(raw), per_shard)]
-    todo = [i for i in range(len(ranges)) if i not in done]
+    todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
 
     amp, compute_dtype = autocast_for(dev)
     batch_size = config.teacher_batch_size or 2 * config.batch_size
-    done_examples = sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i in done)
-    bar = tqdm(total=len(raw), initial=done_examples, desc="dump-teacher", unit="ex", disable=not progress)
+    mine = [i for i in range(len(ranges)) if i % world == rank]
+    done_examples = sum(ranges[i][1] - ranges[i][0] for i in mine if i in done)
+    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_examples, unit="ex",
+               desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
+               disable=not progress or rank != 0)
     tokens_seen, t0 = 0, time.perf_counter()
     with BackgroundWriter(shard_writer) as writer:
         for index in todo:
@@ -314,8 +324,12 @@ def dump_teacher(
         "config": config.to_dict(),
         "created_unix": time.time(),
     }
-    manifest = shard_writer.write_manifest(manifest)
-    (path / PROGRESS_NAME).unlink(missing_ok=True)
+    barrier(world)  # every rank's shards are published
+    if rank == 0:
+        manifest = shard_writer.write_manifest(manifest)
+        (path / PROGRESS_NAME).unlink(missing_ok=True)
+    barrier(world)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
     return DumpResult(path, False, manifest, time.perf_counter() - start)
 
 

@@ -189,13 +189,16 @@ def _unlink(path: Path) -> None:
 class ShardWriter:
     """Writes the shards and the manifest of one cache directory (one open shard at a time)."""
 
-    def __init__(self, cache_dir: str | Path, spec: StoreSpec):
+    def __init__(self, cache_dir: str | Path, spec: StoreSpec, clean: bool = True):
+        """``clean=False`` leaves temp files alone: for the extra writers of a multi-process dump,
+        whose peers may be writing theirs already (one writer per cache cleans, before they start)."""
         self.dir = Path(cache_dir)
         self.spec = spec
         self.schema = spec.arrow_schema()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for p in self.dir.glob("*" + fmt.TMP_SUFFIX):  # leftovers of a crashed run
-            _unlink(p)
+        if clean:
+            for p in self.dir.glob("*" + fmt.TMP_SUFFIX):  # leftovers of a crashed run
+                _unlink(p)
         self._index: int | None = None
         self._id_range: tuple[int, int] | None = None
         self._sink: pa.NativeFile | None = None
