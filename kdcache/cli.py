@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click

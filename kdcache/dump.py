@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,15 @@ from transformers import AutoTokenizer
 
 from kdcache import data as kdata
 from kdcache.cache import (
-    BackgroundWriter, CacheError, CacheMismatchError, HiddenSpec, ShardWriter, StoreSpec, TeacherBatch,
-    fingerprint, quantize_int8,
+    BackgroundWriter,
+    CacheError,
+    CacheMismatchError,
+    HiddenSpec,
+    ShardWriter,
+    StoreSpec,
+    TeacherBatch,
+    fingerprint,
+    quantize_int8,
 )
 from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
 from kdcache.config import FineTuneConfig

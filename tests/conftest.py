@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from helpers import MR_TRAIN, MR_VALID, make_bert, read_jsonl, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,9 +6,8 @@ import json
 import shutil
 
 import pytest
-from transformers import AutoModelForSequenceClassification
-
 from helpers import run_cli, write_pipeline
+from transformers import AutoModelForSequenceClassification
 
 
 @pytest.mark.parametrize("hidden_dtype, pooling", [("int8", "none"), ("float16", "mean")])

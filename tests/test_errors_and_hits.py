@@ -3,10 +3,9 @@ half-written."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from datasets import Dataset
+from helpers import make_bert, run_cli, write_pipeline
 
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError
@@ -14,8 +13,6 @@ from kdcache.dump import dump_teacher
 from kdcache.models import ModelError
 from kdcache.tasks import DataError
 from kdcache.train import train_student
-from helpers import make_bert
-from helpers import run_cli, write_pipeline
 
 
 def config_for(teacher, student, data, tmp_path, **extra):

@@ -9,8 +9,7 @@ import subprocess
 import sys
 import time
 
-from helpers import MR_TRAIN, make_bert, read_jsonl, write_jsonl
-from helpers import cli_env, run_cli, write_pipeline
+from helpers import MR_TRAIN, cli_env, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 
 def shard_files(cache):

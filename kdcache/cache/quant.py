@@ -112,7 +112,6 @@ def dequantize_int8(q, scale, out_idx, out_val, out: np.ndarray | None = None) -
 
 def dequantize_int8_torch(q, scale, out_idx, out_val) -> "torch.Tensor":
     """Inverse of :func:`quantize_int8` in torch, on q's device: float32 [..., T, H]."""
-    import torch
 
     x = q.float() * scale.float().unsqueeze(-1)  # [..., T, H]
     n_out = out_idx.shape[-1]

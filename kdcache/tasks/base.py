@@ -4,9 +4,8 @@ class it uses, what the teacher stores, and its metric."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
-import numpy as np
 import torch
 
 from kdcache.config import FineTuneConfig

@@ -73,7 +73,6 @@ class TextClassification(Task):
 
     def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, keep_ids: bool, split: str = "train"):
         has_labels = config.label_column in dataset.column_names
-        text_cols = self.input_columns(config)
 
         def encode(batch):
             texts = [str(t) for t in batch[config.text_column]]

@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from cache_synth import SPECS, make_truth, write_cache
+
 from kdcache.cache import CacheError, CacheReader
 
 
