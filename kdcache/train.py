@@ -47,6 +47,7 @@ class TrainResult:
     cache_dir: Optional[Path] = None
     seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    cache_reads: dict[str, int] = field(default_factory=dict)  # batches prefetched vs read synchronously
 
 
 def locate_cache(config: FineTuneConfig, cache_dir: Optional[str], teacher_name: str, ds_hash: str, num_examples: int) -> Path:
@@ -239,8 +240,9 @@ def train_student(
         if fetcher is not None:
             fetcher.close()
     metrics = trainer.evaluate() if eval_tok is not None else {}
+    reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now} if fetcher is not None else {}
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
-                         time.perf_counter() - start, list(trainer.state.log_history))
+                         time.perf_counter() - start, list(trainer.state.log_history), reads)
     if save:
         trainer.save_model(str(out_dir))
         config.save(out_dir / CONFIG_NAME)
@@ -248,7 +250,7 @@ def train_student(
             "eval": metrics, "train": result.train_metrics, "num_parameters": result.num_parameters,
             "cache_dir": str(cache_path) if cache_path else None, "temperature": temperature,
             "layer_map": {str(k): v for k, v in layer_map.items()}, "seconds": result.seconds,
-            "log_history": result.log_history,
+            "cache_reads": reads, "log_history": result.log_history,
         }
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
         if monitor.history:

@@ -36,6 +36,8 @@ class TargetFetcher:
         self._pending: "OrderedDict[tuple, Future]" = OrderedDict()
         self._lock = threading.Lock()
         self.max_pending = max_pending
+        self.prefetched = 0  # batches served from a read-ahead
+        self.read_now = 0  # batches read synchronously (not scheduled, or evicted)
 
     def fetch(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
         """Decode the targets of one batch: numpy arrays ready to become tensors."""
@@ -68,7 +70,11 @@ class TargetFetcher:
         key = (tuple(int(i) for i in ids), int(seq_len))
         with self._lock:
             future = self._pending.pop(key, None)
-        return future.result() if future is not None else self.fetch(key[0], key[1])
+        if future is None:
+            self.read_now += 1
+            return self.fetch(key[0], key[1])
+        self.prefetched += 1
+        return future.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
