@@ -138,12 +138,12 @@ def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
     result = dump_teacher(config, cache_dir=spec["cache_dir"], force=True, device=spec.get("device"), progress=False)
     forward_after = forward_all()
     forward_s = 0.5 * (forward_before + forward_after)
-    del model
     tokens = int(lengths.sum())
     return {
         "examples": len(raw), "tokens": tokens, "mean_tokens": float(lengths.mean()), "teacher_batch_size": bs,
         "batches": len(batches), "device": str(dev), "compute_dtype": compute_dtype,
-        "teacher_load_s": t_load, "bare_forward_s": forward_s, "bare_forward_passes_s": [forward_before, forward_after], "dump_s": result.seconds,
+        "teacher_load_s": t_load, "bare_forward_s": forward_s,
+        "bare_forward_passes_s": [forward_before, forward_after], "dump_s": result.seconds,
         "dump_tokens_per_s": tokens / result.seconds, "forward_tokens_per_s": tokens / forward_s,
         "cache_dir": str(result.cache_dir), "peak_rss_bytes": common.peak_rss_bytes(), **_gpu_peak(),
     }
