@@ -236,6 +236,7 @@ def dump_teacher(
         )
     spec = store_spec_for(config, model_config, labels.num_labels)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    tokenizer.padding_side = "right"  # rows are stored as their first n_tokens positions
     lookup = lookup_inputs(config, teacher_name, ds_hash, len(raw), requested_layers(config))
     inputs = fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer))
     fp = fingerprint(inputs)

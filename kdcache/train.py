@@ -100,6 +100,7 @@ def build_student(config: FineTuneConfig, task, labels) -> tuple[torch.nn.Module
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise ModelError(f"model_name {config.model_name!r}: cannot load its tokenizer ({exc})") from None
+    tokenizer.padding_side = "right"  # cached per-token targets fill the first n_tokens positions
     model = task.model_class.from_pretrained(
         path, num_labels=labels.num_labels, id2label=labels.id2label,
         label2id={v: k for k, v in labels.id2label.items()}, ignore_mismatched_sizes=True,
