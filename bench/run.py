@@ -410,6 +410,11 @@ def render_markdown(r: dict[str, Any], sizes: common.Sizes, out_md: Path) -> str
             L.append(f"| {names[kind]} | {a['mean']:.4f} | {a['std']:.4f} | {a['min']:.4f} | {a['max']:.4f} | "
                      f"{a['mean'] / f['teacher_accuracy']:.3f} |")
         L += ["", f"Teacher fine-tuning {q['teacher']['seconds']:.0f}s; quality dump {q['dump_s']:.1f}s.", ""]
+        every = [v for k in ("plain", "online", "offline") for v in qa[k]["values"]]
+        if len(set(every)) == 1:
+            L += [f"**Every student run scored exactly {every[0]:.4f}**: at this training budget the students predict one "
+                  "class for everything (under-trained), so the offline-vs-online comparison above says nothing; "
+                  "run with more rows/epochs (bench/common.py `sizes_for`) for a meaningful quality figure.", ""]
     L += [f"Machine-readable results: `bench/results/bench-{sizes.name}-latest.json` (gitignored).", ""]
     return "\n".join(L)
 
