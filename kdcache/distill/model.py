@@ -46,8 +46,11 @@ class DistillationModel(nn.Module):
             )  # [B, L, S, H_teacher]
         return result
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **_: object) -> None:
-        self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs: object) -> None:
+        """Recompute the student's activations in the backward pass (the Trainer calls this)."""
+        if hasattr(self.student, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.student.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        else:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **_: object) -> None:
-        self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+    gradient_checkpointing_enable = activation_checkpointing_enable
