@@ -245,6 +245,7 @@ def train_student(
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
                          time.perf_counter() - start, list(trainer.state.log_history), reads)
     if save:
+        trainer.save_projections = False  # the projections only served training
         trainer.save_model(str(out_dir))
         config.save(out_dir / CONFIG_NAME)
         report = {

@@ -38,6 +38,7 @@ def test_dump_then_train_without_the_teacher(tmp_path, kdcache_home, trained_tea
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 2
     assert (out / "kdcache_config.yaml").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "kd_projections.safetensors").exists()  # discarded after training
     report = json.loads((out / "kdcache_report.json").read_text())
     logs = [h for h in report["log_history"] if "loss_kd" in h]
     assert len(logs) >= 3

@@ -65,6 +65,7 @@ class DistillationTrainer(Trainer):
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
         self.last_predictions: Optional[tuple[np.ndarray, np.ndarray]] = None  # (teacher, student) argmax
+        self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
 
     # -- data -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -144,7 +145,7 @@ class DistillationTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         model.student.save_pretrained(output_dir)
-        if len(model.projections):
+        if len(model.projections) and self.save_projections:
             save_file({k: v.contiguous() for k, v in model.projections.state_dict().items()},
                       os.path.join(output_dir, PROJECTIONS_FILE))
         if self.processing_class is not None:
