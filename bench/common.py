@@ -80,13 +80,13 @@ def sizes_for(profile: str, quick: bool, scale: int) -> Sizes:
     if quick:
         teacher, student = (TINY_T, TINY_S)
         return Sizes("quick-" + profile, teacher, student, 4, 32, 1, 3, 16, 8, 8, 3,
-                     64, 32, 1, 1, 32, (0, 3))
+                     64, 32, 1, 1, 32, (0, 5))
     if profile == "gpu":
         return Sizes("gpu", LARGE, DISTIL, 32 * scale, 128, 5, 30, 4096 * scale, 256, 256, 50,
-                     None, None, 2, 3, 64, (0, 3))
+                     None, None, 2, 3, 64, (0, 5))
     student = SMALL if scale < 2 else DISTIL
-    return Sizes("cpu" if scale == 1 else f"cpu-x{scale}", BASE, student, 16 * scale, 128, 3, 10, 128 * scale,
-                 32, 32, 40, 1000, 500, 1, 1, 64, (0, 3))
+    return Sizes("cpu" if scale == 1 else f"cpu-x{scale}", BASE, student, 16 * scale, 128, 3, 20, 128 * scale,
+                 32, 32, 40, 2000, None, 2, 2, 64, (0, 5))
 
 
 # --- data --------------------------------------------------------------------------------------

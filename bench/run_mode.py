@@ -207,7 +207,8 @@ def run_quality(spec: dict[str, Any]) -> dict[str, Any]:
     out["teacher"] = {"metrics": t.metrics, "seconds": t.seconds, "num_parameters": t.num_parameters}
     print(f"[quality] teacher {t.metrics.get('eval_accuracy')} in {t.seconds:.0f}s", flush=True)
 
-    student = {**base, **spec["student"], "teacher_model_name": str(work / "teacher")}
+    # Students start from the fine-tuned teacher's layers (student_layers), as in the demo.
+    student = {**base, **spec["student"], "teacher_model_name": str(work / "teacher"), "model_name": str(work / "teacher")}
     d = dump_teacher(_config({**student, "use_distillation": True}), cache_dir=str(work / "cache"), force=True, progress=False)
     out["dump_s"] = d.seconds
     teacher_model = AutoModelForSequenceClassification.from_pretrained(work / "teacher")
