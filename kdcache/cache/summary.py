@@ -107,7 +107,8 @@ def format_summary(d: dict[str, Any]) -> str:
         extra = f", {h['n_outliers']} outlier channels in float16" if h["dtype"] == "int8" else ""
         lines.append(f"hidden       layers {h['layers']} x {h['hidden_size']}, {h['dtype']}{extra}, pooling {h['pooling']}")
     lines.append(f"rows         {d['rows']:,}   tokens {d['tokens']:,}")
-    lines.append(f"on disk      {_human(d['bytes_on_disk'])} in {d['num_shards']} shard{'' if d['num_shards'] == 1 else 's'} ({_human(d['bytes_per_shard'])} per shard)")
+    shards = f"{d['num_shards']} shard{'' if d['num_shards'] == 1 else 's'}"
+    lines.append(f"on disk      {_human(d['bytes_on_disk'])} in {shards} ({_human(d['bytes_per_shard'])} per shard)")
     lines.append("field        bytes/token  bytes/example  vs float32")
     for name, f in d["fields"].items():
         ratio = "" if f["ratio_to_float32"] is None else f"{f['ratio_to_float32']:.3f}x"
