@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +186,6 @@ class FineTuneConfig:
                 raise bad("layer_map", f"must map teacher layer (int) -> student layer (int), got {self.layer_map!r}")
         if self.use_distillation and not (self.distill_logits or self.distill_hidden_states):
             raise bad("use_distillation", "is on but both distill_logits and distill_hidden_states are off")
-        if self.train_file is None and self.dataset_name is None:
-            pass  # datasets may be passed to FineTunePipeline.train() directly
         for name in ("train_file", "eval_file"):
             value = getattr(self, name)
             if value is not None and Path(value).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
@@ -324,7 +321,3 @@ except (OSError, TypeError):  # source unavailable (frozen app): help texts stay
 def kdcache_home() -> Path:
     """Root of the default cache locations ($KDCACHE_HOME, default ~/.cache/kdcache)."""
     return Path(os.environ.get("KDCACHE_HOME", Path.home() / ".cache" / "kdcache"))
-
-
-def dumps(config: FineTuneConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True)

@@ -6,7 +6,6 @@ Everything else (mixed precision, accumulation, checkpointing, logging, DDP) is 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from typing import Any, Optional
 
 import numpy as np
@@ -62,9 +61,10 @@ class DistillationTrainer(Trainer):
         self.fetcher = fetcher
         self.online_teacher = online_teacher
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-        self._sums: dict[str, float] = defaultdict(float)
+        # Running sums stay on the device until a log step: no host sync per training step.
+        self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
-        self.last_predictions: Optional[tuple[np.ndarray, np.ndarray]] = None  # (teacher, student) argmax
+        self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [B]
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
 
     # -- data -------------------------------------------------------------------------------
@@ -115,24 +115,29 @@ class DistillationTrainer(Trainer):
                 total = total + hidden_mse_loss(pool_student(s, attention_mask, self.hidden_pooling), teacher_h[:, l])
         return total
 
+    @torch.no_grad()
     def _track(self, ce, kd, hidden, logits, teacher_logits) -> None:
-        self._sums["loss_ce"] += float(ce.detach())
-        if kd is not None:
-            self._sums["loss_kd"] += float(kd.detach())
-        if hidden is not None:
-            self._sums["loss_hidden"] += float(hidden.detach())
+        for key, value in (("loss_ce", ce), ("loss_kd", kd), ("loss_hidden", hidden)):
+            if value is not None:
+                self._sums[key] = self._sums.get(key, 0.0) + value.detach().float()
         if teacher_logits is not None:
-            t_pred = teacher_logits.argmax(-1)
-            s_pred = logits.detach().argmax(-1)
-            self._sums["teacher_agreement"] += float((t_pred == s_pred).float().mean())
-            self.last_predictions = (t_pred.cpu().numpy(), s_pred.cpu().numpy())
+            t_pred, s_pred = teacher_logits.argmax(-1), logits.argmax(-1)  # [B]
+            self._sums["teacher_agreement"] = self._sums.get("teacher_agreement", 0.0) + (t_pred == s_pred).float().mean()
+            self._last_predictions = (t_pred, s_pred)
         self._count += 1
+
+    @property
+    def last_predictions(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """Teacher and student class predictions on the last training batch (for the monitor)."""
+        if self._last_predictions is None:
+            return None
+        return tuple(p.cpu().numpy() for p in self._last_predictions)  # type: ignore[return-value]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the mean loss components since the last log to the Trainer's training logs."""
         if "loss" in logs and self._count:
             for key, value in self._sums.items():
-                logs[key] = round(value / self._count, 6)
+                logs[key] = round(float(value) / self._count, 6)
             self._sums.clear()
             self._count = 0
         super().log(logs, *args, **kwargs)
