@@ -346,11 +346,10 @@ def dump_teacher(
 
 def _collate(tokenized, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
     """Pad one length-sorted batch of tokenized rows and move it to the device."""
-    features = tokenized[rows.tolist()]  # dict of columns
-    features = [dict(zip(features, values)) for values in zip(*features.values())]
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features[0]]
-    padded = tokenizer.pad([{k: f[k] for k in keys} for f in features], return_tensors="pt")
-    return {k: v.to(device, non_blocking=True) for k, v in padded.items()}
+    columns = tokenized[rows.tolist()]  # {column: one value per row}
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in columns]
+    padded = tokenizer.pad({k: columns[k] for k in keys}, return_tensors="pt")  # [B, S] each
+    return {k: v.to(device) for k, v in padded.items()}
 
 
 def _reduce(task, outputs, attention_mask: torch.Tensor, example_ids: np.ndarray, spec: StoreSpec) -> TeacherBatch:
