@@ -30,28 +30,29 @@ def load_file(path: str, option: str) -> Dataset:
         raise DataError(f"{option}: cannot read {path!r} as {p.suffix} data: {exc}") from None
 
 
-def load_split(config: FineTuneConfig, which: str) -> Optional[Dataset]:
-    """The train or eval split named by the config (None if it names none)."""
+def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    return dataset.select(range(limit)) if limit is not None and limit < len(dataset) else dataset
+
+
+def load_split(config: FineTuneConfig, which: str, dataset: Optional[Dataset] = None) -> Optional[Dataset]:
+    """The train or eval split: `dataset` if given, else the one the config names (None if none),
+    cut to max_train_samples / max_eval_samples."""
+    limit = config.max_train_samples if which == "train" else config.max_eval_samples
+    if dataset is not None:
+        return _limit(dataset, limit)
     file_option = "train_file" if which == "train" else "eval_file"
     path = getattr(config, file_option)
     if path is not None:
-        ds = load_file(path, file_option)
-    elif config.dataset_name is not None:
+        return _limit(load_file(path, file_option), limit)
+    if config.dataset_name is not None:
         split = config.train_split if which == "train" else config.eval_split
-        ds = load_dataset(config.dataset_name, config.dataset_config_name, split=split)
-    else:
-        return None
-    limit = config.max_train_samples if which == "train" else config.max_eval_samples
-    if limit is not None and limit < len(ds):
-        ds = ds.select(range(limit))
-    return ds
+        return _limit(load_dataset(config.dataset_name, config.dataset_config_name, split=split), limit)
+    return None
 
 
 def require_train(dataset: Optional[Dataset], config: FineTuneConfig) -> Dataset:
-    if dataset is None:
-        dataset = load_split(config, "train")
-    elif config.max_train_samples is not None and config.max_train_samples < len(dataset):
-        dataset = dataset.select(range(config.max_train_samples))
+    """The training split (given or named by the config); an error if there is none."""
+    dataset = load_split(config, "train", dataset)
     if dataset is None:
         raise DataError("no training data: set train_file (--train-file) or dataset_name, or pass train_dataset")
     return dataset

@@ -164,10 +164,8 @@ def train_student(
     raw = kdata.with_example_ids(kdata.require_train(train_dataset, config))
     task.check_columns(raw, config, "train", need_labels=True)
     labels = task.label_info(raw, config)
-    eval_raw = eval_dataset if eval_dataset is not None else kdata.load_split(config, "eval")
+    eval_raw = kdata.load_split(config, "eval", eval_dataset)
     if eval_raw is not None:
-        if config.max_eval_samples is not None and config.max_eval_samples < len(eval_raw):
-            eval_raw = eval_raw.select(range(config.max_eval_samples))
         task.check_columns(eval_raw, config, "eval", need_labels=True)
 
     student, tokenizer = build_student(config, task, labels)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import read_jsonl, write_jsonl  # noqa: E402  (one copy of the JSON Lines helpers)
+
+__all__ = ["REPO", "MR_TRAIN", "MR_VALID", "make_bert", "read_jsonl", "write_jsonl", "cli_env", "run_cli", "write_pipeline"]
 # The shipped CC BY 4.0 sample of mr_polarity (see data/mr_polarity/README.md).
 MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
 MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
@@ -30,24 +33,6 @@ def make_bert(path: Path, tokenizer_dir: Path, layers: int, hidden: int, num_lab
     BertForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
 
 def cli_env(kdcache_home: Path) -> dict[str, str]:
     env = dict(os.environ)
