@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.cache import CacheReader, HiddenSpec, ShardWriter, StoreSpec, TeacherBatch, quantize_int8, summarize
+from kdcache.cache import CacheReader, HiddenSpec, ShardWriter, StoreSpec, TargetSpec, TeacherBatch, quantize_int8, summarize
 
 N, L, H, SHARD, WRITE_BATCH, SEQ, READ_BATCH = 500, 3, 384, 128, 32, 192, 32
 
@@ -24,7 +24,7 @@ N, L, H, SHARD, WRITE_BATCH, SEQ, READ_BATCH = 500, 3, 384, 128, 32, 192, 32
 def dump(path: Path, dtype: str, n_tok: np.ndarray) -> None:
     """Write the synthetic cache for ``dtype`` ("float16" | "int8") to ``path``."""
     n_out = 8 if dtype == "int8" else 0
-    spec = StoreSpec(num_logits=2, hidden=HiddenSpec((4, 8, 12), H, dtype, "none", n_outliers=n_out))
+    spec = StoreSpec((TargetSpec("logits", "example", 2),), hidden=HiddenSpec((4, 8, 12), H, dtype, "none", n_outliers=n_out))
     w = ShardWriter(path, spec)
     rng = np.random.default_rng(1)
     for s, lo in enumerate(range(0, N, SHARD)):
@@ -37,7 +37,8 @@ def dump(path: Path, dtype: str, n_tok: np.ndarray) -> None:
             x[..., [3, 77, 200, 301]] *= 50.0
             for j, i in enumerate(ids):
                 x[j, :, n_tok[i] :] = 0.0  # padding
-            b = TeacherBatch(ids, n_tok[ids], logits=rng.normal(size=(len(ids), 2)).astype(np.float32))
+            b = TeacherBatch(feature_ids=ids, example_ids=ids, n_tokens=n_tok[ids],
+                             targets={"logits": rng.normal(size=(len(ids), 2)).astype(np.float32)})
             if dtype == "float16":
                 b.hidden = x.astype(np.float16)
             else:
@@ -46,7 +47,7 @@ def dump(path: Path, dtype: str, n_tok: np.ndarray) -> None:
                 b.hidden_outlier_idx, b.hidden_outlier_val = oi.numpy(), ov.numpy()
             w.write(b)
         w.close_shard()
-    w.write_manifest({"num_examples": N})
+    w.write_manifest({"num_features": N})
 
 
 def measure(reader: CacheReader, reps: int = 5, steps: int = 40) -> list[float]:

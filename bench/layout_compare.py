@@ -50,7 +50,7 @@ def teacher_activations(n: int, max_length: int) -> tuple[list[np.ndarray], np.n
 
 def write_v1(path: Path, acts: list[np.ndarray], dtype: str, pooling: str, n_out: int) -> None:
     H = acts[0].shape[-1]
-    spec = StoreSpec(num_logits=None, hidden=HiddenSpec(LAYERS, H, dtype, pooling, n_outliers=n_out))
+    spec = StoreSpec((), hidden=HiddenSpec(LAYERS, H, dtype, pooling, n_outliers=n_out))
     w = ShardWriter(path, spec)
     w.open_shard(0, (0, len(acts)))
     for lo in range(0, len(acts), 32):
@@ -59,8 +59,9 @@ def write_v1(path: Path, acts: list[np.ndarray], dtype: str, pooling: str, n_out
         x = np.zeros((len(chunk), len(LAYERS), T, H), dtype=np.float32)  # [B, L, T, H]
         for j, a in enumerate(chunk):
             x[j, :, : (1 if pooling != "none" else a.shape[1])] = a.mean(1, keepdims=True) if pooling == "mean" else a
-        n_tok = np.asarray([1 if pooling != "none" else a.shape[1] for a in chunk], dtype=np.int32)
-        b = TeacherBatch(np.arange(lo, lo + len(chunk), dtype=np.int64), n_tok)
+        n_tok = np.asarray([a.shape[1] for a in chunk], dtype=np.int32)  # real tokens, also when pooled
+        ids = np.arange(lo, lo + len(chunk), dtype=np.int64)
+        b = TeacherBatch(feature_ids=ids, example_ids=ids, n_tokens=n_tok)
         if dtype == "float16":
             b.hidden = x.astype(np.float16)
         else:
@@ -68,7 +69,7 @@ def write_v1(path: Path, acts: list[np.ndarray], dtype: str, pooling: str, n_out
             b.hidden_q, b.hidden_scale, b.hidden_outlier_idx, b.hidden_outlier_val = q.numpy(), s.numpy(), oi.numpy(), ov.numpy()
         w.write(b)
     w.close_shard()
-    w.write_manifest({"num_examples": len(acts), "input_tokens": int(sum(a.shape[1] for a in acts))})
+    w.write_manifest({"num_features": len(acts), "input_tokens": int(sum(a.shape[1] for a in acts))})
 
 
 def error(reader: CacheReader, acts: list[np.ndarray], pooled: bool) -> tuple[float, float]:

@@ -1,44 +1,57 @@
-"""The on-disk layout of a kdcache cache (format v1): names, the store spec, the Arrow schema.
+"""The on-disk layout of a kdcache cache (format v2): names, the store spec, the Arrow schema.
 
 A cache is a directory holding ``shard-NNNNN.arrow`` files (uncompressed Arrow IPC *file* format,
 read memory-mapped), one ``shard-NNNNN.json`` metadata file per shard (its "published" marker) and
 ``manifest.json``, written last; the manifest's presence alone marks the cache complete.
 
-One row per example. Columns (variable-length ones are ``large_list`` so that a record batch of
-long sequences can exceed 2**31 values):
+One row per *feature*: what the model sees in one forward pass. Text classification has one
+feature per example; extractive QA with a document stride has several. Rows are keyed by a dense
+``feature_id`` (0..F-1, the feature's position in the deterministic tokenization of the split) and
+carry their ``example_id``. Columns (variable-length ones are ``large_list`` so that a record batch
+of long sequences can exceed 2**31 values):
 
-- ``example_id`` int64, ``n_tokens`` int32 (non-padding tokens for pooling "none", 1 if pooled)
-- ``logits`` fixed_size_list<float32>[num_logits]                 (if num_logits is not None)
-- float16 hidden: ``hidden`` large_list<float16>, the row's [L, n_tokens, H] flattened (C order)
-- int8 hidden: ``hidden_q`` large_list<int8> [L, n_tokens, H], ``hidden_scale``
-  large_list<float16> [L, n_tokens], ``hidden_outlier_idx`` large_list<int16> [L, n_outliers],
-  ``hidden_outlier_val`` large_list<float16> [L, n_tokens, n_outliers]
+- ``feature_id`` int64, ``example_id`` int64
+- ``n_tokens`` int32: non-padding input tokens of the feature (what per-token hidden states cover)
+- ``n_positions`` int32: positions that per-position targets cover (0 when there are none); equal to
+  ``n_tokens`` for encoder tasks, the decoder length for seq2seq
+- one group of columns per target field (see :class:`TargetSpec`); for mode ``full``:
+  per example ``<name>`` fixed_size_list<float32>[C]; per position ``<name>`` large_list<float32>,
+  the row's [n_positions, C] flattened (C order)
+- float16 hidden: ``hidden`` large_list<float16>, the row's [L, n, H] flattened, where n is
+  n_tokens (pooling "none") or 1 (pooled)
+- int8 hidden: ``hidden_q`` large_list<int8> [L, n, H], ``hidden_scale`` large_list<float16> [L, n],
+  ``hidden_outlier_idx`` large_list<int16> [L, n_outliers], ``hidden_outlier_val``
+  large_list<float16> [L, n, n_outliers]
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 TMP_SUFFIX = ".tmp"
 
 HIDDEN_DTYPES = ("float16", "int8")
 POOLINGS = ("none", "cls", "mean")
+TARGET_PER = ("example", "position")  # where a target field lives
+TARGET_MODES = ("full",)  # vocabulary-scale heads add "topk" / "sampled" here (seq2seq issue)
 
 # Column names, in schema order.
-COL_ID = "example_id"
+COL_FEATURE = "feature_id"
+COL_EXAMPLE = "example_id"
 COL_NTOK = "n_tokens"
-COL_LOGITS = "logits"
+COL_NPOS = "n_positions"
 COL_HIDDEN = "hidden"
 COL_Q = "hidden_q"
 COL_SCALE = "hidden_scale"
 COL_OUT_IDX = "hidden_outlier_idx"
 COL_OUT_VAL = "hidden_outlier_val"
+INDEX_COLUMNS = (COL_FEATURE, COL_EXAMPLE, COL_NTOK, COL_NPOS)
 
 
 def shard_name(index: int) -> str:
@@ -62,6 +75,54 @@ def parse_shard_index(name: str) -> int | None:
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """One stored teacher output: its name, where it lives, how it is stored and its width.
+
+    ``per="example"``: one [C] vector per feature (a sequence classification head).
+    ``per="position"``: one [C] vector per position, n_positions of them (token classification:
+    C classes; QA: C=2, the start and end logit of each position).
+    ``mode="full"`` stores every logit as float32 (small heads: no top-k bias).
+    """
+
+    name: str  # "logits"; also the model output the student's matching output is named after
+    per: str  # "example" | "position"
+    width: int  # C: values per row (per example) or per position
+    mode: str = "full"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.width, numbers.Integral) and not isinstance(self.width, bool):
+            object.__setattr__(self, "width", int(self.width))  # numpy ints (e.g. a label count) are fine
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name in INDEX_COLUMNS or self.name.startswith("hidden"):
+            raise ValueError(f"TargetSpec.name must be an identifier other than the index and hidden columns, got {self.name!r}")
+        if self.per not in TARGET_PER:
+            raise ValueError(f"TargetSpec.per must be one of {TARGET_PER}, got {self.per!r}")
+        if self.mode not in TARGET_MODES:
+            raise ValueError(f"TargetSpec.mode must be one of {TARGET_MODES}, got {self.mode!r}")
+        if not _is_int(self.width) or self.width <= 0:
+            raise ValueError(f"TargetSpec.width must be a positive int, got {self.width!r}")
+
+    def columns(self) -> dict[str, str]:
+        """Column name -> numpy dtype of its flat values, in schema order."""
+        return {self.name: "float32"}
+
+    def arrow_fields(self) -> list[pa.Field]:
+        """The Arrow fields that hold this target."""
+        if self.per == "example":
+            return [pa.field(self.name, pa.list_(pa.float32(), self.width), nullable=False)]
+        return [pa.field(self.name, pa.large_list(pa.float32()), nullable=False)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "per": self.per, "width": self.width, "mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TargetSpec":
+        try:
+            return cls(name=d["name"], per=d["per"], width=d["width"], mode=d.get("mode", "full"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a TargetSpec dict: {d!r}") from e
+
+
+@dataclass(frozen=True)
 class HiddenSpec:
     """Which hidden states are stored and how (layers, size, dtype, pooling, outlier channels)."""
 
@@ -69,7 +130,7 @@ class HiddenSpec:
     hidden_size: int
     dtype: str  # "float16" | "int8"
     pooling: str  # "none" (per non-padding token) | "cls" | "mean"
-    n_outliers: int = 0  # int8 only: channels kept in float16 per (example, layer)
+    n_outliers: int = 0  # int8 only: channels kept in float16 per (feature, layer)
 
     def __post_init__(self) -> None:
         layers = self.layers
@@ -108,89 +169,114 @@ class HiddenSpec:
 
     @property
     def pooled(self) -> bool:
-        """True when one vector per (example, layer) is stored instead of one per token."""
+        """True when one vector per (feature, layer) is stored instead of one per token."""
         return self.pooling != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "hidden_size": self.hidden_size, "dtype": self.dtype,
+                "pooling": self.pooling, "n_outliers": self.n_outliers}
+
+    @classmethod
+    def from_dict(cls, h: dict[str, Any]) -> "HiddenSpec":
+        try:
+            return cls(layers=tuple(h["layers"]), hidden_size=h["hidden_size"], dtype=h["dtype"],
+                       pooling=h["pooling"], n_outliers=h.get("n_outliers", 0))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a HiddenSpec dict: {h!r}") from e
+
+    def columns(self) -> dict[str, str]:
+        """Column name -> numpy dtype of its flat values, in schema order."""
+        if self.dtype == "float16":
+            return {COL_HIDDEN: "float16"}
+        return {COL_Q: "int8", COL_SCALE: "float16", COL_OUT_IDX: "int16", COL_OUT_VAL: "float16"}
 
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """What a cache stores: full logits (classification heads) and/or selected hidden layers."""
+    """What a cache stores: target fields and/or selected hidden layers, and what made its features.
 
-    num_logits: int | None  # full logits per example (classification); None = no logits stored
+    ``features`` holds the task's feature parameters (max_length, doc_stride, label alignment, ...)
+    as JSON scalars, so that a reader can check that a run cuts its data into the same features.
+    """
+
+    targets: tuple[TargetSpec, ...]
     hidden: HiddenSpec | None
+    features: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_logits is not None and (not _is_int(self.num_logits) or self.num_logits <= 0):
-            raise ValueError(f"StoreSpec.num_logits must be None or a positive int, got {self.num_logits!r}")
+        targets = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
+        object.__setattr__(self, "targets", targets)
+        if not isinstance(targets, tuple) or not all(isinstance(t, TargetSpec) for t in targets):
+            raise ValueError(f"StoreSpec.targets must be a tuple of TargetSpec, got {self.targets!r}")
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StoreSpec.targets has duplicate names: {names}")
         if self.hidden is not None and not isinstance(self.hidden, HiddenSpec):
             raise ValueError(f"StoreSpec.hidden must be a HiddenSpec or None, got {type(self.hidden).__name__}")
-        if self.num_logits is None and self.hidden is None:
-            raise ValueError("StoreSpec stores nothing: set num_logits and/or hidden")
+        if not targets and self.hidden is None:
+            raise ValueError("StoreSpec stores nothing: give targets and/or hidden")
+        if not isinstance(self.features, dict):
+            raise ValueError(f"StoreSpec.features must be a dict, got {type(self.features).__name__}")
+
+    def target(self, name: str) -> TargetSpec | None:
+        """The target field called ``name``, or None."""
+        return next((t for t in self.targets if t.name == name), None)
+
+    @property
+    def per_position(self) -> bool:
+        """True when any target is stored per position (the student must tokenize like the teacher)."""
+        return any(t.per == "position" for t in self.targets)
+
+    @property
+    def per_token_hidden(self) -> bool:
+        """True when hidden states are stored per token."""
+        return self.hidden is not None and not self.hidden.pooled
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, stored in the manifest under key "store"."""
-        hidden = None
-        if self.hidden is not None:
-            h = self.hidden
-            hidden = {
-                "layers": list(h.layers),
-                "hidden_size": h.hidden_size,
-                "dtype": h.dtype,
-                "pooling": h.pooling,
-                "n_outliers": h.n_outliers,
-            }
-        return {"num_logits": self.num_logits, "hidden": hidden}
+        return {
+            "targets": [t.to_dict() for t in self.targets],
+            "hidden": None if self.hidden is None else self.hidden.to_dict(),
+            "features": dict(self.features),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoreSpec":
         """Inverse of :meth:`to_dict`; raises ValueError on a malformed dict."""
-        if not isinstance(d, dict) or "num_logits" not in d or "hidden" not in d:
+        if not isinstance(d, dict) or "targets" not in d or "hidden" not in d:
             raise ValueError(f"not a StoreSpec dict: {d!r}")
-        h = d["hidden"]
-        hidden = None
-        if h is not None:
-            try:
-                hidden = HiddenSpec(
-                    layers=tuple(h["layers"]),
-                    hidden_size=h["hidden_size"],
-                    dtype=h["dtype"],
-                    pooling=h["pooling"],
-                    n_outliers=h.get("n_outliers", 0),
-                )
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"not a HiddenSpec dict: {h!r}") from e
-        return cls(num_logits=d["num_logits"], hidden=hidden)
+        if not isinstance(d["targets"], list):
+            raise ValueError(f"StoreSpec targets must be a list: {d['targets']!r}")
+        targets = tuple(TargetSpec.from_dict(t) for t in d["targets"])
+        hidden = HiddenSpec.from_dict(d["hidden"]) if d["hidden"] is not None else None
+        features = d.get("features") or {}
+        if not isinstance(features, dict):
+            raise ValueError(f"StoreSpec features must be a dict: {features!r}")
+        return cls(targets=targets, hidden=hidden, features=dict(features))
+
+    def columns(self) -> dict[str, str]:
+        """Every column name -> numpy dtype of its flat values, in schema order."""
+        cols = {COL_FEATURE: "int64", COL_EXAMPLE: "int64", COL_NTOK: "int32", COL_NPOS: "int32"}
+        for t in self.targets:
+            cols.update(t.columns())
+        if self.hidden is not None:
+            cols.update(self.hidden.columns())
+        return cols
 
     def hidden_columns(self) -> tuple[str, ...]:
         """Names of the columns that hold hidden states (empty if none are stored)."""
-        if self.hidden is None:
-            return ()
-        if self.hidden.dtype == "float16":
-            return (COL_HIDDEN,)
-        return (COL_Q, COL_SCALE, COL_OUT_IDX, COL_OUT_VAL)
+        return tuple(self.hidden.columns()) if self.hidden is not None else ()
 
     def arrow_schema(self) -> pa.Schema:
         """The Arrow schema every shard of a cache with this spec has."""
-        fields = [pa.field(COL_ID, pa.int64(), nullable=False), pa.field(COL_NTOK, pa.int32(), nullable=False)]
-        if self.num_logits is not None:
-            fields.append(pa.field(COL_LOGITS, pa.list_(pa.float32(), self.num_logits), nullable=False))
+        fields = [pa.field(name, pa.from_numpy_dtype(dtype), nullable=False)
+                  for name, dtype in list(self.columns().items())[: len(INDEX_COLUMNS)]]
+        for t in self.targets:
+            fields.extend(t.arrow_fields())
         if self.hidden is not None:
-            for name in self.hidden_columns():
-                fields.append(pa.field(name, pa.large_list(pa.from_numpy_dtype(COLUMN_DTYPES[name])), nullable=False))
+            for name, dtype in self.hidden.columns().items():
+                fields.append(pa.field(name, pa.large_list(pa.from_numpy_dtype(dtype)), nullable=False))
         return pa.schema(fields)
-
-
-# numpy dtype of each column's (flat) values.
-COLUMN_DTYPES = {
-    COL_ID: "int64",
-    COL_NTOK: "int32",
-    COL_LOGITS: "float32",
-    COL_HIDDEN: "float16",
-    COL_Q: "int8",
-    COL_SCALE: "float16",
-    COL_OUT_IDX: "int16",
-    COL_OUT_VAL: "float16",
-}
 
 
 def _is_int(x: Any) -> bool:

@@ -1,9 +1,11 @@
-"""Reading a cache: validate the manifest, memory-map the shards, fetch examples by id zero-copy.
+"""Reading a cache: validate the manifest, memory-map the shards, fetch features by id zero-copy.
 
 Every shard's columns become numpy views of the mapped file (flat values + list offsets) at open
-time; :meth:`CacheReader.get` only indexes those views, so random reads cost a memcpy (and a
-dequantisation for int8) per example and no pyarrow call. Read-only after ``__init__``, hence
-safe for concurrent ``get`` calls from a prefetch thread.
+time, and the small index columns (example id, n_tokens, n_positions) are gathered into arrays
+ordered by feature id; the ``get*`` methods only index those, so a random read costs a memcpy
+(and a dequantisation for int8) per feature and no pyarrow call. Hidden states are decoded only
+for the layers asked for. Read-only after ``__init__``, hence safe for concurrent reads from a
+prefetch thread.
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError, CacheMismatchError, short_repr
 from .fingerprint import canonical_json, sha256_file
-from .format import StoreSpec
+from .format import StoreSpec, TargetSpec
 from .quant import dequantize_int8, float16_to_float32
 
 
 @dataclass
 class TeacherRows:
-    """Teacher outputs for requested examples, in request order, as float32 host arrays."""
+    """Teacher outputs for requested features, in request order, as float32 host arrays."""
 
+    feature_ids: np.ndarray  # int64 [B]
     example_ids: np.ndarray  # int64 [B]
     n_tokens: np.ndarray  # int32 [B]
-    logits: np.ndarray | None  # float32 [B, C]
-    hidden: np.ndarray | list[np.ndarray] | None  # pooled: [B, L, H]; per token: B x [L, n_i, H]
+    n_positions: np.ndarray  # int32 [B]
+    targets: dict[str, np.ndarray | list[np.ndarray]]  # per example: [B, C]; per position: B x [n_positions_i, C]
+    hidden: np.ndarray | list[np.ndarray] | None  # pooled: [B, L, H]; per token: B x [L, n_tokens_i, H]
 
 
 @dataclass
@@ -41,17 +45,17 @@ class _Batch:
 
 
 def _column_views(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
-    """Zero-copy (values, offsets) of a list column, or (values, None) of a primitive column."""
+    """Zero-copy (values, offsets) of a list column, ([rows, C] values, None) of a fixed-size list, or (values, None)."""
     if pa.types.is_large_list(arr.type):
         return arr.values.to_numpy(zero_copy_only=True), arr.offsets.to_numpy(zero_copy_only=True)
     if pa.types.is_fixed_size_list(arr.type):
-        flat = arr.values.to_numpy(zero_copy_only=True)
+        flat = arr.flatten().to_numpy(zero_copy_only=True)  # flatten() honours the array's offset
         return flat.reshape(len(arr), arr.type.list_size), None
     return arr.to_numpy(zero_copy_only=True), None
 
 
 class CacheReader:
-    """An opened, validated cache: ``get`` teacher outputs by example id."""
+    """An opened, validated cache: teacher outputs by feature id."""
 
     def __init__(self, path: str | Path, verify: bool = False):
         self.path = Path(path)
@@ -63,24 +67,35 @@ class CacheReader:
         self._schema = self.spec.arrow_schema()
         self._maps: list[pa.MemoryMappedFile] = []
         self._batches: list[_Batch] = []
-        ids, where_batch, where_row = [], [], []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("fid", "eid", "ntok", "npos", "batch", "row")}
         for meta in self.manifest.get("shards", []):
             for b, batch in enumerate(self._open_shard(meta, verify), start=len(self._batches)):
                 self._batches.append(batch)
-                bid = batch.cols[fmt.COL_ID][0]
-                ids.append(bid)
-                where_batch.append(np.full(bid.shape, b, dtype=np.int32))
-                where_row.append(np.arange(bid.shape[0], dtype=np.int32))
-        ids_all = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        order = np.argsort(ids_all, kind="stable")
-        self._ids = ids_all[order]  # sorted example ids
-        self._where_batch = np.concatenate(where_batch)[order] if ids else np.zeros(0, np.int32)
-        self._where_row = np.concatenate(where_row)[order] if ids else np.zeros(0, np.int32)
+                fid = batch.cols[fmt.COL_FEATURE][0]
+                parts["fid"].append(fid)
+                parts["eid"].append(batch.cols[fmt.COL_EXAMPLE][0])
+                parts["ntok"].append(batch.cols[fmt.COL_NTOK][0])
+                parts["npos"].append(batch.cols[fmt.COL_NPOS][0])
+                parts["batch"].append(np.full(fid.shape, b, dtype=np.int32))
+                parts["row"].append(np.arange(fid.shape[0], dtype=np.int32))
+        dtypes = {"fid": np.int64, "eid": np.int64, "ntok": np.int32, "npos": np.int32, "batch": np.int32, "row": np.int32}
+        cat = {k: np.concatenate(v) if v else np.zeros(0, dtypes[k]) for k, v in parts.items()}
+        order = np.argsort(cat["fid"], kind="stable")
+        # Index arrays ordered by feature id (small copies; the data columns stay mapped).
+        self._ids = cat["fid"][order]  # int64 [F] sorted feature ids
+        self._eids = cat["eid"][order]  # int64 [F]
+        self._ntok = cat["ntok"][order]  # int32 [F]
+        self._npos = cat["npos"][order]  # int32 [F]
+        self._where_batch = cat["batch"][order]  # int32 [F]
+        self._where_row = cat["row"][order]  # int32 [F]
         dup = self._ids[1:][self._ids[1:] == self._ids[:-1]]
         if dup.size:
-            raise CacheError(f"{self.path}: example id {int(dup[0])} is stored twice: the cache is corrupt, delete it and re-run dump-teacher")
-        if "rows" in self.manifest and self.manifest["rows"] != len(self._ids):
-            raise CacheError(f"{self.path}: manifest says {self.manifest['rows']} rows but the shards hold {len(self._ids)}")
+            raise CacheError(f"{self.path}: feature id {int(dup[0])} is stored twice: the cache is corrupt, delete it and re-run dump-teacher")
+        F = len(self._ids)
+        for key in ("rows", "num_features"):
+            if key in self.manifest and self.manifest[key] != F:
+                raise CacheError(f"{self.path}: manifest says {key} {self.manifest[key]} but the shards hold {F} rows")
+        self._dense = F == 0 or (int(self._ids[0]) == 0 and int(self._ids[-1]) == F - 1)  # ids are exactly 0..F-1
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -113,23 +128,59 @@ class CacheReader:
         for i in range(f.num_record_batches):
             rb = f.get_batch(i)
             cols = {name: _column_views(rb.column(name)) for name in rb.schema.names}
-            ids = cols[fmt.COL_ID][0]
+            ids = cols[fmt.COL_FEATURE][0]
             if lo is not None and ids.size and (ids.min() < lo or ids.max() >= hi):
-                raise CacheError(f"shard {index} holds example ids outside its id_range [{lo}, {hi})")
+                raise CacheError(f"shard {index} holds feature ids outside its id_range [{lo}, {hi})")
+            self._check_row_lengths(index, cols)
             rows += rb.num_rows
             batches.append(_Batch(cols))
         if "rows" in meta and rows != meta["rows"]:
             raise CacheError(f"shard {index} holds {rows} rows but the manifest says {meta['rows']}")
         return batches
 
+    def _check_row_lengths(self, index: int, cols: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """Every list column's row lengths must follow from n_tokens / n_positions (one vectorised check per column)."""
+        n_tok = cols[fmt.COL_NTOK][0].astype(np.int64)
+        n_pos = cols[fmt.COL_NPOS][0].astype(np.int64)
+        want: dict[str, np.ndarray] = {t.name: n_pos * t.width for t in self.spec.targets if t.per == "position"}
+        h = self.spec.hidden
+        if h is not None:
+            n = np.ones_like(n_tok) if h.pooled else n_tok  # vectors stored per (feature, layer)
+            L, H = h.num_layers, h.hidden_size
+            if h.dtype == "float16":
+                want[fmt.COL_HIDDEN] = n * L * H
+            else:
+                want.update({fmt.COL_Q: n * L * H, fmt.COL_SCALE: n * L, fmt.COL_OUT_IDX: np.full_like(n, L * h.n_outliers),
+                             fmt.COL_OUT_VAL: n * L * h.n_outliers})
+        for col, lengths in want.items():
+            values, offsets = cols[col]
+            if offsets.size and (not np.array_equal(np.diff(offsets), lengths) or offsets[-1] > values.size or offsets[0] < 0):
+                raise CacheError(
+                    f"shard {index}: column {col!r} has row lengths that do not match n_tokens / n_positions and the "
+                    f"store spec: the shard is corrupt; delete the cache and re-run dump-teacher"
+                )
+
     # -- basic info -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
+        """Number of stored features (rows)."""
         return len(self._ids)
 
-    def example_ids(self) -> np.ndarray:
-        """All stored example ids, sorted (int64 [N])."""
+    def feature_ids(self) -> np.ndarray:
+        """All stored feature ids, sorted (int64 [F])."""
         return self._ids.copy()
+
+    def example_ids(self, feature_ids: Sequence[int]) -> np.ndarray:
+        """The example each of ``feature_ids`` came from (int64 [B])."""
+        return self._eids[self._locate(feature_ids)[1]]
+
+    def n_tokens(self, feature_ids: Sequence[int]) -> np.ndarray:
+        """Real (non-padding) input tokens of each of ``feature_ids`` (int32 [B])."""
+        return self._ntok[self._locate(feature_ids)[1]]
+
+    def n_positions(self, feature_ids: Sequence[int]) -> np.ndarray:
+        """Positions that per-position targets cover for each of ``feature_ids`` (int32 [B]; 0 when none)."""
+        return self._npos[self._locate(feature_ids)[1]]
 
     def close(self) -> None:
         """Release the memory maps; the reader is unusable afterwards."""
@@ -146,107 +197,184 @@ class CacheReader:
 
     # -- lookups --------------------------------------------------------------------------------
 
-    def _locate(self, example_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids int64 [B], batch index [B], row index [B]) for the requested ids."""
-        ids = np.asarray(example_ids, dtype=np.int64).reshape(-1)
-        pos = np.searchsorted(self._ids, ids)
-        pos_c = np.minimum(pos, max(len(self._ids) - 1, 0))
-        found = (pos < len(self._ids)) & (self._ids[pos_c] == ids) if len(self._ids) else np.zeros(ids.shape, bool)
+    def _locate(self, feature_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [B], positions [B] into the id-ordered index arrays) for the requested ids."""
+        ids = np.asarray(feature_ids, dtype=np.int64).reshape(-1)
+        F = len(self._ids)
+        if self._dense:
+            found = (ids >= 0) & (ids < F)
+            pos = ids
+        else:
+            pos = np.minimum(np.searchsorted(self._ids, ids), max(F - 1, 0))
+            found = (self._ids[pos] == ids) if F else np.zeros(ids.shape, bool)
         if not found.all():
             missing = int(ids[~found][0])
-            raise CacheError(f"example id {missing} is not in the cache {self.path} ({len(self)} rows): the cache does not match this data")
-        return ids, self._where_batch[pos_c], self._where_row[pos_c]
+            raise CacheError(f"feature id {missing} is not in the cache {self.path} ({F} features): the cache does not match this data")
+        return ids, pos
 
     def _row(self, b: int, r: int, col: str) -> np.ndarray:
-        """Flat values of row ``r`` of record batch ``b`` in column ``col`` (a view)."""
+        """Flat values of row ``r`` of record batch ``b`` in list column ``col`` (a read-only view)."""
         values, offsets = self._batches[b].cols[col]
         return values[offsets[r] : offsets[r + 1]]
 
-    def _n_tokens(self, b: int, r: int) -> int:
-        return int(self._batches[b].cols[fmt.COL_NTOK][0][r])
-
-    def _hidden_into(self, b: int, r: int, n: int, out: np.ndarray) -> None:
-        """Write row (b, r)'s hidden states [L, n, H] as float32 into ``out`` (a view of that shape)."""
+    def _layer_plan(self, layers: Sequence[int] | None) -> tuple[int, slice | list[int]]:
+        """(L', a slice or a list of positions into spec.hidden.layers) for ``layers`` (None = all)."""
         h = self.spec.hidden
-        L, H = h.num_layers, h.hidden_size
-        if h.dtype == "float16":
-            float16_to_float32(self._row(b, r, fmt.COL_HIDDEN).reshape(L, n, H), out)
-        else:
-            dequantize_int8(
-                self._row(b, r, fmt.COL_Q).reshape(L, n, H),
-                self._row(b, r, fmt.COL_SCALE).reshape(L, n),
-                self._row(b, r, fmt.COL_OUT_IDX).reshape(L, h.n_outliers),
-                self._row(b, r, fmt.COL_OUT_VAL).reshape(L, n, h.n_outliers),
-                out=out,
-            )
+        L = h.num_layers
+        if layers is None:
+            return L, slice(0, L)
+        sel = []
+        for p in layers:
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) < L:
+                raise CacheError(
+                    f"layers must be positions 0..{L - 1} into the cache's stored layers {list(h.layers)}, got {p!r} "
+                    f"(map Hugging Face layer indices with spec.hidden.layers.index(...))"
+                )
+            sel.append(int(p))
+        if sel and sel == list(range(sel[0], sel[0] + len(sel))):
+            return len(sel), slice(sel[0], sel[0] + len(sel))  # contiguous: one decode call
+        return len(sel), sel
 
-    def get(self, example_ids: Sequence[int]) -> TeacherRows:
-        """Teacher outputs for ``example_ids`` in that order (hidden dequantised to float32)."""
-        ids, bs, rs = self._locate(example_ids)
-        B = ids.shape[0]
-        n_tokens = np.array([self._n_tokens(b, r) for b, r in zip(bs, rs)], dtype=np.int32)  # [B]
-        logits = self._logits_at(bs, rs) if self.spec.num_logits is not None else None
+    def _hidden_into(self, b: int, r: int, n: int, sel: slice | list[int], out: np.ndarray) -> None:
+        """Decode row (b, r)'s hidden states [L, n, H] at layer positions ``sel`` as float32 into ``out`` [L', n, H]."""
+        h = self.spec.hidden
+        L, H, n_out = h.num_layers, h.hidden_size, h.n_outliers
+        if h.dtype == "float16":
+            src = self._row(b, r, fmt.COL_HIDDEN).reshape(L, n, H)
+            if isinstance(sel, slice):
+                float16_to_float32(src[sel], out)
+            else:
+                for j, layer in enumerate(sel):
+                    float16_to_float32(src[layer], out[j])
+            return
+        q = self._row(b, r, fmt.COL_Q).reshape(L, n, H)
+        scale = self._row(b, r, fmt.COL_SCALE).reshape(L, n)
+        oidx = self._row(b, r, fmt.COL_OUT_IDX).reshape(L, n_out)
+        oval = self._row(b, r, fmt.COL_OUT_VAL).reshape(L, n, n_out)
+        if isinstance(sel, slice):
+            dequantize_int8(q[sel], scale[sel], oidx[sel], oval[sel], out=out)
+        else:
+            for j, layer in enumerate(sel):
+                dequantize_int8(q[layer], scale[layer], oidx[layer], oval[layer], out=out[j])
+
+    def _target_spec(self, name: str, per: str) -> TargetSpec:
+        t = self.spec.target(name)
+        if t is None:
+            raise CacheError(f"the cache {self.path} stores no target {name!r} (stored: {_describe_targets(self.spec)})")
+        if t.per != per:
+            use = "get_target_padded" if t.per == "position" else "get_target"
+            raise CacheError(f"target {name!r} is stored per {t.per}, not per {per}: use {use}()")
+        return t
+
+    def _targets_at(self, t: TargetSpec, bs: np.ndarray, rs: np.ndarray, pos: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Target ``t`` of the located rows: per example float32 [B, C]; per position B x float32 [n_i, C] (copies)."""
+        if t.per == "example":
+            out = np.empty((len(bs), t.width), dtype=np.float32)  # [B, C]
+            for i, (b, r) in enumerate(zip(bs, rs)):
+                out[i] = self._batches[b].cols[t.name][0][r]
+            return out
+        return [self._row(b, r, t.name).reshape(int(self._npos[p]), t.width).copy() for b, r, p in zip(bs, rs, pos)]
+
+    def get(self, feature_ids: Sequence[int]) -> TeacherRows:
+        """Everything stored for ``feature_ids``, in that order (hidden decoded to float32, every layer)."""
+        ids, pos = self._locate(feature_ids)
+        bs, rs = self._where_batch[pos], self._where_row[pos]
+        n_tokens = self._ntok[pos]  # [B]
+        targets = {t.name: self._targets_at(t, bs, rs, pos) for t in self.spec.targets}
         hidden = None
         h = self.spec.hidden
         if h is not None:
-            L, H = h.num_layers, h.hidden_size
+            L, sel = self._layer_plan(None)
             if h.pooled:
-                hidden = np.empty((B, L, H), dtype=np.float32)  # [B, L, H]
-                for i, (b, r) in enumerate(zip(bs, rs)):
-                    self._hidden_into(b, r, 1, hidden[i, :, None, :])
+                hidden = self._pooled_at(bs, rs, L, sel)
             else:
                 hidden = []
                 for i, (b, r) in enumerate(zip(bs, rs)):
-                    x = np.empty((L, int(n_tokens[i]), H), dtype=np.float32)  # [L, n_i, H]
-                    self._hidden_into(b, r, int(n_tokens[i]), x)
+                    n = int(n_tokens[i])
+                    x = np.empty((L, n, h.hidden_size), dtype=np.float32)  # [L, n_i, H]
+                    self._hidden_into(b, r, n, sel, x)
                     hidden.append(x)
-        return TeacherRows(example_ids=ids, n_tokens=n_tokens, logits=logits, hidden=hidden)
+        return TeacherRows(feature_ids=ids, example_ids=self._eids[pos], n_tokens=n_tokens, n_positions=self._npos[pos],
+                           targets=targets, hidden=hidden)
 
-    def get_logits(self, example_ids: Sequence[int]) -> np.ndarray:
-        """Only the stored logits of ``example_ids``: float32 [B, C] (no hidden states decoded)."""
-        if self.spec.num_logits is None:
-            raise CacheError(f"the cache {self.path} stores no logits (store spec: {self.spec.to_dict()})")
-        _, bs, rs = self._locate(example_ids)
-        return self._logits_at(bs, rs)
+    def get_target(self, feature_ids: Sequence[int], name: str) -> np.ndarray:
+        """Per-example target ``name`` of ``feature_ids``: float32 [B, C] (nothing else decoded)."""
+        t = self._target_spec(name, "example")
+        _, pos = self._locate(feature_ids)
+        return self._targets_at(t, self._where_batch[pos], self._where_row[pos], pos)
 
-    def _logits_at(self, bs: np.ndarray, rs: np.ndarray) -> np.ndarray:
-        """Gather logits rows located by (record batch, row) indices: float32 [B, C]."""
-        logits = np.empty((len(bs), self.spec.num_logits), dtype=np.float32)  # [B, C]
-        for i, (b, r) in enumerate(zip(bs, rs)):
-            logits[i] = self._batches[b].cols[fmt.COL_LOGITS][0][r]
-        return logits
+    def get_target_padded(self, feature_ids: Sequence[int], name: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-position target ``name`` padded to ``seq_len``: (float32 [B, seq_len, C] zero-padded, bool mask [B, seq_len]).
 
-    def get_padded(self, example_ids: Sequence[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-token hidden states padded to ``seq_len``: (float32 [B, L, seq_len, H], bool mask [B, seq_len]).
+        The mask is True at the positions the teacher's target covers (the first n_positions).
+        """
+        t = self._target_spec(name, "position")
+        ids, pos = self._locate(feature_ids)
+        B, C = ids.shape[0], t.width
+        out = np.zeros((B, seq_len, C), dtype=np.float32)  # [B, S, C]
+        mask = np.zeros((B, seq_len), dtype=bool)  # [B, S]
+        for i, (b, r, p) in enumerate(zip(self._where_batch[pos], self._where_row[pos], pos)):
+            n = int(self._npos[p])
+            if n > seq_len:
+                raise CacheError(
+                    f"feature {int(ids[i])} has {n} cached positions of target {name!r} but seq_len is {seq_len}: the batch "
+                    f"is tokenized differently from the dump (max_length / truncation / stride differ)"
+                )
+            out[i, :n] = self._row(b, r, name).reshape(n, C)
+            mask[i, :n] = True
+        return out, mask
 
-        What the training collator uses; tokens beyond an example's n_tokens are zero / False.
+    def get_padded(self, feature_ids: Sequence[int], seq_len: int, layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token hidden states padded to ``seq_len``: (float32 [B, L', seq_len, H], bool mask [B, seq_len]).
+
+        ``layers``: positions into ``spec.hidden.layers`` to decode, in the order given (None = all);
+        only those layers are decoded. Tokens beyond a feature's n_tokens are zero / False.
         """
         h = self.spec.hidden
         if h is None or h.pooled:
-            what = "no hidden states" if h is None else f"hidden states pooled by {h.pooling!r}"
-            raise CacheError(f"get_padded needs per-token hidden states but the cache stores {what}: use get()")
-        ids, bs, rs = self._locate(example_ids)
-        B, L, H = ids.shape[0], h.num_layers, h.hidden_size
-        hidden = np.zeros((B, L, seq_len, H), dtype=np.float32)  # [B, L, S, H]
+            what = "no hidden states" if h is None else f"hidden states pooled by {h.pooling!r} (use get_pooled)"
+            raise CacheError(f"get_padded needs per-token hidden states but the cache stores {what}")
+        ids, pos = self._locate(feature_ids)
+        Lsel, sel = self._layer_plan(layers)
+        B, H = ids.shape[0], h.hidden_size
+        hidden = np.zeros((B, Lsel, seq_len, H), dtype=np.float32)  # [B, L', S, H]
         mask = np.zeros((B, seq_len), dtype=bool)  # [B, S]
-        for i, (b, r) in enumerate(zip(bs, rs)):
-            n = self._n_tokens(b, r)
+        for i, (b, r, p) in enumerate(zip(self._where_batch[pos], self._where_row[pos], pos)):
+            n = int(self._ntok[p])
             if n > seq_len:
                 raise CacheError(
-                    f"example {int(ids[i])} has {n} cached tokens but seq_len is {seq_len}: the batch is "
-                    f"tokenized differently from the dump (max_length / truncation differ)"
+                    f"feature {int(ids[i])} has {n} cached tokens but seq_len is {seq_len}: the batch is "
+                    f"tokenized differently from the dump (max_length / truncation / stride differ)"
                 )
-            self._hidden_into(b, r, n, hidden[i, :, :n])
+            self._hidden_into(b, r, n, sel, hidden[i, :, :n])
             mask[i, :n] = True
         return hidden, mask
+
+    def get_pooled(self, feature_ids: Sequence[int], layers: Sequence[int] | None = None) -> np.ndarray:
+        """Pooled hidden states: float32 [B, L', H]; ``layers`` as in :meth:`get_padded`."""
+        h = self.spec.hidden
+        if h is None or not h.pooled:
+            what = "no hidden states" if h is None else "per-token hidden states (use get_padded)"
+            raise CacheError(f"get_pooled needs pooled hidden states but the cache stores {what}")
+        _, pos = self._locate(feature_ids)
+        Lsel, sel = self._layer_plan(layers)
+        return self._pooled_at(self._where_batch[pos], self._where_row[pos], Lsel, sel)
+
+    def _pooled_at(self, bs: np.ndarray, rs: np.ndarray, Lsel: int, sel: slice | list[int]) -> np.ndarray:
+        out = np.empty((len(bs), Lsel, self.spec.hidden.hidden_size), dtype=np.float32)  # [B, L', H]
+        for i, (b, r) in enumerate(zip(bs, rs)):
+            self._hidden_into(b, r, 1, sel, out[i, :, None, :])
+        return out
 
     # -- validation against the current run -----------------------------------------------------
 
     def expect(self, **fields: Any) -> None:
         """Raise CacheMismatchError for the first field whose cached value differs from the expected one.
 
-        Keys are top-level manifest keys (task, dataset_hash, tokenizer_hash, max_length, ...),
-        plus ``layers=(...)`` (each must be stored) and ``num_logits=n``.
+        Keys: any top-level manifest key (task, dataset_hash, tokenizer_hash, max_length, ...,
+        compared as canonical JSON); ``layers=(...)``: each Hugging Face layer index must be stored;
+        ``target=(name, per, width)`` (or a TargetSpec, or a list of either): stored with that per
+        and width; ``features={...}``: must equal the store spec's feature parameters.
         """
         for key, expected in fields.items():
             if key == "layers":
@@ -258,13 +386,11 @@ class CacheReader:
                         f"layer {missing[0]} is not stored in the cache (stored layers: {list(stored)}): "
                         f"re-run dump-teacher with the layers this student needs",
                     )
-            elif key == "num_logits":
-                if self.spec.num_logits != expected:
-                    raise CacheMismatchError(
-                        "num_logits", self.spec.num_logits, expected,
-                        f"cache stores {self.spec.num_logits} logits per example but this run expects "
-                        f"{expected}: the cache was dumped for a different task or label set; re-run dump-teacher",
-                    )
+            elif key == "target":
+                for want in _target_list(expected):
+                    self._expect_target(*want)
+            elif key == "features":
+                self._expect_features(expected)
             elif key not in self.manifest:
                 raise CacheMismatchError(
                     key, None, expected,
@@ -273,6 +399,62 @@ class CacheReader:
                 )
             elif not _same(self.manifest[key], expected):
                 raise CacheMismatchError(key, self.manifest[key], expected)
+
+    def _expect_target(self, name: str, per: str, width: int) -> None:
+        t = self.spec.target(name)
+        stored = _describe_targets(self.spec)
+        if t is None:
+            raise CacheMismatchError(
+                "target", stored, (name, per, width),
+                f"cache stores no target {name!r} (stored: {stored}) but this run needs it: the cache was "
+                f"dumped for a different task; re-run dump-teacher",
+            )
+        if t.per != per:
+            raise CacheMismatchError(
+                "target", (t.name, t.per, t.width), (name, per, width),
+                f"cache stores target {name!r} per {t.per} but this run expects it per {per}: the cache was "
+                f"dumped for a different task; re-run dump-teacher",
+            )
+        if t.width != width:
+            raise CacheMismatchError(
+                "target", (t.name, t.per, t.width), (name, per, width),
+                f"cache stores {t.width} values per {t.per} in target {name!r} but this run expects {width}: the "
+                f"cache was dumped for a different task or label set; re-run dump-teacher",
+            )
+
+    def _expect_features(self, expected: Any) -> None:
+        stored = self.spec.features
+        if _same(stored, expected):
+            return
+        exp = expected if isinstance(expected, dict) else {}
+        diff = next((k for k in sorted(set(stored) | set(exp), key=str) if not _same(stored.get(k), exp.get(k))), None)
+        where = "" if diff is None else f" at {diff!r} (cache {short_repr(stored.get(diff))}, this run {short_repr(exp.get(diff))})"
+        raise CacheMismatchError(
+            "features", stored, expected,
+            f"cache features differ from this run's{where}: the dump cut its data into features differently "
+            f"(max length, stride, label alignment); re-run dump-teacher",
+        )
+
+
+def _target_list(expected: Any) -> list[tuple[str, str, int]]:
+    """``target=`` as a list of (name, per, width): one tuple, one TargetSpec, or a list of either."""
+    items = [expected] if isinstance(expected, TargetSpec) or (isinstance(expected, (tuple, list)) and expected
+                                                               and isinstance(expected[0], str)) else list(expected)
+    out = []
+    for it in items:
+        if isinstance(it, TargetSpec):
+            out.append((it.name, it.per, it.width))
+        elif isinstance(it, (tuple, list)) and len(it) == 3:
+            out.append((str(it[0]), str(it[1]), int(it[2])))
+        else:
+            raise ValueError(f"expect(target=...) takes (name, per, width), a TargetSpec or a list of them, got {it!r}")
+    return out
+
+
+def _describe_targets(spec: StoreSpec) -> str:
+    if not spec.targets:
+        return "no targets"
+    return ", ".join(f"{t.name} per {t.per} x {t.width}" for t in spec.targets)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -303,8 +485,8 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if manifest["format_version"] != fmt.FORMAT_VERSION:
         raise CacheMismatchError(
             "format_version", manifest["format_version"], fmt.FORMAT_VERSION,
-            f"cache {path} has format_version {manifest['format_version']!r} but this kdcache reads "
-            f"format_version {fmt.FORMAT_VERSION}: re-run dump-teacher with this version (or use the "
-            f"kdcache version that wrote it)",
+            f"cache {path} was written by another kdcache format (format_version {manifest['format_version']!r}; "
+            f"this kdcache reads format_version {fmt.FORMAT_VERSION}): re-run `kdcache dump-teacher` to rebuild it "
+            f"(with --force when reusing the same --cache-dir)",
         )
     return manifest

@@ -1,17 +1,15 @@
-"""What a cache holds and what it costs: bytes per token and per example for each stored field."""
+"""What a cache holds and what it costs: bytes per token, per feature and per example for each stored field."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from . import format as fmt
 from .reader import CacheReader
-
-# Logical fields and the columns that hold them.
-_INDEX_COLUMNS = (fmt.COL_ID, fmt.COL_NTOK)
 
 
 def _column_bytes(reader: CacheReader) -> dict[str, int]:
@@ -29,23 +27,33 @@ def _column_bytes(reader: CacheReader) -> dict[str, int]:
 
 
 def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
-    """Describe a cache: store spec, rows, tokens, bytes, bytes/token per field vs float32, fingerprint."""
+    """Describe a cache: store spec, rows, tokens, bytes, bytes/token per field vs float32, fingerprint.
+
+    ``fields`` has "index" (the id and count columns), one entry per target and "hidden". Bytes
+    per token divide by the dataset's input tokens (the manifest's ``input_tokens`` when the dump
+    recorded it, else the sum of n_tokens); per feature by the rows; per example by the distinct
+    example ids. ``raw_float32_bytes`` is what the field would take as plain float32.
+    """
     reader = reader_or_path if isinstance(reader_or_path, CacheReader) else CacheReader(reader_or_path)
     m, spec = reader.manifest, reader.spec
     shards = m.get("shards", [])
-    rows = sum(s["rows"] for s in shards)
-    stored_tokens = sum(s["tokens"] for s in shards)  # vectors stored: 1 per example when pooled
-    # Bytes per token count the dataset's tokens (the manifest's input_tokens when the dump recorded it).
-    tokens = int(m.get("input_tokens") or stored_tokens)
+    fids = reader.feature_ids()
+    rows = len(fids)
+    examples = int(np.unique(reader.example_ids(fids)).size)
+    n_tokens = int(reader.n_tokens(fids).sum(dtype=np.int64))
+    positions = int(reader.n_positions(fids).sum(dtype=np.int64))
+    tokens = int(m.get("input_tokens") or n_tokens)
     disk = sum(s["bytes"] for s in shards)
     col_bytes = _column_bytes(reader)
+    # Hidden vectors stored per layer: one per feature when pooled, one per real token otherwise.
+    vectors = 0 if spec.hidden is None else (rows if spec.hidden.pooled else n_tokens)
 
-    groups: dict[str, tuple[tuple[str, ...], int | None]] = {"index": (_INDEX_COLUMNS, None)}
-    if spec.num_logits is not None:
-        groups["logits"] = ((fmt.COL_LOGITS,), rows * spec.num_logits * 4)
+    groups: dict[str, tuple[tuple[str, ...], int | None]] = {"index": (fmt.INDEX_COLUMNS, None)}
+    for t in spec.targets:
+        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * t.width * 4)
     if spec.hidden is not None:
         h = spec.hidden
-        groups["hidden"] = (spec.hidden_columns(), stored_tokens * h.num_layers * h.hidden_size * 4)
+        groups["hidden"] = (spec.hidden_columns(), vectors * h.num_layers * h.hidden_size * 4)
     fields = {}
     for name, (cols, raw) in groups.items():
         b = sum(col_bytes.get(c, 0) for c in cols)
@@ -53,32 +61,26 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
             "columns": {c: col_bytes.get(c, 0) for c in cols},
             "bytes": b,
             "bytes_per_token": b / tokens if tokens else 0.0,
-            "bytes_per_example": b / rows if rows else 0.0,
+            "bytes_per_feature": b / rows if rows else 0.0,
+            "bytes_per_example": b / examples if examples else 0.0,
             "raw_float32_bytes": raw,
             "ratio_to_float32": (b / raw) if raw else None,
         }
 
     stored: dict[str, Any] = {
-        "logits": "none" if spec.num_logits is None else f"full ({spec.num_logits} classes)",
-        "num_logits": spec.num_logits,
-        "hidden": None,
+        "targets": [{"name": t.name, "per": t.per, "mode": t.mode, "width": t.width} for t in spec.targets],
+        "hidden": None if spec.hidden is None else spec.hidden.to_dict(),
+        "features": dict(spec.features),
     }
-    if spec.hidden is not None:
-        h = spec.hidden
-        stored["hidden"] = {
-            "layers": list(h.layers),
-            "hidden_size": h.hidden_size,
-            "dtype": h.dtype,
-            "pooling": h.pooling,
-            "n_outliers": h.n_outliers,
-        }
     return {
         "path": str(reader.path),
         "format_version": m.get("format_version"),
         "stored": stored,
         "rows": rows,
+        "examples": examples,
         "tokens": tokens,
-        "stored_vectors": stored_tokens,
+        "positions": positions,
+        "stored_vectors": vectors,
         "bytes_on_disk": disk,
         "num_shards": len(shards),
         "bytes_per_shard": disk / len(shards) if shards else 0.0,
@@ -96,18 +98,34 @@ def _human(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def format_summary(d: dict[str, Any]) -> str:
     """Human-readable text of :func:`summarize`'s dict, for ``kdcache inspect``."""
     lines = [f"cache        {d['path']}  (format v{d['format_version']})"]
-    lines.append(f"logits       {d['stored']['logits']}")
+    targets = d["stored"]["targets"]
+    if not targets:
+        lines.append("targets      none")
+    for i, t in enumerate(targets):
+        mode = "full float32" if t["mode"] == "full" else t["mode"]
+        head = "targets      " if i == 0 else " " * 13
+        lines.append(f"{head}{t['name']}: {mode}, per {t['per']}, {_plural(t['width'], 'value')}")
     h = d["stored"]["hidden"]
     if h is None:
         lines.append("hidden       none")
     else:
         extra = f", {h['n_outliers']} outlier channels in float16" if h["dtype"] == "int8" else ""
         lines.append(f"hidden       layers {h['layers']} x {h['hidden_size']}, {h['dtype']}{extra}, pooling {h['pooling']}")
-    lines.append(f"rows         {d['rows']:,}   tokens {d['tokens']:,}")
-    shards = f"{d['num_shards']} shard{'' if d['num_shards'] == 1 else 's'}"
+    feats = d["stored"].get("features")
+    if feats:
+        lines.append("features     " + ", ".join(f"{k}={feats[k]}" for k in sorted(feats)))
+    rows = f"{_plural(d['rows'], 'feature')} of {_plural(d['examples'], 'example')}"
+    lines.append(f"rows         {rows}   tokens {d['tokens']:,}")
+    if any(t["per"] == "position" for t in targets):
+        lines.append(f"positions    {d['positions']:,} (covered by the per-position targets)")
+    shards = _plural(d["num_shards"], "shard")
     lines.append(f"on disk      {_human(d['bytes_on_disk'])} in {shards} ({_human(d['bytes_per_shard'])} per shard)")
     lines.append("field        bytes/token  bytes/example  vs float32")
     for name, f in d["fields"].items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,24 @@ from .format import StoreSpec
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
 
+_HIDDEN_FIELDS = ("hidden", "hidden_q", "hidden_scale", "hidden_outlier_idx", "hidden_outlier_val")
+
 
 @dataclass
 class TeacherBatch:
-    """One batch of teacher outputs on the host, padded along tokens; the writer slices each row.
+    """One batch of teacher outputs on the host, one row per feature, padded; the writer cuts each row.
 
-    Hidden arrays are [B, L, T, H]-shaped (for pooled specs T is 1, and [B, L, H] is accepted).
-    Fields not stored by the spec are None.
+    Per-example targets are [B, C]; per-position targets are [B, P, C] padded, row b cut to
+    n_positions[b]. Per-token hidden arrays are [B, L, T, H] padded, row b cut to n_tokens[b];
+    pooled specs store one vector per (feature, layer): [B, L, H] or [B, L, 1, H] (and the int8
+    side arrays without / with that axis of 1). Fields the spec does not store are None.
     """
 
-    example_ids: np.ndarray  # int64 [B]
-    n_tokens: np.ndarray  # int32 [B]
-    logits: np.ndarray | None = None  # float32 [B, C]
+    feature_ids: np.ndarray  # int64 [B] dense feature ids (the row key)
+    example_ids: np.ndarray  # int64 [B] example each feature came from
+    n_tokens: np.ndarray  # int32 [B] real (non-padding) input tokens, also when hidden is pooled
+    n_positions: np.ndarray | None = None  # int32 [B] positions per-position targets cover; None = zeros
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [B, C] or [B, P, C]
     hidden: np.ndarray | None = None  # float16 [B, L, T, H]
     hidden_q: np.ndarray | None = None  # int8 [B, L, T, H]
     hidden_scale: np.ndarray | None = None  # float16 [B, L, T]
@@ -58,97 +64,165 @@ def _check_array(name: str, arr: Any, dtype: str, shape: tuple) -> np.ndarray:
     return arr
 
 
-def _pooled_to_4d(arr: np.ndarray | None, ndim4: int) -> np.ndarray | None:
-    """Accept pooled hidden arrays without the token axis by inserting T=1."""
-    if arr is not None and isinstance(arr, np.ndarray) and arr.ndim == ndim4 - 1:
+def _check_counts(name: str, arr: Any, B: int | None) -> np.ndarray:
+    """An integer [B] array of ids or counts, non-negative, as int64."""
+    a = np.asarray(arr) if arr is not None else None
+    if a is None or a.ndim != 1 or a.dtype.kind not in "iu" or (B is not None and a.shape[0] != B):
+        got = "None" if a is None else f"{a.dtype} {list(a.shape)}"
+        size = "B" if B is None else f"B={B}"
+        raise ValueError(f"TeacherBatch.{name} must be an integer [{size}] array, got {got}")
+    a = a.astype(np.int64, copy=False)
+    if a.size and a.min() < 0:
+        raise ValueError(f"TeacherBatch.{name} must be non-negative, got {int(a.min())}")
+    return a
+
+
+def _with_unit_axis(arr: Any, ndim: int) -> Any:
+    """Pooled arrays may omit the token axis (axis 2): insert it, of size 1."""
+    if isinstance(arr, np.ndarray) and arr.ndim == ndim - 1:
         return arr[:, :, None]
     return arr
 
 
-def _ragged(arr: np.ndarray, n_tokens: np.ndarray, token_axis: int) -> pa.LargeListArray:
-    """Rows of ``arr`` [B, ...] cut to n_tokens[b] along ``token_axis`` and flattened, as a large_list."""
+def _ragged_values(arr: np.ndarray, lengths: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``arr`` [B, ...] cut to lengths[b] along ``axis`` (>= 1) and flattened: (offsets int64 [B+1], values)."""
     B = arr.shape[0]
-    per_token = int(np.prod(arr.shape[1:])) // max(arr.shape[token_axis], 1)  # values per token
-    lengths = n_tokens.astype(np.int64) * per_token  # [B]
+    per_step = int(np.prod(arr.shape[1:], dtype=np.int64)) // max(arr.shape[axis], 1)  # values per step of ``axis``
     offsets = np.zeros(B + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if B and all(int(n) == arr.shape[token_axis] for n in n_tokens):
+    np.cumsum(lengths.astype(np.int64) * per_step, out=offsets[1:])
+    if B and (lengths == arr.shape[axis]).all():
         values = arr.reshape(-1)  # nothing to cut
     else:
         cut = [slice(None)] * (arr.ndim - 1)
         parts = []
         for b in range(B):
-            cut[token_axis - 1] = slice(0, int(n_tokens[b]))
+            cut[axis - 1] = slice(0, int(lengths[b]))
             parts.append(arr[b][tuple(cut)].reshape(-1))
         values = np.concatenate(parts) if parts else arr.reshape(-1)[:0]
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values)))
+    return offsets, np.ascontiguousarray(values)
+
+
+def _large_list(offsets: np.ndarray, values: np.ndarray) -> pa.LargeListArray:
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _nonfinite_mask(values: np.ndarray) -> np.ndarray | None:
+    """Boolean mask of NaN/inf among float ``values`` (flat), or None when all are finite."""
+    if values.dtype == np.float16:  # exponent bits all ones; integer ops are ~10x faster than fp16 isfinite
+        bad = (values.view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(values)
+    return bad if bad.any() else None
+
+
+def _check_finite(name: str, offsets: np.ndarray | None, values: np.ndarray, feature_ids: np.ndarray, width: int = 1) -> None:
+    """ValueError naming ``name`` and the first feature whose stored values hold NaN or inf.
+
+    ``offsets`` [B+1] delimit each row's flat values; None means ``width`` values per row.
+    """
+    bad = _nonfinite_mask(values)
+    if bad is None:
+        return
+    first = int(np.argmax(bad))
+    row = int(np.searchsorted(offsets, first, side="right") - 1) if offsets is not None else first // width
+    raise ValueError(
+        f"TeacherBatch.{name} holds a non-finite value ({values[first]}) for feature id {int(feature_ids[row])}: "
+        f"the teacher produced NaN/inf (check its dtype, e.g. float16 overflow); data that reaches a student must be finite"
+    )
 
 
 def _record_batch(spec: StoreSpec, batch: TeacherBatch) -> pa.RecordBatch:
     """Validate ``batch`` against ``spec`` and build the record batch the shard stores."""
-    ids = np.asarray(batch.example_ids)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise ValueError(f"TeacherBatch.example_ids must be an int64 [B] array, got {ids.dtype} {list(ids.shape)}")
-    ids = ids.astype(np.int64, copy=False)
-    B = ids.shape[0]
-    n_tok = np.asarray(batch.n_tokens)
-    if n_tok.shape != (B,) or n_tok.dtype.kind not in "iu":
-        raise ValueError(f"TeacherBatch.n_tokens must be an int32 [B={B}] array, got {n_tok.dtype} {list(n_tok.shape)}")
-    n_tok = n_tok.astype(np.int32, copy=False)
-    if B and (ids.min() < 0 or n_tok.min() < 0):
-        raise ValueError("TeacherBatch.example_ids and n_tokens must be non-negative")
-    cols: dict[str, pa.Array] = {fmt.COL_ID: pa.array(ids), fmt.COL_NTOK: pa.array(n_tok)}
+    fids = _check_counts("feature_ids", batch.feature_ids, None)
+    B = fids.shape[0]
+    eids = _check_counts("example_ids", batch.example_ids, B)
+    n_tok = _check_counts("n_tokens", batch.n_tokens, B).astype(np.int32)
+    per_position = [t for t in spec.targets if t.per == "position"]
+    if batch.n_positions is None:
+        if per_position:
+            raise ValueError(f"TeacherBatch.n_positions is required: target {per_position[0].name!r} is stored per position")
+        n_pos = np.zeros(B, dtype=np.int32)
+    else:
+        n_pos = _check_counts("n_positions", batch.n_positions, B).astype(np.int32)
+        if not per_position and n_pos.any():
+            raise ValueError("TeacherBatch.n_positions must be None or zeros: no target of the store spec is stored per position")
+    cols: list[pa.Array] = [pa.array(fids), pa.array(eids), pa.array(n_tok), pa.array(n_pos)]
 
-    if spec.num_logits is not None:
-        logits = _check_array("logits", batch.logits, "float32", (B, spec.num_logits))
-        cols[fmt.COL_LOGITS] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(logits).reshape(-1)), spec.num_logits)
-    elif batch.logits is not None:
-        raise ValueError("TeacherBatch.logits given but the store spec stores no logits (num_logits=None)")
+    given = batch.targets if batch.targets is not None else {}
+    if not isinstance(given, dict):
+        raise ValueError(f"TeacherBatch.targets must be a dict name -> array, got {type(given).__name__}")
+    names = [t.name for t in spec.targets]
+    extra = [k for k in given if k not in names]
+    if extra:
+        raise ValueError(f"TeacherBatch.targets[{extra[0]!r}] given but the store spec stores no such target (stored: {names})")
+    for t in spec.targets:
+        fname = f"targets[{t.name!r}]"
+        if t.name not in given:
+            raise ValueError(f"TeacherBatch.{fname} is required by the store spec ({t.per}, width {t.width}) but missing")
+        if t.per == "example":
+            arr = np.ascontiguousarray(_check_array(fname, given[t.name], "float32", (B, t.width)))
+            flat = arr.reshape(-1)
+            _check_finite(fname, None, flat, fids, t.width)
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), t.width))
+        else:
+            arr = _check_array(fname, given[t.name], "float32", (B, None, t.width))
+            if B and int(n_pos.max()) > arr.shape[1]:
+                raise ValueError(f"TeacherBatch.n_positions has {int(n_pos.max())} > the padded position axis of {fname} ({arr.shape[1]})")
+            offsets, values = _ragged_values(arr, n_pos, 1)
+            _check_finite(fname, offsets, values, fids)
+            cols.append(_large_list(offsets, values))
 
     h = spec.hidden
-    hidden_fields = ("hidden", "hidden_q", "hidden_scale", "hidden_outlier_idx", "hidden_outlier_val")
     if h is None:
-        given = [f for f in hidden_fields if getattr(batch, f) is not None]
-        if given:
-            raise ValueError(f"TeacherBatch.{given[0]} given but the store spec stores no hidden states")
-        return pa.RecordBatch.from_arrays(list(cols.values()), schema=spec.arrow_schema())
+        given_h = [f for f in _HIDDEN_FIELDS if getattr(batch, f) is not None]
+        if given_h:
+            raise ValueError(f"TeacherBatch.{given_h[0]} given but the store spec stores no hidden states")
+        return pa.RecordBatch.from_arrays(cols, schema=spec.arrow_schema())
 
     L, H = h.num_layers, h.hidden_size
-    if h.pooled and B and (n_tok != 1).any():
-        raise ValueError(f"TeacherBatch.n_tokens must be 1 for pooling {h.pooling!r}, got {n_tok.tolist()}")
-    wanted = ("hidden",) if h.dtype == "float16" else hidden_fields[1:]
-    for f in hidden_fields:
+    wanted = ("hidden",) if h.dtype == "float16" else _HIDDEN_FIELDS[1:]
+    for f in _HIDDEN_FIELDS:
         if f not in wanted and getattr(batch, f) is not None:
             raise ValueError(f"TeacherBatch.{f} given but the store spec's hidden dtype is {h.dtype!r}")
-
+    T = 1 if h.pooled else None  # the token axis: one vector per (feature, layer) when pooled
     if h.dtype == "float16":
-        hid = _pooled_to_4d(batch.hidden, 4) if h.pooled else batch.hidden
-        hid = _check_array("hidden", hid, "float16", (B, L, None, H))
-        _check_tokens(n_tok, hid.shape[2])
-        cols[fmt.COL_HIDDEN] = _ragged(hid, n_tok, 2)
+        hid = _with_unit_axis(batch.hidden, 4) if h.pooled else batch.hidden
+        hid = _check_array("hidden", hid, "float16", (B, L, T, H))
+        lengths = _stored_tokens(h.pooled, n_tok, hid.shape[2])
+        offsets, values = _ragged_values(hid, lengths, 2)
+        _check_finite("hidden", offsets, values, fids)
+        cols.append(_large_list(offsets, values))
     else:
         n_out = h.n_outliers
         q, scale, oval = batch.hidden_q, batch.hidden_scale, batch.hidden_outlier_val
         if h.pooled:
-            q, scale, oval = _pooled_to_4d(q, 4), _pooled_to_4d(scale, 3), _pooled_to_4d(oval, 4)
-        q = _check_array("hidden_q", q, "int8", (B, L, None, H))
+            q, scale, oval = _with_unit_axis(q, 4), _with_unit_axis(scale, 3), _with_unit_axis(oval, 4)
+        q = _check_array("hidden_q", q, "int8", (B, L, T, H))
         T = q.shape[2]
         scale = _check_array("hidden_scale", scale, "float16", (B, L, T))
         oidx = _check_array("hidden_outlier_idx", batch.hidden_outlier_idx, "int16", (B, L, n_out))
         oval = _check_array("hidden_outlier_val", oval, "float16", (B, L, T, n_out))
-        _check_tokens(n_tok, T)
+        lengths = _stored_tokens(h.pooled, n_tok, T)
         if oidx.size and (oidx.min() < 0 or oidx.max() >= H):
             raise ValueError(f"TeacherBatch.hidden_outlier_idx must be in [0, {H})")
-        cols[fmt.COL_Q] = _ragged(q, n_tok, 2)
-        cols[fmt.COL_SCALE] = _ragged(scale, n_tok, 2)
-        cols[fmt.COL_OUT_IDX] = _ragged(oidx[:, :, None], np.ones(B, dtype=np.int32), 2)  # whole [L, n_out]
-        cols[fmt.COL_OUT_VAL] = _ragged(oval, n_tok, 2)
-    return pa.RecordBatch.from_arrays(list(cols.values()), schema=spec.arrow_schema())
+        cols.append(_large_list(*_ragged_values(q, lengths, 2)))
+        offsets, values = _ragged_values(scale, lengths, 2)
+        _check_finite("hidden_scale", offsets, values, fids)
+        cols.append(_large_list(offsets, values))
+        cols.append(_large_list(*_ragged_values(oidx[:, :, None], np.ones(B, dtype=np.int32), 2)))  # whole [L, n_out]
+        offsets, values = _ragged_values(oval, lengths, 2)
+        _check_finite("hidden_outlier_val", offsets, values, fids)
+        cols.append(_large_list(offsets, values))
+    return pa.RecordBatch.from_arrays(cols, schema=spec.arrow_schema())
 
 
-def _check_tokens(n_tok: np.ndarray, T: int) -> None:
+def _stored_tokens(pooled: bool, n_tok: np.ndarray, T: int) -> np.ndarray:
+    """Hidden vectors stored per (feature, layer): 1 when pooled, else n_tokens (checked against the padded axis T)."""
+    if pooled:
+        return np.ones(n_tok.shape, dtype=np.int32)
     if n_tok.size and n_tok.max() > T:
         raise ValueError(f"TeacherBatch.n_tokens has {int(n_tok.max())} > the padded token axis ({T})")
+    return n_tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +328,7 @@ class ShardWriter:
     # -- shards ---------------------------------------------------------------------------------
 
     def open_shard(self, index: int, id_range: tuple[int, int]) -> None:
-        """Start shard ``index`` covering example ids [lo, hi); unpublishes any old copy of it."""
+        """Start shard ``index`` covering feature ids [lo, hi); unpublishes any old copy of it."""
         if self._writer is not None:
             raise RuntimeError(f"shard {self._index} is still open: close or abort it first")
         lo, hi = int(id_range[0]), int(id_range[1])
@@ -269,15 +343,15 @@ class ShardWriter:
         self._writer = pa.ipc.new_file(self._sink, self.schema)
 
     def write(self, batch: TeacherBatch) -> None:
-        """Append one batch (rows in any order, ids inside the shard's range) to the open shard."""
+        """Append one batch (rows in any order, feature ids inside the shard's range) to the open shard."""
         if self._writer is None:
             raise RuntimeError("no shard is open: call open_shard first")
         rb = _record_batch(self.spec, batch)
-        ids = np.asarray(batch.example_ids, dtype=np.int64)
+        ids = np.asarray(batch.feature_ids, dtype=np.int64)
         lo, hi = self._id_range
         if ids.size and (ids.min() < lo or ids.max() >= hi):
             bad = ids[(ids < lo) | (ids >= hi)][0]
-            raise ValueError(f"example id {int(bad)} is outside shard {self._index}'s id_range [{lo}, {hi})")
+            raise ValueError(f"feature id {int(bad)} is outside shard {self._index}'s id_range [{lo}, {hi})")
         if rb.num_rows:
             self._writer.write_batch(rb)
         self._ids.append(ids.copy())
@@ -286,7 +360,7 @@ class ShardWriter:
     def close_shard(self) -> dict:
         """Finish the open shard: fsync, rename to its final name, then publish its meta json.
 
-        Raises ValueError (and drops the shard) unless every id of its range was written once.
+        Raises ValueError (and drops the shard) unless every feature id of its range was written once.
         """
         if self._writer is None:
             raise RuntimeError("no shard is open")
@@ -294,9 +368,9 @@ class ShardWriter:
         ids = np.sort(np.concatenate(self._ids)) if self._ids else np.zeros(0, np.int64)
         if ids.size != hi - lo or (ids.size and not np.array_equal(ids, np.arange(lo, hi))):
             dup = ids[1:][ids[1:] == ids[:-1]]
-            detail = f"duplicate id {int(dup[0])}" if dup.size else f"{ids.size} distinct ids written for {hi - lo}"
+            detail = f"duplicate feature id {int(dup[0])}" if dup.size else f"{ids.size} distinct feature ids written for {hi - lo}"
             self.abort_shard()
-            raise ValueError(f"shard {index} must hold each example id of [{lo}, {hi}) once: {detail}")
+            raise ValueError(f"shard {index} must hold each feature id of [{lo}, {hi}) once: {detail}")
         self._writer.close()
         self._sink.close()
         self._writer = self._sink = None
@@ -343,14 +417,14 @@ class ShardWriter:
         """Write manifest.json last and atomically, marking the cache complete; returns it.
 
         Adds format_version, store, shards and totals (rows, tokens, bytes), overriding any
-        caller values for those keys. ``manifest["num_examples"]`` must be given and the shards'
-        id ranges must tile [0, num_examples) exactly, else ValueError.
+        caller values for those keys. ``manifest["num_features"]`` must be given and the shards'
+        feature id ranges must tile [0, num_features) exactly, else ValueError.
         """
         if self._writer is not None:
             raise RuntimeError(f"shard {self._index} is still open: close it before the manifest")
-        if "num_examples" not in manifest:
-            raise ValueError("manifest needs 'num_examples' to check that the shards cover every example")
-        n = int(manifest["num_examples"])
+        if "num_features" not in manifest:
+            raise ValueError("manifest needs 'num_features' to check that the shards cover every feature")
+        n = int(manifest["num_features"])
         shards = self._published_metas()
         _check_tiling(shards, n)
         out = dict(manifest)
@@ -387,7 +461,7 @@ def _check_tiling(shards: list[dict], n: int) -> None:
         lo, hi = s["id_range"]
         if lo != pos:
             what = "overlap" if lo < pos else "gap"
-            raise ValueError(f"shard id ranges do not tile [0, {n}): {what} at example id {min(lo, pos)} (shard {s['index']} starts at {lo})")
+            raise ValueError(f"shard id ranges do not tile [0, {n}): {what} at feature id {min(lo, pos)} (shard {s['index']} starts at {lo})")
         if s["rows"] != hi - lo:
             raise ValueError(f"shard {s['index']} has {s['rows']} rows for id_range [{lo}, {hi})")
         pos = hi
@@ -452,7 +526,7 @@ class BackgroundWriter:
         self._queue.put((op, arg))
 
     def open_shard(self, index: int, id_range: tuple[int, int]) -> None:
-        """Queue the start of shard ``index`` over ids [lo, hi)."""
+        """Queue the start of shard ``index`` over feature ids [lo, hi)."""
         self._put("open", (index, id_range))
         self._shard_open = True
 

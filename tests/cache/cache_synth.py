@@ -1,7 +1,8 @@
 """Synthetic teacher outputs for the cache tests and a helper that dumps them into a cache.
 
 All data is generated here from fixed seeds (numpy default_rng / torch.Generator); nothing is
-downloaded or mocked.
+downloaded or mocked. Shapes follow format v2: one row per feature, several features may come
+from one example (extractive QA with a document stride), targets per example or per position.
 """
 
 from __future__ import annotations
@@ -12,59 +13,109 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.cache import HiddenSpec, ShardWriter, StoreSpec, TeacherBatch, quantize_int8
+from kdcache.cache import HiddenSpec, ShardWriter, StoreSpec, TargetSpec, TeacherBatch, quantize_int8
+
+PAD_JUNK = 123.0  # written into padding of targets and float16 hidden: a correct writer never stores it
 
 
 @dataclass
 class Truth:
-    """Per-example ground truth written into a cache (float32 for comparisons)."""
+    """Per-feature ground truth written into a cache (float32 for comparisons); feature ids are 0..F-1."""
 
-    logits: np.ndarray | None  # float32 [N, C]
-    hidden: list[np.ndarray] | None  # N x float32 [L, n_i, H] (n_i = 1 when pooled), fp16-representable
-    n_tokens: np.ndarray  # int32 [N]
+    example_ids: np.ndarray  # int64 [F], non-decreasing, repeating when an example has several features
+    n_tokens: np.ndarray  # int32 [F] real input tokens (also when hidden states are pooled)
+    n_positions: np.ndarray  # int32 [F] positions per-position targets cover (zeros when no target is per position)
+    targets: dict[str, np.ndarray | list[np.ndarray]]  # per example: [F, C]; per position: F x [n_positions_i, C]
+    hidden: list[np.ndarray] | None  # F x float32 [L, n_i, H] (n_i = 1 when pooled), float16-representable
+
+    @property
+    def num_features(self) -> int:
+        return len(self.n_tokens)
 
 
-def make_truth(spec: StoreSpec, n: int, seed: int, min_tok: int = 1, max_tok: int = 12) -> Truth:
-    """Generate seeded teacher outputs for ``n`` examples matching ``spec``.
+def make_truth(
+    spec: StoreSpec,
+    n: int,
+    seed: int,
+    min_tok: int = 1,
+    max_tok: int = 12,
+    min_pos: int = 1,
+    max_pos: int = 10,
+    per_example: int = 1,
+) -> Truth:
+    """Generate seeded teacher outputs for ``n`` features matching ``spec``.
 
-    Hidden states are Gaussian with two outlier channels x50 (like real transformers), rounded
-    to float16 so fp16 round trips can be compared exactly.
+    Each example has 1..``per_example`` features. n_positions is drawn independently of n_tokens
+    (as for decoder-side targets). Targets are Gaussian with a per-field offset and scale;
+    hidden states are Gaussian with two outlier channels x50 (like real transformers), rounded
+    to float16 so that float16 round trips compare exactly.
     """
     rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(n, spec.num_logits)).astype(np.float32) if spec.num_logits else None
-    h = spec.hidden
-    if h is None:
-        return Truth(logits, None, np.ones(n, dtype=np.int32))
-    if h.pooled:
-        n_tok = np.ones(n, dtype=np.int32)
+    counts = rng.integers(1, per_example + 1, size=n)  # features per example (over-drawn, cut to n)
+    example_ids = np.repeat(np.arange(n, dtype=np.int64), counts)[:n]
+    n_tok = rng.integers(min_tok, max_tok + 1, size=n).astype(np.int32)
+    if spec.per_position:
+        n_pos = rng.integers(min_pos, max_pos + 1, size=n).astype(np.int32)
     else:
-        n_tok = rng.integers(min_tok, max_tok + 1, size=n).astype(np.int32)
-    hidden = []
-    for i in range(n):
-        x = rng.normal(size=(h.num_layers, int(n_tok[i]), h.hidden_size)).astype(np.float32)
-        x[..., [1, h.hidden_size // 2]] *= 50.0
-        hidden.append(x.astype(np.float16).astype(np.float32))
-    return Truth(logits, hidden, n_tok)
+        n_pos = np.zeros(n, dtype=np.int32)
+    targets: dict[str, np.ndarray | list[np.ndarray]] = {}
+    for k, t in enumerate(spec.targets):
+        if t.per == "example":
+            targets[t.name] = (rng.normal(size=(n, t.width)) * (k + 2) + k).astype(np.float32)
+        else:
+            targets[t.name] = [(rng.normal(size=(int(p), t.width)) * (k + 2) - k).astype(np.float32) for p in n_pos]
+    h = spec.hidden
+    hidden = None
+    if h is not None:
+        hidden = []
+        for i in range(n):
+            x = rng.normal(size=(h.num_layers, 1 if h.pooled else int(n_tok[i]), h.hidden_size)).astype(np.float32)
+            x[..., [1, h.hidden_size // 2]] *= 50.0
+            hidden.append(x.astype(np.float16).astype(np.float32))
+    return Truth(example_ids, n_tok, n_pos, targets, hidden)
 
 
-def make_batch(spec: StoreSpec, truth: Truth, ids: np.ndarray) -> TeacherBatch:
-    """Pad the examples ``ids`` along tokens into one TeacherBatch (quantised if spec says int8)."""
+def make_batch(spec: StoreSpec, truth: Truth, ids, extra_pad: int = 2) -> TeacherBatch:
+    """Pad the features ``ids`` into one TeacherBatch (quantised if the spec says int8).
+
+    Per-position targets and per-token float16 hidden states are padded ``extra_pad`` beyond the
+    longest row with PAD_JUNK. Pooled hidden states are passed as [B, L, H] for float16 and as
+    [B, L, 1, H] for int8, the two shapes the writer accepts.
+    """
     ids = np.asarray(ids, dtype=np.int64)
-    n_tok = truth.n_tokens[ids]
-    batch = TeacherBatch(example_ids=ids, n_tokens=n_tok)
-    if truth.logits is not None:
-        batch.logits = truth.logits[ids]
+    B = len(ids)
+    n_tok, n_pos = truth.n_tokens[ids], truth.n_positions[ids]
+    batch = TeacherBatch(
+        feature_ids=ids,
+        example_ids=truth.example_ids[ids],
+        n_tokens=n_tok,
+        n_positions=n_pos if spec.per_position else None,
+    )
+    for t in spec.targets:
+        if t.per == "example":
+            batch.targets[t.name] = truth.targets[t.name][ids]
+        else:
+            P = (int(n_pos.max()) if B else 0) + extra_pad
+            x = np.full((B, P, t.width), PAD_JUNK, dtype=np.float32)  # [B, P, C]
+            for j, i in enumerate(ids):
+                x[j, : n_pos[j]] = truth.targets[t.name][i]
+            batch.targets[t.name] = x
     h = spec.hidden
     if h is None:
         return batch
-    T = int(n_tok.max()) if len(ids) else 1
-    padded = np.zeros((len(ids), h.num_layers, T, h.hidden_size), dtype=np.float32)  # [B, L, T, H]
+    T = 1 if h.pooled else (int(n_tok.max()) if B else 0) + extra_pad
+    padded = np.zeros((B, h.num_layers, T, h.hidden_size), dtype=np.float32)  # [B, L, T, H]
     for j, i in enumerate(ids):
-        padded[j, :, : n_tok[j]] = truth.hidden[i]
+        padded[j, :, : truth.hidden[i].shape[1]] = truth.hidden[i]
     if h.dtype == "float16":
-        batch.hidden = padded.astype(np.float16)
+        if h.pooled:
+            batch.hidden = padded[:, :, 0].astype(np.float16)  # [B, L, H]
+        else:
+            for j in range(B):
+                padded[j, :, n_tok[j] :] = PAD_JUNK
+            batch.hidden = padded.astype(np.float16)
     else:
-        q, s, oi, ov = quantize_int8(torch.from_numpy(padded), h.n_outliers)
+        q, s, oi, ov = quantize_int8(torch.from_numpy(padded), h.n_outliers)  # padding stays zero for int8
         batch.hidden_q, batch.hidden_scale = q.numpy(), s.numpy()
         batch.hidden_outlier_idx, batch.hidden_outlier_val = oi.numpy(), ov.numpy()
     return batch
@@ -79,9 +130,9 @@ def write_cache(
     seed: int = 0,
     manifest: dict | None = None,
 ) -> dict:
-    """Dump ``truth`` into ``path``: shards of ``shard_size`` ids, rows shuffled within each shard."""
+    """Dump ``truth`` into ``path``: shards of ``shard_size`` feature ids, rows shuffled within each shard."""
     rng = np.random.default_rng(seed)
-    n = len(truth.n_tokens)
+    n = truth.num_features
     w = ShardWriter(path, spec)
     for index, lo in enumerate(range(0, n, shard_size)):
         hi = min(lo + shard_size, n)
@@ -90,15 +141,30 @@ def write_cache(
         for k in range(0, len(ids), batch_size):
             w.write(make_batch(spec, truth, ids[k : k + batch_size]))
         w.close_shard()
-    return w.write_manifest({"num_examples": n, "task": "test", **(manifest or {})})
+    return w.write_manifest({"num_features": n, "task": "test", **(manifest or {})})
+
+
+def _logits(c: int, per: str = "example") -> TargetSpec:
+    return TargetSpec("logits", per, c)
 
 
 SPECS = {
-    "logits": StoreSpec(num_logits=3, hidden=None),
-    "fp16-none": StoreSpec(num_logits=4, hidden=HiddenSpec((0, 2, 5), 16, "float16", "none")),
-    "fp16-cls": StoreSpec(num_logits=None, hidden=HiddenSpec((1, 3), 16, "float16", "cls")),
-    "fp16-mean": StoreSpec(num_logits=2, hidden=HiddenSpec((4,), 16, "float16", "mean")),
-    "int8-none": StoreSpec(num_logits=None, hidden=HiddenSpec((0, 2, 5), 32, "int8", "none", n_outliers=2)),
-    "int8-cls": StoreSpec(num_logits=5, hidden=HiddenSpec((1, 3), 32, "int8", "cls", n_outliers=2)),
-    "int8-mean": StoreSpec(num_logits=None, hidden=HiddenSpec((4,), 32, "int8", "mean", n_outliers=0)),
+    "logits": StoreSpec((_logits(3),), hidden=None),
+    "fp16-none": StoreSpec((_logits(4),), hidden=HiddenSpec((0, 2, 5), 16, "float16", "none")),
+    "fp16-cls": StoreSpec((), hidden=HiddenSpec((1, 3), 16, "float16", "cls")),
+    "fp16-mean": StoreSpec((_logits(2),), hidden=HiddenSpec((4,), 16, "float16", "mean")),
+    "int8-none": StoreSpec((), hidden=HiddenSpec((0, 2, 5), 32, "int8", "none", n_outliers=2)),
+    "int8-cls": StoreSpec((_logits(5),), hidden=HiddenSpec((1, 3), 32, "int8", "cls", n_outliers=2)),
+    "int8-mean": StoreSpec((), hidden=HiddenSpec((4,), 32, "int8", "mean", n_outliers=0)),
+    # token classification: 5 classes per position, no hidden states
+    "tokcls": StoreSpec((_logits(5, "position"),), hidden=None, features={"max_length": 12, "label_all_tokens": False}),
+    # extractive QA: start/end logit per position (width 2), several features per example, per-token int8 hidden
+    "qa": StoreSpec((_logits(2, "position"),), hidden=HiddenSpec((1, 2, 4), 32, "int8", "none", n_outliers=2),
+                    features={"max_length": 12, "doc_stride": 4}),
+    # one per-example and one per-position field side by side, with pooled float16 hidden states
+    "mixed": StoreSpec((TargetSpec("cls_logits", "example", 3), TargetSpec("tok_logits", "position", 4)),
+                       hidden=HiddenSpec((0, 3), 16, "float16", "mean")),
 }
+
+# Features per example each spec's data is generated with (QA-like caches repeat example ids).
+PER_EXAMPLE = {"qa": 3, "mixed": 2, "fp16-none": 2}

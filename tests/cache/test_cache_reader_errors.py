@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from cache_synth import SPECS, make_batch, make_truth
 
-from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter
+from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec, sha256_file
 
 
 def test_missing_path(tmp_path):
@@ -47,9 +49,26 @@ def test_format_version_mismatch(fp16_cache):
     m = json.loads((path / "manifest.json").read_text())
     m["format_version"] = 99
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CacheMismatchError, match="format_version 99 but this kdcache reads format_version 1: re-run dump-teacher") as e:
+    with pytest.raises(CacheMismatchError, match="was written by another kdcache format") as e:
         CacheReader(path)
-    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 99, 1)
+    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 99, 2)
+
+
+def test_v1_cache_gets_a_clear_error(tmp_path):
+    """A cache written by format v1 (its manifest as v1 wrote it): rebuild it, don't misread it."""
+    v1 = {
+        "format_version": 1, "task": "text_classification", "num_examples": 4, "rows": 4, "tokens": 4, "bytes": 0,
+        "store": {"num_logits": 2, "hidden": None},
+        "shards": [{"index": 0, "file": "shard-00000.arrow", "bytes": 0, "sha256": "0" * 64, "rows": 4, "tokens": 4, "id_range": [0, 4]}],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(v1))
+    with pytest.raises(CacheMismatchError) as e:
+        CacheReader(tmp_path)
+    assert str(e.value) == (
+        f"cache {tmp_path} was written by another kdcache format (format_version 1; this kdcache reads "
+        f"format_version 2): re-run `kdcache dump-teacher` to rebuild it (with --force when reusing the same --cache-dir)"
+    )
+    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 1, 2)
 
 
 def test_missing_shard(fp16_cache):
@@ -67,10 +86,64 @@ def test_shard_size_differs(fp16_cache):
         CacheReader(path)
 
 
+def _rewrite_shard(path, index: int, edit) -> None:
+    """Rewrite shard ``index`` with ``edit(table)`` and update the manifest's size and checksum (a tampered cache)."""
+    p = path / f"shard-{index:05d}.arrow"
+    f = pa.ipc.open_file(pa.BufferReader(p.read_bytes()))  # in memory: the file is overwritten below
+    table, schema = f.read_all(), f.schema
+    table = edit(table)
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_table(table)
+    m = json.loads((path / "manifest.json").read_text())
+    m["shards"][index].update(bytes=p.stat().st_size, sha256=sha256_file(p))
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_row_lengths_checked_at_open(qa_cache):
+    """n_positions that disagree with the stored per-position values are caught at open, not misread."""
+    path, _, _ = qa_cache
+
+    def bump(table):
+        i = table.schema.get_field_index("n_positions")
+        n = table.column(i).to_numpy() + np.int32(1)
+        return table.set_column(i, table.schema.field(i), pa.array(n, pa.int32()))
+
+    _rewrite_shard(path, 1, bump)
+    with pytest.raises(CacheError, match="shard 1: column 'logits' has row lengths that do not match n_tokens / n_positions"):
+        CacheReader(path)
+
+
+def test_duplicate_and_stray_ids(fp16_cache):
+    path, _, _ = fp16_cache
+
+    def shift(table):
+        i = table.schema.get_field_index("feature_id")
+        return table.set_column(i, table.schema.field(i), pa.array(table.column(i).to_numpy() - 6))
+
+    _rewrite_shard(path, 1, shift)  # shard 1 now claims shard 0's ids
+    with pytest.raises(CacheError, match=r"shard 1 holds feature ids outside its id_range \[6, 12\)"):
+        CacheReader(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["shards"][1]["id_range"] = [0, 6]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="feature id 0 is stored twice"):
+        CacheReader(path)
+
+
+def test_rows_total_checked(fp16_cache):
+    path, _, _ = fp16_cache
+    m = json.loads((path / "manifest.json").read_text())
+    m["num_features"] = 24
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="manifest says num_features 24 but the shards hold 23 rows"):
+        CacheReader(path)
+
+
 def test_expect(fp16_cache):
     path, _, _ = fp16_cache
     r = CacheReader(path)
-    r.expect(task="test", dataset_hash="abc123", max_length=12, num_examples=23, layers=(0, 5), num_logits=4)
+    r.expect(task="test", dataset_hash="abc123", max_length=12, num_features=23, layers=(0, 5), target=("logits", "example", 4),
+             features={})
     with pytest.raises(CacheMismatchError) as e:
         r.expect(task="test", dataset_hash="def456")
     assert (e.value.field, e.value.cache_value, e.value.expected) == ("dataset_hash", "abc123", "def456")
@@ -81,9 +154,29 @@ def test_expect(fp16_cache):
     with pytest.raises(CacheMismatchError, match=r"layer 3 is not stored in the cache \(stored layers: \[0, 2, 5\]\)") as e:
         r.expect(layers=[0, 3])
     assert e.value.field == "layers"
-    with pytest.raises(CacheMismatchError, match="stores 4 logits per example but this run expects 5") as e:
-        r.expect(num_logits=5)
-    assert e.value.field == "num_logits"
     with pytest.raises(CacheMismatchError, match="cache field 'tokenizer_hash' is missing") as e:
         r.expect(tokenizer_hash="t")
     assert e.value.field == "tokenizer_hash" and e.value.cache_value is None
+
+
+def test_expect_target_and_features(qa_cache):
+    path, spec, _ = qa_cache
+    r = CacheReader(path)
+    r.expect(target=("logits", "position", 2), features={"doc_stride": 4, "max_length": 12})
+    r.expect(target=TargetSpec("logits", "position", 2))
+    r.expect(target=[("logits", "position", 2)])
+    with pytest.raises(CacheMismatchError, match="cache stores 2 values per position in target 'logits' but this run expects 5") as e:
+        r.expect(target=("logits", "position", 5))
+    assert (e.value.field, e.value.cache_value, e.value.expected) == ("target", ("logits", "position", 2), ("logits", "position", 5))
+    with pytest.raises(CacheMismatchError, match="cache stores target 'logits' per position but this run expects it per example"):
+        r.expect(target=("logits", "example", 2))
+    with pytest.raises(CacheMismatchError, match=r"cache stores no target 'start_logits' \(stored: logits per position x 2\)") as e:
+        r.expect(target=[("logits", "position", 2), ("start_logits", "position", 1)])
+    assert e.value.field == "target"
+    with pytest.raises(CacheMismatchError, match=r"cache features differ from this run's at 'doc_stride' \(cache 4, this run 8\)") as e:
+        r.expect(features={"doc_stride": 8, "max_length": 12})
+    assert e.value.field == "features" and e.value.cache_value == spec.features
+    with pytest.raises(CacheMismatchError, match="at 'label_all_tokens' \\(cache None, this run True\\)"):
+        r.expect(features={"doc_stride": 4, "max_length": 12, "label_all_tokens": True})
+    with pytest.raises(ValueError, match="expect\\(target=...\\) takes"):
+        r.expect(target=[("logits", "position")])
