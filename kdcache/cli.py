@@ -84,8 +84,9 @@ def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[s
     result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples)
     m = result.manifest
     state = "cache hit (complete, nothing to do)" if result.hit else f"dumped in {result.seconds:.1f}s"
-    click.echo(f"{result.cache_dir}: {state}; {m['rows']} examples, {m.get('input_tokens', m['tokens'])} tokens, "
-               f"{m['bytes'] / 2**20:.2f} MiB")
+    features = f" ({m['num_features']} features)" if m.get("num_features", m["rows"]) != m.get("num_examples") else ""
+    click.echo(f"{result.cache_dir}: {state}; {m.get('num_examples', m['rows'])} examples{features}, "
+               f"{m.get('input_tokens', m['tokens'])} tokens, {m['bytes'] / 2**20:.2f} MiB")
 
 
 @main.command("train-student")

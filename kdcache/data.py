@@ -1,7 +1,10 @@
-"""Loading a run's data and giving every row a stable example id.
+"""Loading a run's data, giving every row a stable example id and every feature a dense feature id.
 
 A row's id is its position in the split as loaded (after `max_*_samples`); the content hash of
-the input columns goes into the cache fingerprint, so a cache can never be joined to other rows."""
+the input columns goes into the cache fingerprint, so a cache can never be joined to other rows.
+A feature is what the model sees in one forward pass (one per example, or several windows of a
+long QA context); its id is its position in the task's deterministic tokenization of the split,
+so teacher and student number the same features the same way."""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ import numpy as np
 from datasets import Dataset, load_dataset
 
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import DataError
+from kdcache.tasks.base import EXAMPLE_ID, DataError
 
-EXAMPLE_ID = "kd_example_id"
+FEATURE_ID = "kd_feature_id"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -59,13 +62,23 @@ def require_train(dataset: Optional[Dataset], config: FineTuneConfig) -> Dataset
 
 
 def with_example_ids(dataset: Dataset) -> Dataset:
-    """Add the `kd_example_id` column (0..N-1 in the split's order) unless present."""
+    """Add the `kd_example_id` column (0..N-1 in the split's order) unless present; rows come back
+    sorted by it, so that features are numbered in example-id order."""
     if EXAMPLE_ID in dataset.column_names:
         ids = np.asarray(dataset[EXAMPLE_ID])
         if not np.array_equal(np.sort(ids), np.arange(len(dataset))):
             raise DataError(f"column {EXAMPLE_ID!r} must hold each of 0..{len(dataset) - 1} exactly once")
-        return dataset
+        order = np.argsort(ids, kind="stable")
+        return dataset if np.array_equal(order, np.arange(len(dataset))) else dataset.select(order)
     return dataset.add_column(EXAMPLE_ID, list(range(len(dataset))))
+
+
+def make_features(task, dataset: Dataset, tokenizer, config: FineTuneConfig, labels, split: str) -> Dataset:
+    """The task's features of a split (with example ids), numbered by a dense `kd_feature_id` column."""
+    features = task.tokenize(dataset, tokenizer, config, labels, split)
+    if len(features) == 0:
+        raise DataError(f"the {split} data gives no features: check its input columns")
+    return features.add_column(FEATURE_ID, list(range(len(features))))
 
 
 def dataset_hash(dataset: Dataset, columns: list[str]) -> str:

@@ -41,8 +41,9 @@ from kdcache.config import FineTuneConfig
 from kdcache.distributed import barrier, local_device, rank_and_world
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
-from kdcache.recommend import default_layers, default_teacher
+from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
+from kdcache.tasks.base import MODEL_INPUT_KEYS
 from kdcache.teacher import resolve_layers, select_hidden
 from kdcache.tokenizers import tokenizer_hash
 
@@ -62,17 +63,6 @@ class DumpResult:
     seconds: float = 0.0
 
 
-def teacher_name_for(config: FineTuneConfig) -> str:
-    return config.teacher_model_name or default_teacher(config.task_type)
-
-
-def requested_layers(config: FineTuneConfig) -> Optional[list[int]]:
-    """The teacher layers the run distils (the guide's default for the task when unset)."""
-    if not config.distill_hidden_states:
-        return None
-    return list(config.teacher_layers_to_distill or default_layers(config.task_type))
-
-
 def pick_device(device: Optional[str] = None) -> torch.device:
     return torch.device(device) if device else local_device()
 
@@ -85,8 +75,8 @@ def autocast_for(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype), str(dtype).replace("torch.", "")
 
 
-def store_spec_for(config: FineTuneConfig, model_config, num_labels: int) -> StoreSpec:
-    """What the cache will store, from the run's config and the teacher's architecture."""
+def store_spec_for(config: FineTuneConfig, task, model_config, labels) -> StoreSpec:
+    """What the cache will store, from the run's config, the task and the teacher's architecture."""
     hidden = None
     layers = requested_layers(config)
     if layers is not None:
@@ -97,8 +87,8 @@ def store_spec_for(config: FineTuneConfig, model_config, num_labels: int) -> Sto
             pooling=config.hidden_pooling,
             n_outliers=config.hidden_outliers if config.hidden_dtype == "int8" else 0,
         )
-    # Classification logits are tiny and always stored in full: a sweep may turn distill_logits on later.
-    return StoreSpec(num_logits=num_labels, hidden=hidden)
+    # Small heads' logits are always stored in full: a sweep may turn distill_logits on later.
+    return StoreSpec(targets=tuple(task.target_specs(labels)), hidden=hidden, features=task.feature_params(config))
 
 
 def _bytes_per_token(spec: StoreSpec) -> float:
@@ -109,13 +99,14 @@ def _bytes_per_token(spec: StoreSpec) -> float:
     return float(per * h.num_layers)
 
 
-def plan_shards(num_examples: int, mean_tokens: float, spec: StoreSpec, shard_examples: Optional[int]) -> int:
-    """Examples per shard: about TARGET_SHARD_BYTES each, unless given."""
+def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[int]) -> int:
+    """Features per shard: about TARGET_SHARD_BYTES each, unless given."""
     if shard_examples:
         return int(shard_examples)
     tokens = 1.0 if spec.hidden is None or spec.hidden.pooled else mean_tokens
-    per_example = 16 + 4 * (spec.num_logits or 0) + tokens * _bytes_per_token(spec)
-    return int(min(max(TARGET_SHARD_BYTES // max(per_example, 1.0), 256), 1 << 20))
+    targets = sum(4 * t.width * (mean_tokens if t.per == "position" else 1.0) for t in spec.targets)
+    per_feature = 24 + targets + tokens * _bytes_per_token(spec)
+    return int(min(max(TARGET_SHARD_BYTES // max(per_feature, 1.0), 256), 1 << 20))
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -139,7 +130,9 @@ def _clear_cache_dir(path: Path) -> None:
 
 
 def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
-    """'hit', 'resume' or 'fresh' for a cache directory; refuses foreign or mismatching content."""
+    """'hit', 'resume', 'fresh' or 'redo' (clear first) for a cache directory; changes nothing on
+    disk, so that a run which fails later (bad data, bad teacher) leaves the directory as it was.
+    Refuses foreign or mismatching content."""
     if not path.exists():
         return "fresh"
     if not path.is_dir():
@@ -151,15 +144,14 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
             f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory"
         )
+    if force:
+        return "redo" if names else "fresh"
     for marker in (MANIFEST_NAME, PROGRESS_NAME):
         if marker in names:
             try:
                 existing = json.loads((path / marker).read_text())
             except (OSError, ValueError):
                 existing = {}
-            if force:
-                _clear_cache_dir(path)
-                return "fresh"
             if existing.get("fingerprint") == fp:
                 return "hit" if marker == MANIFEST_NAME else "resume"
             field, old, new = _first_difference(existing.get("fingerprint_inputs", {}), inputs)
@@ -169,10 +161,9 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
                 f"field {field!r} is {_short(old)} there but {_short(new)} for this run; pass --force to redo it, "
                 f"or a different --cache-dir",
             )
-    if names and not force:
+    if names:
         # shard files without a progress marker: a dump from before the marker, cannot be trusted
         raise CacheError(f"--cache-dir {path} holds shard files but no {PROGRESS_NAME}; pass --force to redo it")
-    _clear_cache_dir(path)
     return "fresh"
 
 
@@ -212,8 +203,10 @@ def dump_teacher(
     shard_examples: Optional[int] = None,
     progress: bool = True,
 ) -> DumpResult:
-    """Run the teacher over the training split and write (or find) its cache."""
+    """Run the teacher over the training split's features and write (or find) its cache."""
     start = time.perf_counter()
+    if shard_examples is not None and shard_examples <= 0:
+        raise CacheError(f"--shard-examples must be a positive number of features per shard, got {shard_examples}")
     task = get_task(config.task_type)
     teacher_name = teacher_name_for(config)
     teacher_path = resolve_model_path(teacher_name)
@@ -229,16 +222,17 @@ def dump_teacher(
         model_config = AutoConfig.from_pretrained(teacher_path)
     except OSError as exc:
         raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its config ({exc})") from None
-    teacher_labels = getattr(model_config, "num_labels", None)
-    if teacher_labels != labels.num_labels:
-        raise ModelError(
-            f"the teacher {teacher_name!r} has {teacher_labels} labels but the training data has {labels.num_labels}: "
-            "fine-tune the teacher on this label set first (kdcache train with use_distillation: false)"
-        )
-    spec = store_spec_for(config, model_config, labels.num_labels)
+    problem = task.check_teacher_config(model_config, labels, teacher_name)
+    if problem:
+        raise ModelError(problem)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the teacher's {positions} positions: "
+                         f"set max_length to {positions} or less")
+    spec = store_spec_for(config, task, model_config, labels)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     tokenizer.padding_side = "right"  # rows are stored as their first n_tokens positions
-    lookup = lookup_inputs(config, teacher_name, ds_hash, len(raw), requested_layers(config))
+    lookup = lookup_inputs(config, task, teacher_name, ds_hash, len(raw), requested_layers(config))
     inputs = fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer))
     fp = fingerprint(inputs)
     path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
@@ -256,37 +250,39 @@ def dump_teacher(
 
     dev = pick_device(device)
     # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
-    # it is loaded before anything is written, so a bad teacher leaves no trace on disk.
+    # both finish before anything is written, so bad data or a bad teacher leaves no trace on disk.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
         loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
-        tokenized = task.tokenize(raw, tokenizer, config, labels, keep_ids=True)
+        features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
         model = loading.result()
-    lengths = np.asarray(tokenized["length"])
-    ids = np.asarray(tokenized[kdata.EXAMPLE_ID])
-    order_by_id = np.argsort(ids)  # row position of each example id
+    lengths = np.asarray(features["length"])  # [F] tokens per feature
+    example_ids = np.asarray(features[kdata.EXAMPLE_ID])  # [F]
+    num_features = len(features)
 
     # Rank 0 prepares the directory (progress marker, clean-up, shard verification) before any
     # rank writes; then each rank takes every world-th missing shard.
     if rank == 0:
+        if state == "redo":
+            _clear_cache_dir(path)
         path.mkdir(parents=True, exist_ok=True)
-        if state == "fresh":
+        if state in ("fresh", "redo"):
             _write_json_atomic(path / PROGRESS_NAME, {
-                "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw),
-                "shard_examples": plan_shards(len(raw), float(lengths.mean()), spec, shard_examples),
+                "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
+                "shard_examples": plan_shards(float(lengths.mean()), spec, shard_examples),
             })
         ShardWriter(path, spec).done_shards()  # deletes temp files and invalid shards
     barrier(world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
     shard_writer = ShardWriter(path, spec, clean=False)
     done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
-    ranges = [(lo, min(lo + per_shard, len(raw))) for lo in range(0, len(raw), per_shard)]
+    ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
 
     amp, compute_dtype = autocast_for(dev)
     batch_size = config.teacher_batch_size or 2 * config.batch_size
     mine = [i for i in range(len(ranges)) if i % world == rank]
-    done_examples = sum(ranges[i][1] - ranges[i][0] for i in mine if i in done)
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_examples, unit="ex",
+    done_features = sum(ranges[i][1] - ranges[i][0] for i in mine if i in done)
+    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_features, unit="ft",
                desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
                disable=not progress or rank != 0)
     tokens_seen, t0 = 0, time.perf_counter()
@@ -294,16 +290,16 @@ def dump_teacher(
         for index in todo:
             lo, hi = ranges[index]
             writer.open_shard(index, (lo, hi))
-            shard_rows = order_by_id[lo:hi]
-            shard_rows = shard_rows[np.argsort(-lengths[shard_rows], kind="stable")]  # longest first
-            for b in range(0, len(shard_rows), batch_size):
-                rows = shard_rows[b:b + batch_size]
-                batch = _collate(tokenized, rows, tokenizer, dev)
+            rows = np.arange(lo, hi)
+            rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
+            for b in range(0, len(rows), batch_size):
+                batch_rows = rows[b:b + batch_size]
+                batch = _collate(features, batch_rows, tokenizer, dev)
                 with torch.inference_mode(), amp:
                     outputs = model(**batch, output_hidden_states=spec.hidden is not None)
-                writer.write(_reduce(task, outputs, batch["attention_mask"], ids[rows], spec))
-                tokens_seen += int(lengths[rows].sum())
-                bar.update(len(rows))
+                writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec))
+                tokens_seen += int(lengths[batch_rows].sum())
+                bar.update(len(batch_rows))
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
             writer.close_shard()
@@ -315,22 +311,21 @@ def dump_teacher(
         "fingerprint_inputs": inputs,
         "lookup_inputs": lookup,
         "num_examples": len(raw),
+        "num_features": num_features,
         "input_tokens": int(lengths.sum()),
         "task": config.task_type,
         "dataset_hash": ds_hash,
         "split": config.train_split if config.train_file is None and train_dataset is None else "train",
         "data_source": config.train_file or config.dataset_name or "in-memory dataset",
-        "max_length": config.max_length,
-        "stride": None,
+        "features": task.feature_params(config),
         "teacher": {
             "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
             "model_type": model_config.model_type, "num_hidden_layers": model_config.num_hidden_layers,
             "hidden_size": model_config.hidden_size, "compute_dtype": compute_dtype,
         },
         "tokenizer_hash": inputs["tokenizer_hash"],
-        "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
+        "tokenizer": {"class": type(tokenizer).__name__, "name": teacher_name, "vocab_size": len(tokenizer)},
         "labels": labels.to_dict(),
-        "logit_mode": "full",
         "shard_examples": per_shard,
         "config": config.to_dict(),
         "created_unix": time.time(),
@@ -344,33 +339,40 @@ def dump_teacher(
     return DumpResult(path, False, manifest, time.perf_counter() - start)
 
 
-def _collate(tokenized, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad one length-sorted batch of tokenized rows and move it to the device."""
-    columns = tokenized[rows.tolist()]  # {column: one value per row}
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in columns]
+def _collate(features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad one length-sorted batch of features' model inputs and move it to the device."""
+    columns = features[rows.tolist()]  # {column: one value per row}
+    keys = [k for k in MODEL_INPUT_KEYS if k in columns]
     padded = tokenizer.pad({k: columns[k] for k in keys}, return_tensors="pt")  # [B, S] each
     return {k: v.to(device) for k, v in padded.items()}
 
 
-def _reduce(task, outputs, attention_mask: torch.Tensor, example_ids: np.ndarray, spec: StoreSpec) -> TeacherBatch:
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """float32 numpy copy of a device tensor (cast on the host: no float32 copy on the device)."""
+    return t.detach().to("cpu").float().numpy()
+
+
+def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
+            spec: StoreSpec) -> TeacherBatch:
     """Reduce the teacher's outputs on the device and copy only what is stored to the host."""
-    logits = task.teacher_logits(outputs).float()  # [B, C]
-    batch = TeacherBatch(
+    attention_mask = batch["attention_mask"]  # [B, S]
+    fields = task.output_targets(outputs)  # name -> [B, C] or [B, S, C]
+    out = TeacherBatch(
+        feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
         n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
-        logits=logits.cpu().numpy() if spec.num_logits is not None else None,
+        n_positions=task.position_mask(batch).sum(dim=1).to(torch.int32).cpu().numpy() if spec.per_position else None,
+        targets={t.name: _to_host(fields[t.name]) for t in spec.targets},
     )
     h_spec = spec.hidden
     if h_spec is not None:
         hidden = select_hidden(outputs.hidden_states, h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
-        if h_spec.pooled:
-            batch.n_tokens = np.ones(len(example_ids), dtype=np.int32)
         if h_spec.dtype == "float16":
-            batch.hidden = hidden.to(torch.float16).cpu().numpy()
+            out.hidden = hidden.to(torch.float16).cpu().numpy()
         else:
             q, scale, idx, val = quantize_int8(hidden.float(), h_spec.n_outliers)
-            batch.hidden_q = q.cpu().numpy()
-            batch.hidden_scale = scale.cpu().numpy()
-            batch.hidden_outlier_idx = idx.cpu().numpy()
-            batch.hidden_outlier_val = val.cpu().numpy()
-    return batch
+            out.hidden_q = q.cpu().numpy()
+            out.hidden_scale = scale.cpu().numpy()
+            out.hidden_outlier_idx = idx.cpu().numpy()
+            out.hidden_outlier_val = val.cpu().numpy()
+    return out

@@ -1,19 +1,22 @@
-"""Measuring a trained model the way the guide's evaluation criteria ask: its metric, parameter
-count, size on disk and inference speed (used by `kdcache compare` and the demo)."""
+"""Measuring a trained model the way the guide's evaluation criteria ask: its metric (after the
+task's post-processing from features back to examples), parameter count, size on disk and
+inference speed. Used after training, by `kdcache compare` and by the bench."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from kdcache import data as kdata
 from kdcache.config import FineTuneConfig
 from kdcache.models import count_parameters, resolve_model_path
 from kdcache.tasks import get_task
+from kdcache.tasks.base import MODEL_INPUT_KEYS
 
 
 def weights_bytes(path: str) -> int:
@@ -23,28 +26,56 @@ def weights_bytes(path: str) -> int:
 
 
 @torch.inference_mode()
+def predict_features(model, tokenizer, task, features, batch_size: int = 32,
+                     device: Optional[torch.device] = None) -> tuple[dict[str, list[np.ndarray]], float]:
+    """Run ``model`` over every feature: (target fields per feature, cut to its real length, and the
+    seconds spent in the forward passes after the first batch, which warms up kernels).
+
+    ``outputs[name][i]`` is feature i's [C] (per example) or [n_i, C] (per position)."""
+    device = device or next(model.parameters()).device
+    keys = [k for k in MODEL_INPUT_KEYS if k in features.column_names]
+    outputs: dict[str, list[np.ndarray]] = {}
+    seconds = 0.0
+    for start in range(0, len(features), batch_size):
+        rows = features[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in tokenizer.pad({k: rows[k] for k in keys}, return_tensors="pt").items()}
+        t0 = time.perf_counter()
+        fields = task.output_targets(model(**batch))  # name -> [B, C] or [B, S, C]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if start > 0:
+            seconds += time.perf_counter() - t0
+        lengths = task.position_mask(batch).sum(1).tolist()  # [B] positions per feature
+        for name, value in fields.items():
+            value = value.float().cpu().numpy()
+            per = outputs.setdefault(name, [])
+            if value.ndim == 2:
+                per.extend(value)
+            else:
+                per.extend(value[i, :n] for i, n in enumerate(lengths))
+    return outputs, seconds
+
+
+def score(model, tokenizer, task, features, examples, labels, config: FineTuneConfig,
+          batch_size: int = 32) -> tuple[dict[str, float], float]:
+    """The task's metrics of ``model`` on eval features (post-processed back to examples), and the
+    forward seconds after warm-up."""
+    outputs, seconds = predict_features(model, tokenizer, task, features, batch_size)
+    predictions = task.predictions(features, outputs, examples, labels, config)
+    return task.compute_metrics(predictions, examples, labels, config), seconds
+
+
 def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels, batch_size: int = 32) -> dict[str, Any]:
     """Metric, size and inference throughput (examples/s, after one warm-up batch) on eval_dataset."""
     task = get_task(config.task_type)
     path = resolve_model_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
     model = task.model_class.from_pretrained(path).eval()
-    tok = task.tokenize(eval_dataset, tokenizer, config, labels, keep_ids=False, split="eval")
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in tok.column_names]
-    logits_all, seconds = [], 0.0
-    for start in range(0, len(tok), batch_size):
-        rows = tok[start:start + batch_size]
-        batch = tokenizer.pad({k: rows[k] for k in keys}, return_tensors="pt")
-        t0 = time.perf_counter()
-        logits = model(**batch).logits
-        if start > 0:  # the first batch warms up kernels and allocators
-            seconds += time.perf_counter() - t0
-        logits_all.append(logits.float().numpy())
-    preds = np.concatenate(logits_all)
-    from transformers import EvalPrediction
-
-    metrics = task.compute_metrics(EvalPrediction(predictions=preds, label_ids=np.asarray(tok["labels"])))
-    timed = max(len(tok) - min(batch_size, len(tok)), 1)
+    examples = kdata.with_example_ids(eval_dataset)
+    features = kdata.make_features(task, examples, tokenizer, config, labels, "eval")
+    metrics, seconds = score(model, tokenizer, task, features, examples, labels, config, batch_size)
+    timed = max(len(features) - min(batch_size, len(features)), 1)
     return {
         "metrics": metrics,
         "num_parameters": count_parameters(model),

@@ -15,9 +15,10 @@ from kdcache.config import FineTuneConfig, kdcache_home
 
 
 def lookup_inputs(
-    config: FineTuneConfig, teacher_name: str, dataset_hash: str, num_examples: int, requested_layers: Optional[list[int]],
+    config: FineTuneConfig, task, teacher_name: str, dataset_hash: str, num_examples: int, requested_layers: Optional[list[int]],
 ) -> dict[str, Any]:
-    """Everything a run names that determines the cache's contents (from the config alone)."""
+    """Everything a run names that determines the cache's contents (from the config alone): the
+    task's feature parameters (max_length, doc_stride, label alignment) included."""
     hidden = None
     if requested_layers is not None:
         hidden = {
@@ -30,8 +31,8 @@ def lookup_inputs(
         "teacher": teacher_name,
         "dataset_hash": dataset_hash,
         "num_examples": num_examples,
-        "input_columns": [config.text_column] + ([config.text_pair_column] if config.text_pair_column else []),
-        "max_length": config.max_length,
+        "input_columns": task.input_columns(config),
+        "features": task.feature_params(config),
         "hidden": hidden,
     }
 
@@ -49,8 +50,9 @@ def default_cache_dir(lookup: dict[str, Any]) -> Path:
     return kdcache_home() / f"{lookup['task']}-{lookup_key(lookup)}"
 
 
-def find_compatible(task: str, teacher: str, dataset_hash: str, max_length: int) -> list[Path]:
-    """Complete caches under $KDCACHE_HOME dumped for this task, teacher, data and length."""
+def find_compatible(task: str, teacher: str, dataset_hash: str, features: dict[str, Any]) -> list[Path]:
+    """Complete caches under $KDCACHE_HOME dumped for this task, teacher, data and feature parameters
+    (their stored layers or dtypes may differ: the reader checks those)."""
     found = []
     root = kdcache_home()
     if not root.is_dir():
@@ -60,6 +62,6 @@ def find_compatible(task: str, teacher: str, dataset_hash: str, max_length: int)
             lookup = json.loads(manifest_path.read_text()).get("lookup_inputs", {})
         except (OSError, ValueError):
             continue
-        if (lookup.get("teacher"), lookup.get("dataset_hash"), lookup.get("max_length")) == (teacher, dataset_hash, max_length):
+        if (lookup.get("teacher"), lookup.get("dataset_hash"), lookup.get("features")) == (teacher, dataset_hash, features):
             found.append(manifest_path.parent)
     return found

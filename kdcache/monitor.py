@@ -1,5 +1,8 @@
 """`DistillationMonitor` (the guide's monitoring API): records the loss components and how often
-the student agrees with the teacher, writes them as JSON Lines and plots them with matplotlib."""
+the student agrees with the teacher, writes them as JSON Lines and plots them with matplotlib.
+
+Light on imports (numpy; matplotlib when plotting) so that `import kdcache` stays cheap; the
+Trainer callback that feeds it lives in `kdcache.distill.callbacks`."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from transformers import TrainerCallback
 
 
 class DistillationMonitor:
@@ -93,8 +95,9 @@ class DistillationMonitor:
             matrix = np.zeros((n, n), dtype=int)
             np.add.at(matrix, (t, s), 1)
             right.imshow(matrix, cmap="Blues")
-            for (i, j), v in np.ndenumerate(matrix):
-                right.text(j, i, str(v), ha="center", va="center")
+            if n <= 20:  # counts are readable for class-sized matrices, not for positions (QA)
+                for (i, j), v in np.ndenumerate(matrix):
+                    right.text(j, i, str(v), ha="center", va="center")
             right.set_xlabel("student prediction")
             right.set_ylabel("teacher prediction")
         right.set_title("last logged batch")
@@ -102,25 +105,3 @@ class DistillationMonitor:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
-
-
-class MonitorCallback(TrainerCallback):
-    """Feeds the Trainer's logs (with kdcache's loss components) into a DistillationMonitor."""
-
-    def __init__(self, monitor: DistillationMonitor):
-        self.monitor = monitor
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        trainer = self.monitor.trainer
-        preds = getattr(trainer, "last_predictions", None) if trainer is not None else None
-        self.monitor.log_metrics(
-            state.global_step,
-            student_loss=logs.get("loss_ce"),
-            distill_loss=logs.get("loss_kd"),
-            teacher_predictions=preds[0] if preds else None,
-            student_predictions=preds[1] if preds else None,
-            loss=logs.get("loss"),
-            hidden_loss=logs.get("loss_hidden"),
-        )

@@ -125,3 +125,15 @@ def format_recommendations(task_type: str | None = None) -> str:
         lines.append(f"  layers: {family['layers']} ({family['strategy']})")
     lines.append("size ratios: " + ", ".join(f"{k} {v['ratio']} ({v['example']})" for k, v in MODEL_SIZE_RATIOS.items()))
     return "\n".join(lines)
+
+
+def teacher_name_for(config) -> str:
+    """The run's teacher: teacher_model_name, else the guide's default for the task."""
+    return config.teacher_model_name or default_teacher(config.task_type)
+
+
+def requested_layers(config) -> list[int] | None:
+    """The teacher layers the run distils (the guide's default for the task when unset), or None."""
+    if not config.distill_hidden_states:
+        return None
+    return list(config.teacher_layers_to_distill or default_layers(config.task_type))

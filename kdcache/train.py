@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
@@ -18,14 +19,15 @@ from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.format import MANIFEST_NAME
 from kdcache.config import FineTuneConfig
+from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
 from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
-from kdcache.dump import requested_layers, teacher_name_for
+from kdcache.evaluate import score
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.models import ModelError, count_parameters, keep_layers, resolve_model_path
-from kdcache.monitor import DistillationMonitor, MonitorCallback
-from kdcache.recommend import default_temperature
+from kdcache.monitor import DistillationMonitor
+from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.teacher import resolve_layers
 from kdcache.tokenizers import tokenizer_hash
@@ -50,15 +52,15 @@ class TrainResult:
     cache_reads: dict[str, int] = field(default_factory=dict)  # batches prefetched vs read synchronously
 
 
-def locate_cache(config: FineTuneConfig, cache_dir: Optional[str], teacher_name: str, ds_hash: str, num_examples: int) -> Path:
+def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher_name: str, ds_hash: str, num_examples: int) -> Path:
     """The run's cache: --cache-dir, else the default path for its inputs, else a compatible one."""
     explicit = cache_dir or config.cache_dir
     if explicit:
         return Path(explicit)
-    path = default_cache_dir(lookup_inputs(config, teacher_name, ds_hash, num_examples, requested_layers(config)))
+    path = default_cache_dir(lookup_inputs(config, task, teacher_name, ds_hash, num_examples, requested_layers(config)))
     if (path / MANIFEST_NAME).exists():
         return path
-    for candidate in find_compatible(config.task_type, teacher_name, ds_hash, config.max_length):
+    for candidate in find_compatible(config.task_type, teacher_name, ds_hash, task.feature_params(config)):
         return candidate
     raise CacheError(
         f"no teacher cache for these inputs (looked for {path}): run `kdcache dump-teacher` with the same "
@@ -66,20 +68,22 @@ def locate_cache(config: FineTuneConfig, cache_dir: Optional[str], teacher_name:
     )
 
 
-def open_cache_for(config: FineTuneConfig, path: Path, ds_hash: str, num_examples: int, num_labels: int,
-                   student_tok_hash: str) -> tuple[CacheReader, Optional[tuple[int, ...]]]:
-    """Open and validate the cache for this run; returns the reader and the resolved teacher layers."""
+def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_examples: int, features, labels,
+                   student_tokenizer) -> tuple[CacheReader, Optional[tuple[int, ...]]]:
+    """Open and validate the cache for this run's features; returns the reader and the resolved teacher layers."""
     reader = CacheReader(path)
-    reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples, max_length=config.max_length)
+    reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
+                  features=task.feature_params(config))
     if config.distill_logits:
-        if reader.spec.num_logits is None:
-            raise CacheMismatchError("num_logits", None, num_labels, f"{path} stores no logits; re-run dump-teacher")
-        if reader.spec.num_logits != num_labels:
-            raise CacheMismatchError(
-                "num_logits", reader.spec.num_logits, num_labels,
-                f"the teacher has {reader.spec.num_logits} labels but the student is trained on {num_labels}: "
-                "teacher and student must share the label set",
-            )
+        for target in task.target_specs(labels):
+            stored = reader.spec.target(target.name)
+            if stored is None or (stored.per, stored.width) != (target.per, target.width):
+                what = "nothing" if stored is None else f"{stored.width} values per {stored.per}"
+                raise CacheMismatchError(
+                    f"targets.{target.name}", None if stored is None else stored.to_dict(), target.to_dict(),
+                    f"{path} stores {what} for {target.name!r} but this run needs {target.width} values per {target.per}: "
+                    "teacher and student must share the label set; re-run dump-teacher with this data",
+                )
     layers = None
     wanted = requested_layers(config)
     if wanted is not None:
@@ -88,9 +92,48 @@ def open_cache_for(config: FineTuneConfig, path: Path, ds_hash: str, num_example
                                      "re-run dump-teacher with distill_hidden_states on")
         layers = resolve_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
         reader.expect(layers=layers)
-        if reader.spec.hidden.pooling == "none":
-            reader.expect(tokenizer_hash=student_tok_hash)
+    token_level = (config.distill_logits and reader.spec.per_position) or (layers is not None and reader.spec.per_token_hidden)
+    if token_level:
+        _expect_same_tokenizer(reader, student_tokenizer, config)
+    _expect_same_features(reader, features, token_level)
     return reader, layers
+
+
+def _expect_same_tokenizer(reader: CacheReader, tokenizer, config: FineTuneConfig) -> None:
+    """Token-level targets line up with the student's positions only if it tokenizes like the teacher."""
+    student_hash = tokenizer_hash(tokenizer)
+    if reader.manifest.get("tokenizer_hash") != student_hash:
+        teacher_tok = reader.manifest.get("tokenizer", {})
+        raise CacheMismatchError(
+            "tokenizer_hash", reader.manifest.get("tokenizer_hash"), student_hash,
+            f"token-level targets need the student to share the teacher's tokenizer: the cache was dumped with "
+            f"{teacher_tok.get('class')} of {teacher_tok.get('name', reader.manifest['teacher']['name'])!r} "
+            f"({teacher_tok.get('vocab_size')} tokens) but the student {config.model_name!r} has {type(tokenizer).__name__} "
+            f"({len(tokenizer)} tokens); use a student with the teacher's tokenizer",
+        )
+
+
+def _expect_same_features(reader: CacheReader, features, token_level: bool) -> None:
+    """Every feature of this run is cached for the same example (and, token-level, the same length)."""
+    ids = np.asarray(features[kdata.FEATURE_ID])
+    if len(reader) != len(ids):
+        raise CacheMismatchError("num_features", len(reader), len(ids),
+                                 f"{reader.path} holds {len(reader)} features but this run cuts its data into {len(ids)}: "
+                                 "the features differ (tokenizer, max_length or doc_stride); re-run dump-teacher")
+    cached = reader.example_ids(ids)
+    mine = np.asarray(features[kdata.EXAMPLE_ID])
+    if not np.array_equal(cached, mine):
+        bad = int(np.nonzero(cached != mine)[0][0])
+        raise CacheMismatchError("example_id", int(cached[bad]), int(mine[bad]),
+                                 f"feature {bad} belongs to example {int(cached[bad])} in {reader.path} but to example "
+                                 f"{int(mine[bad])} in this run: the features differ; re-run dump-teacher")
+    if token_level:
+        cached_len, my_len = reader.n_tokens(ids), np.asarray(features["length"])
+        if not np.array_equal(cached_len, my_len):
+            bad = int(np.nonzero(cached_len != my_len)[0][0])
+            raise CacheMismatchError("n_tokens", int(cached_len[bad]), int(my_len[bad]),
+                                     f"feature {bad} has {int(cached_len[bad])} tokens in {reader.path} but {int(my_len[bad])} for "
+                                     "this student: token-level distillation needs the teacher's tokenizer and max_length")
 
 
 def build_student(config: FineTuneConfig, task, labels) -> tuple[torch.nn.Module, Any]:
@@ -101,16 +144,13 @@ def build_student(config: FineTuneConfig, task, labels) -> tuple[torch.nn.Module
     except OSError as exc:
         raise ModelError(f"model_name {config.model_name!r}: cannot load its tokenizer ({exc})") from None
     tokenizer.padding_side = "right"  # cached per-token targets fill the first n_tokens positions
-    model = task.model_class.from_pretrained(
-        path, num_labels=labels.num_labels, id2label=labels.id2label,
-        label2id={v: k for k, v in labels.id2label.items()}, ignore_mismatched_sizes=True,
-    )
+    model = task.model_class.from_pretrained(path, ignore_mismatched_sizes=True, **task.model_kwargs(labels))
     if config.student_layers:
         model = keep_layers(model, config.student_layers)
     return model, tokenizer
 
 
-def training_arguments(config: FineTuneConfig, output_dir: Path, has_eval: bool) -> TrainingArguments:
+def training_arguments(config: FineTuneConfig, output_dir: Path, label_keys: tuple[str, ...]) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     bf16 = bool(config.use_mixed_precision and cuda and torch.cuda.is_bf16_supported())
     fp16 = bool(config.use_mixed_precision and cuda and not bf16)
@@ -137,7 +177,7 @@ def training_arguments(config: FineTuneConfig, output_dir: Path, has_eval: bool)
         train_sampling_strategy="group_by_length" if config.use_dynamic_batching else "random",
         length_column_name="length",
         remove_unused_columns=False,
-        label_names=["labels"],
+        label_names=list(label_keys),
         disable_tqdm=config.disable_tqdm,
         dataloader_pin_memory=cuda,
     )
@@ -166,28 +206,34 @@ def train_student(
     labels = task.label_info(raw, config)
     eval_raw = kdata.load_split(config, "eval", eval_dataset)
     if eval_raw is not None:
+        eval_raw = kdata.with_example_ids(eval_raw)
         task.check_columns(eval_raw, config, "eval", need_labels=True)
 
     student, tokenizer = build_student(config, task, labels)
+    train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
+    eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
+
     reader, layers, cache_path, fetcher = None, None, None, None
     distil = config.use_distillation
     if distil and online_teacher is None:
         ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
-        cache_path = locate_cache(config, cache_dir, teacher_name_for(config), ds_hash, len(raw))
-        reader, layers = open_cache_for(config, cache_path, ds_hash, len(raw), labels.num_labels, tokenizer_hash(tokenizer))
+        cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
+        reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer)
         positions = None
         if layers is not None:
             stored = list(reader.spec.hidden.layers)
             positions = [stored.index(l) for l in layers]
-        fetcher = TargetFetcher(reader, positions, config.distill_logits)
+        targets = [reader.spec.target(t.name) for t in task.target_specs(labels)] if config.distill_logits else []
+        fetcher = TargetFetcher(reader, targets, positions)
         teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
         teacher_width = int(reader.manifest["teacher"]["hidden_size"])
         pooling = reader.spec.hidden.pooling if reader.spec.hidden is not None else "none"
     elif distil:
         teacher_depth = online_teacher.config.num_hidden_layers
         teacher_width = online_teacher.config.hidden_size
-        if online_teacher.config.num_labels != labels.num_labels:
-            raise ModelError(f"the teacher has {online_teacher.config.num_labels} labels, the data {labels.num_labels}")
+        problem = task.check_teacher_config(online_teacher.config, labels, "online teacher")
+        if problem:
+            raise ModelError(problem)
         wanted = requested_layers(config)
         layers = resolve_layers(wanted, teacher_depth) if wanted is not None else None
         pooling = config.hidden_pooling
@@ -207,32 +253,30 @@ def train_student(
         bad = {t: s for t, s in layer_map.items() if not 0 <= s <= student.config.num_hidden_layers}
         if bad:
             raise ModelError(f"layer_map {bad}: the student has hidden_states 0..{student.config.num_hidden_layers}")
-    model = DistillationModel(student, layer_map, teacher_width)
+    model = DistillationModel(student, layer_map, teacher_width, task.output_targets)
 
-    train_tok = task.tokenize(raw, tokenizer, config, labels, keep_ids=True, split="train")
-    eval_tok = task.tokenize(eval_raw, tokenizer, config, labels, keep_ids=False, split="eval") if eval_raw is not None else None
-    args = training_arguments(config, out_dir, eval_tok is not None)
+    args = training_arguments(config, out_dir, task.label_keys)
     if max_steps is not None:
         args.max_steps = max_steps
 
     temperature = config.temperature or default_temperature(config.task_type, labels.num_labels)
+    online = OnlineTeacher(online_teacher, task, layers, pooling, config.distill_logits) if distil and online_teacher is not None else None
     monitor = DistillationMonitor(teacher_model=online_teacher, student_model=student, log_dir=out_dir / "distillation_logs")
     trainer = DistillationTrainer(
         model=model,
         args=args,
-        train_dataset=train_tok,
-        eval_dataset=eval_tok,
-        data_collator=DistillationCollator(tokenizer, fetcher),
+        train_dataset=train_feats,
+        data_collator=DistillationCollator(tokenizer, fetcher, task.label_keys),
         processing_class=tokenizer,
-        compute_metrics=task.compute_metrics,
         callbacks=[MonitorCallback(monitor)] + list(callbacks or []),
+        task=task,
         temperature=temperature,
         alpha=config.distillation_alpha if distil else 0.0,
         hidden_weight=config.hidden_loss_weight,
         distill_logits=distil and config.distill_logits,
         hidden_pooling=pooling,
         fetcher=fetcher,
-        online_teacher=OnlineTeacher(online_teacher, layers, pooling, config.distill_logits) if distil and online_teacher is not None else None,
+        online_teacher=online,
     )
     monitor.trainer = trainer
     resume = config.resume_from_checkpoint
@@ -245,7 +289,12 @@ def train_student(
     finally:
         if fetcher is not None:
             fetcher.close()
-    metrics = trainer.evaluate() if eval_tok is not None else {}
+    metrics: dict[str, float] = {}
+    if eval_feats is not None:
+        student.eval()
+        scores, seconds = score(student, tokenizer, task, eval_feats, eval_raw, labels, config, batch_size=2 * config.batch_size)
+        metrics = {f"eval_{k}": float(v) for k, v in scores.items()}
+        metrics["eval_features"] = len(eval_feats)
     reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now} if fetcher is not None else {}
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
                          time.perf_counter() - start, list(trainer.state.log_history), reads)

@@ -26,8 +26,11 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in counts.most_common(3000)]
     out = tmp_path_factory.mktemp("tokenizer")
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=str(out / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(out)
+    # The fixture must tokenize meaningfully (a tokenizer that maps every word to [UNK] once passed every test).
+    ids = tok(" ".join(row["text"] for row in read_jsonl(MR_TRAIN, 50)))["input_ids"]
+    assert len(tok) == len(vocab) and ids.count(tok.unk_token_id) / len(ids) < 0.1
     return out
 
 

@@ -4,6 +4,7 @@ and local model directories stand in for hub names."""
 from __future__ import annotations
 
 import json
+import re
 
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification
@@ -77,3 +78,57 @@ def test_monitoring_example(tmp_path, trained_teacher, tiny_student):
     assert (logs / "prediction_comparison.png").stat().st_size > 1000
     records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     assert [r["agreement"] for r in records] == [0.75, 0.75, 0.75]
+
+
+def test_question_answering_with_custom_settings(tmp_path, kdcache_home, monkeypatch):
+    """The guide's "Question Answering with Custom Settings", with local tiny models: a 6-layer QA
+    teacher fine-tuned here (the example distils its layers 0, 3 and 5) and a 2-layer student."""
+    import torch
+    from helpers import REPO, read_jsonl, write_jsonl
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+    monkeypatch.chdir(tmp_path)
+    rows = read_jsonl(REPO / "data" / "xquad_en" / "train.jsonl", 48)
+    words = sorted({w for r in rows for w in re.findall(r"\w+|[^\w\s]", (r["context"] + " " + r["question"]).lower())})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tok = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
+    ids = tok(rows[0]["context"])["input_ids"]
+    assert ids.count(tok.unk_token_id) <= 2  # the fixture tokenizes meaningfully
+    paths = {}
+    for name, layers in (("teacher_init", 6), ("distilroberta-base", 2)):
+        torch.manual_seed(len(name))
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=512)
+        BertForQuestionAnswering(cfg).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    train_data = load_dataset("json", data_files=str(data), split="train")
+    FineTunePipeline(FineTuneConfig(model_name=paths["teacher_init"], task_type="question_answering", learning_rate=3e-3,
+                                    num_epochs=2, batch_size=8, output_dir="roberta-large", disable_tqdm=True)).train(train_data)
+    assert AutoTokenizer.from_pretrained("roberta-large")
+
+    # --- the guide's "Question Answering with Custom Settings"; hub names resolve to the local directories ---
+    config = FineTuneConfig(
+        model_name="distilroberta-base",
+        task_type="question_answering",
+        use_distillation=True,
+        teacher_model_name="roberta-large",
+        distillation_alpha=0.5,
+        temperature=2.0,
+        distill_logits=True,
+        teacher_layers_to_distill=[0, 3, 5],
+
+        # Additional training optimizations
+        use_mixed_precision=True,
+        use_dynamic_batching=True
+    )
+    # --- end of the guide's code ---
+    config = config.replace(batch_size=8, num_epochs=1, disable_tqdm=True, logging_steps=2)
+    pipeline = FineTunePipeline(config)
+    result = pipeline.train(train_dataset=train_data, eval_dataset=train_data)
+    assert pipeline.dump_result.manifest["features"] == {"max_length": 384, "doc_stride": 128}
+    assert {"eval_exact_match", "eval_f1"} <= set(result.metrics)
+    # naming teacher_layers_to_distill turns hidden-state distillation on (distill_hidden_states unset)
+    assert pipeline.dump_result.manifest["store"]["hidden"]["layers"] == [0, 3, 5]
+    assert any("loss_hidden" in h for h in result.log_history)

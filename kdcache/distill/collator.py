@@ -1,9 +1,11 @@
-"""Joining each training batch with its cached teacher rows, by example id, ahead of the step.
+"""Joining each training batch with its cached teacher rows, by feature id, ahead of the step.
 
-The collator pads the student inputs and adds `teacher_logits` [B, C] and `teacher_hidden`
-([B, L, S, H] per token with `teacher_mask` [B, S], or [B, L, 1, H] pooled). `ReadAheadSampler`
-sees the batches before the DataLoader does and has a background thread decode them, so the
-step does not wait on the cache (numpy and Arrow release the GIL while they copy)."""
+The collator pads the student's inputs and hard labels and adds, per stored target field,
+`teacher_<name>` ([B, C] per example, [B, S, C] per position, zero beyond each feature's
+positions), and `teacher_hidden` ([B, L, S, H] per token with `teacher_hidden_mask` [B, S], or
+[B, L, 1, H] pooled). `ReadAheadSampler` sees the batches before the DataLoader does and has a
+background thread decode them, so the step does not wait on the cache (numpy and Arrow release
+the GIL while they copy)."""
 
 from __future__ import annotations
 
@@ -17,19 +19,28 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from kdcache.cache import CacheError, CacheReader
+from kdcache.cache import CacheReader
+from kdcache.cache.format import TargetSpec
+from kdcache.data import FEATURE_ID
+from kdcache.tasks.base import IGNORE_INDEX, MODEL_INPUT_KEYS
 
-MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
-EXAMPLE_ID = "kd_example_id"
+TEACHER_PREFIX = "teacher_"
+HIDDEN_KEY = "teacher_hidden"
+HIDDEN_MASK_KEY = "teacher_hidden_mask"
+
+
+def target_key(name: str) -> str:
+    """Batch key of a target field's teacher values."""
+    return TEACHER_PREFIX + name
 
 
 class TargetFetcher:
     """Reads the teacher targets of a batch from the cache (optionally ahead of time)."""
 
-    def __init__(self, reader: CacheReader, layer_positions: Optional[list[int]], need_logits: bool, max_pending: int = 8):
+    def __init__(self, reader: CacheReader, targets: Sequence[TargetSpec], layer_positions: Optional[list[int]], max_pending: int = 8):
         self.reader = reader
+        self.targets = list(targets)  # the target fields this run distils (empty: hidden states only)
         self.layer_positions = layer_positions  # indices into the cache's stored layers, or None
-        self.need_logits = need_logits
         spec = reader.spec.hidden
         self.pooled = spec is not None and spec.pooled
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-readahead")
@@ -40,20 +51,18 @@ class TargetFetcher:
         self.read_now = 0  # batches read synchronously (not scheduled, or evicted)
 
     def fetch(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
-        """Decode the targets of one batch: numpy arrays ready to become tensors."""
+        """Decode the targets of one batch of feature ids: numpy arrays ready to become tensors."""
         out: dict[str, np.ndarray] = {}
-        if self.layer_positions is not None and not self.pooled:
-            hidden, mask = self.reader.get_padded(ids, seq_len)  # [B, L, S, H], [B, S]
-            out["teacher_hidden"] = hidden[:, self.layer_positions] if len(self.layer_positions) != hidden.shape[1] else hidden
-            out["teacher_mask"] = mask
-            if self.need_logits:
-                out["teacher_logits"] = self.reader.get_logits(ids)
-        else:
-            rows = self.reader.get(ids)
-            if self.need_logits:
-                out["teacher_logits"] = rows.logits  # [B, C]
-            if self.layer_positions is not None:
-                out["teacher_hidden"] = rows.hidden[:, self.layer_positions, None, :]  # [B, L, 1, H]
+        for t in self.targets:
+            if t.per == "example":
+                out[target_key(t.name)] = self.reader.get_target(ids, t.name)  # [B, C]
+            else:
+                out[target_key(t.name)], _ = self.reader.get_target_padded(ids, t.name, seq_len)  # [B, S, C]
+        if self.layer_positions is not None:
+            if self.pooled:
+                out[HIDDEN_KEY] = self.reader.get_pooled(ids, self.layer_positions)[:, :, None, :]  # [B, L, 1, H]
+            else:
+                out[HIDDEN_KEY], out[HIDDEN_MASK_KEY] = self.reader.get_padded(ids, seq_len, self.layer_positions)  # [B, L, S, H]
         return out
 
     def schedule(self, ids: Sequence[int], seq_len: int) -> None:
@@ -63,7 +72,7 @@ class TargetFetcher:
                 return
             self._pending[key] = self._pool.submit(self.fetch, key[0], key[1])
             while len(self._pending) > self.max_pending:  # batches another rank took, or never asked for
-                self._pending.popitem(last=False)
+                self._pending.popitem(last=False)[1].cancel()
 
     def take(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
         """The batch's targets: prefetched if scheduled, else read now."""
@@ -83,11 +92,11 @@ class TargetFetcher:
 class ReadAheadSampler(Sampler):
     """Wraps the Trainer's sampler; schedules the cache reads of the next `depth` batches."""
 
-    def __init__(self, base: Sampler, batch_size: int, example_ids: np.ndarray, lengths: np.ndarray,
+    def __init__(self, base: Sampler, batch_size: int, feature_ids: np.ndarray, lengths: np.ndarray,
                  fetcher: TargetFetcher, depth: int = 3):
         self.base = base
         self.batch_size = batch_size
-        self.example_ids = example_ids  # [N] example id of each dataset row
+        self.feature_ids = feature_ids  # [N] feature id of each dataset row
         self.lengths = lengths  # [N] tokens of each dataset row
         self.fetcher = fetcher
         self.depth = depth
@@ -105,7 +114,7 @@ class ReadAheadSampler(Sampler):
         def pull() -> list[int]:
             chunk = [int(i) for i in islice(it, self.batch_size)]
             if chunk:
-                self.fetcher.schedule(self.example_ids[chunk], int(self.lengths[chunk].max()))
+                self.fetcher.schedule(self.feature_ids[chunk], int(self.lengths[chunk].max()))
             return chunk
 
         chunks = deque(c for c in (pull() for _ in range(self.depth)) if c)
@@ -118,30 +127,36 @@ class ReadAheadSampler(Sampler):
 
 
 class DistillationCollator:
-    """Pads student inputs and attaches the cached teacher targets of the batch's example ids."""
+    """Pads student inputs and hard labels, and attaches the cached teacher targets of the batch's features.
 
-    def __init__(self, tokenizer, fetcher: Optional[TargetFetcher]):
+    Hard labels that are sequences (token classification) are padded with -100, which carries no
+    loss; scalar labels (a class, a start position) become a [B] tensor."""
+
+    def __init__(self, tokenizer, fetcher: Optional[TargetFetcher], label_keys: Sequence[str] = ("labels",)):
         self.tokenizer = tokenizer
         self.fetcher = fetcher
+        self.label_keys = tuple(label_keys)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [f[EXAMPLE_ID] for f in features] if EXAMPLE_ID in features[0] else None
-        model_features = [{k: f[k] for k in MODEL_KEYS if k in f} for f in features]
-        batch = self.tokenizer.pad(model_features, return_tensors="pt")
-        if ids is None or self.fetcher is None:
-            return dict(batch)
+        inputs = [{k: f[k] for k in MODEL_INPUT_KEYS if k in f} for f in features]
+        batch = dict(self.tokenizer.pad(inputs, return_tensors="pt"))  # [B, S] each
         seq_len = batch["input_ids"].shape[1]
-        targets = self.fetcher.take(ids, seq_len)
-        if "teacher_mask" in targets:
-            n_student = batch["attention_mask"].sum(1).numpy()
-            n_teacher = targets["teacher_mask"].sum(1)
-            if not np.array_equal(n_student, n_teacher):
-                bad = int(np.nonzero(n_student != n_teacher)[0][0])
-                raise CacheError(
-                    f"example {ids[bad]}: the student has {n_student[bad]} tokens but the cache stored "
-                    f"{n_teacher[bad]}: token-level distillation needs the teacher's tokenizer and max_length"
-                )
-        out = dict(batch)
-        for key, value in targets.items():
-            out[key] = torch.from_numpy(np.ascontiguousarray(value))
-        return out
+        for key in self.label_keys:
+            if key in features[0]:
+                batch[key] = _pad_labels([f[key] for f in features], seq_len)
+        if self.fetcher is None or FEATURE_ID not in features[0]:
+            return batch
+        ids = [f[FEATURE_ID] for f in features]
+        for key, value in self.fetcher.take(ids, seq_len).items():
+            batch[key] = torch.from_numpy(np.ascontiguousarray(value))
+        return batch
+
+
+def _pad_labels(values: list, seq_len: int) -> torch.Tensor:
+    """[B] for scalar labels; [B, seq_len] padded with -100 for per-token label lists."""
+    if not isinstance(values[0], (list, tuple, np.ndarray)):
+        return torch.tensor(values)
+    out = torch.full((len(values), seq_len), IGNORE_INDEX, dtype=torch.long)  # [B, S]
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+    return out

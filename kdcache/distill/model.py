@@ -3,7 +3,7 @@ matched hidden layer (discarded after training; only the student is saved)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -19,9 +19,12 @@ class DistillationModel(nn.Module):
 
     accepts_loss_kwargs = False
 
-    def __init__(self, student: nn.Module, layer_map: dict[int, int], teacher_hidden_size: int):
+    def __init__(self, student: nn.Module, layer_map: dict[int, int], teacher_hidden_size: int,
+                 output_targets: Callable[[object], dict[str, torch.Tensor]]):
+        """``output_targets`` is the task's: the target fields of the student's outputs."""
         super().__init__()
         self.student = student
+        self.output_targets = output_targets
         self.config = student.config
         self.teacher_layers = sorted(layer_map)  # stored teacher layers, in cache order
         self.student_layers = [layer_map[l] for l in self.teacher_layers]
@@ -36,9 +39,11 @@ class DistillationModel(nn.Module):
             self.projections.append(proj)
 
     def forward(self, output_kd_hidden: bool = False, **inputs):
-        """Student outputs; with output_kd_hidden, `kd_hidden` holds [B, L, S, H_teacher]."""
+        """Student outputs: `loss` (the model's own hard-label loss, None without labels), `targets`
+        (the task's target fields, e.g. logits [B, C] or [B, S, C]) and, with output_kd_hidden,
+        `kd_hidden` [B, L, S, H_teacher]."""
         outputs = self.student(**inputs, output_hidden_states=output_kd_hidden and bool(self.projections))
-        result = {"logits": outputs.logits}
+        result = {"loss": getattr(outputs, "loss", None), "targets": self.output_targets(outputs)}
         if output_kd_hidden and self.projections:
             hs = outputs.hidden_states
             result["kd_hidden"] = torch.stack(

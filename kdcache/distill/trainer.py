@@ -10,23 +10,24 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from kdcache.distill.collator import ReadAheadSampler, TargetFetcher
+from kdcache.data import FEATURE_ID
+from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss
+from kdcache.tasks.base import MODEL_INPUT_KEYS
 from kdcache.teacher import pool_student, select_hidden
 
-TEACHER_KEYS = ("teacher_logits", "teacher_hidden", "teacher_mask")
 PROJECTIONS_FILE = "kd_projections.safetensors"
 
 
 class OnlineTeacher:
     """The teacher in the loop (the baseline kdcache replaces): same targets as the cache, computed each step."""
 
-    def __init__(self, model: torch.nn.Module, layers: Optional[tuple[int, ...]], pooling: str, need_logits: bool = True):
+    def __init__(self, model: torch.nn.Module, task, layers: Optional[tuple[int, ...]], pooling: str, need_logits: bool = True):
         self.model = model.eval()
+        self.task = task
         self.layers = layers
         self.pooling = pooling
         self.need_logits = need_logits
@@ -35,24 +36,25 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        model_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
         out = self.model(**model_inputs, output_hidden_states=self.layers is not None)
-        targets = {"teacher_logits": out.logits.float()} if self.need_logits else {}
+        targets = {target_key(k): v.float() for k, v in self.task.output_targets(out).items()} if self.need_logits else {}
         if self.layers is not None:
             mask = model_inputs["attention_mask"]
-            targets["teacher_hidden"] = select_hidden(out.hidden_states, self.layers, mask, self.pooling).float()
+            targets[HIDDEN_KEY] = select_hidden(out.hidden_states, self.layers, mask, self.pooling).float()
             if self.pooling == "none":
-                targets["teacher_mask"] = mask.bool()
+                targets[HIDDEN_MASK_KEY] = mask.bool()
         return targets
 
 
 class DistillationTrainer(Trainer):
     """Trainer with the kdcache loss: alpha·T²·KL + (1−alpha)·CE + hidden_weight·Σ MSE."""
 
-    def __init__(self, *args: Any, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
+    def __init__(self, *args: Any, task, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
                  hidden_pooling: str = "none", fetcher: Optional[TargetFetcher] = None,
                  online_teacher: Optional[OnlineTeacher] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.task = task
         self.temperature = temperature
         self.alpha = alpha
         self.hidden_weight = hidden_weight
@@ -64,7 +66,7 @@ class DistillationTrainer(Trainer):
         # Running sums stay on the device until a log step: no host sync per training step.
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
-        self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [B]
+        self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [N]
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
 
     # -- data -------------------------------------------------------------------------------
@@ -74,35 +76,54 @@ class DistillationTrainer(Trainer):
         if self.fetcher is None or base is None:
             return base
         return ReadAheadSampler(
-            base, self._train_batch_size, np.asarray(dataset["kd_example_id"]), np.asarray(dataset["length"]), self.fetcher,
+            base, self._train_batch_size, np.asarray(dataset[FEATURE_ID]), np.asarray(dataset["length"]), self.fetcher,
         )
 
     # -- loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        teacher = {k: inputs.pop(k) for k in TEACHER_KEYS if k in inputs}
-        labels = inputs.pop("labels", None)
+        teacher = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}
         if self.online_teacher is not None and model.training:
             teacher = self.online_teacher(inputs)
-        want_hidden = "teacher_hidden" in teacher
-        outputs = model(**inputs, output_kd_hidden=want_hidden)
-        logits = outputs["logits"]  # [B, C]
-        ce = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        kd = None
-        if self.distill_logits and "teacher_logits" in teacher:
-            kd = kd_kl_loss(logits, teacher["teacher_logits"], self.temperature)
+        want_hidden = HIDDEN_KEY in teacher
+        outputs = model(**inputs, output_kd_hidden=want_hidden)  # hard labels in inputs: the model computes its CE
+        ce = outputs["loss"]
+        kd, agreement = None, None
+        if self.distill_logits:
+            kd, agreement = self._kd_loss(outputs["targets"], teacher, inputs)
         hidden = None
         if want_hidden:
-            hidden = self._hidden_loss(outputs["kd_hidden"], teacher["teacher_hidden"], teacher.get("teacher_mask"),
+            hidden = self._hidden_loss(outputs["kd_hidden"], teacher[HIDDEN_KEY], teacher.get(HIDDEN_MASK_KEY),
                                        inputs["attention_mask"])
         if ce is None and kd is None and hidden is None:
             raise ValueError("the batch has neither labels nor teacher targets: nothing to learn from")
         if ce is None:
-            ce = logits.sum() * 0.0
+            ce = sum(v.sum() for v in outputs["targets"].values()) * 0.0
         loss = combined_loss(ce, kd, hidden, self.alpha if kd is not None else 0.0, self.hidden_weight)
         if model.training:
-            self._track(ce, kd, hidden, logits, teacher.get("teacher_logits"))
+            self._track(ce, kd, hidden, agreement)
         return (loss, outputs) if return_outputs else loss
+
+    def _kd_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+        """Mean over the stored target fields of T²·KL, each laid out as distributions by the task;
+        and the (teacher, student) argmax of every row that carries loss, for agreement."""
+        losses, t_preds, s_preds = [], [], []
+        for name, s_logits in student.items():
+            key = target_key(name)
+            if key not in teacher:
+                continue
+            s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, K], [B, P] or None
+            t_view, _ = self.task.kd_view(name, teacher[key].to(s_logits.device), batch)
+            losses.append(kd_kl_loss(s_view, t_view, self.temperature, mask))
+            with torch.no_grad():
+                t_arg, s_arg = t_view.argmax(-1), s_view.argmax(-1)  # [B, P]
+                if mask is not None:
+                    t_arg, s_arg = t_arg[mask], s_arg[mask]
+                t_preds.append(t_arg.reshape(-1))
+                s_preds.append(s_arg.reshape(-1))
+        if not losses:
+            return None, None
+        return torch.stack(losses).mean(), (torch.cat(t_preds), torch.cat(s_preds))
 
     def _hidden_loss(self, student_h: torch.Tensor, teacher_h: torch.Tensor, teacher_mask, attention_mask) -> torch.Tensor:
         """Σ over stored layers of the MSE; student_h [B, L, S, H], teacher_h [B, L, S|1, H]."""
@@ -116,19 +137,19 @@ class DistillationTrainer(Trainer):
         return total
 
     @torch.no_grad()
-    def _track(self, ce, kd, hidden, logits, teacher_logits) -> None:
+    def _track(self, ce, kd, hidden, agreement) -> None:
         for key, value in (("loss_ce", ce), ("loss_kd", kd), ("loss_hidden", hidden)):
             if value is not None:
                 self._sums[key] = self._sums.get(key, 0.0) + value.detach().float()
-        if teacher_logits is not None:
-            t_pred, s_pred = teacher_logits.argmax(-1), logits.argmax(-1)  # [B]
+        if agreement is not None and agreement[0].numel():
+            t_pred, s_pred = agreement
             self._sums["teacher_agreement"] = self._sums.get("teacher_agreement", 0.0) + (t_pred == s_pred).float().mean()
             self._last_predictions = (t_pred, s_pred)
         self._count += 1
 
     @property
     def last_predictions(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """Teacher and student class predictions on the last training batch (for the monitor)."""
+        """Teacher and student argmax (classes, tags or positions) on the last training batch (for the monitor)."""
         if self._last_predictions is None:
             return None
         return tuple(p.cpu().numpy() for p in self._last_predictions)  # type: ignore[return-value]

@@ -1,14 +1,40 @@
-"""The interface every task implements: how its data is checked and tokenized, which model
-class it uses, what the teacher stores, and its metric."""
+"""The interface every task implements (DESIGN.md §4): how its data is checked and cut into
+features, which model class it uses, what the teacher stores, how stored targets and the student's
+outputs meet as distributions, and how feature outputs become predictions and a metric.
+
+The generic code (dump, collator, trainer, evaluation) calls only these methods: a new task adds
+a module here, never a branch elsewhere."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
+from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
+
+EXAMPLE_ID = "kd_example_id"  # stable example id: the row's position in the split as loaded
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+IGNORE_INDEX = -100  # label of positions that carry no hard-label loss (Hugging Face convention)
+MASK_FILL = -1.0e4  # logit of classes a distribution excludes (padding positions in QA)
+
+
+def ensure_example_ids(dataset):
+    """``dataset`` as given when it has ``kd_example_id`` (any ids: a rank's slice keeps its own), else
+    with ids 0..N-1 added (a caller that passed plain rows)."""
+    if EXAMPLE_ID in dataset.column_names:
+        return dataset
+    return dataset.add_column(EXAMPLE_ID, list(range(len(dataset))))
+
+
+def example_positions(examples) -> dict[int, int]:
+    """kd_example_id -> row position in ``examples`` (ids are positions when the column is absent)."""
+    if EXAMPLE_ID in examples.column_names:
+        return {int(e): i for i, e in enumerate(examples[EXAMPLE_ID])}
+    return {i: i for i in range(len(examples))}
 
 
 class DataError(ValueError):
@@ -17,16 +43,17 @@ class DataError(ValueError):
 
 @dataclass
 class LabelInfo:
-    """The label vocabulary of a run, fixed from the training split."""
+    """The label vocabulary of a run, fixed from the training split (empty for span tasks)."""
 
     num_labels: int
     id2label: dict[int, str] = field(default_factory=dict)
     label2id: dict[str, int] = field(default_factory=dict)
     string_labels: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific facts of the train split
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_labels": self.num_labels, "id2label": {str(k): v for k, v in self.id2label.items()},
-                "string_labels": self.string_labels}
+                "string_labels": self.string_labels, **({"extra": self.extra} if self.extra else {})}
 
 
 class Task:
@@ -35,27 +62,79 @@ class Task:
     name: str = ""
     model_class: Any = None
     head_modules: tuple[str, ...] = ()  # top-level modules of the task head (must be trained in a teacher)
+    label_keys: tuple[str, ...] = ("labels",)  # hard-label columns; passed to the model, which computes the CE
 
+    # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
-        """The raw columns the model reads (hashed into the cache fingerprint)."""
+        """The raw columns the model reads (their content is hashed into the cache fingerprint)."""
         raise NotImplementedError
 
     def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
-        """Raise DataError if the dataset is empty or a needed column is missing."""
+        """Raise DataError if the dataset is empty or a needed column is missing (naming the option to set)."""
         raise NotImplementedError
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
+        """The label vocabulary from the training split; DataError on malformed labels."""
         raise NotImplementedError
 
-    def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, keep_ids: bool):
-        """Tokenize (no padding) into model inputs, `labels`, `length` and, if keep_ids, `kd_example_id`."""
+    def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
+        """Every config value that changes how examples become features (max_length, doc_stride, label
+        alignment, ...), as JSON scalars: stored in the cache and part of its fingerprint."""
+        return {"max_length": config.max_length}
+
+    def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, split: str):
+        """Cut ``dataset`` (which has a ``kd_example_id`` column, sorted) into features, without padding.
+
+        Deterministic, in example-id order (then window order): the dense feature id of a feature
+        is its row position in the result. Columns: the model inputs, ``kd_example_id``, ``length``
+        (tokens), the ``label_keys`` when the split has labels, plus whatever :meth:`predictions`
+        needs on eval features (e.g. ``offset_mapping``, ``word_ids``).
+        """
         raise NotImplementedError
 
-    def teacher_logits(self, outputs) -> torch.Tensor:
-        """What the teacher stores per example, from its model outputs."""
+    # -- models ----------------------------------------------------------------------------------
+    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments of a student built for these labels (e.g. num_labels)."""
+        return {}
+
+    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
+        """Why the teacher's config does not fit these labels (one line with the fix), or None."""
+        return None
+
+    # -- targets -----------------------------------------------------------------------------------
+    def target_specs(self, labels: LabelInfo) -> list[TargetSpec]:
+        """What the teacher stores per feature (names, per example or per position, widths)."""
         raise NotImplementedError
 
-    def compute_metrics(self, eval_pred) -> dict[str, float]:
+    def output_targets(self, outputs) -> dict[str, torch.Tensor]:
+        """The target fields from a model's outputs (teacher in the dump, student in training):
+        name -> [B, C] (per example) or [B, S, C] (per position)."""
+        raise NotImplementedError
+
+    def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Lay out a target field (teacher's or student's, same layout) as distributions.
+
+        Returns (logits [B, P, K], mask [B, P] bool of the rows that carry loss, or None for all):
+        a softmax over K is taken per (b, p). ``batch`` is the padded training batch (labels,
+        attention_mask), so masks come from the student's own inputs."""
+        raise NotImplementedError
+
+    def position_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, S] bool: the positions per-position targets cover (n_positions of each feature).
+
+        Encoder tasks: the real input tokens. A seq2seq task overrides it with the decoder's."""
+        return batch["attention_mask"].bool()
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def predictions(self, features, outputs: dict[str, list[np.ndarray]], examples, labels: LabelInfo,
+                    config: FineTuneConfig) -> list[Any]:
+        """Per-example predictions from per-feature outputs (post-processing joins windows back).
+
+        ``outputs[name][i]`` is feature i's field, cut to its real length: [C] or [n_tokens_i, C]."""
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions: list[Any], examples, labels: LabelInfo, config: FineTuneConfig) -> dict[str, float]:
+        """The task's metric(s) of per-example predictions against the examples' references."""
         raise NotImplementedError
 
     def primary_metric(self) -> str:

@@ -1,13 +1,20 @@
-"""Text classification: one label per text (or text pair); the teacher stores its full logits."""
+"""Text classification: one label per text (or text pair); the teacher stores its full logits.
+
+One feature per example (the text truncated to max_length). Stored target: ``logits`` per
+example, [C]. Metrics: accuracy (primary) and macro F1."""
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import DataError, LabelInfo, Task
+from kdcache.tasks.base import EXAMPLE_ID, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+from kdcache.tasks.labels import label_kwargs, teacher_label_mismatch
 
 
 class TextClassification(Task):
@@ -15,6 +22,7 @@ class TextClassification(Task):
     model_class = AutoModelForSequenceClassification
     head_modules = ("classifier", "score", "pre_classifier")
 
+    # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         cols = [config.text_column]
         if config.text_pair_column:
@@ -71,7 +79,10 @@ class TextClassification(Task):
                 out.append(int(v))
         return out
 
-    def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, keep_ids: bool, split: str = "train"):
+    def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, split: str):
+        """One feature per example, in input order: model inputs, ``kd_example_id``, ``length`` and
+        ``labels`` (class ids) when the label column exists. Rows without ``kd_example_id`` get 0..N-1."""
+        dataset = ensure_example_ids(dataset)
         has_labels = config.label_column in dataset.column_names
 
         def encode(batch):
@@ -83,24 +94,46 @@ class TextClassification(Task):
                 enc["labels"] = self.encode_labels(batch[config.label_column], labels, config.label_column, split)
             return enc
 
-        keep = {"kd_example_id"} if keep_ids else set()
-        remove = [c for c in dataset.column_names if c not in keep]
+        remove = [c for c in dataset.column_names if c != EXAMPLE_ID]
         return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
 
-    def teacher_logits(self, outputs) -> torch.Tensor:
-        return outputs.logits  # [B, C]
+    # -- models ----------------------------------------------------------------------------------
+    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
+        return label_kwargs(labels)
 
-    def compute_metrics(self, eval_pred) -> dict[str, float]:
-        logits, labels = eval_pred.predictions, eval_pred.label_ids
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        preds = np.asarray(logits).argmax(-1)
-        return {"accuracy": accuracy(preds, labels), "f1_macro": macro_f1(preds, labels)}
+    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
+        return teacher_label_mismatch(model_config, labels, teacher_name)
+
+    # -- targets -----------------------------------------------------------------------------------
+    def target_specs(self, labels: LabelInfo) -> list[TargetSpec]:
+        return [TargetSpec("logits", "example", labels.num_labels)]
+
+    def output_targets(self, outputs) -> dict[str, torch.Tensor]:
+        return {"logits": outputs.logits}  # [B, C]
+
+    def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return logits.unsqueeze(1), None  # [B, 1, C]: one distribution per example
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def predictions(self, features, outputs: dict[str, list[np.ndarray]], examples, labels: LabelInfo,
+                    config: FineTuneConfig) -> list[Any]:
+        """The predicted class id of each example (argmax of its feature's logits), in ``examples`` order."""
+        position = example_positions(examples)
+        preds: list[Any] = [None] * len(examples)
+        for example_id, logits in zip(features[EXAMPLE_ID], outputs["logits"]):
+            preds[position[int(example_id)]] = int(np.asarray(logits).argmax(-1))
+        return preds
+
+    def compute_metrics(self, predictions: list[Any], examples, labels: LabelInfo, config: FineTuneConfig) -> dict[str, float]:
+        gold = self.encode_labels(examples[config.label_column], labels, config.label_column, "eval")
+        preds = np.asarray([-1 if p is None else p for p in predictions])
+        return {"accuracy": accuracy(preds, gold), "f1_macro": macro_f1(preds, gold)}
 
     def primary_metric(self) -> str:
         return "accuracy"
 
 
+# -- helpers shared by the task modules --------------------------------------------------------------
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(preds) == np.asarray(labels)).mean())
 
