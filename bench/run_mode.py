@@ -7,7 +7,10 @@ SPEC["mode"] is one of
            distillation with the teacher in the loop (same DistillationTrainer, same loss)
   dump     the bare teacher forward pass over the dump's batches, then dump_teacher itself
   storage  dumps of the storage cases, their bytes per token, and the reader's decode rate on one core
-  quality  teacher fine-tuning, one dump, and students trained plainly / offline / online per seed
+  many     several of the above in turn, in this process (--quick)
+  quality  one task: teacher fine-tuning, one dump (and its bytes per token per field), and students
+           trained plainly / offline from logits only / offline from logits and hidden states /
+           online, per seed
 """
 
 from __future__ import annotations
@@ -38,15 +41,14 @@ def _config(fields: dict[str, Any]):
 
 # --- train -------------------------------------------------------------------------------------
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification
-
+    from kdcache.tasks import get_task
     from kdcache.train import train_student
 
     rss_start = common.rss_bytes()
     config = _config(spec["config"])
     teacher = None
     if spec["kind"] == "online":
-        teacher = AutoModelForSequenceClassification.from_pretrained(spec["teacher_path"])
+        teacher = get_task(config.task_type).model_class.from_pretrained(spec["teacher_path"])
         if spec.get("device"):
             teacher = teacher.to(spec["device"])
     timer = common.step_timer()
@@ -67,8 +69,9 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- dump --------------------------------------------------------------------------------------
-def _dump_batches(config, tokenizer):
-    """The dump's batches, in the dump's order: shards of contiguous ids, longest first within each."""
+def _dump_plan(config, tokenizer, model_config, shard_examples):
+    """The dump's features and batches, in the dump's order: shards of contiguous feature ids, longest
+    first within each, `teacher_batch_size` features per batch (as kdcache.dump.dump_teacher does)."""
     import numpy as np
 
     from kdcache import data as kdata
@@ -78,69 +81,66 @@ def _dump_batches(config, tokenizer):
     task = get_task(config.task_type)
     raw = kdata.with_example_ids(kdata.require_train(None, config))
     labels = task.label_info(raw, config)
-    tok = task.tokenize(raw, tokenizer, config, labels, keep_ids=True)
-    lengths = np.asarray(tok["length"])
-    order_by_id = np.argsort(np.asarray(tok[kdata.EXAMPLE_ID]))
-    return task, raw, tok, lengths, order_by_id, labels, plan_shards, store_spec_for
+    features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
+    lengths = np.asarray(features["length"])  # [F] tokens per feature
+    store = store_spec_for(config, task, model_config, labels)
+    per_shard = plan_shards(float(lengths.mean()), store, shard_examples)
+    bs = config.teacher_batch_size or 2 * config.batch_size
+    batches = []
+    for lo in range(0, len(features), per_shard):
+        rows = np.arange(lo, min(lo + per_shard, len(features)))
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        batches += [rows[b:b + bs] for b in range(0, len(rows), bs)]
+    return task, raw, features, lengths, store, bs, batches
 
 
 def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from kdcache.dump import autocast_for, dump_teacher, pick_device
+    from kdcache.dump import _collate, autocast_for, dump_teacher, pick_device
 
     config = _config(spec["config"])
     teacher_path = config.teacher_model_name
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    task, raw, tok, lengths, order_by_id, labels, plan_shards, store_spec_for = _dump_batches(config, tokenizer)
+    tokenizer.padding_side = "right"  # as the dump pads
     model_config = AutoConfig.from_pretrained(teacher_path)
-    store = store_spec_for(config, model_config, labels.num_labels)
-    per_shard = plan_shards(len(raw), float(lengths.mean()), store, spec.get("shard_examples"))
-    bs = config.teacher_batch_size or 2 * config.batch_size
-    batches = []
-    for lo in range(0, len(raw), per_shard):
-        rows = order_by_id[lo:lo + per_shard]
-        rows = rows[np.argsort(-lengths[rows], kind="stable")]
-        batches += [rows[b:b + bs] for b in range(0, len(rows), bs)]
+    task, raw, features, lengths, store, bs, batches = _dump_plan(config, tokenizer, model_config, spec.get("shard_examples"))
     dev = pick_device(spec.get("device"))
     amp, compute_dtype = autocast_for(dev)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in tok.column_names]
-
-    def collate(rows):
-        feats = tok[rows.tolist()]
-        feats = [{k: feats[k][i] for k in keys} for i in range(len(rows))]
-        return {k: v.to(dev) for k, v in tokenizer.pad(feats, return_tensors="pt").items()}
-
     want_hidden = store.hidden is not None
     t_load = time.perf_counter()
     model = task.model_class.from_pretrained(teacher_path).to(dev).eval()
     t_load = time.perf_counter() - t_load
+
+    def forward(rows):
+        with torch.inference_mode(), amp:
+            out = model(**_collate(features, rows, tokenizer, dev), output_hidden_states=want_hidden)
+            for value in task.output_targets(out).values():
+                value.float().cpu()  # the targets reach the host, as the dump's do
 
     def forward_all() -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         for rows in batches:
-            with torch.inference_mode(), amp:
-                out = model(**collate(rows), output_hidden_states=want_hidden)
-            out.logits.float().cpu()  # the result reaches the host, as the dump's does
+            forward(rows)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    with torch.inference_mode(), amp:  # warm-up (kernel selection, allocator), excluded
-        model(**collate(batches[0]), output_hidden_states=want_hidden)
+    forward(batches[0])  # warm-up (kernel selection, allocator), excluded
     # forward, dump, forward: the bare forward is the mean of the passes either side of the dump, so
     # that a change of load on the machine during the run does not fall on one side only.
     forward_before = forward_all()
-    result = dump_teacher(config, cache_dir=spec["cache_dir"], force=True, device=spec.get("device"), progress=False)
+    result = dump_teacher(config, cache_dir=spec["cache_dir"], force=True, device=spec.get("device"),
+                          shard_examples=spec.get("shard_examples"), progress=False)
     forward_after = forward_all()
     forward_s = 0.5 * (forward_before + forward_after)
     tokens = int(lengths.sum())
     return {
-        "examples": len(raw), "tokens": tokens, "mean_tokens": float(lengths.mean()), "teacher_batch_size": bs,
+        "task": config.task_type, "examples": len(raw), "features": len(features), "tokens": tokens,
+        "mean_tokens": float(lengths.mean()), "teacher_batch_size": bs,
         "batches": len(batches), "device": str(dev), "compute_dtype": compute_dtype,
         "teacher_load_s": t_load, "bare_forward_s": forward_s,
         "bare_forward_passes_s": [forward_before, forward_after], "dump_s": result.seconds,
@@ -150,11 +150,23 @@ def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- storage + reader headroom ----------------------------------------------------------------
+def _storage_row(cache_dir: Path) -> dict[str, Any]:
+    """What `kdcache inspect` reports of a cache: rows, tokens, bytes, and per field its bytes per
+    token / feature / example and its ratio to float32."""
+    from kdcache.cache import CacheReader, summarize
+
+    with CacheReader(cache_dir) as reader:
+        summary = summarize(reader)
+    return {"cache_dir": str(cache_dir), "tokens": summary["tokens"], "rows": summary["rows"], "examples": summary["examples"],
+            "positions": summary["positions"], "bytes_on_disk": summary["bytes_on_disk"], "stored": summary["stored"],
+            "fields": summary["fields"]}
+
+
 def run_storage(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from kdcache.cache import CacheReader, summarize
+    from kdcache.cache import CacheReader
     from kdcache.distill.collator import TargetFetcher
     from kdcache.dump import dump_teacher
 
@@ -163,11 +175,7 @@ def run_storage(spec: dict[str, Any]) -> dict[str, Any]:
         config = _config({**spec["config"], **case["config"]})
         cache_dir = Path(spec["cache_root"]) / case["name"]
         res = dump_teacher(config, cache_dir=str(cache_dir), force=True, device="cpu", progress=False)
-        with CacheReader(res.cache_dir) as reader:
-            summary = summarize(reader)
-        rows.append({"name": case["name"], "label": case["label"], "cache_dir": str(res.cache_dir),
-                     "tokens": summary["tokens"], "rows": summary["rows"], "bytes_on_disk": summary["bytes_on_disk"],
-                     "stored": summary["stored"], "fields": summary["fields"]})
+        rows.append({"name": case["name"], "label": case["label"], **_storage_row(res.cache_dir)})
 
     # Reader headroom: TargetFetcher.fetch (what the collator's read-ahead thread runs) on one core.
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -177,55 +185,84 @@ def run_storage(spec: dict[str, Any]) -> dict[str, Any]:
         with CacheReader(row["cache_dir"]) as reader:
             hidden = reader.spec.hidden
             positions = list(range(hidden.num_layers)) if hidden is not None else None
-            fetcher = TargetFetcher(reader, positions, need_logits=True)
-            n = reader.manifest["num_examples"]
+            fetcher = TargetFetcher(reader, list(reader.spec.targets), positions)
+            ids = reader.feature_ids()
             rng = np.random.default_rng(0)
-            fetcher.fetch(rng.choice(n, min(bs, n), replace=False), seq)  # warm-up
+            fetcher.fetch(rng.choice(ids, min(bs, len(ids)), replace=False), seq)  # warm-up
             t = time.perf_counter()
             for _ in range(n_batches):
-                fetcher.fetch(rng.choice(n, min(bs, n), replace=False), seq)
+                fetcher.fetch(rng.choice(ids, min(bs, len(ids)), replace=False), seq)
             seconds = time.perf_counter() - t
             fetcher.close()
-        examples = n_batches * min(bs, n)
-        row["reader_examples_per_s"] = examples / seconds
-        row["reader_tokens_per_s"] = examples * spec["tokens_per_example"] / seconds
+        features = n_batches * min(bs, len(ids))
+        row["reader_examples_per_s"] = features / seconds
+        row["reader_tokens_per_s"] = features * spec["tokens_per_example"] / seconds
     return {"cases": rows, "peak_rss_bytes": common.peak_rss_bytes()}
 
 
 # --- quality -----------------------------------------------------------------------------------
-def run_quality(spec: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification
+# The students of the quality figure, all from the same initialisation, data, seed and loss settings:
+# what each changes in the student config, and where its teacher targets come from.
+QUALITY_KINDS: dict[str, dict[str, Any]] = {
+    "plain": {"config": {"use_distillation": False}, "targets": None},
+    "offline-logits": {"config": {"use_distillation": True, "distill_hidden_states": False}, "targets": "cache"},
+    "offline": {"config": {"use_distillation": True}, "targets": "cache"},
+    "online": {"config": {"use_distillation": True}, "targets": "teacher"},
+}
 
+
+def run_quality(spec: dict[str, Any]) -> dict[str, Any]:
+    """One task's quality figure: fine-tune the teacher plainly, dump its cache once, then train every
+    student kind per seed; the metrics are the task's (``eval_`` + its metric names)."""
     from kdcache.dump import dump_teacher
+    from kdcache.tasks import get_task
     from kdcache.train import train_student
 
     work = Path(spec["work"])
     base = spec["config"]
-    out: dict[str, Any] = {"runs": []}
+    task = get_task(base["task_type"])
+    metric = "eval_" + task.primary_metric()
+    out: dict[str, Any] = {"task": task.name, "metric": metric, "runs": [], "kinds": spec["kinds"],
+                           "spec": {k: spec[k] for k in ("config", "teacher", "student", "seeds", "kinds")}}
     teacher_cfg = _config({**base, **spec["teacher"], "use_distillation": False, "seed": spec["seeds"][0]})
     t = train_student(teacher_cfg, output_dir=str(work / "teacher"), save=True)
-    out["teacher"] = {"metrics": t.metrics, "seconds": t.seconds, "num_parameters": t.num_parameters}
-    print(f"[quality] teacher {t.metrics.get('eval_accuracy')} in {t.seconds:.0f}s", flush=True)
+    out["teacher"] = {"metrics": t.metrics, "seconds": t.seconds, "num_parameters": t.num_parameters,
+                      "train_runtime_s": t.train_metrics.get("train_runtime")}
+    print(f"[quality {task.name}] teacher {metric} {t.metrics.get(metric)} in {t.seconds:.0f}s", flush=True)
 
     # Students start from the fine-tuned teacher's layers (student_layers), as in the demo.
     student = {**base, **spec["student"], "teacher_model_name": str(work / "teacher"), "model_name": str(work / "teacher")}
     d = dump_teacher(_config({**student, "use_distillation": True}), cache_dir=str(work / "cache"), force=True, progress=False)
     out["dump_s"] = d.seconds
-    teacher_model = AutoModelForSequenceClassification.from_pretrained(work / "teacher")
+    out["storage"] = _storage_row(d.cache_dir)
+    teacher_model = task.model_class.from_pretrained(work / "teacher")
     for seed in spec["seeds"]:
-        for kind in ("plain", "offline", "online"):
-            cfg = _config({**student, "use_distillation": kind != "plain", "seed": seed})
-            r = train_student(cfg, cache_dir=str(d.cache_dir) if kind == "offline" else None,
+        for kind in spec["kinds"]:
+            how = QUALITY_KINDS[kind]
+            cfg = _config({**student, **how["config"], "seed": seed})
+            r = train_student(cfg, cache_dir=str(d.cache_dir) if how["targets"] == "cache" else None,
                               output_dir=str(work / f"{kind}-{seed}"),
-                              online_teacher=teacher_model if kind == "online" else None, save=False)
+                              online_teacher=teacher_model if how["targets"] == "teacher" else None, save=False)
             out["runs"].append({"kind": kind, "seed": seed, "metrics": r.metrics, "seconds": r.seconds,
-                                "num_parameters": r.num_parameters})
-            print(f"[quality] {kind} seed {seed}: {r.metrics.get('eval_accuracy')} in {r.seconds:.0f}s", flush=True)
+                                "train_runtime_s": r.train_metrics.get("train_runtime"), "num_parameters": r.num_parameters,
+                                "cache_reads": r.cache_reads})
+            print(f"[quality {task.name}] {kind} seed {seed}: {metric} {r.metrics.get(metric)} in {r.seconds:.0f}s", flush=True)
     out["peak_rss_bytes"] = common.peak_rss_bytes()
     return out
 
 
-MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality}
+def run_many(spec: dict[str, Any]) -> dict[str, Any]:
+    """Several specs one after the other in this process, {name: result}: --quick overlaps its
+    independent sections this way, in one process rather than one each (each costs seconds of imports)."""
+    out = {}
+    for name, sub in spec["specs"].items():
+        t0 = time.perf_counter()
+        out[name] = MODES[sub["mode"]](sub)
+        out[name]["mode_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many}
 
 
 def main(argv: list[str]) -> int:

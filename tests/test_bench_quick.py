@@ -1,29 +1,104 @@
-"""`make bench`'s --quick mode (what CI runs): every path of the benchmark on tiny models. It checks
-that each section produced its figures; timings are reported by the benchmark, never asserted."""
+"""`make bench`'s --quick mode (what CI runs): every path of the benchmark on tiny models, for every
+task. It checks that each section produced its figures, for every task; timings are reported by the
+benchmark, never asserted."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 
 from helpers import REPO, cli_env
+
+from bench.run import QUALITY_TASKS, SECTIONS
+from bench.run_mode import QUALITY_KINDS
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def test_bench_quick_runs_every_path(tmp_path, kdcache_home):
     out = tmp_path / "BENCH.md"
     latest = REPO / "bench" / "results" / "bench-quick-cpu-latest.json"
-    latest.unlink(missing_ok=True)  # what is read below must come from this run
+    latest.unlink(missing_ok=True)
+    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, env=cli_env(kdcache_home), timeout=600)
+                          capture_output=True, text=True, env=cli_env(kdcache_home), timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(latest.read_text())
-    assert {"steps", "dump", "storage", "quality", "figures"} <= set(report)
+
+    # Every section, and every task's quality section, comes from this run (not an older saved one).
+    tasks = list(QUALITY_TASKS)
+    assert set(tasks) == {"text_classification", "token_classification", "question_answering"}
+    expected = {s for s in SECTIONS if s != "quality"} | {f"quality-{t}" for t in tasks}
+    assert set(report["sections"]) == expected
+    for name, meta in report["sections"].items():
+        assert meta["started_unix"] >= t0 - 1, name
+        assert meta["command"].endswith("--quick --out " + str(out)), name
+
     assert set(report["steps"]) == {"plain", "offline", "online"}
     figures = report["figures"]
-    for key in ("step_b_over_a", "step_c_over_a", "rss_b_over_a", "dump_over_forward", "headroom", "quality"):
+    for key in ("step_b_over_a", "step_c_over_a", "rss_b_over_a", "dump_over_forward", "headroom"):
         assert figures[key] is not None, key
     assert {c["name"] for c in report["storage"]["cases"]} >= {"logits", "hidden-int8-tokens", "hidden-fp16-cls"}
-    assert len(figures["quality"]["offline"]["values"]) == len(report["seeds"])
+
+    # Quality and cache storage per task: the teacher's metric, every student kind over every seed
+    # (mean, spread, wall time per run, ratio to the teacher), and the bytes per token of every field.
+    assert set(report["quality"]) == set(figures["quality"]) == set(tasks)
+    seeds = report["sections"]["quality-text_classification"]["seeds"]
+    assert len(seeds) >= 2
+    for task in tasks:
+        q, raw = figures["quality"][task], report["quality"][task]
+        assert raw["task"] == task and q["metric"].startswith("eval_"), task
+        assert _number(q["teacher"]) and _number(q["teacher_seconds"]), task
+        assert set(q["kinds"]) == set(QUALITY_KINDS) == {"plain", "offline-logits", "offline", "online"}
+        for kind, k in q["kinds"].items():
+            assert len(k["values"]) == len(seeds) and len(k["seconds"]) == len(seeds), (task, kind)
+            assert all(_number(k[x]) for x in ("mean", "std", "min", "max", "seconds_mean")), (task, kind)
+            assert k["other_means"] and all(_number(v) for v in k["other_means"].values()), (task, kind)
+            # x teacher is undefined only when the teacher scored 0 (tiny models often find no entity at all)
+            assert _number(k["ratio_to_teacher"]) if q["teacher"] else k["ratio_to_teacher"] is None, (task, kind)
+            assert isinstance(k["meets_criterion"], bool) or (not q["teacher"] and k["meets_criterion"] is None)
+        assert _number(q["offline_minus_online"]) and _number(q["seed_spread"]), task
+        # the cache of every task stores its target fields and int8 per-token hidden states
+        fields = raw["storage"]["fields"]
+        assert {"index", "logits", "hidden"} <= set(fields), (task, set(fields))
+        assert all(_number(f["bytes_per_token"]) and f["bytes_per_token"] > 0 for f in fields.values()), task
+        assert set(q["storage_bytes_per_token"]) == set(fields), task
+        assert raw["storage"]["stored"]["hidden"]["dtype"] == "int8", task
+    # the token tasks store per-position logits: 13 WNUT tags and QA's (start, end)
+    widths = {t: {x["name"]: (x["per"], x["width"]) for x in report["quality"][t]["storage"]["stored"]["targets"]} for t in tasks}
+    assert widths["text_classification"]["logits"] == ("example", 2)
+    assert widths["token_classification"]["logits"] == ("position", 13)
+    assert widths["question_answering"]["logits"] == ("position", 2)
+
     text = out.read_text()
     assert "## Summary against the design's goals" in text and "## 6. Quality" in text
+    for task in tasks:
+        assert f"`{task}`: " in text and f"| {task}: offline student / teacher" in text, task
+    assert text.count("| logits | full float32, per position") == 2
+
+
+def test_bench_sections_merge(tmp_path):
+    """A section re-run alone replaces that section's figures and keeps the others' (piecewise runs)."""
+    from bench import common, run
+
+    sizes = common.sizes_for("cpu", quick=True, scale=1)
+    sizes.name = f"merge-test-{tmp_path.name}"
+    results = run.RESULTS
+    try:
+        run.save_section(sizes, "quality-token_classification", {"metric": "eval_f1", "v": 1}, {"command": "first"})
+        run.save_section(sizes, "dump", {"v": 1}, {"command": "first"})
+        run.save_section(sizes, "quality-token_classification", {"metric": "eval_f1", "v": 2}, {"command": "second"})
+        report = run.assemble(sizes)
+        assert set(report["sections"]) == {"dump", "quality-token_classification"}
+        assert report["quality"]["token_classification"]["v"] == 2 and report["dump"]["v"] == 1
+        assert report["sections"]["dump"]["command"] == "first"
+        assert len(list((results / sizes.name / "history").glob("quality-token_classification-*.json"))) >= 1
+    finally:
+        import shutil
+
+        shutil.rmtree(results / sizes.name, ignore_errors=True)
