@@ -91,7 +91,7 @@ def format_comparison(teacher: dict[str, Any], student: dict[str, Any], metric: 
     size = 1 - student["num_parameters"] / teacher["num_parameters"]
     rows = [
         ("", "teacher", "student", "student/teacher"),
-        (metric, f"{t_m:.4f}", f"{s_m:.4f}", f"{s_m / t_m:.1%}"),
+        (metric, f"{t_m:.4f}", f"{s_m:.4f}", f"{s_m / t_m:.1%}" if t_m else "n/a"),
         ("parameters", f"{teacher['num_parameters'] / 1e6:.1f}M", f"{student['num_parameters'] / 1e6:.1f}M",
          f"{student['num_parameters'] / teacher['num_parameters']:.1%}"),
         ("size on disk", f"{teacher['bytes_on_disk'] / 2**20:.1f} MiB", f"{student['bytes_on_disk'] / 2**20:.1f} MiB",

@@ -106,6 +106,8 @@ def test_token_classification_dump_then_train_without_the_teacher(tmp_path, kdca
     assert logs[-1]["loss_hidden"] < logs[0]["loss_hidden"]
     assert {"eval_f1", "eval_precision", "eval_recall"} <= set(report["eval"])
     assert (out / "distillation_logs" / "prediction_comparison.png").exists()
+    compared = run_cli(["compare", "--config", str(pipeline), "--teacher", str(out)], kdcache_home)  # the teacher is gone
+    assert compared.stdout.splitlines()[1].split()[0] == "f1" and "guide's criteria" in compared.stdout
 
     # Another label alignment cuts other features: the cache is refused with the field named.
     other = run_cli(["train-student", "--config", str(pipeline), "--label-alignment", "all", "--cache-dir", str(cache)],
@@ -142,6 +144,8 @@ def test_question_answering_windows_dump_then_train_without_the_teacher(tmp_path
     report = json.loads((out / "kdcache_report.json").read_text())
     _learning_asserted(report)
     assert {"eval_exact_match", "eval_f1"} <= set(report["eval"])
+    compared = run_cli(["compare", "--config", str(pipeline), "--teacher", str(out)], kdcache_home)
+    assert compared.stdout.splitlines()[1].split()[0] == "f1" and "100.0%" in compared.stdout  # same model both sides
 
     # A student with another tokenizer is refused, naming both (token-level targets need the teacher's).
     from transformers import BertTokenizerFast

@@ -69,9 +69,22 @@ class Task:
         """The raw columns the model reads (their content is hashed into the cache fingerprint)."""
         raise NotImplementedError
 
+    def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
+        """(config field that names a column, what the column holds) for every column the task reads;
+        fields left None in the config (an optional column) are skipped."""
+        raise NotImplementedError
+
     def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
         """Raise DataError if the dataset is empty or a needed column is missing (naming the option to set)."""
-        raise NotImplementedError
+        if len(dataset) == 0:
+            raise DataError(f"the {split} dataset is empty: give a file or split with at least one row")
+        for option, what in self.column_fields(need_labels):
+            column = getattr(config, option)
+            if column is not None and column not in dataset.column_names:
+                raise DataError(
+                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(dataset.column_names)}); "
+                    f"set {option} (--{option.replace('_', '-')}) to the column holding {what}"
+                )
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
         """The label vocabulary from the training split; DataError on malformed labels."""

@@ -60,18 +60,9 @@ class QuestionAnswering(Task):
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         return [config.question_column, config.context_column]
 
-    def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
-        if len(dataset) == 0:
-            raise DataError(f"the {split} dataset is empty: give a file or split with at least one row")
-        needed = [(config.question_column, "question_column"), (config.context_column, "context_column")]
-        if need_labels:
-            needed.append((config.answers_column, "answers_column"))
-        for column, option in needed:
-            if column not in dataset.column_names:
-                raise DataError(
-                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(dataset.column_names)}); "
-                    f"set {option} (--{option.replace('_', '-')}) to the right one"
-                )
+    def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
+        fields = [("question_column", "the questions"), ("context_column", "the contexts")]
+        return fields + ([("answers_column", "the answers")] if need_labels else [])
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
         """No label vocabulary (num_labels 0); ``extra["has_no_answer"]``: whether some training row has no answer."""

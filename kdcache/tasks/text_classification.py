@@ -29,18 +29,9 @@ class TextClassification(Task):
             cols.append(config.text_pair_column)
         return cols
 
-    def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
-        if len(dataset) == 0:
-            raise DataError(f"the {split} dataset is empty: give a file or split with at least one row")
-        needed = [(c, "text_column" if c == config.text_column else "text_pair_column") for c in self.input_columns(config)]
-        if need_labels:
-            needed.append((config.label_column, "label_column"))
-        for column, option in needed:
-            if column not in dataset.column_names:
-                raise DataError(
-                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(dataset.column_names)}); "
-                    f"set {option} (--{option.replace('_', '-')}) to the right one"
-                )
+    def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
+        fields = [("text_column", "the text"), ("text_pair_column", "the second text of each pair")]
+        return fields + ([("label_column", "the labels")] if need_labels else [])
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
         values = train_dataset[config.label_column]

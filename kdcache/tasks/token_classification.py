@@ -44,18 +44,8 @@ class TokenClassification(Task):
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         return [config.text_column]
 
-    def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
-        if len(dataset) == 0:
-            raise DataError(f"the {split} dataset is empty: give a file or split with at least one row")
-        needed = [(config.text_column, "text_column", "word lists")]
-        if need_labels:
-            needed.append((config.label_column, "label_column", "tag lists"))
-        for column, option, what in needed:
-            if column not in dataset.column_names:
-                raise DataError(
-                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(dataset.column_names)}); "
-                    f"set {option} (--{option.replace('_', '-')}) to the column holding the {what}"
-                )
+    def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
+        return [("text_column", "the word lists")] + ([("label_column", "the tag lists")] if need_labels else [])
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
         self.check_columns(train_dataset, config, "train", need_labels=True)
