@@ -71,7 +71,7 @@ def autocast_for(device: torch.device, enabled: bool = True):
     """bf16 autocast on GPUs that have it, fp16 on older ones, nothing on CPU."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext(), "float32"
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.autocast("cuda", dtype=dtype), str(dtype).replace("torch.", "")
 
 
@@ -230,7 +230,11 @@ def dump_teacher(
         raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the teacher's {positions} positions: "
                          f"set max_length to {positions} or less")
     spec = store_spec_for(config, task, model_config, labels)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    except OSError as exc:
+        raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its tokenizer ({exc}); save the "
+                         "tokenizer next to the teacher's weights (tokenizer.save_pretrained)") from None
     tokenizer.padding_side = "right"  # rows are stored as their first n_tokens positions
     lookup = lookup_inputs(config, task, teacher_name, ds_hash, len(raw), requested_layers(config))
     inputs = fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer))

@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from kdcache import data as kdata
 from kdcache.config import FineTuneConfig
-from kdcache.models import count_parameters, resolve_model_path
+from kdcache.distributed import local_device
+from kdcache.models import ModelError, count_parameters, resolve_model_path
 from kdcache.tasks import get_task
 from kdcache.tasks.base import MODEL_INPUT_KEYS
 
@@ -69,18 +70,24 @@ def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels
     """Metric, size and inference throughput (examples/s, after one warm-up batch) on eval_dataset."""
     task = get_task(config.task_type)
     path = resolve_model_path(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = task.model_class.from_pretrained(path).eval().to(local_device())
+    except OSError as exc:
+        raise ModelError(f"model {model_name!r}: cannot load it with its tokenizer ({exc})") from None
     tokenizer.padding_side = "right"
-    model = task.model_class.from_pretrained(path).eval()
     examples = kdata.with_example_ids(eval_dataset)
+    task.check_columns(examples, config, "eval", need_labels=True)
     features = kdata.make_features(task, examples, tokenizer, config, labels, "eval")
     metrics, seconds = score(model, tokenizer, task, features, examples, labels, config, batch_size)
-    timed = max(len(features) - min(batch_size, len(features)), 1)
+    # Time covers the features after the first batch: count the examples they belong to.
+    timed_features = max(len(features) - min(batch_size, len(features)), 1)
+    timed_examples = timed_features * len(examples) / len(features)
     return {
         "metrics": metrics,
         "num_parameters": count_parameters(model),
         "bytes_on_disk": weights_bytes(path),
-        "examples_per_s": timed / seconds if seconds > 0 else float("nan"),
+        "examples_per_s": timed_examples / seconds if seconds > 0 else float("nan"),
     }
 
 

@@ -152,7 +152,7 @@ def build_student(config: FineTuneConfig, task, labels) -> tuple[torch.nn.Module
 
 def training_arguments(config: FineTuneConfig, output_dir: Path, label_keys: tuple[str, ...]) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    bf16 = bool(config.use_mixed_precision and cuda and torch.cuda.is_bf16_supported())
+    bf16 = bool(config.use_mixed_precision and cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     fp16 = bool(config.use_mixed_precision and cuda and not bf16)
     if config.use_mixed_precision and not cuda:
         log.warning("use_mixed_precision is ignored on CPU (no GPU found)")
@@ -290,7 +290,8 @@ def train_student(
         if fetcher is not None:
             fetcher.close()
     metrics: dict[str, float] = {}
-    if eval_feats is not None:
+    main_process = trainer.is_world_process_zero()  # under torchrun, one process evaluates and writes
+    if eval_feats is not None and main_process:
         student.eval()
         scores, seconds = score(student, tokenizer, task, eval_feats, eval_raw, labels, config, batch_size=2 * config.batch_size)
         metrics = {f"eval_{k}": float(v) for k, v in scores.items()}
@@ -300,7 +301,8 @@ def train_student(
                          time.perf_counter() - start, list(trainer.state.log_history), reads)
     if save:
         trainer.save_projections = False  # the projections only served training
-        trainer.save_model(str(out_dir))
+        trainer.save_model(str(out_dir))  # the Trainer saves on the main process only
+    if save and main_process:
         config.save(out_dir / CONFIG_NAME)
         report = {
             "eval": metrics, "train": result.train_metrics, "num_parameters": result.num_parameters,

@@ -93,7 +93,7 @@ def test_token_classification_dump_then_train_without_the_teacher(tmp_path, kdca
     cache = next(kdcache_home.iterdir())
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["store"]["targets"] == [{"name": "logits", "per": "position", "width": 13, "mode": "full"}]
-    assert manifest["features"] == {"max_length": 48, "label_alignment": "first"}
+    assert manifest["features"] == {"max_length": 48}
     inspected = run_cli(["inspect", str(cache), "--verify"], kdcache_home)
     assert "per position" in inspected.stdout
 
@@ -109,10 +109,15 @@ def test_token_classification_dump_then_train_without_the_teacher(tmp_path, kdca
     compared = run_cli(["compare", "--config", str(pipeline), "--teacher", str(out)], kdcache_home)  # the teacher is gone
     assert compared.stdout.splitlines()[1].split()[0] == "f1" and "guide's criteria" in compared.stdout
 
-    # Another label alignment cuts other features: the cache is refused with the field named.
-    other = run_cli(["train-student", "--config", str(pipeline), "--label-alignment", "all", "--cache-dir", str(cache)],
+    # Another label alignment reuses the same cache (the teacher's logits cover every token).
+    run_cli(["train-student", "--config", str(pipeline), "--label-alignment", "all", "--num-epochs", "1",
+             "--output-dir", str(tmp_path / "student_all")], kdcache_home)
+    report_all = json.loads((tmp_path / "student_all" / "kdcache_report.json").read_text())
+    assert report_all["cache_dir"] == report["cache_dir"] == str(cache)
+    # Another max_length cuts other features: that cache is refused with the field named.
+    other = run_cli(["train-student", "--config", str(pipeline), "--max-length", "32", "--cache-dir", str(cache)],
                     kdcache_home, check=False)
-    assert other.returncode != 0 and "label_alignment" in other.stderr and "Traceback" not in other.stderr
+    assert other.returncode != 0 and "max_length" in other.stderr and "Traceback" not in other.stderr
 
 
 def test_question_answering_windows_dump_then_train_without_the_teacher(tmp_path, kdcache_home, token_tokenizer_dir):

@@ -6,7 +6,7 @@ pooled. The contract between stage one (dump-teacher writes it) and stage two (t
 reads it). Depends on numpy and pyarrow only (torch only inside the quantisation functions).
 """
 
-from .errors import CacheError, CacheMismatchError
+from .errors import CacheError, CacheMismatchError, NonFiniteError
 from .fingerprint import canonical_json, fingerprint, hash_files, sha256_file
 from .format import FORMAT_VERSION, HiddenSpec, StoreSpec, TargetSpec
 from .quant import dequantize_int8, dequantize_int8_torch, quantize_int8
@@ -26,6 +26,7 @@ __all__ = [
     "CacheReader",
     "CacheError",
     "CacheMismatchError",
+    "NonFiniteError",
     "summarize",
     "format_summary",
     "fingerprint",

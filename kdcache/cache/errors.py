@@ -9,6 +9,10 @@ class CacheError(Exception):
     """A cache cannot be used as it is; the message says why and what to do."""
 
 
+class NonFiniteError(CacheError, ValueError):
+    """A teacher output to be stored holds NaN or inf: it must never reach a student."""
+
+
 class CacheMismatchError(CacheError):
     """A cache field differs from what this run expects (other data, tokenizer, layers, version)."""
 

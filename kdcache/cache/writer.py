@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import format as fmt
+from .errors import CacheError, NonFiniteError
 from .fingerprint import sha256_file
 from .format import StoreSpec
 
@@ -125,7 +126,7 @@ def _check_finite(name: str, offsets: np.ndarray | None, values: np.ndarray, fea
         return
     first = int(np.argmax(bad))
     row = int(np.searchsorted(offsets, first, side="right") - 1) if offsets is not None else first // width
-    raise ValueError(
+    raise NonFiniteError(
         f"TeacherBatch.{name} holds a non-finite value ({values[first]}) for feature id {int(feature_ids[row])}: "
         f"the teacher produced NaN/inf (check its dtype, e.g. float16 overflow); data that reaches a student must be finite"
     )
@@ -517,6 +518,8 @@ class BackgroundWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
+            if isinstance(self._error, CacheError):  # the data's fault: the caller reports it as it is
+                raise self._error
             raise RuntimeError(f"background cache writer failed: {self._error}") from self._error
 
     def _put(self, op: str, arg: Any = None) -> None:

@@ -24,7 +24,16 @@ def teacher_label_mismatch(model_config, labels: LabelInfo, teacher_name: str) -
     names = [str(theirs.get(i, theirs.get(str(i), ""))) for i in range(n)]
     default = [f"LABEL_{i}" for i in range(n)]
     ours = [labels.id2label.get(i, str(i)) for i in range(n)]
-    if labels.string_labels and names != default and names != ours and set(names) == set(ours):
+    named = ours != [str(i) for i in range(n)]  # string labels, or a ClassLabel column's names
+    folded = [x.lower() for x in names], [x.lower() for x in ours]
+    if named and names != default and folded[0] != folded[1] and set(folded[0]) == set(folded[1]):
         return (f"the teacher {teacher_name} orders its labels {names} but the training data's class ids give {ours}: "
                 f"its logits would be read as the wrong classes; {fix}")
     return None
+
+
+def class_label_names(dataset, column: str) -> Optional[list[str]]:
+    """The names of a ClassLabel column (or of a Sequence of ClassLabel), if it is one."""
+    feature = getattr(dataset, "features", {}).get(column)
+    names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+    return list(names) if names else None

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
 from kdcache.tasks.base import EXAMPLE_ID, DataError, LabelInfo, Task, ensure_example_ids, example_positions
-from kdcache.tasks.labels import label_kwargs, teacher_label_mismatch
+from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
 
 
 class TextClassification(Task):
@@ -52,7 +52,10 @@ class TextClassification(Task):
             raise DataError(f"label {high} is out of range for num_labels={num}: class ids must be 0..{num - 1}")
         if num < 2:
             raise DataError(f"the training labels hold a single class ({low}): classification needs two or more")
-        return LabelInfo(num, {i: str(i) for i in range(num)}, {str(i): i for i in range(num)}, False)
+        names = class_label_names(train_dataset, config.label_column)  # a ClassLabel column's names, if any
+        if names is None or len(names) != num:
+            names = [str(i) for i in range(num)]
+        return LabelInfo(num, dict(enumerate(names)), {n: i for i, n in enumerate(names)}, False)
 
     def encode_labels(self, values, labels: LabelInfo, column: str, split: str) -> list[int]:
         """Map raw labels to ids; out-of-range or unknown labels are errors naming the value."""

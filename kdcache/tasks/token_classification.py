@@ -10,7 +10,8 @@ tags; an evaluation tag outside it is an error.
 Features: one per example, the words tokenized with ``is_split_into_words=True`` and truncated at
 ``max_length`` (words past the cut are predicted ``O``). ``labels`` per sub-word token follow
 ``label_alignment``: ``first`` puts a word's tag on its first sub-word and -100 on the others,
-``all`` puts it on every sub-word; special tokens always get -100. Evaluation features (split
+``all`` puts it on every sub-word; special tokens always get -100. (The alignment is not part of the
+cache's identity: the teacher's logits are stored at every token, so one cache serves both.) Evaluation features (split
 other than ``train``) also keep ``word_ids`` (the word index of each token, -1 for special tokens).
 
 Stored target: ``logits`` per position, [n_tokens, C]. Distillation covers the tokens that carry a
@@ -30,7 +31,7 @@ from transformers import AutoModelForTokenClassification
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
 from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, Task, ensure_example_ids, example_positions
-from kdcache.tasks.labels import label_kwargs, teacher_label_mismatch
+from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
 
 OUTSIDE = "O"  # the tag of words a truncated feature does not cover
 
@@ -66,7 +67,7 @@ class TokenClassification(Task):
         low, high = int(min(values)), int(max(values))
         if low < 0:
             raise DataError(f"tag {low} in column {col!r} is negative: tag ids start at 0")
-        names = _class_label_names(train_dataset, col)
+        names = class_label_names(train_dataset, col)
         num = config.num_labels if config.num_labels is not None else (len(names) if names else high + 1)
         if high >= num:
             raise DataError(f"tag {high} is out of range for num_labels={num}: tag ids must be 0..{num - 1}")
@@ -76,7 +77,9 @@ class TokenClassification(Task):
         return LabelInfo(num, id2label, {n: i for i, n in id2label.items()}, False)
 
     def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
-        return {"max_length": config.max_length, "label_alignment": config.label_alignment}
+        # label_alignment is left out: it changes the student's labels and loss mask, not the
+        # features or the teacher's outputs (logits are stored at every token), so one cache serves both.
+        return {"max_length": config.max_length}
 
     def _checked_tags(self, dataset, config: FineTuneConfig, split: str) -> list[list[Any]]:
         """The tag lists, after checking each has its word list's length."""
@@ -111,7 +114,10 @@ class TokenClassification(Task):
 
     def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, split: str):
         """One feature per example, in input order: model inputs, ``kd_example_id``, ``length``, ``labels``
-        (per token, -100 where no tag) when the tag column exists, and ``word_ids`` when split != "train"."""
+        (per token, -100 where no tag) when the tag column exists, and ``word_ids`` when split != "train".
+        Training rows with no tagged token are dropped (they carry no loss)."""
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("token_classification needs a fast (Rust) tokenizer: its word_ids() align tags to sub-words")
         dataset = ensure_example_ids(dataset)
         has_labels = config.label_column in dataset.column_names
         keep_word_ids = split != "train"
@@ -140,7 +146,13 @@ class TokenClassification(Task):
             return enc
 
         remove = [c for c in dataset.column_names if c != EXAMPLE_ID]
-        return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
+        features = dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
+        if has_labels and split == "train":
+            # A row none of whose words survive tokenization (no words, or only characters the
+            # tokenizer drops) carries no label and no loss: a batch of them would log a NaN loss.
+            features = features.filter(lambda tags: any(t != IGNORE_INDEX for t in tags), input_columns="labels",
+                                       desc="dropping rows with no tagged token")
+        return features
 
     # -- models ----------------------------------------------------------------------------------
     def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
@@ -215,14 +227,6 @@ def _check_words(words, config: FineTuneConfig, split: str, dataset, i: int) -> 
     if not isinstance(words, (list, tuple)):
         raise DataError(f"{split} {_row_name(dataset, i)}: column {config.text_column!r} must hold a list of words "
                         f"(token_classification), got {type(words).__name__}; set text_column (--text-column) to the word-list column")
-
-
-def _class_label_names(dataset, column: str) -> Optional[list[str]]:
-    """The names of a Sequence(ClassLabel) column, if it is one."""
-    feature = getattr(dataset, "features", {}).get(column)
-    inner = getattr(feature, "feature", None)
-    names = getattr(inner, "names", None)
-    return list(names) if names else None
 
 
 def _describe(example_id: Any, row_id: Any) -> str:

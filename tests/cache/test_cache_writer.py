@@ -289,3 +289,23 @@ def test_background_writer_context_aborts_on_exception(tmp_path):
             raise KeyError("producer failed")
     assert not bw._thread.is_alive()
     assert not list(tmp_path.iterdir())
+
+
+def test_background_writer_hands_a_non_finite_value_back_as_a_cache_error(tmp_path):
+    """A NaN from the teacher reaches the user as the CacheError that names it (one line in the CLI), not
+    as a RuntimeError from the writer thread."""
+    from kdcache.cache import BackgroundWriter, CacheError, NonFiniteError, ShardWriter, StoreSpec, TargetSpec, TeacherBatch
+
+    spec = StoreSpec(targets=(TargetSpec("logits", "example", 2),), hidden=None)
+    logits = np.array([[0.5, 1.0], [np.nan, 2.0]], dtype=np.float32)
+    batch = TeacherBatch(feature_ids=np.arange(2), example_ids=np.arange(2), n_tokens=np.array([3, 4], np.int32),
+                         targets={"logits": logits})
+    writer = BackgroundWriter(ShardWriter(tmp_path, spec))
+    writer.open_shard(0, (0, 2))
+    writer.write(batch)
+    with pytest.raises(NonFiniteError, match="feature id 1") as err:
+        writer.close_shard()
+        writer.flush()
+    assert isinstance(err.value, CacheError)
+    writer.abort()
+    assert not list(tmp_path.glob("shard-*"))

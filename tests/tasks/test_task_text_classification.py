@@ -85,3 +85,24 @@ def test_predictions_and_metrics(setup):
 def test_macro_f1_by_hand():
     # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: tp 1 -> 1
     assert macro_f1(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2])) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_a_teacher_with_the_classlabel_names_in_another_order_is_refused():
+    """Integer labels with ClassLabel names (as hub datasets have them) keep their names, so a teacher
+    whose head orders the same names differently is caught before its logits are read as other classes."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from transformers import BertConfig
+
+    from kdcache.tasks import get_task
+
+    task = get_task("text_classification")
+    config = make_config("text_classification")
+    data = Dataset.from_dict({"text": ["good", "bad"], "label": [1, 0]},
+                             features=Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])}))
+    labels = task.label_info(data, config)
+    assert labels.id2label == {0: "negative", 1: "positive"} and not labels.string_labels
+    swapped = BertConfig(num_labels=2, id2label={0: "POSITIVE", 1: "NEGATIVE"})
+    problem = task.check_teacher_config(swapped, labels, "sst2-teacher")
+    assert problem and "POSITIVE" in problem and "fine-tune the teacher" in problem
+    assert task.check_teacher_config(BertConfig(num_labels=2, id2label={0: "Negative", 1: "Positive"}), labels, "t") is None
+    assert task.check_teacher_config(BertConfig(num_labels=2), labels, "t") is None  # LABEL_0/LABEL_1: nothing to compare

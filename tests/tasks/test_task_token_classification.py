@@ -45,7 +45,7 @@ def test_label_alignment_first_and_all(task, hand_tokenizer, alignment, expected
     assert "word_ids" not in feats.column_names  # train features carry no post-processing columns
     eval_feats = task.tokenize(data, hand_tokenizer, config, labels, split="eval")
     assert eval_feats["word_ids"][0] == WORD_IDS
-    assert task.feature_params(config) == {"max_length": 128, "label_alignment": alignment}
+    assert task.feature_params(config) == {"max_length": 128}  # the alignment does not change the teacher's outputs
 
 
 def test_first_and_all_differ_on_the_shipped_data(task, data_tokenizer, wnut_rows):
@@ -186,3 +186,14 @@ def test_targets_kd_view_and_a_real_model(task, hand_tokenizer):
     assert mask[1].tolist() == [False, True, True, False] + [False] * 6  # padding carries no loss
     _, mask = task.kd_view("logits", targets["logits"], {"attention_mask": batch["attention_mask"]})
     assert mask.tolist() == batch["attention_mask"].bool().tolist()
+
+
+def test_training_rows_with_no_tagged_token_are_dropped(task, hand_tokenizer):
+    """A row whose words all vanish in tokenization carries no loss (a batch of them would log NaN)."""
+    config = make_config("token_classification")
+    data = make_dataset([{"tokens": ["\ufe0f"], "ner_tags": ["O"]}, {"tokens": ["new", "york"], "ner_tags": ["B-location", "I-location"]}])
+    labels = task.label_info(data, config)
+    assert hand_tokenizer(["\ufe0f"], is_split_into_words=True)["input_ids"] == [2, 3]  # [CLS] [SEP]: the word vanished
+    feats = task.tokenize(data, hand_tokenizer, config, labels, split="train")
+    assert feats[EXAMPLE_ID] == [1]
+    assert len(task.tokenize(data, hand_tokenizer, config, labels, split="eval")) == 2  # evaluation keeps every row
