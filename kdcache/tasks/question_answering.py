@@ -8,7 +8,7 @@ Features, as in Hugging Face's ``run_qa.py`` example: the question (whitespace s
 left) and the context are tokenized as a pair, truncating only the context at ``max_length``; a
 context that does not fit is cut into several windows that overlap by ``doc_stride`` tokens
 (``return_overflowing_tokens``), each window one feature carrying its example's
-``kd_example_id``. (A tokenizer that pads on the left gets the context first, as in ``run_qa``.)
+``kd_example_id``.
 
 Labels (``start_positions``, ``end_positions``; on every split that has the answers column): the
 first and last token of the example's first answer when the whole answer lies inside the window's
@@ -126,16 +126,14 @@ class QuestionAnswering(Task):
         if has_answers:
             self._checked_answers(dataset, config, split)
         self._check_room(dataset, tokenizer, config, split)
-        pad_on_right = tokenizer.padding_side == "right"
-        context_seq = 1 if pad_on_right else 0
+        context_seq = 1  # the pair is (question, context): kdcache pads on the right everywhere
 
         def encode(batch):
             questions = [_text(q).lstrip() for q in batch[config.question_column]]
             contexts = [_text(c) for c in batch[config.context_column]]
             try:
                 enc = tokenizer(
-                    questions if pad_on_right else contexts, contexts if pad_on_right else questions,
-                    truncation="only_second" if pad_on_right else "only_first", max_length=config.max_length,
+                    questions, contexts, truncation="only_second", max_length=config.max_length,
                     stride=config.doc_stride or 0, return_overflowing_tokens=True, return_offsets_mapping=True,
                 )
             except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
