@@ -114,3 +114,12 @@ def test_a_teacher_without_a_trained_head_is_refused(tmp_path, kdcache_home, tok
     with pytest.raises(ModelError, match="no trained text_classification head"):
         dump_teacher(config, progress=False)
     assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
+
+
+def test_no_cache_advice_followed_works(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
+    """'no teacher cache ...: run `kdcache dump-teacher` with the same config first': doing so lets train-student run."""
+    config = config_for(trained_teacher, tiny_student, small_data, tmp_path, max_train_samples=64)
+    with pytest.raises(CacheError, match="run `kdcache dump-teacher` with the same config first"):
+        train_student(config)
+    dump_teacher(config, progress=False)
+    assert train_student(config).cache_dir is not None
