@@ -11,6 +11,8 @@ On the same student, data and batches it measures (design §7):
   3. memory      peak RSS (and GPU memory) of (a), (b), (c), each in its own process
   4. storage     bytes per token per stored field and the ratio to float32, per storage case
   5. headroom    tokens/s the cache reader decodes on one core / tokens/s the student step consumes
+  7. seq2seq     vocabulary-scale targets (bench/seq2seq.py): a ~32k-vocabulary student's step cost per
+                 logit mode, translation quality per mode over seeds, target fidelity, top-k codecs
   6. quality     per task (text classification, token classification, extractive QA, on the shipped
                  samples): the fine-tuned MiniLM teacher, and students trained plainly, offline from
                  cached logits, offline from cached logits + int8 hidden states, and online, over
@@ -38,9 +40,10 @@ from typing import Any, Optional
 
 from bench import common
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
+from bench import seq2seq
 from bench.run_mode import QUALITY_KINDS
 
-SECTIONS = ("steps", "dump", "storage", "quality")
+SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq")
 
 
 # Storage cases: each adds its rows to the storage table. A new logit mode adds an entry (the
@@ -299,6 +302,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for task in tasks:
             specs[f"quality-{task}"] = quality_spec(task, args.quick, stand_in, work, seeds, threads)
 
+    if "seq2seq" in run:
+        specs["seq2seq"] = seq2seq.spec_for(args.quick, work / "seq2seq", seeds, threads)
+
     started: dict[str, tuple[float, float]] = {}  # section -> (unix time, load average) at its start
 
     def start(name: str) -> None:
@@ -517,6 +523,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     L += _dump_md(r, f)
     L += _storage_md(r, f)
     L += _quality_md(r, f, quick)
+    if "seq2seq" in r:
+        L += seq2seq.markdown(r["seq2seq"], quick)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)

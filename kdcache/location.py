@@ -34,6 +34,7 @@ def lookup_inputs(
         "input_columns": task.input_columns(config),
         "features": task.feature_params(config),
         "hidden": hidden,
+        **({"targets": task.target_params(config)} if task.target_params(config) else {}),  # absent for small heads
     }
 
 

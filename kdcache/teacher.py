@@ -55,3 +55,46 @@ def pool_student(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str) ->
         return h[:, :1, :]
     mask = attention_mask.to(h.dtype)[:, :, None]  # [B, S, 1]
     return (h * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+# -- vocabulary-scale heads: what leaves the device per position -----------------------------------
+
+def reduce_topk(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> dict[str, torch.Tensor]:
+    """The k largest logits of each position and the exact mass outside them at each temperature.
+
+    logits: [..., V]. Returns ``idx`` [..., k] (descending), ``logp`` [..., k] float16 log-probabilities
+    at T=1, ``logrest`` [..., n_T] float16 log of the mass outside the top-k at each temperature
+    (computed in float32 over the non-top-k entries, so no cancellation), all on logits' device."""
+    lf = logits.float()  # [..., V]
+    logp_all = torch.log_softmax(lf, dim=-1)  # [..., V]
+    logp, idx = logp_all.topk(k, dim=-1)  # [..., k] descending
+    rest = []
+    for t in temperatures:
+        tempered = torch.log_softmax(lf / t, dim=-1).scatter(-1, idx, float("-inf"))  # [..., V], top-k removed
+        rest.append(tempered.logsumexp(dim=-1).clamp(min=-60.0))  # [...]; exp(-60) ~ 1e-26: nothing left
+    logp = logp.clamp(min=-6.0e4)  # a masked (-inf) logit inside the top-k stays finite in float16 (its mass is 0 anyway)
+    return {"idx": idx, "logp": logp.to(torch.float16), "logrest": torch.stack(rest, dim=-1).to(torch.float16)}
+
+
+def reduce_sampled(logits: torch.Tensor, draws: int, temperatures: tuple[float, ...],
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """``draws`` tokens drawn (with replacement) from the teacher at T=1 per position, as distinct ids
+    with counts: an unbiased estimate of the teacher distribution (Anshumann et al., 2025).
+
+    logits: [..., V]. Returns ``idx`` [..., draws] (distinct ids ascending, unused slots 0), ``count``
+    [..., draws] uint8 (summing to ``draws``), ``logp`` [..., draws] float16 (0 in unused slots) and
+    ``lse`` [..., n_T] float32, logsumexp over the vocabulary of logp/T: with it the draws are
+    importance-weighted to any stored temperature without bias."""
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    logp_all = torch.log_softmax(logits.float(), dim=-1).reshape(-1, V)  # [N, V]
+    drawn = torch.multinomial(logp_all.exp(), draws, replacement=True, generator=generator)  # [N, draws]
+    drawn = drawn.sort(dim=-1).values
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new.long().cumsum(dim=-1) - 1  # [N, draws] slot of each draw's id
+    idx = torch.zeros_like(drawn).scatter_(1, slot, drawn)  # [N, draws]
+    count = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))  # [N, draws]
+    logp = torch.where(count > 0, logp_all.gather(1, idx), torch.zeros((), device=logits.device))  # [N, draws]
+    lse = torch.stack([torch.logsumexp(logp_all / t, dim=-1) for t in temperatures], dim=-1)  # [N, n_T]
+    return {"idx": idx.reshape(*lead, draws), "count": count.to(torch.uint8).reshape(*lead, draws),
+            "logp": logp.to(torch.float16).reshape(*lead, draws), "lse": lse.reshape(*lead, len(temperatures))}

@@ -74,16 +74,10 @@ def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_e
     reader = CacheReader(path)
     reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
                   features=task.feature_params(config))
-    if config.distill_logits:
-        for target in task.target_specs(labels):
-            stored = reader.spec.target(target.name)
-            if stored is None or (stored.per, stored.width) != (target.per, target.width):
-                what = "nothing" if stored is None else f"{stored.width} values per {stored.per}"
-                raise CacheMismatchError(
-                    f"targets.{target.name}", None if stored is None else stored.to_dict(), target.to_dict(),
-                    f"{path} stores {what} for {target.name!r} but this run needs {target.width} values per {target.per}: "
-                    "teacher and student must share the label set; re-run dump-teacher with this data",
-                )
+    for target in task.target_specs(labels, config, student_tokenizer):
+        if target.mode != "tokens" and not config.distill_logits:
+            continue
+        _expect_target(reader, path, target, config)
     layers = None
     wanted = requested_layers(config)
     if wanted is not None:
@@ -97,6 +91,31 @@ def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_e
         _expect_same_tokenizer(reader, student_tokenizer, config)
     _expect_same_features(reader, features, token_level)
     return reader, layers
+
+
+def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConfig) -> None:
+    """The cache stores ``target`` (the student's own spec of it) in a form this run can train from."""
+    stored = reader.spec.target(target.name)
+    if stored is None and target.mode == "tokens":
+        raise CacheMismatchError("sequence_kd", False, True, f"{path} stores no teacher-generated targets but sequence_kd is on: "
+                                 "re-run dump-teacher with sequence_kd: true (it writes a new cache)")
+    if stored is None or (stored.per, stored.width) != (target.per, target.width):
+        what = "nothing" if stored is None else f"{stored.width} values per {stored.per}"
+        raise CacheMismatchError(
+            f"targets.{target.name}", None if stored is None else stored.to_dict(), target.to_dict(),
+            f"{path} stores {what} for {target.name!r} but this run needs {target.width} values per {target.per}: "
+            "teacher and student must share the label set (or vocabulary); re-run dump-teacher with this data",
+        )
+    if stored.mode != target.mode and target.mode != "tokens":
+        raise CacheMismatchError("logits_mode", stored.mode, target.mode,
+                                 f"{path} stores {target.name!r} in mode {stored.mode!r} but logits_mode is {target.mode!r}: "
+                                 f"set logits_mode: {stored.mode}, or re-run dump-teacher with logits_mode: {target.mode}")
+    temperature = config.temperature or default_temperature(config.task_type, 0)
+    if stored.sparse and not (stored.mode == "topk" and config.topk_loss == "renormalized"):
+        try:
+            stored.temperature_index(temperature)
+        except ValueError as exc:
+            raise CacheMismatchError("temperature", list(stored.temperatures), temperature, str(exc)) from None
 
 
 def _expect_same_tokenizer(reader: CacheReader, tokenizer, config: FineTuneConfig) -> None:
@@ -210,6 +229,9 @@ def train_student(
         task.check_columns(eval_raw, config, "eval", need_labels=True)
 
     student, tokenizer = build_student(config, task, labels)
+    problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
+    if problem:
+        raise ModelError(problem)
     train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
     eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
 
@@ -223,14 +245,15 @@ def train_student(
         if layers is not None:
             stored = list(reader.spec.hidden.layers)
             positions = [stored.index(l) for l in layers]
-        targets = [reader.spec.target(t.name) for t in task.target_specs(labels)] if config.distill_logits else []
+        targets = [reader.spec.target(t.name) for t in task.target_specs(labels, config, tokenizer)
+                   if config.distill_logits or t.mode == "tokens"]
         fetcher = TargetFetcher(reader, targets, positions)
         teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
         teacher_width = int(reader.manifest["teacher"]["hidden_size"])
         pooling = reader.spec.hidden.pooling if reader.spec.hidden is not None else "none"
     elif distil:
-        teacher_depth = online_teacher.config.num_hidden_layers
-        teacher_width = online_teacher.config.hidden_size
+        teacher_depth = task.hidden_config(online_teacher.config).num_hidden_layers
+        teacher_width = task.hidden_config(online_teacher.config).hidden_size
         problem = task.check_teacher_config(online_teacher.config, labels, "online teacher")
         if problem:
             raise ModelError(problem)
@@ -238,9 +261,10 @@ def train_student(
         layers = resolve_layers(wanted, teacher_depth) if wanted is not None else None
         pooling = config.hidden_pooling
     else:
-        teacher_depth, teacher_width, pooling = 1, student.config.hidden_size, "none"
+        teacher_depth, teacher_width, pooling = 1, task.hidden_config(student.config).hidden_size, "none"
 
     layer_map: dict[int, int] = {}
+    student_depth = task.hidden_config(student.config).num_hidden_layers
     if distil and layers is not None:
         if config.layer_map:
             resolved = {resolve_layers([t], teacher_depth)[0]: s for t, s in config.layer_map.items()}
@@ -249,11 +273,11 @@ def train_student(
                 raise ModelError(f"layer_map has no student layer for teacher layer(s) {missing}")
             layer_map = {l: resolved[l] for l in layers}
         else:
-            layer_map = proportional_layer_map(layers, teacher_depth, student.config.num_hidden_layers)
-        bad = {t: s for t, s in layer_map.items() if not 0 <= s <= student.config.num_hidden_layers}
+            layer_map = proportional_layer_map(layers, teacher_depth, student_depth)
+        bad = {t: s for t, s in layer_map.items() if not 0 <= s <= student_depth}
         if bad:
-            raise ModelError(f"layer_map {bad}: the student has hidden_states 0..{student.config.num_hidden_layers}")
-    model = DistillationModel(student, layer_map, teacher_width, task.output_targets)
+            raise ModelError(f"layer_map {bad}: the student has hidden_states 0..{student_depth}")
+    model = DistillationModel(student, layer_map, teacher_width, task)
 
     args = training_arguments(config, out_dir, task.label_keys)
     if max_steps is not None:
@@ -266,7 +290,7 @@ def train_student(
         model=model,
         args=args,
         train_dataset=train_feats,
-        data_collator=DistillationCollator(tokenizer, fetcher, task.label_keys),
+        data_collator=DistillationCollator(tokenizer, fetcher, task),
         processing_class=tokenizer,
         callbacks=[MonitorCallback(monitor)] + list(callbacks or []),
         task=task,
@@ -277,6 +301,8 @@ def train_student(
         hidden_pooling=pooling,
         fetcher=fetcher,
         online_teacher=online,
+        targets={t.name: t for t in fetcher.targets} if fetcher is not None else None,
+        topk_loss=config.topk_loss,
     )
     monitor.trainer = trainer
     resume = config.resume_from_checkpoint

@@ -70,7 +70,7 @@ def test_teacher_logits_land_on_the_students_positions(tmp_path, tokenizer_dir, 
     spec = _hand_built_cache(tmp_path / "cache", task, labels, features)
     (target,) = spec.targets
     reader = CacheReader(tmp_path / "cache")
-    collator = DistillationCollator(tok, TargetFetcher(reader, list(spec.targets), None), task.label_keys)
+    collator = DistillationCollator(tok, TargetFetcher(reader, list(spec.targets), None), task)
 
     rng = np.random.default_rng(0)
     order = rng.permutation(len(features))[:16]  # a shuffled batch of features

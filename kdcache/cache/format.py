@@ -16,7 +16,15 @@ of long sequences can exceed 2**31 values):
   ``n_tokens`` for encoder tasks, the decoder length for seq2seq
 - one group of columns per target field (see :class:`TargetSpec`); for mode ``full``:
   per example ``<name>`` fixed_size_list<float32>[C]; per position ``<name>`` large_list<float32>,
-  the row's [n_positions, C] flattened (C order)
+  the row's [n_positions, C] flattened (C order). Vocabulary-scale heads store per position, each
+  a large_list of the row's [n_positions, m] values: mode ``topk``: ``<name>_idx`` (the k largest
+  logits' token ids, descending, in the smallest unsigned type holding C), ``<name>_logp`` float16
+  (their log-probabilities at T=1) and ``<name>_logrest`` float16 [n_temperatures] (log of the mass
+  outside the top-k at each stored temperature, computed in float32 on the device); mode
+  ``sampled``: ``<name>_idx`` (distinct ids among k draws from the teacher, ascending, unused slots
+  0), ``<name>_count`` uint8 (draws of each id; they sum to k), ``<name>_logp`` float16 and
+  ``<name>_lse`` float32 [n_temperatures] (logsumexp over the vocabulary of logp/T); mode
+  ``tokens``: ``<name>`` token ids [n_positions, 1] (teacher-generated targets).
 - float16 hidden: ``hidden`` large_list<float16>, the row's [L, n, H] flattened, where n is
   n_tokens (pooling "none") or 1 (pooled)
 - int8 hidden: ``hidden_q`` large_list<int8> [L, n, H], ``hidden_scale`` large_list<float16> [L, n],
@@ -39,7 +47,10 @@ TMP_SUFFIX = ".tmp"
 HIDDEN_DTYPES = ("float16", "int8")
 POOLINGS = ("none", "cls", "mean")
 TARGET_PER = ("example", "position")  # where a target field lives
-TARGET_MODES = ("full",)  # vocabulary-scale heads add "topk" / "sampled" here (seq2seq issue)
+TARGET_MODES = ("full", "topk", "sampled", "tokens")
+SPARSE_MODES = ("topk", "sampled")  # a few entries per position of a vocabulary-scale head
+DEFAULT_TEMPERATURES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # the guide's 1.5-4.0, plus 1.0
+MAX_DRAWS = 255  # sampled mode: counts are uint8
 
 # Column names, in schema order.
 COL_FEATURE = "feature_id"
@@ -74,24 +85,42 @@ def parse_shard_index(name: str) -> int | None:
     return None
 
 
+def index_dtype(vocab: int) -> str:
+    """The smallest unsigned integer type that holds token ids 0..vocab-1."""
+    for dtype, limit in (("uint8", 1 << 8), ("uint16", 1 << 16), ("uint32", 1 << 32)):
+        if vocab <= limit:
+            return dtype
+    raise ValueError(f"a vocabulary of {vocab} tokens does not fit uint32 token ids")
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """One stored teacher output: its name, where it lives, how it is stored and its width.
 
     ``per="example"``: one [C] vector per feature (a sequence classification head).
     ``per="position"``: one [C] vector per position, n_positions of them (token classification:
-    C classes; QA: C=2, the start and end logit of each position).
-    ``mode="full"`` stores every logit as float32 (small heads: no top-k bias).
+    C classes; QA: C=2, the start and end logit of each position; seq2seq: C = the vocabulary).
+    ``mode="full"`` stores every logit as float32 (small heads: no top-k bias); ``"topk"`` the k
+    largest with the exact mass of the rest at each of ``temperatures``; ``"sampled"`` k draws from
+    the teacher with their counts (an unbiased estimate); ``"tokens"`` one token id per position
+    (C = the vocabulary: teacher-generated targets for sequence-level KD).
     """
 
     name: str  # "logits"; also the model output the student's matching output is named after
     per: str  # "example" | "position"
-    width: int  # C: values per row (per example) or per position
+    width: int  # C: values per row (per example) or per position; the vocabulary for topk/sampled/tokens
     mode: str = "full"
+    k: int = 0  # topk: entries per position; sampled: draws per position
+    temperatures: tuple[float, ...] = ()  # topk/sampled: temperatures whose normalisers are stored
 
     def __post_init__(self) -> None:
         if isinstance(self.width, numbers.Integral) and not isinstance(self.width, bool):
             object.__setattr__(self, "width", int(self.width))  # numpy ints (e.g. a label count) are fine
+        if isinstance(self.k, numbers.Integral) and not isinstance(self.k, bool):
+            object.__setattr__(self, "k", int(self.k))
+        if isinstance(self.temperatures, (list, tuple)):
+            object.__setattr__(self, "temperatures", tuple(float(t) if isinstance(t, numbers.Real) and not isinstance(t, bool)
+                                                           else t for t in self.temperatures))
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name in INDEX_COLUMNS or self.name.startswith("hidden"):
             raise ValueError(f"TargetSpec.name must be an identifier other than the index and hidden columns, got {self.name!r}")
         if self.per not in TARGET_PER:
@@ -100,24 +129,77 @@ class TargetSpec:
             raise ValueError(f"TargetSpec.mode must be one of {TARGET_MODES}, got {self.mode!r}")
         if not _is_int(self.width) or self.width <= 0:
             raise ValueError(f"TargetSpec.width must be a positive int, got {self.width!r}")
+        if self.mode == "full" or self.mode == "tokens":
+            if self.k or self.temperatures:
+                raise ValueError(f"TargetSpec.k and temperatures apply to modes {SPARSE_MODES}, not {self.mode!r}")
+        if self.mode != "full" and self.per != "position":
+            raise ValueError(f"TargetSpec mode {self.mode!r} is stored per position, not per {self.per}")
+        if self.mode in SPARSE_MODES:
+            if not _is_int(self.k) or not 0 < self.k <= self.width:
+                raise ValueError(f"TargetSpec.k must be in 1..{self.width} (the vocabulary) for mode {self.mode!r}, got {self.k!r}")
+            if self.mode == "sampled" and self.k > MAX_DRAWS:
+                raise ValueError(f"TargetSpec.k (draws) must be at most {MAX_DRAWS} for mode 'sampled', got {self.k}")
+            temps = self.temperatures
+            if not isinstance(temps, tuple) or not temps or not all(isinstance(t, float) and t > 0 for t in temps):
+                raise ValueError(f"TargetSpec.temperatures must be a non-empty list of positive numbers, got {temps!r}")
+            if len(set(temps)) != len(temps) or list(temps) != sorted(temps):
+                raise ValueError(f"TargetSpec.temperatures must be ascending without duplicates, got {list(temps)}")
+        if self.mode != "full":
+            index_dtype(self.width)
+
+    @property
+    def sparse(self) -> bool:
+        """True for topk / sampled (a few entries per position instead of the whole vocabulary)."""
+        return self.mode in SPARSE_MODES
+
+    def components(self) -> dict[str, tuple[str, int]]:
+        """Column suffix ("" for the bare name) -> (numpy dtype, values per row (per example) or per position)."""
+        if self.mode == "full":
+            return {"": ("float32", self.width)}
+        ids = index_dtype(self.width)
+        if self.mode == "tokens":
+            return {"": (ids, 1)}
+        n_t = len(self.temperatures)
+        if self.mode == "topk":
+            return {"_idx": (ids, self.k), "_logp": ("float16", self.k), "_logrest": ("float16", n_t)}
+        return {"_idx": (ids, self.k), "_count": ("uint8", self.k), "_logp": ("float16", self.k), "_lse": ("float32", n_t)}
 
     def columns(self) -> dict[str, str]:
         """Column name -> numpy dtype of its flat values, in schema order."""
-        return {self.name: "float32"}
+        return {self.name + suffix: dtype for suffix, (dtype, _) in self.components().items()}
 
     def arrow_fields(self) -> list[pa.Field]:
         """The Arrow fields that hold this target."""
         if self.per == "example":
             return [pa.field(self.name, pa.list_(pa.float32(), self.width), nullable=False)]
-        return [pa.field(self.name, pa.large_list(pa.float32()), nullable=False)]
+        return [pa.field(col, pa.large_list(pa.from_numpy_dtype(dtype)), nullable=False) for col, dtype in self.columns().items()]
+
+    def bytes_per_position(self) -> int:
+        """Stored bytes per position (per row for per-example targets), before any codec."""
+        import numpy as np
+
+        return sum(np.dtype(dtype).itemsize * m for dtype, m in self.components().values())
+
+    def temperature_index(self, temperature: float) -> int:
+        """Position of ``temperature`` in the stored list; ValueError listing the stored ones."""
+        for i, t in enumerate(self.temperatures):
+            if abs(t - float(temperature)) < 1e-6:
+                return i
+        stored = ", ".join(f"{t:g}" for t in self.temperatures)
+        raise ValueError(f"temperature {float(temperature):g} is not stored in the cache (stored: {stored}): train at one of "
+                         f"those, or re-run dump-teacher with temperatures including {float(temperature):g}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "per": self.per, "width": self.width, "mode": self.mode}
+        d: dict[str, Any] = {"name": self.name, "per": self.per, "width": self.width, "mode": self.mode}
+        if self.sparse:
+            d.update(k=self.k, temperatures=list(self.temperatures), index_dtype=index_dtype(self.width))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TargetSpec":
         try:
-            return cls(name=d["name"], per=d["per"], width=d["width"], mode=d.get("mode", "full"))
+            return cls(name=d["name"], per=d["per"], width=d["width"], mode=d.get("mode", "full"), k=d.get("k", 0),
+                       temperatures=tuple(d.get("temperatures", ())))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a TargetSpec dict: {d!r}") from e
 
@@ -211,6 +293,9 @@ class StoreSpec:
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
             raise ValueError(f"StoreSpec.targets has duplicate names: {names}")
+        cols = [c for t in targets for c in t.columns()]
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"StoreSpec.targets' columns collide: {cols}")
         if self.hidden is not None and not isinstance(self.hidden, HiddenSpec):
             raise ValueError(f"StoreSpec.hidden must be a HiddenSpec or None, got {type(self.hidden).__name__}")
         if not targets and self.hidden is None:

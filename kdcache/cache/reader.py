@@ -142,7 +142,8 @@ class CacheReader:
         """Every list column's row lengths must follow from n_tokens / n_positions (one vectorised check per column)."""
         n_tok = cols[fmt.COL_NTOK][0].astype(np.int64)
         n_pos = cols[fmt.COL_NPOS][0].astype(np.int64)
-        want: dict[str, np.ndarray] = {t.name: n_pos * t.width for t in self.spec.targets if t.per == "position"}
+        want: dict[str, np.ndarray] = {t.name + suffix: n_pos * m for t in self.spec.targets if t.per == "position"
+                                       for suffix, (_, m) in t.components().items()}
         h = self.spec.hidden
         if h is not None:
             n = np.ones_like(n_tok) if h.pooled else n_tok  # vectors stored per (feature, layer)
@@ -266,14 +267,20 @@ class CacheReader:
             raise CacheError(f"target {name!r} is stored per {t.per}, not per {per}: use {use}()")
         return t
 
-    def _targets_at(self, t: TargetSpec, bs: np.ndarray, rs: np.ndarray, pos: np.ndarray) -> np.ndarray | list[np.ndarray]:
-        """Target ``t`` of the located rows: per example float32 [B, C]; per position B x float32 [n_i, C] (copies)."""
+    def _targets_at(self, t: TargetSpec, bs: np.ndarray, rs: np.ndarray, pos: np.ndarray) -> np.ndarray | list[Any]:
+        """Target ``t`` of the located rows (copies): per example float32 [B, C]; per position B x float32
+        [n_i, C] (full), B x int64 [n_i] (tokens) or B x {component: [n_i, m]} (topk / sampled)."""
         if t.per == "example":
             out = np.empty((len(bs), t.width), dtype=np.float32)  # [B, C]
             for i, (b, r) in enumerate(zip(bs, rs)):
                 out[i] = self._batches[b].cols[t.name][0][r]
             return out
-        return [self._row(b, r, t.name).reshape(int(self._npos[p]), t.width).copy() for b, r, p in zip(bs, rs, pos)]
+        if t.mode == "full":
+            return [self._row(b, r, t.name).reshape(int(self._npos[p]), t.width).copy() for b, r, p in zip(bs, rs, pos)]
+        if t.mode == "tokens":
+            return [self._row(b, r, t.name).astype(np.int64) for b, r in zip(bs, rs)]
+        return [{suffix[1:]: self._row(b, r, t.name + suffix).reshape(int(self._npos[p]), m).copy()
+                 for suffix, (_, m) in t.components().items()} for b, r, p in zip(bs, rs, pos)]
 
     def get(self, feature_ids: Sequence[int]) -> TeacherRows:
         """Everything stored for ``feature_ids``, in that order (hidden decoded to float32, every layer)."""
@@ -303,26 +310,43 @@ class CacheReader:
         _, pos = self._locate(feature_ids)
         return self._targets_at(t, self._where_batch[pos], self._where_row[pos], pos)
 
-    def get_target_padded(self, feature_ids: Sequence[int], name: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-position target ``name`` padded to ``seq_len``: (float32 [B, seq_len, C] zero-padded, bool mask [B, seq_len]).
+    def get_target_padded(self, feature_ids: Sequence[int], name: str, seq_len: int | None = None) -> tuple[Any, np.ndarray]:
+        """Per-position target ``name`` padded to ``seq_len`` positions (None: the longest of the batch),
+        and the bool mask [B, seq_len] of the positions the teacher's target covers (the first n_positions).
 
-        The mask is True at the positions the teacher's target covers (the first n_positions).
+        Mode full: float32 [B, seq_len, C], zero-padded. Mode tokens: int64 [B, seq_len] ids, -100 beyond
+        each row (the Hugging Face ignore index). Modes topk / sampled: {component: [B, seq_len, m]} with
+        ``idx`` int64 and the other components float32, zero-padded (the mask says what is real).
         """
         t = self._target_spec(name, "position")
         ids, pos = self._locate(feature_ids)
-        B, C = ids.shape[0], t.width
-        out = np.zeros((B, seq_len, C), dtype=np.float32)  # [B, S, C]
+        n_pos = self._npos[pos]  # [B]
+        if seq_len is None:
+            seq_len = int(n_pos.max()) if len(n_pos) else 0
+        B = ids.shape[0]
         mask = np.zeros((B, seq_len), dtype=bool)  # [B, S]
-        for i, (b, r, p) in enumerate(zip(self._where_batch[pos], self._where_row[pos], pos)):
-            n = int(self._npos[p])
+        if t.mode == "full":
+            outs = {"": np.zeros((B, seq_len, t.width), dtype=np.float32)}  # [B, S, C]
+        elif t.mode == "tokens":
+            outs = {"": np.full((B, seq_len, 1), -100, dtype=np.int64)}  # [B, S, 1]
+        else:
+            outs = {suffix: np.zeros((B, seq_len, m), dtype=np.int64 if suffix == "_idx" else np.float32)
+                    for suffix, (_, m) in t.components().items()}  # [B, S, m] each
+        for i, (b, r) in enumerate(zip(self._where_batch[pos], self._where_row[pos])):
+            n = int(n_pos[i])
             if n > seq_len:
                 raise CacheError(
                     f"feature {int(ids[i])} has {n} cached positions of target {name!r} but seq_len is {seq_len}: the batch "
                     f"is tokenized differently from the dump (max_length / truncation / stride differ)"
                 )
-            out[i, :n] = self._row(b, r, name).reshape(n, C)
+            for suffix, out in outs.items():
+                out[i, :n] = self._row(b, r, name + suffix).reshape(n, out.shape[2])
             mask[i, :n] = True
-        return out, mask
+        if t.mode == "full":
+            return outs[""], mask
+        if t.mode == "tokens":
+            return outs[""][:, :, 0], mask
+        return {suffix[1:]: out for suffix, out in outs.items()}, mask
 
     def get_padded(self, feature_ids: Sequence[int], seq_len: int, layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-token hidden states padded to ``seq_len``: (float32 [B, L', seq_len, H], bool mask [B, seq_len]).

@@ -49,8 +49,8 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
     vectors = 0 if spec.hidden is None else (rows if spec.hidden.pooled else n_tokens)
 
     groups: dict[str, tuple[tuple[str, ...], int | None]] = {"index": (fmt.INDEX_COLUMNS, None)}
-    for t in spec.targets:
-        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * t.width * 4)
+    for t in spec.targets:  # raw: the whole head as float32 (what top-k / sampled spare)
+        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * t.width * (4 if t.mode != "tokens" else 0))
     if spec.hidden is not None:
         h = spec.hidden
         groups["hidden"] = (spec.hidden_columns(), vectors * h.num_layers * h.hidden_size * 4)
@@ -66,9 +66,12 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
             "raw_float32_bytes": raw,
             "ratio_to_float32": (b / raw) if raw else None,
         }
+        target = spec.target(name)
+        if target is not None and target.per == "position":
+            fields[name]["bytes_per_position"] = b / positions if positions else 0.0
 
     stored: dict[str, Any] = {
-        "targets": [{"name": t.name, "per": t.per, "mode": t.mode, "width": t.width} for t in spec.targets],
+        "targets": [t.to_dict() for t in spec.targets],
         "hidden": None if spec.hidden is None else spec.hidden.to_dict(),
         "features": dict(spec.features),
     }
@@ -85,9 +88,26 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         "num_shards": len(shards),
         "bytes_per_shard": disk / len(shards) if shards else 0.0,
         "fields": fields,
+        "coverage": {t.name: _coverage(reader, t) for t in spec.targets if t.sparse},
         "fingerprint": m.get("fingerprint"),
         "fingerprint_inputs": m.get("fingerprint_inputs"),
     }
+
+
+def _coverage(reader: CacheReader, t) -> dict[str, float]:
+    """The teacher's probability mass (at T=1) that a sparse target's stored tokens cover, per position:
+    mean, 5th percentile and minimum; and the distinct tokens stored per position."""
+    masses, distinct = [], []
+    for batch in reader._batches:
+        logp = batch.cols[t.name + "_logp"][0].astype(np.float32).reshape(-1, t.k)  # [positions, k]
+        used = batch.cols[t.name + "_count"][0].reshape(-1, t.k) > 0 if t.mode == "sampled" else np.ones(logp.shape, bool)
+        masses.append(np.where(used, np.exp(logp), 0.0).sum(axis=1))
+        distinct.append(used.sum(axis=1))
+    mass = np.concatenate(masses) if masses else np.zeros(0)
+    if not mass.size:
+        return {"mean": 0.0, "p5": 0.0, "min": 0.0, "distinct_per_position": 0.0}
+    return {"mean": float(mass.mean()), "p5": float(np.percentile(mass, 5)), "min": float(mass.min()),
+            "distinct_per_position": float(np.concatenate(distinct).mean())}
 
 
 def _human(n: float) -> str:
@@ -109,9 +129,20 @@ def format_summary(d: dict[str, Any]) -> str:
     if not targets:
         lines.append("targets      none")
     for i, t in enumerate(targets):
-        mode = "full float32" if t["mode"] == "full" else t["mode"]
         head = "targets      " if i == 0 else " " * 13
-        lines.append(f"{head}{t['name']}: {mode}, per {t['per']}, {_plural(t['width'], 'value')}")
+        if t["mode"] == "full":
+            lines.append(f"{head}{t['name']}: full float32, per {t['per']}, {_plural(t['width'], 'value')}")
+        elif t["mode"] == "tokens":
+            lines.append(f"{head}{t['name']}: teacher-generated token ids, per {t['per']} ({t['width']:,}-token vocabulary)")
+        else:
+            what = f"top-{t['k']} logits + the rest's mass" if t["mode"] == "topk" else f"{t['k']} draws with counts"
+            temps = ", ".join(f"{x:g}" for x in t["temperatures"])
+            lines.append(f"{head}{t['name']}: {t['mode']}, {what}, per {t['per']} of a {t['width']:,}-token vocabulary "
+                         f"({t['index_dtype']} ids); temperatures {temps}")
+            cov = d.get("coverage", {}).get(t["name"])
+            if cov:
+                lines.append(f"{' ' * 13}teacher mass covered per position: mean {cov['mean']:.3f}, 5th percentile {cov['p5']:.3f}, "
+                             f"min {cov['min']:.3f} ({cov['distinct_per_position']:.1f} distinct tokens)")
     h = d["stored"]["hidden"]
     if h is None:
         lines.append("hidden       none")
@@ -127,10 +158,12 @@ def format_summary(d: dict[str, Any]) -> str:
         lines.append(f"positions    {d['positions']:,} (covered by the per-position targets)")
     shards = _plural(d["num_shards"], "shard")
     lines.append(f"on disk      {_human(d['bytes_on_disk'])} in {shards} ({_human(d['bytes_per_shard'])} per shard)")
-    lines.append("field        bytes/token  bytes/example  vs float32")
+    per_pos = any("bytes_per_position" in f for f in d["fields"].values())
+    lines.append("field        bytes/token  bytes/example  vs float32" + ("  bytes/position" if per_pos else ""))
     for name, f in d["fields"].items():
         ratio = "" if f["ratio_to_float32"] is None else f"{f['ratio_to_float32']:.3f}x"
-        lines.append(f"  {name:<10} {f['bytes_per_token']:>11.1f}  {f['bytes_per_example']:>13.1f}  {ratio:>10}")
+        pos = f"  {f['bytes_per_position']:>14.1f}" if "bytes_per_position" in f else ""
+        lines.append(f"  {name:<10} {f['bytes_per_token']:>11.1f}  {f['bytes_per_example']:>13.1f}  {ratio:>10}{pos}".rstrip())
     if d.get("fingerprint"):
         lines.append(f"fingerprint  {d['fingerprint']}")
     inputs = d.get("fingerprint_inputs")

@@ -18,7 +18,7 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError, NonFiniteError
 from .fingerprint import sha256_file
-from .format import StoreSpec
+from .format import StoreSpec, TargetSpec
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
 
@@ -30,7 +30,9 @@ class TeacherBatch:
     """One batch of teacher outputs on the host, one row per feature, padded; the writer cuts each row.
 
     Per-example targets are [B, C]; per-position targets are [B, P, C] padded, row b cut to
-    n_positions[b]. Per-token hidden arrays are [B, L, T, H] padded, row b cut to n_tokens[b];
+    n_positions[b]; a topk / sampled target is a dict of its components, each [B, P, m] (see
+    ``TargetSpec.components``: e.g. {"idx": uint16, "logp": float16, "logrest": float16}); a tokens
+    target is [B, P] or [B, P, 1] ids. Per-token hidden arrays are [B, L, T, H] padded, row b cut to n_tokens[b];
     pooled specs store one vector per (feature, layer): [B, L, H] or [B, L, 1, H] (and the int8
     side arrays without / with that axis of 1). Fields the spec does not store are None.
     """
@@ -39,7 +41,7 @@ class TeacherBatch:
     example_ids: np.ndarray  # int64 [B] example each feature came from
     n_tokens: np.ndarray  # int32 [B] real (non-padding) input tokens, also when hidden is pooled
     n_positions: np.ndarray | None = None  # int32 [B] positions per-position targets cover; None = zeros
-    targets: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [B, C] or [B, P, C]
+    targets: dict[str, Any] = field(default_factory=dict)  # name -> float32 [B, C] / [B, P, C], or a dict of components
     hidden: np.ndarray | None = None  # float16 [B, L, T, H]
     hidden_q: np.ndarray | None = None  # int8 [B, L, T, H]
     hidden_scale: np.ndarray | None = None  # float16 [B, L, T]
@@ -166,12 +168,7 @@ def _record_batch(spec: StoreSpec, batch: TeacherBatch) -> pa.RecordBatch:
             _check_finite(fname, None, flat, fids, t.width)
             cols.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), t.width))
         else:
-            arr = _check_array(fname, given[t.name], "float32", (B, None, t.width))
-            if B and int(n_pos.max()) > arr.shape[1]:
-                raise ValueError(f"TeacherBatch.n_positions has {int(n_pos.max())} > the padded position axis of {fname} ({arr.shape[1]})")
-            offsets, values = _ragged_values(arr, n_pos, 1)
-            _check_finite(fname, offsets, values, fids)
-            cols.append(_large_list(offsets, values))
+            cols.extend(_position_columns(t, given[t.name], n_pos, fids, fname))
 
     h = spec.hidden
     if h is None:
@@ -215,6 +212,48 @@ def _record_batch(spec: StoreSpec, batch: TeacherBatch) -> pa.RecordBatch:
         _check_finite("hidden_outlier_val", offsets, values, fids)
         cols.append(_large_list(offsets, values))
     return pa.RecordBatch.from_arrays(cols, schema=spec.arrow_schema())
+
+
+def _position_columns(t: TargetSpec, value: Any, n_pos: np.ndarray, fids: np.ndarray, fname: str) -> list[pa.Array]:
+    """The columns of a per-position target: one array (full, tokens) or a dict of its components
+    (topk / sampled: suffix without the leading underscore -> [B, P, m]), validated and cut to n_positions."""
+    comps = t.components()
+    B = fids.shape[0]
+    if t.sparse:
+        if not isinstance(value, dict):
+            raise ValueError(f"TeacherBatch.{fname} must be a dict of {[c[1:] for c in comps]} for mode {t.mode!r}, got {type(value).__name__}")
+        extra = sorted(set(value) - {c[1:] for c in comps})
+        if extra:
+            raise ValueError(f"TeacherBatch.{fname}[{extra[0]!r}] is not a component of mode {t.mode!r} (components: {[c[1:] for c in comps]})")
+        arrays = {suffix: value.get(suffix[1:]) for suffix in comps}
+    else:
+        if t.mode == "tokens" and isinstance(value, np.ndarray) and value.ndim == 2:
+            value = value[:, :, None]  # [B, P] ids -> [B, P, 1]
+        arrays = {"": value}
+    cols, P = [], None
+    for suffix, (dtype, m) in comps.items():
+        name = f"{fname}[{suffix[1:]!r}]" if suffix else fname
+        arr = _check_array(name, arrays[suffix], dtype, (B, P, m))
+        P = arr.shape[1]
+        if B and int(n_pos.max()) > P:
+            raise ValueError(f"TeacherBatch.n_positions has {int(n_pos.max())} > the padded position axis of {name} ({P})")
+        offsets, values = _ragged_values(arr, n_pos, 1)
+        if values.dtype.kind == "f":
+            _check_finite(name, offsets, values, fids)
+        elif suffix in ("", "_idx") and values.size and int(values.max()) >= t.width:
+            first = int(np.argmax(values >= t.width))
+            row = int(np.searchsorted(offsets, first, side="right") - 1)
+            raise ValueError(f"TeacherBatch.{name} holds token id {int(values[first])} >= the vocabulary ({t.width}) for "
+                             f"feature id {int(fids[row])}")
+        elif suffix == "_count":
+            sums = values.reshape(-1, m).sum(axis=1, dtype=np.int64)  # [positions] draws per position
+            if sums.size and not (sums == t.k).all():
+                bad = int(np.argmax(sums != t.k))
+                row = int(np.searchsorted(offsets, bad * m, side="right") - 1)
+                raise ValueError(f"TeacherBatch.{name}: the counts of a position must sum to k={t.k} draws, got {int(sums[bad])} "
+                                 f"for feature id {int(fids[row])}")
+        cols.append(_large_list(offsets, values))
+    return cols
 
 
 def _stored_tokens(pooled: bool, n_tok: np.ndarray, T: int) -> np.ndarray:

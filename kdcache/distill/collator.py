@@ -22,16 +22,16 @@ from torch.utils.data import Sampler
 from kdcache.cache import CacheReader
 from kdcache.cache.format import TargetSpec
 from kdcache.data import FEATURE_ID
-from kdcache.tasks.base import IGNORE_INDEX, MODEL_INPUT_KEYS
+from kdcache.tasks.base import MODEL_INPUT_KEYS
 
 TEACHER_PREFIX = "teacher_"
 HIDDEN_KEY = "teacher_hidden"
 HIDDEN_MASK_KEY = "teacher_hidden_mask"
 
 
-def target_key(name: str) -> str:
-    """Batch key of a target field's teacher values."""
-    return TEACHER_PREFIX + name
+def target_key(name: str, component: str = "") -> str:
+    """Batch key of a target field's teacher values (or of one component of a topk / sampled field)."""
+    return TEACHER_PREFIX + name + (f":{component}" if component else "")
 
 
 class TargetFetcher:
@@ -51,13 +51,21 @@ class TargetFetcher:
         self.read_now = 0  # batches read synchronously (not scheduled, or evicted)
 
     def fetch(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
-        """Decode the targets of one batch of feature ids: numpy arrays ready to become tensors."""
+        """Decode the targets of one batch of feature ids: numpy arrays ready to become tensors.
+
+        Per-position targets are padded to the batch's longest n_positions (the student's position
+        axis: its input length for encoder tasks, its label length for seq2seq); a topk / sampled
+        target gives one key per component (``teacher_<name>:<component>``)."""
         out: dict[str, np.ndarray] = {}
         for t in self.targets:
             if t.per == "example":
                 out[target_key(t.name)] = self.reader.get_target(ids, t.name)  # [B, C]
+                continue
+            value, _ = self.reader.get_target_padded(ids, t.name)  # [B, P, C], [B, P] ids, or {component: [B, P, m]}
+            if isinstance(value, dict):
+                out.update({target_key(t.name, comp): v for comp, v in value.items()})
             else:
-                out[target_key(t.name)], _ = self.reader.get_target_padded(ids, t.name, seq_len)  # [B, S, C]
+                out[target_key(t.name)] = value
         if self.layer_positions is not None:
             if self.pooled:
                 out[HIDDEN_KEY] = self.reader.get_pooled(ids, self.layer_positions)[:, :, None, :]  # [B, L, 1, H]
@@ -127,36 +135,26 @@ class ReadAheadSampler(Sampler):
 
 
 class DistillationCollator:
-    """Pads student inputs and hard labels, and attaches the cached teacher targets of the batch's features.
+    """Pads student inputs and hard labels (the task's way: sequences of labels with -100, which
+    carries no loss) and attaches the cached teacher targets of the batch's features.
 
-    Hard labels that are sequences (token classification) are padded with -100, which carries no
-    loss; scalar labels (a class, a start position) become a [B] tensor."""
+    A cached ``tokens`` target named after a label key (sequence-level KD: the teacher's own output
+    sequences) replaces that key's labels."""
 
-    def __init__(self, tokenizer, fetcher: Optional[TargetFetcher], label_keys: Sequence[str] = ("labels",)):
+    def __init__(self, tokenizer, fetcher: Optional[TargetFetcher], task):
         self.tokenizer = tokenizer
         self.fetcher = fetcher
-        self.label_keys = tuple(label_keys)
+        self.task = task
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        inputs = [{k: f[k] for k in MODEL_INPUT_KEYS if k in f} for f in features]
-        batch = dict(self.tokenizer.pad(inputs, return_tensors="pt"))  # [B, S] each
-        seq_len = batch["input_ids"].shape[1]
-        for key in self.label_keys:
-            if key in features[0]:
-                batch[key] = _pad_labels([f[key] for f in features], seq_len)
+        keys = tuple(k for k in (*MODEL_INPUT_KEYS, *self.task.label_keys) if k in features[0])
+        batch = self.task.pad(self.tokenizer, {k: [f[k] for f in features] for k in keys}, keys)
         if self.fetcher is None or FEATURE_ID not in features[0]:
             return batch
+        seq_len = batch["input_ids"].shape[1]
         ids = [f[FEATURE_ID] for f in features]
         for key, value in self.fetcher.take(ids, seq_len).items():
-            batch[key] = torch.from_numpy(np.ascontiguousarray(value))
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            label = key[len(TEACHER_PREFIX):]
+            batch[label if label in self.task.label_keys else key] = tensor
         return batch
-
-
-def _pad_labels(values: list, seq_len: int) -> torch.Tensor:
-    """[B] for scalar labels; [B, seq_len] padded with -100 for per-token label lists."""
-    if not isinstance(values[0], (list, tuple, np.ndarray)):
-        return torch.tensor(values)
-    out = torch.full((len(values), seq_len), IGNORE_INDEX, dtype=torch.long)  # [B, S]
-    for i, v in enumerate(values):
-        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
-    return out

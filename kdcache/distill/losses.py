@@ -31,6 +31,58 @@ def kd_kl_loss(
     return kl.mean() * temperature**2
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_rest_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, logrest: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """T² · KL over k+1 buckets: the teacher's top-k tokens and one "rest" bucket holding exactly the
+    mass outside them (as NeMo-Aligner does). Exact (equal to the full KL) when nothing is left outside.
+
+    student_logits [N, V]; idx [N, k] (int64), logp [N, k] the teacher's log-probs at T=1; logrest [N]
+    log of the teacher's mass outside the top-k at ``temperature``."""
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    t_rest = logrest.float().clamp(max=0.0)  # [N]
+    t_top = torch.log_softmax(logp.float() / temperature, dim=-1) + _log1mexp(t_rest)[:, None]  # [N, k] log p_T(i)
+    s_all = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
+    s_top = s_all.gather(1, idx)  # [N, k]
+    s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1))  # [N] the student's mass outside the teacher's top-k
+    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)  # [N]
+    return kl.mean() * temperature**2
+
+
+def topk_renormalized_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL between teacher and student renormalised over the teacher's top-k tokens (what DistillKit
+    and Megatron do; biased: the tail's mass is dropped). student_logits [N, V]; idx, logp [N, k]."""
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    t = torch.log_softmax(logp.float() / temperature, dim=-1)  # [N, k]
+    s = torch.log_softmax(student_logits.float().gather(1, idx) / temperature, dim=-1)  # [N, k]
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def sampled_kl(student_logits: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, logp: torch.Tensor, lse: torch.Tensor,
+               temperature: float, draws: int) -> torch.Tensor:
+    """T² · an unbiased importance-sampling estimate of KL(teacher_T ‖ student_T) from ``draws`` tokens drawn
+    from the teacher at T=1 (Sparse Logit Sampling, Anshumann et al. 2025): each draw of token i weighs
+    p_T(i) / p_1(i), so its expectation is the full-vocabulary KL at any temperature.
+
+    student_logits [N, V]; idx, count, logp [N, m] (slots with count 0 are unused); lse [N] the
+    logsumexp over the vocabulary of logp_1 / T (so log p_T(i) = logp_i / T − lse)."""
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    lp = logp.float()
+    t_log = lp / temperature - lse.float()[:, None]  # [N, m] log p_T(i)
+    weight = count.float() / draws * torch.exp(t_log - lp)  # [N, m] importance weights; 0 in unused slots
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, idx)  # [N, m]
+    kl = (weight * (t_log - s)).sum(-1)  # [N]
+    return kl.mean() * temperature**2
+
+
 def hidden_mse_loss(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean squared error over the hidden dimension, averaged over the (non-padding) positions.
 

@@ -3,7 +3,7 @@ matched hidden layer (discarded after training; only the student is saved)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,16 +19,16 @@ class DistillationModel(nn.Module):
 
     accepts_loss_kwargs = False
 
-    def __init__(self, student: nn.Module, layer_map: dict[int, int], teacher_hidden_size: int,
-                 output_targets: Callable[[object], dict[str, torch.Tensor]]):
-        """``output_targets`` is the task's: the target fields of the student's outputs."""
+    def __init__(self, student: nn.Module, layer_map: dict[int, int], teacher_hidden_size: int, task):
+        """``task`` says which outputs are the target fields and which hidden states are distilled."""
         super().__init__()
         self.student = student
-        self.output_targets = output_targets
+        self.output_targets = task.output_targets
+        self.hidden_states = task.hidden_states
         self.config = student.config
         self.teacher_layers = sorted(layer_map)  # stored teacher layers, in cache order
         self.student_layers = [layer_map[l] for l in self.teacher_layers]
-        width = student.config.hidden_size
+        width = task.hidden_config(student.config).hidden_size
         self.projections = nn.ModuleList()
         for _ in self.teacher_layers:
             proj = nn.Linear(width, teacher_hidden_size)
@@ -45,7 +45,7 @@ class DistillationModel(nn.Module):
         outputs = self.student(**inputs, output_hidden_states=output_kd_hidden and bool(self.projections))
         result = {"loss": getattr(outputs, "loss", None), "targets": self.output_targets(outputs)}
         if output_kd_hidden and self.projections:
-            hs = outputs.hidden_states
+            hs = self.hidden_states(outputs)
             result["kd_hidden"] = torch.stack(
                 [proj(hs[s]) for proj, s in zip(self.projections, self.student_layers)], dim=1
             )  # [B, L, S, H_teacher]

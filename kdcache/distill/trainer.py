@@ -15,8 +15,8 @@ from transformers import Trainer
 
 from kdcache.data import FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
-from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss
-from kdcache.tasks.base import MODEL_INPUT_KEYS
+from kdcache.cache.format import TargetSpec
+from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.teacher import pool_student, select_hidden
 
 PROJECTIONS_FILE = "kd_projections.safetensors"
@@ -36,12 +36,12 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
+        model_inputs = {k: v for k, v in inputs.items() if k in self.task.forward_keys}
         out = self.model(**model_inputs, output_hidden_states=self.layers is not None)
         targets = {target_key(k): v.float() for k, v in self.task.output_targets(out).items()} if self.need_logits else {}
         if self.layers is not None:
             mask = model_inputs["attention_mask"]
-            targets[HIDDEN_KEY] = select_hidden(out.hidden_states, self.layers, mask, self.pooling).float()
+            targets[HIDDEN_KEY] = select_hidden(self.task.hidden_states(out), self.layers, mask, self.pooling).float()
             if self.pooling == "none":
                 targets[HIDDEN_MASK_KEY] = mask.bool()
         return targets
@@ -52,9 +52,14 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, *args: Any, task, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
                  hidden_pooling: str = "none", fetcher: Optional[TargetFetcher] = None,
-                 online_teacher: Optional[OnlineTeacher] = None, **kwargs: Any):
+                 online_teacher: Optional[OnlineTeacher] = None, targets: Optional[dict[str, TargetSpec]] = None,
+                 topk_loss: str = "rest", **kwargs: Any):
+        """``targets``: the stored spec of each distilled target field (its mode decides the loss; absent =
+        full logits, as the online teacher gives); ``topk_loss``: "rest" (k+1 buckets) or "renormalized"."""
         super().__init__(*args, **kwargs)
         self.task = task
+        self.targets = dict(targets or {})
+        self.topk_loss = topk_loss
         self.temperature = temperature
         self.alpha = alpha
         self.hidden_weight = hidden_weight
@@ -105,25 +110,57 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _kd_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
-        """Mean over the stored target fields of T²·KL, each laid out as distributions by the task;
-        and the (teacher, student) argmax of every row that carries loss, for agreement."""
+        """Mean over the stored target fields of T²·KL, each laid out as distributions by the task (full
+        logits) or against the stored top-k / samples (vocabulary-scale heads); and the (teacher,
+        student) argmax of every row that carries loss, for agreement."""
         losses, t_preds, s_preds = [], [], []
         for name, s_logits in student.items():
-            key = target_key(name)
-            if key not in teacher:
-                continue
-            s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, K], [B, P] or None
-            t_view, _ = self.task.kd_view(name, teacher[key].to(s_logits.device), batch)
-            losses.append(kd_kl_loss(s_view, t_view, self.temperature, mask))
-            with torch.no_grad():
-                t_arg, s_arg = t_view.argmax(-1), s_view.argmax(-1)  # [B, P]
-                if mask is not None:
-                    t_arg, s_arg = t_arg[mask], s_arg[mask]
-                t_preds.append(t_arg.reshape(-1))
-                s_preds.append(s_arg.reshape(-1))
+            spec = self.targets.get(name)
+            if spec is not None and spec.sparse:
+                if target_key(name, "idx") not in teacher:
+                    continue
+                s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, V], [B, P]
+                comps = {suffix[1:]: teacher[target_key(name, suffix[1:])].to(s_logits.device)
+                         for suffix in spec.components()}  # [B, P, m] each
+                loss, t_arg, s_arg = self._sparse_kd(spec, s_view, comps, mask)
+            else:
+                key = target_key(name)
+                if key not in teacher:
+                    continue
+                s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, K], [B, P] or None
+                t_view, _ = self.task.kd_view(name, teacher[key].to(s_logits.device), batch)
+                loss = kd_kl_loss(s_view, t_view, self.temperature, mask)
+                with torch.no_grad():
+                    t_arg, s_arg = t_view.argmax(-1), s_view.argmax(-1)  # [B, P]
+                    if mask is not None:
+                        t_arg, s_arg = t_arg[mask], s_arg[mask]
+            losses.append(loss)
+            t_preds.append(t_arg.reshape(-1))
+            s_preds.append(s_arg.reshape(-1))
         if not losses:
             return None, None
         return torch.stack(losses).mean(), (torch.cat(t_preds), torch.cat(s_preds))
+
+    def _sparse_kd(self, spec: TargetSpec, s_view: torch.Tensor, comps: dict[str, torch.Tensor], mask: Optional[torch.Tensor]):
+        """The loss of one topk / sampled field over the rows that carry loss, and (teacher, student) argmax."""
+        if mask is None:
+            mask = torch.ones(s_view.shape[:-1], dtype=torch.bool, device=s_view.device)
+        s = s_view[mask][:, : spec.width]  # [N, V]: rows of a padded embedding matrix beyond the vocabulary dropped
+        rows = {c: v[mask] for c, v in comps.items()}  # [N, m] each
+        T = self.temperature
+        if spec.mode == "topk" and self.topk_loss == "renormalized":  # needs no stored normaliser
+            loss = topk_renormalized_kl(s, rows["idx"], rows["logp"], T)
+        elif spec.mode == "topk":
+            loss = topk_rest_kl(s, rows["idx"], rows["logp"], rows["logrest"][:, spec.temperature_index(T)], T)
+        else:
+            loss = sampled_kl(s, rows["idx"], rows["count"], rows["logp"], rows["lse"][:, spec.temperature_index(T)], T, spec.k)
+        with torch.no_grad():
+            if spec.mode == "topk":
+                t_arg = rows["idx"][:, 0]  # stored in descending order
+            else:
+                t_arg = rows["idx"].gather(1, rows["logp"].masked_fill(rows["count"] == 0, float("-inf")).argmax(1, keepdim=True))[:, 0]
+            s_arg = s.argmax(-1)
+        return loss, t_arg, s_arg
 
     def _hidden_loss(self, student_h: torch.Tensor, teacher_h: torch.Tensor, teacher_mask, attention_mask) -> torch.Tensor:
         """Σ over stored layers of the MSE; student_h [B, L, S, H], teacher_h [B, L, S|1, H]."""

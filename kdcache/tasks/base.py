@@ -37,6 +37,16 @@ def example_positions(examples) -> dict[int, int]:
     return {i: i for i in range(len(examples))}
 
 
+def pad_labels(values: list) -> torch.Tensor:
+    """[B] for scalar labels; [B, longest] padded with -100 for per-token label lists."""
+    if not isinstance(values[0], (list, tuple, np.ndarray)):
+        return torch.tensor(values)
+    out = torch.full((len(values), max(len(v) for v in values)), IGNORE_INDEX, dtype=torch.long)  # [B, P]
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+    return out
+
+
 class DataError(ValueError):
     """The data does not fit the run: the message says what is wrong and how to fix it."""
 
@@ -63,6 +73,8 @@ class Task:
     model_class: Any = None
     head_modules: tuple[str, ...] = ()  # top-level modules of the task head (must be trained in a teacher)
     label_keys: tuple[str, ...] = ("labels",)  # hard-label columns; passed to the model, which computes the CE
+    forward_keys: tuple[str, ...] = MODEL_INPUT_KEYS  # batch keys the teacher's forward pass takes (seq2seq: + labels)
+    generates: bool = False  # the task's model writes text (sequence-level KD and generation settings apply)
 
     # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
@@ -90,6 +102,12 @@ class Task:
         """The label vocabulary from the training split; DataError on malformed labels."""
         raise NotImplementedError
 
+    def target_params(self, config: FineTuneConfig) -> dict[str, Any]:
+        """Config values that change what the teacher stores beyond the features (logit mode, k, stored
+        temperatures, generated targets), as JSON scalars: part of the cache's lookup inputs. Small
+        heads store their full logits whatever the config says: nothing."""
+        return {}
+
     def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
         """Every config value that changes how examples become features (max_length, doc_stride, label
         alignment, ...), as JSON scalars: stored in the cache and part of its fingerprint."""
@@ -105,6 +123,17 @@ class Task:
         """
         raise NotImplementedError
 
+    def pad(self, tokenizer, rows: dict[str, list], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Pad a batch of feature columns (column -> one value per row) into tensors: the model inputs
+        among ``keys`` with the tokenizer (on the right), the label keys among ``keys`` with -100 to
+        their own longest row ([B] for scalar labels)."""
+        inputs = {k: rows[k] for k in MODEL_INPUT_KEYS if k in keys and k in rows}
+        batch = dict(tokenizer.pad(inputs, return_tensors="pt"))  # [B, S] each
+        for key in self.label_keys:
+            if key in keys and key in rows:
+                batch[key] = pad_labels(rows[key])
+        return batch
+
     # -- models ----------------------------------------------------------------------------------
     def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments of a student built for these labels (e.g. num_labels)."""
@@ -114,9 +143,27 @@ class Task:
         """Why the teacher's config does not fit these labels (one line with the fix), or None."""
         return None
 
+    def hidden_config(self, model_config):
+        """The config of the stack whose hidden states are stored (its num_hidden_layers, hidden_size):
+        the model's own; an encoder-decoder's encoder."""
+        return model_config
+
+    def hidden_states(self, outputs) -> tuple[torch.Tensor, ...]:
+        """The stored stack's hidden states from outputs of a forward pass with output_hidden_states:
+        ([B, S, H] per layer, 0 = embeddings), over the input tokens."""
+        return outputs.hidden_states
+
+    def check_vocabulary(self, model_config, tokenizer, who: str) -> Optional[str]:
+        """Why a model's output vocabulary does not fit its tokenizer (one line with the fix), or None.
+        Only vocabulary-scale heads check anything."""
+        return None
+
     # -- targets -----------------------------------------------------------------------------------
-    def target_specs(self, labels: LabelInfo) -> list[TargetSpec]:
-        """What the teacher stores per feature (names, per example or per position, widths)."""
+    def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
+        """What the teacher stores per feature (names, per example or per position, widths, modes).
+
+        ``config`` and ``tokenizer`` (the teacher's in the dump, the student's in training) matter to
+        vocabulary-scale heads (the width is the tokenizer's vocabulary; mode and k come from the config)."""
         raise NotImplementedError
 
     def output_targets(self, outputs) -> dict[str, torch.Tensor]:
@@ -138,7 +185,24 @@ class Task:
         Encoder tasks: the real input tokens. A seq2seq task overrides it with the decoder's."""
         return batch["attention_mask"].bool()
 
+    def generate_targets(self, model, batch: dict[str, torch.Tensor], config: FineTuneConfig, tokenizer) -> dict[str, torch.Tensor]:
+        """Sequence-level KD: the teacher's own output sequences for a batch, as the label key(s) they replace
+        (e.g. {"labels": [B, P]}, -100 beyond each sequence). Only tasks that generate implement it."""
+        raise NotImplementedError(f"{self.name} does not generate targets")
+
     # -- evaluation --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:
+        """A model's outputs on one padded eval batch, per feature, for :meth:`predictions`: name -> a list
+        of [C] or [n_i, C] float arrays (cut to each feature's positions). Generating tasks override it."""
+        fields = self.output_targets(model(**{k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}))
+        lengths = self.position_mask(batch).sum(1).tolist()  # [B] positions per feature
+        out: dict[str, list[Any]] = {}
+        for name, value in fields.items():
+            value = value.float().cpu().numpy()
+            out[name] = list(value) if value.ndim == 2 else [value[i, :n] for i, n in enumerate(lengths)]
+        return out
+
     def predictions(self, features, outputs: dict[str, list[np.ndarray]], examples, labels: LabelInfo,
                     config: FineTuneConfig) -> list[Any]:
         """Per-example predictions from per-feature outputs (post-processing joins windows back).

@@ -11,6 +11,8 @@ TASKS: dict[str, str] = {
     "text_classification": "kdcache.tasks.text_classification:TextClassification",
     "token_classification": "kdcache.tasks.token_classification:TokenClassification",
     "question_answering": "kdcache.tasks.question_answering:QuestionAnswering",
+    "summarization": "kdcache.tasks.seq2seq:Summarization",
+    "translation": "kdcache.tasks.seq2seq:Translation",
 }
 TASK_TYPES = tuple(TASKS)
 
@@ -20,4 +22,10 @@ FIELD_DEFAULTS: dict[str, dict[str, object]] = {
     "text_classification": {**_COMMON, "text_column": "text", "label_column": "label"},
     "token_classification": {**_COMMON, "text_column": "tokens", "label_column": "ner_tags"},
     "question_answering": {"max_length": 384, "doc_stride": 128},
+    "summarization": {"max_length": 512, "max_target_length": 128, "text_column": "document", "summary_column": "summary",
+                      "logits_mode": "topk", "logits_k": 6},
+    "translation": {**_COMMON, "max_target_length": 128, "text_column": "translation", "logits_mode": "topk", "logits_k": 6},
 }
+# Tasks whose head is a vocabulary (language-model head): their logits are stored top-k or sampled,
+# and they generate text (sequence-level KD and the generation settings apply).
+GENERATIVE_TASKS = ("summarization", "translation")

@@ -165,7 +165,7 @@ class QuestionAnswering(Task):
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {split}")
 
     # -- targets -----------------------------------------------------------------------------------
-    def target_specs(self, labels: LabelInfo) -> list[TargetSpec]:
+    def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
         return [TargetSpec("logits", "position", 2)]
 
     def output_targets(self, outputs) -> dict[str, torch.Tensor]:

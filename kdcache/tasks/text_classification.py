@@ -99,7 +99,7 @@ class TextClassification(Task):
         return teacher_label_mismatch(model_config, labels, teacher_name)
 
     # -- targets -----------------------------------------------------------------------------------
-    def target_specs(self, labels: LabelInfo) -> list[TargetSpec]:
+    def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
         return [TargetSpec("logits", "example", labels.num_labels)]
 
     def output_targets(self, outputs) -> dict[str, torch.Tensor]:

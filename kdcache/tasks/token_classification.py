@@ -162,7 +162,7 @@ class TokenClassification(Task):
         return teacher_label_mismatch(model_config, labels, teacher_name)
 
     # -- targets -----------------------------------------------------------------------------------
-    def target_specs(self, labels: LabelInfo) -> list[TargetSpec]:
+    def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
         return [TargetSpec("logits", "position", labels.num_labels)]
 
     def output_targets(self, outputs) -> dict[str, torch.Tensor]:

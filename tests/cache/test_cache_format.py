@@ -46,7 +46,14 @@ def test_hidden_spec_validation(kwargs, field):
         (dict(name="logits", per="token", width=2), "per"),
         (dict(name="logits", per="position", width=0), "width"),
         (dict(name="logits", per="position", width=True), "width"),
-        (dict(name="logits", per="position", width=2, mode="topk"), "mode"),
+        (dict(name="logits", per="position", width=2, mode="bogus"), "mode"),
+        (dict(name="logits", per="position", width=2, mode="topk"), "k"),
+        (dict(name="logits", per="position", width=2, mode="topk", k=3, temperatures=(1.0,)), "k"),
+        (dict(name="logits", per="position", width=5, mode="topk", k=3), "temperatures"),
+        (dict(name="logits", per="position", width=5, mode="topk", k=3, temperatures=(2.0, 1.0)), "temperatures"),
+        (dict(name="logits", per="example", width=5, mode="topk", k=3, temperatures=(1.0,)), "mode"),
+        (dict(name="logits", per="position", width=5, mode="sampled", k=300, temperatures=(1.0,)), "k"),
+        (dict(name="logits", per="position", width=5, k=3), "k"),
     ],
 )
 def test_target_spec_validation(kwargs, field):

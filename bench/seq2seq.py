@@ -1,0 +1,419 @@
+"""`make bench`, section seq2seq: vocabulary-scale targets (issue 7), measured.
+
+    python -m bench.run --only seq2seq [--quick]
+
+Three parts, each in this one process (run by bench.run_mode, mode "seq2seq"):
+  steps     the step cost of a ~32k-vocabulary student (MiniLM's 30,522-token WordPiece, T5 shapes,
+            random weights, the shipped SciTLDR sample): plain fine-tuning, offline distillation from a
+            top-k cache (k+1 buckets) and from a sampled cache, and online distillation (full logits),
+            in interleaved rounds; median s/step after warm-up and the ratios to plain
+  quality   translation (Multi30k en->de from ../shared/data: non-commercial, read locally, never
+            shipped): a T5 teacher trained here, then students trained plainly, offline from top-k
+            (k+1 buckets, and renormalised top-32), from sampled targets, at sequence level, and online,
+            per seed: BLEU / chrF, the student's KL to the teacher on held-out positions, wall times,
+            each cache's bytes per target position and dump time
+  fidelity  on the trained teacher's held-out positions: for each stored mode and k, the bytes per
+            target position, the top-k mass, and the loss and gradient of the cached-target loss
+            against the full-vocabulary KL at a reference student (the plain one)
+and the codecs of bench.topk_codecs on the real top-k cache.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from bench import common
+
+SHARED = common.REPO.parent / "shared" / "data"
+M30K = {"train": SHARED / "multi30k" / "train.jsonl", "eval": SHARED / "multi30k" / "validation.jsonl"}
+TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
+
+# The students of the quality figure: what each changes in the student config, and its cache.
+KINDS: dict[str, dict[str, Any]] = {
+    "plain": {"config": {"use_distillation": False}, "cache": None},
+    "topk": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6}, "cache": "topk6"},
+    "topk-renorm32": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 32, "topk_loss": "renormalized"},
+                      "cache": "topk32"},
+    "sampled": {"config": {"use_distillation": True, "logits_mode": "sampled", "logits_k": 16}, "cache": "sampled16"},
+    "seqkd": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "sequence_kd": True}, "cache": "seqkd"},
+    "online": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6}, "cache": "teacher"},
+}
+KIND_NAMES = {
+    "plain": "student, plain fine-tuning",
+    "topk": "offline, top-6 + rest bucket (the default)",
+    "topk-renorm32": "offline, top-32 renormalised",
+    "sampled": "offline, 16 sampled draws",
+    "seqkd": "offline, sequence-level KD (teacher's greedy outputs + their top-6)",
+    "online": "online, full logits (teacher in the loop)",
+}
+CACHES = {"topk6": {"logits_mode": "topk", "logits_k": 6}, "topk32": {"logits_mode": "topk", "logits_k": 32},
+          "sampled16": {"logits_mode": "sampled", "logits_k": 16}, "seqkd": {"logits_mode": "topk", "logits_k": 6, "sequence_kd": True}}
+# Target-side fidelity: (mode, k) points of the bytes / KL curve.
+FIDELITY_POINTS = [("topk-renorm", 8), ("topk-renorm", 32), ("topk", 2), ("topk", 4), ("topk", 6), ("topk", 8), ("topk", 16),
+                   ("sampled", 8), ("sampled", 16), ("sampled", 32)]
+
+
+# -- models and tokenizers ------------------------------------------------------------------------
+def build_bpe(out: Path, texts: list[str], vocab_size: int) -> Path:
+    """A byte-level BPE trained on ``texts`` (the targets end in </s>), saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if (out / "tokenizer.json").exists():
+        return out
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+def make_t5(path: Path, tokenizer_path: str, d_model: int, layers: int, seed: int) -> Path:
+    """A randomly initialised T5 (d_ff = 4 d_model, 4 heads) over the tokenizer's vocabulary, saved with it."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    if (path / "config.json").exists():
+        return path
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    start = tok.pad_token_id if tok.pad_token_id is not None else 0
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // 4, d_ff=4 * d_model, num_layers=layers, num_heads=4,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id,
+                      decoder_start_token_id=start, dropout_rate=0.1)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _config(fields: dict[str, Any]):
+    from kdcache.config import FineTuneConfig
+
+    return FineTuneConfig.from_dict(fields)
+
+
+# -- steps ----------------------------------------------------------------------------------------
+def run_steps(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Median s/step of plain, offline top-k, offline sampled and online training of a ~32k-vocabulary student."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from kdcache.dump import dump_teacher
+    from kdcache.train import train_student
+
+    s = spec["steps"]
+    tok = spec["tokenizer_32k"]
+    teacher = make_t5(work / "steps-teacher", tok, s["teacher_d"], s["teacher_layers"], 0)
+    student = make_t5(work / "steps-student", tok, s["student_d"], s["student_layers"], 1)
+    base = {"task_type": "summarization", "model_name": str(student), "teacher_model_name": str(teacher),
+            "train_file": str(TLDR_TRAIN), "max_train_samples": s["rows"], "max_length": s["max_length"],
+            "max_target_length": s["max_target_length"], "batch_size": s["batch_size"], "learning_rate": 1e-4,
+            "num_epochs": 1, "seed": 42, "disable_tqdm": True, "logging_steps": 10, "temperature": 2.0}
+    caches = {}
+    dumps = {}
+    for name, mode in (("topk", {"logits_mode": "topk", "logits_k": 6}), ("sampled", {"logits_mode": "sampled", "logits_k": 16})):
+        d = dump_teacher(_config({**base, **mode, "use_distillation": True}), cache_dir=str(work / f"steps-cache-{name}"),
+                         force=True, progress=False)
+        caches[name], dumps[name] = d.cache_dir, d.seconds
+    teacher_model = AutoModelForSeq2SeqLM.from_pretrained(teacher)
+    kinds = {"plain": ({"use_distillation": False}, None, None),
+             "offline-topk": ({"use_distillation": True, "logits_mode": "topk", "logits_k": 6}, caches["topk"], None),
+             "offline-sampled": ({"use_distillation": True, "logits_mode": "sampled", "logits_k": 16}, caches["sampled"], None),
+             "online": ({"use_distillation": True}, None, teacher_model)}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for rnd in range(s["rounds"]):  # interleaved: a slow patch of other load hits every kind alike
+        for kind, (fields, cache, online) in kinds.items():
+            timer = common.step_timer()
+            train_student(_config({**base, **fields}), cache_dir=str(cache) if cache else None, output_dir=str(work / f"steps-{kind}"),
+                          online_teacher=online, max_steps=s["warmup"] + s["measured"], callbacks=[timer], save=False)
+            times[kind].extend(timer.durations()[s["warmup"]:])
+            print(f"[seq2seq steps] round {rnd} {kind}: median {common.median(times[kind]):.3f}s", flush=True)
+    med = {k: common.median(v) for k, v in times.items()}
+    from transformers import AutoTokenizer
+
+    return {"vocab": len(AutoTokenizer.from_pretrained(tok)), "median_step_s": med, "steps": times, "dump_s": dumps,
+            "ratios": {k: med[k] / med["plain"] for k in med}, "shape": s}
+
+
+# -- quality and fidelity -------------------------------------------------------------------------
+def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Teacher, caches, fidelity and students for translation (see the module docstring)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from kdcache.cache.summary import summarize
+    from kdcache.dump import dump_teacher
+    from kdcache.train import train_student
+
+    q = spec["quality"]
+    rows = common.read_jsonl(M30K["train"])
+    tok = build_bpe(work / "m30k-bpe", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
+    base = {"task_type": "translation", "train_file": str(M30K["train"]), "eval_file": str(M30K["eval"]), "source_lang": "en",
+            "target_lang": "de", "max_length": 64, "max_target_length": 96, "max_train_samples": q["train_rows"],
+            "max_eval_samples": q["eval_rows"], "disable_tqdm": True, "logging_steps": 50, "warmup_ratio": 0.05,
+            "max_new_tokens": 48, "temperature": 2.0}
+    out: dict[str, Any] = {"spec": q, "vocab": q["vocab"], "runs": [], "caches": {}}
+    t_init = make_t5(work / "m30k-teacher-init", str(tok), q["teacher_d"], q["teacher_layers"], 0)
+    t0 = time.perf_counter()
+    teacher_dir = work / "m30k-teacher"
+    t = train_student(_config({**base, "model_name": str(t_init), "batch_size": q["teacher_batch"], "learning_rate": q["teacher_lr"],
+                               "num_epochs": q["teacher_epochs"]}), output_dir=str(teacher_dir), save=True)
+    out["teacher"] = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters}
+    print(f"[seq2seq quality] teacher {t.metrics} in {out['teacher']['seconds']:.0f}s", flush=True)
+
+    student = {**base, "teacher_model_name": str(teacher_dir), "batch_size": q["student_batch"], "learning_rate": q["student_lr"],
+               "num_epochs": q["student_epochs"], "distillation_alpha": 0.5}
+    init = {seed: make_t5(work / f"m30k-student-init-{seed}", str(tok), q["student_d"], q["student_layers"], 100 + seed)
+            for seed in spec["seeds"]}
+    for name, fields in CACHES.items():
+        d = dump_teacher(_config({**student, **fields, "model_name": str(init[spec["seeds"][0]]), "use_distillation": True}),
+                         cache_dir=str(work / f"m30k-cache-{name}"), force=True, progress=False)
+        summary = summarize(d.cache_dir)
+        positions = summary.get("positions") or 1
+        out["caches"][name] = {"dump_s": d.seconds, "path": str(d.cache_dir), "positions": positions,
+                               "bytes_per_position": {k: v["bytes"] / positions for k, v in summary["fields"].items() if k != "index"},
+                               "topk_mass": summary["coverage"].get("logits", {}).get("mean")}
+        print(f"[seq2seq quality] cache {name}: {out['caches'][name]}", flush=True)
+
+    teacher_model = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir).eval()
+    ref_batches = _heldout_batches(teacher_dir, base, q["fidelity_rows"])
+    for seed in spec["seeds"]:
+        for kind in spec["kinds"]:
+            how = KINDS[kind]
+            cfg = _config({**student, **how["config"], "model_name": str(init[seed]), "seed": seed})
+            cache = how["cache"]
+            t0 = time.perf_counter()
+            r = train_student(cfg, cache_dir=out["caches"][cache]["path"] if cache in out["caches"] else None,
+                              output_dir=str(work / f"m30k-{kind}-{seed}"), online_teacher=teacher_model if cache == "teacher" else None)
+            kl = _kl_to_teacher(teacher_model, work / f"m30k-{kind}-{seed}", ref_batches)
+            out["runs"].append({"kind": kind, "seed": seed, "metrics": r.metrics, "kl_to_teacher": kl, "seconds": time.perf_counter() - t0,
+                                "train_runtime_s": r.train_metrics.get("train_runtime"), "num_parameters": r.num_parameters})
+            print(f"[seq2seq quality] {kind} seed {seed}: {r.metrics} KL {kl:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
+            if kind == "plain" and seed == spec["seeds"][0]:
+                out["fidelity"] = run_fidelity(teacher_model, work / f"m30k-{kind}-{seed}", ref_batches, q)
+    out["codecs"] = _codecs(out["caches"]["topk6"]["path"], q.get("codec_rows_per_chunk", 64))
+    return out
+
+
+def _heldout_batches(model_dir: Path, base: dict[str, Any], n_rows: int) -> list[dict[str, Any]]:
+    """Teacher-forced eval batches (sources and reference targets) of the first n_rows eval pairs."""
+    from transformers import AutoTokenizer
+
+    from kdcache import data as kdata
+    from kdcache.tasks import get_task
+
+    cfg = _config({**base, "model_name": str(model_dir)})
+    task = get_task("translation")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples = kdata.with_example_ids(kdata.load_split(cfg, "eval").select(range(n_rows)))
+    feats = task.tokenize(examples, tok, cfg.replace(max_target_length=96), task.label_info(examples, cfg), "eval")
+    keys = ("input_ids", "attention_mask", "labels")
+    return [task.pad(tok, feats[i:i + 32], keys) for i in range(0, len(feats), 32)]
+
+
+def _kl_to_teacher(teacher, student_dir: Path, batches) -> float:
+    """Mean per-token KL(teacher ‖ student) at T=1 on held-out reference positions (teacher forcing)."""
+    import torch
+
+    student = _load(student_dir)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for b in batches:
+            mask = b["labels"] != -100
+            t = torch.log_softmax(teacher(**b).logits.float(), -1)[mask]  # [N, V]
+            s = torch.log_softmax(student(**b).logits.float(), -1)[mask][:, : t.shape[-1]]
+            total += float((t.exp() * (t - s)).sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _load(model_dir: Path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+
+
+def run_fidelity(teacher, student_dir: Path, batches, q: dict[str, Any]) -> dict[str, Any]:
+    """Each stored (mode, k) against the full teacher at a reference student: loss / full KL, gradient error."""
+    import torch
+
+    from kdcache.cache.format import DEFAULT_TEMPERATURES, TargetSpec
+    from kdcache.distill.losses import kd_kl_loss, sampled_kl, topk_renormalized_kl, topk_rest_kl
+    from kdcache.teacher import reduce_sampled, reduce_topk
+
+    student = _load(student_dir)
+    t_rows, s_rows = [], []
+    with torch.inference_mode():
+        for b in batches:
+            mask = b["labels"] != -100
+            t_rows.append(teacher(**b).logits.float()[mask])
+            s_rows.append(student(**b).logits.float()[mask])
+    t_all, s_all = torch.cat(t_rows), torch.cat(s_rows)  # [N, V]
+    V = t_all.shape[-1]
+    points = []
+    gen = torch.Generator().manual_seed(0)
+    for T in q["fidelity_temperatures"]:
+        s_ref = s_all.clone().requires_grad_(True)
+        full = kd_kl_loss(s_ref, t_all, T)
+        (g_full,) = torch.autograd.grad(full, s_ref)
+        for mode, k in FIDELITY_POINTS:
+            spec_mode = "sampled" if mode == "sampled" else "topk"
+            spec = TargetSpec("logits", "position", V, spec_mode, k, DEFAULT_TEMPERATURES)
+            draws = q["fidelity_draws"] if mode == "sampled" else 1
+            losses, grads = [], []
+            for _ in range(draws):
+                s = s_all.clone().requires_grad_(True)
+                if mode == "sampled":
+                    r = reduce_sampled(t_all, k, (T,), gen)
+                    loss = sampled_kl(s, r["idx"], r["count"], r["logp"], r["lse"][:, 0], T, k)
+                else:
+                    r = reduce_topk(t_all, k, (T,))
+                    loss = (topk_renormalized_kl(s, r["idx"], r["logp"], T) if mode == "topk-renorm"
+                            else topk_rest_kl(s, r["idx"], r["logp"], r["logrest"][:, 0], T))
+                (g,) = torch.autograd.grad(loss, s)
+                losses.append(float(loss))
+                grads.append(g)
+            g_mean = torch.stack(grads).mean(0)
+            mass = float(torch.softmax(t_all, -1).topk(k, -1).values.sum(-1).mean()) if mode != "sampled" else None
+            points.append({"mode": mode, "k": k, "T": T, "bytes_per_position": spec.bytes_per_position() - (
+                              2 * len(DEFAULT_TEMPERATURES) if mode == "topk-renorm" else 0),
+                           "loss_over_full": statistics.mean(losses) / float(full),
+                           "grad_rel_error": statistics.mean(_rel_error(g, g_full) for g in grads),
+                           "grad_rel_error_of_mean": _rel_error(g_mean, g_full) if draws > 1 else None, "topk_mass": mass})
+    return {"positions": int(t_all.shape[0]), "vocab": V, "points": points}
+
+
+def _rel_error(g, ref) -> float:
+    """||g - ref|| / ||ref|| (L2 over every element)."""
+    return float((g - ref).norm() / ref.norm())
+
+
+def _codecs(cache_dir: str, rows_per_chunk: int) -> dict[str, Any]:
+    """bench.topk_codecs on the real top-k cache: bytes and random-read rate per codec."""
+    from bench import topk_codecs
+
+    payload = topk_codecs.payload_from_cache(cache_dir)
+    results = topk_codecs.measure(payload, rows_per_chunk=rows_per_chunk)
+    return {"rows_per_chunk": rows_per_chunk, "results": results}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """The bench.run_mode entry: the parts the spec names."""
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    if "steps" in spec["parts"]:
+        out["steps"] = run_steps(spec, work)
+    if "quality" in spec["parts"]:
+        if not M30K["train"].exists():
+            out["quality"] = {"skipped": f"{M30K['train']} not found (Multi30k is read from ../shared/data, never shipped)"}
+        else:
+            out["quality"] = run_quality(spec, work)
+    out["peak_rss_bytes"] = common.peak_rss_bytes()
+    return out
+
+
+# -- sizes and rendering ------------------------------------------------------------------------
+def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) -> dict[str, Any]:
+    """The run_mode spec: full sizes for the CPU figures, tiny ones with --quick (every path once)."""
+    from kdcache.models import resolve_model_path
+
+    tok32k = resolve_model_path(common.MINILM) if not quick else str(build_bpe(work / "quick-bpe", [
+        r["document"] + "\n" + r["summary"] for r in common.read_jsonl(TLDR_TRAIN)], 1000))
+    steps = {"teacher_d": 256, "teacher_layers": 4, "student_d": 256, "student_layers": 3, "rows": 640, "batch_size": 16,
+             "max_length": 128, "max_target_length": 128, "warmup": 5, "measured": 20, "rounds": 3}
+    quality = {"vocab": 8000, "train_rows": 8000, "eval_rows": 500, "teacher_d": 256, "teacher_layers": 3, "teacher_batch": 64,
+               "teacher_lr": 1e-3, "teacher_epochs": 4, "student_d": 128, "student_layers": 2, "student_batch": 64, "student_lr": 1e-3,
+               "student_epochs": 2, "fidelity_rows": 200, "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
+    if quick:
+        steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
+                     max_target_length=160, warmup=1, measured=2, rounds=1)
+        quality.update(vocab=600, train_rows=96, eval_rows=16, teacher_d=32, teacher_layers=1, teacher_epochs=1, student_d=32,
+                       student_layers=1, student_epochs=1, fidelity_rows=16, fidelity_draws=2)
+    return {"mode": "seq2seq", "work": str(work), "parts": ["steps", "quality"], "tokenizer_32k": tok32k, "steps": steps,
+            "quality": quality, "seeds": seeds, "kinds": list(KINDS), "threads": threads}
+
+
+def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
+    """Per kind: BLEU, chrF and KL to the teacher over seeds (mean, spread)."""
+    kinds: dict[str, Any] = {}
+    for kind in KINDS:
+        runs = [r for r in q.get("runs", []) if r["kind"] == kind]
+        if not runs:
+            continue
+        kinds[kind] = {m: _stats([r["metrics"].get(f"eval_{m}", float("nan")) for r in runs]) for m in ("bleu", "chrf")}
+        kinds[kind]["kl"] = _stats([r["kl_to_teacher"] for r in runs])
+        kinds[kind]["seconds"] = statistics.mean(r["seconds"] for r in runs)
+        kinds[kind]["seeds"] = len(runs)
+    return kinds
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def markdown(result: dict[str, Any], quick: bool) -> list[str]:
+    """The BENCHMARKS.md section for seq2seq."""
+    L = ["## 7. Summarization / translation: vocabulary-scale targets", ""]
+    steps = result.get("steps")
+    if steps:
+        r, med, s = steps["ratios"], steps["median_step_s"], steps["shape"]
+        L += [f"Step cost of a {steps['vocab']:,}-token-vocabulary T5 student (d={s['student_d']}, {s['student_layers']}+"
+              f"{s['student_layers']} layers; teacher d={s['teacher_d']}, {s['teacher_layers']}+{s['teacher_layers']}; random weights; "
+              f"batch {s['batch_size']} of the shipped SciTLDR sample; median of {s['measured']} steps after {s['warmup']} warm-up, "
+              f"{s['rounds']} interleaved rounds):", "",
+              "| training | median s/step | / plain |", "|---|---:|---:|"]
+        for kind in med:
+            L.append(f"| {kind} | {med[kind]:.3f} | {r[kind]:.3f} |")
+        L += ["", f"Goal: offline / plain <= 1.05 (top-k: {r['offline-topk']:.3f}, "
+              f"{'met' if r['offline-topk'] <= 1.05 else 'missed'}).", ""]
+    q = result.get("quality")
+    if q and "skipped" in q:
+        L += [f"Translation quality: skipped ({q['skipped']}).", ""]
+    elif q:
+        sp = q["spec"]
+        tm = q["teacher"]["metrics"]
+        L += [f"Translation, Multi30k en->de (local only; {sp['train_rows']:,} training pairs, the first {sp['eval_rows']} "
+              f"validation pairs, greedy decoding), a {sp['vocab']:,}-token BPE built here. Teacher: T5 d={sp['teacher_d']}, "
+              f"{sp['teacher_layers']}+{sp['teacher_layers']} layers, {q['teacher']['num_parameters'] / 1e6:.1f}M parameters, trained here "
+              f"{sp['teacher_epochs']} epochs: BLEU {tm.get('eval_bleu', float('nan')):.2f}, chrF {tm.get('eval_chrf', float('nan')):.2f}. "
+              f"Students: T5 d={sp['student_d']}, {sp['student_layers']}+{sp['student_layers']} layers, random init, "
+              f"{sp['student_epochs']} epochs, alpha 0.5, T 2. KL = mean per-token KL(teacher || student) at T=1 on "
+              f"{sp['fidelity_rows']} held-out pairs (teacher forcing).", "",
+              "| student | BLEU | chrF | KL to teacher | s/run |", "|---|---:|---:|---:|---:|"]
+        for kind, f in quality_figures(q).items():
+            L.append(f"| {KIND_NAMES[kind]} | {f['bleu']['mean']:.2f} ± {f['bleu']['std']:.2f} | {f['chrf']['mean']:.2f} ± "
+                     f"{f['chrf']['std']:.2f} | {f['kl']['mean']:.3f} ± {f['kl']['std']:.3f} | {f['seconds']:.0f} |")
+        L += ["", "Caches (bytes per target position, uncompressed; dump wall time):", "",
+              "| cache | bytes / position | top-k mass | dump s |", "|---|---:|---:|---:|"]
+        for name, c in q["caches"].items():
+            per = " + ".join(f"{k} {v:.1f}" for k, v in c["bytes_per_position"].items())
+            mass = c.get("topk_mass")
+            L.append(f"| {name} | {sum(c['bytes_per_position'].values()):.1f} ({per}) | "
+                     f"{'' if mass is None else f'{mass:.3f}'} | {c['dump_s']:.1f} |")
+        fid = q.get("fidelity")
+        if fid:
+            L += ["", f"Target fidelity on {fid['positions']:,} held-out positions ({fid['vocab']:,}-token vocabulary), at the plain "
+                  "student: the cached-target loss over the full-vocabulary KL, and the relative L2 error of its gradient w.r.t. "
+                  "the student's logits (sampled: one draw; in brackets the mean of draws).", "",
+                  "| stored | k | bytes / position | top-k mass | T | loss / full KL | gradient error |", "|---|---:|---:|---:|---:|---:|---:|"]
+            for p in fid["points"]:
+                mean = "" if p["grad_rel_error_of_mean"] is None else f" ({p['grad_rel_error_of_mean']:.3f})"
+                mass = "" if p["topk_mass"] is None else f"{p['topk_mass']:.3f}"
+                L.append(f"| {p['mode']} | {p['k']} | {p['bytes_per_position']} | {mass} | {p['T']:g} | {p['loss_over_full']:.3f} | "
+                         f"{p['grad_rel_error']:.3f}{mean} |")
+        cod = q.get("codecs")
+        if cod:
+            L += ["", f"Codecs on the top-6 cache's target field (bench.topk_codecs; chunks of {cod['rows_per_chunk']} rows, random reads "
+                  "of 16 rows, one thread):", "", "| codec | bytes / position | x smaller | random-read positions/s |", "|---|---:|---:|---:|"]
+            for c in cod["results"]:
+                L.append(f"| {c['name']} | {c['bytes_per_position']:.2f} | {c['x_smaller_than_none']:.2f} | {c['read_positions_per_s']:,.0f} |")
+    L.append("")
+    return L
+
+
+__all__ = ["run", "spec_for", "markdown", "quality_figures", "make_t5", "build_bpe"]

@@ -1,0 +1,276 @@
+"""Summarization and translation: an encoder-decoder writes a target text; the teacher is scored with
+teacher forcing on the reference targets (or on its own generated ones, sequence-level KD).
+
+One feature per example: the source truncated to ``max_length``, the target (``labels``, ending in
+the tokenizer's end token) at most ``max_target_length`` tokens. The language-model head has a
+vocabulary of outputs per decoder position, so the stored target ``logits`` is per position in
+mode ``topk`` (the k largest and the exact rest mass at each stored temperature), ``sampled``
+(k draws with counts) or ``full``. With ``sequence_kd`` the cache also stores the generated targets
+(``labels``, mode ``tokens``), which replace the references in training.
+Metrics: ROUGE (rouge-score) for summarization, BLEU and chrF (sacrebleu) for translation, on
+generated text (``num_beams``, ``max_new_tokens``, ``length_penalty``)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from transformers import AutoModelForSeq2SeqLM
+
+from kdcache.cache.format import DEFAULT_TEMPERATURES, TargetSpec
+from kdcache.config import FineTuneConfig
+from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+
+TEXT = "text"  # the output field of infer(): generated text per feature
+
+
+class Seq2SeqTask(Task):
+    """What summarization and translation share; subclasses say where source and reference come from."""
+
+    model_class = AutoModelForSeq2SeqLM
+    forward_keys = ("input_ids", "attention_mask", "labels")  # teacher forcing: the decoder reads the targets
+    generates = True
+
+    # -- what a subclass provides -----------------------------------------------------------------
+    def sources(self, batch: dict[str, list], config: FineTuneConfig) -> list[str]:
+        raise NotImplementedError
+
+    def references(self, batch: dict[str, list], config: FineTuneConfig) -> list[str]:
+        raise NotImplementedError
+
+    def has_references(self, dataset, config: FineTuneConfig) -> bool:
+        raise NotImplementedError
+
+    # -- data ------------------------------------------------------------------------------------
+    def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
+        return LabelInfo(0)  # the labels are text: no label vocabulary beyond the tokenizer's
+
+    def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
+        return {"max_length": config.max_length, "max_target_length": config.max_target_length,
+                "source_prefix": config.source_prefix}
+
+    def target_params(self, config: FineTuneConfig) -> dict[str, Any]:
+        params: dict[str, Any] = {"logits_mode": config.logits_mode}
+        if config.logits_mode != "full":
+            params.update(logits_k=config.logits_k, temperatures=_temperatures(config))
+        if config.sequence_kd:
+            params["sequence_kd"] = {"num_beams": config.num_beams, "max_new_tokens": _max_new_tokens(config),
+                                     "length_penalty": config.length_penalty}
+        return params
+
+    def tokenize(self, dataset, tokenizer, config: FineTuneConfig, labels: LabelInfo, split: str):
+        """One feature per example: ``input_ids``/``attention_mask`` of the source, ``length`` (source
+        tokens) and ``labels`` (target ids) when the split has references. A training target longer than
+        max_target_length, or empty, is an error that names the example."""
+        dataset = ensure_example_ids(dataset)
+        with_targets = self.has_references(dataset, config)
+
+        def encode(batch):
+            enc = tokenizer([config.source_prefix + s for s in self.sources(batch, config)], truncation=True,
+                            max_length=config.max_length, return_token_type_ids=False)
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            if with_targets:
+                refs = self.references(batch, config)
+                targets = tokenizer(text_target=refs, truncation=split != "train", max_length=config.max_target_length,
+                                    return_token_type_ids=False)["input_ids"]
+                if split == "train":
+                    _check_targets(targets, refs, batch[EXAMPLE_ID], tokenizer, config)
+                enc["labels"] = targets
+            return dict(enc)
+
+        remove = [c for c in dataset.column_names if c != EXAMPLE_ID]
+        return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
+
+    # -- models ----------------------------------------------------------------------------------
+    def check_vocabulary(self, model_config, tokenizer, who: str) -> Optional[str]:
+        rows = _vocab_size(model_config)
+        if rows is not None and rows < len(tokenizer):
+            return (f"{who}: its output layer has {rows} rows but its tokenizer has {len(tokenizer)} tokens; "
+                    "resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it again")
+        return None
+
+    def hidden_config(self, model_config):
+        return getattr(model_config, "encoder", None) or model_config  # EncoderDecoderConfig nests its encoder's
+
+    def hidden_states(self, outputs) -> tuple[torch.Tensor, ...]:
+        return outputs.encoder_hidden_states  # over the source tokens (what n_tokens and attention_mask cover)
+
+    # -- targets -----------------------------------------------------------------------------------
+    def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
+        """``logits`` per decoder position over the tokenizer's vocabulary (rows of a padded embedding
+        matrix that no token reaches are not stored), plus ``labels`` (tokens) with sequence_kd."""
+        if config is None or tokenizer is None:
+            raise ValueError(f"{self.name}: target_specs needs the config and the tokenizer (the vocabulary is the width)")
+        vocab = len(tokenizer)
+        mode = config.logits_mode
+        if mode == "full":
+            specs = [TargetSpec("logits", "position", vocab)]
+        else:
+            if config.logits_k > vocab:
+                raise DataError(f"logits_k (--logits-k) {config.logits_k} is larger than the vocabulary ({vocab} tokens): "
+                                f"choose at most {vocab}")
+            specs = [TargetSpec("logits", "position", vocab, mode, config.logits_k, tuple(_temperatures(config)))]
+        if config.sequence_kd:
+            specs.append(TargetSpec("labels", "position", vocab, "tokens"))
+        return specs
+
+    def output_targets(self, outputs) -> dict[str, torch.Tensor]:
+        return {"logits": outputs.logits}  # [B, P, V]
+
+    def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return logits, batch["labels"] != IGNORE_INDEX  # [B, P, V], [B, P]: the target positions carry loss
+
+    def position_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["labels"] != IGNORE_INDEX  # [B, P]: decoder positions (labels are right-padded with -100)
+
+    def generate_targets(self, model, batch: dict[str, torch.Tensor], config: FineTuneConfig, tokenizer) -> dict[str, torch.Tensor]:
+        """The teacher's own outputs as labels [B, P]: generated ids after the decoder's start token, up to
+        and including the end token, -100 beyond."""
+        out = _generate(model, batch, config)  # [B, 1 + P]
+        ids = out[:, 1:]  # drop the decoder start token
+        eos = model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        is_end = ids == eos if eos is not None else torch.zeros_like(ids, dtype=torch.bool)
+        after = (is_end.long().cumsum(1) - is_end.long()) > 0  # [B, P] strictly after the first end token (generate's padding)
+        return {"labels": ids.masked_fill(after, IGNORE_INDEX)}
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:
+        """Generated text per feature (the settings num_beams, max_new_tokens, length_penalty)."""
+        out = _generate(model, batch, config)
+        return {TEXT: [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]}
+
+    def predictions(self, features, outputs: dict[str, list[Any]], examples, labels: LabelInfo, config: FineTuneConfig) -> list[Any]:
+        position = example_positions(examples)
+        preds: list[Any] = [""] * len(examples)
+        for example_id, text in zip(features[EXAMPLE_ID], outputs[TEXT]):
+            preds[position[int(example_id)]] = text
+        return preds
+
+
+class Summarization(Seq2SeqTask):
+    name = "summarization"
+
+    def input_columns(self, config: FineTuneConfig) -> list[str]:
+        return [config.text_column, config.summary_column]
+
+    def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
+        fields = [("text_column", "the document to summarize")]
+        return fields + ([("summary_column", "the reference summary")] if need_labels else [])
+
+    def sources(self, batch, config):
+        return [str(t) for t in batch[config.text_column]]
+
+    def references(self, batch, config):
+        return [_first(r) for r in batch[config.summary_column]]
+
+    def has_references(self, dataset, config):
+        return config.summary_column in dataset.column_names
+
+    def compute_metrics(self, predictions: list[Any], examples, labels: LabelInfo, config: FineTuneConfig) -> dict[str, float]:
+        """ROUGE-1/2/L/Lsum F1 ×100 (rouge-score, Porter stemming; the best over several references)."""
+        from rouge_score import rouge_scorer
+
+        keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+        scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+        totals = dict.fromkeys(keys, 0.0)
+        refs = examples[config.summary_column]
+        for pred, ref in zip(predictions, refs):
+            scores = scorer.score_multi(ref if isinstance(ref, list) else [str(ref)], pred or "")
+            for key in keys:
+                totals[key] += scores[key].fmeasure
+        n = max(len(predictions), 1)
+        return {key: 100.0 * value / n for key, value in totals.items()}
+
+    def primary_metric(self) -> str:
+        return "rougeL"
+
+
+class Translation(Seq2SeqTask):
+    name = "translation"
+
+    def input_columns(self, config: FineTuneConfig) -> list[str]:
+        return [config.text_column]
+
+    def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
+        return [("text_column", "the {language: text} translation pairs")]
+
+    def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
+        return {**super().feature_params(config), "source_lang": config.source_lang, "target_lang": config.target_lang}
+
+    def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
+        super().check_columns(dataset, config, split, need_labels)
+        first = dataset[0][config.text_column]
+        if not isinstance(first, dict):
+            raise DataError(f"column {config.text_column!r} must hold {{language: text}} dicts (Hugging Face translation "
+                            f"layout), got {type(first).__name__}; set text_column (--text-column) to that column")
+        langs = ", ".join(sorted(first))
+        wanted = [("source_lang", config.source_lang)] + ([("target_lang", config.target_lang)] if need_labels else [])
+        for option, lang in wanted:
+            if lang is None or lang not in first:
+                what = "is not set" if lang is None else f"is {lang!r}, not a key of the translation dicts"
+                raise DataError(f"{option} (--{option.replace('_', '-')}) {what}: set it to one of the {split} data's languages ({langs})")
+
+    def sources(self, batch, config):
+        return [str(pair[config.source_lang]) for pair in batch[config.text_column]]
+
+    def references(self, batch, config):
+        return [str(pair[config.target_lang]) for pair in batch[config.text_column]]
+
+    def has_references(self, dataset, config):
+        return config.target_lang is not None and len(dataset) > 0 and config.target_lang in dataset[0][config.text_column]
+
+    def compute_metrics(self, predictions: list[Any], examples, labels: LabelInfo, config: FineTuneConfig) -> dict[str, float]:
+        """Corpus BLEU and chrF (sacrebleu's defaults: 13a tokenisation, chrF with character 6-grams)."""
+        import sacrebleu
+
+        refs = [str(pair[config.target_lang]) for pair in examples[config.text_column]]
+        hyps = [p or "" for p in predictions]
+        return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score}
+
+    def primary_metric(self) -> str:
+        return "bleu"
+
+
+# ------------------------------------------------------------------------------------------------------
+def _temperatures(config: FineTuneConfig) -> list[float]:
+    return sorted({float(t) for t in (config.temperatures or DEFAULT_TEMPERATURES)})
+
+
+def _max_new_tokens(config: FineTuneConfig) -> int:
+    return int(config.max_new_tokens or config.max_target_length)
+
+
+def _vocab_size(model_config) -> Optional[int]:
+    """Rows of the decoder's output layer (an EncoderDecoderModel's config nests the decoder's)."""
+    decoder = getattr(model_config, "decoder", None)
+    size = getattr(decoder, "vocab_size", None) if decoder is not None else None
+    return size if size is not None else getattr(model_config, "vocab_size", None)
+
+
+def _first(value: Any) -> str:
+    """A reference text: the first of several references."""
+    if isinstance(value, (list, tuple)):
+        return str(value[0]) if value else ""
+    return str(value)
+
+
+def _generate(model, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> torch.Tensor:
+    """model.generate on a padded batch with the config's settings: ids [B, 1 + P] (decoder start first)."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and k != "token_type_ids"}
+    return model.generate(**inputs, num_beams=config.num_beams, max_new_tokens=_max_new_tokens(config),
+                          length_penalty=config.length_penalty, do_sample=False)
+
+
+def _check_targets(targets: list[list[int]], refs: list[str], example_ids, tokenizer, config: FineTuneConfig) -> None:
+    """Training targets must fit max_target_length and hold text: a cut or empty target teaches the wrong end."""
+    special = set(tokenizer.all_special_ids)
+    for ids, ref, eid in zip(targets, refs, example_ids):
+        if len(ids) > config.max_target_length:
+            raise DataError(f"the target of training example {int(eid)} has {len(ids)} tokens, more than max_target_length "
+                            f"({config.max_target_length}): raise max_target_length (--max-target-length) or shorten the target")
+        if not ref.strip() or all(i in special for i in ids):
+            raise DataError(f"the target of training example {int(eid)} is empty: every training example needs a reference "
+                            "text; remove the empty ones")
