@@ -99,6 +99,14 @@ def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConf
     if stored is None and target.mode == "tokens":
         raise CacheMismatchError("sequence_kd", False, True, f"{path} stores no teacher-generated targets but sequence_kd is on: "
                                  "re-run dump-teacher with sequence_kd: true (it writes a new cache)")
+    if stored is not None and stored.mode != "full" and stored.width != target.width:
+        teacher_tok = reader.manifest.get("tokenizer", {})
+        raise CacheMismatchError(
+            f"targets.{target.name}", stored.width, target.width,
+            f"{path} stores {target.name!r} over the teacher's {stored.width}-token vocabulary ({teacher_tok.get('class')} of "
+            f"{teacher_tok.get('name')!r}) but the student {config.model_name!r} has a {target.width}-token tokenizer: "
+            "vocabulary-scale targets need the student to use the teacher's tokenizer",
+        )
     if stored is None or (stored.per, stored.width) != (target.per, target.width):
         what = "nothing" if stored is None else f"{stored.width} values per {stored.per}"
         raise CacheMismatchError(

@@ -129,6 +129,7 @@ class DistillationTrainer(Trainer):
                     continue
                 s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, K], [B, P] or None
                 t_view, _ = self.task.kd_view(name, teacher[key].to(s_logits.device), batch)
+                s_view = s_view[..., : t_view.shape[-1]]  # a padded embedding matrix's extra rows: no token reaches them
                 loss = kd_kl_loss(s_view, t_view, self.temperature, mask)
                 with torch.no_grad():
                     t_arg, s_arg = t_view.argmax(-1), s_view.argmax(-1)  # [B, P]
