@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import common
+from bench import common, seq2seq
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
-from bench import seq2seq
 from bench.run_mode import QUALITY_KINDS
 
 SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq")
@@ -231,6 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="step-cost rounds of (a, b, c), interleaved (default 3; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per measuring process (default: torch's, all cores; 1 with --quick, whose processes overlap)")
+    p.add_argument("--seq2seq-parts", default="steps,quality",
+                   help="parts of the seq2seq section to run (steps, quality); a part not run keeps its latest saved figures")
     p.add_argument("--render", action="store_true", help="run nothing: rebuild the Markdown and the combined JSON from the saved sections")
     args = p.parse_args(argv)
 
@@ -304,6 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if "seq2seq" in run:
         specs["seq2seq"] = seq2seq.spec_for(args.quick, work / "seq2seq", seeds, threads)
+        specs["seq2seq"]["parts"] = names(args.seq2seq_parts, ("steps", "quality"), "seq2seq part")
 
     started: dict[str, tuple[float, float]] = {}  # section -> (unix time, load average) at its start
 
@@ -312,6 +314,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def record(name: str, result: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
         when, load = started[name]
+        if name == "seq2seq":  # parts not run this time keep their latest saved figures
+            saved = section_dir(sizes) / "seq2seq.json"
+            if saved.exists():
+                for part, value in json.loads(saved.read_text())["result"].items():
+                    result.setdefault(part, value)
         path = save_section(sizes, name, result, {**meta, **(extra or {}), "started_unix": when, "loadavg_start": load,
                                                   "wall_s": result.get("mode_wall_s", time.time() - when)})
         print(f"  saved {path.relative_to(REPO)}", flush=True)

@@ -110,9 +110,9 @@ class FineTuneConfig:
     source_prefix: str = ""
     """summarization/translation: text put before every source (e.g. "summarize: " for T5 checkpoints)."""
     max_target_length: Optional[int] = None
-    """summarization/translation: most target tokens, teacher and student (default 128); a longer training target is an error, an eval reference is cut."""
+    """summarization/translation: most target tokens (default 128); a longer training target is an error, an eval reference is cut."""
     logits_mode: Optional[str] = None
-    """How a vocabulary-scale head's logits are stored: topk (the k largest plus the exact rest mass per temperature; default), sampled (k draws from the teacher, unbiased) or full."""
+    """Vocabulary-scale heads: topk (k largest + the exact rest mass per temperature; default), sampled (k draws, unbiased) or full."""
     logits_k: Optional[int] = None
     """topk: logits kept per position (default 6: 36 bytes per position with the 6 default temperatures); sampled: draws per position."""
     temperatures: Optional[list[float]] = None

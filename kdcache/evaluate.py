@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from transformers import AutoTokenizer
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from kdcache.cache.format import TargetSpec
 from kdcache.data import FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
-from kdcache.cache.format import TargetSpec
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.teacher import pool_student, select_hidden
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
