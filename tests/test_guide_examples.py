@@ -132,3 +132,49 @@ def test_question_answering_with_custom_settings(tmp_path, kdcache_home, monkeyp
     # naming teacher_layers_to_distill turns hidden-state distillation on (distill_hidden_states unset)
     assert pipeline.dump_result.manifest["store"]["hidden"]["layers"] == [0, 3, 5]
     assert any("loss_hidden" in h for h in result.log_history)
+
+
+def test_summarization_with_layer_selection(tmp_path, kdcache_home, monkeypatch, request):
+    """The guide's "Summarization with Layer Selection", as written, with local tiny T5s under the hub
+    names: a 12-layer teacher (the example distils its encoder layers 0, 4, 8 and 11) fine-tuned here
+    and a 2-layer student, over a BPE built from the shipped SciTLDR sample (tests/seq2seq_models.py)."""
+    import torch
+    from helpers import read_jsonl, write_jsonl
+    from seq2seq_models import TLDR_TRAIN, build_tokenizer, make_seq2seq
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))
+    torch.set_num_threads(1)  # tiny models: one thread avoids contention on shared cores
+    tok_dir = build_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    # rows whose TLDR fits the default max_target_length (128 tokens of this 1,200-token BPE)
+    rows = [r for r in read_jsonl(TLDR_TRAIN, 80) if len(tok(text_target=r["summary"])["input_ids"]) <= 128][:32]
+    data = write_jsonl(tmp_path / "tldr.jsonl", rows)
+    train_data = load_dataset("json", data_files=str(data), split="train")
+    make_seq2seq(tmp_path / "teacher_init", tok_dir, "t5", layers=12, width=32, seed=0)
+    make_seq2seq(tmp_path / "t5-small", tok_dir, "t5", layers=2, width=32, seed=1)
+    FineTunePipeline(FineTuneConfig(model_name=str(tmp_path / "teacher_init"), task_type="summarization", learning_rate=3e-3,
+                                    num_epochs=1, batch_size=8, output_dir="t5-large", disable_tqdm=True)).train(train_data)
+
+    # --- the guide's "Summarization with Layer Selection"; hub names resolve to the local directories ---
+    config = FineTuneConfig(
+        model_name="t5-small",
+        task_type="summarization",
+        use_distillation=True,
+        teacher_model_name="t5-large",
+        distillation_alpha=0.6,
+        temperature=2.5,
+        distill_hidden_states=True,
+        teacher_layers_to_distill=[0, 4, 8, 11]
+    )
+    # --- end of the guide's code ---
+    config = config.replace(batch_size=8, num_epochs=1, disable_tqdm=True, logging_steps=2, max_new_tokens=8)
+    pipeline = FineTunePipeline(config)
+    result = pipeline.train(train_dataset=train_data, eval_dataset=train_data.select(range(8)))
+    store = pipeline.dump_result.manifest["store"]
+    assert store["hidden"]["layers"] == [0, 4, 8, 11]
+    (logits,) = store["targets"]
+    assert (logits["mode"], logits["k"], logits["width"]) == ("topk", 6, len(tok)) and 2.5 in logits["temperatures"]
+    assert {"eval_rouge1", "eval_rougeL"} <= set(result.metrics)
+    assert any("loss_hidden" in h for h in result.log_history) and any("loss_kd" in h for h in result.log_history)
