@@ -144,7 +144,8 @@ def test_summarization_with_layer_selection(tmp_path, kdcache_home, monkeypatch,
     from transformers import AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
-    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)  # tiny models: one thread avoids contention on shared cores
     tok_dir = build_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tok_dir)
