@@ -71,3 +71,14 @@ def kdcache_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "kdcache_home"
     monkeypatch.setenv("KDCACHE_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models (two threads contend on the 2 shared cores), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

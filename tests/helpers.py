@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import read_jsonl, write_jsonl  # noqa: E402  (one copy of the JSON Lines helpers)
 
-__all__ = ["REPO", "MR_TRAIN", "MR_VALID", "make_bert", "read_jsonl", "write_jsonl", "cli_env", "run_cli", "write_pipeline"]
+__all__ = ["REPO", "MR_TRAIN", "MR_VALID", "make_bert", "read_jsonl", "write_jsonl", "cli_env", "run_cli", "write_pipeline", "fails_cleanly"]
 # The shipped CC BY 4.0 sample of mr_polarity (see data/mr_polarity/README.md).
 MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
 MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
@@ -52,3 +52,14 @@ def run_cli(args: list[str], kdcache_home: Path, check: bool = True) -> subproce
 def write_pipeline(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path
+
+
+def fails_cleanly(proc, *needles: str) -> str:
+    """A user error: non-zero exit, no traceback, one last line "Error: ..." holding every needle; returns that line."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: "), proc.stderr
+    for needle in needles:
+        assert needle in line, line
+    return line

@@ -75,8 +75,21 @@ def test_bench_quick_runs_every_path(tmp_path, kdcache_home):
     assert widths["token_classification"]["logits"] == ("position", 13)
     assert widths["question_answering"]["logits"] == ("position", 2)
 
+    # seq2seq: the step cost of every training kind, and (where Multi30k is on disk) every student kind
+    # over the seeds, each cache's bytes per target position, the fidelity points and the codecs
+    s2s = report["seq2seq"]
+    assert set(s2s["steps"]["ratios"]) == {"plain", "offline-topk", "offline-sampled", "online"}
+    assert all(_number(v) for v in s2s["steps"]["median_step_s"].values())
+    if "skipped" not in s2s["quality"]:
+        from bench.seq2seq import FIDELITY_POINTS, KINDS
+        assert {(r["kind"], r["seed"]) for r in s2s["quality"]["runs"]} == {(k, s) for k in KINDS for s in seeds}
+        assert all(_number(r["kl_to_teacher"]) and "eval_bleu" in r["metrics"] for r in s2s["quality"]["runs"])
+        assert len(s2s["quality"]["fidelity"]["points"]) == 2 * len(FIDELITY_POINTS)
+        assert {c["name"] for c in s2s["quality"]["codecs"]["results"]} >= {"none", "blosc-zstd-byteshuffle"}
+
     text = out.read_text()
     assert "## Summary against the design's goals" in text and "## 6. Quality" in text
+    assert "## 7. Summarization / translation" in text
     for task in tasks:
         assert f"`{task}`: " in text and f"| {task}: offline student / teacher" in text, task
     assert text.count("| logits | full float32, per position") == 2

@@ -134,19 +134,15 @@ def test_question_answering_with_custom_settings(tmp_path, kdcache_home, monkeyp
     assert any("loss_hidden" in h for h in result.log_history)
 
 
-def test_summarization_with_layer_selection(tmp_path, kdcache_home, monkeypatch, request):
+def test_summarization_with_layer_selection(tmp_path, kdcache_home, monkeypatch, one_thread):
     """The guide's "Summarization with Layer Selection", as written, with local tiny T5s under the hub
     names: a 12-layer teacher (the example distils its encoder layers 0, 4, 8 and 11) fine-tuned here
     and a 2-layer student, over a BPE built from the shipped SciTLDR sample (tests/seq2seq_models.py)."""
-    import torch
     from helpers import read_jsonl, write_jsonl
     from seq2seq_models import TLDR_TRAIN, build_tokenizer, make_seq2seq
     from transformers import AutoTokenizer
 
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
-    torch.set_num_threads(1)  # tiny models: one thread avoids contention on shared cores
     tok_dir = build_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     # rows whose TLDR fits the default max_target_length (128 tokens of this 1,200-token BPE)

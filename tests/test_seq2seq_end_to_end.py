@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import read_jsonl, write_jsonl, write_pipeline
 from seq2seq_models import TLDR_TRAIN, TLDR_VALID, build_tokenizer, invoke_cli, make_seq2seq, translation_rows
 
@@ -34,12 +33,7 @@ OTHER_T = next(t for t in STORED if t != DEFAULT_T)  # stored, not the default
 assert 5.0 not in STORED
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _common(data: dict[str, Path], **fields) -> dict:

@@ -14,17 +14,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import read_jsonl, run_cli, write_jsonl, write_pipeline
+from helpers import fails_cleanly, read_jsonl, run_cli, write_jsonl, write_pipeline
 from seq2seq_models import TLDR_TRAIN, build_tokenizer, invoke_cli, make_seq2seq
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +39,6 @@ def setup(tmp_path_factory) -> dict:
                 cache=root / "cache")
 
 
-def _fails_cleanly(proc, *needles: str) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("Error: "), proc.stderr
-    for needle in needles:
-        assert needle in line, line
-    return line
-
-
 def _snapshot(cache: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(cache)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.rglob("*"))}
 
@@ -68,7 +51,7 @@ def _dump_with_rows(setup, tmp_path, rows: list[dict], *flags: str):
 
 def test_a_target_longer_than_max_target_length(setup, tmp_path):
     proc = _dump_with_rows(setup, tmp_path, setup["rows"], "--max-target-length", "24")
-    line = _fails_cleanly(proc, "training example 0", "max_target_length (24)", "--max-target-length")
+    line = fails_cleanly(proc, "training example 0", "max_target_length (24)", "--max-target-length")
     assert "tokens" in line
     assert not (tmp_path / "cache").exists() and not (tmp_path / "home").exists()
 
@@ -76,7 +59,7 @@ def test_a_target_longer_than_max_target_length(setup, tmp_path):
 def test_an_empty_target(setup, tmp_path):
     rows = [dict(r) for r in setup["rows"]]
     rows[5]["summary"] = ""
-    _fails_cleanly(_dump_with_rows(setup, tmp_path, rows), "training example 5 is empty")
+    fails_cleanly(_dump_with_rows(setup, tmp_path, rows), "training example 5 is empty")
     assert not (tmp_path / "cache").exists()
 
 
@@ -85,7 +68,7 @@ def test_logits_k_larger_than_the_vocabulary_in_a_real_process(setup, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", setup["rows"])
     pipeline = write_pipeline(tmp_path / "p.yaml", **{**setup["common"], "train_file": str(data)}, cache_dir=str(tmp_path / "cache"))
     proc = run_cli(["dump-teacher", "--config", str(pipeline), "--logits-k", "5000"], tmp_path / "home", check=False)
-    _fails_cleanly(proc, "logits_k (--logits-k) 5000", "vocabulary (1200 tokens)", "at most 1200")
+    fails_cleanly(proc, "logits_k (--logits-k) 5000", "vocabulary (1200 tokens)", "at most 1200")
     assert not (tmp_path / "cache").exists()
 
 
@@ -97,13 +80,13 @@ def test_a_student_whose_tokenizer_differs(setup, tmp_path):
     other = make_seq2seq(tmp_path / "other", bart_tok, "t5", layers=1, width=32, seed=1)
     proc = invoke_cli(["train-student", "--config", setup["pipeline"], "--model-name", other, "--output-dir", tmp_path / "o1"],
                       setup["home"], check=False)
-    _fails_cleanly(proc, "tokenizer", str(setup["teacher"]), str(other), "(1200 tokens)")
+    fails_cleanly(proc, "tokenizer", str(setup["teacher"]), str(other), "(1200 tokens)")
 
     small_tok = build_tokenizer(tmp_path / "small_tok", vocab_size=1000)
     small = make_seq2seq(tmp_path / "small", small_tok, "t5", layers=1, width=32, seed=1)
     proc = invoke_cli(["train-student", "--config", setup["pipeline"], "--model-name", small, "--output-dir", tmp_path / "o2"],
                       setup["home"], check=False)
-    _fails_cleanly(proc, "1200", "1000", "vocabulary")
+    fails_cleanly(proc, "1200", "1000", "vocabulary")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert _snapshot(setup["cache"]) == before
 
@@ -115,7 +98,7 @@ def test_a_topk_cache_read_as_sampled_and_the_advice_followed(setup, tmp_path):
     out = tmp_path / "student"
     proc = invoke_cli(["train-student", "--config", setup["pipeline"], "--logits-mode", "sampled", "--output-dir", out],
                       setup["home"], check=False)
-    line = _fails_cleanly(proc, "mode 'topk'", "logits_mode is 'sampled'", "set logits_mode: topk")
+    line = fails_cleanly(proc, "mode 'topk'", "logits_mode is 'sampled'", "set logits_mode: topk")
     assert not out.exists() and _snapshot(setup["cache"]) == before
     # The advice: set logits_mode to the cache's (the flag form of "logits_mode: topk").
     advice = line.split("set logits_mode: ")[1].split(",")[0].strip()

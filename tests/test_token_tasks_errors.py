@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import REPO, read_jsonl, run_cli, write_jsonl, write_pipeline
+from helpers import REPO, fails_cleanly, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 from kdcache.cache import fingerprint
 
@@ -34,16 +34,6 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
     return out
 
 
-def _fails_cleanly(proc, *needles: str) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("Error: "), proc.stderr
-    for needle in needles:
-        assert needle in line, line
-    return line
-
-
 def _ner_rows(n: int) -> list[dict]:
     return read_jsonl(NER_TRAIN, n)
 
@@ -54,7 +44,7 @@ def test_tag_list_longer_than_its_words(tmp_path, kdcache_home, tiny_models):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     pipeline = write_pipeline(tmp_path / "p.yaml", model_name=str(tiny_models["ner"]), teacher_model_name=str(tiny_models["ner"]),
                               task_type="token_classification", use_distillation=True, train_file=str(data), max_length=48)
-    line = _fails_cleanly(run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False), "ner_tags")
+    line = fails_cleanly(run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False), "ner_tags")
     assert "7" in line
     assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
 
@@ -67,7 +57,7 @@ def test_eval_tag_unknown_to_train(tmp_path, kdcache_home, tiny_models):
     proc = run_cli(["train", "--model-name", str(tiny_models["ner"]), "--task-type", "token_classification",
                     "--train-file", str(train), "--eval-file", str(valid), "--max-length", "48",
                     "--output-dir", str(tmp_path / "out")], kdcache_home, check=False)
-    _fails_cleanly(proc, "B-spaceship", "training")
+    fails_cleanly(proc, "B-spaceship", "training")
     assert not (tmp_path / "out").exists()
 
 
@@ -80,21 +70,21 @@ def test_answer_that_is_not_in_the_context(tmp_path, kdcache_home, tiny_models):
     pipeline = write_pipeline(tmp_path / "p.yaml", model_name=str(tiny_models["qa"]), teacher_model_name=str(tiny_models["qa"]),
                               task_type="question_answering", use_distillation=True, train_file=str(data), max_length=96,
                               doc_stride=32, cache_dir=str(cache))
-    _fails_cleanly(run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False), "answer_start", rows[3]["id"])
+    fails_cleanly(run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False), "answer_start", rows[3]["id"])
     assert not cache.exists()
 
 
 def test_doc_stride_not_below_max_length(tmp_path, kdcache_home, tiny_models):
     proc = run_cli(["dump-teacher", "--model-name", str(tiny_models["qa"]), "--task-type", "question_answering",
                     "--train-file", str(QA_TRAIN), "--max-length", "64", "--doc-stride", "64"], kdcache_home, check=False)
-    _fails_cleanly(proc, "doc_stride", "--doc-stride", "max_length")
+    fails_cleanly(proc, "doc_stride", "--doc-stride", "max_length")
 
 
 def test_max_length_beyond_the_teachers_positions(tmp_path, kdcache_home, tiny_models):
     proc = run_cli(["dump-teacher", "--model-name", str(tiny_models["qa"]), "--teacher-model-name", str(tiny_models["qa"]),
                     "--task-type", "question_answering", "--train-file", str(QA_TRAIN), "--max-train-samples", "8",
                     "--max-length", "256", "--doc-stride", "64"], kdcache_home, check=False)
-    _fails_cleanly(proc, "max_length", "128")
+    fails_cleanly(proc, "max_length", "128")
     assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
 
 
@@ -114,9 +104,9 @@ def test_an_old_format_cache_gets_advice_that_works(tmp_path, kdcache_home, tiny
     manifest["fingerprint"] = fingerprint(manifest["fingerprint_inputs"])
     (cache / "manifest.json").write_text(json.dumps(manifest))
 
-    line = _fails_cleanly(run_cli(["train-student", "--config", str(pipeline)], kdcache_home, check=False), "format", "dump-teacher")
+    line = fails_cleanly(run_cli(["train-student", "--config", str(pipeline)], kdcache_home, check=False), "format", "dump-teacher")
     assert "--force" in line
-    line = _fails_cleanly(run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False), "format_version", "--force")
+    line = fails_cleanly(run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False), "format_version", "--force")
     run_cli(["dump-teacher", "--config", str(pipeline), "--force"], kdcache_home)
     run_cli(["train-student", "--config", str(pipeline)], kdcache_home)
     assert (tmp_path / "student" / "kdcache_report.json").exists()

@@ -168,3 +168,23 @@ SPECS = {
 
 # Features per example each spec's data is generated with (QA-like caches repeat example ids).
 PER_EXAMPLE = {"qa": 3, "mixed": 2, "fp16-none": 2}
+
+
+def rewrite_shard(path: Path, index: int, edit) -> None:
+    """Rewrite shard ``index`` as one record batch with ``edit(table)`` and fix the manifest's size and checksum
+    (a tampered cache that passes the size and checksum checks)."""
+    import json
+
+    import pyarrow as pa
+
+    from kdcache.cache import sha256_file
+
+    p = path / f"shard-{index:05d}.arrow"
+    f = pa.ipc.open_file(pa.BufferReader(p.read_bytes()))  # in memory: the file is overwritten below
+    table, schema = f.read_all().combine_chunks(), f.schema
+    table = edit(table)
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_table(table)
+    m = json.loads((path / "manifest.json").read_text())
+    m["shards"][index].update(bytes=p.stat().st_size, sha256=sha256_file(p))
+    (path / "manifest.json").write_text(json.dumps(m))

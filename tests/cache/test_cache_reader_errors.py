@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from cache_synth import SPECS, make_batch, make_truth
+from cache_synth import SPECS, make_batch, make_truth, rewrite_shard
 
-from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec, sha256_file
+from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec
 
 
 def test_missing_path(tmp_path):
@@ -86,19 +86,6 @@ def test_shard_size_differs(fp16_cache):
         CacheReader(path)
 
 
-def _rewrite_shard(path, index: int, edit) -> None:
-    """Rewrite shard ``index`` with ``edit(table)`` and update the manifest's size and checksum (a tampered cache)."""
-    p = path / f"shard-{index:05d}.arrow"
-    f = pa.ipc.open_file(pa.BufferReader(p.read_bytes()))  # in memory: the file is overwritten below
-    table, schema = f.read_all(), f.schema
-    table = edit(table)
-    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-        w.write_table(table)
-    m = json.loads((path / "manifest.json").read_text())
-    m["shards"][index].update(bytes=p.stat().st_size, sha256=sha256_file(p))
-    (path / "manifest.json").write_text(json.dumps(m))
-
-
 def test_row_lengths_checked_at_open(qa_cache):
     """n_positions that disagree with the stored per-position values are caught at open, not misread."""
     path, _, _ = qa_cache
@@ -108,7 +95,7 @@ def test_row_lengths_checked_at_open(qa_cache):
         n = table.column(i).to_numpy() + np.int32(1)
         return table.set_column(i, table.schema.field(i), pa.array(n, pa.int32()))
 
-    _rewrite_shard(path, 1, bump)
+    rewrite_shard(path, 1, bump)
     with pytest.raises(CacheError, match="shard 1: column 'logits' has row lengths that do not match n_tokens / n_positions"):
         CacheReader(path)
 
@@ -120,7 +107,7 @@ def test_duplicate_and_stray_ids(fp16_cache):
         i = table.schema.get_field_index("feature_id")
         return table.set_column(i, table.schema.field(i), pa.array(table.column(i).to_numpy() - 6))
 
-    _rewrite_shard(path, 1, shift)  # shard 1 now claims shard 0's ids
+    rewrite_shard(path, 1, shift)  # shard 1 now claims shard 0's ids
     with pytest.raises(CacheError, match=r"shard 1 holds feature ids outside its id_range \[6, 12\)"):
         CacheReader(path)
     m = json.loads((path / "manifest.json").read_text())

@@ -15,8 +15,9 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
+from cache_synth import rewrite_shard
 
-from kdcache.cache import CacheError, CacheReader, NonFiniteError, ShardWriter, StoreSpec, TargetSpec, TeacherBatch, sha256_file
+from kdcache.cache import CacheError, CacheReader, NonFiniteError, ShardWriter, StoreSpec, TargetSpec, TeacherBatch
 from kdcache.cache.format import index_dtype
 
 TOPK_TEMPS = (1.0, 2.0)
@@ -338,20 +339,6 @@ def test_index_dtype_too_large():
 # Reader: row lengths checked at open
 
 
-def _rewrite_shard(path, index: int, edit) -> None:
-    """Rewrite shard ``index`` as one record batch with ``edit(table)`` and fix the manifest's size and checksum
-    (a tampered cache that passes every check but the row lengths)."""
-    p = path / f"shard-{index:05d}.arrow"
-    f = pa.ipc.open_file(pa.BufferReader(p.read_bytes()))  # in memory: the file is overwritten below
-    table, schema = f.read_all().combine_chunks(), f.schema
-    table = edit(table)
-    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-        w.write_table(table)
-    m = json.loads((path / "manifest.json").read_text())
-    m["shards"][index].update(bytes=p.stat().st_size, sha256=sha256_file(p))
-    (path / "manifest.json").write_text(json.dumps(m))
-
-
 def _move_one_position(col: str, m: int):
     """Move one position's worth (m values) of column ``col`` from the first row that has one to the next row:
     the total stays right, the row lengths disagree with n_positions."""
@@ -386,8 +373,8 @@ def test_row_lengths_of_sparse_columns_checked_at_open(tmp_path, col, edit):
     spec = _spec(1200)
     n_pos, rows = _truth(1200, 10, seed=34)  # generated here, seed 34
     _write(tmp_path, spec, n_pos, rows, shard_size=5)
-    _rewrite_shard(tmp_path, 1, lambda table: table)  # control: the rewrite alone keeps the cache readable
+    rewrite_shard(tmp_path, 1, lambda table: table)  # control: the rewrite alone keeps the cache readable
     CacheReader(tmp_path, verify=True).get_target_padded(range(10), "logits")
-    _rewrite_shard(tmp_path, 1, edit)
+    rewrite_shard(tmp_path, 1, edit)
     with pytest.raises(CacheError, match=re.escape(f"shard 1: column {col!r} has row lengths that do not match n_tokens / n_positions")):
         CacheReader(tmp_path)
