@@ -66,12 +66,12 @@ def reduce_topk(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -
     at T=1, ``logrest`` [..., n_T] float16 log of the mass outside the top-k at each temperature
     (computed in float32 over the non-top-k entries, so no cancellation), all on logits' device."""
     lf = logits.float()  # [..., V]
-    logp_all = torch.log_softmax(lf, dim=-1)  # [..., V]
-    logp, idx = logp_all.topk(k, dim=-1)  # [..., k] descending
+    top, idx = lf.topk(k, dim=-1)  # [..., k] descending
+    logp = top - lf.logsumexp(dim=-1, keepdim=True)  # [..., k] log-probabilities at T=1
+    outside = lf.scatter(-1, idx, float("-inf"))  # [..., V], the top-k removed
     rest = []
-    for t in temperatures:
-        tempered = torch.log_softmax(lf / t, dim=-1).scatter(-1, idx, float("-inf"))  # [..., V], top-k removed
-        rest.append(tempered.logsumexp(dim=-1).clamp(min=-60.0))  # [...]; exp(-60) ~ 1e-26: nothing left
+    for t in temperatures:  # log of the tempered mass outside the top-k: lse(outside / t) - lse(all / t)
+        rest.append((outside.div(t).logsumexp(dim=-1) - lf.div(t).logsumexp(dim=-1)).clamp(min=-60.0))  # exp(-60): nothing left
     logp = logp.clamp(min=-6.0e4)  # a masked (-inf) logit inside the top-k stays finite in float16 (its mass is 0 anyway)
     return {"idx": idx, "logp": logp.to(torch.float16), "logrest": torch.stack(rest, dim=-1).to(torch.float16)}
 
