@@ -127,10 +127,11 @@ class Runner:
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def start(self, name: str, spec: dict[str, Any]) -> tuple[str, subprocess.Popen, Path, float]:
-        spec_path, out_path = self.log_dir / f"{name}.spec.json", self.log_dir / f"{name}.out.json"
+        stem = f"{name}-{os.getpid()}"  # two bench runs at once (e.g. two parts of a section) keep their own files
+        spec_path, out_path = self.log_dir / f"{stem}.spec.json", self.log_dir / f"{stem}.out.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         out_path.unlink(missing_ok=True)
-        log = open(self.log_dir / f"{name}.log", "w")
+        log = open(self.log_dir / f"{stem}.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "bench.run_mode", str(spec_path), str(out_path)],
                                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         print(f"  [{name}] started", flush=True)
@@ -140,8 +141,8 @@ class Runner:
         name, proc, out_path, t0 = job
         rc = proc.wait()
         if rc != 0 or not out_path.exists():
-            tail = (self.log_dir / f"{name}.log").read_text()[-3000:]
-            raise RuntimeError(f"bench mode {name!r} failed (exit {rc}); log {self.log_dir / (name + '.log')}:\n{tail}")
+            log = out_path.with_name(out_path.name.replace(".out.json", ".log"))
+            raise RuntimeError(f"bench mode {name!r} failed (exit {rc}); log {log}:\n{log.read_text()[-3000:]}")
         wall = time.perf_counter() - t0
         print(f"  [{name}] done in {wall:.0f}s", flush=True)
         result = json.loads(out_path.read_text())

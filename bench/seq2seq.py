@@ -167,7 +167,7 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     if out["teacher"] is None:
         t = train_student(teacher_cfg, output_dir=str(teacher_dir), save=True)
         out["teacher"] = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters}
-    print(f"[seq2seq quality] teacher {t.metrics} in {out['teacher']['seconds']:.0f}s", flush=True)
+    print(f"[seq2seq quality] teacher {out['teacher']['metrics']} in {out['teacher']['seconds']:.0f}s", flush=True)
 
     student = {**base, "teacher_model_name": str(teacher_dir), "batch_size": q["student_batch"], "learning_rate": q["student_lr"],
                "num_epochs": q["student_epochs"], "distillation_alpha": 0.5}
