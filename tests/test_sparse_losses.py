@@ -283,3 +283,29 @@ def test_empty_rows_give_a_zero_loss_that_backpropagates():
     # reductions of no positions are empty too (a batch whose rows have no positions)
     assert reduce_topk(torch.zeros(2, 0, V), 8, TEMPS)["logrest"].shape == (2, 0, len(TEMPS))
     assert reduce_sampled(torch.zeros(2, 0, V), 8, TEMPS)["count"].shape == (2, 0, 8)
+
+
+def test_losses_on_padded_rows_with_a_mask_equal_the_losses_on_the_selected_rows():
+    """The trainer passes [B, P, V] logits with the mask of the target positions (no gathered copy): each loss
+    equals the one on the selected rows [N, V], and padding rows (zeros in the stored components) change nothing."""
+    g = torch.Generator().manual_seed(7)
+    B, P, V, k, T = 3, 5, 60, 4, 2.0
+    s = torch.randn(B, P, V, generator=g)
+    t = torch.randn(B, P, V, generator=g) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    top = reduce_topk(t, k, (T,))
+    drawn = reduce_sampled(t, 8, (T,), torch.Generator().manual_seed(1))
+    for comps in (top, drawn):
+        for c in comps.values():
+            c[~mask] = 0  # what the collator pads with
+    pairs = [
+        (topk_rest_kl(s, top["idx"], top["logp"], top["logrest"][..., 0], T, mask),
+         topk_rest_kl(s[mask], top["idx"][mask], top["logp"][mask], top["logrest"][mask][:, 0], T)),
+        (topk_renormalized_kl(s, top["idx"], top["logp"], T, mask),
+         topk_renormalized_kl(s[mask], top["idx"][mask], top["logp"][mask], T)),
+        (sampled_kl(s, drawn["idx"], drawn["count"], drawn["logp"], drawn["lse"][..., 0], T, 8, mask),
+         sampled_kl(s[mask], drawn["idx"][mask], drawn["count"][mask], drawn["logp"][mask], drawn["lse"][mask][:, 0], T, 8)),
+    ]
+    for padded, selected in pairs:
+        assert torch.isfinite(padded)
+        assert torch.allclose(padded, selected, rtol=1e-5, atol=1e-6)

@@ -37,50 +37,60 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def _student_logp_at(student_logits: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The student's log-probabilities at ``temperature`` of the tokens ``idx`` [..., m], without building the
+    full log-softmax: z_i / T − logsumexp(z / T). One pass over the vocabulary forward, one backward."""
+    z = student_logits.float()  # [..., V]
+    lse = torch.logsumexp(z / temperature if temperature != 1.0 else z, dim=-1)  # [...]
+    return z.gather(-1, idx) / temperature - lse.unsqueeze(-1)  # [..., m]
+
+
+def _masked_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor], anchor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_row`` [...] over the rows ``mask`` selects (all when None); 0, still in the graph, when none."""
+    if mask is None:
+        return per_row.mean() if per_row.numel() else anchor.sum() * 0.0
+    m = mask.to(per_row.dtype)
+    return (per_row * m).sum() / m.sum().clamp(min=1.0)
+
+
 def topk_rest_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, logrest: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
+                 temperature: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """T² · KL over k+1 buckets: the teacher's top-k tokens and one "rest" bucket holding exactly the
     mass outside them (as NeMo-Aligner does). Exact (equal to the full KL) when nothing is left outside.
 
-    student_logits [N, V]; idx [N, k] (int64), logp [N, k] the teacher's log-probs at T=1; logrest [N]
-    log of the teacher's mass outside the top-k at ``temperature``."""
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    t_rest = logrest.float().clamp(max=0.0)  # [N]
-    t_top = torch.log_softmax(logp.float() / temperature, dim=-1) + _log1mexp(t_rest)[:, None]  # [N, k] log p_T(i)
-    s_all = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
-    s_top = s_all.gather(1, idx)  # [N, k]
-    s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1))  # [N] the student's mass outside the teacher's top-k
-    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)  # [N]
-    return kl.mean() * temperature**2
+    student_logits [..., V]; idx [..., k] (int64), logp [..., k] the teacher's log-probs at T=1; logrest [...]
+    log of the teacher's mass outside the top-k at ``temperature``; mask [...] the rows that count (None: all).
+    Rows outside the mask may hold padding (zeros): they stay finite and carry no loss."""
+    t_rest = logrest.float().clamp(max=0.0)  # [...]
+    t_top = torch.log_softmax(logp.float() / temperature, dim=-1) + _log1mexp(t_rest).unsqueeze(-1)  # [..., k] log p_T(i)
+    s_top = _student_logp_at(student_logits, idx, temperature)  # [..., k]
+    s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1))  # [...] the student's mass outside the teacher's top-k
+    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)  # [...]
+    return _masked_mean(kl, mask, student_logits) * temperature**2
 
 
-def topk_renormalized_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, temperature: float) -> torch.Tensor:
+def topk_renormalized_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, temperature: float,
+                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """T² · KL between teacher and student renormalised over the teacher's top-k tokens (what DistillKit
-    and Megatron do; biased: the tail's mass is dropped). student_logits [N, V]; idx, logp [N, k]."""
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    t = torch.log_softmax(logp.float() / temperature, dim=-1)  # [N, k]
-    s = torch.log_softmax(student_logits.float().gather(1, idx) / temperature, dim=-1)  # [N, k]
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    and Megatron do; biased: the tail's mass is dropped). student_logits [..., V]; idx, logp [..., k]."""
+    t = torch.log_softmax(logp.float() / temperature, dim=-1)  # [..., k]
+    s = torch.log_softmax(student_logits.float().gather(-1, idx) / temperature, dim=-1)  # [..., k]
+    return _masked_mean((t.exp() * (t - s)).sum(-1), mask, student_logits) * temperature**2
 
 
 def sampled_kl(student_logits: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, logp: torch.Tensor, lse: torch.Tensor,
-               temperature: float, draws: int) -> torch.Tensor:
+               temperature: float, draws: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """T² · an unbiased importance-sampling estimate of KL(teacher_T ‖ student_T) from ``draws`` tokens drawn
     from the teacher at T=1 (Sparse Logit Sampling, Anshumann et al. 2025): each draw of token i weighs
     p_T(i) / p_1(i), so its expectation is the full-vocabulary KL at any temperature.
 
-    student_logits [N, V]; idx, count, logp [N, m] (slots with count 0 are unused); lse [N] the
-    logsumexp over the vocabulary of logp_1 / T (so log p_T(i) = logp_i / T − lse)."""
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
+    student_logits [..., V]; idx, count, logp [..., m] (slots with count 0 are unused); lse [...] the
+    logsumexp over the vocabulary of logp_1 / T (so log p_T(i) = logp_i / T − lse); mask [...] as above."""
     lp = logp.float()
-    t_log = lp / temperature - lse.float()[:, None]  # [N, m] log p_T(i)
-    weight = count.float() / draws * torch.exp(t_log - lp)  # [N, m] importance weights; 0 in unused slots
-    s = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, idx)  # [N, m]
-    kl = (weight * (t_log - s)).sum(-1)  # [N]
-    return kl.mean() * temperature**2
+    t_log = lp / temperature - lse.float().unsqueeze(-1)  # [..., m] log p_T(i)
+    weight = count.float() / draws * torch.exp(t_log - lp)  # [..., m] importance weights; 0 in unused slots
+    s = _student_logp_at(student_logits, idx, temperature)  # [..., m]
+    return _masked_mean((weight * (t_log - s)).sum(-1), mask, student_logits) * temperature**2
 
 
 def hidden_mse_loss(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

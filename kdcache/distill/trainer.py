@@ -143,24 +143,28 @@ class DistillationTrainer(Trainer):
         return torch.stack(losses).mean(), (torch.cat(t_preds), torch.cat(s_preds))
 
     def _sparse_kd(self, spec: TargetSpec, s_view: torch.Tensor, comps: dict[str, torch.Tensor], mask: Optional[torch.Tensor]):
-        """The loss of one topk / sampled field over the rows that carry loss, and (teacher, student) argmax."""
-        if mask is None:
-            mask = torch.ones(s_view.shape[:-1], dtype=torch.bool, device=s_view.device)
-        s = s_view[mask][:, : spec.width]  # [N, V]: rows of a padded embedding matrix beyond the vocabulary dropped
-        rows = {c: v[mask] for c, v in comps.items()}  # [N, m] each
+        """The loss of one topk / sampled field over the rows that carry loss, and (teacher, student) argmax.
+
+        The loss runs on the padded [B, P, V] logits with the mask (no gathered copy of the rows: on a
+        vocabulary-scale head that copy and its backward cost more than the loss)."""
+        s = s_view[..., : spec.width]  # [B, P, V]: a padded embedding matrix's extra rows dropped (a view)
         T = self.temperature
         if spec.mode == "topk" and self.topk_loss == "renormalized":  # needs no stored normaliser
-            loss = topk_renormalized_kl(s, rows["idx"], rows["logp"], T)
+            loss = topk_renormalized_kl(s, comps["idx"], comps["logp"], T, mask)
         elif spec.mode == "topk":
-            loss = topk_rest_kl(s, rows["idx"], rows["logp"], rows["logrest"][:, spec.temperature_index(T)], T)
+            loss = topk_rest_kl(s, comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(T)], T, mask)
         else:
-            loss = sampled_kl(s, rows["idx"], rows["count"], rows["logp"], rows["lse"][:, spec.temperature_index(T)], T, spec.k)
+            loss = sampled_kl(s, comps["idx"], comps["count"], comps["logp"], comps["lse"][..., spec.temperature_index(T)], T,
+                              spec.k, mask)
         with torch.no_grad():
             if spec.mode == "topk":
-                t_arg = rows["idx"][:, 0]  # stored in descending order
+                t_arg = comps["idx"][..., 0]  # [B, P]: stored in descending order
             else:
-                t_arg = rows["idx"].gather(1, rows["logp"].masked_fill(rows["count"] == 0, float("-inf")).argmax(1, keepdim=True))[:, 0]
-            s_arg = s.argmax(-1)
+                best = comps["logp"].masked_fill(comps["count"] == 0, float("-inf")).argmax(-1, keepdim=True)
+                t_arg = comps["idx"].gather(-1, best)[..., 0]  # [B, P]
+            s_arg = s.argmax(-1)  # [B, P]
+            if mask is not None:
+                t_arg, s_arg = t_arg[mask], s_arg[mask]
         return loss, t_arg, s_arg
 
     def _hidden_loss(self, student_h: torch.Tensor, teacher_h: torch.Tensor, teacher_mask, attention_mask) -> torch.Tensor:
