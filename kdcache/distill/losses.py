@@ -37,12 +37,58 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _student_logp_at(student_logits: torch.Tensor, idx: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The student's log-probabilities at ``temperature`` of the tokens ``idx`` [..., m], without building the
-    full log-softmax: z_i / T − logsumexp(z / T). One pass over the vocabulary forward, one backward."""
-    z = student_logits.float()  # [..., V]
-    lse = torch.logsumexp(z / temperature if temperature != 1.0 else z, dim=-1)  # [...]
-    return z.gather(-1, idx) / temperature - lse.unsqueeze(-1)  # [..., m]
+class _SparseKL(torch.autograd.Function):
+    """Σ_rows w · [Σ_i a_i (c_i − log q_i) + b (c_r − log q_r)] with q = softmax(z / T) over the vocabulary, q_r the
+    mass outside the m tokens ``idx``, and its gradient in closed form (no autograd through the vocabulary):
+
+        ∂/∂z_j = w / T · ((A + b) q_j − a_j)           for j among idx,    A = Σ_i a_i
+        ∂/∂z_j = w / T · q_j (A − b (1 − q_r) / q_r)   for the other tokens
+
+    so a step over a [B, P, V] head costs one log-sum-exp forward and one softmax backward, not the
+    half-dozen vocabulary-wide temporaries of autograd. ``b`` is None for no rest bucket (sampled targets)."""
+
+    @staticmethod
+    def forward(ctx, z, idx, a, c, b, c_r, temperature, weight):
+        zt = z.float() / temperature  # [..., V]
+        lse = torch.logsumexp(zt, dim=-1)  # [...]
+        log_q = zt.gather(-1, idx) - lse.unsqueeze(-1)  # [..., m]
+        del zt
+        rows = (a * (c - log_q)).sum(-1)  # [...]
+        log_qr = None
+        if b is not None:
+            log_qr = _log1mexp(torch.logsumexp(log_q, dim=-1))  # [...] the student's mass outside idx
+            rows = rows + b * (c_r - log_qr)
+        ctx.save_for_backward(z, idx, a, b, lse, log_qr, weight)
+        ctx.temperature = temperature
+        return (rows * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, idx, a, b, lse, log_qr, weight = ctx.saved_tensors
+        T = ctx.temperature
+        total_a = a.sum(-1)  # [...]
+        if b is None:
+            on = off = total_a
+        else:
+            q_r = log_qr.exp()
+            on, off = total_a + b, total_a - b * (1.0 - q_r) / q_r
+        scale = grad_out * weight / T  # [...]
+        grad = z.float().div(T).sub_(lse.unsqueeze(-1)).exp_()  # [..., V] q
+        q_idx = grad.gather(-1, idx)  # [..., m]
+        grad.mul_((off * scale).unsqueeze(-1))
+        grad.scatter_add_(-1, idx, (((on - off).unsqueeze(-1) * q_idx - a) * scale.unsqueeze(-1)))
+        return grad.to(z.dtype), None, None, None, None, None, None, None
+
+
+def _row_weights(shape, mask: Optional[torch.Tensor], device, temperature: float) -> torch.Tensor:
+    """T² / (rows counted) on the rows the mask selects (every row when None), 0 elsewhere: a masked mean."""
+    if mask is None:
+        n = 1
+        for d in shape:
+            n *= d
+        return torch.full(shape, temperature**2 / max(n, 1), device=device)
+    m = mask.to(device=device, dtype=torch.float32)
+    return m * (temperature**2 / m.sum().clamp(min=1.0))
 
 
 def _masked_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor], anchor: torch.Tensor) -> torch.Tensor:
@@ -63,10 +109,8 @@ def topk_rest_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Te
     Rows outside the mask may hold padding (zeros): they stay finite and carry no loss."""
     t_rest = logrest.float().clamp(max=0.0)  # [...]
     t_top = torch.log_softmax(logp.float() / temperature, dim=-1) + _log1mexp(t_rest).unsqueeze(-1)  # [..., k] log p_T(i)
-    s_top = _student_logp_at(student_logits, idx, temperature)  # [..., k]
-    s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1))  # [...] the student's mass outside the teacher's top-k
-    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)  # [...]
-    return _masked_mean(kl, mask, student_logits) * temperature**2
+    weight = _row_weights(t_rest.shape, mask, student_logits.device, temperature)
+    return _SparseKL.apply(student_logits, idx, t_top.exp(), t_top, t_rest.exp(), t_rest, float(temperature), weight)
 
 
 def topk_renormalized_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, temperature: float,
@@ -89,8 +133,8 @@ def sampled_kl(student_logits: torch.Tensor, idx: torch.Tensor, count: torch.Ten
     lp = logp.float()
     t_log = lp / temperature - lse.float().unsqueeze(-1)  # [..., m] log p_T(i)
     weight = count.float() / draws * torch.exp(t_log - lp)  # [..., m] importance weights; 0 in unused slots
-    s = _student_logp_at(student_logits, idx, temperature)  # [..., m]
-    return _masked_mean((weight * (t_log - s)).sum(-1), mask, student_logits) * temperature**2
+    rows = _row_weights(lse.shape, mask, student_logits.device, temperature)
+    return _SparseKL.apply(student_logits, idx, weight, t_log, None, None, float(temperature), rows)
 
 
 def hidden_mse_loss(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -71,6 +71,7 @@ class DistillationTrainer(Trainer):
         # Running sums stay on the device until a log step: no host sync per training step.
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._agreements = 0  # steps that measured teacher agreement (vocabulary-scale heads: the logged steps only)
         self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [N]
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
 
@@ -122,7 +123,12 @@ class DistillationTrainer(Trainer):
                 s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, V], [B, P]
                 comps = {suffix[1:]: teacher[target_key(name, suffix[1:])].to(s_logits.device)
                          for suffix in spec.components()}  # [B, P, m] each
-                loss, t_arg, s_arg = self._sparse_kd(spec, s_view, comps, mask)
+                # The argmax over a vocabulary costs a pass of its own: measured on the steps that are logged.
+                logged = (self.state.global_step + 1) % max(int(self.args.logging_steps), 1) == 0
+                loss, t_arg, s_arg = self._sparse_kd(spec, s_view, comps, mask, agreement=logged)
+                if t_arg is None:
+                    losses.append(loss)
+                    continue
             else:
                 key = target_key(name)
                 if key not in teacher:
@@ -140,9 +146,10 @@ class DistillationTrainer(Trainer):
             s_preds.append(s_arg.reshape(-1))
         if not losses:
             return None, None
-        return torch.stack(losses).mean(), (torch.cat(t_preds), torch.cat(s_preds))
+        return torch.stack(losses).mean(), (torch.cat(t_preds), torch.cat(s_preds)) if t_preds else None
 
-    def _sparse_kd(self, spec: TargetSpec, s_view: torch.Tensor, comps: dict[str, torch.Tensor], mask: Optional[torch.Tensor]):
+    def _sparse_kd(self, spec: TargetSpec, s_view: torch.Tensor, comps: dict[str, torch.Tensor], mask: Optional[torch.Tensor],
+                   agreement: bool = True):
         """The loss of one topk / sampled field over the rows that carry loss, and (teacher, student) argmax.
 
         The loss runs on the padded [B, P, V] logits with the mask (no gathered copy of the rows: on a
@@ -156,6 +163,8 @@ class DistillationTrainer(Trainer):
         else:
             loss = sampled_kl(s, comps["idx"], comps["count"], comps["logp"], comps["lse"][..., spec.temperature_index(T)], T,
                               spec.k, mask)
+        if not agreement:
+            return loss, None, None
         with torch.no_grad():
             if spec.mode == "topk":
                 t_arg = comps["idx"][..., 0]  # [B, P]: stored in descending order
@@ -186,6 +195,7 @@ class DistillationTrainer(Trainer):
         if agreement is not None and agreement[0].numel():
             t_pred, s_pred = agreement
             self._sums["teacher_agreement"] = self._sums.get("teacher_agreement", 0.0) + (t_pred == s_pred).float().mean()
+            self._agreements += 1
             self._last_predictions = (t_pred, s_pred)
         self._count += 1
 
@@ -200,9 +210,10 @@ class DistillationTrainer(Trainer):
         """Add the mean loss components since the last log to the Trainer's training logs."""
         if "loss" in logs and self._count:
             for key, value in self._sums.items():
-                logs[key] = round(float(value) / self._count, 6)
+                logs[key] = round(float(value) / (self._agreements if key == "teacher_agreement" else self._count), 6)
             self._sums.clear()
             self._count = 0
+            self._agreements = 0
         super().log(logs, *args, **kwargs)
 
     # -- saving: only the student is a model; projections ride along in checkpoints ----------
