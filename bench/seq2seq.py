@@ -413,9 +413,18 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
               f"{sp['student_epochs']} epochs, alpha 0.5, T 2. KL = mean per-token KL(teacher || student) at T=1 on "
               f"{sp['fidelity_rows']} held-out pairs (teacher forcing).", "",
               "| student | BLEU | chrF | KL to teacher | s/run |", "|---|---:|---:|---:|---:|"]
-        for kind, f in quality_figures(q).items():
-            L.append(f"| {KIND_NAMES[kind]} | {f['bleu']['mean']:.2f} ± {f['bleu']['std']:.2f} | {f['chrf']['mean']:.2f} ± "
-                     f"{f['chrf']['std']:.2f} | {f['kl']['mean']:.3f} ± {f['kl']['std']:.3f} | {f['seconds']:.0f} |")
+        figures = quality_figures(q)
+        seeds = min((f["seeds"] for f in figures.values()), default=0)
+        L.insert(len(L) - 2, f"Seeds: {seeds}" + (" (the ± columns are the spread over seeds)." if seeds > 1 else
+                                                    " (no spread: one seed per student)."))
+        L.insert(len(L) - 2, "")
+
+        def cell(x: dict[str, float], fmt: str) -> str:
+            return f"{x['mean']:{fmt}} ± {x['std']:{fmt}}" if seeds > 1 else f"{x['mean']:{fmt}}"
+
+        for kind, f in figures.items():
+            L.append(f"| {KIND_NAMES[kind]} | {cell(f['bleu'], '.2f')} | {cell(f['chrf'], '.2f')} | {cell(f['kl'], '.3f')} | "
+                     f"{f['seconds']:.0f} |")
         L += ["", "Caches (bytes per target position, uncompressed; dump wall time):", "",
               "| cache | bytes / position | top-k mass | dump s |", "|---|---:|---:|---:|"]
         for name, c in q["caches"].items():
