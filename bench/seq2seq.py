@@ -238,7 +238,7 @@ def _heldout_batches(model_dir: Path, base: dict[str, Any], n_rows: int) -> list
     task = get_task("translation")
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = kdata.with_example_ids(kdata.load_split(cfg, "eval").select(range(n_rows)))
-    feats = task.tokenize(examples, tok, cfg.replace(max_target_length=96), task.label_info(examples, cfg), "eval")
+    feats = task.tokenize(examples, tok, cfg, task.label_info(examples, cfg), "eval")
     keys = ("input_ids", "attention_mask", "labels")
     return [task.pad(tok, feats[i:i + 32], keys) for i in range(0, len(feats), 32)]
 

@@ -54,6 +54,11 @@ def test_a_target_longer_than_max_target_length(setup, tmp_path):
     line = fails_cleanly(proc, "training example 0", "max_target_length (24)", "--max-target-length")
     assert "tokens" in line
     assert not (tmp_path / "cache").exists() and not (tmp_path / "home").exists()
+    # The advice, followed: the length it names fits every target of the split.
+    advice = line.split("(--max-target-length ")[1].split(")")[0]
+    assert int(advice) > 24
+    invoke_cli(["dump-teacher", "--config", tmp_path / "p.yaml", "--max-target-length", advice], tmp_path / "home")
+    assert (tmp_path / "cache" / "manifest.json").exists()
 
 
 def test_an_empty_target(setup, tmp_path):
@@ -68,8 +73,12 @@ def test_logits_k_larger_than_the_vocabulary_in_a_real_process(setup, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", setup["rows"])
     pipeline = write_pipeline(tmp_path / "p.yaml", **{**setup["common"], "train_file": str(data)}, cache_dir=str(tmp_path / "cache"))
     proc = run_cli(["dump-teacher", "--config", str(pipeline), "--logits-k", "5000"], tmp_path / "home", check=False)
-    fails_cleanly(proc, "logits_k (--logits-k) 5000", "vocabulary (1200 tokens)", "at most 1200")
+    line = fails_cleanly(proc, "logits_k (--logits-k) 5000", "vocabulary (1200 tokens)", "at most 1200")
     assert not (tmp_path / "cache").exists()
+    # The advice, followed: k = the vocabulary is accepted (top-k then holds every logit).
+    k = line.split("choose at most ")[1].split()[0]
+    invoke_cli(["dump-teacher", "--config", pipeline, "--logits-k", k], tmp_path / "home")
+    assert (tmp_path / "cache" / "manifest.json").exists()
 
 
 def test_a_student_whose_tokenizer_differs(setup, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
@@ -79,7 +80,10 @@ class Seq2SeqTask(Task):
             return dict(enc)
 
         remove = [c for c in dataset.column_names if c != EXAMPLE_ID]
-        return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
+        features = dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
+        if with_targets and split == "train":
+            _check_target_lengths(features, config)
+        return features
 
     # -- models ----------------------------------------------------------------------------------
     def check_vocabulary(self, model_config, tokenizer, who: str) -> Optional[str]:
@@ -264,12 +268,24 @@ def _generate(model, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> 
 
 
 def _check_targets(targets: list[list[int]], refs: list[str], example_ids, tokenizer, config: FineTuneConfig) -> None:
-    """Training targets must fit max_target_length and hold text: a cut or empty target teaches the wrong end."""
+    """Training targets must hold text: an empty target teaches the model to stop at once."""
     special = set(tokenizer.all_special_ids)
     for ids, ref, eid in zip(targets, refs, example_ids):
-        if len(ids) > config.max_target_length:
-            raise DataError(f"the target of training example {int(eid)} has {len(ids)} tokens, more than max_target_length "
-                            f"({config.max_target_length}): raise max_target_length (--max-target-length) or shorten the target")
         if not ref.strip() or all(i in special for i in ids):
             raise DataError(f"the target of training example {int(eid)} is empty: every training example needs a reference "
                             "text; remove the empty ones")
+
+
+def _check_target_lengths(features, config: FineTuneConfig) -> None:
+    """Training targets must fit max_target_length (a cut target teaches the wrong end): the error names the
+    first one too long and the longest of the split, so that its advice works in one step."""
+    lengths = np.asarray([len(ids) for ids in features["labels"]])  # [F] target tokens
+    over = np.nonzero(lengths > config.max_target_length)[0]
+    if not over.size:
+        return
+    ids = features[EXAMPLE_ID]
+    first, longest = int(over[0]), int(np.argmax(lengths))
+    raise DataError(f"the target of training example {int(ids[first])} has {int(lengths[first])} tokens, more than max_target_length "
+                    f"({config.max_target_length}); {over.size} training targets are, the longest {int(lengths[longest])} tokens "
+                    f"(example {int(ids[longest])}): set max_target_length to {int(lengths[longest])} or more "
+                    f"(--max-target-length {int(lengths[longest])}), or shorten the targets")
