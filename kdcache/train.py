@@ -98,7 +98,7 @@ def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConf
     stored = reader.spec.target(target.name)
     if stored is None and target.mode == "tokens":
         raise CacheMismatchError("sequence_kd", False, True, f"{path} stores no teacher-generated targets but sequence_kd is on: "
-                                 "re-run dump-teacher with sequence_kd: true (it writes a new cache)")
+                                 "re-run dump-teacher with sequence_kd: true (add --force when cache_dir names this cache)")
     if stored is not None and stored.mode != "full" and stored.width != target.width:
         teacher_tok = reader.manifest.get("tokenizer", {})
         raise CacheMismatchError(
@@ -123,7 +123,8 @@ def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConf
         try:
             stored.temperature_index(temperature)
         except ValueError as exc:
-            raise CacheMismatchError("temperature", list(stored.temperatures), temperature, str(exc)) from None
+            raise CacheMismatchError("temperature", list(stored.temperatures), temperature,
+                                     f"{exc} (add --force when cache_dir names this cache)") from None
 
 
 def _expect_same_tokenizer(reader: CacheReader, tokenizer, config: FineTuneConfig) -> None:

@@ -115,3 +115,25 @@ def test_a_topk_cache_read_as_sampled_and_the_advice_followed(setup, tmp_path):
     report = json.loads((out / "kdcache_report.json").read_text())
     assert report["cache_dir"] == str(setup["cache"]) and any("loss_kd" in h for h in report["log_history"])
     assert _snapshot(setup["cache"]) == before
+
+
+def test_a_cache_without_what_the_run_needs_and_the_advice_followed(setup, tmp_path):
+    """sequence_kd on over a cache of references, then a temperature the cache lacks: each refusal's advice
+    (re-run dump-teacher with the setting, --force on this cache_dir) makes train-student work."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)  # the shared cache stays as it is
+    pipeline = write_pipeline(tmp_path / "p.yaml", **setup["common"], cache_dir=str(cache), output_dir=str(tmp_path / "out"))
+    home = setup["home"]
+
+    proc = invoke_cli(["train-student", "--config", pipeline, "--sequence-kd", "true"], home, check=False)
+    fails_cleanly(proc, "sequence_kd: true", "--force")
+    invoke_cli(["dump-teacher", "--config", pipeline, "--sequence-kd", "true", "--force"], home)
+    invoke_cli(["train-student", "--config", pipeline, "--sequence-kd", "true"], home)
+
+    proc = invoke_cli(["train-student", "--config", pipeline, "--temperature", "3.3"], home, check=False)
+    fails_cleanly(proc, "temperature 3.3 is not stored", "temperatures including 3.3", "--force")
+    invoke_cli(["dump-teacher", "--config", pipeline, "--temperatures", "1,3.3", "--force"], home)
+    invoke_cli(["train-student", "--config", pipeline, "--temperature", "3.3"], home)
+    assert json.loads((cache / "manifest.json").read_text())["store"]["targets"][0]["temperatures"] == [1.0, 3.3]
