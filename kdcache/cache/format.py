@@ -38,6 +38,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 2
@@ -176,8 +177,6 @@ class TargetSpec:
 
     def bytes_per_position(self) -> int:
         """Stored bytes per position (per row for per-example targets), before any codec."""
-        import numpy as np
-
         return sum(np.dtype(dtype).itemsize * m for dtype, m in self.components().values())
 
     def temperature_index(self, temperature: float) -> int:
