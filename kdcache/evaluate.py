@@ -16,7 +16,6 @@ from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device
 from kdcache.models import ModelError, count_parameters, resolve_model_path
 from kdcache.tasks import get_task
-from kdcache.tasks.base import MODEL_INPUT_KEYS
 
 
 def weights_bytes(path: str) -> int:
@@ -33,7 +32,7 @@ def predict_features(model, tokenizer, task, features, config: FineTuneConfig, b
 
     ``outputs[name][i]`` is feature i's output: [C] (per example), [n_i, C] (per position) or text."""
     device = device or next(model.parameters()).device
-    keys = tuple(k for k in MODEL_INPUT_KEYS if k in features.column_names)
+    keys = tuple(k for k in (*task.input_keys, *task.label_keys) if k in features.column_names)
     outputs: dict[str, list[Any]] = {}
     seconds = 0.0
     for start in range(0, len(features), batch_size):

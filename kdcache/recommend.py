@@ -24,6 +24,12 @@ RECOMMENDED_TEACHER_MODELS: dict[str, dict[str, str]] = {
         "high_performance": "deepset/deberta-v3-large-squad2",
         "efficient": "google/electra-large-discriminator",
     },
+    # Not in the guide (it predates decoder-only distillation): kdcache's own row.
+    "causal_lm": {
+        "default": "Qwen/Qwen2.5-1.5B-Instruct",
+        "high_performance": "Qwen/Qwen2.5-7B-Instruct",
+        "efficient": "meta-llama/Llama-3.2-1B-Instruct",
+    },
 }
 
 RECOMMENDED_STUDENT_MODELS: dict[str, dict[str, str]] = {
@@ -47,6 +53,11 @@ RECOMMENDED_STUDENT_MODELS: dict[str, dict[str, str]] = {
         "efficient": "distilroberta-base",
         "tiny": "google/mobilebert-uncased",
     },
+    "causal_lm": {  # kdcache's own row: same tokenizer as the default teacher
+        "balanced": "Qwen/Qwen2.5-0.5B-Instruct",
+        "efficient": "Qwen/Qwen2.5-0.5B",
+        "tiny": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
 }
 
 TEMPERATURE_GUIDE: dict[str, float] = {
@@ -56,6 +67,7 @@ TEMPERATURE_GUIDE: dict[str, float] = {
     "summarization": 3.0,
     "translation": 3.0,
     "question_answering": 2.5,
+    "causal_lm": 1.0,  # kdcache's own: LLM distillation (MiniLLM, GKD, DistillKit) trains at T = 1
 }
 
 LAYER_SELECTION_GUIDE: dict[str, dict] = {
@@ -77,6 +89,7 @@ _LAYER_FAMILY = {
     "question_answering": "qa",
     "summarization": "generation",
     "translation": "generation",
+    "causal_lm": "generation",
 }
 
 

@@ -21,6 +21,7 @@ from kdcache.cache.format import MANIFEST_NAME
 from kdcache.config import FineTuneConfig
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
+from kdcache.distill.cross_tokenizer import CrossTokenizer
 from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
 from kdcache.evaluate import score
@@ -74,10 +75,9 @@ def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_e
     reader = CacheReader(path)
     reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
                   features=task.feature_params(config))
-    for target in task.target_specs(labels, config, student_tokenizer):
-        if target.mode != "tokens" and not config.distill_logits:
-            continue
-        _expect_target(reader, path, target, config)
+    cross = config.cross_tokenizer and reader.manifest.get("tokenizer_hash") != tokenizer_hash(student_tokenizer)
+    for target in fetched_targets(task, labels, config, student_tokenizer, cross):
+        _expect_target(reader, path, target, config, cross)
     layers = None
     wanted = requested_layers(config)
     if wanted is not None:
@@ -86,26 +86,50 @@ def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_e
                                      "re-run dump-teacher with distill_hidden_states on")
         layers = resolve_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
         reader.expect(layers=layers)
-    token_level = (config.distill_logits and reader.spec.per_position) or (layers is not None and reader.spec.per_token_hidden)
+    per_token_hidden = layers is not None and reader.spec.per_token_hidden
+    if cross and per_token_hidden:
+        raise CacheMismatchError("cross_tokenizer", False, True,
+                                 f"{path} stores per-token hidden states, which need the teacher's tokenizer: with cross_tokenizer "
+                                 "turn distill_hidden_states off (--distill-hidden-states false)")
+    token_level = not cross and ((config.distill_logits and reader.spec.per_position) or per_token_hidden)
     if token_level:
         _expect_same_tokenizer(reader, student_tokenizer, config)
     _expect_same_features(reader, features, token_level)
     return reader, layers
 
 
-def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConfig) -> None:
+def fetched_targets(task, labels, config: FineTuneConfig, student_tokenizer, cross: bool) -> list:
+    """The student's specs of the stored targets this run reads: the logits when distilling them, teacher-
+    generated sequences always, character offsets only across tokenizers."""
+    wanted = []
+    for t in task.target_specs(labels, config, student_tokenizer):
+        if t.mode == "tokens" or (t.mode == "offsets" and cross) or (t.mode not in ("tokens", "offsets") and config.distill_logits):
+            wanted.append(t)
+    return wanted
+
+
+def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConfig, cross: bool = False) -> None:
     """The cache stores ``target`` (the student's own spec of it) in a form this run can train from."""
     stored = reader.spec.target(target.name)
     if stored is None and target.mode == "tokens":
         raise CacheMismatchError("sequence_kd", False, True, f"{path} stores no teacher-generated targets but sequence_kd is on: "
                                  "re-run dump-teacher with sequence_kd: true (add --force when cache_dir names this cache)")
+    if cross:
+        if stored is None or (target.mode != "offsets" and stored.mode != "topk"):
+            what = "no character offsets" if stored is None else f"{target.name!r} in mode {stored.mode!r}"
+            raise CacheMismatchError("cross_tokenizer", None if stored is None else stored.mode, target.mode,
+                                     f"{path} stores {what}: a student with another tokenizer trains from a causal_lm cache "
+                                     "with logits_mode topk; re-run dump-teacher with logits_mode: topk")
+        if target.mode != "offsets":
+            _expect_temperature(stored, config)
+        return
     if stored is not None and stored.mode != "full" and stored.width != target.width:
         teacher_tok = reader.manifest.get("tokenizer", {})
         raise CacheMismatchError(
             f"targets.{target.name}", stored.width, target.width,
             f"{path} stores {target.name!r} over the teacher's {stored.width}-token vocabulary ({teacher_tok.get('class')} of "
             f"{teacher_tok.get('name')!r}) but the student {config.model_name!r} has a {target.width}-token tokenizer: "
-            "vocabulary-scale targets need the student to use the teacher's tokenizer",
+            "vocabulary-scale targets need the student to use the teacher's tokenizer" + _cross_hint(reader),
         )
     if stored is None or (stored.per, stored.width) != (target.per, target.width):
         what = "nothing" if stored is None else f"{stored.width} values per {stored.per}"
@@ -118,6 +142,11 @@ def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConf
         raise CacheMismatchError("logits_mode", stored.mode, target.mode,
                                  f"{path} stores {target.name!r} in mode {stored.mode!r} but logits_mode is {target.mode!r}: "
                                  f"set logits_mode: {stored.mode}, or re-run dump-teacher with logits_mode: {target.mode}")
+    _expect_temperature(stored, config)
+
+
+def _expect_temperature(stored, config: FineTuneConfig) -> None:
+    """A topk / sampled cache holds the normaliser of the run's temperature (renormalised top-k needs none)."""
     temperature = config.temperature or default_temperature(config.task_type, 0)
     if stored.sparse and not (stored.mode == "topk" and config.topk_loss == "renormalized"):
         try:
@@ -125,6 +154,13 @@ def _expect_target(reader: CacheReader, path: Path, target, config: FineTuneConf
         except ValueError as exc:
             raise CacheMismatchError("temperature", list(stored.temperatures), temperature,
                                      f"{exc} (add --force when cache_dir names this cache)") from None
+
+
+def _cross_hint(reader: CacheReader) -> str:
+    """The way out of a tokenizer mismatch when the cache can serve another tokenizer (it stores offsets)."""
+    if any(t.mode == "offsets" for t in reader.spec.targets):
+        return ", or set cross_tokenizer: true (--cross-tokenizer true) to distil at the positions both tokenizations align on"
+    return ""
 
 
 def _expect_same_tokenizer(reader: CacheReader, tokenizer, config: FineTuneConfig) -> None:
@@ -137,7 +173,7 @@ def _expect_same_tokenizer(reader: CacheReader, tokenizer, config: FineTuneConfi
             f"token-level targets need the student to share the teacher's tokenizer: the cache was dumped with "
             f"{teacher_tok.get('class')} of {teacher_tok.get('name', reader.manifest['teacher']['name'])!r} "
             f"({teacher_tok.get('vocab_size')} tokens) but the student {config.model_name!r} has {type(tokenizer).__name__} "
-            f"({len(tokenizer)} tokens); use a student with the teacher's tokenizer",
+            f"({len(tokenizer)} tokens); use a student with the teacher's tokenizer" + _cross_hint(reader),
         )
 
 
@@ -241,10 +277,14 @@ def train_student(
     problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
     if problem:
         raise ModelError(problem)
+    positions = getattr(student.config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the student's {positions} positions: "
+                         f"set max_length to {positions} or less")
     train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
     eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
 
-    reader, layers, cache_path, fetcher = None, None, None, None
+    reader, layers, cache_path, fetcher, aligner = None, None, None, None, None
     distil = config.use_distillation
     if distil and online_teacher is None:
         ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
@@ -254,9 +294,12 @@ def train_student(
         if layers is not None:
             stored = list(reader.spec.hidden.layers)
             positions = [stored.index(l) for l in layers]
-        targets = [reader.spec.target(t.name) for t in task.target_specs(labels, config, tokenizer)
-                   if config.distill_logits or t.mode == "tokens"]
+        cross = config.cross_tokenizer and reader.manifest.get("tokenizer_hash") != tokenizer_hash(tokenizer)
+        targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, tokenizer, cross)]
         fetcher = TargetFetcher(reader, targets, positions)
+        if cross:
+            aligner = CrossTokenizer.from_cache(reader, tokenizer)
+            log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
         teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
         teacher_width = int(reader.manifest["teacher"]["hidden_size"])
         pooling = reader.spec.hidden.pooling if reader.spec.hidden is not None else "none"
@@ -299,7 +342,7 @@ def train_student(
         model=model,
         args=args,
         train_dataset=train_feats,
-        data_collator=DistillationCollator(tokenizer, fetcher, task),
+        data_collator=DistillationCollator(tokenizer, fetcher, task, aligner),
         processing_class=tokenizer,
         callbacks=[MonitorCallback(monitor)] + list(callbacks or []),
         task=task,
@@ -312,6 +355,7 @@ def train_student(
         online_teacher=online,
         targets={t.name: t for t in fetcher.targets} if fetcher is not None else None,
         topk_loss=config.topk_loss,
+        vocab_map=aligner.vocab_map if aligner is not None else None,
     )
     monitor.trainer = trainer
     resume = config.resume_from_checkpoint

@@ -24,7 +24,11 @@ of long sequences can exceed 2**31 values):
   ``sampled``: ``<name>_idx`` (distinct ids among k draws from the teacher, ascending, unused slots
   0), ``<name>_count`` uint8 (draws of each id; they sum to k), ``<name>_logp`` float16 and
   ``<name>_lse`` float32 [n_temperatures] (logsumexp over the vocabulary of logp/T); mode
-  ``tokens``: ``<name>`` token ids [n_positions, 1] (teacher-generated targets).
+  ``tokens``: ``<name>`` token ids [n_positions, 1] (teacher-generated targets); mode ``offsets``:
+  ``<name>`` uint32 [n_positions, 2], the characters (context_end, target_end) of each position in
+  the example's text (causal LM: what a student with another tokenizer aligns on).
+  Per-position targets are stored for the positions the task's position mask covers, in order
+  (causal LM: only the positions whose next token carries loss).
 - float16 hidden: ``hidden`` large_list<float16>, the row's [L, n, H] flattened, where n is
   n_tokens (pooling "none") or 1 (pooled)
 - int8 hidden: ``hidden_q`` large_list<int8> [L, n, H], ``hidden_scale`` large_list<float16> [L, n],
@@ -48,10 +52,11 @@ TMP_SUFFIX = ".tmp"
 HIDDEN_DTYPES = ("float16", "int8")
 POOLINGS = ("none", "cls", "mean")
 TARGET_PER = ("example", "position")  # where a target field lives
-TARGET_MODES = ("full", "topk", "sampled", "tokens")
+TARGET_MODES = ("full", "topk", "sampled", "tokens", "offsets")
 SPARSE_MODES = ("topk", "sampled")  # a few entries per position of a vocabulary-scale head
 DEFAULT_TEMPERATURES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # the guide's 1.5-4.0, plus 1.0
 MAX_DRAWS = 255  # sampled mode: counts are uint8
+CONTINUATIONS = "continuations"  # manifest["tokenizer"] key (caches with offsets): the teacher vocabulary's continuation strings
 
 # Column names, in schema order.
 COL_FEATURE = "feature_id"
@@ -130,7 +135,9 @@ class TargetSpec:
             raise ValueError(f"TargetSpec.mode must be one of {TARGET_MODES}, got {self.mode!r}")
         if not _is_int(self.width) or self.width <= 0:
             raise ValueError(f"TargetSpec.width must be a positive int, got {self.width!r}")
-        if self.mode == "full" or self.mode == "tokens":
+        if self.mode == "offsets" and self.width != 2:
+            raise ValueError(f"TargetSpec mode 'offsets' stores 2 values per position (context_end, target_end), got width {self.width!r}")
+        if self.mode in ("full", "tokens", "offsets"):
             if self.k or self.temperatures:
                 raise ValueError(f"TargetSpec.k and temperatures apply to modes {SPARSE_MODES}, not {self.mode!r}")
         if self.mode != "full" and self.per != "position":
@@ -145,7 +152,7 @@ class TargetSpec:
                 raise ValueError(f"TargetSpec.temperatures must be a non-empty list of positive numbers, got {temps!r}")
             if len(set(temps)) != len(temps) or list(temps) != sorted(temps):
                 raise ValueError(f"TargetSpec.temperatures must be ascending without duplicates, got {list(temps)}")
-        if self.mode != "full":
+        if self.mode not in ("full", "offsets"):
             index_dtype(self.width)
 
     @property
@@ -157,6 +164,8 @@ class TargetSpec:
         """Column suffix ("" for the bare name) -> (numpy dtype, values per row (per example) or per position)."""
         if self.mode == "full":
             return {"": ("float32", self.width)}
+        if self.mode == "offsets":
+            return {"": ("uint32", 2)}
         ids = index_dtype(self.width)
         if self.mode == "tokens":
             return {"": (ids, 1)}

@@ -275,7 +275,7 @@ class CacheReader:
             for i, (b, r) in enumerate(zip(bs, rs)):
                 out[i] = self._batches[b].cols[t.name][0][r]
             return out
-        if t.mode == "full":
+        if t.mode in ("full", "offsets"):
             return [self._row(b, r, t.name).reshape(int(self._npos[p]), t.width).copy() for b, r, p in zip(bs, rs, pos)]
         if t.mode == "tokens":
             return [self._row(b, r, t.name).astype(np.int64) for b, r in zip(bs, rs)]
@@ -329,6 +329,8 @@ class CacheReader:
             outs = {"": np.zeros((B, seq_len, t.width), dtype=np.float32)}  # [B, S, C]
         elif t.mode == "tokens":
             outs = {"": np.full((B, seq_len, 1), -100, dtype=np.int64)}  # [B, S, 1]
+        elif t.mode == "offsets":
+            outs = {"": np.zeros((B, seq_len, 2), dtype=np.int64)}  # [B, S, 2]
         else:
             outs = {suffix: np.zeros((B, seq_len, m), dtype=np.int64 if suffix == "_idx" else np.float32)
                     for suffix, (_, m) in t.components().items()}  # [B, S, m] each
@@ -342,7 +344,7 @@ class CacheReader:
             for suffix, out in outs.items():
                 out[i, :n] = self._row(b, r, name + suffix).reshape(n, out.shape[2])
             mask[i, :n] = True
-        if t.mode == "full":
+        if t.mode in ("full", "offsets"):
             return outs[""], mask
         if t.mode == "tokens":
             return outs[""][:, :, 0], mask

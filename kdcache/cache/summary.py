@@ -50,7 +50,7 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
 
     groups: dict[str, tuple[tuple[str, ...], int | None]] = {"index": (fmt.INDEX_COLUMNS, None)}
     for t in spec.targets:  # raw: the whole head as float32 (what top-k / sampled spare)
-        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * t.width * (4 if t.mode != "tokens" else 0))
+        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * t.width * (4 if t.mode in ("full", "topk", "sampled") else 0))
     if spec.hidden is not None:
         h = spec.hidden
         groups["hidden"] = (spec.hidden_columns(), vectors * h.num_layers * h.hidden_size * 4)
@@ -89,9 +89,17 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         "bytes_per_shard": disk / len(shards) if shards else 0.0,
         "fields": fields,
         "coverage": {t.name: _coverage(reader, t) for t in spec.targets if t.sparse},
+        "vocabulary": _vocabulary(m),
         "fingerprint": m.get("fingerprint"),
         "fingerprint_inputs": m.get("fingerprint_inputs"),
     }
+
+
+def _vocabulary(m: dict[str, Any]) -> dict[str, int] | None:
+    """The teacher's output rows and its tokenizer's tokens, when the head is vocabulary-scale."""
+    rows = m.get("teacher", {}).get("output_rows")
+    tokens = m.get("tokenizer", {}).get("vocab_size")
+    return {"output_rows": int(rows), "tokenizer_tokens": int(tokens)} if rows and tokens else None
 
 
 def _coverage(reader: CacheReader, t) -> dict[str, float]:
@@ -134,6 +142,9 @@ def format_summary(d: dict[str, Any]) -> str:
             lines.append(f"{head}{t['name']}: full float32, per {t['per']}, {_plural(t['width'], 'value')}")
         elif t["mode"] == "tokens":
             lines.append(f"{head}{t['name']}: teacher-generated token ids, per {t['per']} ({t['width']:,}-token vocabulary)")
+        elif t["mode"] == "offsets":
+            lines.append(f"{head}{t['name']}: character offsets (context end, target end) per {t['per']}, for students "
+                         "with another tokenizer")
         else:
             what = f"top-{t['k']} logits + the rest's mass" if t["mode"] == "topk" else f"{t['k']} draws with counts"
             temps = ", ".join(f"{x:g}" for x in t["temperatures"])
@@ -149,6 +160,10 @@ def format_summary(d: dict[str, Any]) -> str:
     else:
         extra = f", {h['n_outliers']} outlier channels in float16" if h["dtype"] == "int8" else ""
         lines.append(f"hidden       layers {h['layers']} x {h['hidden_size']}, {h['dtype']}{extra}, pooling {h['pooling']}")
+    vocab = d.get("vocabulary")
+    if vocab and vocab["output_rows"] > vocab["tokenizer_tokens"]:
+        lines.append(f"vocabulary   the teacher's output layer has {vocab['output_rows']:,} rows, its tokenizer {vocab['tokenizer_tokens']:,} "
+                     f"tokens: the {vocab['output_rows'] - vocab['tokenizer_tokens']:,} padded rows no token reaches are not stored")
     feats = d["stored"].get("features")
     if feats:
         lines.append("features     " + ", ".join(f"{k}={feats[k]}" for k in sorted(feats)))

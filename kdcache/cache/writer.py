@@ -240,7 +240,7 @@ def _position_columns(t: TargetSpec, value: Any, n_pos: np.ndarray, fids: np.nda
         offsets, values = _ragged_values(arr, n_pos, 1)
         if values.dtype.kind == "f":
             _check_finite(name, offsets, values, fids)
-        elif suffix in ("", "_idx") and values.size and int(values.max()) >= t.width:
+        elif suffix in ("", "_idx") and t.mode != "offsets" and values.size and int(values.max()) >= t.width:
             first = int(np.argmax(values >= t.width))
             row = int(np.searchsorted(offsets, first, side="right") - 1)
             raise ValueError(f"TeacherBatch.{name} holds token id {int(values[first])} >= the vocabulary ({t.width}) for "

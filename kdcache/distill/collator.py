@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from kdcache.cache import CacheReader
+from kdcache.cache import CacheError, CacheReader
 from kdcache.cache.format import TargetSpec
 from kdcache.data import FEATURE_ID
-from kdcache.tasks.base import MODEL_INPUT_KEYS
 
 TEACHER_PREFIX = "teacher_"
 HIDDEN_KEY = "teacher_hidden"
@@ -32,6 +31,25 @@ HIDDEN_MASK_KEY = "teacher_hidden_mask"
 def target_key(name: str, component: str = "") -> str:
     """Batch key of a target field's teacher values (or of one component of a topk / sampled field)."""
     return TEACHER_PREFIX + name + (f":{component}" if component else "")
+
+
+def positions_key(name: str) -> str:
+    """Key of the stored positions per row [B] of a per-position target (the collator places rows by it)."""
+    return TEACHER_PREFIX + name + "#n"
+
+
+def place_positions(value: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """Stored per-position rows value [B, P, ...] (each row's first counts[b] real) laid out on the student's
+    positions: [B, S, ...] with row b's values at the positions mask[b] covers, in order, ``fill`` elsewhere.
+
+    The identity when the mask is a prefix of length P (encoder tasks, seq2seq)."""
+    B, S = mask.shape
+    if value.shape[1] == S and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return value
+    out = value.new_full((B, S, *value.shape[2:]), fill)
+    stored = torch.arange(value.shape[1])[None, :] < counts[:, None]  # [B, P]
+    out[mask] = value[stored]
+    return out
 
 
 class TargetFetcher:
@@ -61,7 +79,8 @@ class TargetFetcher:
             if t.per == "example":
                 out[target_key(t.name)] = self.reader.get_target(ids, t.name)  # [B, C]
                 continue
-            value, _ = self.reader.get_target_padded(ids, t.name)  # [B, P, C], [B, P] ids, or {component: [B, P, m]}
+            value, covered = self.reader.get_target_padded(ids, t.name)  # [B, P, C], [B, P] ids, or {component: [B, P, m]}
+            out[positions_key(t.name)] = covered.sum(axis=1)  # [B] stored positions per row
             if isinstance(value, dict):
                 out.update({target_key(t.name, comp): v for comp, v in value.items()})
             else:
@@ -141,20 +160,44 @@ class DistillationCollator:
     A cached ``tokens`` target named after a label key (sequence-level KD: the teacher's own output
     sequences) replaces that key's labels."""
 
-    def __init__(self, tokenizer, fetcher: Optional[TargetFetcher], task):
+    def __init__(self, tokenizer, fetcher: Optional[TargetFetcher], task, aligner=None):
+        """``aligner`` (a :class:`~kdcache.distill.cross_tokenizer.CrossTokenizer`): the cache was dumped with another
+        tokenizer; its rows are laid out on the student's positions by character offsets instead."""
         self.tokenizer = tokenizer
         self.fetcher = fetcher
         self.task = task
+        self.aligner = aligner
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        keys = tuple(k for k in (*MODEL_INPUT_KEYS, *self.task.label_keys) if k in features[0])
+        extra = self.task.feature_target_keys if self.aligner is not None else ()
+        keys = tuple(k for k in (*self.task.input_keys, *self.task.label_keys, *extra) if k in features[0])
         batch = self.task.pad(self.tokenizer, {k: [f[k] for f in features] for k in keys}, keys)
         if self.fetcher is None or FEATURE_ID not in features[0]:
             return batch
         seq_len = batch["input_ids"].shape[1]
         ids = [f[FEATURE_ID] for f in features]
-        for key, value in self.fetcher.take(ids, seq_len).items():
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
-            label = key[len(TEACHER_PREFIX):]
-            batch[label if label in self.task.label_keys else key] = tensor
+        fetched = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.fetcher.take(ids, seq_len).items()}
+        for t in self.fetcher.targets:  # teacher-generated sequences replace the labels first: they define the positions
+            if t.mode == "tokens":
+                fetched.pop(positions_key(t.name), None)
+                batch[t.name] = fetched.pop(target_key(t.name))
+        if self.aligner is not None:
+            self.aligner.place(batch, fetched, self.fetcher.targets, self.task.position_mask(batch))
+            for key in extra:
+                batch.pop(key, None)
+            batch.update(fetched)
+            return batch
+        mask = None
+        for t in self.fetcher.targets:
+            counts = fetched.pop(positions_key(t.name), None)
+            if counts is None:
+                continue
+            mask = self.task.position_mask(batch) if mask is None else mask  # [B, S]
+            if not torch.equal(mask.sum(1), counts):
+                bad = int((mask.sum(1) != counts).nonzero()[0, 0])
+                raise CacheError(f"feature {int(ids[bad])} has {int(counts[bad])} cached positions of {t.name!r} but "
+                                 f"{int(mask[bad].sum())} in this batch: the features differ from the dump's; re-run dump-teacher")
+            for key in [k for k in fetched if k == target_key(t.name) or k.startswith(target_key(t.name) + ":")]:
+                fetched[key] = place_positions(fetched[key], counts, mask)
+        batch.update(fetched)
         return batch

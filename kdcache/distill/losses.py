@@ -45,10 +45,11 @@ class _SparseKL(torch.autograd.Function):
         ∂/∂z_j = w / T · q_j (A − b (1 − q_r) / q_r)   for the other tokens
 
     so a step over a [B, P, V] head costs one log-sum-exp forward and one softmax backward, not the
-    half-dozen vocabulary-wide temporaries of autograd. ``b`` is None for no rest bucket (sampled targets)."""
+    half-dozen vocabulary-wide temporaries of autograd. ``b`` is None for no rest bucket (sampled targets);
+    ``valid`` [..., m] (None: all) marks the slots that name a token (others carry a = 0 and are no bucket)."""
 
     @staticmethod
-    def forward(ctx, z, idx, a, c, b, c_r, temperature, weight):
+    def forward(ctx, z, idx, a, c, b, c_r, temperature, weight, valid=None):
         zt = z.float() / temperature  # [..., V]
         lse = torch.logsumexp(zt, dim=-1)  # [...]
         log_q = zt.gather(-1, idx) - lse.unsqueeze(-1)  # [..., m]
@@ -56,15 +57,16 @@ class _SparseKL(torch.autograd.Function):
         rows = (a * (c - log_q)).sum(-1)  # [...]
         log_qr = None
         if b is not None:
-            log_qr = _log1mexp(torch.logsumexp(log_q, dim=-1))  # [...] the student's mass outside idx
+            inside = log_q if valid is None else log_q.masked_fill(~valid, float("-inf"))
+            log_qr = _log1mexp(torch.logsumexp(inside, dim=-1))  # [...] the student's mass outside idx
             rows = rows + b * (c_r - log_qr)
-        ctx.save_for_backward(z, idx, a, b, lse, log_qr, weight)
+        ctx.save_for_backward(z, idx, a, b, lse, log_qr, weight, valid)
         ctx.temperature = temperature
         return (rows * weight).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, idx, a, b, lse, log_qr, weight = ctx.saved_tensors
+        z, idx, a, b, lse, log_qr, weight, valid = ctx.saved_tensors
         T = ctx.temperature
         total_a = a.sum(-1)  # [...]
         if b is None:
@@ -75,9 +77,11 @@ class _SparseKL(torch.autograd.Function):
         scale = grad_out * weight / T  # [...]
         grad = z.float().div(T).sub_(lse.unsqueeze(-1)).exp_()  # [..., V] q
         q_idx = grad.gather(-1, idx)  # [..., m]
+        if valid is not None:
+            q_idx = q_idx * valid  # a slot that names no token moves nothing into its bucket (its a is 0 too)
         grad.mul_((off * scale).unsqueeze(-1))
         grad.scatter_add_(-1, idx, (((on - off).unsqueeze(-1) * q_idx - a) * scale.unsqueeze(-1)))
-        return grad.to(z.dtype), None, None, None, None, None, None, None
+        return grad.to(z.dtype), None, None, None, None, None, None, None, None
 
 
 def _row_weights(shape, mask: Optional[torch.Tensor], device, temperature: float) -> torch.Tensor:
@@ -111,6 +115,20 @@ def topk_rest_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Te
     t_top = torch.log_softmax(logp.float() / temperature, dim=-1) + _log1mexp(t_rest).unsqueeze(-1)  # [..., k] log p_T(i)
     weight = _row_weights(t_rest.shape, mask, student_logits.device, temperature)
     return _SparseKL.apply(student_logits, idx, t_top.exp(), t_top, t_rest.exp(), t_rest, float(temperature), weight)
+
+
+def mapped_topk_kl(student_logits: torch.Tensor, idx: torch.Tensor, p: torch.Tensor, rest: torch.Tensor, valid: torch.Tensor,
+                   temperature: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """T² · KL over the buckets {each valid slot's token} + rest, from a teacher distribution already at ``temperature``
+    (a teacher top-k mapped into the student's vocabulary, :func:`kdcache.align.fold_topk`).
+
+    student_logits [..., V]; idx [..., k] student ids; p [..., k] teacher probabilities (0 on invalid slots); rest [...]
+    the teacher's mass of every other token; valid [..., k] bool; mask [...] the rows that count."""
+    p = p.float() * valid
+    rest = rest.float().clamp(min=1e-30)
+    weight = _row_weights(rest.shape, mask, student_logits.device, temperature)
+    return _SparseKL.apply(student_logits, idx, p, torch.log(p.clamp(min=1e-30)), rest, torch.log(rest), float(temperature),
+                           weight, valid)
 
 
 def topk_renormalized_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, temperature: float,

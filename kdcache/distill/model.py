@@ -24,6 +24,7 @@ class DistillationModel(nn.Module):
         super().__init__()
         self.student = student
         self.output_targets = task.output_targets
+        self.model_inputs = task.model_inputs
         self.hidden_states = task.hidden_states
         self.config = student.config
         self.teacher_layers = sorted(layer_map)  # stored teacher layers, in cache order
@@ -42,7 +43,7 @@ class DistillationModel(nn.Module):
         """Student outputs: `loss` (the model's own hard-label loss, None without labels), `targets`
         (the task's target fields, e.g. logits [B, C] or [B, S, C]) and, with output_kd_hidden,
         `kd_hidden` [B, L, S, H_teacher]."""
-        outputs = self.student(**inputs, output_hidden_states=output_kd_hidden and bool(self.projections))
+        outputs = self.student(**self.model_inputs(inputs, with_labels=True), output_hidden_states=output_kd_hidden and bool(self.projections))
         result = {"loss": getattr(outputs, "loss", None), "targets": self.output_targets(outputs)}
         if output_kd_hidden and self.projections:
             hs = self.hidden_states(outputs)

@@ -16,7 +16,9 @@ from transformers import Trainer
 from kdcache.cache.format import TargetSpec
 from kdcache.data import FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
-from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, sampled_kl, topk_renormalized_kl, topk_rest_kl
+from kdcache.align import fold_topk
+from kdcache.distill.losses import (combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl,
+                                     topk_rest_kl)
 from kdcache.teacher import pool_student, select_hidden
 
 PROJECTIONS_FILE = "kd_projections.safetensors"
@@ -36,11 +38,10 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model_inputs = {k: v for k, v in inputs.items() if k in self.task.forward_keys}
-        out = self.model(**model_inputs, output_hidden_states=self.layers is not None)
+        out = self.model(**self.task.model_inputs(inputs, with_labels=False), output_hidden_states=self.layers is not None)
         targets = {target_key(k): v.float() for k, v in self.task.output_targets(out).items()} if self.need_logits else {}
         if self.layers is not None:
-            mask = model_inputs["attention_mask"]
+            mask = inputs["attention_mask"]
             targets[HIDDEN_KEY] = select_hidden(self.task.hidden_states(out), self.layers, mask, self.pooling).float()
             if self.pooling == "none":
                 targets[HIDDEN_MASK_KEY] = mask.bool()
@@ -53,10 +54,13 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args: Any, task, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
                  hidden_pooling: str = "none", fetcher: Optional[TargetFetcher] = None,
                  online_teacher: Optional[OnlineTeacher] = None, targets: Optional[dict[str, TargetSpec]] = None,
-                 topk_loss: str = "rest", **kwargs: Any):
+                 topk_loss: str = "rest", vocab_map: Optional[torch.Tensor] = None, **kwargs: Any):
         """``targets``: the stored spec of each distilled target field (its mode decides the loss; absent =
-        full logits, as the online teacher gives); ``topk_loss``: "rest" (k+1 buckets) or "renormalized"."""
+        full logits, as the online teacher gives); ``topk_loss``: "rest" (k+1 buckets) or "renormalized";
+        ``vocab_map`` [V_teacher] (student id or -1): the cache's top-k ids are the teacher tokenizer's, mapped
+        into the student's vocabulary at the aligned positions (cross-tokenizer)."""
         super().__init__(*args, **kwargs)
+        self.vocab_map = vocab_map
         self.task = task
         self.targets = dict(targets or {})
         self.topk_loss = topk_loss
@@ -123,6 +127,9 @@ class DistillationTrainer(Trainer):
                 s_view, mask = self.task.kd_view(name, s_logits, batch)  # [B, P, V], [B, P]
                 comps = {suffix[1:]: teacher[target_key(name, suffix[1:])].to(s_logits.device)
                          for suffix in spec.components()}  # [B, P, m] each
+                aligned = teacher.get(target_key(name, "aligned"))  # [B, P]: cross-tokenizer, the positions that align
+                if aligned is not None:
+                    mask = aligned.to(s_logits.device) if mask is None else mask & aligned.to(s_logits.device)
                 # The argmax over a vocabulary costs a pass of its own: measured on the steps that are logged.
                 logged = (self.state.global_step + 1) % max(int(self.args.logging_steps), 1) == 0
                 loss, t_arg, s_arg = self._sparse_kd(spec, s_view, comps, mask, agreement=logged)
@@ -156,7 +163,13 @@ class DistillationTrainer(Trainer):
         vocabulary-scale head that copy and its backward cost more than the loss)."""
         s = s_view[..., : spec.width]  # [B, P, V]: a padded embedding matrix's extra rows dropped (a view)
         T = self.temperature
-        if spec.mode == "topk" and self.topk_loss == "renormalized":  # needs no stored normaliser
+        if self.vocab_map is not None:  # another tokenizer's top-k: mapped into the student's vocabulary at T
+            comps = dict(comps)
+            vmap = self.vocab_map.to(s.device)
+            idx, p, rest, valid = fold_topk(comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(T)], vmap, T)
+            loss = mapped_topk_kl(s, idx, p, rest, valid, T, mask)
+            comps["idx"] = idx.gather(-1, p.argmax(-1, keepdim=True))  # [B, P, 1]: the teacher's most likely mapped token
+        elif spec.mode == "topk" and self.topk_loss == "renormalized":  # needs no stored normaliser
             loss = topk_renormalized_kl(s, comps["idx"], comps["logp"], T, mask)
         elif spec.mode == "topk":
             loss = topk_rest_kl(s, comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(T)], T, mask)
@@ -167,7 +180,7 @@ class DistillationTrainer(Trainer):
             return loss, None, None
         with torch.no_grad():
             if spec.mode == "topk":
-                t_arg = comps["idx"][..., 0]  # [B, P]: stored in descending order
+                t_arg = comps["idx"][..., 0]  # [B, P]: stored in descending order (mapped: an unmapped top-1 never agrees)
             else:
                 best = comps["logp"].masked_fill(comps["count"] == 0, float("-inf")).argmax(-1, keepdim=True)
                 t_arg = comps["idx"].gather(-1, best)[..., 0]  # [B, P]

@@ -73,8 +73,11 @@ class Task:
     model_class: Any = None
     head_modules: tuple[str, ...] = ()  # top-level modules of the task head (must be trained in a teacher)
     label_keys: tuple[str, ...] = ("labels",)  # hard-label columns; passed to the model, which computes the CE
+    input_keys: tuple[str, ...] = MODEL_INPUT_KEYS  # feature columns the collator pads as model inputs
     forward_keys: tuple[str, ...] = MODEL_INPUT_KEYS  # batch keys the teacher's forward pass takes (seq2seq: + labels)
+    feature_target_keys: tuple[str, ...] = ()  # stored targets that come from the features, not the model (offsets)
     generates: bool = False  # the task's model writes text (sequence-level KD and generation settings apply)
+    lower_is_better: bool = False  # the primary metric improves downwards (perplexity)
 
     # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
@@ -134,6 +137,12 @@ class Task:
                 batch[key] = pad_labels(rows[key])
         return batch
 
+    def model_inputs(self, batch: dict[str, torch.Tensor], with_labels: bool) -> dict[str, Any]:
+        """The keyword arguments of a model call from a padded batch: the forward keys, plus the hard labels
+        when the model should compute its own loss (the student in training)."""
+        keep = set(self.forward_keys) | (set(self.label_keys) if with_labels else set())
+        return {k: v for k, v in batch.items() if k in keep}
+
     # -- models ----------------------------------------------------------------------------------
     def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments of a student built for these labels (e.g. num_labels)."""
@@ -152,6 +161,10 @@ class Task:
         """The stored stack's hidden states from outputs of a forward pass with output_hidden_states:
         ([B, S, H] per layer, 0 = embeddings), over the input tokens."""
         return outputs.hidden_states
+
+    def output_rows(self, model_config) -> Optional[int]:
+        """Rows of a vocabulary-scale output layer (to report padded embedding matrices); None for other heads."""
+        return None
 
     def check_vocabulary(self, model_config, tokenizer, who: str) -> Optional[str]:
         """Why a model's output vocabulary does not fit its tokenizer (one line with the fix), or None.
@@ -180,9 +193,11 @@ class Task:
         raise NotImplementedError
 
     def position_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, S] bool: the positions per-position targets cover (n_positions of each feature).
+        """[B, S] bool: the positions per-position targets cover (n_positions of each feature, stored in
+        order: they need not be a prefix).
 
-        Encoder tasks: the real input tokens. A seq2seq task overrides it with the decoder's."""
+        Encoder tasks: the real input tokens. A seq2seq task overrides it with the decoder's, a causal LM
+        with the positions whose next token carries loss."""
         return batch["attention_mask"].bool()
 
     def generate_targets(self, model, batch: dict[str, torch.Tensor], config: FineTuneConfig, tokenizer) -> dict[str, torch.Tensor]:
@@ -195,7 +210,7 @@ class Task:
     def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:
         """A model's outputs on one padded eval batch, per feature, for :meth:`predictions`: name -> a list
         of [C] or [n_i, C] float arrays (cut to each feature's positions). Generating tasks override it."""
-        fields = self.output_targets(model(**{k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}))
+        fields = self.output_targets(model(**self.model_inputs(batch, with_labels=False)))
         lengths = self.position_mask(batch).sum(1).tolist()  # [B] positions per feature
         out: dict[str, list[Any]] = {}
         for name, value in fields.items():

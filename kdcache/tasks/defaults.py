@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {
     "question_answering": "kdcache.tasks.question_answering:QuestionAnswering",
     "summarization": "kdcache.tasks.seq2seq:Summarization",
     "translation": "kdcache.tasks.seq2seq:Translation",
+    "causal_lm": "kdcache.tasks.causal_lm:CausalLM",
 }
 TASK_TYPES = tuple(TASKS)
 
@@ -25,7 +26,9 @@ FIELD_DEFAULTS: dict[str, dict[str, object]] = {
     "summarization": {"max_length": 512, "max_target_length": 128, "text_column": "document", "summary_column": "summary",
                       "logits_mode": "topk", "logits_k": 6},
     "translation": {**_COMMON, "max_target_length": 128, "text_column": "translation", "logits_mode": "topk", "logits_k": 6},
+    "causal_lm": {"max_length": 512, "text_column": "text", "logits_mode": "topk", "logits_k": 6},
 }
-# Tasks whose head is a vocabulary (language-model head): their logits are stored top-k or sampled,
-# and they generate text (sequence-level KD and the generation settings apply).
+# Tasks whose head is a vocabulary (language-model head): their logits are stored top-k, sampled or full.
+VOCABULARY_TASKS = ("summarization", "translation", "causal_lm")
+# Tasks evaluated on generated text, whose teacher can write the training targets (sequence-level KD).
 GENERATIVE_TASKS = ("summarization", "translation")

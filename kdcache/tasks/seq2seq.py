@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from kdcache.cache.format import DEFAULT_TEMPERATURES, TargetSpec
+from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, DataError, LabelInfo, ensure_example_ids, example_positions
+from kdcache.tasks.vocab_head import VocabularyHead
 
 TEXT = "text"  # the output field of infer(): generated text per feature
 
 
-class Seq2SeqTask(Task):
+class Seq2SeqTask(VocabularyHead):
     """What summarization and translation share; subclasses say where source and reference come from."""
 
     model_class = AutoModelForSeq2SeqLM
@@ -51,9 +52,7 @@ class Seq2SeqTask(Task):
                 "source_prefix": config.source_prefix}
 
     def target_params(self, config: FineTuneConfig) -> dict[str, Any]:
-        params: dict[str, Any] = {"logits_mode": config.logits_mode}
-        if config.logits_mode != "full":
-            params.update(logits_k=config.logits_k, temperatures=_temperatures(config))
+        params = super().target_params(config)
         if config.sequence_kd:
             params["sequence_kd"] = {"num_beams": config.num_beams, "max_new_tokens": _max_new_tokens(config),
                                      "length_penalty": config.length_penalty}
@@ -86,13 +85,6 @@ class Seq2SeqTask(Task):
         return features
 
     # -- models ----------------------------------------------------------------------------------
-    def check_vocabulary(self, model_config, tokenizer, who: str) -> Optional[str]:
-        rows = _vocab_size(model_config)
-        if rows is not None and rows < len(tokenizer):
-            return (f"{who}: its output layer has {rows} rows but its tokenizer has {len(tokenizer)} tokens; "
-                    "resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it again")
-        return None
-
     def hidden_config(self, model_config):
         return getattr(model_config, "encoder", None) or model_config  # EncoderDecoderConfig nests its encoder's
 
@@ -101,25 +93,13 @@ class Seq2SeqTask(Task):
 
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
-        """``logits`` per decoder position over the tokenizer's vocabulary (rows of a padded embedding
-        matrix that no token reaches are not stored), plus ``labels`` (tokens) with sequence_kd."""
+        """``logits`` per decoder position over the vocabulary, plus ``labels`` (tokens) with sequence_kd."""
         if config is None or tokenizer is None:
             raise ValueError(f"{self.name}: target_specs needs the config and the tokenizer (the vocabulary is the width)")
-        vocab = len(tokenizer)
-        mode = config.logits_mode
-        if mode == "full":
-            specs = [TargetSpec("logits", "position", vocab)]
-        else:
-            if config.logits_k > vocab:
-                raise DataError(f"logits_k (--logits-k) {config.logits_k} is larger than the vocabulary ({vocab} tokens): "
-                                f"choose at most {vocab}")
-            specs = [TargetSpec("logits", "position", vocab, mode, config.logits_k, tuple(_temperatures(config)))]
+        specs = [self.logits_spec(config, tokenizer)]
         if config.sequence_kd:
-            specs.append(TargetSpec("labels", "position", vocab, "tokens"))
+            specs.append(TargetSpec("labels", "position", len(tokenizer), "tokens"))
         return specs
-
-    def output_targets(self, outputs) -> dict[str, torch.Tensor]:
-        return {"logits": outputs.logits}  # [B, P, V]
 
     def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return logits, batch["labels"] != IGNORE_INDEX  # [B, P, V], [B, P]: the target positions carry loss
@@ -238,19 +218,8 @@ class Translation(Seq2SeqTask):
 
 
 # ------------------------------------------------------------------------------------------------------
-def _temperatures(config: FineTuneConfig) -> list[float]:
-    return sorted({float(t) for t in (config.temperatures or DEFAULT_TEMPERATURES)})
-
-
 def _max_new_tokens(config: FineTuneConfig) -> int:
     return int(config.max_new_tokens or config.max_target_length)
-
-
-def _vocab_size(model_config) -> Optional[int]:
-    """Rows of the decoder's output layer (an EncoderDecoderModel's config nests the decoder's)."""
-    decoder = getattr(model_config, "decoder", None)
-    size = getattr(decoder, "vocab_size", None) if decoder is not None else None
-    return size if size is not None else getattr(model_config, "vocab_size", None)
 
 
 def _first(value: Any) -> str:
