@@ -114,7 +114,7 @@ def align(student_ctx: np.ndarray, teacher_ctx: np.ndarray) -> tuple[np.ndarray,
     common = np.intersect1d(s_values, t_values)  # values unique on both sides
     s = s_rows[np.searchsorted(s_values, common)]
     t = t_rows[np.searchsorted(t_values, common)]
-    order = np.arange(len(s))
+    order = np.argsort(s, kind="stable")
     return s[order].astype(np.int64), t[order].astype(np.int64)
 
 

@@ -1,0 +1,230 @@
+"""causal_lm end to end: dump-teacher, the teacher deleted, train-student from the cache; what the cache
+holds at the loss-carrying positions; every logits mode; hidden states through projections; GPT-2,
+Llama and Qwen2 shapes; a padded embedding matrix; packing; and a student with another tokenizer.
+
+Data: the shipped SciTLDR sample (data/scitldr, Apache-2.0). Models: tiny random decoders built from
+configs over byte-level BPEs trained on the sample (tests/causal_models.py). The teachers are
+initialised with a wide init range, so their next-token distributions are peaked (not uniform): a
+student that distils them must move towards them, which the tests measure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from causal_models import build_lm_tokenizer, chat_rows, make_causal, text_rows
+from helpers import read_jsonl, write_jsonl
+from seq2seq_models import TLDR_TRAIN, invoke_cli
+
+from kdcache import FineTuneConfig
+from kdcache.cache import CacheMismatchError, CacheReader
+from kdcache.dump import dump_teacher
+from kdcache.tasks.base import IGNORE_INDEX
+from kdcache.train import train_student
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("causal")
+    tok = build_lm_tokenizer(root / "tok", 800)
+    rows = read_jsonl(TLDR_TRAIN, 48)
+    return dict(root=root, tok=tok, rows=rows, texts=text_rows(rows), chats=chat_rows(rows[:24]))
+
+
+def _config(lm, tmp_path: Path, teacher: Path, student: Path, **kw) -> FineTuneConfig:
+    base = dict(model_name=str(student), teacher_model_name=str(teacher), task_type="causal_lm", use_distillation=True,
+                max_length=128, batch_size=8, num_epochs=1, learning_rate=1e-3, logging_steps=1, disable_tqdm=True,
+                cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
+    return FineTuneConfig(**{**base, **kw})
+
+
+def _dataset(rows):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+@torch.no_grad()
+def _kl_to(teacher_logits: list[torch.Tensor], model_dir: Path, texts: list[dict]) -> float:
+    """Mean KL(teacher ‖ model) at T=1 over every next-token position of ``texts`` (each row's summary + end)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, n = 0.0, 0
+    for t_logits, row in zip(teacher_logits, texts):
+        ids = tok(row["text"])["input_ids"] + [tok.eos_token_id]
+        s = model(input_ids=torch.tensor([ids])).logits[0, :, : t_logits.shape[-1]].log_softmax(-1)
+        t = t_logits.log_softmax(-1)
+        total += float((t.exp() * (t - s)).sum(-1).sum())
+        n += t.shape[0]
+    return total / n
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: Path, texts: list[dict]) -> list[torch.Tensor]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    return [model(input_ids=torch.tensor([tok(r["text"])["input_ids"] + [tok.eos_token_id]])).logits[0, :, : len(tok)]
+            for r in texts]
+
+
+def test_topk_cache_distils_a_student_with_the_teacher_deleted(lm, tmp_path):
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=2, width=64, init_range=0.3)
+    student = make_causal(tmp_path / "student", lm["tok"], "gpt2", layers=1, width=32, seed=1)
+    texts = lm["texts"]
+    reference = _teacher_logits(teacher, texts[:16])
+    before = _kl_to(reference, student, texts[:16])
+    config = _config(lm, tmp_path, teacher, student, distillation_alpha=1.0, num_epochs=4)
+    dump = dump_teacher(config, _dataset(texts), progress=False)
+    reader = CacheReader(dump.cache_dir)
+    assert reader.spec.target("logits").mode == "topk" and reader.spec.target("offsets").mode == "offsets"
+    assert dump.manifest["teacher"]["output_rows"] == 800
+    # every position but the last of each text carries a target: the text's tokens plus the end token
+    assert int(reader.n_positions(reader.feature_ids()).sum()) == int(reader.n_tokens(reader.feature_ids()).sum()) - len(texts)
+    shutil.rmtree(teacher)
+    result = train_student(config, _dataset(texts), _dataset(texts[:16]))
+    after = _kl_to(reference, tmp_path / "out", texts[:16])
+    train_student(config.replace(use_distillation=False, output_dir=str(tmp_path / "plain")), _dataset(texts))
+    plain = _kl_to(reference, tmp_path / "plain", texts[:16])
+    assert after < 0.95 * before and after < 0.95 * plain, (before, after, plain)  # it moved towards the teacher, not the data
+    report = json.loads((tmp_path / "out" / "kdcache_report.json").read_text())
+    assert report["eval"]["eval_perplexity"] == pytest.approx(result.metrics["eval_perplexity"]) and report["eval"]["eval_perplexity"] > 1
+    assert report["temperature"] == 1.0
+
+
+def test_the_cache_holds_the_teacher_at_the_loss_positions_only(lm, tmp_path):
+    """Chat data: only the assistant turns' positions are stored, each the teacher's own distribution there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "llama", layers=1, width=32, init_range=0.3)
+    chats = lm["chats"][:6]
+    config = _config(lm, tmp_path, teacher, teacher, messages_column="messages", logits_mode="full", max_length=160,
+                     teacher_batch_size=4)
+    dump = dump_teacher(config, _dataset(chats), progress=False)
+    reader = CacheReader(dump.cache_dir)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    rows = reader.get(list(range(len(chats))))
+    for i, chat in enumerate(chats):
+        text = tok.apply_chat_template(chat["messages"], tokenize=False)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        answer_at = text.index(chat["messages"][1]["content"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]  # [S, V]
+        # positions whose next token starts inside the assistant turn (its content and end marker)
+        wanted = [t for t in range(len(ids) - 1) if enc["offset_mapping"][t + 1][0] >= answer_at]
+        stored = rows.targets["logits"][i]  # [n_positions, V]
+        assert stored.shape == (len(wanted), 800)
+        np.testing.assert_allclose(stored, logits[wanted].numpy(), atol=1e-4)
+        offsets = rows.targets["offsets"][i]
+        assert offsets.tolist() == [[enc["offset_mapping"][t][1], enc["offset_mapping"][t + 1][1]] for t in wanted]
+
+
+@pytest.mark.parametrize("mode,loss", [("sampled", "rest"), ("full", "rest"), ("topk", "renormalized")])
+def test_every_logits_mode_trains(lm, tmp_path, mode, loss):
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
+    student = make_causal(tmp_path / "student", lm["tok"], "gpt2", layers=1, width=32, seed=1)
+    texts = lm["texts"][:16]
+    config = _config(lm, tmp_path, teacher, student, logits_mode=mode, logits_k=8, topk_loss=loss)
+    dump_teacher(config, _dataset(texts), progress=False)
+    result = train_student(config, _dataset(texts), save=False)
+    kd = [h["loss_kd"] for h in result.log_history if "loss_kd" in h]
+    assert kd and all(np.isfinite(kd)) and kd[0] > 0
+
+
+@pytest.mark.parametrize("shape", ["llama", "qwen2"])
+def test_hidden_states_padded_vocabulary_and_packing(lm, tmp_path, shape):
+    """Llama / Qwen2 shapes, a teacher whose embedding matrix has 13 rows no token reaches, hidden states
+    through a projection (64 -> 32 wide), chat data packed into blocks."""
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], shape, layers=2, width=64, extra_vocab=13, init_range=0.3)
+    student = make_causal(tmp_path / "student", lm["tok"], shape, layers=1, width=32, seed=1)
+    config = _config(lm, tmp_path, teacher, student, messages_column="messages", packing=True, max_length=256,
+                     teacher_layers_to_distill=[0, 2], layer_map={0: 0, 2: 1})
+    dump = dump_teacher(config, _dataset(lm["chats"]), progress=False)
+    reader = CacheReader(dump.cache_dir)
+    assert reader.spec.target("logits").width == 800 and reader.spec.hidden.hidden_size == 64
+    assert len(reader) < len(lm["chats"])  # packed: fewer blocks than conversations
+    proc = invoke_cli(["inspect", dump.cache_dir], tmp_path / "home")
+    assert "813 rows, its tokenizer 800 tokens: the 13 padded rows no token reaches are not stored" in proc.stdout
+    shutil.rmtree(teacher)
+    result = train_student(config, _dataset(lm["chats"]), save=False)
+    hist = [h for h in result.log_history if "loss_hidden" in h]
+    assert hist and hist[-1]["loss_hidden"] < hist[0]["loss_hidden"] and all(h["loss_kd"] > 0 for h in hist)
+
+
+# -- another tokenizer -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cross(lm, tmp_path_factory) -> dict:
+    """A teacher over the 800-token BPE with a topk cache of the texts; a student over a 500-token BPE."""
+    root = tmp_path_factory.mktemp("cross")
+    teacher = make_causal(root / "teacher", lm["tok"], "gpt2", layers=2, width=64, init_range=0.3)
+    other = build_lm_tokenizer(root / "tok500", 500)
+    student = make_causal(root / "student", other, "gpt2", layers=1, width=32, seed=1)
+    data = write_jsonl(root / "train.jsonl", lm["texts"][:24])
+    config = _config(lm, root, teacher, student, train_file=str(data))
+    dump_teacher(config, progress=False)
+    shutil.rmtree(teacher)
+    return dict(root=root, config=config, student=student, data=data)
+
+
+def test_a_student_with_another_tokenizer_is_refused_with_the_way_out(cross):
+    with pytest.raises(CacheMismatchError, match=r"500-token tokenizer.*or set cross_tokenizer: true \(--cross-tokenizer true\)"):
+        train_student(cross["config"], save=False)
+
+
+def test_cross_tokenizer_trains_at_the_aligned_positions(cross, monkeypatch):
+    import kdcache.train as train_module
+
+    seen = {}
+    real = train_module.CrossTokenizer.from_cache
+
+    def spy(reader, tokenizer):
+        seen["aligner"] = real(reader, tokenizer)
+        return seen["aligner"]
+
+    monkeypatch.setattr(train_module.CrossTokenizer, "from_cache", staticmethod(spy))
+    result = train_student(cross["config"].replace(cross_tokenizer=True), save=False)
+    aligner = seen["aligner"]
+    assert 0.3 < aligner.share < 1.0, aligner.share  # different BPEs: many, not all, positions align
+    assert 300 < aligner.mapped < 800  # the smaller BPE's merges nest in the larger's: most of its tokens are the teacher's
+    kd = [h["loss_kd"] for h in result.log_history if "loss_kd" in h]
+    assert kd and all(np.isfinite(kd)) and all(k > 0 for k in kd)
+
+
+def test_cross_tokenizer_with_the_same_tokenizer_is_the_plain_layout(lm, tmp_path):
+    """The alignment rule, applied to identical tokenizations, reproduces the token-level layout exactly."""
+    from transformers import AutoTokenizer
+
+    from kdcache.distill.collator import DistillationCollator, TargetFetcher
+    from kdcache.distill.cross_tokenizer import CrossTokenizer
+    from kdcache.tasks import get_task
+    from kdcache.tasks.base import LabelInfo
+
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
+    config = _config(lm, tmp_path, teacher, teacher)
+    texts = lm["texts"][:8]
+    dump = dump_teacher(config, _dataset(texts), progress=False)
+    reader = CacheReader(dump.cache_dir)
+    task = get_task("causal_lm")
+    tok = AutoTokenizer.from_pretrained(teacher)
+    feats = task.tokenize(_dataset(texts), tok, config, LabelInfo(0), "train").add_column("kd_feature_id", list(range(len(texts))))
+    specs = [reader.spec.target("logits"), reader.spec.target("offsets")]
+    rows = [feats[i] for i in range(len(texts))]
+    plain = DistillationCollator(tok, TargetFetcher(reader, specs[:1], None), task)(rows)
+    aligner = CrossTokenizer.from_cache(reader, tok)
+    crossed = DistillationCollator(tok, TargetFetcher(reader, specs, None), task, aligner)(rows)
+    assert torch.equal(crossed["teacher_logits:aligned"], task.position_mask(plain))
+    for comp in ("idx", "logp", "logrest"):
+        assert torch.equal(crossed[f"teacher_logits:{comp}"], plain[f"teacher_logits:{comp}"])
+    assert bool((aligner.vocab_map[aligner.vocab_map >= 0] == torch.nonzero(aligner.vocab_map >= 0)[:, 0]).all())
+    assert "offsets" not in crossed and int((plain["labels"] != IGNORE_INDEX).sum()) > 0
