@@ -159,21 +159,25 @@ class CausalLM(VocabularyHead):
         return {NLL: (nll * counted).sum(1).tolist(), TOKENS: counted.sum(1).tolist()}
 
     def predictions(self, features, outputs: dict[str, list[Any]], examples, labels: LabelInfo, config: FineTuneConfig) -> list[Any]:
-        """(summed NLL, tokens) per example (its features added up)."""
+        """(summed NLL, tokens, characters they cover) per example (its features added up)."""
         position = example_positions(examples)
-        preds = [[0.0, 0] for _ in range(len(examples))]
-        for example_id, nll, n in zip(features[EXAMPLE_ID], outputs[NLL], outputs[TOKENS]):
+        preds = [[0.0, 0, 0] for _ in range(len(examples))]
+        for example_id, nll, n, offsets in zip(features[EXAMPLE_ID], outputs[NLL], outputs[TOKENS], features[OFFSETS]):
             row = preds[position[int(example_id)]]
             row[0] += float(nll)
             row[1] += int(n)
+            row[2] += int(sum(end - start for start, end in offsets))
         return preds
 
     def compute_metrics(self, predictions: list[Any], examples, labels: LabelInfo, config: FineTuneConfig) -> dict[str, float]:
-        """Perplexity = exp(mean NLL per loss-carrying token) over the split, with the mean NLL and the count."""
+        """Perplexity = exp(mean NLL per loss-carrying token) over the split, the mean NLL, the count, and bits per
+        character (the NLL over the characters those tokens cover: comparable across tokenizers)."""
         total = sum(p[0] for p in predictions)
         tokens = sum(p[1] for p in predictions)
+        chars = sum(p[2] if len(p) > 2 else 0 for p in predictions)
         loss = total / max(tokens, 1)
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": float(tokens)}
+        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": float(tokens),
+                "bits_per_char": total / max(chars, 1) / math.log(2)}
 
     def primary_metric(self) -> str:
         return "perplexity"

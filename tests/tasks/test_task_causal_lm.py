@@ -166,9 +166,10 @@ def test_position_mask_is_the_loss_of_the_next_token(tok, rows):
 
 
 def test_perplexity_from_summed_losses():
-    preds = [[2.0, 2], [4.0, 2]]
+    preds = [[2.0, 2, 5], [4.0, 2, 7]]
     metrics = TASK.compute_metrics(preds, None, LabelInfo(0), _config())
     assert metrics["loss"] == pytest.approx(1.5) and metrics["perplexity"] == pytest.approx(math.exp(1.5))
+    assert metrics["bits_per_char"] == pytest.approx(6.0 / 12 / math.log(2))
     assert TASK.primary_metric() == "perplexity" and TASK.lower_is_better
 
 
