@@ -120,11 +120,11 @@ class FineTuneConfig:
     topk_loss: str = "rest"
     """topk caches: rest (k+1 buckets, the tail's mass exact) or renormalized (top-k only, as DistillKit/Megatron; biased)."""
     sequence_kd: bool = False
-    """summarization/translation: dump-teacher generates the targets (greedy or beam) and the student learns those (Kim & Rush 2016)."""
+    """summarization/translation/causal_lm: dump-teacher generates the targets (responses) with the teacher (greedy or beam) and the student learns those (Kim & Rush 2016)."""
     num_beams: int = 1
     """summarization/translation: beams when generating (evaluation, and sequence_kd's targets)."""
     max_new_tokens: Optional[int] = None
-    """summarization/translation: longest generated output in tokens (default max_target_length)."""
+    """summarization/translation/causal_lm: longest generated output in tokens (default max_target_length; 128 for causal_lm)."""
     length_penalty: float = 1.0
     """summarization/translation: beam search's length penalty (> 1 favours longer outputs)."""
     messages_column: Optional[str] = None
@@ -218,13 +218,15 @@ class FineTuneConfig:
             raise bad("logits_mode", f"applies to {', '.join(VOCABULARY_TASKS)} (vocabulary-scale heads); "
                                      f"{self.task_type} stores its full logits: remove it")
         if self.task_type not in GENERATIVE_TASKS and self.sequence_kd:
-            raise bad("sequence_kd", f"applies to {' and '.join(GENERATIVE_TASKS)}; remove it for {self.task_type}")
+            raise bad("sequence_kd", f"applies to {', '.join(GENERATIVE_TASKS[:-1])} and {GENERATIVE_TASKS[-1]}; remove it for {self.task_type}")
         if self.task_type != "causal_lm":
             for name in ("messages_column", "prompt_column", "ignore_spans_column", "packing", "cross_tokenizer"):
                 if getattr(self, name) not in (None, False):
                     raise bad(name, f"applies to causal_lm only; remove it for {self.task_type}")
         if self.messages_column and (self.prompt_column or self.ignore_spans_column):
             raise bad("messages_column", "chat data marks its prompts by role: remove prompt_column and ignore_spans_column")
+        if self.task_type == "causal_lm" and self.sequence_kd and not (self.prompt_column or self.messages_column):
+            raise bad("sequence_kd", "has the teacher answer each example's prompt: set prompt_column or messages_column")
         if self.cross_tokenizer and self.packing:
             raise bad("cross_tokenizer", "aligns each example's own text: turn packing off (a packed block mixes examples)")
         if self.topk_loss not in TOPK_LOSSES:

@@ -37,7 +37,8 @@ from kdcache.cache import (
     quantize_int8,
 )
 from kdcache.align import continuation_strings
-from kdcache.cache.format import CONTINUATIONS, MANIFEST_NAME, parse_shard_index
+from kdcache.cache.format import CONTINUATIONS, GENERATED_META_NAME, GENERATED_NAME, MANIFEST_NAME, parse_shard_index
+from kdcache.cache.generated import read_generated, write_generated
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import barrier, local_device, rank_and_world
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
@@ -119,7 +120,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _is_kdcache_file(name: str) -> bool:
-    return name in (MANIFEST_NAME, PROGRESS_NAME) or parse_shard_index(name) is not None or name.endswith(".tmp")
+    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME) or parse_shard_index(name) is not None
+            or name.endswith(".tmp"))
 
 
 def _clear_cache_dir(path: Path) -> None:
@@ -265,6 +267,9 @@ def dump_teacher(
         loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
         features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
         model = loading.result()
+    responses = None
+    if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
+        responses, features = _responses(task, model, tokenizer, raw, labels, config, path, fp, state, dev, rank, world)
     lengths = np.asarray(features["length"])  # [F] tokens per feature
     example_ids = np.asarray(features[kdata.EXAMPLE_ID])  # [F]
     num_features = len(features)
@@ -281,6 +286,8 @@ def dump_teacher(
                 "shard_examples": plan_shards(float(lengths.mean()), spec, shard_examples),
             })
         ShardWriter(path, spec).done_shards()  # deletes temp files and invalid shards
+        if responses is not None and read_generated(path, fp) is None:
+            write_generated(path, responses, fp)
     barrier(world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
     shard_writer = ShardWriter(path, spec, clean=False)
@@ -289,6 +296,7 @@ def dump_teacher(
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
 
     amp, compute_dtype = autocast_for(dev)
+    generated_targets = any(t.mode == "tokens" for t in spec.targets)
     batch_size = config.teacher_batch_size or 2 * config.batch_size
     mine = [i for i in range(len(ranges)) if i % world == rank]
     done_features = sum(ranges[i][1] - ranges[i][0] for i in mine if i in done)
@@ -306,7 +314,7 @@ def dump_teacher(
                 batch_rows = rows[b:b + batch_size]
                 batch = _collate(task, features, batch_rows, tokenizer, dev)
                 with torch.inference_mode(), amp:
-                    if config.sequence_kd:  # the teacher writes the targets it is then scored on
+                    if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
                         batch.update(task.generate_targets(model, batch, config, tokenizer))
                     outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
                 writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
@@ -344,6 +352,8 @@ def dump_teacher(
         "config": config.to_dict(),
         "created_unix": time.time(),
     }
+    if responses is not None:
+        manifest["generated"] = json.loads((path / GENERATED_META_NAME).read_text())
     barrier(world)  # every rank's shards are published
     if rank == 0:
         manifest = shard_writer.write_manifest(manifest)
@@ -351,6 +361,22 @@ def dump_teacher(
     barrier(world)
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     return DumpResult(path, False, manifest, time.perf_counter() - start)
+
+
+def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, rank: int,
+               world: int):
+    """The teacher's responses (published ones when resuming, else generated now, by rank 0, in memory: nothing is
+    written before the features of the rewritten rows are known to be valid), and those features."""
+    responses = read_generated(path, fp) if state == "resume" and rank == 0 else None
+    if responses is None and rank == 0:
+        log.info("sequence_kd: generating the teacher's responses to %d prompts", len(raw))
+        responses = task.generate_responses(model, tokenizer, raw, config, dev, batch_size=config.teacher_batch_size or 2 * config.batch_size)
+    if world > 1:
+        box = [responses]
+        torch.distributed.broadcast_object_list(box, src=0)
+        responses = box[0]
+    features = kdata.make_features(task, task.with_responses(raw, responses, config), tokenizer, config, labels, "train")
+    return responses, features
 
 
 def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.format import MANIFEST_NAME
+from kdcache.cache.generated import read_generated
 from kdcache.config import FineTuneConfig
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
@@ -200,6 +201,15 @@ def _expect_same_features(reader: CacheReader, features, token_level: bool) -> N
                                      "this student: token-level distillation needs the teacher's tokenizer and max_length")
 
 
+def _cached_responses(path: Path) -> list[str]:
+    """The teacher's responses stored by a sequence_kd dump (checksum verified)."""
+    responses = read_generated(path) if (path / MANIFEST_NAME).exists() else None
+    if responses is None:
+        raise CacheMismatchError("sequence_kd", False, True, f"{path} stores no teacher-written responses but sequence_kd is on: "
+                                 "re-run dump-teacher with sequence_kd: true (add --force when cache_dir names this cache)")
+    return responses
+
+
 def build_student(config: FineTuneConfig, task, labels) -> tuple[torch.nn.Module, Any]:
     """Load the student (optionally keeping only some of its layers) and its tokenizer."""
     path = resolve_model_path(config.model_name)
@@ -281,14 +291,18 @@ def train_student(
     if positions is not None and config.max_length > positions:
         raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the student's {positions} positions: "
                          f"set max_length to {positions} or less")
+    cache_path = None
+    if config.use_distillation and online_teacher is None:
+        ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
+        cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
+        if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
+            raw = task.with_responses(raw, _cached_responses(cache_path), config)
     train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
     eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
 
-    reader, layers, cache_path, fetcher, aligner = None, None, None, None, None
+    reader, layers, fetcher, aligner = None, None, None, None
     distil = config.use_distillation
     if distil and online_teacher is None:
-        ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
-        cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
         reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer)
         positions = None
         if layers is not None:

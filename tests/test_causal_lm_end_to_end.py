@@ -228,3 +228,75 @@ def test_cross_tokenizer_with_the_same_tokenizer_is_the_plain_layout(lm, tmp_pat
         assert torch.equal(crossed[f"teacher_logits:{comp}"], plain[f"teacher_logits:{comp}"])
     assert bool((aligner.vocab_map[aligner.vocab_map >= 0] == torch.nonzero(aligner.vocab_map >= 0)[:, 0]).all())
     assert "offsets" not in crossed and int((plain["labels"] != IGNORE_INDEX).sum()) > 0
+
+
+# -- responses the teacher writes (sequence-level KD) -------------------------------------------------
+def test_sequence_kd_scores_the_teachers_own_responses_and_resumes_without_regenerating(lm, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from kdcache.cache.generated import read_generated
+    from kdcache.tasks import get_task
+    from kdcache.tasks.base import LabelInfo
+    from kdcache.tasks.causal_lm import CausalLM
+
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
+    student = make_causal(tmp_path / "student", lm["tok"], "gpt2", layers=1, width=32, seed=1)
+    chats = lm["chats"][:8]
+    config = _config(lm, tmp_path, teacher, student, messages_column="messages", sequence_kd=True, max_new_tokens=12,
+                     max_length=240, teacher_batch_size=4)
+    dump = dump_teacher(config, _dataset(chats), progress=False)
+    responses = read_generated(dump.cache_dir)
+    assert len(responses) == 8 and dump.manifest["generated"]["rows"] == 8
+    assert dump.manifest["fingerprint_inputs"]["targets"]["sequence_kd"] == {"num_beams": 1, "max_new_tokens": 12, "length_penalty": 1.0}
+    # the responses are the teacher's greedy continuations of each prompt
+    tok = AutoTokenizer.from_pretrained(teacher)
+    task = get_task("causal_lm")
+    from transformers import AutoModelForCausalLM
+
+    again = task.generate_responses(AutoModelForCausalLM.from_pretrained(teacher).eval(), tok, _dataset(chats), config, "cpu")
+    assert again == responses and any(r.strip() for r in responses)
+    # the cache holds the teacher's view of its own responses: the stored positions are theirs
+    rewritten = task.with_responses(_dataset(chats), responses, config)
+    feats = task.tokenize(rewritten, tok, config, LabelInfo(0), "train")
+    reader = CacheReader(dump.cache_dir)
+    assert reader.n_positions(reader.feature_ids()).tolist() == [len(o) for o in feats["offsets"]]
+    assert [m[-1]["content"] for m in rewritten["messages"]] == responses
+    assert [m[0]["content"] for m in rewritten["messages"]] == [c["messages"][0]["content"] for c in chats]
+    # a killed dump resumes from the published responses, never generating again
+    manifest = json.loads((dump.cache_dir / "manifest.json").read_text())
+    (dump.cache_dir / "manifest.json").unlink()
+    (dump.cache_dir / manifest["shards"][0]["file"]).unlink()
+    (dump.cache_dir / "shard-00000.json").unlink()
+    (dump.cache_dir / "dump.json").write_text(json.dumps({k: manifest[k] for k in ("fingerprint", "fingerprint_inputs", "num_examples",
+                                                                                     "num_features", "shard_examples")}))
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(CausalLM, "generate_responses", no_generation)
+    resumed = dump_teacher(config, _dataset(chats), progress=False)
+    assert not resumed.hit and read_generated(resumed.cache_dir) == responses
+    shutil.rmtree(teacher)
+    result = train_student(config, _dataset(chats), save=False)
+    assert result.log_history and np.isfinite(result.log_history[-1]["train_loss"])
+    # a student with another tokenizer learns the teacher's text too
+    other = build_lm_tokenizer(tmp_path / "tok500", 500)
+    cross_student = make_causal(tmp_path / "student500", other, "gpt2", layers=1, width=32, seed=1)
+    crossed = train_student(config.replace(model_name=str(cross_student), cross_tokenizer=True), _dataset(chats), save=False)
+    assert any(h.get("loss_kd", 0) > 0 for h in crossed.log_history)
+
+
+def test_sequence_kd_needs_prompts_and_a_cache_with_responses(lm, tmp_path):
+    from kdcache.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sequence_kd.*set prompt_column or messages_column"):
+        FineTuneConfig(model_name="m", task_type="causal_lm", sequence_kd=True)
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32)
+    config = _config(lm, tmp_path, teacher, teacher, messages_column="messages", max_length=240)
+    dump_teacher(config, _dataset(lm["chats"][:4]), progress=False)
+    with pytest.raises(CacheMismatchError, match=r"stores no teacher-written responses.*re-run dump-teacher with sequence_kd: true "
+                                                 r"\(add --force when cache_dir names this cache\)"):
+        train_student(config.replace(sequence_kd=True), _dataset(lm["chats"][:4]), save=False)
+    # the advice, followed
+    dump_teacher(config.replace(sequence_kd=True, max_new_tokens=8), _dataset(lm["chats"][:4]), force=True, progress=False)
+    train_student(config.replace(sequence_kd=True, max_new_tokens=8), _dataset(lm["chats"][:4]), save=False)

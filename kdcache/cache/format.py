@@ -47,6 +47,8 @@ import pyarrow as pa
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+GENERATED_NAME = "generated.arrow"  # sequence-level KD of a causal LM: the teacher's responses, one per example
+GENERATED_META_NAME = "generated.json"  # written after it (sha256, rows, fingerprint): publishes it
 TMP_SUFFIX = ".tmp"
 
 HIDDEN_DTYPES = ("float16", "int8")

@@ -205,6 +205,20 @@ class Task:
         (e.g. {"labels": [B, P]}, -100 beyond each sequence). Only tasks that generate implement it."""
         raise NotImplementedError(f"{self.name} does not generate targets")
 
+    def generates_responses(self, config: FineTuneConfig) -> bool:
+        """Whether the teacher writes the training responses before it is scored on them (sequence-level KD
+        by rewriting the data: causal LMs); the dump stores them and the student trains on them."""
+        return False
+
+    def generate_responses(self, model, tokenizer, dataset, config: FineTuneConfig, device) -> list[str]:
+        """The teacher's response for every example of ``dataset`` (its prompt: a chat's turns before the
+        last assistant turn, or the prompt column), in row order."""
+        raise NotImplementedError(f"{self.name} does not generate responses")
+
+    def with_responses(self, dataset, responses: list[str], config: FineTuneConfig):
+        """``dataset`` with each example's response replaced by ``responses[i]`` (what the student then learns)."""
+        raise NotImplementedError(f"{self.name} does not generate responses")
+
     # -- evaluation --------------------------------------------------------------------------------
     @torch.inference_mode()
     def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:

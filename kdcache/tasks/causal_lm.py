@@ -131,6 +131,62 @@ class CausalLM(VocabularyHead):
         inputs["use_cache"] = False
         return inputs
 
+    # -- sequence-level KD: the teacher writes the responses -----------------------------------------
+    def target_params(self, config: FineTuneConfig) -> dict[str, Any]:
+        params = super().target_params(config)
+        if config.sequence_kd:  # the generation settings decide the rows the teacher is scored on
+            params["sequence_kd"] = {"num_beams": config.num_beams, "max_new_tokens": _max_new_tokens(config),
+                                     "length_penalty": config.length_penalty}
+        return params
+
+    def generates_responses(self, config: FineTuneConfig) -> bool:
+        return bool(config.sequence_kd)
+
+    @torch.inference_mode()
+    def generate_responses(self, model, tokenizer, dataset, config: FineTuneConfig, device, batch_size: int = 16) -> list[str]:
+        """Greedy or beam responses (num_beams, max_new_tokens, length_penalty) to each example's prompt, cut at
+        the first special token the model writes (an end of turn or of text)."""
+        prompts = [self._prompt(row, i, tokenizer, config) for i, row in enumerate(dataset)]
+        special = set(tokenizer.all_special_ids)
+        stops = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # a decoder continues from the right end
+        responses: list[str] = []
+        try:
+            for lo in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[lo:lo + batch_size], add_special_tokens=not config.messages_column, padding=True,
+                                return_tensors="pt", return_token_type_ids=False).to(device)
+                out = model.generate(**enc, num_beams=config.num_beams, max_new_tokens=_max_new_tokens(config),
+                                     length_penalty=config.length_penalty, do_sample=False,
+                                     eos_token_id=sorted(stops) or None, pad_token_id=tokenizer.pad_token_id)
+                for ids in out[:, enc["input_ids"].shape[1]:].tolist():
+                    cut = next((j for j, t in enumerate(ids) if t in special), len(ids))
+                    responses.append(tokenizer.decode(ids[:cut]))
+        finally:
+            tokenizer.padding_side = side
+        return responses
+
+    def with_responses(self, dataset, responses: list[str], config: FineTuneConfig):
+        if len(responses) != len(dataset):
+            raise DataError(f"{len(responses)} generated responses for {len(dataset)} examples: re-run dump-teacher with --force")
+        if config.messages_column:
+            column = config.messages_column
+
+            def replace(row, i):
+                turns = _prompt_turns(row[column])
+                return {column: turns + [{**{k: None for k in row[column][0]}, "role": "assistant", "content": responses[i]}]}
+        else:
+            column = config.text_column
+
+            def replace(row, i):
+                return {column: responses[i]}
+        return dataset.map(replace, with_indices=True, desc="teacher responses")
+
+    def _prompt(self, row: dict[str, Any], index: int, tokenizer, config: FineTuneConfig) -> str:
+        if config.messages_column:
+            return _ChatEncoder(tokenizer, config).render(_prompt_turns(_messages(row[config.messages_column], index, config)),
+                                                          generation_prompt=True)
+        return str(row[config.prompt_column] or "")
+
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
         """``logits`` per loss-carrying position over the vocabulary, and their character ``offsets``."""
@@ -250,6 +306,19 @@ class _ChatEncoder:
         if split == "train" and not any(carries):
             raise _nothing_to_learn(example_id, "its assistant turns render to no token")
         return ids, carries, spans
+
+
+def _prompt_turns(messages: list[dict]) -> list[dict]:
+    """A conversation's prompt: its turns before a final assistant turn (all of them when it ends with another role)."""
+    return list(messages[:-1]) if messages and messages[-1].get("role") == "assistant" else list(messages)
+
+
+def _max_new_tokens(config: FineTuneConfig) -> int:
+    return int(config.max_new_tokens or 128)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _messages(value: Any, example_id: int, config: FineTuneConfig) -> list[dict]:

@@ -30,5 +30,5 @@ FIELD_DEFAULTS: dict[str, dict[str, object]] = {
 }
 # Tasks whose head is a vocabulary (language-model head): their logits are stored top-k, sampled or full.
 VOCABULARY_TASKS = ("summarization", "translation", "causal_lm")
-# Tasks evaluated on generated text, whose teacher can write the training targets (sequence-level KD).
-GENERATIVE_TASKS = ("summarization", "translation")
+# Tasks whose teacher can write the training targets (sequence-level KD).
+GENERATIVE_TASKS = ("summarization", "translation", "causal_lm")

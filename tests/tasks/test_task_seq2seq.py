@@ -229,7 +229,7 @@ def test_bleu_and_chrf_via_sacrebleu(tldr_rows):
 def test_seq2seq_fields_on_a_classification_config():
     with pytest.raises(ConfigError, match=r"logits_mode \(--logits-mode\): applies to summarization, translation, causal_lm"):
         FineTuneConfig(model_name="m", task_type="text_classification", logits_mode="topk")
-    with pytest.raises(ConfigError, match=r"sequence_kd \(--sequence-kd\): applies to summarization and translation"):
+    with pytest.raises(ConfigError, match=r"sequence_kd \(--sequence-kd\): applies to summarization, translation and causal_lm"):
         FineTuneConfig(model_name="m", task_type="text_classification", sequence_kd=True)
     with pytest.raises(ConfigError, match=r"logits_mode.*must be one of full, topk, sampled"):
         FineTuneConfig(model_name="m", task_type="summarization", logits_mode="top-k")
