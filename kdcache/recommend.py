@@ -24,11 +24,12 @@ RECOMMENDED_TEACHER_MODELS: dict[str, dict[str, str]] = {
         "high_performance": "deepset/deberta-v3-large-squad2",
         "efficient": "google/electra-large-discriminator",
     },
-    # Not in the guide (it predates decoder-only distillation): kdcache's own row.
+    # Not in the guide (it predates decoder-only distillation): kdcache's own row, one tokenizer family
+    # with its students (another tokenizer needs cross_tokenizer: true).
     "causal_lm": {
-        "default": "Qwen/Qwen2.5-1.5B-Instruct",
+        "default": "Qwen/Qwen2.5-3B-Instruct",
         "high_performance": "Qwen/Qwen2.5-7B-Instruct",
-        "efficient": "meta-llama/Llama-3.2-1B-Instruct",
+        "efficient": "Qwen/Qwen2.5-1.5B-Instruct",
     },
 }
 
@@ -53,10 +54,10 @@ RECOMMENDED_STUDENT_MODELS: dict[str, dict[str, str]] = {
         "efficient": "distilroberta-base",
         "tiny": "google/mobilebert-uncased",
     },
-    "causal_lm": {  # kdcache's own row: same tokenizer as the default teacher
-        "balanced": "Qwen/Qwen2.5-0.5B-Instruct",
-        "efficient": "Qwen/Qwen2.5-0.5B",
-        "tiny": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "causal_lm": {  # kdcache's own row: the teachers' tokenizer
+        "balanced": "Qwen/Qwen2.5-1.5B-Instruct",
+        "efficient": "Qwen/Qwen2.5-0.5B-Instruct",
+        "tiny": "Qwen/Qwen2.5-0.5B",
     },
 }
 
