@@ -120,15 +120,15 @@ class FineTuneConfig:
     topk_loss: str = "rest"
     """topk caches: rest (k+1 buckets, the tail's mass exact) or renormalized (top-k only, as DistillKit/Megatron; biased)."""
     sequence_kd: bool = False
-    """summarization/translation/causal_lm: dump-teacher generates the targets (responses) with the teacher (greedy or beam) and the student learns those (Kim & Rush 2016)."""
+    """summarization/translation/causal_lm: the teacher writes the targets in dump-teacher (greedy or beam); the student learns those (Kim & Rush)."""
     num_beams: int = 1
-    """summarization/translation: beams when generating (evaluation, and sequence_kd's targets)."""
+    """summarization/translation/causal_lm: beams when generating (evaluation, and sequence_kd's targets)."""
     max_new_tokens: Optional[int] = None
     """summarization/translation/causal_lm: longest generated output in tokens (default max_target_length; 128 for causal_lm)."""
     length_penalty: float = 1.0
-    """summarization/translation: beam search's length penalty (> 1 favours longer outputs)."""
+    """summarization/translation/causal_lm: beam search's length penalty (> 1 favours longer outputs)."""
     messages_column: Optional[str] = None
-    """causal_lm: column of chat conversations (lists of {role, content}) rendered with the tokenizer's chat template; only assistant turns carry loss."""
+    """causal_lm: column of chat conversations (lists of {role, content}) rendered with the chat template; only assistant turns carry loss."""
     prompt_column: Optional[str] = None
     """causal_lm: column of prompts put before text_column; their tokens carry no loss (prompt/completion data)."""
     ignore_spans_column: Optional[str] = None

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from kdcache import data as kdata
+from kdcache.align import continuation_strings
 from kdcache.cache import (
     BackgroundWriter,
     CacheError,
@@ -36,7 +37,6 @@ from kdcache.cache import (
     fingerprint,
     quantize_int8,
 )
-from kdcache.align import continuation_strings
 from kdcache.cache.format import CONTINUATIONS, GENERATED_META_NAME, GENERATED_NAME, MANIFEST_NAME, parse_shard_index
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.config import FineTuneConfig

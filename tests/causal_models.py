@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers import read_jsonl
-from seq2seq_models import TLDR_TRAIN
+from seq2seq_models import TLDR_TRAIN, save_random
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -45,7 +45,6 @@ def make_causal(path: Path, tokenizer_dir: Path, shape: str = "gpt2", layers: in
     """A randomly initialised GPT-2 / Llama / Qwen2 of ``layers`` layers, saved with the tokenizer. ``extra_vocab``
     pads the embedding matrix beyond the tokenizer (rows no token reaches, as Qwen's 152,064 over 151,643);
     a larger ``init_range`` gives a peaked (more teacher-like) random distribution."""
-    import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -62,10 +61,7 @@ def make_causal(path: Path, tokenizer_dir: Path, shape: str = "gpt2", layers: in
                          initializer_range=init_range, tie_word_embeddings=True, **ids)
     else:
         raise ValueError(shape)
-    torch.manual_seed(seed)
-    cls(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_random(cls, config, tok, path, seed)
 
 
 def chat_rows(rows: list[dict], chars: int = 160) -> list[dict]:

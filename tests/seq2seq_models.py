@@ -43,7 +43,6 @@ def make_seq2seq(path: Path, tokenizer_dir: Path, shape: str = "t5", layers: int
                  extra_vocab: int = 0) -> Path:
     """A randomly initialised T5 / BART / Marian of ``layers`` encoder and decoder layers, saved with the
     tokenizer. ``extra_vocab`` pads the embedding matrix beyond the tokenizer (rows no token reaches)."""
-    import torch
     from transformers import (
         AutoTokenizer,
         BartConfig,
@@ -75,9 +74,16 @@ def make_seq2seq(path: Path, tokenizer_dir: Path, shape: str = "t5", layers: int
         cls = MarianMTModel
     else:
         raise ValueError(shape)
+    return save_random(cls, config, tok, path, seed)
+
+
+def save_random(cls, config, tokenizer, path: Path, seed: int) -> Path:
+    """A model of ``cls`` with random weights (seeded) from ``config``, saved with ``tokenizer``."""
+    import torch
+
     torch.manual_seed(seed)
     cls(config).save_pretrained(path)
-    tok.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

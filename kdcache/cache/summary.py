@@ -50,7 +50,8 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
 
     groups: dict[str, tuple[tuple[str, ...], int | None]] = {"index": (fmt.INDEX_COLUMNS, None)}
     for t in spec.targets:  # raw: the whole head as float32 (what top-k / sampled spare)
-        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * t.width * (4 if t.mode in ("full", "topk", "sampled") else 0))
+        per_row = 4 * t.width if t.mode in ("full", "topk", "sampled") else 0  # ids and offsets have no float32 form
+        groups[t.name] = (tuple(t.columns()), (rows if t.per == "example" else positions) * per_row)
     if spec.hidden is not None:
         h = spec.hidden
         groups["hidden"] = (spec.hidden_columns(), vectors * h.num_layers * h.hidden_size * 4)

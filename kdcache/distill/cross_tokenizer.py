@@ -5,7 +5,7 @@ teacher had read and of the token it predicted, and the manifest stores the teac
 continuation strings. A student position whose context ends at the same character as a teacher
 position's (:func:`kdcache.align.align`) receives that position's top-k, whose ids the trainer maps
 into the student's vocabulary (:func:`kdcache.align.fold_topk`); the other positions learn from
-the hard labels only. The alignment rule is documented in :mod:`kdcache.align` and docs/cross-tokenizer.md."""
+the hard labels only. The alignment rule is documented in :mod:`kdcache.align` and docs/causal-lm.md."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from kdcache.align import align, continuation_strings, vocab_map
 from kdcache.cache import CacheMismatchError, CacheReader
 from kdcache.cache.format import CONTINUATIONS, TargetSpec
 from kdcache.distill.collator import positions_key, target_key
-
 
 
 class CrossTokenizer:

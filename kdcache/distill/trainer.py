@@ -13,12 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from kdcache.align import fold_topk
 from kdcache.cache.format import TargetSpec
 from kdcache.data import FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
-from kdcache.align import fold_topk
-from kdcache.distill.losses import (combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl,
-                                     topk_rest_kl)
+from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.teacher import pool_student, select_hidden
 
 PROJECTIONS_FILE = "kd_projections.safetensors"

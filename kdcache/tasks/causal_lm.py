@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, ensure_example_ids, example_positions, pad_labels
+from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, ensure_example_ids, example_positions
 from kdcache.tasks.vocab_head import VocabularyHead
 
 OFFSETS = "offsets"  # feature column and stored target: [n_positions, 2] (context_end, target_end) characters

@@ -141,7 +141,7 @@ def test_a_packed_forward_pass_equals_the_examples_run_alone(tok, tok_dir, rows,
     # the blocks cut examples: compare the tokens that saw their whole example in their block
     row = 0
     for f in packed:
-        for j, pos in enumerate(f["position_ids"]):
+        for pos in f["position_ids"]:
             if pos == row_position(plain, row):
                 assert torch.allclose(flat[row], cut[row], atol=1e-4), (shape, row)
             row += 1
