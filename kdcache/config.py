@@ -120,7 +120,7 @@ class FineTuneConfig:
     topk_loss: str = "rest"
     """topk caches: rest (k+1 buckets, the tail's mass exact) or renormalized (top-k only, as DistillKit/Megatron; biased)."""
     sequence_kd: bool = False
-    """summarization/translation/causal_lm: the teacher writes the targets in dump-teacher (greedy or beam); the student learns those (Kim & Rush)."""
+    """summarization/translation/causal_lm: the teacher writes the targets in dump-teacher (greedy or beam); the student learns them."""
     num_beams: int = 1
     """summarization/translation/causal_lm: beams when generating (evaluation, and sequence_kd's targets)."""
     max_new_tokens: Optional[int] = None
