@@ -164,7 +164,7 @@ def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Opt
     labels = task.label_info(kdata.require_train(None, config), config)
     t = evaluate_model(teacher or config.teacher_model_name, config, eval_ds, labels)
     s = evaluate_model(student or config.output_dir, config, eval_ds, labels)
-    click.echo(format_comparison(t, s, task.primary_metric()))
+    click.echo(format_comparison(t, s, task.primary_metric(), task.lower_is_better))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,14 +83,18 @@ def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels
     }
 
 
-def format_comparison(teacher: dict[str, Any], student: dict[str, Any], metric: str) -> str:
-    """A table of teacher vs student with the guide's criteria (≥90% metric, ≥50% faster, ≥40% smaller)."""
+def format_comparison(teacher: dict[str, Any], student: dict[str, Any], metric: str, lower_is_better: bool = False) -> str:
+    """A table of teacher vs student with the guide's criteria (≥90% metric, ≥50% faster, ≥40% smaller).
+
+    For a metric that improves downwards (perplexity) "90% of the teacher's" reads teacher / student ≥ 0.9."""
     t_m, s_m = teacher["metrics"][metric], student["metrics"][metric]
+    share = (t_m / s_m if s_m else 0.0) if lower_is_better else (s_m / t_m if t_m else 0.0)
     speed = student["examples_per_s"] / teacher["examples_per_s"]
     size = 1 - student["num_parameters"] / teacher["num_parameters"]
     rows = [
         ("", "teacher", "student", "student/teacher"),
         (metric, f"{t_m:.4f}", f"{s_m:.4f}", f"{s_m / t_m:.1%}" if t_m else "n/a"),
+        *([(f"teacher {metric} / student", "", "", f"{share:.1%}")] if lower_is_better else []),
         ("parameters", f"{teacher['num_parameters'] / 1e6:.1f}M", f"{student['num_parameters'] / 1e6:.1f}M",
          f"{student['num_parameters'] / teacher['num_parameters']:.1%}"),
         ("size on disk", f"{teacher['bytes_on_disk'] / 2**20:.1f} MiB", f"{student['bytes_on_disk'] / 2**20:.1f} MiB",
@@ -101,7 +105,7 @@ def format_comparison(teacher: dict[str, Any], student: dict[str, Any], metric: 
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("")
     lines.append("guide's criteria: "
-                 f"metric >= 90% of teacher: {'yes' if s_m >= 0.9 * t_m else 'no'}; "
+                 f"metric >= 90% of teacher: {'yes' if share >= 0.9 else 'no'}; "
                  f"inference >= 1.5x faster: {'yes' if speed >= 1.5 else 'no'}; "
                  f"size reduced >= 40%: {'yes' if size >= 0.4 else 'no'}")
     return "\n".join(lines)

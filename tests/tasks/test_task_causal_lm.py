@@ -201,3 +201,15 @@ def test_bad_messages_and_spans(tok, rows):
         _features(tok, [{"messages": [{"role": "user", "content": None}]}], messages_column="messages")
     with pytest.raises(DataError, match=r"ignore span \[5, 999\] is outside its text"):
         _features(tok, [{"text": "a short text", "skip": [[5, 999]]}], ignore_spans_column="skip")
+
+
+def test_compare_reads_perplexity_downwards():
+    from kdcache.evaluate import format_comparison
+
+    def model(ppl: float, params: int) -> dict:
+        return {"metrics": {"perplexity": ppl}, "num_parameters": params, "bytes_on_disk": 4 * params, "examples_per_s": 1e9 / params}
+
+    close = format_comparison(model(20.0, 1000), model(21.0, 400), "perplexity", lower_is_better=True)
+    assert "teacher perplexity / student" in close and "95.2%" in close and "metric >= 90% of teacher: yes" in close
+    far = format_comparison(model(20.0, 1000), model(25.0, 400), "perplexity", lower_is_better=True)
+    assert "80.0%" in far and "metric >= 90% of teacher: no" in far
