@@ -300,3 +300,22 @@ def test_sequence_kd_needs_prompts_and_a_cache_with_responses(lm, tmp_path):
     # the advice, followed
     dump_teacher(config.replace(sequence_kd=True, max_new_tokens=8), _dataset(lm["chats"][:4]), force=True, progress=False)
     train_student(config.replace(sequence_kd=True, max_new_tokens=8), _dataset(lm["chats"][:4]), save=False)
+
+
+def test_cross_tokenizer_loss_reaches_the_whole_student_vocabulary():
+    """A student vocabulary larger than the teacher's: mapped ids beyond the teacher's width get their gradient."""
+    from kdcache.cache.format import TargetSpec
+    from kdcache.distill.trainer import DistillationTrainer
+
+    trainer = DistillationTrainer.__new__(DistillationTrainer)  # the loss alone: no model, no data
+    trainer.vocab_map, trainer.processing_class = torch.tensor([5, 900, -1, 1100]), [None] * 1200  # len() = 1200 tokens
+    trainer.temperature, trainer.topk_loss = 1.0, "rest"
+    spec = TargetSpec("logits", "position", 4, "topk", 2, (1.0,))
+    student = torch.zeros(1, 1, 1200, requires_grad=True)
+    comps = {"idx": torch.tensor([[[3, 1]]]), "logp": torch.log(torch.tensor([[[0.6, 0.3]]])),
+             "logrest": torch.log(torch.tensor([[[0.1]]]))}
+    loss, _, _ = trainer._sparse_kd(spec, student, comps, None, agreement=False)
+    loss.backward()
+    grad = student.grad[0, 0]
+    assert grad[1100] < 0 and grad[900] < 0 and grad[0] > 0  # pulled up where the teacher puts mass, down elsewhere
+    assert float(loss) == pytest.approx(0.6 * np.log(0.6 * 1200) + 0.3 * np.log(0.3 * 1200) + 0.1 * np.log(0.1 * 1200 / 1198), rel=1e-4)

@@ -160,7 +160,10 @@ class DistillationTrainer(Trainer):
 
         The loss runs on the padded [B, P, V] logits with the mask (no gathered copy of the rows: on a
         vocabulary-scale head that copy and its backward cost more than the loss)."""
-        s = s_view[..., : spec.width]  # [B, P, V]: a padded embedding matrix's extra rows dropped (a view)
+        # [B, P, V]: a padded embedding matrix's extra rows dropped (a view); the vocabulary is the student's own when
+        # the cache holds another tokenizer's (cross-tokenizer), the teacher's (the same) otherwise
+        width = len(self.processing_class) if self.vocab_map is not None else spec.width
+        s = s_view[..., :width]
         T = self.temperature
         if self.vocab_map is not None:  # another tokenizer's top-k: mapped into the student's vocabulary at T
             comps = dict(comps)
