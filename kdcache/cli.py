@@ -123,7 +123,7 @@ def _report(result) -> None:
 
 @main.command("inspect")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--verify", is_flag=True, help="Also check every shard's sha256.")
+@click.option("--verify", is_flag=True, help="Also check every shard's sha256 (and the teacher's stored responses').")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_handle_errors
 def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:

@@ -319,3 +319,17 @@ def test_cross_tokenizer_loss_reaches_the_whole_student_vocabulary():
     grad = student.grad[0, 0]
     assert grad[1100] < 0 and grad[900] < 0 and grad[0] > 0  # pulled up where the teacher puts mass, down elsewhere
     assert float(loss.detach()) == pytest.approx(0.6 * np.log(0.6 * 1200) + 0.3 * np.log(0.3 * 1200) + 0.1 * np.log(0.1 * 1200 / 1198), rel=1e-4)
+
+
+def test_inspect_verify_checks_the_teachers_responses(lm, tmp_path):
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32)
+    config = _config(lm, tmp_path, teacher, teacher, messages_column="messages", sequence_kd=True, max_new_tokens=6, max_length=240)
+    dump = dump_teacher(config, _dataset(lm["chats"][:4]), progress=False)
+    assert invoke_cli(["inspect", "--verify", dump.cache_dir], tmp_path / "home").returncode == 0
+    data = bytearray((dump.cache_dir / "generated.arrow").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dump.cache_dir / "generated.arrow").write_bytes(bytes(data))
+    proc = invoke_cli(["inspect", "--verify", dump.cache_dir], tmp_path / "home", check=False)
+    assert proc.returncode != 0 and "generated.arrow: its checksum does not match generated.json" in proc.stderr
+    with pytest.raises(Exception, match="checksum does not match"):
+        train_student(config, _dataset(lm["chats"][:4]), save=False)

@@ -96,6 +96,12 @@ class CacheReader:
             if key in self.manifest and self.manifest[key] != F:
                 raise CacheError(f"{self.path}: manifest says {key} {self.manifest[key]} but the shards hold {F} rows")
         self._dense = F == 0 or (int(self._ids[0]) == 0 and int(self._ids[-1]) == F - 1)  # ids are exactly 0..F-1
+        if verify and "generated" in self.manifest:  # the teacher's responses (sequence-level KD of a causal LM)
+            from .generated import read_generated
+
+            if read_generated(self.path, self.manifest.get("fingerprint")) is None:
+                raise CacheError(f"{self.path}: the manifest lists the teacher's responses but {fmt.GENERATED_META_NAME} is missing "
+                                 "or belongs to another dump: re-run dump-teacher with --force")
 
     # -- opening --------------------------------------------------------------------------------
 
