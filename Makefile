@@ -6,7 +6,7 @@ CONFIG ?= pipelines/demo-student.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench bench-quick dump-teacher train-student sweep lint clean
+.PHONY: install demo test bench bench-quick bench-lm dump-teacher train-student sweep lint clean
 
 install: $(VENV)/.installed
 
@@ -31,11 +31,17 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# PROFILE: cpu (every section), gpu (the GPU shapes) or lm (the causal-LM section alone, CPU sizes).
+PROFILE ?= cpu
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run --profile $(PROFILE)
 
 bench-quick: install
-	$(PY) -m bench.run --quick
+	$(PY) -m bench.run --quick --profile $(PROFILE)
+
+# The causal-LM section: a teacher trained here, students from its caches (about 45 minutes on one core).
+bench-lm: install
+	$(PY) -m bench.run --profile lm
 
 dump-teacher: install
 	$(KDCACHE) dump-teacher --config $(CONFIG)

@@ -1,7 +1,8 @@
 """`make bench`: kdcache's performance and quality figures, side by side.
 
-    python -m bench.run [--quick] [--scale N] [--profile cpu|gpu] [--seeds 3] [--out BENCHMARKS.md]
-                        [--only steps,dump,storage,quality] [--tasks text_classification,...] [--threads N]
+    python -m bench.run [--quick] [--scale N] [--profile cpu|gpu|lm] [--seeds 3] [--out BENCHMARKS.md]
+                        [--only steps,dump,storage,quality,seq2seq,lm] [--tasks text_classification,...] [--threads N]
+    python -m bench.run --profile lm            # the causal-LM section alone (= --profile cpu --only lm)
     python -m bench.run --render [--quick]      # only rebuild the Markdown from the saved sections
 
 On the same student, data and batches it measures (design §7):
@@ -18,6 +19,11 @@ On the same student, data and batches it measures (design §7):
                  cached logits, offline from cached logits + int8 hidden states, and online, over
                  several seeds (mean and spread, wall time per run, ratio to the teacher); and the
                  bytes per token of every field of each task's cache
+  8. lm          causal LM (bench/lm.py): a GPT-2-shaped teacher trained here on the shipped SciTLDR
+                 text, students distilled from its top-6 + rest, renormalised top-6 and sampled caches
+                 and one with another tokenizer: held-out perplexity and bits per character, bytes per
+                 token of each cache, offline / plain step ratio; with a GPU, the dump's tokens/s and
+                 MFU for a 1B-class Llama
 Timings are reported, never asserted. Models are random-weight BERTs built here (1-5) and the real
 pretrained MiniLM (6); `--quick` uses tiny random models and a tokenizer built here for everything.
 
@@ -38,11 +44,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import common, seq2seq
+from bench import common, lm, seq2seq
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 
-SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq")
+SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm")
+# Parts of a section that can run alone (a part not run keeps its latest saved figures).
+SECTION_PARTS = {"seq2seq": ("steps", "quality"), "lm": lm.PARTS}
 
 
 # Storage cases: each adds its rows to the storage table. A new logit mode adds an entry (the
@@ -220,8 +228,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models, every path once, about a minute on CPU (CI)")
     p.add_argument("--scale", type=int, default=1, help="bigger shapes: N x batch and rows; N >= 2 uses a 6L-768 student")
-    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu",
-                   help="gpu: bert-large teacher, distilbert-shaped student, dump tokens/s and MFU")
+    p.add_argument("--profile", choices=("cpu", "gpu", "lm"), default="cpu",
+                   help="gpu: bert-large teacher, distilbert-shaped student, dump tokens/s and MFU (lm: of a 1B-class Llama); "
+                   "lm: the causal-LM section alone on the CPU sizes (the same as --profile cpu --only lm)")
     p.add_argument("--seeds", type=int, default=None, help="quality seeds (default 3; 2 with --quick)")
     p.add_argument("--out", default=None, help="Markdown output (default BENCHMARKS.md; bench/results/BENCHMARKS-quick.md with --quick)")
     p.add_argument("--only", default="", help=f"comma-separated sections to run (default all): {','.join(SECTIONS)}; "
@@ -233,6 +242,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch threads per measuring process (default: torch's, all cores; 1 with --quick, whose processes overlap)")
     p.add_argument("--seq2seq-parts", default="steps,quality",
                    help="parts of the seq2seq section to run (steps, quality); a part not run keeps its latest saved figures")
+    p.add_argument("--lm-parts", default=",".join(lm.PARTS),
+                   help="parts of the lm section to run (quality, steps, gpu); a part not run keeps its latest saved figures")
     p.add_argument("--render", action="store_true", help="run nothing: rebuild the Markdown and the combined JSON from the saved sections")
     args = p.parse_args(argv)
 
@@ -243,6 +254,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"unknown {what} {', '.join(bad)}; choose from {', '.join(known)}")
         return out
 
+    if args.profile == "lm":  # a profile that selects the section: the CPU sizes, results with the cpu profile's
+        if any(x != "lm" for x in names(args.only, SECTIONS, "section")):
+            p.error("--profile lm runs the lm section only; for other sections use --profile cpu --only ...")
+        args.profile, args.only = "cpu", "lm"
     only = names(args.only, SECTIONS, "section") or list(SECTIONS)
     skip = set(names(args.skip, SECTIONS, "section"))
     run = {s for s in only if s not in skip}
@@ -306,7 +321,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if "seq2seq" in run:
         specs["seq2seq"] = seq2seq.spec_for(args.quick, work / "seq2seq", seeds, threads)
-        specs["seq2seq"]["parts"] = names(args.seq2seq_parts, ("steps", "quality"), "seq2seq part")
+        specs["seq2seq"]["parts"] = names(args.seq2seq_parts, SECTION_PARTS["seq2seq"], "seq2seq part")
+    if "lm" in run:
+        specs["lm"] = lm.spec_for(args.quick, work / "lm", threads)
+        specs["lm"]["parts"] = names(args.lm_parts, SECTION_PARTS["lm"], "lm part")
 
     started: dict[str, tuple[float, float]] = {}  # section -> (unix time, load average) at its start
 
@@ -315,8 +333,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def record(name: str, result: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
         when, load = started[name]
-        if name == "seq2seq":  # parts not run this time keep their latest saved figures
-            saved = section_dir(sizes) / "seq2seq.json"
+        if name in SECTION_PARTS:  # parts not run this time keep their latest saved figures
+            saved = section_dir(sizes) / f"{name}.json"
             if saved.exists():
                 for part, value in json.loads(saved.read_text())["result"].items():
                     result.setdefault(part, value)
@@ -462,6 +480,8 @@ def compute_figures(r: dict[str, Any]) -> dict[str, Any]:
         f["headroom"] = {c["name"]: c["reader_tokens_per_s"] / f["student_tokens_per_s"] for c in s["cases"]}
     if r.get("quality"):
         f["quality"] = {task: quality_figures(q) for task, q in r["quality"].items()}
+    if r.get("lm"):
+        f["lm"] = lm.figures(r["lm"])
     return f
 
 
@@ -533,6 +553,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     L += _quality_md(r, f, quick)
     if "seq2seq" in r:
         L += seq2seq.markdown(r["seq2seq"], quick)
+    if "lm" in r:
+        L += lm.markdown(r["lm"], quick)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)

@@ -13,6 +13,8 @@ SPEC["mode"] is one of
            online, per seed
   seq2seq  vocabulary-scale targets: step cost of a ~32k-vocabulary student, translation quality per
            logit mode, target fidelity and codecs (bench.seq2seq)
+  lm       causal LM: a teacher trained here, students distilled from its caches, step ratios, and the
+           dump's throughput on a GPU (bench.lm)
 """
 
 from __future__ import annotations
@@ -271,8 +273,15 @@ def run_seq2seq(spec: dict[str, Any]) -> dict[str, Any]:
     return seq2seq.run(spec)
 
 
+def run_lm(spec: dict[str, Any]) -> dict[str, Any]:
+    """Causal-LM figures (bench.lm)."""
+    from bench import lm
+
+    return lm.run(spec)
+
+
 MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many,
-         "seq2seq": run_seq2seq}
+         "seq2seq": run_seq2seq, "lm": run_lm}
 
 
 def main(argv: list[str]) -> int:

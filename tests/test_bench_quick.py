@@ -87,9 +87,36 @@ def test_bench_quick_runs_every_path(tmp_path, kdcache_home):
         assert len(s2s["quality"]["fidelity"]["points"]) == 2 * len(FIDELITY_POINTS)
         assert {c["name"] for c in s2s["quality"]["codecs"]["results"]} >= {"none", "blosc-zstd-byteshuffle"}
 
+    # lm: a teacher trained here, every student kind's held-out perplexity and bits per character, the
+    # cross-tokenizer student's aligned share, each cache's bytes, the step ratios, and the GPU part's
+    # code path (a tiny Llama on the CPU: tokens/s, no MFU without a known peak)
+    from bench.lm import CACHES as LM_CACHES
+    from bench.lm import KINDS as LM_KINDS
+    from bench.lm import STEP_KINDS
+
+    lm = figures["lm"]
+    assert set(report["lm"]) >= {"setup", "quality", "steps", "gpu"}
+    assert _number(lm["teacher"]["perplexity"]) and lm["teacher"]["perplexity"] > 1 and _number(lm["teacher"]["bits_per_char"])
+    assert set(lm["students"]) == set(LM_KINDS)
+    for kind, st in lm["students"].items():
+        assert all(_number(st[x]) for x in ("perplexity", "bits_per_char", "seconds")) and st["perplexity"] > 1, kind
+    assert 0 < lm["students"]["cross-top6"]["aligned_share"] <= 1
+    assert all(st["aligned_share"] is None for kind, st in lm["students"].items() if kind != "cross-top6")
+    assert all(st["gap_closed"] is None or _number(st["gap_closed"]) for st in lm["students"].values())
+    assert lm["students"]["plain"]["gap_closed"] is None and lm["students"]["top6"]["gap_closed"] is not None
+    assert set(lm["caches"]) == set(LM_CACHES)
+    for name, c in lm["caches"].items():
+        assert all(_number(v) and v > 0 for v in c.values()), name
+        assert c["logits_bytes_per_position"] < lm["full_float32_bytes_per_position"], name
+    assert set(lm["step_ratios"]) == set(STEP_KINDS) and all(_number(v) for v in lm["step_ratios"].values())
+    gpu = lm["gpu"]
+    assert gpu["measured"] and _number(gpu["dump_tokens_per_s"]) and _number(gpu["forward_tokens_per_s"])
+    assert gpu["dump_mfu"] is None and report["lm"]["gpu"]["device"] == "cpu"
+
     text = out.read_text()
     assert "## Summary against the design's goals" in text and "## 6. Quality" in text
     assert "## 7. Summarization / translation" in text
+    assert "## 8. Causal LM" in text and "| full float32 (computed) |" in text and "`dump_teacher` wall" in text
     for task in tasks:
         assert f"`{task}`: " in text and f"| {task}: offline student / teacher" in text, task
     assert text.count("| logits | full float32, per position") == 2
