@@ -387,20 +387,14 @@ def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) 
     return {k: v.to(device) for k, v in padded.items()}
 
 
-def _front_order(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """[B, P] index that moves each row's covered positions to its front, in order; None when they already are
-    (encoder tasks, seq2seq: the mask is a prefix). The cache stores a row's first n_positions."""
-    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return None
-    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-
-
-def _to_front(value: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
-    """value [B, P, ...] with each row's covered positions first (see _front_order)."""
-    if order is None:
-        return value
-    index = order.view(*order.shape, *([1] * (value.dim() - 2))).expand_as(value)
-    return value.gather(1, index)
+def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The covered positions' rows [N, ...] (row b's counts[b] in order, then row b+1's) as [B, P, ...] with each
+    row's first counts[b] positions real and zeros after: what the cache stores (a row's first n_positions)."""
+    B, P = counts.shape[0], int(counts.max()) if counts.numel() else 0
+    front = torch.arange(P, device=counts.device)[None, :] < counts[:, None]  # [B, P]
+    out = rows.new_zeros((B, P, *rows.shape[1:]))
+    out[front] = rows
+    return out
 
 
 def _to_host(t: torch.Tensor) -> np.ndarray:
@@ -414,12 +408,12 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
     attention_mask = batch["attention_mask"]  # [B, S]
     fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
     positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
-    order = _front_order(positions) if positions is not None else None
+    counts = positions.sum(dim=1) if positions is not None else None  # [B] covered positions per row
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
         n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
-        n_positions=positions.sum(dim=1).to(torch.int32).cpu().numpy() if positions is not None else None,
+        n_positions=counts.to(torch.int32).cpu().numpy() if counts is not None else None,
     )
     for t in spec.targets:
         if t.mode == "tokens":  # targets the teacher generated: they are in the batch, under the target's name
@@ -431,10 +425,10 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
         value = fields[t.name]
         if value.shape[-1] > t.width:  # rows of a padded embedding matrix that no token reaches
             value = value[..., : t.width]
-        if t.per == "position":
-            value = _to_front(value, order)
+        if t.per == "position":  # only the covered positions are reduced and copied (no padding, no masked prompt)
+            value = value[positions]  # [N, C], row by row in order
         if t.mode == "full":
-            out.targets[t.name] = _to_host(value)
+            out.targets[t.name] = _to_host(_rows_to_front(value, counts) if t.per == "position" else value)
             continue
         if t.mode == "topk":
             comps = reduce_topk(value, t.k, t.temperatures)
@@ -442,7 +436,7 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
-        out.targets[t.name] = {c: v.cpu().numpy().astype(dtypes[c], copy=False) for c, v in comps.items()}
+        out.targets[t.name] = {c: _rows_to_front(v, counts).cpu().numpy().astype(dtypes[c], copy=False) for c, v in comps.items()}
     h_spec = spec.hidden
     if h_spec is not None:
         hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]

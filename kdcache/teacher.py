@@ -63,16 +63,22 @@ def reduce_topk(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -
     """The k largest logits of each position and the exact mass outside them at each temperature.
 
     logits: [..., V]. Returns ``idx`` [..., k] (descending), ``logp`` [..., k] float16 log-probabilities
-    at T=1, ``logrest`` [..., n_T] float16 log of the mass outside the top-k at each temperature
-    (computed in float32 over the non-top-k entries, so no cancellation), all on logits' device."""
+    at T=1, ``logrest`` [..., n_T] float16 log of the mass outside the top-k at each temperature, all on
+    logits' device. Both sums are taken directly in float32, the tail's over the non-top-k entries, so
+    nothing cancels: lse_T(all) = logaddexp(lse_T(top-k), lse_T(rest)), one pass over the vocabulary per
+    temperature."""
     lf = logits.float()  # [..., V]
     top, idx = lf.topk(k, dim=-1)  # [..., k] descending
-    logp = top - lf.logsumexp(dim=-1, keepdim=True)  # [..., k] log-probabilities at T=1
     outside = lf.scatter(-1, idx, float("-inf"))  # [..., V], the top-k removed
-    rest = []
-    for t in temperatures:  # log of the tempered mass outside the top-k: lse(outside / t) - lse(all / t)
-        rest.append((outside.div(t).logsumexp(dim=-1) - lf.div(t).logsumexp(dim=-1)).clamp(min=-60.0))  # exp(-60): nothing left
-    logp = logp.clamp(min=-6.0e4)  # a masked (-inf) logit inside the top-k stays finite in float16 (its mass is 0 anyway)
+    rest, lse_one = [], None
+    for t in (*temperatures, *(() if 1.0 in temperatures else (1.0,))):
+        lse_rest = (outside / t).logsumexp(dim=-1)  # [...] the tail, at t
+        lse_all = torch.logaddexp(lse_rest, (top / t).logsumexp(dim=-1))  # [...] the whole vocabulary, at t
+        if t == 1.0:
+            lse_one = lse_all
+        if len(rest) < len(temperatures):
+            rest.append((lse_rest - lse_all).clamp(min=-60.0))  # exp(-60): nothing left
+    logp = (top - lse_one.unsqueeze(-1)).clamp(min=-6.0e4)  # [..., k] at T=1; a masked (-inf) logit stays finite in float16
     return {"idx": idx, "logp": logp.to(torch.float16), "logrest": torch.stack(rest, dim=-1).to(torch.float16)}
 
 

@@ -74,10 +74,13 @@ def _manifest(cache: Path) -> dict:
     return json.loads((cache / "manifest.json").read_text())
 
 
-def _report(out: Path) -> dict:
+def _report(out: Path, sampled: bool = False) -> dict:
+    """The run's report, after checking that it logged a finite KD term: non-negative (a KL), except that a sampled
+    target's is an importance-sampling estimate, unbiased but not sign-definite, so near 0 it may dip below."""
     report = json.loads((out / "kdcache_report.json").read_text())
     logs = [h for h in report["log_history"] if "loss_kd" in h]
-    assert len(logs) >= 3 and all(math.isfinite(h["loss_kd"]) and h["loss_kd"] >= 0 for h in logs), logs
+    floor = -0.05 if sampled else 0.0
+    assert len(logs) >= 3 and all(math.isfinite(h["loss_kd"]) and h["loss_kd"] >= floor for h in logs), logs
     return report
 
 
@@ -124,7 +127,7 @@ def test_sampled_and_full_caches_train_a_student(run, mode):
     assert (logits["mode"], logits["width"]) == (mode, 1200) and ("k" in logits) == (mode == "sampled")
     assert mode in invoke_cli(["inspect", cache], run["home"]).stdout
     invoke_cli(["train-student", "--config", run["pipelines"][mode]], run["home"])
-    report = _report(run["root"] / f"student_{mode}")
+    report = _report(run["root"] / f"student_{mode}", sampled=mode == "sampled")
     assert ROUGE <= set(report["eval"]) and report["cache_dir"] == str(cache)
 
 
@@ -183,7 +186,7 @@ def test_bart_and_marian_pairs(tmp_path, shape):
     assert manifest["teacher"]["model_type"] == shape and manifest["store"]["targets"][0]["k"] == 4
     shutil.rmtree(teacher)
     invoke_cli(["train-student", "--config", pipeline], home)
-    report = _report(tmp_path / "out")
+    report = _report(tmp_path / "out", sampled=shape == "bart")
     if shape == "bart":
         assert ROUGE <= set(report["eval"])
     else:
