@@ -13,9 +13,13 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_lm_tokenizer(out: Path, vocab_size: int = 800, chat: bool = True) -> Path:
+PLAIN_CHAT = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}### assistant: {% endif %}")
+
+
+def build_lm_tokenizer(out: Path, vocab_size: int = 800, chat: bool = True, template: str = CHATML) -> Path:
     """A GPT-2-style byte-level BPE (no special tokens added to a text; <|endoftext|> ends one), with
-    ChatML's <|im_start|>/<|im_end|> and chat template when ``chat``."""
+    ChatML's <|im_start|>/<|im_end|> and a chat template (ChatML's by default) when ``chat``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,7 +34,7 @@ def build_lm_tokenizer(out: Path, vocab_size: int = 800, chat: bool = True) -> P
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", additional_special_tokens=specials[1:] if chat else [])
     if chat:
-        fast.chat_template = CHATML
+        fast.chat_template = template
     fast.save_pretrained(out)
     # The fixture must tokenize meaningfully: text round-trips, and words are more than single bytes.
     sample = read_jsonl(TLDR_TRAIN, 5)[0]["summary"]

@@ -126,8 +126,15 @@ def test_the_cache_holds_the_teacher_at_the_loss_positions_only(lm, tmp_path):
         stored = rows.targets["logits"][i]  # [n_positions, V]
         assert stored.shape == (len(wanted), 800)
         np.testing.assert_allclose(stored, logits[wanted].numpy(), atol=1e-4)
+        # offsets count the contents' characters (each message's content, then one separator), not the template's
+        answer, user = chat["messages"][1]["content"], chat["messages"][0]["content"]
+
+        def content_offset(x: int, user=user, answer=answer, answer_at=answer_at) -> int:
+            return len(user) + 1 + (x - answer_at if x <= answer_at + len(answer) else len(answer) + 1)
+
         offsets = rows.targets["offsets"][i]
-        assert offsets.tolist() == [[enc["offset_mapping"][t][1], enc["offset_mapping"][t + 1][1]] for t in wanted]
+        assert offsets.tolist() == [[content_offset(enc["offset_mapping"][t][1]), content_offset(enc["offset_mapping"][t + 1][1])]
+                                    for t in wanted]
 
 
 @pytest.mark.parametrize("mode,loss", [("sampled", "rest"), ("full", "rest"), ("topk", "renormalized")])
@@ -333,3 +340,43 @@ def test_inspect_verify_checks_the_teachers_responses(lm, tmp_path):
     assert proc.returncode != 0 and "generated.arrow: its checksum does not match generated.json" in proc.stderr
     with pytest.raises(Exception, match="checksum does not match"):
         train_student(config, _dataset(lm["chats"][:4]), save=False)
+
+
+def test_cross_tokenizer_chat_aligns_across_chat_templates(lm, tmp_path):
+    """Offsets of chat data index the messages' contents, not the rendered text: a student whose tokenizer renders
+    conversations with another template (and has another vocabulary) aligns on the assistant turns."""
+    from causal_models import PLAIN_CHAT
+    from transformers import AutoTokenizer
+
+    from kdcache.tasks import get_task
+    from kdcache.tasks.base import LabelInfo
+
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
+    other = build_lm_tokenizer(tmp_path / "tok_other", 500, template=PLAIN_CHAT)
+    student = make_causal(tmp_path / "student", other, "gpt2", layers=1, width=32, seed=1)
+    chats = lm["chats"][:8]
+    config = _config(lm, tmp_path, teacher, student, messages_column="messages", max_length=240, cross_tokenizer=True)
+    task = get_task("causal_lm")
+    both = [task.tokenize(_dataset(chats), AutoTokenizer.from_pretrained(m), config, LabelInfo(0), "train") for m in (teacher, student)]
+    answer = chats[0]["messages"][1]["content"]
+    canon_start = len(chats[0]["messages"][0]["content"]) + 1  # the answer's first character among the contents
+    for feats in both:  # each side's last stored position predicts the end of the answer's turn, in content characters
+        ends = [o[1] for o in feats[0]["offsets"]]
+        assert ends[0] > canon_start and max(ends) == canon_start + len(answer) + 1
+    dump_teacher(config, _dataset(chats), progress=False)
+    import kdcache.train as train_module
+
+    seen = {}
+    real = train_module.CrossTokenizer.from_cache
+
+    def spy(reader, tokenizer):
+        seen["aligner"] = real(reader, tokenizer)
+        return seen["aligner"]
+
+    train_module.CrossTokenizer.from_cache = staticmethod(spy)
+    try:
+        result = train_student(config, _dataset(chats), save=False)
+    finally:
+        train_module.CrossTokenizer.from_cache = staticmethod(real)
+    assert seen["aligner"].share > 0.5, seen["aligner"].share
+    assert all(np.isfinite(h["loss_kd"]) for h in result.log_history if "loss_kd" in h)

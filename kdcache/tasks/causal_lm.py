@@ -305,7 +305,31 @@ class _ChatEncoder:
         carries = [i > 0 and any(a <= s < b for a, b in regions) for i, (s, _) in enumerate(spans)]
         if split == "train" and not any(carries):
             raise _nothing_to_learn(example_id, "its assistant turns render to no token")
-        return ids, carries, spans
+        to_contents = _content_offsets(text, messages)
+        return ids, carries, [(s, to_contents(e)) for s, e in spans]
+
+
+def _content_offsets(text: str, messages: list[dict]):
+    """Map an end offset in the rendered conversation to one in its contents alone (each message's content then one
+    separator), so that two chat templates place the same conversation's characters alike: a student rendering it
+    with another template aligns on these offsets. An offset in the template's own text maps to the start of the
+    next content; a content the template altered (not found verbatim) maps as template text."""
+    starts, canon, pos, total = [], [], 0, 0
+    for m in messages:
+        found = text.find(m["content"], pos)
+        if found >= 0:
+            starts.append((found, found + len(m["content"])))
+            canon.append(total)
+            pos = found + len(m["content"])
+        total += len(m["content"]) + 1
+    starts_at = np.asarray([a for a, _ in starts])
+
+    def convert(x: int) -> int:
+        i = int(np.searchsorted(starts_at, x, side="right")) - 1  # the last content starting at or before x
+        if i >= 0 and x <= starts[i][1]:
+            return canon[i] + x - starts[i][0]
+        return canon[i + 1] if i + 1 < len(canon) else total
+    return convert
 
 
 def _prompt_turns(messages: list[dict]) -> list[dict]:
