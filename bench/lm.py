@@ -356,8 +356,8 @@ def _bare_forward(config, device: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from bench.run_mode import _dump_plan
-    from kdcache.dump import _collate, autocast_for, load_teacher
+    from bench.run_mode import _dump_plan, bare_forward, time_batches
+    from kdcache.dump import autocast_for, load_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(config.teacher_model_name)
     tokenizer.padding_side = "right"
@@ -366,19 +366,9 @@ def _bare_forward(config, device: str) -> dict[str, Any]:
     amp, _ = autocast_for(dev)
     model = load_teacher(task, config.teacher_model_name, config.teacher_model_name).to(dev).eval()
 
-    def one(rows):
-        with torch.inference_mode(), amp:
-            model(**task.model_inputs(_collate(task, features, rows, tokenizer, dev), with_labels=False))
-
-    one(batches[0])
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for rows in batches:
-        one(rows)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t
+    forward = bare_forward(model, task, features, tokenizer, dev, amp)
+    forward(batches[0])  # warm-up, excluded
+    seconds = time_batches(forward, batches, dev)
     return {"seconds": seconds, "tokens": int(lengths.sum()), "mean_context": float(lengths.mean()), "batches": len(batches)}
 
 

@@ -98,11 +98,41 @@ def _dump_plan(config, tokenizer, model_config, shard_examples):
     return task, raw, features, lengths, store, bs, batches
 
 
-def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
+def bare_forward(model, task, features, tokenizer, dev, amp, want_hidden: bool = False):
+    """The teacher's forward pass over one batch of feature rows as the dump runs it (the model's own inputs,
+    padded the dump's way), its targets copied to the host as the dump's are: the dump's ceiling."""
     import torch
+
+    from kdcache.dump import _collate
+
+    def forward(rows) -> None:
+        with torch.inference_mode(), amp:
+            batch = _collate(task, features, rows, tokenizer, dev)
+            out = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=want_hidden)
+            for value in task.output_targets(out).values():
+                value.float().cpu()
+
+    return forward
+
+
+def time_batches(forward, batches, dev) -> float:
+    """Seconds ``forward`` takes over ``batches`` (a GPU synchronised at both ends)."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for rows in batches:
+        forward(rows)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from kdcache.dump import _collate, autocast_for, dump_teacher, pick_device
+    from kdcache.dump import autocast_for, dump_teacher, pick_device
 
     config = _config(spec["config"])
     teacher_path = config.teacher_model_name
@@ -117,21 +147,10 @@ def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
     model = task.model_class.from_pretrained(teacher_path).to(dev).eval()
     t_load = time.perf_counter() - t_load
 
-    def forward(rows):
-        with torch.inference_mode(), amp:
-            out = model(**_collate(task, features, rows, tokenizer, dev), output_hidden_states=want_hidden)
-            for value in task.output_targets(out).values():
-                value.float().cpu()  # the targets reach the host, as the dump's do
+    forward = bare_forward(model, task, features, tokenizer, dev, amp, want_hidden)
 
     def forward_all() -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for rows in batches:
-            forward(rows)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return time_batches(forward, batches, dev)
 
     forward(batches[0])  # warm-up (kernel selection, allocator), excluded
     # forward, dump, forward: the bare forward is the mean of the passes either side of the dump, so
