@@ -267,9 +267,9 @@ def dump_teacher(
         loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
         features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
         model = loading.result()
-    responses = None
+    responses, published = None, False
     if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
-        responses, features = _responses(task, model, tokenizer, raw, labels, config, path, fp, state, dev, rank, world)
+        responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp, state, dev, rank, world)
     lengths = np.asarray(features["length"])  # [F] tokens per feature
     example_ids = np.asarray(features[kdata.EXAMPLE_ID])  # [F]
     num_features = len(features)
@@ -286,7 +286,7 @@ def dump_teacher(
                 "shard_examples": plan_shards(float(lengths.mean()), spec, shard_examples),
             })
         ShardWriter(path, spec).done_shards()  # deletes temp files and invalid shards
-        if responses is not None and read_generated(path, fp) is None:
+        if responses is not None and not published:
             write_generated(path, responses, fp)
     barrier(world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
@@ -366,8 +366,10 @@ def dump_teacher(
 def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, rank: int,
                world: int):
     """The teacher's responses (published ones when resuming, else generated now, by rank 0, in memory: nothing is
-    written before the features of the rewritten rows are known to be valid), and those features."""
+    written before the features of the rewritten rows are known to be valid), whether they were already published,
+    and the features of the rewritten rows."""
     responses = read_generated(path, fp) if state == "resume" and rank == 0 else None
+    published = responses is not None
     if responses is None and rank == 0:
         log.info("sequence_kd: generating the teacher's responses to %d prompts", len(raw))
         responses = task.generate_responses(model, tokenizer, raw, config, dev, batch_size=config.teacher_batch_size or 2 * config.batch_size)
@@ -376,7 +378,7 @@ def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path
         torch.distributed.broadcast_object_list(box, src=0)
         responses = box[0]
     features = kdata.make_features(task, task.with_responses(raw, responses, config), tokenizer, config, labels, "train")
-    return responses, features
+    return responses, published, features
 
 
 def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:

@@ -76,7 +76,7 @@ def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_e
     reader = CacheReader(path)
     reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
                   features=task.feature_params(config))
-    cross = config.cross_tokenizer and reader.manifest.get("tokenizer_hash") != tokenizer_hash(student_tokenizer)
+    cross = crosses_tokenizers(config, reader, student_tokenizer)
     for target in fetched_targets(task, labels, config, student_tokenizer, cross):
         _expect_target(reader, path, target, config, cross)
     layers = None
@@ -97,6 +97,11 @@ def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_e
         _expect_same_tokenizer(reader, student_tokenizer, config)
     _expect_same_features(reader, features, token_level)
     return reader, layers
+
+
+def crosses_tokenizers(config: FineTuneConfig, reader: CacheReader, student_tokenizer) -> bool:
+    """cross_tokenizer is on and the student's tokenizer is not the one the cache was dumped with."""
+    return config.cross_tokenizer and reader.manifest.get("tokenizer_hash") != tokenizer_hash(student_tokenizer)
 
 
 def fetched_targets(task, labels, config: FineTuneConfig, student_tokenizer, cross: bool) -> list:
@@ -308,7 +313,7 @@ def train_student(
         if layers is not None:
             stored = list(reader.spec.hidden.layers)
             positions = [stored.index(l) for l in layers]
-        cross = config.cross_tokenizer and reader.manifest.get("tokenizer_hash") != tokenizer_hash(tokenizer)
+        cross = crosses_tokenizers(config, reader, tokenizer)
         targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, tokenizer, cross)]
         fetcher = TargetFetcher(reader, targets, positions)
         if cross:

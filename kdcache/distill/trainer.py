@@ -167,8 +167,10 @@ class DistillationTrainer(Trainer):
         T = self.temperature
         if self.vocab_map is not None:  # another tokenizer's top-k: mapped into the student's vocabulary at T
             comps = dict(comps)
-            vmap = self.vocab_map.to(s.device)
-            idx, p, rest, valid = fold_topk(comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(T)], vmap, T)
+            if self.vocab_map.device != s.device:  # moved once, not copied every step
+                self.vocab_map = self.vocab_map.to(s.device)
+            idx, p, rest, valid = fold_topk(comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(T)],
+                                            self.vocab_map, T)
             loss = mapped_topk_kl(s, idx, p, rest, valid, T, mask)
             comps["idx"] = idx.gather(-1, p.argmax(-1, keepdim=True))  # [B, P, 1]: the teacher's most likely mapped token
         elif spec.mode == "topk" and self.topk_loss == "renormalized":  # needs no stored normaliser

@@ -146,7 +146,9 @@ class CausalLM(VocabularyHead):
     def generate_responses(self, model, tokenizer, dataset, config: FineTuneConfig, device, batch_size: int = 16) -> list[str]:
         """Greedy or beam responses (num_beams, max_new_tokens, length_penalty) to each example's prompt, cut at
         the first special token the model writes (an end of turn or of text)."""
-        prompts = [self._prompt(row, i, tokenizer, config) for i, row in enumerate(dataset)]
+        chat = _ChatEncoder(tokenizer, config) if config.messages_column else None
+        prompts = [chat.render(_prompt_turns(_messages(row[config.messages_column], i, config)), generation_prompt=True) if chat
+                   else str(row[config.prompt_column] or "") for i, row in enumerate(dataset)]
         special = set(tokenizer.all_special_ids)
         stops = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # a decoder continues from the right end
@@ -180,12 +182,6 @@ class CausalLM(VocabularyHead):
             def replace(row, i):
                 return {column: responses[i]}
         return dataset.map(replace, with_indices=True, desc="teacher responses")
-
-    def _prompt(self, row: dict[str, Any], index: int, tokenizer, config: FineTuneConfig) -> str:
-        if config.messages_column:
-            return _ChatEncoder(tokenizer, config).render(_prompt_turns(_messages(row[config.messages_column], index, config)),
-                                                          generation_prompt=True)
-        return str(row[config.prompt_column] or "")
 
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
