@@ -338,8 +338,30 @@ def test_inspect_verify_checks_the_teachers_responses(lm, tmp_path):
     (dump.cache_dir / "generated.arrow").write_bytes(bytes(data))
     proc = invoke_cli(["inspect", "--verify", dump.cache_dir], tmp_path / "home", check=False)
     assert proc.returncode != 0 and "generated.arrow: its checksum does not match generated.json" in proc.stderr
-    with pytest.raises(Exception, match="checksum does not match"):
+    with pytest.raises(Exception, match="checksum does not match.*re-run dump-teacher with --force"):
         train_student(config, _dataset(lm["chats"][:4]), save=False)
+    # the advice, followed
+    dump_teacher(config, _dataset(lm["chats"][:4]), force=True, progress=False)
+    assert invoke_cli(["inspect", "--verify", dump.cache_dir], tmp_path / "home").returncode == 0
+    train_student(config, _dataset(lm["chats"][:4]), save=False)
+
+
+def test_cross_tokenizer_refusals_whose_advice_works(lm, tmp_path):
+    """A sampled cache, then per-token hidden states: each refusal names the fix, and the fix trains."""
+    teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=2, width=32)
+    other = build_lm_tokenizer(tmp_path / "tok500", 500)
+    student = make_causal(tmp_path / "student", other, "gpt2", layers=1, width=32, seed=1)
+    texts = _dataset(lm["texts"][:8])
+    config = _config(lm, tmp_path, teacher, student, cross_tokenizer=True, logits_mode="sampled", teacher_layers_to_distill=[2])
+    dump_teacher(config, texts, progress=False)
+    with pytest.raises(CacheMismatchError, match=r"in mode 'sampled'.*re-run dump-teacher with logits_mode: topk"):
+        train_student(config, texts, save=False)
+    config = config.replace(logits_mode="topk")
+    dump_teacher(config, texts, force=True, progress=False)
+    with pytest.raises(CacheMismatchError, match=r"per-token hidden states.*turn distill_hidden_states off \(--distill-hidden-states false\)"):
+        train_student(config, texts, save=False)
+    result = train_student(config.replace(distill_hidden_states=False), texts, save=False)
+    assert any(h.get("loss_kd", 0) > 0 for h in result.log_history)
 
 
 def test_cross_tokenizer_chat_aligns_across_chat_templates(lm, tmp_path):
