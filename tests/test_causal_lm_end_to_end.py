@@ -362,6 +362,16 @@ def test_cross_tokenizer_refusals_whose_advice_works(lm, tmp_path):
         train_student(config, texts, save=False)
     result = train_student(config.replace(distill_hidden_states=False), texts, save=False)
     assert any(h.get("loss_kd", 0) > 0 for h in result.log_history)
+    # a cache without the teacher vocabulary's strings (as one from before they were stored)
+    manifest_path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["tokenizer"]["continuations"]
+    manifest_path.write_text(json.dumps(manifest))
+    config = config.replace(distill_hidden_states=False)
+    with pytest.raises(CacheMismatchError, match=r"stores no teacher vocabulary.*re-run dump-teacher .*add --force"):
+        train_student(config, texts, save=False)
+    dump_teacher(config, texts, force=True, progress=False)
+    train_student(config, texts, save=False)
 
 
 def test_cross_tokenizer_chat_aligns_across_chat_templates(lm, tmp_path):
