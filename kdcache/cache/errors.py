@@ -13,6 +13,14 @@ class NonFiniteError(CacheError, ValueError):
     """A teacher output to be stored holds NaN or inf: it must never reach a student."""
 
 
+class CacheWriteError(CacheError):
+    """The cache cannot be written (a full disk, no permission, an I/O error); nothing half-written is left."""
+
+
+class CacheLockedError(CacheError):
+    """Another dump holds the cache directory's lock."""
+
+
 class CacheMismatchError(CacheError):
     """A cache field differs from what this run expects (other data, tokenizer, layers, version)."""
 

@@ -38,6 +38,8 @@ of long sequences can exceed 2**31 values):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,11 @@ MANIFEST_NAME = "manifest.json"
 GENERATED_NAME = "generated.arrow"  # sequence-level KD of a causal LM: the teacher's responses, one per example
 GENERATED_META_NAME = "generated.json"  # written after it (sha256, rows, fingerprint): publishes it
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".kdcache.lock"  # held (fcntl) by the dump writing the directory; readers never take it
+MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum: sha256 of its other keys (see manifest_digest)
+# The dump's algorithm (reductions, rounding, row order): in the fingerprint, so that a change to how
+# teacher outputs are computed never mixes with shards made the old way. Bump it with such a change.
+ALGORITHM_VERSION = 1
 
 HIDDEN_DTYPES = ("float16", "int8")
 POOLINGS = ("none", "cls", "mean")
@@ -71,6 +78,14 @@ COL_SCALE = "hidden_scale"
 COL_OUT_IDX = "hidden_outlier_idx"
 COL_OUT_VAL = "hidden_outlier_val"
 INDEX_COLUMNS = (COL_FEATURE, COL_EXAMPLE, COL_NTOK, COL_NPOS)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON (sorted keys, no whitespace) without its own ``manifest_sha256`` key:
+    what the writer stores under that key, so that an edited or damaged manifest is detected."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def shard_name(index: int) -> str:

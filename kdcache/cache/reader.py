@@ -11,6 +11,8 @@ prefetch thread.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +25,12 @@ from .errors import CacheError, CacheMismatchError, short_repr
 from .fingerprint import canonical_json, sha256_file
 from .format import StoreSpec, TargetSpec
 from .quant import dequantize_int8, float16_to_float32
+
+# What every "this cache is damaged" error advises: dump-teacher repairs a cache whose inputs match (it
+# re-verifies every shard, redoes the bad or missing ones and rewrites the manifest).
+REPAIR_ADVICE = ("re-run `kdcache dump-teacher` with the same config and --cache-dir to repair it (it redoes only the damaged "
+           "shards)")
+_REPAIR = REPAIR_ADVICE
 
 
 @dataclass
@@ -57,19 +65,40 @@ def _column_views(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
 class CacheReader:
     """An opened, validated cache: teacher outputs by feature id."""
 
-    def __init__(self, path: str | Path, verify: bool = False):
+    def __init__(self, path: str | Path, verify: bool = False, checksums: bool = True):
+        """Open and check the cache at ``path``; every check failure is a CacheError naming what is wrong.
+
+        Every shard's sha256 is checked against the manifest before any of its rows is used (one
+        sequential read per shard at open, several shards at once; reads after it are unchanged), so a
+        flipped bit never reaches a student. ``verify=True`` (``kdcache inspect --verify``) also checks the
+        manifest's own checksum, that the shards tile feature ids 0..num_features-1 and that every total
+        agrees. ``checksums=False`` skips the sha256 (for measuring what it costs; nothing else uses it).
+        """
         self.path = Path(path)
         self.manifest = _load_manifest(self.path)
+        self.verified: list[str] = []  # what was checked, in words (``kdcache inspect --verify`` prints it)
+        if verify:
+            self._check_manifest_digest()
         try:
             self.spec = StoreSpec.from_dict(self.manifest["store"])
-        except (KeyError, ValueError) as e:
-            raise CacheError(f"{self.path}: manifest has no valid 'store' section ({e})") from e
-        self._schema = self.spec.arrow_schema()
+            self._schema = self.spec.arrow_schema()
+        except Exception as e:  # noqa: BLE001 - any malformed spec is the manifest's fault
+            raise CacheError(f"{self.path}: manifest has no valid 'store' section ({e}): {_REPAIR}") from None
         self._maps: list[pa.MemoryMappedFile] = []
         self._batches: list[_Batch] = []
+        try:
+            self._open(verify, checksums)
+        except BaseException:
+            self.close()  # release the maps of the shards opened before the one that failed
+            raise
+
+    def _open(self, verify: bool, checksums: bool) -> None:
+        entries = self._shard_entries()
+        if checksums:
+            self._check_checksums(entries)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("fid", "eid", "ntok", "npos", "batch", "row")}
-        for meta in self.manifest.get("shards", []):
-            for b, batch in enumerate(self._open_shard(meta, verify), start=len(self._batches)):
+        for meta in entries:
+            for b, batch in enumerate(self._open_shard(meta), start=len(self._batches)):
                 self._batches.append(batch)
                 fid = batch.cols[fmt.COL_FEATURE][0]
                 parts["fid"].append(fid)
@@ -90,59 +119,158 @@ class CacheReader:
         self._where_row = cat["row"][order]  # int32 [F]
         dup = self._ids[1:][self._ids[1:] == self._ids[:-1]]
         if dup.size:
-            raise CacheError(f"{self.path}: feature id {int(dup[0])} is stored twice: the cache is corrupt, delete it and re-run dump-teacher")
+            raise CacheError(f"{self.path}: feature id {int(dup[0])} is stored twice: the cache is corrupt; {_REPAIR}")
         F = len(self._ids)
+        if verify:  # first: its messages say where the ids or totals go wrong
+            self._check_tiling_and_totals(entries)
         for key in ("rows", "num_features"):
             if key in self.manifest and self.manifest[key] != F:
-                raise CacheError(f"{self.path}: manifest says {key} {self.manifest[key]} but the shards hold {F} rows")
+                raise CacheError(f"{self.path}: manifest says {key} {short_repr(self.manifest[key])} but the shards hold {F} rows: "
+                                 f"{_REPAIR}")
         self._dense = F == 0 or (int(self._ids[0]) == 0 and int(self._ids[-1]) == F - 1)  # ids are exactly 0..F-1
+        if checksums:
+            self.verified.insert(0, f"the sha256 of each of the {len(entries)} shards")
         if verify and "generated" in self.manifest:  # the teacher's responses (sequence-level KD of a causal LM)
             from .generated import read_generated
 
             if read_generated(self.path, self.manifest.get("fingerprint")) is None:
                 raise CacheError(f"{self.path}: the manifest lists the teacher's responses but {fmt.GENERATED_META_NAME} is missing "
                                  "or belongs to another dump: re-run dump-teacher with --force")
+            self.verified.append("the teacher's stored responses (sha256)")
 
     # -- opening --------------------------------------------------------------------------------
 
-    def _open_shard(self, meta: dict, verify: bool) -> list[_Batch]:
-        """Check one shard against its manifest entry and map its record batches."""
+    def _check_manifest_digest(self) -> None:
+        """The manifest's own checksum (written by the writer) must match its content: no hand edits."""
+        stored = self.manifest.get(fmt.MANIFEST_DIGEST)
+        if stored is None:
+            raise CacheError(f"{self.path / fmt.MANIFEST_NAME} has no {fmt.MANIFEST_DIGEST} (written by an older kdcache, or edited): "
+                             f"{_REPAIR}")
+        if stored != fmt.manifest_digest(self.manifest):
+            raise CacheError(f"{self.path / fmt.MANIFEST_NAME} was edited or damaged (its {fmt.MANIFEST_DIGEST} does not match its "
+                             f"content): {_REPAIR}")
+        self.verified.append(f"the manifest's own checksum ({fmt.MANIFEST_DIGEST})")
+
+    def _shard_entries(self) -> list[dict]:
+        """The manifest's shard entries, each checked for well-formed fields (an int index, its own file name,
+        an int size, a sha256 string, an id_range [lo, hi) and a row count)."""
+        shards = self.manifest.get("shards", [])
+        if not isinstance(shards, list):
+            raise CacheError(f"{self.path}: manifest 'shards' is not a list: {_REPAIR}")
+        entries = []
+        for meta in shards:
+            ok = isinstance(meta, dict) and _is_count(meta.get("index")) and _is_count(meta.get("bytes"))
+            ok = ok and meta.get("file") == fmt.shard_name(meta["index"]) and isinstance(meta.get("sha256"), str)
+            rng = meta.get("id_range") if ok else None
+            ok = ok and isinstance(rng, list) and len(rng) == 2 and all(_is_count(x) for x in rng) and rng[0] <= rng[1]
+            ok = ok and ("rows" not in meta or _is_count(meta["rows"]))
+            if not ok:
+                raise CacheError(f"{self.path}: malformed shard entry in manifest: {short_repr(meta)}: {_REPAIR}")
+            entries.append(meta)
+        return entries
+
+    def _check_checksums(self, entries: list[dict]) -> None:
+        """Every shard exists, has its recorded size and sha256 (hashed a few shards at a time: hashlib
+        releases the GIL, so this runs at disk or memory speed rather than one core's)."""
+        for meta in entries:
+            p = self.path / meta["file"]
+            self._check_size(meta, p)
+        if not entries:
+            return
+        workers = min(len(entries), 4, os.cpu_count() or 1)
+        paths = [self.path / meta["file"] for meta in entries]
         try:
-            index, name, size = meta["index"], meta["file"], meta["bytes"]
-        except (KeyError, TypeError) as e:
-            raise CacheError(f"{self.path}: malformed shard entry in manifest: {short_repr(meta)}") from e
-        p = self.path / name
+            if workers == 1:
+                digests = [sha256_file(p) for p in paths]
+            else:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdcache-verify") as pool:
+                    digests = list(pool.map(sha256_file, paths))
+        except OSError as e:
+            raise CacheError(f"{self.path}: a shard cannot be read ({e}): {_REPAIR}") from None
+        for meta, p, digest in zip(entries, paths, digests):
+            if digest != meta["sha256"]:
+                raise CacheError(f"shard {meta['index']} ({p}) is corrupt (its sha256 does not match the manifest): {_REPAIR}")
+
+    def _check_size(self, meta: dict, p: Path) -> None:
+        index = meta["index"]
         if not p.is_file():
-            raise CacheError(f"shard {index} ({p}) is missing: delete the cache's manifest.json and re-run dump-teacher to rewrite it")
-        if p.stat().st_size != size:
-            raise CacheError(
-                f"shard {index} ({p}) is {p.stat().st_size} bytes but the manifest says {size}: it is "
-                f"truncated or was replaced; delete the cache's manifest.json and re-run dump-teacher"
-            )
-        if verify and sha256_file(p) != meta.get("sha256"):
-            raise CacheError(f"shard {index} is corrupt (checksum mismatch): delete it and re-run dump-teacher to rewrite it")
+            raise CacheError(f"shard {index} ({p}) is missing: {_REPAIR}")
+        if p.stat().st_size != meta["bytes"]:
+            raise CacheError(f"shard {index} ({p}) is {p.stat().st_size} bytes but the manifest says {meta['bytes']}: it is "
+                             f"truncated or was replaced; {_REPAIR}")
+
+    def _open_shard(self, meta: dict) -> list[_Batch]:
+        """Check one shard against its manifest entry and map its record batches; any damage the
+        checksum did not catch (an entry rewritten to match a damaged file) is a CacheError naming it."""
+        index = meta["index"]
+        p = self.path / meta["file"]
+        self._check_size(meta, p)
         try:
             mm = pa.memory_map(str(p), "r")
-            f = pa.ipc.open_file(mm)
         except (pa.ArrowException, OSError) as e:
-            raise CacheError(f"shard {index} ({p}) is not a readable Arrow file ({e}): delete it and re-run dump-teacher") from e
-        if not f.schema.equals(self._schema):
-            raise CacheError(f"shard {index} ({p}) has columns {f.schema.names} that do not match the manifest's store spec")
+            raise CacheError(f"shard {index} ({p}) cannot be opened ({e}): {_REPAIR}") from None
         self._maps.append(mm)
+        try:
+            return self._map_batches(meta, index, p, mm)
+        except CacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Arrow's errors on damaged bytes are of many types; all mean "corrupt"
+            raise CacheError(f"shard {index} ({p}) is not a readable Arrow file of this cache ({type(e).__name__}: "
+                             f"{short_repr(str(e), 120)}): {_REPAIR}") from None
+
+    def _map_batches(self, meta: dict, index: int, p: Path, mm: pa.MemoryMappedFile) -> list[_Batch]:
+        f = pa.ipc.open_file(mm)
+        if not f.schema.equals(self._schema):
+            raise CacheError(f"shard {index} ({p}) has columns {f.schema.names} that do not match the manifest's store spec: {_REPAIR}")
         batches, rows = [], 0
-        lo, hi = meta.get("id_range", (None, None))
+        lo, hi = meta["id_range"]
         for i in range(f.num_record_batches):
             rb = f.get_batch(i)
+            rb.validate(full=True)  # offsets in bounds and ordered: a forged entry cannot make numpy read outside the map
+            if not rb.schema.equals(self._schema):
+                raise CacheError(f"shard {index} ({p}): record batch {i} has other columns than the store spec: {_REPAIR}")
             cols = {name: _column_views(rb.column(name)) for name in rb.schema.names}
             ids = cols[fmt.COL_FEATURE][0]
-            if lo is not None and ids.size and (ids.min() < lo or ids.max() >= hi):
-                raise CacheError(f"shard {index} holds feature ids outside its id_range [{lo}, {hi})")
+            if ids.size and (ids.min() < lo or ids.max() >= hi):
+                raise CacheError(f"shard {index} holds feature ids outside its id_range [{lo}, {hi}): {_REPAIR}")
             self._check_row_lengths(index, cols)
             rows += rb.num_rows
             batches.append(_Batch(cols))
         if "rows" in meta and rows != meta["rows"]:
-            raise CacheError(f"shard {index} holds {rows} rows but the manifest says {meta['rows']}")
+            raise CacheError(f"shard {index} holds {rows} rows but the manifest says {meta['rows']}: {_REPAIR}")
         return batches
+
+    def _check_tiling_and_totals(self, entries: list[dict]) -> None:
+        """verify: the shards' id ranges tile [0, num_features), each holds hi - lo rows, every stored id is
+        in range (no duplicates: checked above), example ids lie in [0, num_examples), and the manifest's row,
+        token and byte totals equal the shards' sums."""
+        m, F = self.manifest, len(self._ids)
+        for key in ("num_features", "rows", "tokens", "bytes"):
+            if not _is_count(m.get(key)):
+                raise CacheError(f"{self.path}: manifest has no valid {key!r}: {_REPAIR}")
+        pos = 0
+        for s in sorted(entries, key=lambda e: e["id_range"][0]):
+            lo, hi = s["id_range"]
+            if lo != pos:
+                what = "overlap" if lo < pos else "gap"
+                raise CacheError(f"{self.path}: the shards do not tile feature ids 0..{m['num_features'] - 1}: {what} at feature id "
+                                 f"{min(lo, pos)} (shard {s['index']} starts at {lo}): {_REPAIR}")
+            if s.get("rows") != hi - lo:
+                raise CacheError(f"{self.path}: shard {s['index']} holds {s.get('rows')} rows for feature ids [{lo}, {hi}): {_REPAIR}")
+            pos = hi
+        if pos != m["num_features"] or F != m["num_features"]:
+            raise CacheError(f"{self.path}: the shards cover feature ids 0..{pos - 1} ({F} rows) but the manifest says "
+                             f"num_features {m['num_features']}: {_REPAIR}")
+        sums = {"tokens": int(self._ntok.sum(dtype=np.int64)), "bytes": sum(s["bytes"] for s in entries)}
+        for key, total in sums.items():
+            if m[key] != total:
+                raise CacheError(f"{self.path}: manifest says {key} {m[key]} but the shards hold {total}: {_REPAIR}")
+        n_ex = m.get("num_examples")
+        if _is_count(n_ex) and F and (int(self._eids.min()) < 0 or int(self._eids.max()) >= n_ex):
+            raise CacheError(f"{self.path}: example ids outside 0..{n_ex - 1} (num_examples {n_ex}) are stored: {_REPAIR}")
+        self.verified.append(f"the {len(entries)} shards tile feature ids 0..{F - 1} exactly, once each")
+        self.verified.append(f"row, token and byte totals ({F:,} rows, {m['tokens']:,} tokens, {m['bytes']:,} bytes) agree with "
+                             "the manifest")
 
     def _check_row_lengths(self, index: int, cols: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Every list column's row lengths must follow from n_tokens / n_positions (one vectorised check per column)."""
@@ -164,7 +292,7 @@ class CacheReader:
             if offsets.size and (not np.array_equal(np.diff(offsets), lengths) or offsets[-1] > values.size or offsets[0] < 0):
                 raise CacheError(
                     f"shard {index}: column {col!r} has row lengths that do not match n_tokens / n_positions and the "
-                    f"store spec: the shard is corrupt; delete the cache and re-run dump-teacher"
+                    f"store spec: the shard is corrupt; {_REPAIR}"
                 )
 
     # -- basic info -----------------------------------------------------------------------------
@@ -497,6 +625,11 @@ def _same(a: Any, b: Any) -> bool:
         return a == b
 
 
+def _is_count(x: Any) -> bool:
+    """A non-negative int (not a bool), as JSON gives it."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _load_manifest(path: Path) -> dict[str, Any]:
     """Read and check manifest.json, raising the CacheError that says what is wrong with ``path``."""
     if not path.exists():
@@ -510,8 +643,8 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         raise CacheError(f"{path} is not a kdcache cache (no {fmt.MANIFEST_NAME})")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} is not valid JSON: {e})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} is not valid JSON: {short_repr(str(e))})") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} has no format_version)")
     if manifest["format_version"] != fmt.FORMAT_VERSION:

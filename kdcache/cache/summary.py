@@ -93,6 +93,7 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         "vocabulary": _vocabulary(m),
         "fingerprint": m.get("fingerprint"),
         "fingerprint_inputs": m.get("fingerprint_inputs"),
+        "verified": list(getattr(reader, "verified", [])),  # what opening it checked, in words
     }
 
 
@@ -180,6 +181,8 @@ def format_summary(d: dict[str, Any]) -> str:
         ratio = "" if f["ratio_to_float32"] is None else f"{f['ratio_to_float32']:.3f}x"
         pos = f"  {f['bytes_per_position']:>14.1f}" if "bytes_per_position" in f else ""
         lines.append(f"  {name:<10} {f['bytes_per_token']:>11.1f}  {f['bytes_per_example']:>13.1f}  {ratio:>10}{pos}".rstrip())
+    for i, what in enumerate(d.get("verified") or []):
+        lines.append(("verified     " if i == 0 else " " * 13) + what)
     if d.get("fingerprint"):
         lines.append(f"fingerprint  {d['fingerprint']}")
     inputs = d.get("fingerprint_inputs")

@@ -172,12 +172,13 @@ PER_EXAMPLE = {"qa": 3, "mixed": 2, "fp16-none": 2}
 
 def rewrite_shard(path: Path, index: int, edit) -> None:
     """Rewrite shard ``index`` as one record batch with ``edit(table)`` and fix the manifest's size and checksum
-    (a tampered cache that passes the size and checksum checks)."""
+    (a tampered cache that passes the size, checksum and manifest checksum checks)."""
     import json
 
     import pyarrow as pa
 
     from kdcache.cache import sha256_file
+    from kdcache.cache.format import manifest_digest
 
     p = path / f"shard-{index:05d}.arrow"
     f = pa.ipc.open_file(pa.BufferReader(p.read_bytes()))  # in memory: the file is overwritten below
@@ -187,4 +188,6 @@ def rewrite_shard(path: Path, index: int, edit) -> None:
         w.write_table(table)
     m = json.loads((path / "manifest.json").read_text())
     m["shards"][index].update(bytes=p.stat().st_size, sha256=sha256_file(p))
+    m["bytes"] = sum(s["bytes"] for s in m["shards"])
+    m["manifest_sha256"] = manifest_digest(m)
     (path / "manifest.json").write_text(json.dumps(m))
