@@ -6,6 +6,8 @@ temp files and :meth:`ShardWriter.done_shards` tells the caller which shards it 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import format as fmt
-from .errors import CacheError, NonFiniteError
+from .errors import CacheError, CacheWriteError, NonFiniteError
 from .fingerprint import sha256_file
 from .format import StoreSpec, TargetSpec
 
@@ -281,12 +283,16 @@ def _fsync_dir(path: Path) -> None:
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write json to ``path`` via temp file + fsync + rename + directory fsync."""
     tmp = path.with_name(path.name + fmt.TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)  # a full disk must not keep a half-written temp file
+        raise
     _fsync_dir(path.parent)
 
 
@@ -295,6 +301,33 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """True for "no space left" / "quota exceeded" (also as pyarrow words it, with the errno only in the text)."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc) \
+        or "Disk quota exceeded" in str(exc)
+
+
+def write_error(exc: OSError, directory: Path) -> CacheWriteError:
+    """The one-line CacheWriteError for an OSError met while writing a cache in ``directory``."""
+    if _disk_full(exc):
+        return CacheWriteError(f"the disk holding {directory} is full (no space left on device): free space there, or choose a "
+                               "--cache-dir on another disk, then re-run dump-teacher (it resumes at the first unwritten shard)")
+    what = getattr(exc, "strerror", None) or str(exc)
+    return CacheWriteError(f"cannot write the cache in {directory} ({what}): check that the directory is writable and the disk "
+                           "healthy, then re-run dump-teacher (it resumes at the first unwritten shard)")
+
+
+@contextlib.contextmanager
+def io_errors(directory: Path):
+    """Turn an OSError raised by a write in ``directory`` into a one-line CacheWriteError."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as exc:  # pyarrow's IO errors are OSErrors too
+        raise write_error(exc, directory) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,10 +342,11 @@ class ShardWriter:
         self.dir = Path(cache_dir)
         self.spec = spec
         self.schema = spec.arrow_schema()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if clean:
-            for p in self.dir.glob("*" + fmt.TMP_SUFFIX):  # leftovers of a crashed run
-                _unlink(p)
+        with io_errors(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if clean:
+                for p in self.dir.glob("*" + fmt.TMP_SUFFIX):  # leftovers of a crashed run
+                    _unlink(p)
         self._index: int | None = None
         self._id_range: tuple[int, int] | None = None
         self._sink: pa.NativeFile | None = None
@@ -375,12 +409,16 @@ class ShardWriter:
         if index < 0 or not 0 <= lo < hi:
             raise ValueError(f"bad shard index/id_range: {index}, [{lo}, {hi})")
         # Writing a shard makes the cache incomplete until the manifest is written again.
-        _unlink(self.dir / fmt.MANIFEST_NAME)
-        _unlink(self.dir / fmt.shard_meta_name(index))
         self._index, self._id_range = index, (lo, hi)
         self._ids, self._tokens = [], 0
-        self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
-        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        try:
+            _unlink(self.dir / fmt.MANIFEST_NAME)
+            _unlink(self.dir / fmt.shard_meta_name(index))
+            self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
+            self._writer = pa.ipc.new_file(self._sink, self.schema)
+        except BaseException as exc:
+            self.abort_shard()
+            raise write_error(exc, self.dir) if isinstance(exc, OSError) else exc from None
 
     def write(self, batch: TeacherBatch) -> None:
         """Append one batch (rows in any order, feature ids inside the shard's range) to the open shard."""
@@ -393,7 +431,11 @@ class ShardWriter:
             bad = ids[(ids < lo) | (ids >= hi)][0]
             raise ValueError(f"feature id {int(bad)} is outside shard {self._index}'s id_range [{lo}, {hi})")
         if rb.num_rows:
-            self._writer.write_batch(rb)
+            try:
+                self._writer.write_batch(rb)
+            except OSError as exc:
+                self.abort_shard()
+                raise write_error(exc, self.dir) from None
         self._ids.append(ids.copy())
         self._tokens += int(np.asarray(batch.n_tokens, dtype=np.int64).sum())
 
@@ -411,16 +453,22 @@ class ShardWriter:
             detail = f"duplicate feature id {int(dup[0])}" if dup.size else f"{ids.size} distinct feature ids written for {hi - lo}"
             self.abort_shard()
             raise ValueError(f"shard {index} must hold each feature id of [{lo}, {hi}) once: {detail}")
-        self._writer.close()
-        self._sink.close()
-        self._writer = self._sink = None
         tmp, final = self._tmp_path(index), self.dir / fmt.shard_name(index)
-        with open(tmp, "rb") as f:  # fsync via a fresh descriptor (pa.OSFile has no fileno)
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        try:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+            with open(tmp, "rb") as f:  # fsync via a fresh descriptor (pa.OSFile has no fileno)
+                os.fsync(f.fileno())
+            digest = sha256_file(tmp)
+            size = tmp.stat().st_size
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except BaseException as exc:
+            self._index = index
+            self.abort_shard()
+            _unlink(tmp)
+            raise write_error(exc, self.dir) if isinstance(exc, OSError) else exc from None
         meta = {
             "index": index,
             "file": final.name,
@@ -430,20 +478,26 @@ class ShardWriter:
             "tokens": self._tokens,
             "id_range": [lo, hi],
         }
-        _write_json_atomic(self.dir / fmt.shard_meta_name(index), meta)
+        with io_errors(self.dir):
+            _write_json_atomic(self.dir / fmt.shard_meta_name(index), meta)
         self._index = self._id_range = None
         self._ids, self._tokens = [], 0
         return meta
 
     def abort_shard(self) -> None:
-        """Drop the open shard's temp file (no-op if none is open)."""
-        if self._writer is not None:
+        """Drop the open shard's temp file (no-op if none is open), whatever closing it raises (a full
+        disk fails the footer's write): a failed dump must not keep the disk full."""
+        for part in (self._writer, self._sink):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # noqa: BLE001 - the file is deleted below either way
+                    pass
+        if self._index is not None:
             try:
-                self._writer.close()
-            except pa.ArrowException:
+                _unlink(self._tmp_path(self._index))
+            except OSError:
                 pass
-            self._sink.close()
-            _unlink(self._tmp_path(self._index))
         self._writer = self._sink = None
         self._index = self._id_range = None
         self._ids, self._tokens = [], 0
@@ -476,7 +530,10 @@ class ShardWriter:
             tokens=sum(s["tokens"] for s in shards),
             bytes=sum(s["bytes"] for s in shards),
         )
-        _write_json_atomic(self.dir / fmt.MANIFEST_NAME, out)
+        out = json.loads(json.dumps(out))  # as read back: the digest is of what a reader parses
+        out[fmt.MANIFEST_DIGEST] = fmt.manifest_digest(out)
+        with io_errors(self.dir):
+            _write_json_atomic(self.dir / fmt.MANIFEST_NAME, out)
         return out
 
     def _published_metas(self) -> list[dict]:

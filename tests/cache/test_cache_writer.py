@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 
@@ -72,15 +73,17 @@ def test_done_shards_refuses_other_spec(tmp_path):
     assert not (tmp_path / "shard-00000.arrow").exists()
 
 
-def test_corrupt_shard_detected_by_reader_verify(fp16_cache):
+def test_corrupt_shard_detected_by_reader(fp16_cache):
+    """One flipped bit (size unchanged) is caught by the sha256 every open checks, before any row is read."""
     path, _, _ = fp16_cache
     p = path / "shard-00002.arrow"
     data = bytearray(p.read_bytes())
     data[200] ^= 0x01
     p.write_bytes(bytes(data))
-    CacheReader(path)  # size unchanged: only verify=True reads every byte
-    with pytest.raises(CacheError, match=r"shard 2 is corrupt \(checksum mismatch\): delete it and re-run dump-teacher"):
-        CacheReader(path, verify=True)
+    for verify in (False, True):
+        with pytest.raises(CacheError, match=r"shard 2 \(.*shard-00002.arrow\) is corrupt \(its sha256 does not match the manifest\): "
+                                             r"re-run `kdcache dump-teacher` with the same config and --cache-dir to repair it"):
+            CacheReader(path, verify=verify)
 
 
 def test_manifest_tiles_feature_ids(tmp_path):
@@ -309,3 +312,69 @@ def test_background_writer_hands_a_non_finite_value_back_as_a_cache_error(tmp_pa
     assert isinstance(err.value, CacheError)
     writer.abort()
     assert not list(tmp_path.glob("shard-*"))
+
+
+class _FullDisk:
+    """Stands in for the Arrow file writer on a full disk: every write and the footer's write at close fail with ENOSPC."""
+
+    def __init__(self, sink, schema):
+        self.sink = sink
+
+    def write_batch(self, rb):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_leaves_no_temp_shard_and_says_so(tmp_path, monkeypatch):
+    """ENOSPC while writing a shard, or while closing it in abort_shard: the .tmp shard is deleted either way
+    (a failed dump must not keep the disk full) and the error is one line naming the full disk and the directory."""
+    import kdcache.cache.writer as writer_module
+    from kdcache.cache.errors import CacheWriteError
+
+    spec = SPECS["fp16-none"]
+    truth = make_truth(spec, 6, seed=3)  # generated here, seed 3
+    monkeypatch.setattr(writer_module.pa.ipc, "new_file", _FullDisk)
+    w = ShardWriter(tmp_path, spec)
+    w.open_shard(0, (0, 6))
+    assert (tmp_path / "shard-00000.arrow.tmp").exists()
+    with pytest.raises(CacheWriteError) as err:
+        w.write(make_batch(spec, truth, [0, 1]))
+    msg = str(err.value)
+    assert "disk holding" in msg and str(tmp_path) in msg and "full" in msg and "\n" not in msg
+    assert not list(tmp_path.iterdir())
+    w.open_shard(0, (0, 6))
+    w.abort_shard()  # the footer's write fails inside: still cleaned up
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(CacheWriteError, match="disk holding"):  # through the background thread: the same one line
+        with BackgroundWriter(ShardWriter(tmp_path, spec)) as bw:
+            bw.open_shard(0, (0, 6))
+            bw.write(make_batch(spec, truth, [0, 1]))
+            bw.flush()
+    assert not list(tmp_path.iterdir())
+
+
+def test_full_disk_at_fsync_or_meta_json(tmp_path, monkeypatch):
+    """ENOSPC from fsync (close_shard) or from the meta json's write: no .tmp file, no half-published shard."""
+    import kdcache.cache.writer as writer_module
+    from kdcache.cache.errors import CacheWriteError
+
+    spec = SPECS["logits"]
+    truth = make_truth(spec, 6, seed=4)  # generated here, seed 4
+    for after in (0, 1):  # the shard's fsync fails; then the meta json's
+        calls = []
+
+        def fsync(fd, after=after, calls=calls):
+            calls.append(fd)
+            if len(calls) > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(writer_module.os, "fsync", fsync)
+        w = ShardWriter(tmp_path / str(after), spec)
+        w.open_shard(0, (0, 6))
+        w.write(make_batch(spec, truth, np.arange(6)))
+        with pytest.raises(CacheWriteError, match="is full"):
+            w.close_shard()
+        assert not list((tmp_path / str(after)).glob("*.tmp")) and not list((tmp_path / str(after)).glob("*.json"))
+        monkeypatch.undo()
