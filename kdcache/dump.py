@@ -30,15 +30,31 @@ from kdcache.cache import (
     BackgroundWriter,
     CacheError,
     CacheMismatchError,
+    CacheReader,
     HiddenSpec,
     ShardWriter,
     StoreSpec,
     TeacherBatch,
+    canonical_json,
     fingerprint,
     quantize_int8,
 )
-from kdcache.cache.format import CONTINUATIONS, GENERATED_META_NAME, GENERATED_NAME, MANIFEST_NAME, parse_shard_index
+from kdcache.cache.format import (
+    ALGORITHM_VERSION,
+    CONTINUATIONS,
+    GENERATED_META_NAME,
+    GENERATED_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    TMP_SUFFIX,
+    parse_shard_index,
+    shard_meta_name,
+    shard_name,
+)
 from kdcache.cache.generated import read_generated, write_generated
+from kdcache.cache.lock import CacheLock
+from kdcache.cache.reader import REPAIR_ADVICE
+from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import barrier, local_device, rank_and_world
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
@@ -111,24 +127,73 @@ def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[in
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with io_errors(path.parent):
+        try:
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _is_kdcache_file(name: str) -> bool:
-    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME) or parse_shard_index(name) is not None
-            or name.endswith(".tmp"))
+    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME, LOCK_NAME)
+            or parse_shard_index(name) is not None or name.endswith(TMP_SUFFIX))
 
 
 def _clear_cache_dir(path: Path) -> None:
-    """Remove a cache's own files (never anything else) so it can be redone."""
-    for child in path.iterdir():
-        if child.is_file() and _is_kdcache_file(child.name):
-            child.unlink()
+    """Remove a cache's own files (never anything else, nor the lock this dump holds) so it can be redone."""
+    with io_errors(path):
+        for child in path.iterdir():
+            if child.is_file() and _is_kdcache_file(child.name) and child.name != LOCK_NAME:
+                child.unlink()
+
+
+def _check_location(path: Path) -> None:
+    """Refuse a --cache-dir that cannot be a directory (it, or a folder above it, is a file) before anything runs."""
+    p = path
+    while True:
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"is under {p}, which is a file"
+                raise CacheError(f"--cache-dir {path} {where}, not a directory: choose a --cache-dir in a directory")
+            return
+        if p.parent == p:
+            return
+        p = p.parent
+
+
+def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
+    """Why a complete cache whose fingerprint matches cannot be used as it is (None when it is intact):
+    every shard's sha256, the manifest's own checksum, the id tiling and totals (``CacheReader(verify=True)``),
+    and the store spec and fingerprint inputs this run would write."""
+    try:
+        with CacheReader(path, verify=True) as reader:
+            m = reader.manifest
+    except CacheError as exc:
+        return str(exc).replace(": " + REPAIR_ADVICE, "")
+    if canonical_json(m.get("store")) != canonical_json(json.loads(canonical_json(spec.to_dict()))):
+        return "its manifest's store spec differs from what these inputs store"
+    if canonical_json(m.get("fingerprint_inputs")) != canonical_json(inputs):
+        return "its manifest's fingerprint inputs differ from this run's"
+    return None
+
+
+def _clean_failed(path: Path, state: str) -> None:
+    """After a dump from scratch failed before publishing any shard, remove what it wrote (its progress marker,
+    temp files, responses): nothing of value is lost, and the directory is as the dump found it."""
+    if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob("shard-*.json")):
+        return
+    for name in (PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME):
+        (path / name).unlink(missing_ok=True)
+    for child in path.glob("*" + TMP_SUFFIX):
+        child.unlink(missing_ok=True)
+    for child in path.glob("shard-*.arrow"):
+        child.unlink(missing_ok=True)
 
 
 def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
@@ -146,6 +211,7 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
             f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory"
         )
+    names = [n for n in names if n != LOCK_NAME]  # a killed dump's lock file: not content
     if force:
         return "redo" if names else "fresh"
     for marker in (MANIFEST_NAME, PROGRESS_NAME):
@@ -153,10 +219,14 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             try:
                 existing = json.loads((path / marker).read_text())
             except (OSError, ValueError):
-                existing = {}
+                existing = None
+            if not isinstance(existing, dict):
+                raise CacheError(f"--cache-dir {path}: its {marker} is damaged (not a JSON object), so its shards cannot be matched "
+                                 "to these inputs: pass --force to redo the cache")
             if existing.get("fingerprint") == fp:
                 return "hit" if marker == MANIFEST_NAME else "resume"
-            field, old, new = _first_difference(existing.get("fingerprint_inputs", {}), inputs)
+            old_inputs = existing.get("fingerprint_inputs")
+            field, old, new = _first_difference(old_inputs if isinstance(old_inputs, dict) else {}, inputs)
             raise CacheMismatchError(
                 field, old, new,
                 f"{path} holds a {'complete' if marker == MANIFEST_NAME else 'partial'} cache for different inputs: "
@@ -167,6 +237,16 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
         # shard files without a progress marker: a dump from before the marker, cannot be trusted
         raise CacheError(f"--cache-dir {path} holds shard files but no {PROGRESS_NAME}; pass --force to redo it")
     return "fresh"
+
+
+def _repair_shard_examples(path: Path) -> Optional[int]:
+    """Features per shard of the cache being repaired (its manifest's, when that is a positive int): shards that
+    do not fit the plan are redone, so a wrong value costs time, never correctness."""
+    try:
+        value = json.loads((path / MANIFEST_NAME).read_text()).get("shard_examples")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _first_difference(old: dict, new: dict) -> tuple[str, Any, Any]:
@@ -245,22 +325,49 @@ def dump_teacher(
         raise ModelError(str(exc)) from None
     tokenizer.padding_side = "right"  # rows are stored as their first n_tokens positions
     lookup = lookup_inputs(config, task, teacher_name, ds_hash, len(raw), requested_layers(config))
-    inputs = fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer))
+    dev = pick_device(device)
+    amp, compute_dtype = autocast_for(dev)
+    # The compute dtype and the dump's algorithm version are inputs too: a resume on another device (fp32 on
+    # CPU, bf16 on a GPU) or by a kdcache that computes outputs otherwise must not mix shards of both.
+    inputs = {**fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer)),
+              "compute_dtype": compute_dtype, "algorithm_version": ALGORITHM_VERSION}
     fp = fingerprint(inputs)
     path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
+    _check_location(path)
 
     rank, world = rank_and_world()
-    state = _check_dir_state(path, fp, inputs, force) if rank == 0 else None
-    if world > 1:  # every rank follows rank 0's verdict
-        box = [state]
-        torch.distributed.broadcast_object_list(box, src=0)
-        state = box[0]
-    if state == "hit":
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-        log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
-        return DumpResult(path, True, manifest, time.perf_counter() - start)
+    if rank == 0:
+        _check_dir_state(path, fp, inputs, force)  # a first, read-only look: a foreign or mismatched directory is left untouched
+    with CacheLock(path) if rank == 0 else contextlib.nullcontext():  # one dump per directory; readers never lock
+        state = _check_dir_state(path, fp, inputs, force) if rank == 0 else None
+        if state == "hit":
+            problem = _damage(path, spec, inputs)
+            if problem:
+                log.warning("%s: the cache is damaged (%s); repairing it: every shard is re-verified, bad or missing ones "
+                            "redone, the manifest rewritten", path, problem)
+                state = "repair"
+        if world > 1:  # every rank follows rank 0's verdict
+            box = [state]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state = box[0]
+        if state == "hit":
+            manifest = json.loads((path / MANIFEST_NAME).read_text())
+            log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
+            return DumpResult(path, True, manifest, time.perf_counter() - start)
+        try:
+            return _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
+                         spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start)
+        except BaseException:
+            if rank == 0:
+                _clean_failed(path, state)
+            raise
 
-    dev = pick_device(device)
+
+def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teacher_path: str, raw, labels, ds_hash: str,
+          model_config, tokenizer, spec: StoreSpec, lookup: dict, inputs: dict, fp: str, path: Path, state: str, dev, amp,
+          compute_dtype: str, shard_examples: Optional[int], progress: bool, start: float) -> DumpResult:
+    """Load the teacher, make the features, then write (or resume, or repair) the cache: the part run under the lock."""
+    rank, world = rank_and_world()
     # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
     # both finish before anything is written, so bad data or a bad teacher leaves no trace on disk.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
@@ -269,7 +376,8 @@ def dump_teacher(
         model = loading.result()
     responses, published = None, False
     if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
-        responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp, state, dev, rank, world)
+        responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp,
+                                                     "resume" if state == "repair" else state, dev, rank, world)
     lengths = np.asarray(features["length"])  # [F] tokens per feature
     example_ids = np.asarray(features[kdata.EXAMPLE_ID])  # [F]
     num_features = len(features)
@@ -279,13 +387,22 @@ def dump_teacher(
     if rank == 0:
         if state == "redo":
             _clear_cache_dir(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if state in ("fresh", "redo"):
+        with io_errors(path):
+            path.mkdir(parents=True, exist_ok=True)
+        if state in ("fresh", "redo", "repair"):
             _write_json_atomic(path / PROGRESS_NAME, {
                 "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
-                "shard_examples": plan_shards(float(lengths.mean()), spec, shard_examples),
+                "shard_examples": (_repair_shard_examples(path) if state == "repair" else None)
+                or plan_shards(float(lengths.mean()), spec, shard_examples),
             })
-        ShardWriter(path, spec).done_shards()  # deletes temp files and invalid shards
+            (path / MANIFEST_NAME).unlink(missing_ok=True)  # a repair: the cache is incomplete until it is rewritten
+        planned = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
+        planned_ranges = [[lo, min(lo + planned, num_features)] for lo in range(0, num_features, planned)]
+        for index, meta in ShardWriter(path, spec).done_shards().items():  # deletes temp files and invalid shards
+            if index >= len(planned_ranges) or list(meta["id_range"]) != planned_ranges[index]:  # not this plan's shard
+                with io_errors(path):
+                    (path / shard_meta_name(index)).unlink(missing_ok=True)
+                    (path / shard_name(index)).unlink(missing_ok=True)
         if responses is not None and not published:
             write_generated(path, responses, fp)
     barrier(world)
@@ -295,7 +412,6 @@ def dump_teacher(
     ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
 
-    amp, compute_dtype = autocast_for(dev)
     generated_targets = any(t.mode == "tokens" for t in spec.targets)
     batch_size = config.teacher_batch_size or 2 * config.batch_size
     mine = [i for i in range(len(ranges)) if i % world == rank]
@@ -357,7 +473,8 @@ def dump_teacher(
     barrier(world)  # every rank's shards are published
     if rank == 0:
         manifest = shard_writer.write_manifest(manifest)
-        (path / PROGRESS_NAME).unlink(missing_ok=True)
+        with io_errors(path):
+            (path / PROGRESS_NAME).unlink(missing_ok=True)
     barrier(world)
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     return DumpResult(path, False, manifest, time.perf_counter() - start)
