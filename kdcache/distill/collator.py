@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 
 from kdcache.cache import CacheError, CacheReader
 from kdcache.cache.format import TargetSpec
-from kdcache.data import FEATURE_ID
+from kdcache.data import EXAMPLE_ID, FEATURE_ID
 
 TEACHER_PREFIX = "teacher_"
 HIDDEN_KEY = "teacher_hidden"
@@ -155,7 +155,8 @@ class ReadAheadSampler(Sampler):
 
 class DistillationCollator:
     """Pads student inputs and hard labels (the task's way: sequences of labels with -100, which
-    carries no loss) and attaches the cached teacher targets of the batch's features.
+    carries no loss) and attaches the cached teacher targets of the batch's features, and the example ids of its rows
+    (``kd_example_id`` [B]; the trainer pops them before the forward pass).
 
     A cached ``tokens`` target named after a label key (sequence-level KD: the teacher's own output
     sequences) replaces that key's labels."""
@@ -172,6 +173,8 @@ class DistillationCollator:
         extra = self.task.feature_target_keys if self.aligner is not None else ()
         keys = tuple(k for k in (*self.task.input_keys, *self.task.label_keys, *extra) if k in features[0])
         batch = self.task.pad(self.tokenizer, {k: [f[k] for f in features] for k in keys}, keys)
+        if EXAMPLE_ID in features[0]:  # [B] the rows the batch came from: named by the trainer if the step fails
+            batch[EXAMPLE_ID] = torch.tensor([int(f[EXAMPLE_ID]) for f in features], dtype=torch.long)
         if self.fetcher is None or FEATURE_ID not in features[0]:
             return batch
         seq_len = batch["input_ids"].shape[1]

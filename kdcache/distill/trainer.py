@@ -14,13 +14,31 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from kdcache.align import fold_topk
+from kdcache.cache import CacheError
 from kdcache.cache.format import TargetSpec
-from kdcache.data import FEATURE_ID
+from kdcache.config import ConfigError
+from kdcache.data import EXAMPLE_ID, FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.teacher import pool_student, select_hidden
 
 PROJECTIONS_FILE = "kd_projections.safetensors"
+
+
+class TrainingDiverged(ConfigError):
+    """The loss or the gradient became NaN or inf while the batch's inputs and teacher targets were finite:
+    the run's settings (learning rate, loss weights, precision) made training blow up."""
+
+
+def _rows(ids: list[int], limit: int = 8) -> str:
+    """Training rows (0-based, in the data's order) for a message: the first ``limit`` of them."""
+    ids = sorted(set(ids))
+    return ", ".join(map(str, ids[:limit])) + (f" ... ({len(ids)} rows)" if len(ids) > limit else "")
+
+
+def _finite(value) -> bool:
+    """A scalar (tensor or number) is neither NaN nor inf."""
+    return bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float32)))
 
 
 class OnlineTeacher:
@@ -77,6 +95,8 @@ class DistillationTrainer(Trainer):
         self._agreements = 0  # steps that measured teacher agreement (vocabulary-scale heads: the logged steps only)
         self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [N]
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
+        self._step_rows: list[int] = []  # example ids of the micro-batches of the optimizer step in progress
+        self._rows_step = -1  # the global step they belong to
 
     # -- data -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -88,9 +108,51 @@ class DistillationTrainer(Trainer):
             base, self._train_batch_size, np.asarray(dataset[FEATURE_ID]), np.asarray(dataset["length"]), self.fetcher,
         )
 
+    # -- stopping on a non-finite loss or gradient ---------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, stopped at the first NaN/inf loss (the Trainer would log it as the running mean
+        and train on). One host sync per step, as the Trainer's own NaN filter already has."""
+        if self._rows_step != self.state.global_step:  # a new optimizer step (several micro-batches with accumulation)
+            self._rows_step, self._step_rows = self.state.global_step, []
+        rows = inputs.get(EXAMPLE_ID)
+        self._step_rows += [int(i) for i in rows] if rows is not None else []
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not _finite(loss):
+            raise self._non_finite("the loss", float(loss), inputs)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm (all ranks' gradients), checked before the optimizer step can write NaN
+        into the weights. fp16 with loss scaling is exempt: its scaler skips overflowing steps by design."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and self.accelerator.scaler is None and not _finite(grad_norm):
+            raise self._non_finite("the gradient norm", float(grad_norm), None)
+        return grad_norm
+
+    def _non_finite(self, what: str, value: float, inputs) -> Exception:
+        """The error for a non-finite loss or gradient: the cache's fault when the batch's teacher targets are
+        themselves non-finite, else the run's settings."""
+        step = self.state.global_step + 1
+        rows = _rows(self._step_rows)
+        teacher = {k: v for k, v in (inputs or {}).items() if k.startswith("teacher_") and torch.is_tensor(v)
+                   and v.is_floating_point()}
+        damaged = [k[len("teacher_"):] for k, v in teacher.items() if not bool(torch.isfinite(v).all())]
+        if damaged and self.fetcher is not None:
+            path = self.fetcher.reader.path
+            return CacheError(
+                f"{what} is {value} at step {step} because the cached teacher targets ({', '.join(damaged)}) of training rows "
+                f"{rows} hold NaN or inf: {path} is damaged; check it with `kdcache inspect {path} --verify` and redo it "
+                "with `kdcache dump-teacher --force` and this config")
+        checked = " (their teacher targets are finite)" if teacher else ""
+        return TrainingDiverged(
+            f"training diverged at step {step}: {what} is {value} on training rows {rows} (0-based rows of the training "
+            f"data){checked}; lower learning_rate (--learning-rate, now "
+            f"{self.args.learning_rate:g}) or hidden_loss_weight (--hidden-loss-weight), or turn use_mixed_precision off")
+
     # -- loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        inputs.pop(EXAMPLE_ID, None)
         teacher = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}
         if self.online_teacher is not None and model.training:
             teacher = self.online_teacher(inputs)

@@ -1,0 +1,164 @@
+"""Issue 12, training side: nothing stale, swapped or non-finite reaches a student silently, and every
+refusal is one line whose advice, followed, works.
+
+Fixtures: the tiny BERTs and shipped mr_polarity rows of conftest.py; models built here from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from helpers import fails_cleanly, run_cli, write_pipeline
+
+from kdcache import FineTuneConfig
+from kdcache.cache import CacheError
+from kdcache.distill import trainer as kd_trainer
+from kdcache.distill.trainer import DistillationTrainer, TrainingDiverged
+from kdcache.dump import dump_teacher
+from kdcache.train import train_student
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config_for(teacher, student, data, tmp_path, **extra) -> FineTuneConfig:
+    values = dict(model_name=str(student), teacher_model_name=str(teacher), use_distillation=True,
+                  train_file=str(data["train"]), max_train_samples=64, max_length=48, batch_size=16, num_epochs=1,
+                  disable_tqdm=True, logging_steps=1, output_dir=str(tmp_path / "out"))
+    values.update(extra)
+    return FineTuneConfig(**values)
+
+
+def looks_trained(path: Path) -> Path:
+    """Give a randomly initialised classifier's head nonzero biases, as one optimizer step would (so that
+    the untrained-head check lets a random test teacher through)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        model.classifier.bias.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(path)
+    return path
+
+
+# -- 1. a non-finite loss or gradient stops training at its step, naming the rows ---------------------
+
+def _record_batches(monkeypatch) -> list[list[int]]:
+    """The example ids of every training batch, in step order."""
+    seen: list[list[int]] = []
+    original = DistillationTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            seen.append(sorted(int(i) for i in inputs["kd_example_id"]))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "compute_loss", compute_loss)
+    return seen
+
+
+def test_a_nan_loss_stops_at_its_step_naming_the_rows(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data,
+                                                      monkeypatch):
+    config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
+    dump_teacher(config, progress=False)  # finite teacher targets: the loss is made non-finite below
+    seen = _record_batches(monkeypatch)
+    calls = []
+    original = kd_trainer.combined_loss
+
+    def nan_on_the_third(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(kd_trainer, "combined_loss", nan_on_the_third)
+    with pytest.raises(TrainingDiverged) as err:
+        train_student(config)
+    message = str(err.value)
+    assert "step 3:" in message and "the loss is nan" in message and "learning_rate" in message
+    assert "(their teacher targets are finite)" in message and "\n" not in message
+    assert f"rows {', '.join(map(str, seen[2][:8]))} ..." in message and "kd_example_id" not in message
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # no NaN model is saved
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_before_the_update(tmp_path, kdcache_home, trained_teacher, tiny_student,
+                                                                     small_data, monkeypatch):
+    config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
+    dump_teacher(config, progress=False)
+    calls = []
+    original = kd_trainer.combined_loss
+
+    def nan_gradient_on_the_second(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        # forward: loss + 0; backward: 0 * d sqrt(0) = 0 * inf = nan in every gradient
+        return loss + 0.0 * torch.sqrt(loss * 0.0) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(kd_trainer, "combined_loss", nan_gradient_on_the_second)
+    with pytest.raises(TrainingDiverged, match=r"step 2: the gradient norm is nan on training rows \d"):
+        train_student(config)
+
+
+def test_a_huge_learning_rate_is_one_line_and_the_advice_works(tmp_path, kdcache_home, trained_teacher, tiny_student,
+                                                               small_data):
+    pipeline = write_pipeline(tmp_path / "p.yaml", **config_for(trained_teacher, tiny_student, small_data, tmp_path).to_dict())
+    run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home)
+    proc = run_cli(["train-student", "--config", str(pipeline), "--learning-rate", "1e30"], kdcache_home, check=False)
+    line = fails_cleanly(proc, "training diverged at step", "lower learning_rate (--learning-rate, now 1e+30)")
+    assert "rows" in line
+    run_cli(["train-student", "--config", str(pipeline), "--learning-rate", "1e-3"], kdcache_home)  # the advice
+
+
+def _poison_first_logit(cache: Path) -> None:
+    """Overwrite the first stored teacher logit of the first shard with NaN, in place (size unchanged)."""
+    shard = sorted(cache.glob("shard-*.arrow"))[0]
+    raw = shard.read_bytes()
+    table = pa.ipc.open_file(pa.py_buffer(raw)).read_all()
+    first = np.asarray(table.column("logits").combine_chunks().flatten())[:1].astype(np.float32)
+    at = raw.find(first.tobytes())
+    assert at > 0 and raw.count(first.tobytes()) == 1
+    shard.write_bytes(raw[:at] + np.array([np.nan], np.float32).tobytes() + raw[at + 4:])
+
+
+def test_a_nan_in_the_cache_never_trains_and_the_advice_works(tmp_path, kdcache_home, trained_teacher, tiny_student,
+                                                             small_data):
+    """A flipped byte on disk: the reader's checksums or, failing them, the loss check stop the run."""
+    config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
+    cache = dump_teacher(config, progress=False).cache_dir
+    _poison_first_logit(cache)
+    with pytest.raises(CacheError) as err:
+        train_student(config)
+    message = str(err.value)
+    assert "dump-teacher" in message and "\n" not in message
+    dump_teacher(config, force="--force" in message, progress=False)  # the advice
+    assert np.isfinite(train_student(config).train_metrics["train_loss"])
+
+
+def test_non_finite_teacher_targets_that_reach_the_loss_blame_the_cache(tmp_path, kdcache_home, trained_teacher,
+                                                                       tiny_student, small_data, monkeypatch):
+    """Targets that pass every check of the reader but are NaN (a writer bug) stop the step that reads them, naming
+    the cache and its rows, not the learning rate."""
+    from kdcache.distill.collator import TargetFetcher
+
+    config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
+    cache = dump_teacher(config, progress=False).cache_dir
+    seen = _record_batches(monkeypatch)
+    original = TargetFetcher.fetch
+
+    def fetch(self, ids, seq_len):
+        out = original(self, ids, seq_len)
+        if 5 in [int(i) for i in ids]:  # feature 5 is example 5 (one feature per example)
+            out["teacher_logits"] = out["teacher_logits"].copy()
+            out["teacher_logits"][[int(i) for i in ids].index(5), 0] = np.inf
+        return out
+
+    monkeypatch.setattr(TargetFetcher, "fetch", fetch)
+    with pytest.raises(CacheError) as err:
+        train_student(config)
+    step = next(i for i, rows in enumerate(seen) if 5 in rows) + 1
+    message = str(err.value)
+    assert f"at step {step} because the cached teacher targets (logits) of training rows" in message
+    assert f"kdcache inspect {cache} --verify" in message and "kdcache dump-teacher --force" in message
+
+
