@@ -16,6 +16,7 @@ from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device
 from kdcache.models import ModelError, count_parameters, resolve_model_path
 from kdcache.tasks import get_task
+from kdcache.tasks.labels import align_to_teacher
 
 
 def weights_bytes(path: str) -> int:
@@ -68,6 +69,7 @@ def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels
     except OSError as exc:
         raise ModelError(f"model {model_name!r}: cannot load it with its tokenizer ({exc})") from None
     tokenizer.padding_side = "right"
+    labels = align_to_teacher(model.config, labels)  # gold labels numbered as this model's head orders its classes
     examples = kdata.with_example_ids(eval_dataset)
     task.check_columns(examples, config, "eval", need_labels=True)
     features = kdata.make_features(task, examples, tokenizer, config, labels, "eval")

@@ -31,6 +31,7 @@ from kdcache.models import ModelError, count_parameters, keep_layers, resolve_mo
 from kdcache.monitor import DistillationMonitor
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task
+from kdcache.tasks.labels import align_to_teacher, labels_as_cached
 from kdcache.teacher import resolve_layers
 from kdcache.tokenizers import tokenizer_hash
 
@@ -206,6 +207,14 @@ def _expect_same_features(reader: CacheReader, features, token_level: bool) -> N
                                      "this student: token-level distillation needs the teacher's tokenizer and max_length")
 
 
+def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
+    """The cache's manifest as JSON, or None when it is absent or unreadable (the reader then says why)."""
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _cached_responses(path: Path) -> list[str]:
     """The teacher's responses stored by a sequence_kd dump (checksum verified)."""
     responses = read_generated(path) if (path / MANIFEST_NAME).exists() else None
@@ -288,6 +297,18 @@ def train_student(
         eval_raw = kdata.with_example_ids(eval_raw)
         task.check_columns(eval_raw, config, "eval", need_labels=True)
 
+    cache_path = None
+    if config.use_distillation and online_teacher is None:
+        ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
+        cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
+        manifest = _read_manifest(cache_path)
+        if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
+            labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
+        if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
+            raw = task.with_responses(raw, _cached_responses(cache_path), config)
+    elif config.use_distillation:
+        labels = align_to_teacher(online_teacher.config, labels)
+
     student, tokenizer = build_student(config, task, labels)
     problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
     if problem:
@@ -296,12 +317,6 @@ def train_student(
     if positions is not None and config.max_length > positions:
         raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the student's {positions} positions: "
                          f"set max_length to {positions} or less")
-    cache_path = None
-    if config.use_distillation and online_teacher is None:
-        ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
-        cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
-        if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
-            raw = task.with_responses(raw, _cached_responses(cache_path), config)
     train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
     eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
 

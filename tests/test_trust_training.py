@@ -11,13 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from helpers import fails_cleanly, run_cli, write_pipeline
+from datasets import Dataset
+from helpers import MR_TRAIN, fails_cleanly, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 from kdcache import FineTuneConfig
-from kdcache.cache import CacheError
+from kdcache.cache import CacheError, CacheMismatchError
 from kdcache.distill import trainer as kd_trainer
 from kdcache.distill.trainer import DistillationTrainer, TrainingDiverged
 from kdcache.dump import dump_teacher
+from kdcache.tasks import DataError, get_task
+from kdcache.tasks.labels import align_to_teacher, labels_as_cached
 from kdcache.train import train_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,5 +163,115 @@ def test_non_finite_teacher_targets_that_reach_the_loss_blame_the_cache(tmp_path
     message = str(err.value)
     assert f"at step {step} because the cached teacher targets (logits) of training rows" in message
     assert f"kdcache inspect {cache} --verify" in message and "kdcache dump-teacher --force" in message
+
+
+# -- 2. labels: the teacher's class order, and data with one class -----------------------------------
+
+MNLI = {0: "entailment", 1: "neutral", 2: "contradiction"}
+
+
+def _nli_config(**extra):
+    from transformers import BertConfig
+
+    return BertConfig(num_labels=3, id2label=MNLI, label2id={v: k for k, v in MNLI.items()}, **extra)
+
+
+def test_string_labels_take_the_teachers_order():
+    task = get_task("text_classification")
+    config = FineTuneConfig(model_name="m")
+    data = Dataset.from_dict({"text": ["a", "b", "c"], "label": ["neutral", "Contradiction", "entailment"]})
+    labels = task.label_info(data, config)
+    assert labels.id2label == {0: "Contradiction", 1: "entailment", 2: "neutral"}  # sorted: not the head's order
+    assert task.check_teacher_config(_nli_config(), labels, "mnli") is not None  # read as is, the logits would swap
+    aligned = align_to_teacher(_nli_config(), labels)
+    assert aligned.id2label == {0: "entailment", 1: "neutral", 2: "Contradiction"}
+    assert task.encode_labels(data["label"], aligned, "label", "train") == [1, 2, 0]
+    assert task.check_teacher_config(_nli_config(), aligned, "mnli") is None
+    # the manifest stores the aligned order; train-student, reading it, renumbers the data the same way
+    assert labels_as_cached(labels, aligned.to_dict(), "cache").label2id == aligned.label2id
+    # generic head names, or bare integer ids, leave nothing to compare: ids are taken as they are
+    from transformers import BertConfig
+
+    assert align_to_teacher(BertConfig(num_labels=3), labels) is labels
+    ints = task.label_info(Dataset.from_dict({"text": ["a", "b", "c"], "label": [2, 0, 1]}), config)
+    assert align_to_teacher(_nli_config(), ints) is ints and task.check_teacher_config(_nli_config(), ints, "t") is None
+
+
+def test_a_head_naming_other_classes_is_refused_naming_both():
+    task = get_task("text_classification")
+    labels = task.label_info(Dataset.from_dict({"text": ["a", "b", "c"], "label": ["yes", "maybe", "no"]}),
+                             FineTuneConfig(model_name="m"))
+    problem = task.check_teacher_config(_nli_config(), labels, "mnli")
+    assert "['entailment', 'neutral', 'contradiction']" in problem and "['maybe', 'no', 'yes']" in problem
+    assert align_to_teacher(_nli_config(), labels) is labels
+    with pytest.raises(CacheMismatchError, match="dump-teacher --force"):
+        labels_as_cached(labels, align_to_teacher(_nli_config(), task.label_info(
+            Dataset.from_dict({"text": ["a", "b", "c"], "label": ["neutral", "contradiction", "entailment"]}),
+            FineTuneConfig(model_name="m"))).to_dict(), "cache")
+
+
+@pytest.fixture()
+def dump_aligns_labels(monkeypatch):
+    """dump.py's `labels = align_to_teacher(model_config, labels)` before its teacher check, emulated until it is
+    wired in (a no-op afterwards: aligned labels align to themselves)."""
+    from kdcache.tasks.text_classification import TextClassification
+
+    original = TextClassification.check_teacher_config
+
+    def check(self, model_config, labels, teacher_name):
+        labels.__dict__.update(align_to_teacher(model_config, labels).__dict__)
+        return original(self, model_config, labels, teacher_name)
+
+    monkeypatch.setattr(TextClassification, "check_teacher_config", check)
+
+
+def test_an_mnli_ordered_teacher_trains_the_student_in_its_order(tmp_path, kdcache_home, tokenizer_dir, tiny_student,
+                                                                dump_aligns_labels, monkeypatch):
+    from transformers import AutoConfig
+
+    teacher = make_bert(tmp_path / "teacher", tokenizer_dir, layers=2, hidden=32, num_labels=3)
+    cfg = AutoConfig.from_pretrained(teacher)
+    cfg.id2label, cfg.label2id = dict(MNLI), {v: k for k, v in MNLI.items()}
+    cfg.save_pretrained(teacher)
+    looks_trained(teacher)
+    names = ["contradiction", "entailment", "neutral"]
+    rows = [{"text": r["text"], "label": names[i % 3]} for i, r in enumerate(read_jsonl(MR_TRAIN, 48))]
+    train = write_jsonl(tmp_path / "nli.jsonl", rows)
+    config = FineTuneConfig(model_name=str(tiny_student), teacher_model_name=str(teacher), use_distillation=True,
+                            train_file=str(train), max_length=48, batch_size=16, num_epochs=1, disable_tqdm=True,
+                            output_dir=str(tmp_path / "out"))
+    manifest = dump_teacher(config, progress=False).manifest
+    assert manifest["labels"]["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
+    seen = []
+    original = DistillationTrainer.compute_loss
+
+    def record(self, model, inputs, *args, **kwargs):
+        seen.append((inputs["kd_example_id"].tolist(), inputs["labels"].tolist()))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "compute_loss", record)
+    train_student(config)
+    for ids, hard in seen:  # the hard label of every row is its class's index in the teacher's head
+        assert hard == [{"entailment": 0, "neutral": 1, "contradiction": 2}[rows[i]["label"]] for i in ids]
+    saved = AutoConfig.from_pretrained(tmp_path / "out")
+    assert {int(k): v for k, v in saved.id2label.items()} == MNLI
+
+
+@pytest.mark.parametrize("values", [[1, 1, 1, 1], ["pos", "pos"]])
+def test_training_data_with_a_single_class_is_refused(values):
+    task = get_task("text_classification")
+    data = Dataset.from_dict({"text": ["x"] * len(values), "label": values})
+    with pytest.raises(DataError, match="a classifier needs at least two classes in the training data"):
+        task.label_info(data, FineTuneConfig(model_name="m"))
+    if isinstance(values[0], int):  # an explicit class set (e.g. the teacher's) is the way to keep it
+        assert task.label_info(data, FineTuneConfig(model_name="m", num_labels=2)).num_labels == 2
+
+
+def test_single_class_data_is_one_line_in_the_cli(tmp_path, kdcache_home, trained_teacher, tiny_student):
+    train = write_jsonl(tmp_path / "ones.jsonl", [{"text": f"film {i}", "label": 1} for i in range(8)])
+    pipeline = write_pipeline(tmp_path / "p.yaml", model_name=str(tiny_student), teacher_model_name=str(trained_teacher),
+                              use_distillation=True, train_file=str(train), max_length=48)
+    proc = run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False)
+    fails_cleanly(proc, "every training label is 1", "at least two classes")
 
 

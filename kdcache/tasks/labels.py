@@ -1,12 +1,22 @@
 """Label vocabularies of classification heads, shared by the tasks that have one (text and token
-classification): the from_pretrained arguments for a label set, and the check that a teacher's
-head was trained on the same one."""
+classification): the from_pretrained arguments for a label set, the check that a teacher's head
+was trained on the same one, and putting the data's classes in the order of the teacher's head.
+
+Class ids follow the training labels sorted by name, but a teacher's logits follow its head's
+order (an MNLI head: entailment, neutral, contradiction). When both name the same classes, string
+labels are renumbered in the head's order (dump-teacher records that order in the manifest's
+``labels``; train-student adopts it from there), so class i is the same class for the teacher's
+logits, the student's head and the hard labels. A head with generic names (LABEL_0, ...) or data
+with bare integer ids leaves nothing to compare: ids are taken as they are."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from kdcache.cache import CacheMismatchError
 from kdcache.tasks.base import LabelInfo
+
+_FIX = "fine-tune the teacher on this label set first (kdcache train with use_distillation: false)"
 
 
 def label_kwargs(labels: LabelInfo) -> dict[str, Any]:
@@ -14,22 +24,79 @@ def label_kwargs(labels: LabelInfo) -> dict[str, Any]:
     return {"num_labels": labels.num_labels, "id2label": dict(labels.id2label), "label2id": dict(labels.label2id)}
 
 
-def teacher_label_mismatch(model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
-    """Why a teacher's classification head does not fit these labels (count, or names in id order), or None."""
-    fix = "fine-tune the teacher on this label set first (kdcache train with use_distillation: false)"
-    n = getattr(model_config, "num_labels", None)
-    if n != labels.num_labels:
-        return f"the teacher {teacher_name} has {n} labels but the training data has {labels.num_labels}: {fix}"
+def head_names(model_config) -> Optional[list[str]]:
+    """A head's class names in id order, or None when it names none (LABEL_0, ... or missing)."""
+    n = getattr(model_config, "num_labels", None) or 0
     theirs = getattr(model_config, "id2label", None) or {}
     names = [str(theirs.get(i, theirs.get(str(i), ""))) for i in range(n)]
-    default = [f"LABEL_{i}" for i in range(n)]
-    ours = [labels.id2label.get(i, str(i)) for i in range(n)]
-    named = ours != [str(i) for i in range(n)]  # string labels, or a ClassLabel column's names
-    folded = [x.lower() for x in names], [x.lower() for x in ours]
-    if named and names != default and folded[0] != folded[1] and set(folded[0]) == set(folded[1]):
-        return (f"the teacher {teacher_name} orders its labels {names} but the training data's class ids give {ours}: "
-                f"its logits would be read as the wrong classes; {fix}")
-    return None
+    if not n or "" in names or names == [f"LABEL_{i}" for i in range(n)]:
+        return None
+    return names
+
+
+def _names(labels: LabelInfo) -> Optional[list[str]]:
+    """The data's class names in id order, or None for bare integer ids (nothing to compare)."""
+    ours = [str(labels.id2label.get(i, i)) for i in range(labels.num_labels)]
+    return None if ours == [str(i) for i in range(labels.num_labels)] else ours
+
+
+def _same_classes(a: list[str], b: list[str]) -> bool:
+    return len(a) == len(b) and sorted(x.lower() for x in a) == sorted(x.lower() for x in b)
+
+
+def in_order(labels: LabelInfo, names: list[str]) -> LabelInfo:
+    """String ``labels`` renumbered so that class i is ``names[i]`` (matched case-insensitively); the data's
+    own spellings are kept, so encoding a raw label through label2id gives the head's id."""
+    index = {x.lower(): i for i, x in enumerate(names)}
+    ours = _names(labels) or []
+    id2label = {index[x.lower()]: x for x in ours}
+    return LabelInfo(labels.num_labels, dict(sorted(id2label.items())), {x: index[x.lower()] for x in ours},
+                     labels.string_labels, dict(labels.extra))
+
+
+def align_to_teacher(model_config, labels: LabelInfo) -> LabelInfo:
+    """``labels`` in the order of the teacher's head when it names the same classes as the data's string labels
+    in another order; otherwise as given (teacher_label_mismatch then says whether they fit)."""
+    names, ours = head_names(model_config), _names(labels)
+    if not labels.string_labels or names is None or ours is None or not _same_classes(names, ours):
+        return labels
+    return labels if [x.lower() for x in names] == [x.lower() for x in ours] else in_order(labels, names)
+
+
+def teacher_label_mismatch(model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
+    """Why a teacher's classification head does not fit these labels (count, names, or names in another id
+    order that cannot be renumbered: integer ids), or None."""
+    n = getattr(model_config, "num_labels", None)
+    if n != labels.num_labels:
+        return f"the teacher {teacher_name} has {n} labels but the training data has {labels.num_labels}: {_FIX}"
+    names, ours = head_names(model_config), _names(labels)
+    if names is None or ours is None or [x.lower() for x in names] == [x.lower() for x in ours]:
+        return None
+    if not _same_classes(names, ours):
+        return (f"the teacher {teacher_name} names its classes {names} but the training data's labels are {ours}: "
+                f"no class can be matched to the teacher's logits; rename the data's labels to the teacher's, or {_FIX}")
+    return (f"the teacher {teacher_name} orders its labels {names} but the training data's class ids give {ours}: "
+            f"its logits would be read as the wrong classes; give the labels as strings (they are then put in the "
+            f"teacher's order), or {_FIX}")
+
+
+def labels_as_cached(labels: LabelInfo, cached: Optional[dict[str, Any]], path) -> LabelInfo:
+    """This run's ``labels`` in the class order the cache was dumped with (its manifest's ``labels``: the
+    teacher's order); a cache for other class names is refused. Counts that differ are left to the target
+    check, which names the widths."""
+    if not cached or not labels.num_labels or int(cached.get("num_labels", -1)) != labels.num_labels:
+        return labels
+    stored = cached.get("id2label") or {}
+    theirs = [str(stored.get(str(i), stored.get(i, i))) for i in range(labels.num_labels)]
+    ours = _names(labels)
+    if ours is None or theirs == [str(i) for i in range(labels.num_labels)] or theirs == ours:
+        return labels
+    if labels.string_labels and _same_classes(theirs, ours):
+        return in_order(labels, theirs)
+    raise CacheMismatchError(
+        "labels", theirs, ours,
+        f"{path} was dumped for the classes {theirs} (in the teacher's order) but this run's training labels are {ours}: "
+        "re-run `kdcache dump-teacher --force` with this data and config")
 
 
 def class_label_names(dataset, column: str) -> Optional[list[str]]:

@@ -34,6 +34,11 @@ class TextClassification(Task):
         return fields + ([("label_column", "the labels")] if need_labels else [])
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
+        """Classes from the training labels: strings sorted by name, integer ids 0..max (or 0..num_labels-1).
+
+        Data holding a single class is refused: it would train a head that can only say that class (integer
+        ids 1, 1, ... read as 2 classes of which 0 never occurs). An explicit num_labels declares the class set
+        instead, as when a teacher's soft labels teach the classes the data lacks."""
         values = train_dataset[config.label_column]
         if any(v is None for v in values):
             raise DataError(f"column {config.label_column!r} has empty labels: every training row needs one")
@@ -41,6 +46,9 @@ class TextClassification(Task):
             names = sorted(set(values))
             if config.num_labels is not None and config.num_labels != len(names):
                 raise DataError(f"num_labels is {config.num_labels} but the training labels have {len(names)} distinct values")
+            if len(names) < 2:
+                raise DataError(f"every training label is {names[0]!r}: a classifier needs at least two classes in the "
+                                "training data; add rows of the other classes")
             return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
             raise DataError(f"column {config.label_column!r} must hold integer class ids or strings")
@@ -50,8 +58,10 @@ class TextClassification(Task):
         num = config.num_labels if config.num_labels is not None else high + 1
         if high >= num:
             raise DataError(f"label {high} is out of range for num_labels={num}: class ids must be 0..{num - 1}")
-        if num < 2:
-            raise DataError(f"the training labels hold a single class ({low}): classification needs two or more")
+        if num < 2 or (low == high and config.num_labels is None):
+            raise DataError(f"every training label is {low}: a classifier needs at least two classes in the training data; "
+                            "add rows of the other classes (or, to keep a class set wider than the data's, e.g. the "
+                            "teacher's, set num_labels / --num-labels)")
         names = class_label_names(train_dataset, config.label_column)  # a ClassLabel column's names, if any
         if names is None or len(names) != num:
             names = [str(i) for i in range(num)]
