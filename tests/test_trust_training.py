@@ -5,6 +5,8 @@ Fixtures: the tiny BERTs and shipped mr_polarity rows of conftest.py; models bui
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -273,5 +275,58 @@ def test_single_class_data_is_one_line_in_the_cli(tmp_path, kdcache_home, traine
                               use_distillation=True, train_file=str(train), max_length=48)
     proc = run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home, check=False)
     fails_cleanly(proc, "every training label is 1", "at least two classes")
+
+
+# -- 3. the teacher a cache came from ----------------------------------------------------------------
+
+def _retrain(path: Path) -> None:
+    """The same teacher directory with other weights (as a re-run of its fine-tuning leaves it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        model.classifier.weight.add_(0.01)
+    model.save_pretrained(path)
+
+
+def test_a_teacher_retrained_in_place_makes_its_cache_stale(tmp_path, kdcache_home, trained_teacher, tiny_student,
+                                                            small_data):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_teacher, teacher)
+    pipeline = write_pipeline(tmp_path / "p.yaml", **config_for(teacher, tiny_student, small_data, tmp_path).to_dict())
+    run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home)
+    _retrain(teacher)
+    proc = run_cli(["train-student", "--config", str(pipeline)], kdcache_home, check=False)
+    fails_cleanly(proc, "stale", "kdcache dump-teacher --force")
+    run_cli(["dump-teacher", "--config", str(pipeline), "--force"], kdcache_home)  # the advice
+    run_cli(["train-student", "--config", str(pipeline)], kdcache_home)
+
+
+def test_an_explicit_cache_dir_of_another_teacher_is_refused(tmp_path, kdcache_home, trained_teacher, tiny_student,
+                                                             small_data):
+    other = tmp_path / "other"
+    shutil.copytree(trained_teacher, other)
+    _retrain(other)
+    cache = tmp_path / "cache"
+    dump_teacher(config_for(trained_teacher, tiny_student, small_data, tmp_path, cache_dir=str(cache)), progress=False)
+    config = config_for(other, tiny_student, small_data, tmp_path, cache_dir=str(cache))
+    with pytest.raises(CacheMismatchError, match="teacher_identity|stale") as err:
+        train_student(config)
+    assert str(trained_teacher) in str(err.value)
+    dump_teacher(config, force=True, progress=False)
+    train_student(config)
+
+
+def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data,
+                                                      caplog):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_teacher, teacher)
+    config = config_for(teacher, tiny_student, small_data, tmp_path)
+    manifest = dump_teacher(config, progress=False).manifest
+    shutil.rmtree(teacher)  # a supported workflow: stage two never needs the teacher
+    with caplog.at_level(logging.INFO, logger="kdcache.train"):
+        train_student(config)
+    sha = manifest["fingerprint_inputs"]["teacher_identity"]["weights_sha256"]
+    assert any(str(teacher) in r.message and sha[:12] in r.message for r in caplog.records)
 
 
