@@ -245,6 +245,26 @@ def check_teacher_identity(manifest: dict[str, Any], path: Path, teacher_name: s
         log.info("%s was dumped from teacher %r (%s); its files are not here to compare", path, source, identity)
 
 
+def resolve_checkpoint(resume: Optional[str], output_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from: a given directory, or for "last" the newest complete checkpoint-N in
+    output_dir (the Trainer writes trainer_state.json last, so a checkpoint cut short by a kill has none)."""
+    if resume is None:
+        return None
+    if resume != "last":
+        if not Path(resume).is_dir():
+            raise ModelError(f"resume_from_checkpoint: no checkpoint directory {resume!r}")
+        if not (Path(resume) / "trainer_state.json").exists():
+            raise ModelError(f"resume_from_checkpoint: {resume} is an incomplete checkpoint (no trainer_state.json): "
+                             "resume from an earlier one, or use resume_from_checkpoint: last")
+        return str(resume)
+    complete = [p for p in output_dir.glob("checkpoint-*") if p.name[len("checkpoint-"):].isdigit()
+                and (p / "trainer_state.json").exists()]
+    if not complete:
+        raise ModelError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint: remove "
+                         "resume_from_checkpoint to start afresh (save_steps / --save-steps makes checkpoints)")
+    return str(max(complete, key=lambda p: int(p.name[len("checkpoint-"):])))
+
+
 def _cached_responses(path: Path) -> list[str]:
     """The teacher's responses stored by a sequence_kd dump (checksum verified)."""
     responses = read_generated(path) if (path / MANIFEST_NAME).exists() else None
@@ -423,11 +443,9 @@ def train_student(
         vocab_map=aligner.vocab_map if aligner is not None else None,
     )
     monitor.trainer = trainer
-    resume = config.resume_from_checkpoint
-    if resume == "last":
-        resume = True  # the Trainer finds the newest checkpoint-N in output_dir
-    elif resume is not None and not Path(resume).is_dir():
-        raise ModelError(f"resume_from_checkpoint: no checkpoint directory {resume!r}")
+    resume = resolve_checkpoint(config.resume_from_checkpoint, out_dir)
+    if resume is not None:
+        log.warning("resuming from %s", resume)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
     finally:

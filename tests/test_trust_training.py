@@ -5,8 +5,13 @@ Fixtures: the tiny BERTs and shipped mr_polarity rows of conftest.py; models bui
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +19,14 @@ import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset
-from helpers import MR_TRAIN, fails_cleanly, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
+from helpers import MR_TRAIN, cli_env, fails_cleanly, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError
 from kdcache.distill import trainer as kd_trainer
 from kdcache.distill.trainer import DistillationTrainer, TrainingDiverged
 from kdcache.dump import dump_teacher
+from kdcache.models import ModelError
 from kdcache.tasks import DataError, get_task
 from kdcache.tasks.labels import align_to_teacher, labels_as_cached
 from kdcache.train import train_student
@@ -330,3 +336,46 @@ def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, tr
     assert any(str(teacher) in r.message and sha[:12] in r.message for r in caplog.records)
 
 
+# -- 6. train-student killed with SIGKILL resumes from its last checkpoint ----------------------------
+
+def _cache_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.iterdir()) if p.is_file()}
+
+
+def test_sigkill_of_train_student_resumes_from_its_last_checkpoint(tmp_path, kdcache_home, trained_teacher, tiny_student,
+                                                                   small_data):
+    out = tmp_path / "out"
+    config = config_for(trained_teacher, tiny_student, small_data, tmp_path, num_epochs=40, save_steps=4, logging_steps=4)
+    pipeline = write_pipeline(tmp_path / "p.yaml", **config.to_dict())
+    run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home)
+    (cache,) = kdcache_home.iterdir()
+    before = _cache_bytes(cache)
+
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", "train-student", "--config", str(pipeline)],
+                            env=cli_env(kdcache_home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "kdcache_report.json").exists(), "training finished before it could be killed"
+    done = max(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json"))
+    assert 4 <= done < 160
+
+    resumed = run_cli(["train-student", "--config", str(pipeline), "--resume-from-checkpoint", "last"], kdcache_home)
+    assert "resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
+    report = json.loads((out / "kdcache_report.json").read_text())
+    steps = [h["step"] for h in report["log_history"] if "loss" in h]
+    assert steps[-1] == 160 and min(steps) <= done  # the checkpoint's history, then the steps after it
+    assert _cache_bytes(cache) == before  # training never writes to the cache
+
+
+def test_resume_last_without_a_checkpoint_is_one_line(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
+    pipeline = write_pipeline(tmp_path / "p.yaml", **config_for(trained_teacher, tiny_student, small_data, tmp_path).to_dict())
+    run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home)
+    proc = run_cli(["train-student", "--config", str(pipeline), "--resume-from-checkpoint", "last"], kdcache_home,
+                   check=False)
+    fails_cleanly(proc, "holds no complete checkpoint", "remove resume_from_checkpoint")
+    (tmp_path / "out" / "checkpoint-8").mkdir(parents=True)  # cut short by a kill: no trainer_state.json
+    with pytest.raises(ModelError, match="incomplete checkpoint"):
+        train_student(FineTuneConfig.from_yaml(pipeline, {"resume_from_checkpoint": str(tmp_path / "out" / "checkpoint-8")}))
