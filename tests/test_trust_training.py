@@ -336,6 +336,29 @@ def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, tr
     assert any(str(teacher) in r.message and sha[:12] in r.message for r in caplog.records)
 
 
+# -- 4. a Python tokenizer's normaliser is part of its hash ------------------------------------------
+
+def test_a_slow_tokenizers_normaliser_settings_change_its_hash(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    slow = getattr(transformers, "BertTokenizerLegacy", None)
+    if slow is None:
+        pytest.skip("no Python BERT tokenizer in this transformers")
+    from kdcache.tokenizers import tokenizer_hash
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "héllo", "Hello"]) + "\n")
+    lower = slow(vocab_file=str(vocab), do_lower_case=True)
+    assert getattr(lower, "backend_tokenizer", None) is None  # the Python path is the one under test
+    cased = slow(vocab_file=str(vocab), do_lower_case=False)
+    accents = slow(vocab_file=str(vocab), do_lower_case=True, strip_accents=False)
+    assert lower.tokenize("Héllo") != cased.tokenize("Héllo") != accents.tokenize("Héllo")
+    hashes = {tokenizer_hash(t) for t in (lower, cased, accents)}
+    assert len(hashes) == 3
+    lower.save_pretrained(tmp_path / "saved")
+    assert tokenizer_hash(slow(vocab_file=str(vocab), do_lower_case=True)) == tokenizer_hash(lower)
+    assert tokenizer_hash(slow.from_pretrained(tmp_path / "saved")) == tokenizer_hash(lower)  # a round trip: the same
+
+
 # -- 6. train-student killed with SIGKILL resumes from its last checkpoint ----------------------------
 
 def _cache_bytes(cache: Path) -> dict[str, bytes]:
