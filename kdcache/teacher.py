@@ -104,3 +104,34 @@ def reduce_sampled(logits: torch.Tensor, draws: int, temperatures: tuple[float, 
     lse = torch.stack([torch.logsumexp(logp_all / t, dim=-1) for t in temperatures], dim=-1)  # [N, n_T]
     return {"idx": idx.reshape(*lead, draws), "count": count.to(torch.uint8).reshape(*lead, draws),
             "logp": logp.to(torch.float16).reshape(*lead, draws), "lse": lse.reshape(*lead, len(temperatures))}
+
+
+# -- a teacher whose task head was never trained ----------------------------------------------------
+
+def untrained_head_problem(model: torch.nn.Module, task, teacher_name: str, tolerance: float = 0.2) -> str | None:
+    """Why ``model``'s task head looks never trained (one line with the fix), or None.
+
+    A head saved right after ``from_pretrained`` added it holds its initialisation: every bias exactly
+    zero and weights of std ``config.initializer_range``. One optimizer step moves every bias, so a
+    trained head never matches both. Heads without a bias (tied LM heads) cannot be told apart this
+    way and pass; so do models whose config names no initializer_range but whose biases moved."""
+    init_std = getattr(getattr(model, "config", None), "initializer_range", None)
+    linears = []
+    for head in task.head_modules:
+        module = getattr(model, head, None)
+        if isinstance(module, torch.nn.Module):
+            linears += [(f"{head}.{name}" if name else head, m) for name, m in module.named_modules()
+                        if isinstance(m, torch.nn.Linear)]
+    with_bias = [(name, m) for name, m in linears if m.bias is not None]
+    if not with_bias:
+        return None
+    with torch.no_grad():
+        if any(bool(m.bias.any()) for _, m in with_bias):
+            return None
+        stds = [float(m.weight.float().std()) for _, m in linears]
+    if init_std and not all(abs(s - init_std) <= tolerance * init_std for s in stds):
+        return None
+    names = ", ".join(name for name, _ in linears)
+    return (f"teacher {teacher_name!r} has a {task.name} head that was never trained: {names} still hold their "
+            f"initialisation (biases all zero, weight std {max(stds):.4f} vs initializer_range {init_std}); a teacher "
+            "must be fine-tuned on the task first, e.g. `kdcache train` with use_distillation: false")

@@ -359,6 +359,26 @@ def test_a_slow_tokenizers_normaliser_settings_change_its_hash(tmp_path):
     assert tokenizer_hash(slow.from_pretrained(tmp_path / "saved")) == tokenizer_hash(lower)  # a round trip: the same
 
 
+# -- 5. a teacher whose head was never trained -------------------------------------------------------
+
+def test_a_head_saved_untrained_is_detected(tmp_path, tokenizer_dir, trained_teacher):
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from kdcache.teacher import untrained_head_problem
+
+    task = get_task("text_classification")
+    fresh = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                     intermediate_size=64, num_labels=6))
+    fresh.save_pretrained(tmp_path / "six")
+    problem = untrained_head_problem(AutoModelForSequenceClassification.from_pretrained(tmp_path / "six"), task, "six-way")
+    assert problem and "'six-way'" in problem and "never trained" in problem and "use_distillation: false" in problem
+    # the advice: fine-tune it plainly (the trained_teacher fixture is make_bert's random model after `kdcache train`)
+    init = make_bert(tmp_path / "init", tokenizer_dir, layers=4, hidden=64, seed=0)
+    assert untrained_head_problem(AutoModelForSequenceClassification.from_pretrained(init), task, "t") is not None
+    assert untrained_head_problem(AutoModelForSequenceClassification.from_pretrained(trained_teacher), task, "t") is None
+    assert untrained_head_problem(AutoModelForSequenceClassification.from_pretrained(looks_trained(init)), task, "t") is None
+
+
 # -- 6. train-student killed with SIGKILL resumes from its last checkpoint ----------------------------
 
 def _cache_bytes(cache: Path) -> dict[str, bytes]:
