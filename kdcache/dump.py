@@ -78,6 +78,7 @@ class DumpResult:
     hit: bool
     manifest: dict[str, Any]
     seconds: float = 0.0
+    repaired: bool = False  # the cache was complete for these inputs but damaged, and was repaired
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -211,7 +212,7 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
             f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory"
         )
-    names = [n for n in names if n != LOCK_NAME]  # a killed dump's lock file: not content
+    names = [n for n in names if n != LOCK_NAME and not n.endswith(TMP_SUFFIX)]  # a killed dump's lock and temp files: not content
     if force:
         return "redo" if names else "fresh"
     for marker in (MANIFEST_NAME, PROGRESS_NAME):
@@ -351,12 +352,17 @@ def dump_teacher(
             torch.distributed.broadcast_object_list(box, src=0)
             state = box[0]
         if state == "hit":
+            if rank == 0:  # killed between writing the manifest and removing the progress marker
+                with io_errors(path):
+                    (path / PROGRESS_NAME).unlink(missing_ok=True)
             manifest = json.loads((path / MANIFEST_NAME).read_text())
             log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
             return DumpResult(path, True, manifest, time.perf_counter() - start)
         try:
-            return _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
-                         spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start)
+            result = _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
+                           spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start)
+            result.repaired = state == "repair"
+            return result
         except BaseException:
             if rank == 0:
                 _clean_failed(path, state)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import MR_TRAIN, cli_env, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 
@@ -52,3 +53,68 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kdcache_home, token
     mb = json.loads((clean_dir / "manifest.json").read_text())
     assert ma["fingerprint"] == mb["fingerprint"]
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+
+
+# A child that dumps and SIGKILLs itself just before (or just after) its Nth os.replace: every rename of the
+# protocol (dump.json, each shard's data and meta json, the manifest) is a publication step.
+_KILLER = """
+import json, os, signal, sys
+from kdcache import FineTuneConfig
+from kdcache.dump import dump_teacher
+when, n = sys.argv[2], int(sys.argv[3])
+real, calls = os.replace, [0]
+def replace(*args, **kwargs):
+    calls[0] += 1
+    if when == "before" and calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*args, **kwargs)
+    if when == "after" and calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+os.replace = replace
+dump_teacher(FineTuneConfig(**json.loads(sys.argv[1])), cache_dir=sys.argv[4], shard_examples=20, progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory, tokenizer_dir):
+    """A 1-layer random BERT, 60 shipped rows, int8 hidden states: 3 shards, 8 renames (dump.json, 2 per shard, manifest)."""
+    from kdcache import FineTuneConfig
+    from kdcache.dump import dump_teacher
+
+    root = tmp_path_factory.mktemp("kills")
+    teacher = make_bert(root / "teacher", tokenizer_dir, layers=1, hidden=16, seed=5)
+    fields = dict(model_name=str(teacher), teacher_model_name=str(teacher), use_distillation=True, distill_hidden_states=True,
+                  teacher_layers_to_distill=[-1], hidden_dtype="int8", hidden_outliers=2, max_length=32, teacher_batch_size=8,
+                  train_file=str(write_jsonl(root / "train.jsonl", read_jsonl(MR_TRAIN, 60))), disable_tqdm=True)
+    config = FineTuneConfig(**fields)
+    dump_teacher(config, cache_dir=str(root / "clean"), shard_examples=20, progress=False)
+    return fields, config, root / "clean"
+
+
+# Renames: 1 dump.json, 2 shard 0's data (3 its meta json: published), 4-7 shards 1 and 2, 8 the manifest.
+# One kill before and after each kind of rename (all 16 pass too; 8 keep the test under a minute or two).
+KILL_POINTS = [("before", 1), ("after", 1), ("before", 2), ("after", 2), ("after", 3), ("after", 5), ("before", 8), ("after", 8)]
+
+
+@pytest.mark.parametrize("when, n", KILL_POINTS)
+def test_sigkill_at_every_rename_then_resume_is_identical(kill_setup, tmp_path, kdcache_home, when, n):
+    """SIGKILL just before / just after the dump's renames (only temp files written, a shard renamed but not
+    published, just published, manifest written but dump.json not yet removed): the next dump-teacher resumes (or finds the complete cache) and the
+    directory ends byte-identical to an uninterrupted dump, with no temp or lock file left."""
+    from kdcache.dump import dump_teacher
+
+    fields, config, clean = kill_setup
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", _KILLER, json.dumps(fields), when, str(n), str(cache)], env=cli_env(kdcache_home),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    result = dump_teacher(config, cache_dir=str(cache), shard_examples=20, progress=False)
+    assert result.hit == (when == "after" and n == 8)
+    names = sorted(p.name for p in cache.iterdir())
+    assert names == sorted(p.name for p in clean.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (cache / name).read_bytes() == (clean / name).read_bytes(), name
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (cache, clean))
+    assert a["fingerprint"] == b["fingerprint"] and a["shards"] == b["shards"]

@@ -136,7 +136,7 @@ def test_dump_teacher_repairs_a_damaged_cache(setup, tmp_path, damage):
     cache = _copy(setup, tmp_path)
     damage(cache)
     result = _dump(setup, cache)
-    assert not result.hit
+    assert not result.hit and result.repaired
     assert _shards(cache) == _shards(setup["pristine"])
     assert result.manifest["fingerprint"] == json.loads((setup["pristine"] / "manifest.json").read_text())["fingerprint"]
     with CacheReader(cache, verify=True) as reader:
@@ -310,13 +310,13 @@ def test_full_disk_on_a_fresh_dump_leaves_no_trace_and_one_line(setup, tmp_path,
     def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    cache = tmp_path / "cache"
+    cache = tmp_path / "new" / "cache"
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(CacheWriteError) as err:
         _dump(setup, cache)
     msg = str(err.value)
     assert "disk holding" in msg and str(cache) in msg and "full" in msg and "\n" not in msg
-    assert not cache.exists()
+    assert not (tmp_path / "new").exists()  # nor the parent the dump created
 
 
 def test_full_disk_mid_dump_keeps_published_shards_and_resumes(setup, tmp_path, monkeypatch):

@@ -18,20 +18,21 @@ from .writer import io_errors
 
 
 class CacheLock:
-    """Exclusive, non-blocking lock of a cache directory (created if missing, and removed again on
-    release when it was created here and is left empty, so a failed first dump leaves no trace)."""
+    """Exclusive, non-blocking lock of a cache directory (created if missing, with its missing parents, and
+    removed again on release when they were created here and are left empty: a failed first dump leaves no trace)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.path = self.dir / fmt.LOCK_NAME
         self._fd: int | None = None
-        self._created_dir = False
+        self._created: list[Path] = []  # directories made for the lock, deepest first
 
     def acquire(self) -> "CacheLock":
         with io_errors(self.dir):
-            if not self.dir.exists():
-                self.dir.mkdir(parents=True)
-                self._created_dir = True
+            missing = [self.dir, *self.dir.parents]
+            missing = missing[: next(i for i, d in enumerate(missing) if d.exists())]
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._created = missing
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -64,11 +65,11 @@ class CacheLock:
         finally:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
-        if self._created_dir:
+        for d in self._created:
             try:
-                self.dir.rmdir()  # only succeeds when nothing was written
+                d.rmdir()  # only succeeds when nothing was written
             except OSError:
-                pass
+                break
 
     def __enter__(self) -> "CacheLock":
         return self.acquire()
