@@ -100,8 +100,8 @@ KILL_POINTS = [("before", 1), ("after", 1), ("before", 2), ("after", 2), ("after
 @pytest.mark.parametrize("when, n", KILL_POINTS)
 def test_sigkill_at_every_rename_then_resume_is_identical(kill_setup, tmp_path, kdcache_home, when, n):
     """SIGKILL just before / just after the dump's renames (only temp files written, a shard renamed but not
-    published, just published, manifest written but dump.json not yet removed): the next dump-teacher resumes (or finds the complete cache) and the
-    directory ends byte-identical to an uninterrupted dump, with no temp or lock file left."""
+    published, just published, manifest written but dump.json not yet removed): the next dump-teacher resumes
+    (or finds the complete cache) and the directory ends byte-identical to an uninterrupted dump, with no temp or lock file left."""
     from kdcache.dump import dump_teacher
 
     fields, config, clean = kill_setup
