@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,11 @@ class FineTuneConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"FineTuneConfig.{name} ({flag_name(name)}): {why}")
 
+        for name in _float_fields():  # inf or nan trains a NaN model (or overflows an epoch count)
+            values = getattr(self, name)
+            for value in values if isinstance(values, (list, tuple)) else [values]:
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                    raise bad(name, f"must be a finite number, got {value}")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise bad("model_name", "is required: a hub name, a local model directory or pypi:PACKAGE")
         if self.task_type not in TASK_TYPES:
@@ -260,8 +266,9 @@ class FineTuneConfig:
             raise bad("hidden_pooling", f"must be one of {', '.join(HIDDEN_POOLINGS)}, got {self.hidden_pooling!r}")
         if isinstance(self.hidden_outliers, bool) or not isinstance(self.hidden_outliers, int) or self.hidden_outliers < 0:
             raise bad("hidden_outliers", f"must be an integer >= 0, got {self.hidden_outliers!r}")
-        if self.hidden_loss_weight < 0:
-            raise bad("hidden_loss_weight", f"must be >= 0, got {self.hidden_loss_weight}")
+        for name in ("hidden_loss_weight", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         for name in ("teacher_layers_to_distill", "student_layers"):
@@ -314,9 +321,17 @@ class FineTuneConfig:
         if not path.is_file():
             raise ConfigError(f"--config: no such file {str(path)!r}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save the pipeline YAML as UTF-8") from None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: key {exc.key!r} is given twice (lines {exc.first} and {exc.second}): "
+                              "keep one of them (YAML would silently take the last)") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the file (a mapping of FineTuneConfig fields)") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of FineTuneConfig fields at the top level")
         merged = dict(values)
@@ -340,6 +355,39 @@ class FineTuneConfig:
 
 def _field_types() -> dict[str, Any]:
     return get_type_hints(FineTuneConfig)
+
+
+def _float_fields() -> list[str]:
+    """Fields holding floats (float, Optional[float], list[float]): each value must be finite."""
+    names = []
+    for name, hint in _field_types().items():
+        args = get_args(hint)
+        if hint is float or float in args or any(get_args(a) == (float,) for a in args) or get_args(hint) == (float,):
+            names.append(name)
+    return names
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
