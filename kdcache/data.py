@@ -8,6 +8,7 @@ so teacher and student number the same features the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Optional
@@ -23,14 +24,87 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 
 
 def load_file(path: str, option: str) -> Dataset:
-    """Load one local data file as a Dataset."""
+    """Load one local data file as a Dataset; an empty, unreadable or non-UTF-8 file is a DataError
+    naming the file and the reason (the datasets builders' own messages are often empty or generic)."""
     p = Path(path)
+    flag = "--" + option.replace("_", "-")
     if not p.is_file():
-        raise DataError(f"{option} ({'--' + option.replace('_', '-')}): no such file {path!r}")
+        raise DataError(f"{option} ({flag}): no such file {path!r}")
+    if p.stat().st_size == 0:
+        raise DataError(f"{option} ({flag}): {path!r} is empty (0 bytes): give a file with at least one row")
     try:
-        return load_dataset(_BUILDERS[p.suffix.lower()], data_files=str(p), split="train")
+        with _quiet_datasets_logs():
+            dataset = load_dataset(_BUILDERS[p.suffix.lower()], data_files=str(p), split="train")
     except Exception as exc:  # noqa: BLE001 - the datasets builders raise many types
-        raise DataError(f"{option}: cannot read {path!r} as {p.suffix} data: {exc}") from None
+        raise DataError(f"{option} ({flag}): cannot read {path!r} as {p.suffix} data: {_reason(exc)}") from None
+    bad = _invalid_utf8(dataset)
+    if bad is not None:
+        raise DataError(f"{option} ({flag}): {path!r} is not valid UTF-8 (column {bad[0]!r}, row {bad[1]}, counting from 0): "
+                        "re-save the file as UTF-8")
+    return dataset
+
+
+@contextlib.contextmanager
+def _quiet_datasets_logs():
+    """The builders log a failed read at ERROR (twice, with the root handler) before raising; the DataError
+    raised instead says it in one line."""
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a file could not be read: the innermost informative error of the chain."""
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, UnicodeDecodeError) for e in chain):
+        return "it is not valid UTF-8 text; re-save it as UTF-8"
+    if any("corresponds to no data" in str(e) for e in chain):
+        return "it holds no rows; give a file with at least one row"
+    if any(isinstance(e, StopIteration) for e in chain):  # the json builder on a file of blank lines
+        return "it holds no rows; give a file with at least one row"
+    for e in reversed(chain):
+        text = " ".join(str(e).split())
+        if text and "error occurred while generating the dataset" not in text:
+            return f"{type(e).__name__}: {text}"
+    return type(chain[-1]).__name__
+
+
+def _invalid_utf8(dataset: Dataset) -> Optional[tuple[str, int]]:
+    """(column, row) of the first string that is not valid UTF-8, or None. The JSON reader does not check
+    (a bad byte surfaces later as a UnicodeDecodeError deep in training); a full validation is linear and in C++."""
+    import pyarrow as pa
+
+    table = dataset.data.table
+    try:
+        table.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        pass
+    for name in table.column_names:
+        offset = 0
+        for chunk in table.column(name).chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid:
+                lo, hi = 0, len(chunk)  # bisect to the first bad row: [lo, hi) holds it
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    try:
+                        chunk.slice(lo, mid - lo).validate(full=True)
+                        lo = mid
+                    except pa.ArrowInvalid:
+                        hi = mid
+                return name, offset + lo
+            offset += len(chunk)
+    return table.column_names[0], 0
 
 
 def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
@@ -57,7 +131,7 @@ def require_train(dataset: Optional[Dataset], config: FineTuneConfig) -> Dataset
     """The training split (given or named by the config); an error if there is none."""
     dataset = load_split(config, "train", dataset)
     if dataset is None:
-        raise DataError("no training data: set train_file (--train-file) or dataset_name, or pass train_dataset")
+        raise DataError("no training data: set train_file (--train-file PATH) or dataset_name (--dataset-name NAME)")
     return dataset
 
 
