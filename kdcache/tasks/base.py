@@ -51,6 +51,70 @@ class DataError(ValueError):
     """The data does not fit the run: the message says what is wrong and how to fix it."""
 
 
+def user_columns(dataset) -> list[str]:
+    """The dataset's columns as the user named them (without kdcache's own example-id column)."""
+    return [c for c in dataset.column_names if c != EXAMPLE_ID]
+
+
+_KIND_TEXT = {"text": "a text (a string)", "texts": "a text or a list of texts", "words": "a list of words (strings)"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "words":
+        return isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value)
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value))
+
+
+def _feature_fits(feature, kind: str) -> bool:
+    """Whether every non-null value of a datasets feature fits ``kind``, so that only nulls remain to
+    check (a Json feature, datasets' type for mixed JSON values, never does)."""
+    from datasets import Value
+
+    def is_str(f) -> bool:
+        return isinstance(f, Value) and f.dtype in ("string", "large_string")
+
+    def is_str_list(f) -> bool:
+        return type(f).__name__ in ("List", "LargeList", "Sequence") and is_str(getattr(f, "feature", None))
+
+    return {"text": is_str, "words": is_str_list, "texts": lambda f: is_str(f) or is_str_list(f)}[kind](feature)
+
+
+def check_values(dataset, column: str, option: str, kind: str, split: str, chunk: int = 50_000) -> None:
+    """DataError naming the first row whose ``column`` value is null or not ``kind`` ("text", "texts",
+    "words"). A chunk whose Arrow type already fits is checked for nulls in Arrow (no Python values);
+    others (mixed JSON values, numbers, lists with null words) row by row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrow = dataset.with_format("arrow")
+    typed = _feature_fits(dataset.features.get(column), kind)
+    for lo in range(0, len(dataset), chunk):
+        values = arrow[lo:lo + chunk][column]  # pa.ChunkedArray, in the dataset's row order
+        is_list = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+        if typed and (not is_list or pc.list_flatten(values).null_count == 0):  # a null word inside a list: row by row
+            if values.null_count == 0:
+                continue
+            first = pc.index(values.is_null(), True).as_py()
+        else:
+            decoded = dataset.with_format(None)[lo:lo + chunk][column]  # Python values (a Json feature decoded)
+            first = next((i for i, v in enumerate(decoded) if not _fits(v, kind)), None)
+            if first is None:
+                continue
+        row = lo + first
+        value = dataset[row][column]
+        what = "null (a missing value)" if value is None else f"{type(value).__name__} {_shorten(value)}"
+        example_id = dataset[row].get(EXAMPLE_ID, row)
+        raise DataError(f"{split} data row {example_id} (counting from 0): column {column!r} holds {what}, not {_KIND_TEXT[kind]}: "
+                        f"fix or drop that row, or set {option} (--{option.replace('_', '-')}) to the right column")
+
+
+def _shorten(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass
 class LabelInfo:
     """The label vocabulary of a run, fixed from the training split (empty for span tasks)."""
@@ -89,17 +153,29 @@ class Task:
         fields left None in the config (an optional column) are skipped."""
         raise NotImplementedError
 
+    def value_fields(self, config: FineTuneConfig, need_labels: bool) -> list[tuple[str, str]]:
+        """(config field naming a column, what each value must be) for the columns whose every value
+        check_columns verifies: "text" (a string), "texts" (a string or a list of strings) or "words" (a
+        list of strings). Default: the input columns of column_fields hold text. A null or a list where text
+        belongs would otherwise be tokenized as "None" or "['a', 'b']"."""
+        return [(option, "text") for option, _ in self.column_fields(need_labels=False)]
+
     def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
-        """Raise DataError if the dataset is empty or a needed column is missing (naming the option to set)."""
+        """Raise DataError if the dataset is empty, a needed column is missing (naming the option to set), or
+        a value is not what its column must hold (naming the column and row)."""
         if len(dataset) == 0:
             raise DataError(f"the {split} dataset is empty: give a file or split with at least one row")
         for option, what in self.column_fields(need_labels):
             column = getattr(config, option)
             if column is not None and column not in dataset.column_names:
                 raise DataError(
-                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(dataset.column_names)}); "
+                    f"the {split} dataset has no column {column!r} (its columns: {', '.join(user_columns(dataset))}); "
                     f"set {option} (--{option.replace('_', '-')}) to the column holding {what}"
                 )
+        for option, kind in self.value_fields(config, need_labels):
+            column = getattr(config, option)
+            if column is not None and column in dataset.column_names:
+                check_values(dataset, column, option, kind, split)
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
         """The label vocabulary from the training split; DataError on malformed labels."""

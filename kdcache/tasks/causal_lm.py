@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, ensure_example_ids, example_positions
+from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, ensure_example_ids, example_positions, user_columns
 from kdcache.tasks.vocab_head import VocabularyHead
 
 OFFSETS = "offsets"  # feature column and stored target: [n_positions, 2] (context_end, target_end) characters
@@ -62,11 +62,15 @@ class CausalLM(VocabularyHead):
                 ("prompt_column", "the prompt before each text (it carries no loss)"),
                 ("ignore_spans_column", "character spans [[start, end], ...] of the text that carry no loss")]
 
+    def value_fields(self, config: FineTuneConfig, need_labels: bool) -> list[tuple[str, str]]:
+        # chat conversations and ignore spans are checked row by row as they are encoded
+        return [] if config.messages_column else [("prompt_column", "text"), ("text_column", "text")]
+
     def check_columns(self, dataset, config: FineTuneConfig, split: str, need_labels: bool) -> None:
         super().check_columns(dataset, config, split, need_labels)
         if not config.messages_column and config.text_column not in dataset.column_names:
             raise DataError(f"the {split} dataset has no column {config.text_column!r} (its columns: "
-                            f"{', '.join(dataset.column_names)}); set text_column (--text-column) to the column holding the text, "
+                            f"{', '.join(user_columns(dataset))}); set text_column (--text-column) to the column holding the text, "
                             "or messages_column (--messages-column) to a column of chat conversations")
 
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:

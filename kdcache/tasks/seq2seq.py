@@ -143,6 +143,9 @@ class Summarization(Seq2SeqTask):
         fields = [("text_column", "the document to summarize")]
         return fields + ([("summary_column", "the reference summary")] if need_labels else [])
 
+    def value_fields(self, config: FineTuneConfig, need_labels: bool) -> list[tuple[str, str]]:
+        return [("text_column", "text")] + ([("summary_column", "texts")] if need_labels else [])  # several references allowed
+
     def sources(self, batch, config):
         return [str(t) for t in batch[config.text_column]]
 
@@ -180,6 +183,9 @@ class Translation(Seq2SeqTask):
     def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
         return [("text_column", "the {language: text} translation pairs")]
 
+    def value_fields(self, config: FineTuneConfig, need_labels: bool) -> list[tuple[str, str]]:
+        return []  # dicts: check_columns checks each row's languages
+
     def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
         return {**super().feature_params(config), "source_lang": config.source_lang, "target_lang": config.target_lang}
 
@@ -195,6 +201,15 @@ class Translation(Seq2SeqTask):
             if lang is None or lang not in first:
                 what = "is not set" if lang is None else f"is {lang!r}, not a key of the translation dicts"
                 raise DataError(f"{option} (--{option.replace('_', '-')}) {what}: set it to one of the {split} data's languages ({langs})")
+        wanted_langs = [lang for _, lang in wanted]
+        for lo in range(0, len(dataset), 50_000):
+            for i, pair in enumerate(dataset[lo:lo + 50_000][config.text_column], start=lo):
+                bad = next((lang for lang in wanted_langs if not isinstance(pair, dict) or not isinstance(pair.get(lang), str)), None)
+                if bad is not None:
+                    value = pair.get(bad) if isinstance(pair, dict) else pair
+                    raise DataError(f"{split} data row {i} (counting from 0): column {config.text_column!r} holds "
+                                    f"{'null' if value is None else repr(value)[:40]} for language {bad!r}, not a text: "
+                                    "every row needs a string per language; fix or drop that row")
 
     def sources(self, batch, config):
         return [str(pair[config.source_lang]) for pair in batch[config.text_column]]

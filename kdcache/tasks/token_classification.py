@@ -48,6 +48,9 @@ class TokenClassification(Task):
     def column_fields(self, need_labels: bool) -> list[tuple[str, str]]:
         return [("text_column", "the word lists")] + ([("label_column", "the tag lists")] if need_labels else [])
 
+    def value_fields(self, config: FineTuneConfig, need_labels: bool) -> list[tuple[str, str]]:
+        return [("text_column", "words")]  # a null word would be tokenized as "None"
+
     def label_info(self, train_dataset, config: FineTuneConfig) -> LabelInfo:
         self.check_columns(train_dataset, config, "train", need_labels=True)
         col = config.label_column
