@@ -17,8 +17,16 @@ class ModelError(ValueError):
     """A model cannot be found or does not fit the run."""
 
 
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local directory: absolute, relative (./, ../), ~, or with more than one
+    "/" (a hub name is "name" or "org/name"). Hub names are left to the hub."""
+    return (name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
 def resolve_model_path(name: str) -> str:
-    """Turn a config's model name into what `from_pretrained` takes."""
+    """Turn a config's model name into what `from_pretrained` takes. A local directory must exist and hold
+    config.json: otherwise Hugging Face answers with a confusing hub error ("Repo id must be in the form ...")."""
     if name.startswith("pypi:"):
         module_name = name[len("pypi:"):].replace("-", "_")
         try:
@@ -30,8 +38,19 @@ def resolve_model_path(name: str) -> str:
             ) from None
         if not hasattr(module, "get_model_path"):
             raise ModelError(f"model {name!r}: package {module_name!r} has no get_model_path()")
-        return str(module.get_model_path())
-    return name
+        path = str(module.get_model_path())
+    else:
+        path = os.path.expanduser(name) if name.startswith("~") else name
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"model {name!r}: directory {path} has no config.json, so it is not a saved model: give the "
+                             "directory that save_pretrained wrote (config.json, weights and tokenizer files)")
+    elif os.path.exists(path):
+        raise ModelError(f"model {name!r}: {path} is a file: give the model's directory (the one holding config.json)")
+    elif looks_like_path(path) or name.startswith("pypi:"):
+        raise ModelError(f"model {name!r}: directory {path} does not exist: check the path (relative paths start from "
+                         f"{os.getcwd()}), or give a hub name such as 'org/name'")
+    return path
 
 
 def model_identity(name: str) -> dict[str, Any]:
