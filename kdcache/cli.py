@@ -1,18 +1,21 @@
 """The `kdcache` command line (click). Every `--field-name` option maps to one FineTuneConfig
-field; `--config` reads a pipeline YAML and the flags override it."""
+field; `--config` reads a pipeline YAML and the flags override it.
+
+Only click and the config load at import: torch, transformers and datasets load inside the
+commands that use them, so that `kdcache --help` answers at once."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
+import sys
 from typing import Any, Callable, Optional
 
 import click
 
 from kdcache.config import ConfigError, FineTuneConfig, flag_name
-
-_USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -25,13 +28,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, CacheError, DataError, ModelError, LayerError)
 
 
+def one_line(message: str) -> str:
+    """A user error as one line (messages quoting other libraries' errors may span several)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def _handle_errors(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except _user_errors() as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
 
     return wrapper
 
@@ -48,8 +56,21 @@ def config_options(func: Callable) -> Callable:
 def resolve_config(config_path: Optional[str], fields: dict[str, Any]) -> FineTuneConfig:
     overrides = {k: v for k, v in fields.items() if v is not None}
     if config_path:
-        return FineTuneConfig.from_yaml(config_path, overrides)
-    return FineTuneConfig.from_dict(overrides, source="command line")
+        config = FineTuneConfig.from_yaml(config_path, overrides)
+    else:
+        config = FineTuneConfig.from_dict(overrides, source="command line")
+    if config.disable_tqdm:
+        _hide_library_bars()
+    return config
+
+
+def _hide_library_bars() -> None:
+    """disable_tqdm hides the libraries' bars too (datasets' tokenizing, transformers' saving), not only kdcache's."""
+    from datasets.utils import logging as ds_logging
+    from transformers.utils import logging as hf_logging
+
+    ds_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
 
 
 def _split_fields(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -64,9 +85,13 @@ def main(verbose: bool) -> None:
     """kdcache: run the teacher once into a cache, then train many students from it."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        from transformers.utils import logging as hf_logging
+        # transformers reads this when it is first imported (inside a command): importing it here would cost
+        # `kdcache <command> --help` seconds.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
+            hf_logging.set_verbosity_error()
 
 
 @main.command("dump-teacher")
@@ -81,7 +106,7 @@ def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[s
 
     fields, _ = _split_fields(kwargs)
     config = resolve_config(config_path, fields)
-    result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples)
+    result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples, progress=not config.disable_tqdm)
     m = result.manifest
     state = "cache hit (complete, nothing to do)" if result.hit else f"dumped in {result.seconds:.1f}s"
     features = f" ({m['num_features']} features)" if m.get("num_features", m["rows"]) != m.get("num_examples") else ""
@@ -137,6 +162,7 @@ def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:
 
 @main.command("recommend")
 @click.option("--task", "task_type", default=None, help="Only this task.")
+@_handle_errors
 def recommend_cmd(task_type: Optional[str]) -> None:
     """The guide's recommended teachers, students, temperatures and layers."""
     from kdcache.recommend import format_recommendations
@@ -160,7 +186,7 @@ def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Opt
     task = get_task(config.task_type)
     eval_ds = kdata.load_split(config, "eval")
     if eval_ds is None:
-        raise DataError("compare needs evaluation data: set eval_file (--eval-file) or dataset_name")
+        raise DataError("compare needs evaluation data: set eval_file (--eval-file PATH) or dataset_name (--dataset-name NAME)")
     labels = task.label_info(kdata.require_train(None, config), config)
     t = evaluate_model(teacher or config.teacher_model_name, config, eval_ds, labels)
     s = evaluate_model(student or config.output_dir, config, eval_ds, labels)

@@ -24,7 +24,7 @@ class FineTunePipeline:
         """Train on `datasets.Dataset` objects (or the config's files when omitted)."""
         cache_dir = None
         if self.config.use_distillation:
-            self.dump_result = dump_teacher(self.config, train_dataset=train_dataset)
+            self.dump_result = dump_teacher(self.config, train_dataset=train_dataset, progress=not self.config.disable_tqdm)
             cache_dir = str(self.dump_result.cache_dir)
         self.result = train_student(self.config, train_dataset=train_dataset, eval_dataset=eval_dataset, cache_dir=cache_dir)
         return self.result

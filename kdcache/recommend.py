@@ -117,7 +117,11 @@ def default_layers(task_type: str) -> list[int]:
 
 
 def format_recommendations(task_type: str | None = None) -> str:
-    """Human-readable tables for `kdcache recommend`."""
+    """Human-readable tables for `kdcache recommend`; an unknown task is a ConfigError listing the known ones."""
+    if task_type and task_type not in _LAYER_FAMILY:
+        from kdcache.config import ConfigError
+
+        raise ConfigError(f"--task: unknown task {task_type!r}; choose one of {', '.join(_LAYER_FAMILY)}")
     tasks = [task_type] if task_type else list(_LAYER_FAMILY)
     lines = []
     for task in tasks:
