@@ -378,3 +378,59 @@ def test_cache_dir_under_a_file_is_one_line(setup, tmp_path, kdcache_home):
     assert f.read_text() == "x"
     pipe = write_pipeline(tmp_path / "p.yaml", **{**setup["config"].to_dict(), "cache_dir": str(f / "sub")})
     fails_cleanly(run_cli(["dump-teacher", "--config", str(pipe)], kdcache_home, check=False), "file.txt", "not a directory")
+
+
+# -- item 4: the other messages of a damaged or foreign directory, each followed ------------------------------------
+
+
+def test_incomplete_cache_advice_resumes_and_trains(setup, tmp_path):
+    """A dump killed after two of three shards: train-student says to re-run dump-teacher to resume; that
+    resumes (only the missing shard is written) and training then works."""
+    from kdcache.train import train_student
+
+    cache = _copy(setup, tmp_path)
+    m = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").unlink()
+    (cache / "shard-00002.json").unlink()
+    (cache / "dump.json").write_text(json.dumps({k: m[k] for k in ("fingerprint", "fingerprint_inputs", "num_examples",
+                                                                     "num_features", "shard_examples")}))
+    config = setup["config"].replace(cache_dir=str(cache))
+    with pytest.raises(CacheError, match=r"incomplete cache \(the dump did not finish\): re-run dump-teacher to resume"):
+        train_student(config, save=False, max_steps=1)
+    kept = (cache / "shard-00000.arrow").stat().st_mtime_ns
+    assert not _dump(setup, cache).hit
+    assert (cache / "shard-00000.arrow").stat().st_mtime_ns == kept and _shards(cache) == _shards(setup["pristine"])
+    train_student(config, save=False, max_steps=1)
+
+
+def test_shards_without_any_marker_advice_force_works(setup, tmp_path):
+    """Shards with neither manifest.json nor dump.json cannot be matched to any inputs: the advice is --force,
+    and --force rebuilds the cache."""
+    cache = _copy(setup, tmp_path)
+    (cache / "manifest.json").unlink()
+    with pytest.raises(CacheError, match=r"holds shard files but no dump.json; pass --force to redo it"):
+        _dump(setup, cache)
+    assert not _dump(setup, cache, force=True).hit
+    assert _shards(cache) == _shards(setup["pristine"])
+
+
+def test_other_compute_dtype_advice_force_works(setup, tmp_path, monkeypatch):
+    """A complete cache from another compute dtype is refused naming the field; --force redoes it."""
+    import contextlib
+
+    import kdcache.dump as dump
+
+    cache = _copy(setup, tmp_path)
+    monkeypatch.setattr(dump, "autocast_for", lambda dev, enabled=True: (contextlib.nullcontext(), "bfloat16"))
+    with pytest.raises(CacheMismatchError, match=r"field 'compute_dtype' is 'float32' there but 'bfloat16' for this run; pass --force"):
+        _dump(setup, cache)
+    result = _dump(setup, cache, force=True)
+    assert not result.hit and result.manifest["fingerprint_inputs"]["compute_dtype"] == "bfloat16"
+
+
+def test_cache_dir_under_a_file_advice_works(setup, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(CacheError, match="choose a --cache-dir in a directory"):
+        _dump(setup, f / "sub")
+    assert not _dump(setup, tmp_path / "dir" / "sub").hit
