@@ -1,5 +1,10 @@
 """Reading a cache: validate the manifest, memory-map the shards, fetch features by id zero-copy.
 
+Opening checks every shard's sha256 against the manifest before any of its rows is used (so damage
+on disk is one CacheError naming the shard, never wrong numbers reaching a student), then validates
+the Arrow structure of every record batch (so a shard whose checksum was forged still cannot make a
+read go out of bounds).
+
 Every shard's columns become numpy views of the mapped file (flat values + list offsets) at open
 time, and the small index columns (example id, n_tokens, n_positions) are gathered into arrays
 ordered by feature id; the ``get*`` methods only index those, so a random read costs a memcpy
@@ -83,7 +88,7 @@ class CacheReader:
             self.spec = StoreSpec.from_dict(self.manifest["store"])
             self._schema = self.spec.arrow_schema()
         except Exception as e:  # noqa: BLE001 - any malformed spec is the manifest's fault
-            raise CacheError(f"{self.path}: manifest has no valid 'store' section ({e}): {_REPAIR}") from None
+            raise CacheError(f"{self.path}: manifest has no valid 'store' section ({short_repr(str(e), 200)}): {_REPAIR}") from None
         self._maps: list[pa.MemoryMappedFile] = []
         self._batches: list[_Batch] = []
         try:
