@@ -141,7 +141,8 @@ def with_example_ids(dataset: Dataset) -> Dataset:
     if EXAMPLE_ID in dataset.column_names:
         ids = np.asarray(dataset[EXAMPLE_ID])
         if not np.array_equal(np.sort(ids), np.arange(len(dataset))):
-            raise DataError(f"column {EXAMPLE_ID!r} must hold each of 0..{len(dataset) - 1} exactly once")
+            raise DataError(f"the data has a column {EXAMPLE_ID!r}, the name kdcache gives its own row numbers, but it does not "
+                            f"hold each of 0..{len(dataset) - 1} exactly once: drop or rename that column (kdcache numbers the rows itself)")
         order = np.argsort(ids, kind="stable")
         return dataset if np.array_equal(order, np.arange(len(dataset))) else dataset.select(order)
     return dataset.add_column(EXAMPLE_ID, list(range(len(dataset))))

@@ -313,3 +313,16 @@ def test_a_real_cli_run_prints_only_the_error_line(tmp_path, kdcache_home):
     fails_cleanly(proc, "latin1.csv", "not valid UTF-8")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     nothing_left(kdcache_home, tmp_path / "out")
+
+
+def test_a_users_own_example_id_column_gets_advice_that_works(tmp_path, kdcache_home, tiny_student, rows):
+    """kd_example_id is named only when the user's data itself has a column of that name, with the fix."""
+    for r in rows:
+        r["kd_example_id"] = 7
+    data = write_jsonl(tmp_path / "ids.jsonl", rows)
+    refused_line = cli(dump_args(tiny_student, data, tmp_path))
+    assert refused_line.exit_code != 0 and "drop or rename that column" in refused_line.stderr
+    for r in rows:
+        r["row_id"] = r.pop("kd_example_id")
+    result = cli(dump_args(tiny_student, write_jsonl(tmp_path / "ids.jsonl", rows), tmp_path))
+    assert result.exit_code == 0, result.output
