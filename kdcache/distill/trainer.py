@@ -97,6 +97,7 @@ class DistillationTrainer(Trainer):
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
         self._step_rows: list[int] = []  # example ids of the micro-batches of the optimizer step in progress
         self._rows_step = -1  # the global step they belong to
+        self._pending_error: Optional[Exception] = None  # a rank's non-finite loss, raised with the gradient check (DDP)
 
     # -- data -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -118,7 +119,11 @@ class DistillationTrainer(Trainer):
         self._step_rows += [int(i) for i in rows] if rows is not None else []
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not _finite(loss):
-            raise self._non_finite("the loss", float(loss), inputs)
+            error = self._non_finite("the loss", float(loss), inputs)
+            if self.args.world_size > 1:  # ranks stop together: the all-reduced gradient norm is NaN on every one
+                self._pending_error = error
+                return loss
+            raise error
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -126,7 +131,7 @@ class DistillationTrainer(Trainer):
         into the weights. fp16 with loss scaling is exempt: its scaler skips overflowing steps by design."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and self.accelerator.scaler is None and not _finite(grad_norm):
-            raise self._non_finite("the gradient norm", float(grad_norm), None)
+            raise self._pending_error or self._non_finite("the gradient norm", float(grad_norm), None)
         return grad_norm
 
     def _non_finite(self, what: str, value: float, inputs) -> Exception:
