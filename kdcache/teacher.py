@@ -132,6 +132,6 @@ def untrained_head_problem(model: torch.nn.Module, task, teacher_name: str, tole
     if init_std and not all(abs(s - init_std) <= tolerance * init_std for s in stds):
         return None
     names = ", ".join(name for name, _ in linears)
-    return (f"teacher {teacher_name!r} has a {task.name} head that was never trained: {names} still hold their "
-            f"initialisation (biases all zero, weight std {max(stds):.4f} vs initializer_range {init_std}); a teacher "
+    return (f"teacher {teacher_name!r} has a {task.name} head that was never trained: the weights of {names} are still "
+            f"at their initialisation (biases all zero, weight std {max(stds):.4f} vs initializer_range {init_std}); a teacher "
             "must be fine-tuned on the task first, e.g. `kdcache train` with use_distillation: false")
