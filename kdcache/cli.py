@@ -108,7 +108,8 @@ def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[s
     config = resolve_config(config_path, fields)
     result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples, progress=not config.disable_tqdm)
     m = result.manifest
-    state = "cache hit (complete, nothing to do)" if result.hit else f"dumped in {result.seconds:.1f}s"
+    done = "repaired a damaged cache" if result.repaired else "dumped"
+    state = "cache hit (complete, nothing to do)" if result.hit else f"{done} in {result.seconds:.1f}s"
     features = f" ({m['num_features']} features)" if m.get("num_features", m["rows"]) != m.get("num_examples") else ""
     click.echo(f"{result.cache_dir}: {state}; {m.get('num_examples', m['rows'])} examples{features}, "
                f"{m.get('input_tokens', m['tokens'])} tokens, {m['bytes'] / 2**20:.2f} MiB")
@@ -148,7 +149,8 @@ def _report(result) -> None:
 
 @main.command("inspect")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--verify", is_flag=True, help="Also check every shard's sha256 (and the teacher's stored responses').")
+@click.option("--verify", is_flag=True, help="Also check the manifest's own checksum, that the shards cover every feature id once, "
+              "the row/token/byte totals and the teacher's stored responses (every shard's sha256 is checked on any read).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_handle_errors
 def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:

@@ -61,7 +61,7 @@ from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_input
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
-from kdcache.teacher import reduce_sampled, reduce_topk, resolve_layers, select_hidden
+from kdcache.teacher import reduce_sampled, reduce_topk, resolve_layers, select_hidden, untrained_head_problem
 from kdcache.tokenizers import tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,13 @@ def store_spec_for(config: FineTuneConfig, task, model_config, labels, tokenizer
     hidden = None
     layers = requested_layers(config)
     if layers is not None:
+        hidden_size = int(task.hidden_config(model_config).hidden_size)
+        if config.hidden_dtype == "int8" and config.hidden_outliers >= hidden_size:
+            raise ValueError(f"hidden_outliers (--hidden-outliers) {config.hidden_outliers} must be below the teacher's hidden size "
+                             f"{hidden_size}: set it to {hidden_size - 1} or less (default 8)")
         hidden = HiddenSpec(
             layers=resolve_layers(layers, task.hidden_config(model_config).num_hidden_layers),
-            hidden_size=int(task.hidden_config(model_config).hidden_size),
+            hidden_size=hidden_size,
             dtype=config.hidden_dtype,
             pooling=config.hidden_pooling,
             n_outliers=config.hidden_outliers if config.hidden_dtype == "int8" else 0,
@@ -274,6 +278,11 @@ def load_teacher(task, teacher_name: str, teacher_path: str):
             f"teacher {teacher_name!r} has no trained {task.name} head (missing {', '.join(sorted(untrained)[:2])}): "
             "a teacher must be fine-tuned on the task first, e.g. `kdcache train` with use_distillation: false"
         )
+    # A head saved right after from_pretrained added it is detected by its weights alone, which is a
+    # heuristic: warned about, not refused (benchmarks time random teachers on purpose).
+    problem = untrained_head_problem(model, task, teacher_name)
+    if problem:
+        log.warning("%s", problem)
     return model
 
 

@@ -116,6 +116,23 @@ def test_a_teacher_without_a_trained_head_is_refused(tmp_path, kdcache_home, tok
     assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
 
 
+def test_a_teacher_whose_head_was_never_trained_is_warned_about(tmp_path, kdcache_home, tokenizer_dir, small_data,
+                                                               trained_teacher, caplog):
+    """A 2-way head saved right after from_pretrained added it (random weights, zero biases) is dumped with
+    a warning naming the head and the fix; the fine-tuned teacher dumps without one."""
+    fresh = make_bert(tmp_path / "fresh", tokenizer_dir, layers=2, hidden=32, seed=3)
+    for teacher, warned in ((fresh, True), (trained_teacher, False)):
+        config = FineTuneConfig(model_name=str(teacher), teacher_model_name=str(teacher), use_distillation=True,
+                                train_file=str(small_data["train"]), max_length=48, max_train_samples=32)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kdcache.dump"):
+            dump_teacher(config, cache_dir=str(tmp_path / f"cache-{warned}"), progress=False)
+        lines = [r.getMessage() for r in caplog.records if "never trained" in r.getMessage()]
+        assert bool(lines) == warned, lines
+        if warned:
+            assert "classifier" in lines[0] and "`kdcache train` with use_distillation: false" in lines[0]
+
+
 def test_no_cache_advice_followed_works(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     """'no teacher cache ...: run `kdcache dump-teacher` with the same config first': doing so lets train-student run."""
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path, max_train_samples=64)
