@@ -394,13 +394,16 @@ def test_sigkill_of_train_student_resumes_from_its_last_checkpoint(tmp_path, kdc
     (cache,) = kdcache_home.iterdir()
     before = _cache_bytes(cache)
 
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", "train-student", "--config", str(pipeline)],
-                            env=cli_env(kdcache_home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "kdcache", "train-student", "--config", str(pipeline)],
+                                env=cli_env(kdcache_home), stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(out.glob("checkpoint-*/trainer_state.json")):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     assert not (out / "kdcache_report.json").exists(), "training finished before it could be killed"
     done = max(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json"))
     assert 4 <= done < 160
