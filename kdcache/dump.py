@@ -61,6 +61,7 @@ from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_input
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
+from kdcache.tasks.labels import align_to_teacher
 from kdcache.teacher import reduce_sampled, reduce_topk, resolve_layers, select_hidden, untrained_head_problem
 from kdcache.tokenizers import tokenizer_hash
 
@@ -314,6 +315,7 @@ def dump_teacher(
         model_config = AutoConfig.from_pretrained(teacher_path)
     except OSError as exc:
         raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its config ({exc})") from None
+    labels = align_to_teacher(model_config, labels)  # string labels in the order of the teacher's head, if it names them
     problem = task.check_teacher_config(model_config, labels, teacher_name)
     if problem:
         raise ModelError(problem)

@@ -218,23 +218,8 @@ def test_a_head_naming_other_classes_is_refused_naming_both():
             FineTuneConfig(model_name="m"))).to_dict(), "cache")
 
 
-@pytest.fixture()
-def dump_aligns_labels(monkeypatch):
-    """dump.py's `labels = align_to_teacher(model_config, labels)` before its teacher check, emulated until it is
-    wired in (a no-op afterwards: aligned labels align to themselves)."""
-    from kdcache.tasks.text_classification import TextClassification
-
-    original = TextClassification.check_teacher_config
-
-    def check(self, model_config, labels, teacher_name):
-        labels.__dict__.update(align_to_teacher(model_config, labels).__dict__)
-        return original(self, model_config, labels, teacher_name)
-
-    monkeypatch.setattr(TextClassification, "check_teacher_config", check)
-
-
 def test_an_mnli_ordered_teacher_trains_the_student_in_its_order(tmp_path, kdcache_home, tokenizer_dir, tiny_student,
-                                                                dump_aligns_labels, monkeypatch):
+                                                                monkeypatch):
     from transformers import AutoConfig
 
     teacher = make_bert(tmp_path / "teacher", tokenizer_dir, layers=2, hidden=32, num_labels=3)
