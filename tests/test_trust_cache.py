@@ -74,19 +74,28 @@ def _flip_in_column(cache, column, index=1, nth_byte=1):
 
 @pytest.mark.parametrize("column", ["hidden_scale", "logits", "hidden_q", "hidden_outlier_val"])
 def test_a_flipped_byte_is_refused_before_any_row_is_read(setup, tmp_path, column):
-    """A flipped byte in a hidden-state scale, a logit or any other column: one CacheError naming the shard
-    and the repair command, at open (the sha256 of every shard is checked before its rows are used)."""
+    """A flipped byte in a hidden-state scale, a logit or any other column: the cache opens (its shards are
+    hashed in the background), and the first read of the damaged shard, and every later one, is one CacheError
+    naming the shard and the repair command; the other shards read; verify=True refuses at open."""
     cache = _copy(setup, tmp_path)
     _flip_in_column(cache, column)
-    with pytest.raises(CacheError) as err:
-        CacheReader(cache)
-    msg = str(err.value)
-    assert "shard 1 (" in msg and "shard-00001.arrow" in msg and "corrupt" in msg and REPAIR in msg and "\n" not in msg
+    with CacheReader(cache) as reader:
+        lo, hi = reader.manifest["shards"][1]["id_range"]
+        for _ in range(2):
+            with pytest.raises(CacheError) as err:
+                reader.get([0, lo, hi - 1])
+            msg = str(err.value)
+            assert "shard 1 (" in msg and "shard-00001.arrow" in msg and "corrupt" in msg and REPAIR in msg and "\n" not in msg
+        assert len(reader.get([0, hi]).feature_ids) == 2
+        assert 1 not in reader.verified_shards()
+    with pytest.raises(CacheError, match=r"shard 1 \(.*shard-00001.arrow\) is corrupt"):
+        CacheReader(cache, verify=True)
 
 
 def test_corrupt_shard_advice_followed_repairs_and_trains(setup, tmp_path, kdcache_home):
-    """train-student (CLI) refuses a flipped scale naming the shard and `kdcache dump-teacher`; running that
-    command repairs the cache (only the bad shard is redone, identically), and train-student then trains."""
+    """train-student (CLI) refuses a flipped scale naming the shard and `kdcache dump-teacher` (one line, raised
+    by the first read of the shard, in the read-ahead thread or the step's); running that command repairs the
+    cache (only the bad shard is redone, identically), and train-student then trains."""
     cache = _copy(setup, tmp_path)
     pipe = write_pipeline(tmp_path / "p.yaml", **{**setup["config"].to_dict(), "cache_dir": str(cache),
                                                   "output_dir": str(tmp_path / "student")})
@@ -95,7 +104,7 @@ def test_corrupt_shard_advice_followed_repairs_and_trains(setup, tmp_path, kdcac
                          "shard 1", "corrupt", "kdcache dump-teacher")
     assert "delete" not in line
     out = run_cli(["dump-teacher", "--config", str(pipe), "--shard-examples", "20"], kdcache_home)
-    assert "cache hit" not in out.stdout and "dumped" in out.stdout
+    assert "cache hit" not in out.stdout and "repaired a damaged cache" in out.stdout
     assert _shards(cache) == _shards(setup["pristine"])
     run_cli(["train-student", "--config", str(pipe)], kdcache_home)
     assert (tmp_path / "student" / "kdcache_report.json").exists()

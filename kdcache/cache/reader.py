@@ -1,33 +1,42 @@
 """Reading a cache: validate the manifest, memory-map the shards, fetch features by id zero-copy.
 
-Opening checks every shard's sha256 against the manifest before any of its rows is used (so damage
-on disk is one CacheError naming the shard, never wrong numbers reaching a student), then validates
-the Arrow structure of every record batch (so a shard whose checksum was forged still cannot make a
-read go out of bounds).
+No teacher output (target or hidden state) of a shard is returned before that shard's sha256 has been
+checked against the manifest, so damage on disk is one CacheError naming the shard, never wrong numbers
+reaching a student. The hashing is lazy and overlapped: opening checks the manifest, every shard's size and
+the Arrow structure of every record batch (so a shard whose checksum was forged still cannot make a read go
+out of bounds), starts hashing the shards in background threads (``kdcache-verify-N``) and returns; the first
+read of a shard waits for its hash (or hashes it in the reading thread when no one has started it), and a
+mismatch raises at that read and at every later read of the shard. Reads of verified shards pay one flag
+check. ``verify=True`` hashes every shard at open, before mapping any. The small index columns (feature id,
+example id, n_tokens, n_positions) are read at open to build the index and checked for consistency there,
+so ``n_tokens`` / ``example_ids`` / ``n_positions`` do not wait for the hashes.
 
 Every shard's columns become numpy views of the mapped file (flat values + list offsets) at open
-time, and the small index columns (example id, n_tokens, n_positions) are gathered into arrays
-ordered by feature id; the ``get*`` methods only index those, so a random read costs a memcpy
-(and a dequantisation for int8) per feature and no pyarrow call. Hidden states are decoded only
-for the layers asked for. Read-only after ``__init__``, hence safe for concurrent reads from a
-prefetch thread.
+time, and the small index columns are gathered into arrays ordered by feature id; the ``get*``
+methods only index those, so a random read costs a memcpy (and a dequantisation for int8) per feature
+and no pyarrow call. Hidden states are decoded only for the layers asked for. Read-only after
+``__init__`` (but for the verification state, which is behind a lock), hence safe for concurrent reads
+from a prefetch thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from . import format as fmt
 from .errors import CacheError, CacheMismatchError, short_repr
-from .fingerprint import canonical_json, sha256_file
+from .fingerprint import canonical_json
 from .format import StoreSpec, TargetSpec
 from .quant import dequantize_int8, float16_to_float32
 
@@ -67,21 +76,169 @@ def _column_views(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
     return arr.to_numpy(zero_copy_only=True), None
 
 
+# A shard's sha256 check: not started, being hashed (by a background thread or a reader), matched, or not.
+_PENDING, _HASHING, _GOOD, _BAD = range(4)
+_HASH_CHUNK = 1 << 20  # bytes per read + hashlib update: close() waits at most this much hashing per thread
+_LIVE: "weakref.WeakSet[_ShardVerifier]" = weakref.WeakSet()  # verifiers whose lock a forked child must renew
+
+
+class _ShardVerifier:
+    """Every shard's sha256 against the manifest, hashed shard by shard by background threads (the shards a
+    reader waits for first) or by a reading thread that needs a shard no one has started.
+
+    Holds no reference to its CacheReader, so an unclosed reader can still be collected (its finalizer
+    stops the hashing, as does the interpreter's exit)."""
+
+    def __init__(self, entries: list[dict], path: Path):
+        self._paths = [path / meta["file"] for meta in entries]
+        self._index = [meta["index"] for meta in entries]  # the manifest's shard numbers, for messages
+        self._sha = [meta["sha256"] for meta in entries]
+        self._state = [_PENDING] * len(entries)  # per shard position
+        self._errors: dict[int, str] = {}  # shard position -> the CacheError message every read of it raises
+        self._urgent: deque[int] = deque()  # shards a reader waits for: hashed before the rest
+        self._scan = 0  # background threads have claimed every shard position below this
+        self._good = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self.done = not entries  # every shard matched: read without the lock (set once, never unset)
+        _LIVE.add(self)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def start(self, workers: int) -> None:
+        """Hash every shard in ``workers`` daemon threads (none: only the reading threads hash)."""
+        for i in range(min(workers, len(self._paths))):
+            t = threading.Thread(target=self._work, name=f"kdcache-verify-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def ensure(self, shards: Iterable[int]) -> None:
+        """Return once every shard (position) in ``shards`` matched its sha256, else raise the CacheError of the
+        first that does not: ones no one has started are hashed here, ones being hashed are waited for."""
+        shards = [int(s) for s in shards]
+        with self._cond:
+            self._urgent.extend(s for s in shards if self._state[s] == _PENDING)
+        for s in shards:
+            while True:
+                with self._cond:
+                    while self._state[s] == _HASHING and not self._closed:
+                        self._cond.wait()
+                    if self._state[s] == _GOOD:
+                        break
+                    if self._state[s] == _BAD:
+                        raise CacheError(self._errors[s])
+                    if self._closed:
+                        raise CacheError(f"the cache reader of {self._paths[s].parent} was closed")
+                    self._state[s] = _HASHING
+                self._hash(s)  # then read its verdict
+
+    def good(self) -> list[int]:
+        """The manifest numbers of the shards whose sha256 matched so far."""
+        with self._cond:
+            return [self._index[s] for s, state in enumerate(self._state) if state == _GOOD]
+
+    def stop(self) -> None:
+        """Stop hashing (each thread within one chunk) and wait for the background threads to end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+        self._threads = []
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                s = self._claim()
+            if s is None:
+                return
+            self._hash(s)
+
+    def _claim(self) -> int | None:
+        """Under the lock: the next shard to hash (one a reader waits for first), marked as being hashed."""
+        while not self._closed and (self._urgent or self._scan < len(self._state)):
+            if self._urgent:
+                s = self._urgent.popleft()
+            else:
+                s, self._scan = self._scan, self._scan + 1
+            if self._state[s] == _PENDING:
+                self._state[s] = _HASHING
+                return s
+        return None
+
+    def _hash(self, s: int) -> None:
+        """Hash shard ``s`` (claimed by this thread) and record the verdict; a hash cut short (close(), or an
+        unexpected error, which propagates) leaves it pending for the next reader. Reads into one buffer: both
+        the read and hashlib's update release the GIL."""
+        p, error, complete = self._paths[s], None, False
+        try:
+            h = hashlib.sha256()
+            buf = bytearray(_HASH_CHUNK)
+            view = memoryview(buf)
+            with open(p, "rb", buffering=0) as f:
+                while not self._closed:
+                    n = f.readinto(buf)
+                    if not n:
+                        complete = True
+                        break
+                    h.update(view[:n])
+            if complete and h.hexdigest() != self._sha[s]:
+                error = f"shard {self._index[s]} ({p}) is corrupt (its sha256 does not match the manifest): {_REPAIR}"
+        except OSError as e:
+            error = f"shard {self._index[s]} ({p}) cannot be read ({e}): {_REPAIR}"
+        finally:
+            with self._cond:
+                if error is not None:
+                    self._state[s], self._errors[s] = _BAD, error
+                elif complete:
+                    self._state[s] = _GOOD
+                    self._good += 1
+                    self.done = self._good == len(self._state)
+                else:
+                    self._state[s] = _PENDING
+                self._cond.notify_all()
+
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held), no threads; what the parent's
+        threads were hashing is hashed again on demand."""
+        self._cond = threading.Condition()
+        self._threads = []
+        self._urgent.clear()
+        self._state = [_PENDING if state == _HASHING else state for state in self._state]
+
+
+def _renew_verifiers_after_fork() -> None:
+    for verifier in list(_LIVE):
+        verifier._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_verifiers_after_fork)
+
+
 class CacheReader:
     """An opened, validated cache: teacher outputs by feature id."""
 
     def __init__(self, path: str | Path, verify: bool = False, checksums: bool = True):
         """Open and check the cache at ``path``; every check failure is a CacheError naming what is wrong.
 
-        Every shard's sha256 is checked against the manifest before any of its rows is used (one
-        sequential read per shard at open, several shards at once; reads after it are unchanged), so a
-        flipped bit never reaches a student. ``verify=True`` (``kdcache inspect --verify``) also checks the
-        manifest's own checksum, that the shards tile feature ids 0..num_features-1 and that every total
-        agrees. ``checksums=False`` skips the sha256 (for measuring what it costs; nothing else uses it).
+        Every shard's sha256 is checked against the manifest before any of its targets or hidden states is
+        returned, so a flipped bit never reaches a student: background threads hash the shards from open on
+        (one sequential read each), and a read of a shard not yet hashed waits for it or hashes it itself; a
+        mismatch is a CacheError at the first read of that shard and every later one. ``verify=True``
+        (``kdcache inspect --verify``, dump-teacher's check of a matching cache) hashes every shard at open
+        instead, and also checks the manifest's own checksum, that the shards tile feature ids
+        0..num_features-1 and that every total agrees. ``checksums=False`` skips the sha256 (for measuring
+        what it costs; nothing else uses it).
         """
         self.path = Path(path)
         self.manifest = _load_manifest(self.path)
-        self.verified: list[str] = []  # what was checked, in words (``kdcache inspect --verify`` prints it)
+        self._checked: list[str] = []  # what was checked besides the shards' sha256, in words (see ``verified``)
+        self._verifier: _ShardVerifier | None = None
+        self._stop_verifier: weakref.finalize | None = None
         if verify:
             self._check_manifest_digest()
         try:
@@ -90,7 +247,7 @@ class CacheReader:
         except Exception as e:  # noqa: BLE001 - any malformed spec is the manifest's fault
             raise CacheError(f"{self.path}: manifest has no valid 'store' section ({short_repr(str(e), 200)}): {_REPAIR}") from None
         self._maps: list[pa.MemoryMappedFile] = []
-        self._batches: list[_Batch] = []
+        self._views: list[_Batch] = []  # every record batch of every shard, in shard order
         try:
             self._open(verify, checksums)
         except BaseException:
@@ -100,11 +257,19 @@ class CacheReader:
     def _open(self, verify: bool, checksums: bool) -> None:
         entries = self._shard_entries()
         if checksums:
-            self._check_checksums(entries)
+            self._check_checksums(entries, eager=verify)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("fid", "eid", "ntok", "npos", "batch", "row")}
-        for meta in entries:
-            for b, batch in enumerate(self._open_shard(meta), start=len(self._batches)):
-                self._batches.append(batch)
+        batch_shard: list[int] = []
+        for s, meta in enumerate(entries):
+            try:
+                batches = self._open_shard(meta)
+            except CacheError:
+                if self._verifier is not None:
+                    self._verifier.ensure([s])  # damage the checksum sees: say so rather than which Arrow check tripped
+                raise
+            for b, batch in enumerate(batches, start=len(self._views)):
+                self._views.append(batch)
+                batch_shard.append(s)
                 fid = batch.cols[fmt.COL_FEATURE][0]
                 parts["fid"].append(fid)
                 parts["eid"].append(batch.cols[fmt.COL_EXAMPLE][0])
@@ -122,6 +287,7 @@ class CacheReader:
         self._npos = cat["npos"][order]  # int32 [F]
         self._where_batch = cat["batch"][order]  # int32 [F]
         self._where_row = cat["row"][order]  # int32 [F]
+        self._batch_shard = np.asarray(batch_shard, dtype=np.int32)  # [record batches] shard position of each
         dup = self._ids[1:][self._ids[1:] == self._ids[:-1]]
         if dup.size:
             raise CacheError(f"{self.path}: feature id {int(dup[0])} is stored twice: the cache is corrupt; {_REPAIR}")
@@ -133,15 +299,15 @@ class CacheReader:
                 raise CacheError(f"{self.path}: manifest says {key} {short_repr(self.manifest[key])} but the shards hold {F} rows: "
                                  f"{_REPAIR}")
         self._dense = F == 0 or (int(self._ids[0]) == 0 and int(self._ids[-1]) == F - 1)  # ids are exactly 0..F-1
-        if checksums:
-            self.verified.insert(0, f"the sha256 of each of the {len(entries)} shards")
         if verify and "generated" in self.manifest:  # the teacher's responses (sequence-level KD of a causal LM)
             from .generated import read_generated
 
             if read_generated(self.path, self.manifest.get("fingerprint")) is None:
                 raise CacheError(f"{self.path}: the manifest lists the teacher's responses but {fmt.GENERATED_META_NAME} is missing "
                                  "or belongs to another dump: re-run dump-teacher with --force")
-            self.verified.append("the teacher's stored responses (sha256)")
+            self._checked.append("the teacher's stored responses (sha256)")
+        if self._verifier is not None and not self._verifier.done:  # after the checks above: they need the cores more
+            self._verifier.start(max(1, min(4, (os.cpu_count() or 1) // 2)))  # the other cores are the training's
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -154,7 +320,7 @@ class CacheReader:
         if stored != fmt.manifest_digest(self.manifest):
             raise CacheError(f"{self.path / fmt.MANIFEST_NAME} was edited or damaged (its {fmt.MANIFEST_DIGEST} does not match its "
                              f"content): {_REPAIR}")
-        self.verified.append(f"the manifest's own checksum ({fmt.MANIFEST_DIGEST})")
+        self._checked.append(f"the manifest's own checksum ({fmt.MANIFEST_DIGEST})")
 
     def _shard_entries(self) -> list[dict]:
         """The manifest's shard entries, each checked for well-formed fields (an int index, its own file name,
@@ -174,27 +340,18 @@ class CacheReader:
             entries.append(meta)
         return entries
 
-    def _check_checksums(self, entries: list[dict]) -> None:
-        """Every shard exists, has its recorded size and sha256 (hashed a few shards at a time: hashlib
-        releases the GIL, so this runs at disk or memory speed rather than one core's)."""
+    def _check_checksums(self, entries: list[dict], eager: bool) -> None:
+        """Every shard exists and has its recorded size; then its sha256: all hashed here (``eager``, several
+        shards at once) or, once the open is done (``_start_hashing``), in the background, each awaited by the
+        first read of the shard (``_locate``). hashlib releases the GIL, so hashing runs at disk or memory
+        speed rather than one core's."""
         for meta in entries:
-            p = self.path / meta["file"]
-            self._check_size(meta, p)
-        if not entries:
-            return
-        workers = min(len(entries), 4, os.cpu_count() or 1)
-        paths = [self.path / meta["file"] for meta in entries]
-        try:
-            if workers == 1:
-                digests = [sha256_file(p) for p in paths]
-            else:
-                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdcache-verify") as pool:
-                    digests = list(pool.map(sha256_file, paths))
-        except OSError as e:
-            raise CacheError(f"{self.path}: a shard cannot be read ({e}): {_REPAIR}") from None
-        for meta, p, digest in zip(entries, paths, digests):
-            if digest != meta["sha256"]:
-                raise CacheError(f"shard {meta['index']} ({p}) is corrupt (its sha256 does not match the manifest): {_REPAIR}")
+            self._check_size(meta, self.path / meta["file"])
+        self._verifier = _ShardVerifier(entries, self.path)
+        self._stop_verifier = weakref.finalize(self, self._verifier.stop)  # at close(), collection or exit
+        if eager:
+            self._verifier.start(min(4, os.cpu_count() or 1) - 1)  # this thread hashes too
+            self._verifier.ensure(range(len(entries)))
 
     def _check_size(self, meta: dict, p: Path) -> None:
         index = meta["index"]
@@ -273,8 +430,8 @@ class CacheReader:
         n_ex = m.get("num_examples")
         if _is_count(n_ex) and F and (int(self._eids.min()) < 0 or int(self._eids.max()) >= n_ex):
             raise CacheError(f"{self.path}: example ids outside 0..{n_ex - 1} (num_examples {n_ex}) are stored: {_REPAIR}")
-        self.verified.append(f"the {len(entries)} shards tile feature ids 0..{F - 1} exactly, once each")
-        self.verified.append(f"row, token and byte totals ({F:,} rows, {m['tokens']:,} tokens, {m['bytes']:,} bytes) agree with "
+        self._checked.append(f"the {len(entries)} shards tile feature ids 0..{F - 1} exactly, once each")
+        self._checked.append(f"row, token and byte totals ({F:,} rows, {m['tokens']:,} tokens, {m['bytes']:,} bytes) agree with "
                              "the manifest")
 
     def _check_row_lengths(self, index: int, cols: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
@@ -311,20 +468,53 @@ class CacheReader:
         return self._ids.copy()
 
     def example_ids(self, feature_ids: Sequence[int]) -> np.ndarray:
-        """The example each of ``feature_ids`` came from (int64 [B])."""
-        return self._eids[self._locate(feature_ids)[1]]
+        """The example each of ``feature_ids`` came from (int64 [B]; from the index: no wait for the hashes)."""
+        return self._eids[self._locate(feature_ids, index_only=True)[1]]
 
     def n_tokens(self, feature_ids: Sequence[int]) -> np.ndarray:
-        """Real (non-padding) input tokens of each of ``feature_ids`` (int32 [B])."""
-        return self._ntok[self._locate(feature_ids)[1]]
+        """Real (non-padding) input tokens of each of ``feature_ids`` (int32 [B]; from the index)."""
+        return self._ntok[self._locate(feature_ids, index_only=True)[1]]
 
     def n_positions(self, feature_ids: Sequence[int]) -> np.ndarray:
-        """Positions that per-position targets cover for each of ``feature_ids`` (int32 [B]; 0 when none)."""
-        return self._npos[self._locate(feature_ids)[1]]
+        """Positions that per-position targets cover for each of ``feature_ids`` (int32 [B]; 0 when none; from the index)."""
+        return self._npos[self._locate(feature_ids, index_only=True)[1]]
+
+    def verified_shards(self) -> list[int]:
+        """The manifest numbers of the shards whose sha256 has been checked and matched so far (all of them
+        with ``checksums=False``: nothing is checked)."""
+        if self._verifier is None:
+            return [meta["index"] for meta in self.manifest.get("shards", [])]
+        return self._verifier.good()
+
+    def wait_verified(self) -> None:
+        """Return once every shard's sha256 has been checked (hashing the rest here, with the background
+        threads); raise the CacheError of the first shard that does not match."""
+        if self._verifier is not None and not self._verifier.done:
+            self._verifier.ensure(range(len(self._verifier)))
+
+    @property
+    def verified(self) -> list[str]:
+        """What was checked, in words (``kdcache inspect --verify`` prints it)."""
+        v = self._verifier
+        if v is None:
+            return list(self._checked)
+        if v.done:
+            return [f"the sha256 of each of the {len(v)} shards"] + self._checked
+        return [f"the sha256 of {len(v.good())} of the {len(v)} shards so far (each of the others before its first row is "
+                "read)"] + self._checked
+
+    @property
+    def _batches(self) -> list[_Batch]:
+        """Every record batch's column views, every shard's sha256 checked first (for readers of the whole
+        cache, such as the summary's coverage)."""
+        self.wait_verified()
+        return self._views
 
     def close(self) -> None:
-        """Release the memory maps; the reader is unusable afterwards."""
-        self._batches = []
+        """Stop the background hashing, release the memory maps; the reader is unusable afterwards."""
+        if self._stop_verifier is not None:
+            self._stop_verifier()  # joins the kdcache-verify threads (each stops within one chunk)
+        self._views = []
         for mm in self._maps:
             mm.close()
         self._maps = []
@@ -337,8 +527,9 @@ class CacheReader:
 
     # -- lookups --------------------------------------------------------------------------------
 
-    def _locate(self, feature_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [B], positions [B] into the id-ordered index arrays) for the requested ids."""
+    def _locate(self, feature_ids: Sequence[int], index_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [B], positions [B] into the id-ordered index arrays) for the requested ids; unless
+        ``index_only``, once the sha256 of every shard they lie in has matched (a flag check when all have)."""
         ids = np.asarray(feature_ids, dtype=np.int64).reshape(-1)
         F = len(self._ids)
         if self._dense:
@@ -350,11 +541,13 @@ class CacheReader:
         if not found.all():
             missing = int(ids[~found][0])
             raise CacheError(f"feature id {missing} is not in the cache {self.path} ({F} features): the cache does not match this data")
+        if not index_only and self._verifier is not None and not self._verifier.done:
+            self._verifier.ensure(np.unique(self._batch_shard[self._where_batch[pos]]))
         return ids, pos
 
     def _row(self, b: int, r: int, col: str) -> np.ndarray:
         """Flat values of row ``r`` of record batch ``b`` in list column ``col`` (a read-only view)."""
-        values, offsets = self._batches[b].cols[col]
+        values, offsets = self._views[b].cols[col]
         return values[offsets[r] : offsets[r + 1]]
 
     def _layer_plan(self, layers: Sequence[int] | None) -> tuple[int, slice | list[int]]:
@@ -412,7 +605,7 @@ class CacheReader:
         if t.per == "example":
             out = np.empty((len(bs), t.width), dtype=np.float32)  # [B, C]
             for i, (b, r) in enumerate(zip(bs, rs)):
-                out[i] = self._batches[b].cols[t.name][0][r]
+                out[i] = self._views[b].cols[t.name][0][r]
             return out
         if t.mode in ("full", "offsets"):
             return [self._row(b, r, t.name).reshape(int(self._npos[p]), t.width).copy() for b, r, p in zip(bs, rs, pos)]

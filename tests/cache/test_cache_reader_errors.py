@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +18,9 @@ import pytest
 from cache_synth import SPECS, make_batch, make_truth, rewrite_shard
 
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec
+from kdcache.cache import format as fmt
+from kdcache.cache import reader as reader_module
+from kdcache.cache.reader import REPAIR_ADVICE
 
 
 def test_missing_path(tmp_path):
@@ -167,3 +178,126 @@ def test_expect_target_and_features(qa_cache):
         r.expect(features={"doc_stride": 4, "max_length": 12, "label_all_tokens": True})
     with pytest.raises(ValueError, match="expect\\(target=...\\) takes"):
         r.expect(target=[("logits", "position")])
+
+
+# -- the sha256 of each shard: checked in the background, awaited by the first read of the shard --------
+
+
+def _flip_a_value(path, index):
+    """Flip one byte of shard ``index``'s stored hidden-state values (not its structure: it still opens)."""
+    p = path / f"shard-{index:05d}.arrow"
+    with pa.memory_map(str(p)) as mm:
+        raw = bytes(pa.ipc.open_file(mm).get_batch(0).column(fmt.COL_HIDDEN).values.buffers()[1])[:64]
+    data = bytearray(p.read_bytes())
+    at = data.find(raw)
+    assert at > 0
+    data[at + 3] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def _verify_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("kdcache-verify")]
+
+
+class _SlowSha256:
+    """hashlib.sha256 that sleeps ``delay`` seconds per update: with small chunks the background hashing is still
+    running when a test reads, closes or exits."""
+
+    delay = 0.002
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, data):
+        time.sleep(self.delay)
+        self._h.update(data)
+
+    def hexdigest(self):
+        return self._h.hexdigest()
+
+
+@pytest.fixture
+def slow_hash(monkeypatch):
+    monkeypatch.setattr(reader_module, "_HASH_CHUNK", 256)
+    monkeypatch.setattr(reader_module, "hashlib", types.SimpleNamespace(sha256=_SlowSha256))
+
+
+def test_a_damaged_shard_is_refused_at_its_first_read(fp16_cache):
+    """Open succeeds; every read touching the damaged shard raises the one-line CacheError (the first and
+    every later one), reads of the other shards and the index work; verify=True refuses at open."""
+    path, _, truth = fp16_cache
+    _flip_a_value(path, 2)  # feature ids [12, 18)
+    msg = (rf"^shard 2 \(.*shard-00002.arrow\) is corrupt \(its sha256 does not match the manifest\): "
+           rf"{re.escape(REPAIR_ADVICE)}$")
+    with CacheReader(path) as r:
+        np.testing.assert_array_equal(r.n_tokens(range(23)), truth.n_tokens)  # the index: no wait for the hashes
+        for _ in range(2):
+            with pytest.raises(CacheError, match=msg):
+                r.get_padded([3, 13], 12)
+            with pytest.raises(CacheError, match=msg):
+                r.get([12])
+        for ids in ([0, 5], [6, 11, 18], [22]):
+            h, _ = r.get_padded(ids, 12)
+            for j, i in enumerate(ids):
+                np.testing.assert_array_equal(h[j, :, : truth.n_tokens[i]], truth.hidden[i])
+        with pytest.raises(CacheError, match=msg):
+            r.wait_verified()
+        assert r.verified_shards() == [0, 1, 3]
+        assert r.verified[0] == "the sha256 of 3 of the 4 shards so far (each of the others before its first row is read)"
+    with pytest.raises(CacheError, match=msg):
+        CacheReader(path, verify=True)
+
+
+def test_every_shard_is_verified_once_read(fp16_cache, slow_hash):
+    """Reads while the background hashing runs get the right rows; once all shards are read, the reader
+    reports every one verified."""
+    path, _, truth = fp16_cache
+    with CacheReader(path) as r:
+        for i in np.random.default_rng(3).permutation(23):
+            np.testing.assert_array_equal(r.get_target([i], "logits"), truth.targets["logits"][[i]])
+        assert r.verified_shards() == [0, 1, 2, 3]
+        assert r.verified == ["the sha256 of each of the 4 shards"]
+    with CacheReader(path, checksums=False) as r:
+        assert r.verified == []
+
+
+def test_concurrent_reads_while_hashing(fp16_cache, slow_hash):
+    """Several threads read shards being hashed: each waits for (or does) the hash, none reads early, all right."""
+    path, _, truth = fp16_cache
+    errors = []
+    with CacheReader(path) as r:
+        def work(seed):
+            try:
+                ids = np.random.default_rng(seed).integers(0, 23, size=8)
+                np.testing.assert_array_equal(r.get_target(ids, "logits"), truth.targets["logits"][ids])
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def test_close_stops_the_hashing(fp16_cache, slow_hash):
+    """close() in the middle of the background hashing: no kdcache-verify thread is left, the maps are released."""
+    path, _, _ = fp16_cache
+    r = CacheReader(path)
+    assert _verify_threads() and r.verified_shards() != [0, 1, 2, 3]
+    t = time.perf_counter()
+    r.close()
+    assert not _verify_threads() and not r._maps and time.perf_counter() - t < 1
+    r.close()  # twice is fine
+
+
+def test_an_unclosed_reader_exits_cleanly(fp16_cache):
+    """The interpreter exits while the background hashing runs: no error, no traceback, exit status 0."""
+    path, _, _ = fp16_cache
+    code = (f"import sys, threading, types\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "import kdcache.cache.reader as m\nfrom test_cache_reader_errors import _SlowSha256\n"
+            "_SlowSha256.delay = 0.05\nm._HASH_CHUNK, m.hashlib = 256, types.SimpleNamespace(sha256=_SlowSha256)\n"
+            f"r = m.CacheReader({str(path)!r})\nassert any(t.name.startswith('kdcache-verify') for t in threading.enumerate())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stderr) == (0, ""), out.stderr
