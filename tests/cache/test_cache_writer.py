@@ -74,16 +74,22 @@ def test_done_shards_refuses_other_spec(tmp_path):
 
 
 def test_corrupt_shard_detected_by_reader(fp16_cache):
-    """One flipped bit (size unchanged) is caught by the sha256 every open checks, before any row is read."""
+    """One flipped bit (size unchanged) is caught by the sha256 before any row of its shard is read: at the
+    shard's first read (other shards still read), or at open with verify=True."""
     path, _, _ = fp16_cache
     p = path / "shard-00002.arrow"
     data = bytearray(p.read_bytes())
     data[200] ^= 0x01
     p.write_bytes(bytes(data))
-    for verify in (False, True):
-        with pytest.raises(CacheError, match=r"shard 2 \(.*shard-00002.arrow\) is corrupt \(its sha256 does not match the manifest\): "
-                                             r"re-run `kdcache dump-teacher` with the same config and --cache-dir to repair it"):
-            CacheReader(path, verify=verify)
+    corrupt = (r"shard 2 \(.*shard-00002.arrow\) is corrupt \(its sha256 does not match the manifest\): "
+               r"re-run `kdcache dump-teacher` with the same config and --cache-dir to repair it")
+    with CacheReader(path) as r:
+        r.get([0, 22])
+        for _ in range(2):  # every read of the damaged shard is refused, not only the first
+            with pytest.raises(CacheError, match=corrupt):
+                r.get([12])
+    with pytest.raises(CacheError, match=corrupt):
+        CacheReader(path, verify=True)
 
 
 def test_manifest_tiles_feature_ids(tmp_path):
