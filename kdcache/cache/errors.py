@@ -41,3 +41,9 @@ def short_repr(value: Any, limit: int = 80) -> str:
     """repr() cut to ``limit`` characters with an ellipsis, for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# What every "this cache is damaged" error advises: dump-teacher repairs a cache whose inputs match (it
+# re-verifies every shard, redoes the bad or missing ones and rewrites the manifest).
+REPAIR_ADVICE = ("re-run `kdcache dump-teacher` with the same config and --cache-dir to repair it (it redoes only the damaged "
+                "shards)")

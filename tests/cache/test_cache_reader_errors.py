@@ -19,7 +19,7 @@ from cache_synth import SPECS, make_batch, make_truth, rewrite_shard
 
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec
 from kdcache.cache import format as fmt
-from kdcache.cache import reader as reader_module
+from kdcache.cache import verify as verify_module
 from kdcache.cache.reader import REPAIR_ADVICE
 
 
@@ -218,8 +218,8 @@ class _SlowSha256:
 
 @pytest.fixture
 def slow_hash(monkeypatch):
-    monkeypatch.setattr(reader_module, "_HASH_CHUNK", 256)
-    monkeypatch.setattr(reader_module, "hashlib", types.SimpleNamespace(sha256=_SlowSha256))
+    monkeypatch.setattr(verify_module, "_HASH_CHUNK", 256)
+    monkeypatch.setattr(verify_module, "hashlib", types.SimpleNamespace(sha256=_SlowSha256))
 
 
 def test_a_damaged_shard_is_refused_at_its_first_read(fp16_cache):
@@ -296,8 +296,8 @@ def test_an_unclosed_reader_exits_cleanly(fp16_cache):
     """The interpreter exits while the background hashing runs: no error, no traceback, exit status 0."""
     path, _, _ = fp16_cache
     code = (f"import sys, threading, types\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "import kdcache.cache.reader as m\nfrom test_cache_reader_errors import _SlowSha256\n"
+            "import kdcache.cache.verify as m\nfrom test_cache_reader_errors import _SlowSha256\n"
             "_SlowSha256.delay = 0.05\nm._HASH_CHUNK, m.hashlib = 256, types.SimpleNamespace(sha256=_SlowSha256)\n"
-            f"r = m.CacheReader({str(path)!r})\nassert any(t.name.startswith('kdcache-verify') for t in threading.enumerate())\n")
+            f"from kdcache.cache import CacheReader\nr = CacheReader({str(path)!r})\nassert any(t.name.startswith('kdcache-verify') for t in threading.enumerate())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stderr) == (0, ""), out.stderr
