@@ -298,6 +298,7 @@ def test_an_unclosed_reader_exits_cleanly(fp16_cache):
     code = (f"import sys, threading, types\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "import kdcache.cache.verify as m\nfrom test_cache_reader_errors import _SlowSha256\n"
             "_SlowSha256.delay = 0.05\nm._HASH_CHUNK, m.hashlib = 256, types.SimpleNamespace(sha256=_SlowSha256)\n"
-            f"from kdcache.cache import CacheReader\nr = CacheReader({str(path)!r})\nassert any(t.name.startswith('kdcache-verify') for t in threading.enumerate())\n")
+            f"from kdcache.cache import CacheReader\nr = CacheReader({str(path)!r})\n"
+            "assert any(t.name.startswith('kdcache-verify') for t in threading.enumerate())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stderr) == (0, ""), out.stderr
