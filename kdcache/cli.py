@@ -158,6 +158,7 @@ def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:
     from kdcache.cache import CacheReader, format_summary, summarize
 
     with CacheReader(cache, verify=verify) as reader:
+        reader.wait_verified()  # inspect reports a damaged shard, not "verified k of N so far"
         summary = summarize(reader)
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
 

@@ -39,6 +39,7 @@ from kdcache.cache import (
     fingerprint,
     quantize_int8,
 )
+from kdcache.cache.errors import REPAIR_ADVICE, short_repr
 from kdcache.cache.format import (
     ALGORITHM_VERSION,
     CONTINUATIONS,
@@ -53,7 +54,6 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
-from kdcache.cache.reader import REPAIR_ADVICE
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import barrier, local_device, rank_and_world
@@ -186,6 +186,12 @@ def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
         return "its manifest's store spec differs from what these inputs store"
     if canonical_json(m.get("fingerprint_inputs")) != canonical_json(inputs):
         return "its manifest's fingerprint inputs differ from this run's"
+    if m.get("num_examples") != inputs.get("num_examples"):
+        return f"its manifest counts {short_repr(m.get('num_examples'))} examples but these inputs have {inputs.get('num_examples')}"
+    listed = {e.get("file") for e in m.get("shards", []) if isinstance(e, dict)}
+    unlisted = sorted(p.name for p in path.glob("shard-*.arrow") if p.name not in listed)
+    if unlisted:
+        return f"its manifest does not list {unlisted[0]}, which is on disk"
     return None
 
 
@@ -348,8 +354,18 @@ def dump_teacher(
     _check_location(path)
 
     rank, world = rank_and_world()
-    if rank == 0:
-        _check_dir_state(path, fp, inputs, force)  # a first, read-only look: a foreign or mismatched directory is left untouched
+    intact = None
+    if rank == 0:  # a first, read-only look: a foreign or mismatched directory is left untouched, and an intact
+        # complete cache is a hit without the lock (it may be on a read-only disk shared by a team)
+        first = _check_dir_state(path, fp, inputs, force)
+        intact = first == "hit" and not (path / PROGRESS_NAME).exists() and _damage(path, spec, inputs) is None
+    if world > 1:
+        box = [intact]
+        torch.distributed.broadcast_object_list(box, src=0)
+        intact = box[0]
+    if intact:
+        log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
+        return DumpResult(path, True, json.loads((path / MANIFEST_NAME).read_text()), time.perf_counter() - start)
     with CacheLock(path) if rank == 0 else contextlib.nullcontext():  # one dump per directory; readers never lock
         state = _check_dir_state(path, fp, inputs, force) if rank == 0 else None
         if state == "hit":

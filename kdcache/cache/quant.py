@@ -103,7 +103,8 @@ def dequantize_int8(q, scale, out_idx, out_val, out: np.ndarray | None = None) -
     if out is None:
         out = np.empty(q.shape, dtype=np.float32)
     scale32 = scale.astype(np.float32)[..., None]  # [..., T, 1]; cast first: fp16 broadcasts are slow
-    np.multiply(q, scale32, out=out, dtype=np.float32)  # [..., T, H]
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite scale (a forged shard) is the loss check's to report
+        np.multiply(q, scale32, out=out, dtype=np.float32)  # [..., T, H]
     if out_idx.shape[-1] > 0 and q.shape[-2] > 0:
         for lead in np.ndindex(q.shape[:-2]):  # per (example, layer): faster than put_along_axis
             out[lead][:, out_idx[lead]] = out_val[lead]  # [T, n_out] into the outlier channels

@@ -279,6 +279,14 @@ class CacheReader:
             if m[key] != total:
                 raise CacheError(f"{self.path}: manifest says {key} {m[key]} but the shards hold {total}: {_REPAIR}")
         n_ex = m.get("num_examples")
+        inputs = m.get("fingerprint_inputs")
+        if isinstance(inputs, dict) and "num_examples" in inputs and inputs["num_examples"] != n_ex:
+            raise CacheError(f"{self.path}: manifest says num_examples {short_repr(n_ex)} but it was dumped for "
+                             f"{short_repr(inputs['num_examples'])} (fingerprint_inputs): {_REPAIR}")
+        listed = {e["file"] for e in entries}
+        unlisted = sorted(p.name for p in self.path.glob("shard-*.arrow") if p.name not in listed)
+        if unlisted:
+            raise CacheError(f"{self.path}: {unlisted[0]} is on disk but the manifest does not list it: {_REPAIR}")
         if _is_count(n_ex) and F and (int(self._eids.min()) < 0 or int(self._eids.max()) >= n_ex):
             raise CacheError(f"{self.path}: example ids outside 0..{n_ex - 1} (num_examples {n_ex}) are stored: {_REPAIR}")
         self._checked.append(f"the {len(entries)} shards tile feature ids 0..{F - 1} exactly, once each")
@@ -689,13 +697,17 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if not mpath.is_file():
         if any(fmt.parse_shard_index(p.name) is not None or p.name.endswith(fmt.TMP_SUFFIX) for p in path.iterdir()):
             raise CacheError(f"{path}: incomplete cache (the dump did not finish): re-run dump-teacher to resume")
+        if not any(path.iterdir()):
+            raise CacheError(f"cache {path} is empty: run `kdcache dump-teacher` with the same config first")
         raise CacheError(f"{path} is not a kdcache cache (no {fmt.MANIFEST_NAME})")
+    rebuild = "if it is a kdcache cache, rebuild it with `kdcache dump-teacher --force` and the same config and --cache-dir"
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} is not valid JSON: {short_repr(str(e))})") from None
+        raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} is not valid JSON: {short_repr(str(e))}); "
+                         f"{rebuild}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} has no format_version)")
+        raise CacheError(f"{path} is not a kdcache cache ({fmt.MANIFEST_NAME} has no format_version); {rebuild}")
     if manifest["format_version"] != fmt.FORMAT_VERSION:
         raise CacheMismatchError(
             "format_version", manifest["format_version"], fmt.FORMAT_VERSION,

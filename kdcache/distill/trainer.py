@@ -146,7 +146,7 @@ class DistillationTrainer(Trainer):
             path = self.fetcher.reader.path
             return CacheError(
                 f"{what} is {value} at step {step} because the cached teacher targets ({', '.join(damaged)}) of training rows "
-                f"{rows} hold NaN or inf: {path} is damaged; check it with `kdcache inspect {path} --verify` and redo it "
+                f"{rows} hold NaN or inf: {path} is damaged (its checksums were forged, or a kdcache bug wrote them); redo it "
                 "with `kdcache dump-teacher --force` and this config")
         checked = " (their teacher targets are finite)" if teacher else ""
         return TrainingDiverged(
