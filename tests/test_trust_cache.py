@@ -254,8 +254,12 @@ def test_a_second_dump_into_a_locked_directory_fails_clearly_and_readers_still_r
     assert not cache.exists()  # the lock's directory was made for it, and nothing else was written
     assert not _dump(setup, cache).hit  # the lock released: the dump runs
     assert _shards(cache) == _shards(setup["pristine"])
-    with CacheLock(cache), pytest.raises(CacheLockedError):  # even a would-be hit: the holder may be rewriting it
-        _dump(setup, cache)
+    with CacheLock(cache):  # an intact complete cache is a hit read-only, even while another dump holds the lock
+        assert _dump(setup, cache).hit
+        (cache / "shard-00001.arrow").unlink()  # but one to repair needs the lock: refused while it is held
+        with pytest.raises(CacheLockedError):
+            _dump(setup, cache)
+    assert _dump(setup, cache).repaired
     CacheReader(cache, verify=True).close()
 
 

@@ -40,7 +40,7 @@ def test_incomplete_cache(tmp_path):
 
 
 def test_not_a_cache(tmp_path):
-    with pytest.raises(CacheError, match="is not a kdcache cache"):
+    with pytest.raises(CacheError, match="is empty: run `kdcache dump-teacher` with the same config first"):
         CacheReader(tmp_path)  # empty directory
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CacheError, match="is not a kdcache cache"):
