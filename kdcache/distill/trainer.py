@@ -30,9 +30,10 @@ class TrainingDiverged(ConfigError):
     the run's settings (learning rate, loss weights, precision) made training blow up."""
 
 
-def _rows(ids: list[int], limit: int = 8) -> str:
-    """Training rows (0-based, in the data's order) for a message: the first ``limit`` of them."""
-    ids = sorted(set(ids))
+def _rows(batches: list[torch.Tensor], limit: int = 8) -> str:
+    """Training rows (0-based, in the data's order) of ``batches`` (their example-id tensors) for a message: the
+    first ``limit`` of them. Converted only here, when a message needs them: nothing per step."""
+    ids = sorted({int(i) for rows in batches for i in rows.tolist()})
     return ", ".join(map(str, ids[:limit])) + (f" ... ({len(ids)} rows)" if len(ids) > limit else "")
 
 
@@ -95,7 +96,7 @@ class DistillationTrainer(Trainer):
         self._agreements = 0  # steps that measured teacher agreement (vocabulary-scale heads: the logged steps only)
         self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [N]
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
-        self._step_rows: list[int] = []  # example ids of the micro-batches of the optimizer step in progress
+        self._step_rows: list[torch.Tensor] = []  # example ids [B] of each micro-batch of the optimizer step in progress
         self._rows_step = -1  # the global step they belong to
         self._pending_error: Optional[Exception] = None  # a rank's non-finite loss, raised with the gradient check (DDP)
 
@@ -116,7 +117,8 @@ class DistillationTrainer(Trainer):
         if self._rows_step != self.state.global_step:  # a new optimizer step (several micro-batches with accumulation)
             self._rows_step, self._step_rows = self.state.global_step, []
         rows = inputs.get(EXAMPLE_ID)
-        self._step_rows += [int(i) for i in rows] if rows is not None else []
+        if rows is not None:
+            self._step_rows.append(rows)  # a reference: read (one copy) only if a message needs it
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not _finite(loss):
             error = self._non_finite("the loss", float(loss), inputs)
