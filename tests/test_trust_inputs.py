@@ -199,8 +199,12 @@ def test_non_finite_numbers_from_the_cli_are_refused(tmp_path, kdcache_home, fla
 def test_hidden_outliers_beyond_the_hidden_size_is_one_line(tmp_path, kdcache_home, tiny_student, small_data):
     args = dump_args(tiny_student, small_data["train"], tmp_path, "--teacher-layers-to-distill", "-1", "--hidden-dtype", "int8",
                      "--hidden-outliers", "100")
-    refused(cli(args), "100", "32")  # the tiny teacher is 32 wide
+    line = refused(cli(args), "100", "32")  # the tiny teacher is 32 wide
     nothing_left(kdcache_home, tmp_path / "out")
+    assert "--hidden-outliers" in line and "set it to 31 or less" in line
+    args[args.index("100")] = "31"  # the advice followed: the dump runs
+    result = cli(args)
+    assert result.exit_code == 0, result.output
 
 
 def test_shard_examples_zero_is_refused_not_the_default(tmp_path, kdcache_home, tiny_student, small_data):
