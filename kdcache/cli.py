@@ -33,6 +33,11 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+# What an interrupted command leaves: every finished shard, checkpoint and file (each is published by a rename).
+INTERRUPTED_KEPT = ("what was finished is kept: run the same command again to resume (dump-teacher keeps its finished shards; "
+                    "train-student resumes with --resume-from-checkpoint last once it has saved a checkpoint)")
+
+
 def _handle_errors(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,6 +45,10 @@ def _handle_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except _user_errors() as exc:
             raise click.ClickException(one_line(str(exc))) from None
+        except KeyboardInterrupt:
+            # Not click's "Aborted!" with exit 1: the shell's convention for SIGINT (128 + 2), and what was kept.
+            click.echo(f"Error: interrupted; {INTERRUPTED_KEPT}", err=True)
+            sys.exit(130)
 
     return wrapper
 

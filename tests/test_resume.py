@@ -55,6 +55,38 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kdcache_home, token
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
 
 
+def test_ctrl_c_exits_130_keeps_the_finished_shards_and_the_advice_resumes(tmp_path, kdcache_home, tokenizer_dir):
+    """Ctrl-C (SIGINT) during a dump: exit 130, one line saying what was kept and to run the command again, no
+    temp file left; running it again keeps every finished shard (not rewritten) and ends with a cache that verifies."""
+    teacher = make_bert(tmp_path / "teacher", tokenizer_dir, layers=4, hidden=128, seed=3)
+    train = write_jsonl(tmp_path / "train.jsonl", read_jsonl(MR_TRAIN, 1500))
+    pipe = write_pipeline(tmp_path / "p.yaml", model_name=str(teacher), teacher_model_name=str(teacher), use_distillation=True,
+                          train_file=str(train), max_length=64, teacher_batch_size=8, disable_tqdm=True)
+    cache = tmp_path / "cache"
+    args = ["dump-teacher", "--config", str(pipe), "--shard-examples", "50", "--cache-dir", str(cache)]
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=cli_env(kdcache_home), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(cache.glob("shard-*.json"))) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert not (cache / "manifest.json").exists(), "the dump finished before it could be interrupted"
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("Error: interrupted;"), stderr[-2000:]
+    assert "run the same command again" in stderr
+    assert not list(cache.glob("*.tmp")), sorted(p.name for p in cache.iterdir())
+    kept = shard_files(cache)
+    kept = {name: data for name, data in kept.items() if (cache / name.replace(".arrow", ".json")).exists()}
+    assert len(kept) >= 2
+
+    resumed = run_cli(args, kdcache_home)
+    assert "dumped" in resumed.stdout
+    after = shard_files(cache)
+    assert len(after) == 30 and all(after[name] == data for name, data in kept.items())
+    run_cli(["inspect", "--verify", str(cache)], kdcache_home)
+
+
 # A child that dumps and SIGKILLs itself just before (or just after) its Nth os.replace: every rename of the
 # protocol (dump.json, each shard's data and meta json, the manifest) is a publication step.
 _KILLER = """

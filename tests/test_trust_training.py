@@ -369,8 +369,11 @@ def _cache_bytes(cache: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(cache.iterdir()) if p.is_file()}
 
 
-def test_sigkill_of_train_student_resumes_from_its_last_checkpoint(tmp_path, kdcache_home, trained_teacher, tiny_student,
-                                                                   small_data):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_a_killed_or_interrupted_train_student_resumes_from_its_last_checkpoint(tmp_path, kdcache_home, trained_teacher,
+                                                                                tiny_student, small_data, sig):
+    """SIGKILL, or Ctrl-C (SIGINT: exit 130 and one line whose advice is the resume below), then
+    --resume-from-checkpoint last finishes the run from the last checkpoint."""
     out = tmp_path / "out"
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path, num_epochs=40, save_steps=4, logging_steps=4)
     pipeline = write_pipeline(tmp_path / "p.yaml", **config.to_dict())
@@ -385,10 +388,16 @@ def test_sigkill_of_train_student_resumes_from_its_last_checkpoint(tmp_path, kdc
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not list(out.glob("checkpoint-*/trainer_state.json")):
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
     assert not (out / "kdcache_report.json").exists(), "training finished before it could be killed"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    else:
+        assert proc.returncode == 130, log.read_text()[-2000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert "Traceback" not in log.read_text() and last.startswith("Error: interrupted;"), last
+        assert "--resume-from-checkpoint last" in last
     done = max(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json"))
     assert 4 <= done < 160
 
