@@ -205,5 +205,61 @@ def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Opt
     click.echo(format_comparison(t, s, task.primary_metric(), task.lower_is_better))
 
 
+@main.group("cache")
+def cache_group() -> None:
+    """List, remove and garbage-collect the caches under $KDCACHE_HOME (never one a run is reading)."""
+
+
+@cache_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (for scripts).")
+@_handle_errors
+def cache_ls_cmd(as_json: bool) -> None:
+    """The caches: fingerprint, task, teacher, rows, size, last use, state (incomplete and damaged ones too)."""
+    from kdcache.cache.lifecycle import format_listing, scan
+
+    found = scan()
+    if as_json:
+        click.echo(json.dumps({"root": str(found.root), "caches": [c.to_json() for c in found.caches],
+                               "skipped": [str(p) for p in found.skipped]}, indent=2))
+    else:
+        click.echo(format_listing(found))
+
+
+@cache_group.command("rm")
+@click.argument("targets", nargs=-1, required=True, metavar="CACHE...")
+@_handle_errors
+def cache_rm_cmd(targets: tuple[str, ...]) -> None:
+    """Remove caches, each named by a path or by a prefix of its name or fingerprint (as `kdcache cache ls` shows).
+    Refused, removing nothing, for a cache a run is reading or a dump is writing."""
+    from kdcache.cache.lifecycle import human_bytes, remove, resolve
+
+    found = [resolve(t) for t in targets]  # every name is checked, and every cache locked, before anything is removed
+    for info, freed in zip(found, remove([info.path for info in found])):
+        click.echo(f"removed {info.path} ({human_bytes(freed)})")
+
+
+@cache_group.command("gc")
+@click.option("--keep-days", type=click.FloatRange(min=0), required=True, metavar="N",
+              help="Remove the caches neither written nor read for N days.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@_handle_errors
+def cache_gc_cmd(keep_days: float, dry_run: bool) -> None:
+    """Remove the caches under $KDCACHE_HOME unused for --keep-days days; a cache a run reads, or a dump writes, is kept."""
+    import time
+
+    from kdcache.cache.lifecycle import cache_root, collect, human_bytes
+
+    outcomes = collect(keep_days, dry_run=dry_run)
+    for info, action, why in outcomes:
+        if action != "recent":
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.last_used))
+            click.echo(f"{action} {info.path} ({info.state}, {human_bytes(info.bytes)}, last used {used})" + (f": {why}" if why else ""))
+    gone = [info for info, action, _ in outcomes if action in ("removed", "would remove")]
+    kept = sum(action == "kept" for _, action, _ in outcomes)
+    recent = sum(action == "recent" for _, action, _ in outcomes)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {len(gone)} of {len(outcomes)} caches under {cache_root()} "
+               f"({human_bytes(sum(i.bytes for i in gone))}); kept {kept} in use and {recent} used within {keep_days:g} days")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -47,7 +47,9 @@ from kdcache.cache.format import (
     GENERATED_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
+    PROGRESS_NAME,
     TMP_SUFFIX,
+    is_cache_file,
     parse_shard_index,
     shard_meta_name,
     shard_name,
@@ -67,7 +69,6 @@ from kdcache.tokenizers import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
-PROGRESS_NAME = "dump.json"  # written at the start of a dump; names what the shards belong to
 TARGET_SHARD_BYTES = 256 * 2**20
 
 
@@ -147,8 +148,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _is_kdcache_file(name: str) -> bool:
-    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME, LOCK_NAME)
-            or parse_shard_index(name) is not None or name.endswith(TMP_SUFFIX))
+    return is_cache_file(name)
 
 
 def _clear_cache_dir(path: Path) -> None:

@@ -18,7 +18,11 @@ class CacheWriteError(CacheError):
 
 
 class CacheLockedError(CacheError):
-    """Another dump holds the cache directory's lock."""
+    """Another process holds the cache directory's lock: a dump or a removal (exclusively) or readers (shared)."""
+
+    def __init__(self, message: str, holder: Any = None):
+        self.holder = holder  # a kdcache.cache.lock.Holder: who holds it
+        super().__init__(message)
 
 
 class CacheMismatchError(CacheError):

@@ -52,7 +52,8 @@ MANIFEST_NAME = "manifest.json"
 GENERATED_NAME = "generated.arrow"  # sequence-level KD of a causal LM: the teacher's responses, one per example
 GENERATED_META_NAME = "generated.json"  # written after it (sha256, rows, fingerprint): publishes it
 TMP_SUFFIX = ".tmp"
-LOCK_NAME = ".kdcache.lock"  # held (fcntl) by the dump writing the directory; readers never take it
+LOCK_NAME = ".kdcache.lock"  # flock: exclusive for a dump, `cache rm` or `gc`; shared by each open CacheReader (lock.py)
+PROGRESS_NAME = "dump.json"  # written at the start of a dump; names what the shards belong to; removed with the manifest's writing
 MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum: sha256 of its other keys (see manifest_digest)
 # The dump's algorithm (reductions, rounding, row order): in the fingerprint, so that a change to how
 # teacher outputs are computed never mixes with shards made the old way. Bump it with such a change.
@@ -106,6 +107,13 @@ def parse_shard_index(name: str) -> int | None:
             if digits.isdigit():
                 return int(digits)
     return None
+
+
+def is_cache_file(name: str) -> bool:
+    """True for the names kdcache writes into a cache directory (what dump-teacher, `kdcache cache rm` and
+    `gc` may delete; any other file makes the directory not a cache)."""
+    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME, LOCK_NAME)
+            or parse_shard_index(name) is not None or name.endswith(TMP_SUFFIX))
 
 
 def index_dtype(vocab: int) -> str:

@@ -35,6 +35,7 @@ from . import format as fmt
 from .errors import REPAIR_ADVICE, CacheError, CacheMismatchError, short_repr
 from .fingerprint import canonical_json
 from .format import StoreSpec, TargetSpec
+from .lock import ReadLock
 from .quant import dequantize_int8, float16_to_float32
 from .verify import ShardVerifier
 
@@ -86,17 +87,23 @@ class CacheReader:
         what it costs; nothing else uses it).
         """
         self.path = Path(path)
-        self.manifest = _load_manifest(self.path)
-        self._checked: list[str] = []  # what was checked besides the shards' sha256, in words (see ``verified``)
-        self._verifier: ShardVerifier | None = None
-        self._stop_verifier: weakref.finalize | None = None
-        if verify:
-            self._check_manifest_digest()
+        # Shared, before the manifest is read and for the reader's lifetime: no dump, rm or gc takes the cache from under it.
+        self._lock = ReadLock(self.path).acquire()
         try:
-            self.spec = StoreSpec.from_dict(self.manifest["store"])
-            self._schema = self.spec.arrow_schema()
-        except Exception as e:  # noqa: BLE001 - any malformed spec is the manifest's fault
-            raise CacheError(f"{self.path}: manifest has no valid 'store' section ({short_repr(str(e), 200)}): {_REPAIR}") from None
+            self.manifest = _load_manifest(self.path)
+            self._checked: list[str] = []  # what was checked besides the shards' sha256, in words (see ``verified``)
+            self._verifier: ShardVerifier | None = None
+            self._stop_verifier: weakref.finalize | None = None
+            if verify:
+                self._check_manifest_digest()
+            try:
+                self.spec = StoreSpec.from_dict(self.manifest["store"])
+                self._schema = self.spec.arrow_schema()
+            except Exception as e:  # noqa: BLE001 - any malformed spec is the manifest's fault
+                raise CacheError(f"{self.path}: manifest has no valid 'store' section ({short_repr(str(e), 200)}): {_REPAIR}") from None
+        except BaseException:
+            self._lock.release()
+            raise
         self._maps: list[pa.MemoryMappedFile] = []
         self._views: list[_Batch] = []  # every record batch of every shard, in shard order
         try:
@@ -370,13 +377,14 @@ class CacheReader:
         return self._views
 
     def close(self) -> None:
-        """Stop the background hashing, release the memory maps; the reader is unusable afterwards."""
+        """Stop the background hashing, release the memory maps and the shared lock; the reader is unusable afterwards."""
         if self._stop_verifier is not None:
             self._stop_verifier()  # joins the kdcache-verify threads (each stops within one chunk)
         self._views = []
         for mm in self._maps:
             mm.close()
         self._maps = []
+        self._lock.release()
 
     def __enter__(self) -> "CacheReader":
         return self
