@@ -210,11 +210,29 @@ def cache_group() -> None:
     """List, remove and garbage-collect the caches under $KDCACHE_HOME (never one a run is reading)."""
 
 
+def _cache_errors(func: Callable) -> Callable:
+    """_handle_errors for the `cache` commands: their errors are CacheErrors, reported without importing the
+    training stack (which _user_errors does: seconds for a one-line refusal)."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kdcache.cache import CacheError
+
+        try:
+            return func(*args, **kwargs)
+        except CacheError as exc:
+            raise click.ClickException(one_line(str(exc))) from None
+
+    return wrapper
+
+
 @cache_group.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON (for scripts).")
-@_handle_errors
+@_cache_errors
 def cache_ls_cmd(as_json: bool) -> None:
-    """The caches: fingerprint, task, teacher, rows, size, last use, state (incomplete and damaged ones too)."""
+    """List the caches and their state.
+
+    Fingerprint, task, teacher, rows, size, last use and state of every directory under $KDCACHE_HOME,
+    incomplete (a dump running, or killed) and damaged ones included; directories holding other files are left out."""
     from kdcache.cache.lifecycle import format_listing, scan
 
     found = scan()
@@ -227,10 +245,12 @@ def cache_ls_cmd(as_json: bool) -> None:
 
 @cache_group.command("rm")
 @click.argument("targets", nargs=-1, required=True, metavar="CACHE...")
-@_handle_errors
+@_cache_errors
 def cache_rm_cmd(targets: tuple[str, ...]) -> None:
-    """Remove caches, each named by a path or by a prefix of its name or fingerprint (as `kdcache cache ls` shows).
-    Refused, removing nothing, for a cache a run is reading or a dump is writing."""
+    """Remove caches (by name, fingerprint prefix or path).
+
+    Each CACHE is a path, or a prefix of a name or fingerprint that `kdcache cache ls` shows. Refused, removing
+    nothing, while a run reads one of them or a dump writes it (there is no --force: a lock ends with its process)."""
     from kdcache.cache.lifecycle import human_bytes, remove, resolve
 
     found = [resolve(t) for t in targets]  # every name is checked, and every cache locked, before anything is removed
@@ -242,9 +262,12 @@ def cache_rm_cmd(targets: tuple[str, ...]) -> None:
 @click.option("--keep-days", type=click.FloatRange(min=0), required=True, metavar="N",
               help="Remove the caches neither written nor read for N days.")
 @click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
-@_handle_errors
+@_cache_errors
 def cache_gc_cmd(keep_days: float, dry_run: bool) -> None:
-    """Remove the caches under $KDCACHE_HOME unused for --keep-days days; a cache a run reads, or a dump writes, is kept."""
+    """Remove the caches unused for --keep-days days.
+
+    A cache is used when a dump writes it or a reader (train-student, inspect, a dump's hit check) opens it; one
+    that a run reads or a dump writes right now is kept, whatever its age."""
     import time
 
     from kdcache.cache.lifecycle import cache_root, collect, human_bytes

@@ -138,7 +138,10 @@ def scan(root: Path | None = None) -> Scan:
     caches, skipped = [], []
     if root.is_dir():
         for path in sorted(p for p in root.iterdir() if p.is_dir()):
-            info = inspect_dir(path)
+            try:
+                info = inspect_dir(path)
+            except OSError:  # unreadable (another user's): not ours to list or remove
+                info = None
             (skipped if info is None else caches).append(path if info is None else info)
     return Scan(root, caches, skipped)
 
