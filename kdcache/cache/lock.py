@@ -7,7 +7,8 @@
   dump, rm or gc takes the directory from a run reading it. A reader still reads where it cannot lock: a
   read-only disk (the lock file cannot be made), a cache this process holds exclusively (a dump checking
   its own cache), or one another dump holds (a complete cache is immutable: a hit needs no lock). A reader
-  that finds a removal holding the lock fails at once. A reader that locks stamps the directory's mtime:
+  that finds a removal holding the lock fails at once; one of a directory without a manifest takes no lock
+  (it fails anyway, and leaves no file in, say, a directory of photos given by mistake). A reader that locks stamps the directory's mtime:
   the cache's last use, which gc reads.
 - The lock file is removed on release by an exclusive holder and by the last reader (it converts its
   lock to exclusive, which succeeds only when no one else holds it); an acquirer re-checks that the file it
@@ -137,6 +138,8 @@ class ReadLock:
     def acquire(self) -> "ReadLock":
         if os.path.realpath(self.dir) in _HELD_HERE:
             return self  # this process dumps (or removes) it: that lock guards the directory
+        if not (self.dir / fmt.MANIFEST_NAME).is_file():
+            return self  # not a complete cache (the reader says what it is): nothing to guard, and no trace left in it
         while True:
             fd = _open_existing_or_new(self.path)
             if fd is None:
