@@ -1,4 +1,4 @@
-"""The caches under ``$KDCACHE_HOME`` and their lifecycle: list them, remove one, collect the unused ones.
+"""The caches under ``$KDCACHE_HOME`` and their lifecycle: list them, remove them, collect the unused ones.
 
 A directory there is *complete* (its manifest.json reads), *incomplete* (a dump's shards or progress marker
 and no manifest: a dump running, or a killed one that dump-teacher resumes), *damaged* (a manifest that does
@@ -78,6 +78,7 @@ class Scan:
 
 
 def cache_root() -> Path:
+    """$KDCACHE_HOME (default ~/.cache/kdcache): where dump-teacher puts caches by default, and all that ls and gc look at."""
     from kdcache.config import kdcache_home  # the config module is light (no torch)
 
     return kdcache_home()
