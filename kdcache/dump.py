@@ -411,8 +411,8 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
         responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp,
                                                      "resume" if state == "repair" else state, dev, rank, world)
-    lengths = np.asarray(features["length"])  # [F] tokens per feature
-    example_ids = np.asarray(features[kdata.EXAMPLE_ID])  # [F]
+    lengths = kdata.column_array(features, "length")  # [F] tokens per feature
+    example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
     num_features = len(features)
 
     # Rank 0 prepares the directory (progress marker, clean-up, shard verification) before any

@@ -187,20 +187,20 @@ def _expect_same_tokenizer(reader: CacheReader, tokenizer, config: FineTuneConfi
 
 def _expect_same_features(reader: CacheReader, features, token_level: bool) -> None:
     """Every feature of this run is cached for the same example (and, token-level, the same length)."""
-    ids = np.asarray(features[kdata.FEATURE_ID])
+    ids = kdata.column_array(features, kdata.FEATURE_ID)
     if len(reader) != len(ids):
         raise CacheMismatchError("num_features", len(reader), len(ids),
                                  f"{reader.path} holds {len(reader)} features but this run cuts its data into {len(ids)}: "
                                  "the features differ (tokenizer, max_length or doc_stride); re-run dump-teacher")
     cached = reader.example_ids(ids)
-    mine = np.asarray(features[kdata.EXAMPLE_ID])
+    mine = kdata.column_array(features, kdata.EXAMPLE_ID)
     if not np.array_equal(cached, mine):
         bad = int(np.nonzero(cached != mine)[0][0])
         raise CacheMismatchError("example_id", int(cached[bad]), int(mine[bad]),
                                  f"feature {bad} belongs to example {int(cached[bad])} in {reader.path} but to example "
                                  f"{int(mine[bad])} in this run: the features differ; re-run dump-teacher")
     if token_level:
-        cached_len, my_len = reader.n_tokens(ids), np.asarray(features["length"])
+        cached_len, my_len = reader.n_tokens(ids), kdata.column_array(features, "length")
         if not np.array_equal(cached_len, my_len):
             bad = int(np.nonzero(cached_len != my_len)[0][0])
             raise CacheMismatchError("n_tokens", int(cached_len[bad]), int(my_len[bad]),
