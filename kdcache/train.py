@@ -468,7 +468,8 @@ def train_student(
         scores, seconds = score(student, tokenizer, task, eval_feats, eval_raw, labels, config, batch_size=2 * config.batch_size)
         metrics = {f"eval_{k}": float(v) for k, v in scores.items()}
         metrics["eval_features"] = len(eval_feats)
-    reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now} if fetcher is not None else {}
+    reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now, "decoded": fetcher.decoded,
+             "decoded_features": fetcher.decoded_features} if fetcher is not None else {}  # this process's reads
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
                          time.perf_counter() - start, list(trainer.state.log_history), reads)
     if save:
