@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
 from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
@@ -325,6 +325,7 @@ def training_arguments(config: FineTuneConfig, output_dir: Path, label_keys: tup
         label_names=list(label_keys),
         disable_tqdm=config.disable_tqdm,
         dataloader_pin_memory=cuda,
+        use_cpu=not cuda,  # without it, accelerate ignores torchrun's ranks on a machine without GPUs (no CPU DDP)
     )
 
 
@@ -370,7 +371,8 @@ def train_student(
     elif config.use_distillation:
         labels = align_to_teacher(online_teacher.config, labels)
 
-    student, tokenizer = build_student(config, task, labels)
+    set_seed(config.seed)  # what the student and projections initialise randomly is the seed's: the same on every rank,
+    student, tokenizer = build_student(config, task, labels)  # and the same whatever ran before in this process
     problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
     if problem:
         raise ModelError(problem)

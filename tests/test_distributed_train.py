@@ -165,8 +165,10 @@ def test_two_ranks_train_what_one_process_trains(setup):
     proc = torchrun(common + ["--batch-size", str(GLOBAL_BATCH // 2), "--output-dir", str(root / "two")], home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     accelerate_config = root / "accelerate.yaml"
-    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
-                                 "num_machines: 1\nmachine_rank: 0\nuse_cpu: true\nmixed_precision: 'no'\n")
+    # MULTI_GPU is accelerate's torchrun launcher; on a machine without GPUs its processes train on CPU over gloo.
+    # (Its MULTI_CPU / --cpu mode starts several processes only through mpirun.)
+    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+                                 "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\ndynamo_config: {}\n")
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
                            "-m", "kdcache", *common, "--batch-size", str(GLOBAL_BATCH // 2), "--output-dir", str(root / "acc")],
                           capture_output=True, text=True, env=cli_env(home), timeout=600)
