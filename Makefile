@@ -45,9 +45,11 @@ bench-lm: install
 
 # NPROC > 1: torchrun starts NPROC processes on this machine (one per GPU); TORCHRUN_ARGS holds its other flags
 # (several nodes: --nnodes N --node_rank R --master_addr HOST --master_port PORT instead of --standalone).
+# Either one set: the targets run under torchrun.
 NPROC ?= 1
 TORCHRUN_ARGS ?= --standalone
-LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) $(TORCHRUN_ARGS) -m kdcache,$(KDCACHE))
+LAUNCH = $(if $(filter-out 1,$(NPROC))$(filter-out --standalone,$(TORCHRUN_ARGS)),$(PY) -m torch.distributed.run \
+	--nproc_per_node $(NPROC) $(TORCHRUN_ARGS) -m kdcache,$(KDCACHE))
 
 dump-teacher: install
 	$(LAUNCH) dump-teacher --config $(CONFIG)
