@@ -367,7 +367,7 @@ def dump_teacher(
     with contextlib.ExitStack() as held:
 
         def verdict() -> str:
-            held.enter_context(CacheLock(path))  # one dump per directory (rank 0 holds it for all); readers never lock
+            held.enter_context(CacheLock(path))  # one dump per directory (rank 0 holds it for all ranks)
             state = _check_dir_state(path, fp, inputs, force)
             problem = _damage(path, spec, inputs) if state == "hit" else None
             if problem:
