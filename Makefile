@@ -43,11 +43,19 @@ bench-quick: install
 bench-lm: install
 	$(PY) -m bench.run --profile lm
 
+# NPROC > 1: torchrun starts NPROC processes on this machine (one per GPU); TORCHRUN_ARGS holds its other flags
+# (several nodes: --nnodes N --node_rank R --master_addr HOST --master_port PORT instead of --standalone).
+# Either one set: the targets run under torchrun.
+NPROC ?= 1
+TORCHRUN_ARGS ?= --standalone
+LAUNCH = $(if $(filter-out 1,$(NPROC))$(filter-out --standalone,$(TORCHRUN_ARGS)),$(PY) -m torch.distributed.run \
+	--nproc_per_node $(NPROC) $(TORCHRUN_ARGS) -m kdcache,$(KDCACHE))
+
 dump-teacher: install
-	$(KDCACHE) dump-teacher --config $(CONFIG)
+	$(LAUNCH) dump-teacher --config $(CONFIG)
 
 train-student: install
-	$(KDCACHE) train-student --config $(CONFIG)
+	$(LAUNCH) train-student --config $(CONFIG)
 
 # One cache, several students: a sweep over distillation_alpha and temperature.
 ALPHAS ?= 0.3 0.5 0.7 0.9

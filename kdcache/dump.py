@@ -58,7 +58,7 @@ from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
-from kdcache.distributed import barrier, local_device, rank_and_world
+from kdcache.distributed import local_device, on_rank0, rank_and_world, together
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import requested_layers, teacher_name_for
@@ -354,30 +354,29 @@ def dump_teacher(
     _check_location(path)
 
     rank, world = rank_and_world()
-    intact = None
-    if rank == 0:  # a first, read-only look: a foreign or mismatched directory is left untouched, and an intact
-        # complete cache is a hit without the lock (it may be on a read-only disk shared by a team)
+
+    def first_look() -> bool:
+        """Read-only: a foreign or mismatched directory is left untouched, and an intact complete cache is a hit
+        without the lock (it may be on a read-only disk shared by a team)."""
         first = _check_dir_state(path, fp, inputs, force)
-        intact = first == "hit" and not (path / PROGRESS_NAME).exists() and _damage(path, spec, inputs) is None
-    if world > 1:
-        box = [intact]
-        torch.distributed.broadcast_object_list(box, src=0)
-        intact = box[0]
-    if intact:
+        return first == "hit" and not (path / PROGRESS_NAME).exists() and _damage(path, spec, inputs) is None
+
+    if on_rank0(first_look, world):  # rank 0 looks; its verdict, or its error, reaches every rank
         log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
         return DumpResult(path, True, json.loads((path / MANIFEST_NAME).read_text()), time.perf_counter() - start)
-    with CacheLock(path) if rank == 0 else contextlib.nullcontext():  # one dump per directory; readers never lock
-        state = _check_dir_state(path, fp, inputs, force) if rank == 0 else None
-        if state == "hit":
-            problem = _damage(path, spec, inputs)
+    with contextlib.ExitStack() as held:
+
+        def verdict() -> str:
+            held.enter_context(CacheLock(path))  # one dump per directory (rank 0 holds it for all ranks)
+            state = _check_dir_state(path, fp, inputs, force)
+            problem = _damage(path, spec, inputs) if state == "hit" else None
             if problem:
                 log.warning("%s: the cache is damaged (%s); repairing it: every shard is re-verified, bad or missing ones "
                             "redone, the manifest rewritten", path, problem)
-                state = "repair"
-        if world > 1:  # every rank follows rank 0's verdict
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0)
-            state = box[0]
+                return "repair"
+            return state
+
+        state = on_rank0(verdict, world)  # every rank follows rank 0's verdict (or stops with its error)
         if state == "hit":
             if rank == 0:  # killed between writing the manifest and removing the progress marker
                 with io_errors(path):
@@ -410,14 +409,14 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     responses, published = None, False
     if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
         responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp,
-                                                     "resume" if state == "repair" else state, dev, rank, world)
+                                                     "resume" if state == "repair" else state, dev, world)
     lengths = kdata.column_array(features, "length")  # [F] tokens per feature
     example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
     num_features = len(features)
 
     # Rank 0 prepares the directory (progress marker, clean-up, shard verification) before any
     # rank writes; then each rank takes every world-th missing shard.
-    if rank == 0:
+    def prepare() -> None:
         if state == "redo":
             _clear_cache_dir(path)
         with io_errors(path):
@@ -438,7 +437,8 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
                     (path / shard_name(index)).unlink(missing_ok=True)
         if responses is not None and not published:
             write_generated(path, responses, fp)
-    barrier(world)
+
+    on_rank0(prepare, world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
     shard_writer = ShardWriter(path, spec, clean=False)
     done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
@@ -452,28 +452,31 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_features, unit="ft",
                desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
                disable=not progress or rank != 0)
-    tokens_seen, t0 = 0, time.perf_counter()
-    with BackgroundWriter(shard_writer) as writer:
-        for index in todo:
-            lo, hi = ranges[index]
-            writer.open_shard(index, (lo, hi))
-            rows = np.arange(lo, hi)
-            rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
-            for b in range(0, len(rows), batch_size):
-                batch_rows = rows[b:b + batch_size]
-                batch = _collate(task, features, batch_rows, tokenizer, dev)
-                with torch.inference_mode(), amp:
-                    if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
-                        batch.update(task.generate_targets(model, batch, config, tokenizer))
-                    outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
-                writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
-                tokens_seen += int(lengths[batch_rows].sum())
-                bar.update(len(batch_rows))
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
-            writer.close_shard()
-        writer.flush()
-    bar.close()
+    def write_mine() -> None:
+        tokens_seen, t0 = 0, time.perf_counter()
+        with BackgroundWriter(shard_writer) as writer:
+            for index in todo:
+                lo, hi = ranges[index]
+                writer.open_shard(index, (lo, hi))
+                rows = np.arange(lo, hi)
+                rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
+                for b in range(0, len(rows), batch_size):
+                    batch_rows = rows[b:b + batch_size]
+                    batch = _collate(task, features, batch_rows, tokenizer, dev)
+                    with torch.inference_mode(), amp:
+                        if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
+                            batch.update(task.generate_targets(model, batch, config, tokenizer))
+                        outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
+                    writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
+                    tokens_seen += int(lengths[batch_rows].sum())
+                    bar.update(len(batch_rows))
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
+                writer.close_shard()
+            writer.flush()
+        bar.close()
+
+    together(write_mine, world)  # every rank's shards are published (or every rank stops with the first error)
 
     manifest = {
         "fingerprint": fp,
@@ -503,30 +506,30 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     }
     if responses is not None:
         manifest["generated"] = json.loads((path / GENERATED_META_NAME).read_text())
-    barrier(world)  # every rank's shards are published
-    if rank == 0:
-        manifest = shard_writer.write_manifest(manifest)
+
+    def publish() -> None:
+        shard_writer.write_manifest(manifest)
         with io_errors(path):
             (path / PROGRESS_NAME).unlink(missing_ok=True)
-    barrier(world)
+
+    on_rank0(publish, world)
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     return DumpResult(path, False, manifest, time.perf_counter() - start)
 
 
-def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, rank: int,
-               world: int):
+def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, world: int):
     """The teacher's responses (published ones when resuming, else generated now, by rank 0, in memory: nothing is
     written before the features of the rewritten rows are known to be valid), whether they were already published,
     and the features of the rewritten rows."""
-    responses = read_generated(path, fp) if state == "resume" and rank == 0 else None
-    published = responses is not None
-    if responses is None and rank == 0:
+    def generate() -> tuple[Optional[list], bool]:
+        responses = read_generated(path, fp) if state == "resume" else None
+        if responses is not None:
+            return responses, True
         log.info("sequence_kd: generating the teacher's responses to %d prompts", len(raw))
-        responses = task.generate_responses(model, tokenizer, raw, config, dev, batch_size=config.teacher_batch_size or 2 * config.batch_size)
-    if world > 1:
-        box = [responses]
-        torch.distributed.broadcast_object_list(box, src=0)
-        responses = box[0]
+        return task.generate_responses(model, tokenizer, raw, config, dev,
+                                       batch_size=config.teacher_batch_size or 2 * config.batch_size), False
+
+    responses, published = on_rank0(generate, world)  # every rank gets rank 0's responses (or its error)
     features = kdata.make_features(task, task.with_responses(raw, responses, config), tokenizer, config, labels, "train")
     return responses, published, features
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments, set_seed
 
 from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
@@ -325,6 +325,7 @@ def training_arguments(config: FineTuneConfig, output_dir: Path, label_keys: tup
         label_names=list(label_keys),
         disable_tqdm=config.disable_tqdm,
         dataloader_pin_memory=cuda,
+        use_cpu=not cuda,  # without it, accelerate ignores torchrun's ranks on a machine without GPUs (no CPU DDP)
     )
 
 
@@ -370,7 +371,8 @@ def train_student(
     elif config.use_distillation:
         labels = align_to_teacher(online_teacher.config, labels)
 
-    student, tokenizer = build_student(config, task, labels)
+    set_seed(config.seed)  # what the student and projections initialise randomly is the seed's: the same on every rank,
+    student, tokenizer = build_student(config, task, labels)  # and the same whatever ran before in this process
     problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
     if problem:
         raise ModelError(problem)
@@ -468,7 +470,8 @@ def train_student(
         scores, seconds = score(student, tokenizer, task, eval_feats, eval_raw, labels, config, batch_size=2 * config.batch_size)
         metrics = {f"eval_{k}": float(v) for k, v in scores.items()}
         metrics["eval_features"] = len(eval_feats)
-    reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now} if fetcher is not None else {}
+    reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now, "decoded": fetcher.decoded,
+             "decoded_features": fetcher.decoded_features} if fetcher is not None else {}  # this process's reads
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
                          time.perf_counter() - start, list(trainer.state.log_history), reads)
     if save:

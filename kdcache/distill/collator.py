@@ -3,25 +3,28 @@
 The collator pads the student's inputs and hard labels and adds, per stored target field,
 `teacher_<name>` ([B, C] per example, [B, S, C] per position, zero beyond each feature's
 positions), and `teacher_hidden` ([B, L, S, H] per token with `teacher_hidden_mask` [B, S], or
-[B, L, 1, H] pooled). `ReadAheadSampler` sees the batches before the DataLoader does and has a
-background thread decode them, so the step does not wait on the cache (numpy and Arrow release
-the GIL while they copy)."""
+[B, L, 1, H] pooled). `ReadAheadSampler` tells the fetcher which batches this process will take
+(under DDP, accelerate deals the sampler's batches out to ranks), and a background thread decodes
+the next ones while the step runs, so the step does not wait on the cache (numpy and Arrow release
+the GIL while they copy) and no rank reads another rank's rows."""
 
 from __future__ import annotations
 
+import copy
 import threading
-from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 from kdcache.cache import CacheError, CacheReader
 from kdcache.cache.format import TargetSpec
 from kdcache.data import EXAMPLE_ID, FEATURE_ID
+
+__all__ = ["TEACHER_PREFIX", "HIDDEN_KEY", "HIDDEN_MASK_KEY", "target_key", "positions_key", "place_positions", "TargetFetcher",
+           "ReadAheadSampler", "DistillationCollator"]
 
 TEACHER_PREFIX = "teacher_"
 HIDDEN_KEY = "teacher_hidden"
@@ -52,21 +55,32 @@ def place_positions(value: torch.Tensor, counts: torch.Tensor, mask: torch.Tenso
     return out
 
 
-class TargetFetcher:
-    """Reads the teacher targets of a batch from the cache (optionally ahead of time)."""
+Batch = tuple[tuple[int, ...], int]  # (feature ids, padded length): one batch's cache read
 
-    def __init__(self, reader: CacheReader, targets: Sequence[TargetSpec], layer_positions: Optional[list[int]], max_pending: int = 8):
+
+class TargetFetcher:
+    """Reads the teacher targets of a batch from the cache, ahead of time for the batches this process will take.
+
+    The read-ahead follows a plan (this process's batches of the epoch, in order; see :class:`ReadAheadSampler`)
+    and is driven by consumption: taking batch k of the plan schedules batches k+1..k+depth. Batches never taken
+    (another rank's, or those the Trainer skips when it resumes mid-epoch) are never decoded."""
+
+    def __init__(self, reader: CacheReader, targets: Sequence[TargetSpec], layer_positions: Optional[list[int]], depth: int = 3):
         self.reader = reader
         self.targets = list(targets)  # the target fields this run distils (empty: hidden states only)
         self.layer_positions = layer_positions  # indices into the cache's stored layers, or None
         spec = reader.spec.hidden
         self.pooled = spec is not None and spec.pooled
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-readahead")
-        self._pending: "OrderedDict[tuple, Future]" = OrderedDict()
+        self._pending: dict[Batch, Future] = {}
         self._lock = threading.Lock()
-        self.max_pending = max_pending
+        self.depth = depth  # batches decoded ahead of the one being taken
+        self._plan: list[Batch] = []
+        self._cursor = 0  # plan index of the next batch expected
         self.prefetched = 0  # batches served from a read-ahead
-        self.read_now = 0  # batches read synchronously (not scheduled, or evicted)
+        self.read_now = 0  # batches read synchronously (the first of an epoch, or not in the plan)
+        self.decoded = 0  # batches decoded (taken or not): prefetched + read_now when no read was wasted
+        self.decoded_features = 0  # feature rows decoded, over those batches
 
     def fetch(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
         """Decode the targets of one batch of feature ids: numpy arrays ready to become tensors.
@@ -74,6 +88,9 @@ class TargetFetcher:
         Per-position targets are padded to the batch's longest n_positions (the student's position
         axis: its input length for encoder tasks, its label length for seq2seq); a topk / sampled
         target gives one key per component (``teacher_<name>:<component>``)."""
+        with self._lock:
+            self.decoded += 1
+            self.decoded_features += len(ids)
         out: dict[str, np.ndarray] = {}
         for t in self.targets:
             if t.per == "example":
@@ -92,19 +109,30 @@ class TargetFetcher:
                 out[HIDDEN_KEY], out[HIDDEN_MASK_KEY] = self.reader.get_padded(ids, seq_len, self.layer_positions)  # [B, L, S, H]
         return out
 
-    def schedule(self, ids: Sequence[int], seq_len: int) -> None:
-        key = (tuple(int(i) for i in ids), int(seq_len))
+    def plan(self, batches: Sequence[Batch]) -> None:
+        """This process's batches for the epoch that starts, in the order it will take them; reads still pending from
+        the last epoch are cancelled."""
         with self._lock:
-            if key in self._pending:
-                return
-            self._pending[key] = self._pool.submit(self.fetch, key[0], key[1])
-            while len(self._pending) > self.max_pending:  # batches another rank took, or never asked for
-                self._pending.popitem(last=False)[1].cancel()
+            for future in self._pending.values():
+                future.cancel()
+            self._pending = {}
+            self._plan = [(tuple(int(i) for i in ids), int(n)) for ids, n in batches]
+            self._cursor = 0
 
     def take(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
-        """The batch's targets: prefetched if scheduled, else read now."""
+        """The batch's targets: prefetched if scheduled, else read now. Schedules the plan's next ``depth`` batches."""
         key = (tuple(int(i) for i in ids), int(seq_len))
         with self._lock:
+            at = next((j for j in range(self._cursor, len(self._plan)) if self._plan[j] == key), None)
+            if at is not None:  # batches of the plan before it were skipped (a resume): never read
+                for skipped in self._plan[self._cursor:at]:
+                    stale = self._pending.pop(skipped, None)
+                    if stale is not None:
+                        stale.cancel()
+                self._cursor = at + 1
+                for ahead in self._plan[at + 1: at + 1 + self.depth]:
+                    if ahead not in self._pending:
+                        self._pending[ahead] = self._pool.submit(self.fetch, *ahead)
             future = self._pending.pop(key, None)
         if future is None:
             self.read_now += 1
@@ -116,17 +144,39 @@ class TargetFetcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ReadAheadSampler(Sampler):
-    """Wraps the Trainer's sampler; schedules the cache reads of the next `depth` batches."""
+def _replayed(batch_sampler, sampler: Sampler, order: list[int]):
+    """A copy of the DataLoader's ``batch_sampler`` chain (torch's BatchSampler, under DDP inside accelerate's
+    BatchSamplerShard, which deals whole or split batches to ranks) that draws ``order`` where it drew from
+    ``sampler``: iterating it gives exactly the batches this process will get. None if ``sampler`` is not in it."""
+    if getattr(batch_sampler, "sampler", None) is sampler:
+        twin = copy.copy(batch_sampler)
+        twin.sampler = order
+        return twin
+    inner = getattr(batch_sampler, "batch_sampler", None)
+    inner = _replayed(inner, sampler, order) if inner is not None else None
+    if inner is None:
+        return None
+    twin = copy.copy(batch_sampler)
+    twin.batch_sampler = inner
+    return twin
 
-    def __init__(self, base: Sampler, batch_size: int, feature_ids: np.ndarray, lengths: np.ndarray,
-                 fetcher: TargetFetcher, depth: int = 3):
+
+class ReadAheadSampler(Sampler):
+    """Wraps the Trainer's sampler. At each epoch it draws the whole order (N indices), finds the batches this process
+    will take by replaying that order through the prepared DataLoader's own batch sampler (``bind``), and hands them
+    to the fetcher as its read-ahead plan."""
+
+    def __init__(self, base: Sampler, batch_size: int, feature_ids: np.ndarray, lengths: np.ndarray, fetcher: TargetFetcher):
         self.base = base
         self.batch_size = batch_size
         self.feature_ids = feature_ids  # [N] feature id of each dataset row
         self.lengths = lengths  # [N] tokens of each dataset row
         self.fetcher = fetcher
-        self.depth = depth
+        self.dealer = None  # the prepared DataLoader's batch sampler (see bind)
+
+    def bind(self, batch_sampler) -> None:
+        """The batch sampler of the DataLoader that draws from this sampler (after accelerate's prepare)."""
+        self.dealer = batch_sampler
 
     def __len__(self) -> int:
         return len(self.base)
@@ -135,22 +185,17 @@ class ReadAheadSampler(Sampler):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
+    def batches(self, order: list[int]) -> list[list[int]]:
+        """This process's batches (dataset rows) of an epoch drawn in ``order``."""
+        dealer = _replayed(self.dealer, self, order) if self.dealer is not None else None
+        if dealer is None:  # not bound (a DataLoader of our own): torch's plain batching
+            dealer = BatchSampler(order, self.batch_size, drop_last=False)
+        return [list(b) for b in dealer]
+
     def __iter__(self):
-        it = iter(self.base)
-
-        def pull() -> list[int]:
-            chunk = [int(i) for i in islice(it, self.batch_size)]
-            if chunk:
-                self.fetcher.schedule(self.feature_ids[chunk], int(self.lengths[chunk].max()))
-            return chunk
-
-        chunks = deque(c for c in (pull() for _ in range(self.depth)) if c)
-        while chunks:
-            chunk = chunks.popleft()
-            nxt = pull()
-            if nxt:
-                chunks.append(nxt)
-            yield from chunk
+        order = [int(i) for i in self.base]  # [N]
+        self.fetcher.plan([(self.feature_ids[b], int(self.lengths[b].max())) for b in self.batches(order) if len(b)])
+        yield from order
 
 
 class DistillationCollator:

@@ -10,7 +10,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from accelerate.data_loader import SeedableRandomSampler
 from safetensors.torch import load_file, save_file
+from torch.utils.data import RandomSampler
 from transformers import Trainer
 
 from kdcache.align import fold_topk
@@ -20,7 +22,10 @@ from kdcache.config import ConfigError
 from kdcache.data import EXAMPLE_ID, FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
+from kdcache.distributed import any_rank, first_error
 from kdcache.teacher import pool_student, select_hidden
+
+__all__ = ["PROJECTIONS_FILE", "TrainingDiverged", "OnlineTeacher", "DistillationTrainer"]
 
 PROJECTIONS_FILE = "kd_projections.safetensors"
 
@@ -35,6 +40,16 @@ def _rows(batches: list[torch.Tensor], limit: int = 8) -> str:
     first ``limit`` of them. Converted only here, when a message needs them: nothing per step."""
     ids = sorted({int(i) for rows in batches for i in rows.tolist()})
     return ", ".join(map(str, ids[:limit])) + (f" ... ({len(ids)} rows)" if len(ids) > limit else "")
+
+
+def _find_sampler(batch_sampler, cls: type):
+    """The sampler of type ``cls`` at the bottom of a DataLoader's batch-sampler chain (accelerate wraps torch's), or None."""
+    while batch_sampler is not None:
+        sampler = getattr(batch_sampler, "sampler", None)
+        if isinstance(sampler, cls):
+            return sampler
+        batch_sampler = getattr(batch_sampler, "batch_sampler", None)
+    return None
 
 
 def _finite(value) -> bool:
@@ -98,7 +113,6 @@ class DistillationTrainer(Trainer):
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
         self._step_rows: list[torch.Tensor] = []  # example ids [B] of each micro-batch of the optimizer step in progress
         self._rows_step = -1  # the global step they belong to
-        self._pending_error: Optional[Exception] = None  # a rank's non-finite loss, raised with the gradient check (DDP)
 
     # -- data -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -106,9 +120,23 @@ class DistillationTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.fetcher is None or base is None:
             return base
+        if type(base) is RandomSampler and self.accelerator.dataloader_config.use_seedable_sampler:
+            # What accelerate's prepare does to a plain RandomSampler (it cannot see one wrapped): the order then
+            # depends on the seed and the epoch only, so every rank draws the same one and deals it out.
+            base = SeedableRandomSampler(data_source=base.data_source, replacement=base.replacement,
+                                         num_samples=base._num_samples, data_seed=self.args.data_seed)
         return ReadAheadSampler(
             base, self._train_batch_size, np.asarray(dataset[FEATURE_ID]), np.asarray(dataset["length"]), self.fetcher,
         )
+
+    def get_train_dataloader(self):
+        """The Trainer's (accelerate-prepared) loader; the read-ahead learns from its batch sampler which batches
+        this process takes."""
+        loader = super().get_train_dataloader()
+        sampler = _find_sampler(loader.batch_sampler, ReadAheadSampler)
+        if sampler is not None:
+            sampler.bind(loader.batch_sampler)
+        return loader
 
     # -- stopping on a non-finite loss or gradient ---------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -120,27 +148,32 @@ class DistillationTrainer(Trainer):
         if rows is not None:
             self._step_rows.append(rows)  # a reference: read (one copy) only if a message needs it
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not _finite(loss):
-            error = self._non_finite("the loss", float(loss), inputs)
-            if self.args.world_size > 1:  # ranks stop together: the all-reduced gradient norm is NaN on every one
-                self._pending_error = error
-                return loss
-            raise error
+        world = self.args.world_size
+        if any_rank(~torch.isfinite(loss.detach()), world):  # under DDP a collective decision: every rank stops here
+            error = self._non_finite("the loss", float(loss), inputs) if not _finite(loss) else None
+            raise first_error(error, world)  # the lowest failing rank's error, on every rank
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """The Trainer's gradient norm (all ranks' gradients), checked before the optimizer step can write NaN
-        into the weights. fp16 with loss scaling is exempt: its scaler skips overflowing steps by design."""
+        """The Trainer's gradient norm (all ranks' gradients: the same value on every rank), checked before the
+        optimizer step can write NaN into the weights. fp16 with loss scaling is exempt: its scaler skips
+        overflowing steps by design."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and self.accelerator.scaler is None and not _finite(grad_norm):
-            raise self._pending_error or self._non_finite("the gradient norm", float(grad_norm), None)
+            raise self._non_finite("the gradient norm", float(grad_norm), None, every_rank=True)
         return grad_norm
 
-    def _non_finite(self, what: str, value: float, inputs) -> Exception:
+    def _non_finite(self, what: str, value: float, inputs, every_rank: bool = False) -> Exception:
         """The error for a non-finite loss or gradient: the cache's fault when the batch's teacher targets are
-        themselves non-finite, else the run's settings."""
+        themselves non-finite, else the run's settings. ``every_rank`` (collective): name the rows of every rank's
+        batches, which the all-reduced gradient came from."""
         step = self.state.global_step + 1
-        rows = _rows(self._step_rows)
+        batches = self._step_rows
+        if every_rank and self.args.world_size > 1:
+            gathered: list = [None] * self.args.world_size
+            torch.distributed.all_gather_object(gathered, [r.cpu() for r in batches])
+            batches = [r for rank_rows in gathered for r in rank_rows]
+        rows = _rows(batches)
         teacher = {k: v for k, v in (inputs or {}).items() if k.startswith("teacher_") and torch.is_tensor(v)
                    and v.is_floating_point()}
         damaged = [k[len("teacher_"):] for k, v in teacher.items() if not bool(torch.isfinite(v).all())]
