@@ -19,7 +19,7 @@ from kdcache.align import fold_topk
 from kdcache.cache import CacheError
 from kdcache.cache.format import TargetSpec
 from kdcache.config import ConfigError
-from kdcache.data import EXAMPLE_ID, FEATURE_ID
+from kdcache.data import EXAMPLE_ID, FEATURE_ID, column_array
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.distributed import any_rank, first_error
@@ -126,7 +126,7 @@ class DistillationTrainer(Trainer):
             base = SeedableRandomSampler(data_source=base.data_source, replacement=base.replacement,
                                          num_samples=base._num_samples, data_seed=self.args.data_seed)
         return ReadAheadSampler(
-            base, self._train_batch_size, np.asarray(dataset[FEATURE_ID]), np.asarray(dataset["length"]), self.fetcher,
+            base, self._train_batch_size, column_array(dataset, FEATURE_ID), column_array(dataset, "length"), self.fetcher,
         )
 
     def get_train_dataloader(self):
