@@ -20,6 +20,7 @@ from kdcache.config import ConfigError
 from kdcache.data import EXAMPLE_ID, FEATURE_ID
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
+from kdcache.distill.shard_order import ShardBlockSampler
 from kdcache.teacher import pool_student, select_hidden
 
 PROJECTIONS_FILE = "kd_projections.safetensors"
@@ -106,6 +107,7 @@ class DistillationTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.fetcher is None or base is None:
             return base
+        base = ShardBlockSampler(base, self.fetcher.reader, np.asarray(dataset[FEATURE_ID]))  # a staged cache: shard by shard
         return ReadAheadSampler(
             base, self._train_batch_size, np.asarray(dataset[FEATURE_ID]), np.asarray(dataset["length"]), self.fetcher,
         )
