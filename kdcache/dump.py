@@ -306,12 +306,13 @@ def dump_teacher(
 ) -> DumpResult:
     """Run the teacher over the training split's features and write (or find) its cache (``cache_dir`` may be a URL on
     object storage: see kdcache.remote_dump). ``on_shard(dir, meta)`` runs after each shard is published."""
-    target = cache_dir or config.cache_dir
-    if target and not isinstance(cache_location(target), Path):
+    target = cache_location(cache_dir or config.cache_dir) if (cache_dir or config.cache_dir) else None
+    if isinstance(target, str):  # a URL on object storage
         from kdcache.remote_dump import dump_remote
 
-        return dump_remote(config, train_dataset, str(target), force=force, device=device, shard_examples=shard_examples,
+        return dump_remote(config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
                            progress=progress)
+    cache_dir = str(target) if target is not None else None  # a file:// URL is its directory
     start = time.perf_counter()
     if shard_examples is not None and shard_examples <= 0:
         raise CacheError(f"--shard-examples must be a positive number of features per shard, got {shard_examples}")

@@ -124,12 +124,11 @@ class RemoteDir:
         Checks the bucket exists (a missing bucket is an error, a missing prefix is an empty cache)."""
         with remote_errors(self.url):
             self.fs.invalidate_cache()
-            bucket = self.root.split("/", 1)[0]
-            if not self.fs.exists(bucket):
-                raise FileNotFoundError(f"the specified bucket does not exist: {bucket}")
             try:
                 entries = self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if "bucket" in str(e).lower():
+                    raise  # said as a missing bucket by remote_errors
                 return {}
         return {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
 
