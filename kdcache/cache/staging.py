@@ -108,7 +108,10 @@ class ShardStage:
         return max(self._sizes, default=0)
 
     def block_shards(self) -> int:
-        """Shards a read plan's block may hold: two blocks (the one read and the next, a batch may straddle them) fit."""
+        """Shards a read plan's block may hold: all of them when the whole cache fits (nothing is ever evicted), else as
+        many as let two blocks (the one read and the next: a batch may straddle them) fit."""
+        if sum(self._sizes) <= self.limit:
+            return max(1, len(self._sizes))
         return max(1, self.limit // max(self.largest, 1) // 2)
 
     # -- reads ----------------------------------------------------------------------------------
