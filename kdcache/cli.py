@@ -157,16 +157,21 @@ def _report(result) -> None:
 
 
 @main.command("inspect")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache")
 @click.option("--verify", is_flag=True, help="Also check the manifest's own checksum, that the shards cover every feature id once, "
               "the row/token/byte totals and the teacher's stored responses (every shard's sha256 is checked on any read).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_handle_errors
 def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:
-    """What a cache stores: rows, bytes, bytes per token per field, fingerprint inputs."""
+    """What a cache stores: rows, bytes, bytes per token per field, fingerprint inputs. CACHE is a directory or a URL
+    on object storage (s3://bucket/path, read through a bounded staging directory)."""
     from kdcache.cache import CacheReader, format_summary, summarize
+    from kdcache.cache.remote import cache_location
+    from kdcache.cache.staging import StagedCacheReader
 
-    with CacheReader(cache, verify=verify) as reader:
+    location = cache_location(cache)
+    opened = StagedCacheReader(location, verify=verify) if isinstance(location, str) else CacheReader(location, verify=verify)
+    with opened as reader:
         reader.wait_verified()  # inspect reports a damaged shard, not "verified k of N so far"
         summary = summarize(reader)
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
+from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device, on_rank0, rank_and_world, together
@@ -301,8 +302,17 @@ def dump_teacher(
     device: Optional[str] = None,
     shard_examples: Optional[int] = None,
     progress: bool = True,
+    on_shard: Optional[Callable[[Path, dict], None]] = None,
 ) -> DumpResult:
-    """Run the teacher over the training split's features and write (or find) its cache."""
+    """Run the teacher over the training split's features and write (or find) its cache (``cache_dir`` may be a URL on
+    object storage: see kdcache.remote_dump). ``on_shard(dir, meta)`` runs after each shard is published."""
+    target = cache_location(cache_dir or config.cache_dir) if (cache_dir or config.cache_dir) else None
+    if isinstance(target, str):  # a URL on object storage
+        from kdcache.remote_dump import dump_remote
+
+        return dump_remote(config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
+                           progress=progress)
+    cache_dir = str(target) if target is not None else None  # a file:// URL is its directory
     start = time.perf_counter()
     if shard_examples is not None and shard_examples <= 0:
         raise CacheError(f"--shard-examples must be a positive number of features per shard, got {shard_examples}")
@@ -386,7 +396,7 @@ def dump_teacher(
             return DumpResult(path, True, manifest, time.perf_counter() - start)
         try:
             result = _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
-                           spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start)
+                           spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start, on_shard)
             result.repaired = state == "repair"
             return result
         except BaseException:
@@ -397,7 +407,8 @@ def dump_teacher(
 
 def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teacher_path: str, raw, labels, ds_hash: str,
           model_config, tokenizer, spec: StoreSpec, lookup: dict, inputs: dict, fp: str, path: Path, state: str, dev, amp,
-          compute_dtype: str, shard_examples: Optional[int], progress: bool, start: float) -> DumpResult:
+          compute_dtype: str, shard_examples: Optional[int], progress: bool, start: float,
+          on_shard: Optional[Callable[[Path, dict], None]] = None) -> DumpResult:
     """Load the teacher, make the features, then write (or resume, or repair) the cache: the part run under the lock."""
     rank, world = rank_and_world()
     # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
@@ -440,7 +451,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
 
     on_rank0(prepare, world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
-    shard_writer = ShardWriter(path, spec, clean=False)
+    shard_writer = ShardWriter(path, spec, clean=False, on_publish=on_shard)
     done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
     ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]

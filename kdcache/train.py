@@ -20,6 +20,8 @@ from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.format import MANIFEST_NAME
 from kdcache.cache.generated import read_generated
+from kdcache.cache.remote import cache_location
+from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import FineTuneConfig
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
@@ -56,11 +58,13 @@ class TrainResult:
     cache_reads: dict[str, int] = field(default_factory=dict)  # batches prefetched vs read synchronously
 
 
-def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher_name: str, ds_hash: str, num_examples: int) -> Path:
-    """The run's cache: --cache-dir, else the default path for its inputs, else a compatible one."""
+def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher_name: str, ds_hash: str,
+                 num_examples: int) -> Path | str:
+    """The run's cache: --cache-dir (a directory, or a URL on object storage), else the default path for its inputs,
+    else a compatible one."""
     explicit = cache_dir or config.cache_dir
     if explicit:
-        return Path(explicit)
+        return cache_location(explicit)
     path = default_cache_dir(lookup_inputs(config, task, teacher_name, ds_hash, num_examples, requested_layers(config)))
     if (path / MANIFEST_NAME).exists():
         return path
@@ -72,10 +76,11 @@ def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher
     )
 
 
-def open_cache_for(config: FineTuneConfig, task, path: Path, ds_hash: str, num_examples: int, features, labels,
-                   student_tokenizer) -> tuple[CacheReader, Optional[tuple[int, ...]]]:
-    """Open and validate the cache for this run's features; returns the reader and the resolved teacher layers."""
-    reader = CacheReader(path)
+def open_cache_for(config: FineTuneConfig, task, path: Path | str, ds_hash: str, num_examples: int, features, labels,
+                   student_tokenizer, reader: Optional[CacheReader] = None) -> tuple[CacheReader, Optional[tuple[int, ...]]]:
+    """Open (unless ``reader`` is the open cache) and validate the cache for this run's features; returns the reader and
+    the resolved teacher layers."""
+    reader = reader if reader is not None else CacheReader(path)
     reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
                   features=task.feature_params(config))
     cross = crosses_tokenizers(config, reader, student_tokenizer)
@@ -359,7 +364,9 @@ def train_student(
     if config.use_distillation and online_teacher is None:
         ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
         cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
-        manifest = _read_manifest(cache_path)
+        staged = None if isinstance(cache_path, Path) else StagedCacheReader(cache_path)  # on object storage: a staging dir
+        local_cache = cache_path if staged is None else staged.path  # holds the manifest and responses either way
+        manifest = _read_manifest(local_cache)
         if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
             try:
                 check_teacher_identity(manifest, cache_path, teacher_name_for(config))
@@ -367,7 +374,7 @@ def train_student(
             except (AttributeError, TypeError, KeyError):  # a malformed manifest: the reader (opened below) names what is wrong
                 pass
         if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
-            raw = task.with_responses(raw, _cached_responses(cache_path), config)
+            raw = task.with_responses(raw, _cached_responses(local_cache), config)
     elif config.use_distillation:
         labels = align_to_teacher(online_teacher.config, labels)
 
@@ -386,7 +393,7 @@ def train_student(
     reader, layers, fetcher, aligner = None, None, None, None
     distil = config.use_distillation
     if distil and online_teacher is None:
-        reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer)
+        reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer, staged)
         positions = None
         if layers is not None:
             stored = list(reader.spec.hidden.layers)

@@ -345,6 +345,29 @@ class CacheReader:
         """Positions that per-position targets cover for each of ``feature_ids`` (int32 [B]; 0 when none; from the index)."""
         return self._npos[self._locate(feature_ids, index_only=True)[1]]
 
+    @property
+    def location(self) -> str:
+        """Where the cache is, as the user named it (a directory; a staged reader gives its URL)."""
+        return str(self.path)
+
+    def shards_of(self, feature_ids: Sequence[int]) -> np.ndarray:
+        """Shard position (in manifest order) of each of ``feature_ids`` (int32 [B]; from the index)."""
+        _, pos = self._locate(feature_ids, index_only=True)
+        return self._batch_shard[self._where_batch[pos]]
+
+    def block_shards(self) -> int:
+        """How many shards reads may go through at once without cost: all of a local cache (a staged reader: what
+        its staging directory holds, see kdcache.cache.staging)."""
+        return max(1, len(self.manifest.get("shards", [])))
+
+    def plan(self, blocks: Sequence[Sequence[int]]) -> None:
+        """The order of the next reads, as blocks of shard positions; a local cache has nothing to fetch ahead."""
+
+    def shard_files(self):
+        """Each shard's local file, in manifest order (for readers of whole shards, such as the summary)."""
+        for meta in self.manifest.get("shards", []):
+            yield self.path / meta["file"]
+
     def verified_shards(self) -> list[int]:
         """The manifest numbers of the shards whose sha256 has been checked and matched so far (all of them
         with ``checksums=False``: nothing is checked)."""

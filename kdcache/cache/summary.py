@@ -15,8 +15,8 @@ from .reader import CacheReader
 def _column_bytes(reader: CacheReader) -> dict[str, int]:
     """Sum of each column's Arrow buffer sizes (values, offsets, validity) over all shards."""
     totals: dict[str, int] = {}
-    for meta in reader.manifest.get("shards", []):
-        with pa.memory_map(str(reader.path / meta["file"]), "r") as mm:
+    for path in reader.shard_files():
+        with pa.memory_map(str(path), "r") as mm:
             f = pa.ipc.open_file(mm)
             for i in range(f.num_record_batches):
                 rb = f.get_batch(i)
@@ -77,7 +77,7 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         "features": dict(spec.features),
     }
     return {
-        "path": str(reader.path),
+        "path": reader.location,
         "format_version": m.get("format_version"),
         "stored": stored,
         "rows": rows,

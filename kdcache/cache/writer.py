@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -336,10 +336,12 @@ def io_errors(directory: Path):
 class ShardWriter:
     """Writes the shards and the manifest of one cache directory (one open shard at a time)."""
 
-    def __init__(self, cache_dir: str | Path, spec: StoreSpec, clean: bool = True):
+    def __init__(self, cache_dir: str | Path, spec: StoreSpec, clean: bool = True, on_publish: Callable[[Path, dict], None] | None = None):
         """``clean=False`` leaves temp files alone: for the extra writers of a multi-process dump,
-        whose peers may be writing theirs already (one writer per cache cleans, before they start)."""
+        whose peers may be writing theirs already (one writer per cache cleans, before they start).
+        ``on_publish(dir, meta)`` runs after each shard is published (a dump to object storage uploads it there)."""
         self.dir = Path(cache_dir)
+        self.on_publish = on_publish
         self.spec = spec
         self.schema = spec.arrow_schema()
         with io_errors(self.dir):
@@ -482,6 +484,8 @@ class ShardWriter:
             _write_json_atomic(self.dir / fmt.shard_meta_name(index), meta)
         self._index = self._id_range = None
         self._ids, self._tokens = [], 0
+        if self.on_publish is not None:
+            self.on_publish(self.dir, meta)
         return meta
 
     def abort_shard(self) -> None:

@@ -22,6 +22,7 @@ from kdcache.config import ConfigError
 from kdcache.data import EXAMPLE_ID, FEATURE_ID, column_array
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
+from kdcache.distill.shard_order import ShardBlockSampler
 from kdcache.distributed import any_rank, first_error
 from kdcache.teacher import pool_student, select_hidden
 
@@ -125,8 +126,10 @@ class DistillationTrainer(Trainer):
             # depends on the seed and the epoch only, so every rank draws the same one and deals it out.
             base = SeedableRandomSampler(data_source=base.data_source, replacement=base.replacement,
                                          num_samples=base._num_samples, data_seed=self.args.data_seed)
+        feature_ids = column_array(dataset, FEATURE_ID)  # [N]
+        base = ShardBlockSampler(base, self.fetcher.reader, feature_ids)  # a staged cache: shard by shard
         return ReadAheadSampler(
-            base, self._train_batch_size, column_array(dataset, FEATURE_ID), column_array(dataset, "length"), self.fetcher,
+            base, self._train_batch_size, feature_ids, column_array(dataset, "length"), self.fetcher,
         )
 
     def get_train_dataloader(self):

@@ -1,0 +1,141 @@
+"""`dump-teacher` into a cache on object storage (an fsspec URL such as s3://bucket/path).
+
+The dump itself is the local one, run in a working directory (``$KDCACHE_STAGING_DIR/dumps/<key>``) that mirrors
+the remote cache: what the remote holds is pulled first (so a hit, a resume and a repair are decided and verified
+exactly as for a local cache), each shard is uploaded as soon as it is published locally (the arrow file, then its
+meta json), and after the dump the remote is brought level with the working directory and the manifest is
+uploaded last. Object storage has no rename, so shards go up under their final names: nothing refers to them until
+a manifest lists them, and a reader trusts only a manifest's shards, each sha256-checked as it is downloaded. The
+working directory is removed once the manifest is up (it holds the whole cache while the dump runs).
+
+One writer per remote cache: the working directory is locked as a local cache is, but object storage offers no
+lock that every backend honours, so two machines dumping into one URL at once are not detected. A killed dump
+leaves shards without a manifest: not a cache to readers, resumed by the next dump-teacher (from the working
+directory when it is still there, else from the shards pulled back)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from kdcache.cache import CacheError
+from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
+from kdcache.cache.remote import RemoteDir, remote_errors
+from kdcache.cache.staging import staging_root
+from kdcache.config import FineTuneConfig
+
+__all__ = ["dump_remote", "working_dir"]
+
+
+def working_dir(url: str) -> Path:
+    """The local working directory of dumps into ``url``."""
+    return staging_root() / "dumps" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def dump_remote(config: FineTuneConfig, train_dataset, url: str, force: bool = False, device: Optional[str] = None,
+                shard_examples: Optional[int] = None, progress: bool = True):
+    """Dump (or find) the cache at ``url``: pull, dump locally uploading each shard, level the remote, manifest last."""
+    from kdcache.dump import PROGRESS_NAME, _is_kdcache_file, dump_teacher
+
+    url = url.rstrip("/")
+    remote = RemoteDir(url)
+    names = remote.names()  # a missing bucket, missing credentials or an unreachable server fail here, before any work
+    foreign = sorted(n for n in names if not _is_kdcache_file(n))
+    if foreign:
+        raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(foreign[:3])}"
+                         f"{'...' if len(foreign) > 3 else ''}); choose an empty or new location")
+    work = working_dir(url)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot make the dump's working directory {work} ({e.strerror or e}): set KDCACHE_STAGING_DIR to a "
+                         "writable directory") from None
+    if not force:
+        _pull(remote, names, work)
+    uploaded = {"started": False}
+
+    def upload_shard(directory: Path, meta: dict) -> None:
+        if not uploaded["started"]:  # new content: the remote is no cache until its manifest is uploaded again
+            remote.remove(MANIFEST_NAME)
+            if (directory / PROGRESS_NAME).exists():
+                remote.put_file(directory / PROGRESS_NAME)  # names what the shards belong to: another machine resumes
+            uploaded["started"] = True
+        remote.put_file(directory / meta["file"])
+        remote.put_file(directory / _meta_name(meta["file"]))
+
+    try:
+        result = dump_teacher(config, train_dataset, cache_dir=str(work), force=force, device=device,
+                              shard_examples=shard_examples, progress=progress, on_shard=upload_shard)
+    except CacheError as e:
+        raise _renamed(e, work, url) from None
+    changed = _push(remote, work)
+    result.cache_dir = url
+    result.hit = result.hit and not changed
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _renamed(e: CacheError, work: Path, url: str) -> CacheError:
+    """``e`` with the working directory's path replaced by the URL in its message (same type and attributes)."""
+    e.args = (str(e).replace(str(work), url),) + tuple(e.args[1:])
+    return e
+
+
+def _meta_name(arrow_name: str) -> str:
+    return arrow_name[: -len(".arrow")] + ".json"
+
+
+def _pull(remote: RemoteDir, names: dict[str, int], work: Path) -> None:
+    """Bring the working directory level with the remote cache (only what differs is downloaded); the local dump then
+    checks every file as it would a local cache's (sha256 of each shard against its meta json and the manifest)."""
+    local = {p.name: p for p in work.iterdir() if p.is_file()}
+    for name, size in sorted(names.items()):
+        if name.endswith(".arrow") and parse_shard_index(name) is not None:
+            meta = _meta_name(name)
+            same_meta = meta in names and meta in local and local[meta].read_bytes() == remote.read_bytes(meta)
+            if same_meta and name in local and local[name].stat().st_size == size:
+                continue  # the same published shard
+        elif name.endswith(".json") or name == MANIFEST_NAME:
+            data = remote.read_bytes(name)
+            if name in local and local[name].read_bytes() == data:
+                continue
+            (work / name).write_bytes(data)
+            continue
+        elif name in local and local[name].stat().st_size == size:
+            continue
+        with remote_errors(remote.url, name):
+            remote.fs.get_file(f"{remote.root}/{name}", str(work / name))
+
+
+def _push(remote: RemoteDir, work: Path) -> bool:
+    """Level the remote with the working directory: upload what differs (each shard before its meta json), delete
+    kdcache files the working directory no longer has, then upload the manifest last. True when anything changed."""
+    from kdcache.dump import _is_kdcache_file
+
+    names = remote.names()
+    local = {p.name: p for p in work.iterdir() if p.is_file() and _is_kdcache_file(p.name) and not p.name.startswith(".")
+             and not p.name.endswith(".tmp")}
+    changed = False
+    manifest = local.pop(MANIFEST_NAME, None)
+    if manifest is not None and MANIFEST_NAME in names and remote.read_bytes(MANIFEST_NAME) == manifest.read_bytes():
+        return False  # the same cache: nothing to publish
+    for name in sorted(local, key=lambda n: (n.endswith(".json"), n)):  # data files before the json that publishes them
+        p = local[name]
+        if name in names and names[name] == p.stat().st_size and (not name.endswith(".json") or remote.read_bytes(name) == p.read_bytes()):
+            if not name.endswith(".arrow") or _meta_name(name) not in local or _meta_name(name) in names and \
+                    remote.read_bytes(_meta_name(name)) == local[_meta_name(name)].read_bytes():
+                continue  # published with the same meta json: the same shard
+        if not changed and MANIFEST_NAME in names:
+            remote.remove(MANIFEST_NAME)
+        remote.put_file(p)
+        changed = True
+    for name in names:
+        if name not in local and name != MANIFEST_NAME:
+            remote.remove(name)  # a shard or marker the dump dropped
+            changed = True
+    if manifest is not None:
+        remote.put_file(manifest)
+        changed = True
+    return changed
