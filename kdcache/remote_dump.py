@@ -16,6 +16,7 @@ directory when it is still there, else from the shards pulled back)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -40,6 +41,9 @@ def dump_remote(config: FineTuneConfig, train_dataset, url: str, force: bool = F
     from kdcache.dump import PROGRESS_NAME, _is_kdcache_file, dump_teacher
 
     url = url.rstrip("/")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before any rank pulls, uploads or joins a process group
+        raise CacheError(f"dump-teacher into {url} runs as one process (its working directory is local to one machine): run "
+                         "it without torchrun, or dump to a directory every rank shares and copy that up, manifest.json last")
     remote = RemoteDir(url)
     names = remote.names()  # a missing bucket, missing credentials or an unreachable server fail here, before any work
     foreign = sorted(n for n in names if not _is_kdcache_file(n))

@@ -221,6 +221,11 @@ def test_storage_errors_are_one_line_with_their_fix(s3, pipeline, kdcache_home, 
     refused = run_cli(["dump-teacher", "--config", str(pipe)], kdcache_home, check=False)
     fails_cleanly(refused, f"bucket '{s3.bucket}-x' does not exist", "create it first")
     s3.create_bucket(Bucket=f"{s3.bucket}-x")  # the advice
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: a dump into a URL is one process
+    multi = run_cli(["dump-teacher", "--config", str(pipe)], kdcache_home, check=False)
+    fails_cleanly(multi, "runs as one process", "run it without torchrun")
+    assert s3.list_objects_v2(Bucket=f"{s3.bucket}-x")["KeyCount"] == 0  # nothing uploaded
+    monkeypatch.delenv("WORLD_SIZE")  # the advice
     run_cli(["dump-teacher", "--config", str(pipe)], kdcache_home)
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
