@@ -99,6 +99,9 @@ def load_sweep(path: Union[str, Path]) -> Sweep:
         if not config.use_distillation:
             raise ConfigError(f"{path}: run {name}: use_distillation is off; a sweep trains students from the teacher's cache: "
                               "set use_distillation: true in the base pipeline")
+        if config.eval_file is None and config.dataset_name is None:
+            raise ConfigError(f"{path}: run {name}: no evaluation data to rank the runs by: set eval_file in the base pipeline "
+                              "(or in set:)")
         runs.append(SweepRun(name, values, config))
     return Sweep(path, Path(str(cache_dir)), output_dir, fields, runs)
 
