@@ -134,7 +134,7 @@ def test_a_runs_list_varies_layers_layer_map_temperature_and_weights(swept, tmp_
     (lambda g: {"grid": {**g, "distillation_alpha": ["high", 0.9]}}, lambda g: {},
      ["run model_name=", "distillation_alpha=high", "field distillation_alpha", "'high'"]),
     (lambda g: {"grid": {**g, "output_dir": ["a", "b"]}}, lambda g: {}, ["output_dir is set by the sweep", "remove it from grid"]),
-])
+], ids=["unknown-field", "bad-set-value", "empty-grid", "no-base", "wrong-type", "set-by-sweep"])
 def test_a_bad_sweep_file_is_one_line_and_the_fixed_file_runs(swept, tmp_path, broken, fixed, needles):
     """Each broken file fails before anything is written; the file fixed as the message says (the field renamed to
     its close match, a grid or a base given, a number for the value, the field removed) runs: its runs are finished
