@@ -86,7 +86,19 @@ def open_cache_for(config: FineTuneConfig, task, path: Path | str, ds_hash: str,
                    student_tokenizer, reader: Optional[CacheReader] = None) -> tuple[CacheReader, Optional[tuple[int, ...]]]:
     """Open (unless ``reader`` is the open cache) and validate the cache for this run's features; returns the reader and
     the resolved teacher layers."""
+    opened = reader is None
     reader = reader if reader is not None else CacheReader(path)
+    try:
+        return reader, _validate_cache(config, task, reader, path, ds_hash, num_examples, features, labels, student_tokenizer)
+    except BaseException:
+        if opened:
+            reader.close()  # a refused cache is not left read-locked: the advised re-dump may follow in this process
+        raise
+
+
+def _validate_cache(config: FineTuneConfig, task, reader: CacheReader, path: Path | str, ds_hash: str, num_examples: int,
+                    features, labels, student_tokenizer) -> Optional[tuple[int, ...]]:
+    """The checks of open_cache_for; returns the resolved teacher layers."""
     reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
                   features=task.feature_params(config))
     cross = crosses_tokenizers(config, reader, student_tokenizer)
@@ -109,7 +121,7 @@ def open_cache_for(config: FineTuneConfig, task, path: Path | str, ds_hash: str,
     if token_level:
         _expect_same_tokenizer(reader, student_tokenizer, config)
     _expect_same_features(reader, features, token_level)
-    return reader, layers
+    return layers
 
 
 def hidden_pooling_for(config: FineTuneConfig, reader: CacheReader) -> str:
