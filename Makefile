@@ -57,15 +57,11 @@ dump-teacher: install
 train-student: install
 	$(LAUNCH) train-student --config $(CONFIG)
 
-# One cache, several students: a sweep over distillation_alpha and temperature.
-ALPHAS ?= 0.3 0.5 0.7 0.9
-TEMPERATURES ?= 1.5 2.0 3.0
+# One cache, several students (SWEEP names the base pipeline, the cache and the grid; `make demo` dumps
+# the default one's cache). A rerun skips the finished runs.
+SWEEP ?= pipelines/demo-sweep.yaml
 sweep: install
-	$(KDCACHE) dump-teacher --config $(CONFIG)
-	for a in $(ALPHAS); do for t in $(TEMPERATURES); do \
-	  $(KDCACHE) train-student --config $(CONFIG) --distillation-alpha $$a --temperature $$t \
-	    --output-dir runs/sweep/alpha$$a-T$$t --disable-tqdm true || exit 1; \
-	done; done
+	$(KDCACHE) sweep --config $(SWEEP)
 
 lint: install
 	$(PY) -m ruff check kdcache tests bench

@@ -18,6 +18,8 @@ def __getattr__(name: str):
         "CacheReader": ("kdcache.cache", "CacheReader"),
         "CacheError": ("kdcache.cache", "CacheError"),
         "CacheMismatchError": ("kdcache.cache", "CacheMismatchError"),
+        "load_sweep": ("kdcache.sweep", "load_sweep"),
+        "run_sweep": ("kdcache.sweep", "run_sweep"),
     }
     if name in lazy:
         import importlib
@@ -29,5 +31,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "ConfigError", "FineTuneConfig", "FineTunePipeline", "DistillationMonitor", "dump_teacher", "train_student",
-    "CacheReader", "CacheError", "CacheMismatchError", "__version__",
+    "CacheReader", "CacheError", "CacheMismatchError", "load_sweep", "run_sweep", "__version__",
 ]

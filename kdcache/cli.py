@@ -289,5 +289,19 @@ def cache_gc_cmd(keep_days: float, dry_run: bool) -> None:
                f"({human_bytes(sum(i.bytes for i in gone))}); kept {kept} in use and {recent} used within {keep_days:g} days")
 
 
+@main.command("sweep")
+@click.option("--config", "sweep_path", type=click.Path(dir_okay=False), required=True,
+              help="Sweep YAML: base (pipeline), cache_dir, output_dir, and grid (field -> values) or runs (list of overrides).")
+@_handle_errors
+def sweep_cmd(sweep_path: str) -> None:
+    """Train a grid of students from one cache (the teacher is not loaded); rerun to finish the unfinished runs."""
+    from kdcache.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(sweep_path)
+    if any(run.config.disable_tqdm for run in sweep.runs):
+        _hide_library_bars()
+    run_sweep(sweep, echo=click.echo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -19,6 +19,14 @@ from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 
 
+def examples_per_second(seconds: float, num_features: int, num_examples: int, batch_size: int) -> float:
+    """Inference throughput of a timed pass that skipped its first (warm-up) batch of features: the examples
+    those timed features belong to, per second (NaN when nothing was timed)."""
+    timed_features = max(num_features - min(batch_size, num_features), 1)
+    timed_examples = timed_features * num_examples / max(num_features, 1)
+    return timed_examples / seconds if seconds > 0 else float("nan")
+
+
 def weights_bytes(path: str) -> int:
     """Bytes of the model's weight files on disk."""
     p = Path(path)
@@ -74,14 +82,11 @@ def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels
     task.check_columns(examples, config, "eval", need_labels=True)
     features = kdata.make_features(task, examples, tokenizer, config, labels, "eval")
     metrics, seconds = score(model, tokenizer, task, features, examples, labels, config, batch_size)
-    # Time covers the features after the first batch: count the examples they belong to.
-    timed_features = max(len(features) - min(batch_size, len(features)), 1)
-    timed_examples = timed_features * len(examples) / len(features)
     return {
         "metrics": metrics,
         "num_parameters": count_parameters(model),
         "bytes_on_disk": weights_bytes(path),
-        "examples_per_s": timed_examples / seconds if seconds > 0 else float("nan"),
+        "examples_per_s": examples_per_second(seconds, len(features), len(examples), batch_size),
     }
 
 

@@ -28,7 +28,7 @@ from kdcache.distill.collator import DistillationCollator, TargetFetcher
 from kdcache.distill.cross_tokenizer import CrossTokenizer
 from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
-from kdcache.evaluate import score
+from kdcache.evaluate import examples_per_second, score
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path
 from kdcache.monitor import DistillationMonitor
@@ -56,6 +56,7 @@ class TrainResult:
     seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
     cache_reads: dict[str, int] = field(default_factory=dict)  # batches prefetched vs read synchronously
+    eval_examples_per_s: float = float("nan")  # the student's inference throughput on the eval data (after warm-up)
 
 
 def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher_name: str, ds_hash: str,
@@ -65,9 +66,14 @@ def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher
     explicit = cache_dir or config.cache_dir
     if explicit:
         return cache_location(explicit)
-    path = default_cache_dir(lookup_inputs(config, task, teacher_name, ds_hash, num_examples, requested_layers(config)))
+    lookup = lookup_inputs(config, task, teacher_name, ds_hash, num_examples, requested_layers(config))
+    path = default_cache_dir(lookup)
     if (path / MANIFEST_NAME).exists():
         return path
+    if lookup["hidden"] is not None and lookup["hidden"]["pooling"] != "none":  # pooled states derive from per-token ones
+        per_token = default_cache_dir({**lookup, "hidden": {**lookup["hidden"], "pooling": "none"}})
+        if (per_token / MANIFEST_NAME).exists():
+            return per_token
     for candidate in find_compatible(config.task_type, teacher_name, ds_hash, task.feature_params(config)):
         return candidate
     raise CacheError(
@@ -80,7 +86,19 @@ def open_cache_for(config: FineTuneConfig, task, path: Path | str, ds_hash: str,
                    student_tokenizer, reader: Optional[CacheReader] = None) -> tuple[CacheReader, Optional[tuple[int, ...]]]:
     """Open (unless ``reader`` is the open cache) and validate the cache for this run's features; returns the reader and
     the resolved teacher layers."""
+    opened = reader is None
     reader = reader if reader is not None else CacheReader(path)
+    try:
+        return reader, _validate_cache(config, task, reader, path, ds_hash, num_examples, features, labels, student_tokenizer)
+    except BaseException:
+        if opened:
+            reader.close()  # a refused cache is not left read-locked: the advised re-dump may follow in this process
+        raise
+
+
+def _validate_cache(config: FineTuneConfig, task, reader: CacheReader, path: Path | str, ds_hash: str, num_examples: int,
+                    features, labels, student_tokenizer) -> Optional[tuple[int, ...]]:
+    """The checks of open_cache_for; returns the resolved teacher layers."""
     reader.expect(task=config.task_type, dataset_hash=ds_hash, num_examples=num_examples,
                   features=task.feature_params(config))
     cross = crosses_tokenizers(config, reader, student_tokenizer)
@@ -94,7 +112,7 @@ def open_cache_for(config: FineTuneConfig, task, path: Path | str, ds_hash: str,
                                      "re-run dump-teacher with distill_hidden_states on")
         layers = resolve_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
         reader.expect(layers=layers)
-    per_token_hidden = layers is not None and reader.spec.per_token_hidden
+    per_token_hidden = layers is not None and hidden_pooling_for(config, reader) == "none"
     if cross and per_token_hidden:
         raise CacheMismatchError("cross_tokenizer", False, True,
                                  f"{path} stores per-token hidden states, which need the teacher's tokenizer: with cross_tokenizer "
@@ -103,7 +121,20 @@ def open_cache_for(config: FineTuneConfig, task, path: Path | str, ds_hash: str,
     if token_level:
         _expect_same_tokenizer(reader, student_tokenizer, config)
     _expect_same_features(reader, features, token_level)
-    return reader, layers
+    return layers
+
+
+def hidden_pooling_for(config: FineTuneConfig, reader: CacheReader) -> str:
+    """The pooling of the hidden states this run trains on: config.hidden_pooling, read as stored or derived
+    from a per-token cache (cls / mean); a pooled cache cannot give per-token or other-pooled states."""
+    stored = reader.spec.hidden
+    if stored.serves(config.hidden_pooling):
+        return config.hidden_pooling
+    raise CacheMismatchError(
+        "hidden_pooling", stored.pooling, config.hidden_pooling,
+        f"{reader.path} stores hidden states pooled by {stored.pooling!r} but hidden_pooling is {config.hidden_pooling!r}: "
+        f"set hidden_pooling: {stored.pooling} (--hidden-pooling {stored.pooling}), or re-run dump-teacher with hidden_pooling: "
+        f"{config.hidden_pooling} (add --force when cache_dir names this cache)")
 
 
 def crosses_tokenizers(config: FineTuneConfig, reader: CacheReader, student_tokenizer) -> bool:
@@ -400,13 +431,13 @@ def train_student(
             positions = [stored.index(l) for l in layers]
         cross = crosses_tokenizers(config, reader, tokenizer)
         targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, tokenizer, cross)]
-        fetcher = TargetFetcher(reader, targets, positions)
+        pooling = hidden_pooling_for(config, reader) if layers is not None else "none"
+        fetcher = TargetFetcher(reader, targets, positions, pooling=pooling)
         if cross:
             aligner = CrossTokenizer.from_cache(reader, tokenizer)
             log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
         teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
         teacher_width = int(reader.manifest["teacher"]["hidden_size"])
-        pooling = reader.spec.hidden.pooling if reader.spec.hidden is not None else "none"
     elif distil:
         teacher_depth = task.hidden_config(online_teacher.config).num_hidden_layers
         teacher_width = task.hidden_config(online_teacher.config).hidden_size
@@ -471,16 +502,18 @@ def train_student(
         if fetcher is not None:
             fetcher.close()
     metrics: dict[str, float] = {}
+    eval_speed = float("nan")
     main_process = trainer.is_world_process_zero()  # under torchrun, one process evaluates and writes
     if eval_feats is not None and main_process:
         student.eval()
         scores, seconds = score(student, tokenizer, task, eval_feats, eval_raw, labels, config, batch_size=2 * config.batch_size)
         metrics = {f"eval_{k}": float(v) for k, v in scores.items()}
         metrics["eval_features"] = len(eval_feats)
+        eval_speed = examples_per_second(seconds, len(eval_feats), len(eval_raw), 2 * config.batch_size)
     reads = {"prefetched": fetcher.prefetched, "read_now": fetcher.read_now, "decoded": fetcher.decoded,
              "decoded_features": fetcher.decoded_features} if fetcher is not None else {}  # this process's reads
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
-                         time.perf_counter() - start, list(trainer.state.log_history), reads)
+                         time.perf_counter() - start, list(trainer.state.log_history), reads, eval_speed)
     if save:
         trainer.save_projections = False  # the projections only served training
         trainer.save_model(str(out_dir))  # the Trainer saves on the main process only

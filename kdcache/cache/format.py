@@ -61,6 +61,7 @@ ALGORITHM_VERSION = 1
 
 HIDDEN_DTYPES = ("float16", "int8")
 POOLINGS = ("none", "cls", "mean")
+DERIVED_POOLINGS = ("cls", "mean")  # what a reader derives from per-token hidden states (a pooled cache cannot go back)
 TARGET_PER = ("example", "position")  # where a target field lives
 TARGET_MODES = ("full", "topk", "sampled", "tokens", "offsets")
 SPARSE_MODES = ("topk", "sampled")  # a few entries per position of a vocabulary-scale head
@@ -286,6 +287,10 @@ class HiddenSpec:
     def pooled(self) -> bool:
         """True when one vector per (feature, layer) is stored instead of one per token."""
         return self.pooling != "none"
+
+    def serves(self, pooling: str) -> bool:
+        """The stored states give hidden states pooled by ``pooling``: stored so, or derived from per-token ones."""
+        return pooling == self.pooling or (not self.pooled and pooling in DERIVED_POOLINGS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "hidden_size": self.hidden_size, "dtype": self.dtype,

@@ -598,15 +598,31 @@ class CacheReader:
             mask[i, :n] = True
         return hidden, mask
 
-    def get_pooled(self, feature_ids: Sequence[int], layers: Sequence[int] | None = None) -> np.ndarray:
-        """Pooled hidden states: float32 [B, L', H]; ``layers`` as in :meth:`get_padded`."""
+    def get_pooled(self, feature_ids: Sequence[int], layers: Sequence[int] | None = None,
+                   pooling: str | None = None) -> np.ndarray:
+        """Pooled hidden states: float32 [B, L', H]; ``layers`` as in :meth:`get_padded`.
+
+        ``pooling`` (None: the stored one) may be "cls" or "mean" over a per-token cache: derived here from
+        the stored tokens (a subset of what was stored) the way dump-teacher pools: CLS = the feature's first
+        token, mean = the mean over its stored (non-padding) tokens."""
         h = self.spec.hidden
-        if h is None or not h.pooled:
-            what = "no hidden states" if h is None else "per-token hidden states (use get_padded)"
-            raise CacheError(f"get_pooled needs pooled hidden states but the cache stores {what}")
+        if h is None or pooling not in (None, h.pooling, *(() if h.pooled else fmt.DERIVED_POOLINGS)):
+            what = "no hidden states" if h is None else f"hidden states pooled by {h.pooling!r}"
+            raise CacheError(f"get_pooled(pooling={pooling!r}) cannot be served: the cache stores {what}")
+        if not h.pooled and pooling is None:
+            raise CacheError("get_pooled needs pooled hidden states but the cache stores per-token hidden states "
+                             f"(use get_padded, or derive them with pooling= one of {fmt.DERIVED_POOLINGS})")
         _, pos = self._locate(feature_ids)
         Lsel, sel = self._layer_plan(layers)
-        return self._pooled_at(self._where_batch[pos], self._where_row[pos], Lsel, sel)
+        if h.pooled:
+            return self._pooled_at(self._where_batch[pos], self._where_row[pos], Lsel, sel)
+        out = np.empty((len(pos), Lsel, h.hidden_size), dtype=np.float32)  # [B, L', H]
+        for i, (b, r, p) in enumerate(zip(self._where_batch[pos], self._where_row[pos], pos)):
+            n = int(self._ntok[p])
+            tokens = np.empty((Lsel, n, h.hidden_size), dtype=np.float32)  # [L', n_i, H]
+            self._hidden_into(b, r, n, sel, tokens)
+            out[i] = tokens[:, 0] if pooling == "cls" else tokens.mean(axis=1)
+        return out
 
     def _pooled_at(self, bs: np.ndarray, rs: np.ndarray, Lsel: int, sel: slice | list[int]) -> np.ndarray:
         out = np.empty((len(bs), Lsel, self.spec.hidden.hidden_size), dtype=np.float32)  # [B, L', H]

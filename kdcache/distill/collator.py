@@ -65,12 +65,15 @@ class TargetFetcher:
     and is driven by consumption: taking batch k of the plan schedules batches k+1..k+depth. Batches never taken
     (another rank's, or those the Trainer skips when it resumes mid-epoch) are never decoded."""
 
-    def __init__(self, reader: CacheReader, targets: Sequence[TargetSpec], layer_positions: Optional[list[int]], depth: int = 3):
+    def __init__(self, reader: CacheReader, targets: Sequence[TargetSpec], layer_positions: Optional[list[int]], depth: int = 3,
+                 pooling: Optional[str] = None):
         self.reader = reader
         self.targets = list(targets)  # the target fields this run distils (empty: hidden states only)
         self.layer_positions = layer_positions  # indices into the cache's stored layers, or None
         spec = reader.spec.hidden
-        self.pooled = spec is not None and spec.pooled
+        # The hidden states' pooling this run trains on (None: as stored); cls / mean from a per-token cache are derived.
+        self.pooling = pooling if pooling is not None else (spec.pooling if spec is not None else "none")
+        self.pooled = self.pooling != "none"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-readahead")
         self._pending: dict[Batch, Future] = {}
         self._lock = threading.Lock()
@@ -104,7 +107,7 @@ class TargetFetcher:
                 out[target_key(t.name)] = value
         if self.layer_positions is not None:
             if self.pooled:
-                out[HIDDEN_KEY] = self.reader.get_pooled(ids, self.layer_positions)[:, :, None, :]  # [B, L, 1, H]
+                out[HIDDEN_KEY] = self.reader.get_pooled(ids, self.layer_positions, self.pooling)[:, :, None, :]  # [B, L, 1, H]
             else:
                 out[HIDDEN_KEY], out[HIDDEN_MASK_KEY] = self.reader.get_padded(ids, seq_len, self.layer_positions)  # [B, L, S, H]
         return out
