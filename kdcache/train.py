@@ -501,6 +501,8 @@ def train_student(
     finally:
         if fetcher is not None:
             fetcher.close()
+        if reader is not None:
+            reader.close()  # its shared lock: `cache rm`/`gc` and dumps may take the cache once this run is done with it
     metrics: dict[str, float] = {}
     eval_speed = float("nan")
     main_process = trainer.is_world_process_zero()  # under torchrun, one process evaluates and writes

@@ -8,7 +8,6 @@ random BERT student (conftest), and tiny random GPT-2s (tests/causal_models.py).
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 
@@ -135,9 +134,7 @@ def test_a_stored_temperature_is_reused_and_one_not_stored_refused(tmp_path):
     fails_cleanly(proc, "temperature 3 is not stored in the cache (stored: 1, 2)", "re-run dump-teacher with temperatures including 3",
                   "--force")
     assert not (tmp_path / "out").exists()
-    # In this process the trained run's CacheReader (and its shared read lock) lives until collected: train_student
-    # does not close it (a CLI process ends instead); collect it, as the end of that process would, before re-dumping.
-    gc.collect()
+    # In this same process: train_student closed the trained run's reader (its shared read lock), so the re-dump may run.
     invoke_cli(["dump-teacher", "--config", pipeline, "--temperatures", "1,2,3", "--force"], home)
     invoke_cli(["train-student", "--config", pipeline, "--temperature", "3"], home)
     assert _report(tmp_path / "out")["temperature"] == 3.0

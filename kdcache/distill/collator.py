@@ -144,7 +144,9 @@ class TargetFetcher:
         return future.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel the pending read-aheads and wait for the one running (at most one batch's read), so that the
+        reader can be closed after this."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _replayed(batch_sampler, sampler: Sampler, order: list[int]):
