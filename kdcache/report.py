@@ -286,17 +286,18 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
         raise DataError("compare needs evaluation data: set eval_file (--eval-file PATH) or dataset_name (--dataset-name NAME)")
     labels = task.label_info(kdata.require_train(None, config), config)
     examples = kdata.with_example_ids(eval_ds)
-    student = measure_model(student_name, config, examples, labels, batch_size, latency_runs, warmup)
-    student["source"] = "model"
     notes = []
     cache = find_eval_cache(config, task, teacher_name, examples, teacher_cache)
     teacher_path = _local_path(teacher_name)
     student_path = _local_path(student_name)
+    if cache is not None:  # first: a cache that cannot serve is refused before any model is timed
+        teacher = cached_teacher(cache, config, task, examples, labels, [p for p in (teacher_path, student_path) if p])
+    student = measure_model(student_name, config, examples, labels, batch_size, latency_runs, warmup)
+    student["source"] = "model"
     if cache is None:
         teacher = measure_model(teacher_name, config, examples, labels, batch_size, latency_runs, warmup)
         teacher["source"] = "model"
     else:
-        teacher = cached_teacher(cache, config, task, examples, labels, [p for p in (teacher_path, student_path) if p])
         teacher.update(model=teacher_name, source="model+cache" if time_teacher else "cache")
         if time_teacher:
             timed = measure_model(teacher_name, config, examples, labels, batch_size, latency_runs, warmup, predict=False)

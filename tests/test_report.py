@@ -152,14 +152,24 @@ def test_compare_writes_the_report_into_the_students_folder(distilled):
         assert f"]({plot})" in proc.stdout and (student / plot).is_file()
 
 
+def _report_files(folder) -> dict:
+    return {name: (folder / name).read_bytes() for name in ("report.md", "report.json") if (folder / name).exists()}
+
+
 def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_data):
     pipeline, home, root = str(distilled["pipeline"]), distilled["home"], distilled["root"]
-    # The training cache holds other data: refused in one line that says how to dump the eval split.
+    eval_cache = root / "eval_cache"
+    eval_cache.mkdir()
+    before = _report_files(distilled["student"])
+    # No cache there yet: refused in one line that says how to dump one (before any model is loaded or timed).
+    empty = run_cli(["compare", "--config", pipeline, "--teacher-cache", str(eval_cache), *FAST], home, check=False)
+    line = fails_cleanly(empty, f"--teacher-cache {eval_cache} holds no complete cache")
+    assert f"--train-file {small_data['eval']} --cache-dir {eval_cache}, then pass --teacher-cache {eval_cache}" in line
+    # The training cache holds other data: refused alike.
     wrong = run_cli(["compare", "--config", pipeline, "--teacher-cache", str(root / "train_cache"), *FAST], home, check=False)
     line = fails_cleanly(wrong, "holds the teacher's outputs for other data than the eval split", "--train-file")
-    assert "kdcache dump-teacher --config PIPELINE --train-file" in line
+    assert _report_files(distilled["student"]) == before  # nothing written by a refused compare
     # Follow the advice.
-    eval_cache = root / "eval_cache"
     run_cli(["dump-teacher", "--config", pipeline, "--train-file", str(small_data["eval"]), "--cache-dir", str(eval_cache)], home)
     shutil.move(distilled["teacher"], root / "teacher_gone")  # the teacher is not needed (the student shares its tokenizer)
     try:
@@ -183,17 +193,5 @@ def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_dat
                               time_teacher=True, latency_runs=3, warmup=1, resamples=0)
     assert timed["teacher"]["metrics"] == loaded["teacher"]["metrics"] == t["metrics"]
     assert timed["teacher"]["source"] == "model+cache" and timed["teacher"]["latency"]["runs"] == 3
+    assert timed["teacher"]["num_parameters"] == loaded["teacher"]["num_parameters"]
     assert timed["criteria"][1]["passed"] is not None
-
-
-def test_a_teacher_cache_that_is_no_cache_says_how_to_dump_one(distilled, small_data, tmp_path):
-    pipeline, home = str(distilled["pipeline"]), distilled["home"]
-    empty = tmp_path / "eval_cache"
-    empty.mkdir()
-    proc = run_cli(["compare", "--config", pipeline, "--teacher-cache", str(empty), *FAST], home, check=False)
-    line = fails_cleanly(proc, f"--teacher-cache {empty} holds no complete cache")
-    assert f"--cache-dir {empty}, then pass --teacher-cache {empty}" in line
-    assert not (empty / "report.md").exists()
-    run_cli(["dump-teacher", "--config", pipeline, "--train-file", str(small_data["eval"]), "--cache-dir", str(empty)], home)
-    run_cli(["compare", "--config", pipeline, "--teacher-cache", str(empty), *FAST], home)
-    assert json.loads((distilled["student"] / "report.json").read_text())["teacher"]["cache"] == str(empty)
