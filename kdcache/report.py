@@ -17,7 +17,7 @@ from kdcache.config import FineTuneConfig
 from kdcache.diagnose import MIN_METRIC_SHARE, diagnose
 
 __all__ = ["MIN_METRIC_SHARE", "MIN_SPEEDUP", "MIN_SIZE_REDUCTION", "metric_share", "bootstrap", "criteria",
-           "build_report", "format_markdown", "write_report", "run_comparison"]
+           "build_report", "format_markdown", "monitor_plots", "write_report", "run_comparison"]
 
 MIN_SPEEDUP = 1.5  # "inference speed should improve by at least 50%": teacher / student latency at batch 1
 MIN_SIZE_REDUCTION = 0.4  # "model size should reduce by at least 40%": 1 - student / teacher parameters
@@ -225,13 +225,13 @@ def monitor_plots(student_dir: Path) -> list[str]:
 
     logs = student_dir / "distillation_logs"
     jsonl = logs / "metrics.jsonl"
-    if jsonl.is_file() and not all((logs / p).is_file() for p in PLOTS):
+    if jsonl.is_file():
         monitor = DistillationMonitor(log_dir=logs)
         monitor.history = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        if monitor.history:
+        if monitor.history and not (logs / PLOTS[0]).is_file():
             monitor.plot_training_progress()
-            if any("teacher_predictions" in r for r in monitor.history):
-                monitor.plot_prediction_comparison()
+        if any("teacher_predictions" in r for r in monitor.history) and not (logs / PLOTS[1]).is_file():
+            monitor.plot_prediction_comparison()
     return [f"distillation_logs/{p}" for p in PLOTS if (logs / p).is_file()]
 
 
