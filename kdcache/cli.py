@@ -191,23 +191,38 @@ def recommend_cmd(task_type: Optional[str]) -> None:
 @config_options
 @click.option("--teacher", default=None, help="Teacher model (default: teacher_model_name).")
 @click.option("--student", default=None, help="Student model (default: output_dir).")
+@click.option("--teacher-cache", default=None, type=click.Path(file_okay=False),
+              help="A cache of the eval split (dump-teacher with --train-file EVAL): the teacher's metric comes from it "
+              "without loading the teacher (default: such a cache under $KDCACHE_HOME, if any).")
+@click.option("--time-teacher", is_flag=True, help="With a cached teacher metric, still load the teacher to time it.")
+@click.option("--latency-runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed batch-1 calls per model (after --warmup untimed ones).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed batch-1 calls first.")
+@click.option("--throughput-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batch size of the throughput pass.")
+@click.option("--bootstrap", "resamples", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples of the eval examples for the confidence intervals (0: none).")
 @_handle_errors
-def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Optional[str], **kwargs: Any) -> None:
-    """Teacher vs student on the eval data: metric, parameters, size on disk, inference speed."""
-    from kdcache import data as kdata
-    from kdcache.evaluate import evaluate_model, format_comparison
-    from kdcache.tasks import DataError, get_task
+def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Optional[str], teacher_cache: Optional[str],
+                time_teacher: bool, latency_runs: int, warmup: int, throughput_batch: int, resamples: int, **kwargs: Any) -> None:
+    """Teacher vs student on the eval data: the metric with its bootstrap CI, size, latency and throughput, the
+    guide's criteria and diagnostics. Prints the report and writes report.md / report.json into the student's folder."""
+    from kdcache.recommend import teacher_name_for
+    from kdcache.report import run_comparison, write_report
 
     fields, _ = _split_fields(kwargs)
     config = resolve_config(config_path, fields)
-    task = get_task(config.task_type)
-    eval_ds = kdata.load_split(config, "eval")
-    if eval_ds is None:
-        raise DataError("compare needs evaluation data: set eval_file (--eval-file PATH) or dataset_name (--dataset-name NAME)")
-    labels = task.label_info(kdata.require_train(None, config), config)
-    t = evaluate_model(teacher or config.teacher_model_name, config, eval_ds, labels)
-    s = evaluate_model(student or config.output_dir, config, eval_ds, labels)
-    click.echo(format_comparison(t, s, task.primary_metric(), task.lower_is_better))
+    report, student_dir = run_comparison(config, teacher or teacher_name_for(config), student or config.output_dir,
+                                         teacher_cache, time_teacher, throughput_batch, latency_runs, warmup, resamples)
+    if student_dir is None:
+        from kdcache.report import format_markdown
+
+        click.echo(format_markdown(report))
+        click.echo("(the student is not a local folder: the report was not written)")
+        return
+    md, js, markdown = write_report(report, student_dir)
+    click.echo(markdown)
+    click.echo(f"wrote {md} and {js}")
 
 
 @main.group("cache")

@@ -1,6 +1,7 @@
 """Measuring a trained model the way the guide's evaluation criteria ask: its metric (after the
 task's post-processing from features back to examples), parameter count, size on disk and
-inference speed. Used after training, by `kdcache compare` and by the bench."""
+inference speed (latency at batch 1, throughput at a larger batch). Used after training, by
+`kdcache compare` (and its report) and by the bench."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
@@ -17,6 +19,9 @@ from kdcache.distributed import local_device
 from kdcache.models import ModelError, count_parameters, resolve_model_path
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
+
+__all__ = ["weights_bytes", "parameters_on_disk", "predict_features", "score", "load_model", "eval_features",
+           "measure_latency", "measure_throughput", "measure_model", "evaluate_model", "format_comparison"]
 
 
 def examples_per_second(seconds: float, num_features: int, num_examples: int, batch_size: int) -> float:
@@ -31,6 +36,23 @@ def weights_bytes(path: str) -> int:
     """Bytes of the model's weight files on disk."""
     p = Path(path)
     return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin")) if p.is_dir() else 0
+
+
+def parameters_on_disk(path: str) -> Optional[int]:
+    """Parameters stored in a model directory's safetensors files, read from their headers (no weights are
+    loaded): the teacher's size when its metric comes from a cache. None where there are no such files."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += int(torch.Size(shape).numel())
+    return total
 
 
 @torch.inference_mode()
@@ -67,20 +89,92 @@ def score(model, tokenizer, task, features, examples, labels, config: FineTuneCo
     return task.compute_metrics(predictions, examples, labels, config), seconds
 
 
-def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels, batch_size: int = 32) -> dict[str, Any]:
-    """Metric, size and inference throughput (examples/s, after one warm-up batch) on eval_dataset."""
-    task = get_task(config.task_type)
+def load_model(model_name: str, task, device: Optional[torch.device] = None):
+    """(model in eval mode on ``device``, its tokenizer padding on the right, its resolved path); ModelError when
+    either cannot be loaded."""
     path = resolve_model_path(model_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = task.model_class.from_pretrained(path).eval().to(local_device())
+        model = task.model_class.from_pretrained(path).eval().to(device or local_device())
     except OSError as exc:
         raise ModelError(f"model {model_name!r}: cannot load it with its tokenizer ({exc})") from None
     tokenizer.padding_side = "right"
+    return model, tokenizer, path
+
+
+def eval_features(task, tokenizer, examples, labels, config: FineTuneConfig):
+    """The task's eval features of ``examples`` (which carry example ids) cut by ``tokenizer``."""
+    task.check_columns(examples, config, "eval", need_labels=True)
+    return kdata.make_features(task, examples, tokenizer, config, labels, "eval")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_latency(model, tokenizer, task, features, config: FineTuneConfig, runs: int = 50, warmup: int = 5) -> dict[str, Any]:
+    """Seconds per call at batch 1: ``warmup`` untimed calls, then ``runs`` timed ones over the eval features in
+    order (cycling), each a full task inference (a forward pass, or generation). Median and 90th percentile in ms.
+
+    The device is synchronised around each call, so that the time covers the kernels, not their launch."""
+    device = next(model.parameters()).device
+    keys = tuple(k for k in (*task.input_keys, *task.label_keys) if k in features.column_names)
+    times = []
+    for i in range(warmup + runs):
+        row = features[i % len(features): i % len(features) + 1]
+        batch = {k: v.to(device) for k, v in task.pad(tokenizer, row, keys).items()}
+        _sync(device)
+        t0 = time.perf_counter()
+        task.infer(model, tokenizer, batch, config)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1e3  # [runs]
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": runs, "warmup": warmup}
+
+
+def measure_throughput(model, tokenizer, task, features, examples, config: FineTuneConfig, batch_size: int = 32) -> dict[str, Any]:
+    """Examples per second over the eval features at ``batch_size`` (the first batch warms up and is not timed),
+    with the task's per-feature outputs of the whole pass (its predictions come from them)."""
+    outputs, seconds = predict_features(model, tokenizer, task, features, config, batch_size)
+    timed_features = max(len(features) - min(batch_size, len(features)), 1)
+    timed_examples = timed_features * len(examples) / len(features)
+    return {"examples_per_s": timed_examples / seconds if seconds > 0 else float("nan"), "batch_size": batch_size,
+            "outputs": outputs}
+
+
+def measure_model(model_name: str, config: FineTuneConfig, examples, labels, batch_size: int = 32, latency_runs: int = 50,
+                  warmup: int = 5, predict: bool = True, device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Everything the report needs of one model on the eval examples (which carry example ids): parameters, bytes
+    on disk, latency at batch 1, throughput at ``batch_size``, and with ``predict`` its per-example predictions, the
+    labels numbered as its head orders them, and its metrics."""
+    task = get_task(config.task_type)
+    model, tokenizer, path = load_model(model_name, task, device)
+    labels = align_to_teacher(model.config, labels)  # gold labels numbered as this model's head orders its classes
+    features = eval_features(task, tokenizer, examples, labels, config)
+    throughput = measure_throughput(model, tokenizer, task, features, examples, config, batch_size)
+    outputs = throughput.pop("outputs")
+    figures: dict[str, Any] = {
+        "model": model_name, "num_parameters": count_parameters(model), "bytes_on_disk": weights_bytes(path),
+        "device": str(next(model.parameters()).device), "throughput": throughput,
+        "latency": measure_latency(model, tokenizer, task, features, config, latency_runs, warmup),
+    }
+    if predict:
+        predictions = task.predictions(features, outputs, examples, labels, config)
+        figures.update(predictions=predictions, labels=labels,
+                       metrics=task.compute_metrics(predictions, examples, labels, config))
+    return figures
+
+
+def evaluate_model(model_name: str, config: FineTuneConfig, eval_dataset, labels, batch_size: int = 32) -> dict[str, Any]:
+    """Metric, size and inference throughput (examples/s, after one warm-up batch) on eval_dataset."""
+    task = get_task(config.task_type)
+    model, tokenizer, path = load_model(model_name, task)
     labels = align_to_teacher(model.config, labels)  # gold labels numbered as this model's head orders its classes
     examples = kdata.with_example_ids(eval_dataset)
-    task.check_columns(examples, config, "eval", need_labels=True)
-    features = kdata.make_features(task, examples, tokenizer, config, labels, "eval")
+    features = eval_features(task, tokenizer, examples, labels, config)
     metrics, seconds = score(model, tokenizer, task, features, examples, labels, config, batch_size)
     return {
         "metrics": metrics,

@@ -107,7 +107,7 @@ def test_token_classification_dump_then_train_without_the_teacher(tmp_path, kdca
     assert {"eval_f1", "eval_precision", "eval_recall"} <= set(report["eval"])
     assert (out / "distillation_logs" / "prediction_comparison.png").exists()
     compared = run_cli(["compare", "--config", str(pipeline), "--teacher", str(out)], kdcache_home)  # the teacher is gone
-    assert compared.stdout.splitlines()[1].split()[0] == "f1" and "guide's criteria" in compared.stdout
+    assert "| f1 (95% CI) |" in compared.stdout and "## The guide's criteria" in compared.stdout
 
     # Another label alignment reuses the same cache (the teacher's logits cover every token).
     run_cli(["train-student", "--config", str(pipeline), "--label-alignment", "all", "--num-epochs", "1",
@@ -150,7 +150,7 @@ def test_question_answering_windows_dump_then_train_without_the_teacher(tmp_path
     _learning_asserted(report)
     assert {"eval_exact_match", "eval_f1"} <= set(report["eval"])
     compared = run_cli(["compare", "--config", str(pipeline), "--teacher", str(out)], kdcache_home)
-    assert compared.stdout.splitlines()[1].split()[0] == "f1" and "100.0%" in compared.stdout  # same model both sides
+    assert "| f1 (95% CI) |" in compared.stdout and "| 100.0% [" in compared.stdout  # same model both sides
 
     # A student with another tokenizer is refused, naming both (token-level targets need the teacher's).
     from transformers import BertTokenizerFast
