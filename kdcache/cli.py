@@ -34,8 +34,9 @@ def one_line(message: str) -> str:
 
 
 # What an interrupted command leaves: every finished shard, checkpoint and file (each is published by a rename).
-INTERRUPTED_KEPT = ("what was finished is kept: run the same command again to resume (dump-teacher keeps its finished shards; "
-                    "train-student resumes with --resume-from-checkpoint last once it has saved a checkpoint)")
+INTERRUPTED_KEPT = ("what was finished is kept: run the same command again to resume (dump-teacher keeps its finished shards, "
+                    "a sweep its finished runs; train-student resumes with --resume-from-checkpoint last once it has saved a "
+                    "checkpoint)")
 
 
 def _handle_errors(func: Callable) -> Callable:

@@ -41,6 +41,7 @@ def local_device() -> torch.device:
 
 
 def barrier(world: int) -> None:
+    """Wait for every rank (nothing with one process)."""
     if world > 1:
         dist.barrier()
 
@@ -51,10 +52,10 @@ def _portable(error: BaseException) -> BaseException:
     for cls in type(error).__mro__:
         if not issubclass(cls, BaseException):
             continue
-        candidate = error if cls is type(error) else cls(str(error))
         try:
+            candidate = error if cls is type(error) else cls(str(error))
             pickle.loads(pickle.dumps(candidate))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a class that cannot be rebuilt from a message: try its base
             continue
         return candidate
     return RuntimeError(str(error))

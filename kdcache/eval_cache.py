@@ -99,8 +99,8 @@ def cached_teacher(path: Path, config: FineTuneConfig, task, examples, labels, t
                              "join its cached outputs to the eval examples and neither the teacher's nor the student's folder "
                              "holds it: pass --teacher with the teacher's directory (only its tokenizer is read)")
         features = kdata.make_features(task, examples, tokenizer, config, labels, "eval")
-        ids = np.asarray(features[kdata.FEATURE_ID])
-        if len(reader) != len(ids) or not np.array_equal(reader.example_ids(ids), np.asarray(features[kdata.EXAMPLE_ID])):
+        ids = kdata.column_array(features, kdata.FEATURE_ID)
+        if len(reader) != len(ids) or not np.array_equal(reader.example_ids(ids), kdata.column_array(features, kdata.EXAMPLE_ID)):
             raise CacheMismatchError("num_features", len(reader), len(ids),
                                      f"{path} cuts the eval split into {len(reader)} features but this config gives {len(ids)}: "
                                      f"max_length or doc_stride differ; {_dump_advice(config)}")

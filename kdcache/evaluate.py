@@ -20,7 +20,7 @@ from kdcache.models import ModelError, count_parameters, resolve_model_path
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 
-__all__ = ["weights_bytes", "parameters_on_disk", "predict_features", "score", "load_model", "eval_features",
+__all__ = ["examples_per_second", "weights_bytes", "parameters_on_disk", "predict_features", "score", "load_model", "eval_features",
            "measure_latency", "measure_throughput", "measure_model", "evaluate_model", "format_comparison"]
 
 
@@ -139,9 +139,7 @@ def measure_throughput(model, tokenizer, task, features, examples, config: FineT
     """Examples per second over the eval features at ``batch_size`` (the first batch warms up and is not timed),
     with the task's per-feature outputs of the whole pass (its predictions come from them)."""
     outputs, seconds = predict_features(model, tokenizer, task, features, config, batch_size)
-    timed_features = max(len(features) - min(batch_size, len(features)), 1)
-    timed_examples = timed_features * len(examples) / len(features)
-    return {"examples_per_s": timed_examples / seconds if seconds > 0 else float("nan"), "batch_size": batch_size,
+    return {"examples_per_s": examples_per_second(seconds, len(features), len(examples), batch_size), "batch_size": batch_size,
             "outputs": outputs}
 
 

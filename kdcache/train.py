@@ -4,6 +4,7 @@ never constructed here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -391,118 +392,120 @@ def train_student(
         eval_raw = kdata.with_example_ids(eval_raw)
         task.check_columns(eval_raw, config, "eval", need_labels=True)
 
-    cache_path = None
-    if config.use_distillation and online_teacher is None:
-        ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
-        cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
-        staged = None if isinstance(cache_path, Path) else StagedCacheReader(cache_path)  # on object storage: a staging dir
-        local_cache = cache_path if staged is None else staged.path  # holds the manifest and responses either way
-        manifest = _read_manifest(local_cache)
-        if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
-            try:
-                check_teacher_identity(manifest, cache_path, teacher_name_for(config))
-                labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
-            except (AttributeError, TypeError, KeyError):  # a malformed manifest: the reader (opened below) names what is wrong
-                pass
-        if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
-            raw = task.with_responses(raw, _cached_responses(local_cache), config)
-    elif config.use_distillation:
-        labels = align_to_teacher(online_teacher.config, labels)
+    # The cache reader (its shared lock; on object storage, its staging directory) and the read-ahead thread are closed
+    # when training ends or anything before it fails, so that a long-lived process (a sweep, a notebook) holds nothing.
+    resources = contextlib.ExitStack()
+    with resources:
+        cache_path = None
+        if config.use_distillation and online_teacher is None:
+            ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
+            cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
+            staged = None if isinstance(cache_path, Path) else StagedCacheReader(cache_path)  # on object storage: a staging dir
+            if staged is not None:
+                resources.callback(staged.close)
+            local_cache = cache_path if staged is None else staged.path  # holds the manifest and responses either way
+            manifest = _read_manifest(local_cache)
+            if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
+                try:
+                    check_teacher_identity(manifest, cache_path, teacher_name_for(config))
+                    labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
+                except (AttributeError, TypeError, KeyError):  # a malformed manifest: the reader (opened below) names what is wrong
+                    pass
+            if task.generates_responses(config):  # sequence-level KD: learn the teacher's own responses
+                raw = task.with_responses(raw, _cached_responses(local_cache), config)
+        elif config.use_distillation:
+            labels = align_to_teacher(online_teacher.config, labels)
 
-    set_seed(config.seed)  # what the student and projections initialise randomly is the seed's: the same on every rank,
-    student, tokenizer = build_student(config, task, labels)  # and the same whatever ran before in this process
-    problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
-    if problem:
-        raise ModelError(problem)
-    positions = getattr(student.config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the student's {positions} positions: "
-                         f"set max_length to {positions} or less")
-    train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
-    eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
-
-    reader, layers, fetcher, aligner = None, None, None, None
-    distil = config.use_distillation
-    if distil and online_teacher is None:
-        reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer, staged)
-        positions = None
-        if layers is not None:
-            stored = list(reader.spec.hidden.layers)
-            positions = [stored.index(l) for l in layers]
-        cross = crosses_tokenizers(config, reader, tokenizer)
-        targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, tokenizer, cross)]
-        pooling = hidden_pooling_for(config, reader) if layers is not None else "none"
-        fetcher = TargetFetcher(reader, targets, positions, pooling=pooling)
-        if cross:
-            aligner = CrossTokenizer.from_cache(reader, tokenizer)
-            log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
-        teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
-        teacher_width = int(reader.manifest["teacher"]["hidden_size"])
-    elif distil:
-        teacher_depth = task.hidden_config(online_teacher.config).num_hidden_layers
-        teacher_width = task.hidden_config(online_teacher.config).hidden_size
-        problem = task.check_teacher_config(online_teacher.config, labels, "online teacher")
+        set_seed(config.seed)  # what the student and projections initialise randomly is the seed's: the same on every rank,
+        student, tokenizer = build_student(config, task, labels)  # and the same whatever ran before in this process
+        problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
         if problem:
             raise ModelError(problem)
-        wanted = requested_layers(config)
-        layers = resolve_layers(wanted, teacher_depth) if wanted is not None else None
-        pooling = config.hidden_pooling
-    else:
-        teacher_depth, teacher_width, pooling = 1, task.hidden_config(student.config).hidden_size, "none"
+        positions = getattr(student.config, "max_position_embeddings", None)
+        if positions is not None and config.max_length > positions:
+            raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the student's {positions} positions: "
+                             f"set max_length to {positions} or less")
+        train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
+        eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
 
-    layer_map: dict[int, int] = {}
-    student_depth = task.hidden_config(student.config).num_hidden_layers
-    if distil and layers is not None:
-        if config.layer_map:
-            resolved = {resolve_layers([t], teacher_depth)[0]: s for t, s in config.layer_map.items()}
-            missing = [l for l in layers if l not in resolved]
-            if missing:
-                raise ModelError(f"layer_map has no student layer for teacher layer(s) {missing}")
-            layer_map = {l: resolved[l] for l in layers}
+        reader, layers, fetcher, aligner = None, None, None, None
+        distil = config.use_distillation
+        if distil and online_teacher is None:
+            reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer, staged)
+            resources.callback(reader.close)
+            positions = None
+            if layers is not None:
+                stored = list(reader.spec.hidden.layers)
+                positions = [stored.index(l) for l in layers]
+            cross = crosses_tokenizers(config, reader, tokenizer)
+            targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, tokenizer, cross)]
+            pooling = hidden_pooling_for(config, reader) if layers is not None else "none"
+            fetcher = TargetFetcher(reader, targets, positions, pooling=pooling)
+            resources.callback(fetcher.close)  # first (callbacks run last-in first-out): its last read, then the reader
+            if cross:
+                aligner = CrossTokenizer.from_cache(reader, tokenizer)
+                log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
+            teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
+            teacher_width = int(reader.manifest["teacher"]["hidden_size"])
+        elif distil:
+            teacher_depth = task.hidden_config(online_teacher.config).num_hidden_layers
+            teacher_width = task.hidden_config(online_teacher.config).hidden_size
+            problem = task.check_teacher_config(online_teacher.config, labels, "online teacher")
+            if problem:
+                raise ModelError(problem)
+            wanted = requested_layers(config)
+            layers = resolve_layers(wanted, teacher_depth) if wanted is not None else None
+            pooling = config.hidden_pooling
         else:
-            layer_map = proportional_layer_map(layers, teacher_depth, student_depth)
-        bad = {t: s for t, s in layer_map.items() if not 0 <= s <= student_depth}
-        if bad:
-            raise ModelError(f"layer_map {bad}: the student has hidden_states 0..{student_depth}")
-    model = DistillationModel(student, layer_map, teacher_width, task)
+            teacher_depth, teacher_width, pooling = 1, task.hidden_config(student.config).hidden_size, "none"
 
-    args = training_arguments(config, out_dir, task.label_keys)
-    if max_steps is not None:
-        args.max_steps = max_steps
+        layer_map: dict[int, int] = {}
+        student_depth = task.hidden_config(student.config).num_hidden_layers
+        if distil and layers is not None:
+            if config.layer_map:
+                resolved = {resolve_layers([t], teacher_depth)[0]: s for t, s in config.layer_map.items()}
+                missing = [l for l in layers if l not in resolved]
+                if missing:
+                    raise ModelError(f"layer_map has no student layer for teacher layer(s) {missing}")
+                layer_map = {l: resolved[l] for l in layers}
+            else:
+                layer_map = proportional_layer_map(layers, teacher_depth, student_depth)
+            bad = {t: s for t, s in layer_map.items() if not 0 <= s <= student_depth}
+            if bad:
+                raise ModelError(f"layer_map {bad}: the student has hidden_states 0..{student_depth}")
+        model = DistillationModel(student, layer_map, teacher_width, task)
 
-    temperature = config.temperature or default_temperature(config.task_type, labels.num_labels)
-    online = OnlineTeacher(online_teacher, task, layers, pooling, config.distill_logits) if distil and online_teacher is not None else None
-    monitor = DistillationMonitor(teacher_model=online_teacher, student_model=student, log_dir=out_dir / "distillation_logs")
-    trainer = DistillationTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_feats,
-        data_collator=DistillationCollator(tokenizer, fetcher, task, aligner),
-        processing_class=tokenizer,
-        callbacks=[MonitorCallback(monitor)] + list(callbacks or []),
-        task=task,
-        temperature=temperature,
-        alpha=config.distillation_alpha if distil else 0.0,
-        hidden_weight=config.hidden_loss_weight,
-        distill_logits=distil and config.distill_logits,
-        hidden_pooling=pooling,
-        fetcher=fetcher,
-        online_teacher=online,
-        targets={t.name: t for t in fetcher.targets} if fetcher is not None else None,
-        topk_loss=config.topk_loss,
-        vocab_map=aligner.vocab_map if aligner is not None else None,
-    )
-    monitor.trainer = trainer
-    resume = resolve_checkpoint(config.resume_from_checkpoint, out_dir)
-    if resume is not None:
-        log.warning("resuming from %s", resume)
-    try:
+        args = training_arguments(config, out_dir, task.label_keys)
+        if max_steps is not None:
+            args.max_steps = max_steps
+
+        temperature = config.temperature or default_temperature(config.task_type, labels.num_labels)
+        online = OnlineTeacher(online_teacher, task, layers, pooling, config.distill_logits) if distil and online_teacher is not None else None
+        monitor = DistillationMonitor(teacher_model=online_teacher, student_model=student, log_dir=out_dir / "distillation_logs")
+        trainer = DistillationTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_feats,
+            data_collator=DistillationCollator(tokenizer, fetcher, task, aligner),
+            processing_class=tokenizer,
+            callbacks=[MonitorCallback(monitor)] + list(callbacks or []),
+            task=task,
+            temperature=temperature,
+            alpha=config.distillation_alpha if distil else 0.0,
+            hidden_weight=config.hidden_loss_weight,
+            distill_logits=distil and config.distill_logits,
+            hidden_pooling=pooling,
+            fetcher=fetcher,
+            online_teacher=online,
+            targets={t.name: t for t in fetcher.targets} if fetcher is not None else None,
+            topk_loss=config.topk_loss,
+            vocab_map=aligner.vocab_map if aligner is not None else None,
+        )
+        monitor.trainer = trainer
+        resume = resolve_checkpoint(config.resume_from_checkpoint, out_dir)
+        if resume is not None:
+            log.warning("resuming from %s", resume)
         train_output = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        if fetcher is not None:
-            fetcher.close()
-        if reader is not None:
-            reader.close()  # its shared lock: `cache rm`/`gc` and dumps may take the cache once this run is done with it
     metrics: dict[str, float] = {}
     eval_speed = float("nan")
     main_process = trainer.is_world_process_zero()  # under torchrun, one process evaluates and writes

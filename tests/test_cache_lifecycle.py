@@ -133,6 +133,9 @@ def test_ls_shows_fingerprint_task_teacher_rows_size_and_date_and_names_the_brok
     (kdcache_home / "photos").mkdir()
     (kdcache_home / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")
 
+    staged = kdcache_home / "staging" / "dumps" / "0123abcd"  # the object-storage staging dir: neither a cache nor foreign
+    staged.mkdir(parents=True)
+    (staged / "shard-00000.arrow").write_bytes(b"x")
     listed = _ls(kdcache_home)
     assert sorted(listed) == sorted([a.name, b.name, damaged.name, "empty"])  # photos is not a cache
     for path in (a, b):
@@ -296,6 +299,22 @@ def test_reading_a_cache_counts_as_using_it(made, kdcache_home):
     run_cli(["inspect", str(read)], kdcache_home)
     run_cli(["cache", "gc", "--keep-days", "7"], kdcache_home)
     assert read.exists() and not unread.exists()
+
+
+def test_gc_spares_a_cache_read_between_its_scan_and_its_lock(made, kdcache_home):
+    """gc scans, then takes each old cache's lock: a run that opened (and closed) the cache in between stamped it,
+    and gc's second look, taken before its own lock file touches the directory, keeps it."""
+    from kdcache.cache import lifecycle
+
+    old = _put(made, kdcache_home, "a")
+    _age(old, 30)
+    cutoff = time.time() - 7 * DAY
+    (info,) = lifecycle.scan(kdcache_home).caches
+    assert info.last_used < cutoff  # what the scan saw
+    CacheReader(old).close()  # the read in between
+    assert lifecycle.remove([old], role="cache gc", unused_since=cutoff) == [None]
+    CacheReader(old, verify=True).close()  # spared whole
+    assert not (old / LOCK_NAME).exists()
 
 
 # -- the lock ---------------------------------------------------------------------------------------------

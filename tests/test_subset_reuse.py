@@ -86,6 +86,8 @@ def test_pooled_states_derived_from_per_token_ones(caches):
         np.testing.assert_allclose(mean, teacher_mean, atol=2e-3 * np.abs(teacher_mean).max())
         with pytest.raises(Exception, match="pooled by 'mean'"):
             pooled.get_pooled(ids, [0], "cls")  # a pooled cache cannot be re-pooled
+        with pytest.raises(Exception, match=r"ask for one of \['cls', 'mean'\]"):
+            per_token.get_pooled(ids, [0], "none")  # "none" is per-token: not a pooling to derive (it once gave a mean)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

@@ -138,13 +138,20 @@ def scan(root: Path | None = None) -> Scan:
     root = Path(root) if root is not None else cache_root()
     caches, skipped = [], []
     if root.is_dir():
-        for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(p for p in root.iterdir() if p.is_dir() and not _is_staging(p)):
             try:
                 info = inspect_dir(path)
             except OSError:  # unreadable (another user's): not ours to list or remove
                 info = None
             (skipped if info is None else caches).append(path if info is None else info)
     return Scan(root, caches, skipped)
+
+
+def _is_staging(path: Path) -> bool:
+    """The staging directory of caches on object storage (downloaded shards, dumps' working copies): not a cache."""
+    from .staging import staging_root
+
+    return path.resolve() == staging_root().resolve()
 
 
 def resolve(target: str, root: Path | None = None) -> CacheInfo:
@@ -180,10 +187,13 @@ def remove(paths: list[Path], role: str = "cache rm", unused_since: float | None
     it; CacheError for a directory that is not a cache."""
     paths = list(dict.fromkeys(Path(p) for p in paths))
     locks: list[CacheLock] = []
+    used: set[Path] = set()  # gc: read or written since the scan (a reader stamps the directory; taking the lock below does too)
     try:
         for path in paths:
             if inspect_dir(path) is None:
                 raise CacheError(_not_a_cache(path))
+            if unused_since is not None and last_used(path) >= unused_since:
+                used.add(path)
             lock = CacheLock(path, role=role)
             try:
                 locks.append(lock.acquire())
@@ -199,7 +209,7 @@ def remove(paths: list[Path], role: str = "cache rm", unused_since: float | None
     freed: list[int | None] = []
     try:
         for path, lock in zip(paths, locks):
-            freed.append(_delete(path, unused_since))
+            freed.append(None if path in used else _delete(path, unused_since))
             lock.release(remove_dir=freed[-1] is not None)
     finally:
         for lock in locks:

@@ -71,6 +71,7 @@ class CacheLock:
         self._created: list[Path] = []  # directories made for the lock, deepest first
 
     def acquire(self) -> "CacheLock":
+        """Take the exclusive lock (creating the directory if needed), or raise CacheLockedError naming its holder."""
         with io_errors(self.dir):
             missing = [self.dir, *self.dir.parents]
             missing = missing[: next(i for i, d in enumerate(missing) if d.exists())]
@@ -136,6 +137,7 @@ class ReadLock:
         self._finalizer: weakref.finalize | None = None
 
     def acquire(self) -> "ReadLock":
+        """Take the shared lock for a reader (none where the disk is read-only or this process holds it exclusively)."""
         if os.path.realpath(self.dir) in _HELD_HERE:
             return self  # this process dumps (or removes) it: that lock guards the directory
         if not (self.dir / fmt.MANIFEST_NAME).is_file():
@@ -165,6 +167,7 @@ class ReadLock:
         return self
 
     def release(self) -> None:
+        """Give the shared lock back (any number of times)."""
         if self._finalizer is not None:
             self._finalizer()
         self.held = False

@@ -606,9 +606,11 @@ class CacheReader:
         the stored tokens (a subset of what was stored) the way dump-teacher pools: CLS = the feature's first
         token, mean = the mean over its stored (non-padding) tokens."""
         h = self.spec.hidden
-        if h is None or pooling not in (None, h.pooling, *(() if h.pooled else fmt.DERIVED_POOLINGS)):
+        servable = (None, h.pooling) if h is not None and h.pooled else (None, *fmt.DERIVED_POOLINGS)
+        if h is None or pooling not in servable:
             what = "no hidden states" if h is None else f"hidden states pooled by {h.pooling!r}"
-            raise CacheError(f"get_pooled(pooling={pooling!r}) cannot be served: the cache stores {what}")
+            raise CacheError(f"get_pooled(pooling={pooling!r}) cannot be served: the cache stores {what}; ask for one of "
+                             f"{[p for p in servable if p]} or re-run dump-teacher with hidden_pooling: {pooling}")
         if not h.pooled and pooling is None:
             raise CacheError("get_pooled needs pooled hidden states but the cache stores per-token hidden states "
                              f"(use get_padded, or derive them with pooling= one of {fmt.DERIVED_POOLINGS})")

@@ -38,6 +38,7 @@ __all__ = ["ShardStage", "StagedCacheReader", "staging_root", "staging_limit", "
 
 STAGING_DIR_ENV = "KDCACHE_STAGING_DIR"
 STAGING_BYTES_ENV = "KDCACHE_STAGING_BYTES"
+STAGING_NAME = "staging"  # the default staging directory's name under $KDCACHE_HOME (`cache ls` / `gc` pass over it)
 DEFAULT_STAGING_BYTES = 20 << 30
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -46,7 +47,9 @@ def staging_root() -> Path:
     """Where staging directories are made: $KDCACHE_STAGING_DIR, else $KDCACHE_HOME/staging."""
     if os.environ.get(STAGING_DIR_ENV):
         return Path(os.environ[STAGING_DIR_ENV])
-    return Path(os.environ.get("KDCACHE_HOME", Path.home() / ".cache" / "kdcache")) / "staging"
+    from kdcache.config import kdcache_home  # light (no torch)
+
+    return kdcache_home() / STAGING_NAME
 
 
 def staging_limit() -> int:

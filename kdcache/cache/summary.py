@@ -34,7 +34,10 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
     recorded it, else the sum of n_tokens); per feature by the rows; per example by the distinct
     example ids. ``raw_float32_bytes`` is what the field would take as plain float32.
     """
-    reader = reader_or_path if isinstance(reader_or_path, CacheReader) else CacheReader(reader_or_path)
+    if not isinstance(reader_or_path, CacheReader):
+        with CacheReader(reader_or_path) as reader:  # opened here: closed here (its shared lock with it)
+            return summarize(reader)
+    reader = reader_or_path
     m, spec = reader.manifest, reader.spec
     shards = m.get("shards", [])
     fids = reader.feature_ids()

@@ -29,6 +29,7 @@ class ShardBlockSampler(Sampler):
         return len(self.base)
 
     def set_epoch(self, epoch: int) -> None:
+        """Passed on to the Trainer's sampler (accelerate's seedable sampler orders each epoch by it)."""
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
 
