@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from kdcache.cache.remote import cache_location
 from kdcache.config import ConfigError, FineTuneConfig
 
 __all__ = ["SWEEP_KEYS", "RESULT_NAME", "SweepRun", "Sweep", "load_sweep", "run_sweep", "write_summary"]
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 SWEEP_KEYS = ("base", "cache_dir", "output_dir", "set", "grid", "runs")
 RESULT_NAME = "sweep_result.json"  # written last in a run's folder: its presence means the run finished
 SET_BY_SWEEP = ("output_dir", "cache_dir", "resume_from_checkpoint")  # one value per run, chosen by the sweep
+DISPLAY_ONLY = ("disable_tqdm", "logging_steps")  # change what is shown, not what is trained: not part of a run's identity
 
 
 @dataclass
@@ -50,8 +52,15 @@ class SweepRun:
         return Path(self.config.output_dir)
 
     def config_sha256(self) -> str:
-        """Identity of the resolved config: a finished run counts only for the config it was trained with."""
-        return hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+        """Identity of the resolved config: a finished run counts only for the config it was trained with. Fields
+        that only change what is displayed are left out, and local paths count by where they lead, not how they are
+        spelled (relative or absolute)."""
+        values = {k: v for k, v in self.config.to_dict().items() if k not in DISPLAY_ONLY}
+        values["output_dir"] = os.path.abspath(values["output_dir"])
+        location = cache_location(values["cache_dir"]) if values.get("cache_dir") else None
+        if isinstance(location, Path):
+            values["cache_dir"] = os.path.abspath(location)
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -59,7 +68,7 @@ class Sweep:
     """A validated sweep file: where it came from, the varied fields (grid order) and its runs."""
 
     path: Path
-    cache_dir: Path
+    cache_dir: Union[Path, str]  # a local directory, or an fsspec URL (s3://...) kept as written
     output_dir: Path
     fields: list[str]
     runs: list[SweepRun] = field(default_factory=list)
@@ -69,16 +78,17 @@ def load_sweep(path: Union[str, Path]) -> Sweep:
     """Read and validate a sweep file; every problem is a ConfigError of one line naming it and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: no such sweep file {str(path)!r}")
+        raise ConfigError(f"--config: no such sweep file {str(path)!r}: name an existing sweep YAML")
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not a readable YAML sweep file ({str(exc).splitlines()[0]}): fix the file") from None
     if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(SWEEP_KEYS)}")
+        raise ConfigError(f"{path}: not a sweep file (expected a mapping, got {type(spec).__name__}): write it as "
+                          "base: ..., cache_dir: ..., output_dir: ..., grid: ... (or runs: ...)")
     for key in spec:
         if key not in SWEEP_KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r}{_close(key, SWEEP_KEYS)}; a sweep file has {', '.join(SWEEP_KEYS)}")
+            raise ConfigError(f"{path}: unknown key {key!r}{_close(key, SWEEP_KEYS)}: use only {', '.join(SWEEP_KEYS)}")
     if spec.get("base") is None:
         raise ConfigError(f"{path}: missing base: name the pipeline YAML every run starts from (base: pipelines/x.yaml)")
     if spec.get("output_dir") is None:
@@ -87,10 +97,11 @@ def load_sweep(path: Union[str, Path]) -> Sweep:
     cache_dir = spec.get("cache_dir") or base.get("cache_dir")
     if not cache_dir:
         raise ConfigError(f"{path}: missing cache_dir: name the teacher cache `kdcache dump-teacher` wrote (cache_dir: runs/x/cache)")
+    cache_dir = cache_location(str(cache_dir))  # a URL on object storage stays a URL; train_student stages it
     overrides, fields = _overrides(path, spec)
     output_dir = Path(str(spec["output_dir"]))
     runs = []
-    for name, values in zip(_run_names(overrides), overrides):
+    for name, values in zip(_run_names(path, overrides), overrides):
         fixed = {"output_dir": str(output_dir / name), "cache_dir": str(cache_dir), "resume_from_checkpoint": None}
         try:
             config = FineTuneConfig.from_dict({**base, **values, **fixed}, source="run")
@@ -103,7 +114,7 @@ def load_sweep(path: Union[str, Path]) -> Sweep:
             raise ConfigError(f"{path}: run {name}: no evaluation data to rank the runs by: set eval_file in the base pipeline "
                               "(or in set:)")
         runs.append(SweepRun(name, values, config))
-    return Sweep(path, Path(str(cache_dir)), output_dir, fields, runs)
+    return Sweep(path, cache_dir, output_dir, fields, runs)
 
 
 def _close(name: Any, choices) -> str:
@@ -149,8 +160,8 @@ def _overrides(path: Path, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], 
     """Each run's overrides (the grid's cartesian product, or the runs list) and the fields they vary."""
     grid, runs = spec.get("grid"), spec.get("runs")
     if (grid is None) == (runs is None):
-        raise ConfigError(f"{path}: give either grid: (field -> list of values) or runs: (a list of overrides), "
-                          f"{'not both' if grid is not None else 'one of them'}")
+        raise ConfigError(f"{path}: " + ("both grid: and runs: are given: keep one of them" if grid is not None else
+                          "no grid: or runs: given: add grid: (field -> list of values) or runs: (a list of overrides)"))
     if grid is not None:
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"{path}: grid is empty: map at least one config field to a list of values "
@@ -168,7 +179,8 @@ def _overrides(path: Path, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], 
     out = []
     for i, run in enumerate(runs):
         if not isinstance(run, dict):
-            raise ConfigError(f"{path}: runs[{i}] must be a mapping of config fields, got {run!r}")
+            raise ConfigError(f"{path}: runs[{i}] must be a mapping of config fields, got {run!r}: write it as "
+                              "{field: value, ...} (runs: [{temperature: 2.0}])")
         for name in run:
             if name != "name":
                 _check_field(path, f"runs[{i}]", name)
@@ -189,14 +201,18 @@ def _format_value(value: Any) -> str:
     return Path(text).name if "/" in text else text
 
 
-def _run_names(overrides: list[dict[str, Any]]) -> list[str]:
+def _run_names(path: Path, overrides: list[dict[str, Any]]) -> list[str]:
     """Folder names: the run's given name, else its field=value pairs (every grid field, so that a list grown
-    later keeps the names of the runs already done); duplicates get -2, -3, ... (safe characters only)."""
+    later keeps the names of the runs already done); duplicates get -2, -3, ... (safe characters only). A name
+    must be a folder inside output_dir: not empty, not `.` or `..`, not starting with `.`."""
     names, seen = [], {}
-    for values in overrides:
+    for i, values in enumerate(overrides):
         own = values.pop("name", None)
         name = str(own) if own is not None else ",".join(f"{k}={_format_value(v)}" for k, v in values.items()) or "base"
         name = re.sub(r"[^A-Za-z0-9._=,:+-]", "_", name)[:120]
+        if not name or name.startswith("."):
+            raise ConfigError(f"{path}: runs[{i}]: name {own!r} is not a folder name inside output_dir: use letters, "
+                              "digits and _ - = , : + . (not empty, not starting with '.'), e.g. name: run-1")
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return names
@@ -222,7 +238,16 @@ def finished_result(run: SweepRun) -> Optional[dict[str, Any]]:
     return result if isinstance(result, dict) and result.get("config_sha256") == run.config_sha256() else None
 
 
-def _train(run: SweepRun, task) -> dict[str, Any]:
+def _stale(run: SweepRun) -> bool:
+    """Whether the run finished once, with a config other than its present one."""
+    try:
+        result = json.loads((run.folder / RESULT_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and "config_sha256" in result
+
+
+def _train(run: SweepRun, task, output_dir: Path) -> dict[str, Any]:
     """Train one run from the cache and record its result (the finish marker, written last)."""
     import torch
 
@@ -230,6 +255,9 @@ def _train(run: SweepRun, task) -> dict[str, Any]:
     from kdcache.train import train_student
 
     if run.folder.exists():  # a run cut short (or trained with another config): start it afresh
+        if run.folder.name in ("", ".", "..") or run.folder.resolve().parent != output_dir.resolve():
+            raise RuntimeError(f"refusing to delete {run.folder}: run {run.name!r} is not a folder directly inside "
+                               f"{output_dir}")  # _run_names refuses such names: this is a bug, not a user error
         shutil.rmtree(run.folder)
     result = train_student(run.config)
     record = {
@@ -253,10 +281,18 @@ def _train(run: SweepRun, task) -> dict[str, Any]:
 def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train every unfinished run of ``sweep`` in turn, then write the summary; returns the ranked results."""
     from kdcache.cache import CacheReader
+    from kdcache.cache.errors import CacheError
+    from kdcache.cache.format import MANIFEST_NAME
+    from kdcache.cache.remote import RemoteDir
     from kdcache.tasks import get_task
 
-    with CacheReader(sweep.cache_dir):  # a missing or incomplete cache stops the sweep before any run
-        pass
+    # a missing or incomplete cache stops the sweep before any run
+    if isinstance(sweep.cache_dir, Path):
+        with CacheReader(sweep.cache_dir):
+            pass
+    elif RemoteDir(sweep.cache_dir).read_json(MANIFEST_NAME) is None:  # each run stages it and checks it in full
+        raise CacheError(f"cache {sweep.cache_dir} has no readable {MANIFEST_NAME}: run `kdcache dump-teacher` with "
+                         f"cache_dir: {sweep.cache_dir} first (or name the right cache_dir in the sweep file)")
     task = get_task(sweep.runs[0].config.task_type)
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -265,9 +301,12 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> list[dict[st
         if done is not None:
             echo(f"[{i}/{len(sweep.runs)}] {run.name}: finished, skipped")
         else:
-            state = "unfinished, redone" if run.folder.exists() else "training"
-            echo(f"[{i}/{len(sweep.runs)}] {run.name}: {state}; cache hit: {sweep.cache_dir} (the teacher is not loaded)")
-            done = _train(run, task)
+            state = ("config changed since it finished, redone" if _stale(run) else
+                     "unfinished, redone" if run.folder.exists() else "training")
+            echo(f"[{i}/{len(sweep.runs)}] {run.name}: {state}")
+            done = _train(run, task, sweep.output_dir)
+            # said after training, from the cache train_student actually read (the teacher was never loaded)
+            echo(f"[{i}/{len(sweep.runs)}] {run.name}: cache hit: {done['cache_dir']} (the teacher is not loaded)")
         metric = done["metrics"][task.primary_metric()]
         echo(f"[{i}/{len(sweep.runs)}] {run.name}: {task.primary_metric()}={metric:.4f}")
         results.append(done)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from helpers import fails_cleanly, make_bert, write_pipeline
 from seq2seq_models import invoke_cli
 
+from kdcache.config import ConfigError
 from kdcache.sweep import RESULT_NAME, load_sweep, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +58,10 @@ def test_four_students_from_one_cache_without_the_teacher(swept):
     out, stdout = swept["out"], swept["proc"].stdout
     assert stdout.count(f"cache hit: {swept['root'] / 'cache'}") == 4 and "skipped" not in stdout
     rows = _results(out)
+    lines = stdout.splitlines()
+    for r in rows:  # each run's "cache hit" is said after it trained (from what train_student read), before its score
+        said = [line.split(": ", 1)[1] for line in lines if line.split(" ", 1)[-1].startswith(f"{r['run']}: ")]
+        assert said[0] == "training" and said[1].startswith("cache hit: ") and said[2].startswith("accuracy="), said
     assert len(rows) == 4
     accuracies = [float(r["accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)  # best first
@@ -73,6 +79,7 @@ def test_four_students_from_one_cache_without_the_teacher(swept):
         assert config["output_dir"] == str(folder) and (folder / "model.safetensors").exists()
         result = json.loads((folder / RESULT_NAME).read_text())
         assert result["metrics"]["accuracy"] == pytest.approx(float(r["accuracy"]), abs=1e-4)
+        assert result["cache_dir"] == str(swept["root"] / "cache")  # the cache train_student trained from
         report = json.loads((folder / "kdcache_report.json").read_text())
         assert report["cache_dir"] == str(swept["root"] / "cache")
         assert any("loss_kd" in h and "loss_hidden" in h for h in report["log_history"])  # distilled from the cache
@@ -81,19 +88,27 @@ def test_four_students_from_one_cache_without_the_teacher(swept):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_rerun_skips_finished_runs_and_redoes_one_cut_short(swept):
+def test_a_rerun_skips_finished_runs_and_redoes_one_cut_short(swept, tmp_path):
+    """A run cut short and one whose config changed since it finished are redone, each said as such; display-only
+    fields (logging_steps, disable_tqdm) and output_dir spelled relative instead of absolute change nothing."""
     out = swept["out"]
     rows = _results(out)
     models = {r["run"]: (out / r["run"] / "model.safetensors").stat().st_mtime_ns for r in rows}
-    cut = rows[-1]["run"]
+    cut, changed = rows[-1]["run"], rows[0]["run"]
     (out / cut / RESULT_NAME).unlink()  # as if killed after saving the model, before the marker
     (out / cut / "model.safetensors").unlink()
-    proc = invoke_cli(["sweep", "--config", swept["sweep_file"]], swept["home"])
-    assert proc.stdout.count("finished, skipped") == 3
-    assert f"{cut}: unfinished, redone; cache hit: {swept['root'] / 'cache'}" in proc.stdout
+    record = json.loads((out / changed / RESULT_NAME).read_text())
+    (out / changed / RESULT_NAME).write_text(json.dumps({**record, "config_sha256": "0" * 64}))  # trained with another config
+    respelled = write_pipeline(tmp_path / "sweep.yaml", **{**swept["spec"], "output_dir": os.path.relpath(out),
+                                                            "set": {"logging_steps": 2, "disable_tqdm": False}})
+    proc = invoke_cli(["sweep", "--config", respelled], swept["home"])
+    assert proc.stdout.count("finished, skipped") == 2
+    assert f"{cut}: unfinished, redone\n" in proc.stdout and f"{changed}: config changed since it finished, redone\n" in proc.stdout
+    assert proc.stdout.count(f"cache hit: {swept['root'] / 'cache'}") == 2
     for run, mtime in models.items():
-        if run != cut:
+        if run not in (cut, changed):
             assert (out / run / "model.safetensors").stat().st_mtime_ns == mtime  # not retrained
+    assert (out / changed / "model.safetensors").stat().st_mtime_ns != models[changed]
     assert (out / cut / RESULT_NAME).exists() and (out / cut / "model.safetensors").exists()
     assert len(_results(out)) == 4
 
@@ -103,9 +118,18 @@ def test_a_runs_list_varies_layers_layer_map_temperature_and_weights(swept, tmp_
     spec = {k: v for k, v in swept["spec"].items() if k != "grid"}
     spec["output_dir"] = str(tmp_path / "out")
     spec["runs"] = [
-        {"name": "one-layer", "student_layers": [1], "layer_map": {2: 0, 4: 1}, "learning_rate": 1e-3},
+        {"name": "..", "student_layers": [1], "layer_map": {2: 0, 4: 1}, "learning_rate": 1e-3},
         {"temperature": 4.0, "hidden_loss_weight": 0.0, "teacher_layers_to_distill": [4]},
     ]
+    # a name that is no folder inside output_dir (here its parent, which a redo would delete) is refused in one line
+    (tmp_path / "keep.txt").write_text("keep")
+    proc = invoke_cli(["sweep", "--config", write_pipeline(tmp_path / "dots.yaml", **spec)], swept["home"], check=False)
+    fails_cleanly(proc, "runs[0]: name '..' is not a folder name inside output_dir", "use letters, digits", "e.g. name: run-1")
+    assert (tmp_path / "keep.txt").read_text() == "keep" and not (tmp_path / "out").exists()
+    for bad in ("", ".", ".one-layer"):
+        with pytest.raises(ConfigError, match="is not a folder name inside output_dir"):
+            load_sweep(write_pipeline(tmp_path / "dots.yaml", **{**spec, "runs": [{**spec["runs"][0], "name": bad}]}))
+    spec["runs"][0]["name"] = "one-layer"  # named as the message says: it runs
     ranked = run_sweep(load_sweep(write_pipeline(tmp_path / "runs.yaml", **spec)), echo=lambda line: None)
     by_name = {r["name"]: r for r in ranked}
     assert set(by_name) == {"one-layer", "temperature=4,hidden_loss_weight=0,teacher_layers_to_distill=4"}
@@ -147,3 +171,10 @@ def test_a_bad_sweep_file_is_one_line_and_the_fixed_file_runs(swept, tmp_path, b
     assert sorted((p, p.stat().st_mtime_ns) for p in swept["out"].rglob("*")) == before  # nothing written
     good = invoke_cli(["sweep", "--config", write_pipeline(tmp_path / "fixed.yaml", **{**spec, **fixed(grid)})], swept["home"])
     assert good.stdout.count("finished, skipped") == 4 and "best run: " in good.stdout
+
+
+def test_a_cache_on_object_storage_stays_a_url(swept, tmp_path):
+    """An s3:// cache_dir is kept as written for every run (train_student stages it), not turned into a local path."""
+    url = "s3://some-bucket/caches/x"
+    sweep = load_sweep(write_pipeline(tmp_path / "s3.yaml", **{**swept["spec"], "cache_dir": url + "/"}))
+    assert sweep.cache_dir == url and {run.config.cache_dir for run in sweep.runs} == {url}
