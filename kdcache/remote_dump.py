@@ -1,17 +1,21 @@
 """`dump-teacher` into a cache on object storage (an fsspec URL such as s3://bucket/path).
 
-The dump itself is the local one, run in a working directory (``$KDCACHE_STAGING_DIR/dumps/<key>``) that mirrors
+The dump itself is the local one, run in a local copy (``$KDCACHE_STAGING_DIR/dumps/<key>/cache``) that mirrors
 the remote cache: what the remote holds is pulled first (so a hit, a resume and a repair are decided and verified
 exactly as for a local cache), each shard is uploaded as soon as it is published locally (the arrow file, then its
 meta json), and after the dump the remote is brought level with the working directory and the manifest is
 uploaded last. Object storage has no rename, so shards go up under their final names: nothing refers to them until
 a manifest lists them, and a reader trusts only a manifest's shards, each sha256-checked as it is downloaded. The
-working directory is removed once the manifest is up (it holds the whole cache while the dump runs).
+local copy is removed once the manifest is up (it holds the whole cache while the dump runs).
 
-One writer per remote cache: the working directory is locked as a local cache is, but object storage offers no
-lock that every backend honours, so two machines dumping into one URL at once are not detected. A killed dump
-leaves shards without a manifest: not a cache to readers, resumed by the next dump-teacher (from the working
-directory when it is still there, else from the shards pulled back)."""
+Locking: the URL's working directory ``dumps/<key>`` is locked exclusively (:class:`~kdcache.cache.lock.CacheLock`,
+its ``.kdcache.lock``) before the remote is listed, and held through the pull, the dump, the push and the removal of
+the local copy; another dump-teacher into the same URL on this machine is refused in one line ("being written by
+another dump-teacher (pid N)"). The dump inside also locks its local copy ``dumps/<key>/cache``, as any local dump
+does. Nothing on the storage is locked (object storage offers no lock that every backend honours): two machines
+dumping into one URL at once are not detected. A killed dump leaves shards without a manifest: not a cache to
+readers, resumed by the next dump-teacher (from the local copy when it is still there, else from the shards pulled
+back)."""
 
 from __future__ import annotations
 
@@ -22,39 +26,75 @@ from pathlib import Path
 from typing import Optional
 
 from kdcache.cache import CacheError
+from kdcache.cache.errors import CacheLockedError
 from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
+from kdcache.cache.lock import CacheLock
 from kdcache.cache.remote import RemoteDir, remote_errors
-from kdcache.cache.staging import staging_root
+from kdcache.cache.staging import STAGING_DIR_ENV, staging_root
 from kdcache.config import FineTuneConfig
 
-__all__ = ["dump_remote", "working_dir"]
+__all__ = ["dump_remote", "working_dir", "COPY_NAME"]
+
+COPY_NAME = "cache"  # the local copy of the cache, inside the working directory (which holds the lock)
 
 
 def working_dir(url: str) -> Path:
-    """The local working directory of dumps into ``url``."""
+    """The local working directory of dumps into ``url``: its lock file, and the cache's local copy (``COPY_NAME``)."""
     return staging_root() / "dumps" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
 def dump_remote(config: FineTuneConfig, train_dataset, url: str, force: bool = False, device: Optional[str] = None,
                 shard_examples: Optional[int] = None, progress: bool = True):
-    """Dump (or find) the cache at ``url``: pull, dump locally uploading each shard, level the remote, manifest last."""
-    from kdcache.dump import PROGRESS_NAME, _is_kdcache_file, dump_teacher
-
+    """Dump (or find) the cache at ``url``: pull, dump locally uploading each shard, level the remote, manifest last; all
+    under the lock of the URL's working directory (refused in one line while another dump here holds it)."""
     url = url.rstrip("/")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before any rank pulls, uploads or joins a process group
         raise CacheError(f"dump-teacher into {url} runs as one process (its working directory is local to one machine): run "
                          "it without torchrun, or dump to a directory every rank shares and copy that up, manifest.json last")
+    root = working_dir(url)
+    work = root / COPY_NAME
+    lock = _lock(root, url)
+    try:
+        return _dump_locked(config, train_dataset, url, work, force, device, shard_examples, progress)
+    finally:
+        try:
+            lock.release(remove_dir=not work.exists())  # a failed dump keeps its copy: the next one resumes from it
+        except CacheError:
+            pass  # another dump made its lock file there as this one let go: the directory is that dump's now
+
+
+def _lock(root: Path, url: str) -> CacheLock:
+    """The exclusive lock of the working directory ``root`` (made when missing), or the one-line refusal."""
+    for attempt in range(3):
+        lock = CacheLock(root)
+        try:
+            return lock.acquire()
+        except CacheLockedError as e:
+            raise CacheLockedError(f"--cache-dir {url} is {e.holder.describe()} on this machine (it holds {lock.path}): wait for "
+                                   "it to finish, or choose another --cache-dir", e.holder) from None
+        except CacheError:
+            if attempt < 2 and not root.is_dir():
+                continue  # the previous holder removed the directory as this one made it: again
+            raise CacheError(f"cannot make the dump's working directory {root} (not writable): set {STAGING_DIR_ENV} to a "
+                             "writable directory") from None
+    raise AssertionError("unreachable")
+
+
+def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, force: bool, device: Optional[str],
+                 shard_examples: Optional[int], progress: bool):
+    """dump_remote's work, under the working directory's lock: list, pull, dump, push, remove the local copy."""
+    from kdcache.dump import PROGRESS_NAME, _is_kdcache_file, dump_teacher
+
     remote = RemoteDir(url)
     names = remote.names()  # a missing bucket, missing credentials or an unreachable server fail here, before any work
     foreign = sorted(n for n in names if not _is_kdcache_file(n))
     if foreign:
         raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(foreign[:3])}"
                          f"{'...' if len(foreign) > 3 else ''}); choose an empty or new location")
-    work = working_dir(url)
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CacheError(f"cannot make the dump's working directory {work} ({e.strerror or e}): set KDCACHE_STAGING_DIR to a "
+        raise CacheError(f"cannot make the dump's working directory {work} ({e.strerror or e}): set {STAGING_DIR_ENV} to a "
                          "writable directory") from None
     if not force:
         _pull(remote, names, work)

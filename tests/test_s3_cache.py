@@ -82,6 +82,13 @@ def test_dump_to_s3_then_train_through_a_small_staging_dir(s3, pipeline, kdcache
     assert [s["file"] for s in manifest["shards"]] == shards and all(keys[s["file"]] == s["bytes"] for s in manifest["shards"])
     assert not any((kdcache_home / "staging" / "dumps").iterdir())  # the dump's working copy is gone once published
 
+    from kdcache.cache.lock import CacheLock
+    from kdcache.remote_dump import working_dir
+
+    with CacheLock(working_dir(url)):  # as another dump-teacher into this URL on this machine holds it
+        busy = run_cli(["dump-teacher", "--config", str(pipe), "--shard-examples", str(SHARD_EXAMPLES)], kdcache_home, check=False)
+    fails_cleanly(busy, url, f"being written by another dump-teacher (pid {os.getpid()})", "wait for it to finish")
+    assert _keys(s3, "caches/mr") == keys  # refused before it touched anything
     again = run_cli(["dump-teacher", "--config", str(pipe), "--shard-examples", str(SHARD_EXAMPLES)], kdcache_home)
     assert "cache hit" in again.stdout
 
@@ -151,8 +158,8 @@ def test_staging_stays_under_its_limit_and_trains_as_a_local_copy(s3, pipeline, 
         shards = narrow.shards_of(regrouped)
         assert sorted(regrouped) == list(range(len(narrow))) and (np.diff(shards) != 0).sum() == 5  # one shard after another
 
-    def train(cache_dir: str, out: str):
-        config = FineTuneConfig(**{**yaml.safe_load(pipeline(cache_dir).read_text()), "output_dir": str(tmp_path / out)})
+    def train(cache_dir: str, out: str, **extra):
+        config = FineTuneConfig(**{**yaml.safe_load(pipeline(cache_dir, **extra).read_text()), "output_dir": str(tmp_path / out)})
         return train_student(config, save=False)
 
     seen.clear()
@@ -164,6 +171,104 @@ def test_staging_stays_under_its_limit_and_trains_as_a_local_copy(s3, pipeline, 
     assert max(seen) <= 2 * largest
     losses = [h["loss_kd"] for h in narrow.log_history if "loss_kd" in h]
     assert losses and np.isfinite(losses).all()
+
+    # Pooled hidden states derived from the per-token cache (the collator asks get_pooled for them) train as well.
+    pooled = train(url, "pooled", hidden_pooling="mean")
+    losses = [h["loss_kd"] for h in pooled.log_history if "loss_kd" in h]
+    assert losses and np.isfinite(losses).all()
+
+
+def _file_stage(tmp_path: Path, stage_dir: Path, *, corrupt: bool = False):
+    """A ShardStage of three small objects under a file:// URL (the same RemoteDir code as s3://), room for two."""
+    import hashlib
+
+    from kdcache.cache.remote import RemoteDir
+    from kdcache.cache.staging import ShardStage
+
+    src = tmp_path / "objects"
+    src.mkdir(exist_ok=True)
+    entries = []
+    for i in range(3):
+        data = bytes([i]) * 1000
+        (src / f"shard-{i:05d}.arrow").write_bytes(data)
+        sha = hashlib.sha256(b"other" if corrupt and i == 1 else data).hexdigest()
+        entries.append({"file": f"shard-{i:05d}.arrow", "bytes": len(data), "sha256": sha, "index": i})
+    return ShardStage(RemoteDir(f"file://{src}"), stage_dir, entries, limit=2000)
+
+
+def test_stage_retries_storage_failures_and_remembers_only_damage(tmp_path, monkeypatch):
+    """A failed download (the storage, the network) fails the read that hit it, and the next read downloads the shard;
+    a damaged shard fails every read; the read-ahead waits after a failure instead of retrying at once."""
+    from kdcache.cache import CacheError
+    from kdcache.cache.remote import CorruptObjectError
+
+    (tmp_path / "stage").mkdir()
+    stage = _file_stage(tmp_path, tmp_path / "stage", corrupt=True)
+    real, calls = stage.remote.download, []
+
+    def flaky(*args):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise CacheError("storage error (ConnectionResetError): retry")
+        return real(*args)
+
+    monkeypatch.setattr(stage.remote, "download", flaky)
+    with pytest.raises(CacheError, match="ConnectionResetError"):
+        stage.acquire([0])
+    stage.acquire([0])  # the next read downloads it again
+    stage.release([0])
+    assert stage.staged() == [0] and stage.path(0).read_bytes() == bytes([0]) * 1000
+    for _ in range(2):
+        with pytest.raises(CorruptObjectError, match="is corrupt"):
+            stage.acquire([1])
+    assert calls.count("shard-00001.arrow") == 1  # damaged: remembered, not downloaded again
+
+    def down(*args):
+        calls.append(args[0])
+        raise CacheError("cannot reach the storage")
+
+    calls.clear()
+    monkeypatch.setattr(stage.remote, "download", down)
+    stage.plan([[2]])
+    import time
+
+    time.sleep(1.0)
+    stage.close()
+    assert 1 <= len(calls) <= 3, calls  # backs off (0.5 s, then 1 s), where it once retried in a tight loop
+
+
+def test_full_staging_disk_names_the_settings(tmp_path, monkeypatch):
+    """A local write failure while staging is one line naming KDCACHE_STAGING_DIR and KDCACHE_STAGING_BYTES; a stage in
+    the directory it advises then works."""
+    import errno
+
+    from kdcache.cache import CacheError
+
+    stage = _file_stage(tmp_path, tmp_path / "full")
+    (tmp_path / "full").mkdir()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", no_space)
+    with pytest.raises(CacheError) as info:
+        stage.acquire([0])
+    monkeypatch.undo()
+    line = str(info.value)
+    assert "\n" not in line and "is full" in line and "KDCACHE_STAGING_DIR" in line and "KDCACHE_STAGING_BYTES" in line
+    stage.acquire([0])  # not remembered: the next read retries (here, with room again)
+    stage.release([0])
+    assert stage.staged() == [0]
+
+    elsewhere = tmp_path / "not-a-dir"
+    elsewhere.write_text("")
+    bad = _file_stage(tmp_path, elsewhere / "stage")
+    with pytest.raises(CacheError, match="cannot write the staging directory .*set KDCACHE_STAGING_DIR"):
+        bad.acquire([0])
+    good = _file_stage(tmp_path, tmp_path / "writable")  # the advice: a writable directory
+    (tmp_path / "writable").mkdir()
+    good.acquire([0])
+    assert good.path(0).is_file()
 
 
 def test_killed_upload_is_no_cache_and_dump_resumes(s3, pipeline, kdcache_home, tmp_path):

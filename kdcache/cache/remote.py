@@ -17,11 +17,16 @@ from typing import Any, Iterator
 
 from .errors import REPAIR_ADVICE, CacheError
 
-__all__ = ["RemoteDir", "cache_location", "is_url", "local_path", "remote_errors"]
+__all__ = ["CorruptObjectError", "RemoteDir", "cache_location", "is_url", "local_path", "remote_errors"]
 
 _CHUNK = 4 << 20  # bytes per read of a streamed download (and per sha256 update)
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 _PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
+
+
+class CorruptObjectError(CacheError):
+    """An object's bytes do not match the manifest (its size or sha256): it is damaged, and downloading it again
+    cannot help (unlike a storage error, which the next read retries)."""
 
 
 def is_url(location: Any) -> bool:
@@ -92,6 +97,10 @@ def remote_errors(url: str, what: str = "") -> Iterator[None]:
                     "ConnectionRefusedError", "ServerDisconnectedError"}:
             raise CacheError(f"{where}: cannot reach the storage ({_first_line(e)}): check AWS_ENDPOINT_URL and that the "
                              "server is up") from None
+        if names & {"ReadTimeoutError", "ConnectionResetError", "TimeoutError", "ServerTimeoutError", "ClientOSError",
+                    "ClientPayloadError", "IncompleteReadError", "ResponseStreamingError"}:
+            raise CacheError(f"{where}: the connection to the storage failed ({type(e).__name__}: {_first_line(e)}): retry; if it "
+                             "persists, check the network and AWS_ENDPOINT_URL") from None
         if isinstance(e, PermissionError):
             raise CacheError(f"{where}: access denied ({_first_line(e)}): use credentials allowed to read and write it") from None
         if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
@@ -99,7 +108,8 @@ def remote_errors(url: str, what: str = "") -> Iterator[None]:
             raise CacheError(f"{where}: bucket {bucket!r} does not exist: create it first (e.g. `aws s3 mb "
                              f"{url.split('://', 1)[0]}://{bucket}`) or name an existing one") from None
         if isinstance(e, (OSError, ValueError)):
-            raise CacheError(f"{where}: storage error ({type(e).__name__}: {_first_line(e)})") from None
+            raise CacheError(f"{where}: storage error ({type(e).__name__}: {_first_line(e)}): check the URL, the endpoint "
+                             "(AWS_ENDPOINT_URL), the credentials and the network, then retry") from None
         raise
 
 
@@ -170,27 +180,46 @@ class RemoteDir:
         return h.hexdigest(), size
 
     def download(self, name: str, dest: Path, size: int, sha256: str, what: str) -> None:
-        """Download ``name`` to ``dest`` (a temp name, renamed once whole), checking its size and sha256 on the way:
-        a mismatch deletes the copy and raises the CacheError that says ``what`` is corrupt and how to repair it."""
+        """Download ``name`` to ``dest`` (a temp name, renamed once whole), checking its size and sha256 on the way.
+
+        A mismatch deletes the copy and raises :class:`CorruptObjectError` (``what`` is damaged; how to repair it); a
+        storage failure raises remote_errors' CacheError; a failure of the local copy (``dest``'s disk full or not
+        writable) raises its OSError as it is, for the caller to say which setting chose that disk."""
         tmp = dest.with_name(dest.name + ".tmp")
         h, got = hashlib.sha256(), 0
         try:
-            with remote_errors(self.url, name), self.fs.open(self._key(name), "rb", block_size=_CHUNK, cache_type="none") as src, \
-                    open(tmp, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                    got += len(chunk)
-                    if got > size:
-                        break
+            with open(tmp, "wb") as out:  # local: an OSError here is the caller's to say
+                with remote_errors(self.url, name):
+                    try:
+                        src = self.fs.open(self._key(name), "rb", block_size=_CHUNK, cache_type="none")
+                    except FileNotFoundError as e:
+                        if "bucket" in str(e).lower():
+                            raise  # said as a missing bucket by remote_errors
+                        raise CorruptObjectError(f"{what} ({self.url}/{name}) is missing from the storage: {REPAIR_ADVICE}") from None
+                try:
+                    while True:
+                        with remote_errors(self.url, name):
+                            chunk = src.read(_CHUNK)
+                        if not chunk:
+                            break
+                        h.update(chunk)
+                        out.write(chunk)
+                        got += len(chunk)
+                        if got > size:
+                            break
+                finally:
+                    with contextlib.suppress(Exception):
+                        src.close()
             if got != size:
-                raise CacheError(f"{what} ({self.url}/{name}) is {got}{'+' if got > size else ''} bytes but the manifest says {size}: "
-                                 f"it is truncated or was replaced; {REPAIR_ADVICE}")
+                raise CorruptObjectError(f"{what} ({self.url}/{name}) is {got}{'+' if got > size else ''} bytes but the manifest "
+                                         f"says {size}: it is truncated or was replaced; {REPAIR_ADVICE}")
             if h.hexdigest() != sha256:
-                raise CacheError(f"{what} ({self.url}/{name}) is corrupt (its sha256 does not match the manifest): {REPAIR_ADVICE}")
+                raise CorruptObjectError(f"{what} ({self.url}/{name}) is corrupt (its sha256 does not match the manifest): "
+                                         f"{REPAIR_ADVICE}")
             os.replace(tmp, dest)
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def cache_location(location: str | Path) -> Path | str:

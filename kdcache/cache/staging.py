@@ -16,11 +16,13 @@ Settings (the environment, as for the storage's own endpoint and credentials): `
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -32,7 +34,7 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError
 from .reader import CacheReader, _Batch
-from .remote import RemoteDir
+from .remote import CorruptObjectError, RemoteDir
 
 __all__ = ["ShardStage", "StagedCacheReader", "staging_root", "staging_limit", "STAGING_DIR_ENV", "STAGING_BYTES_ENV"]
 
@@ -41,6 +43,7 @@ STAGING_BYTES_ENV = "KDCACHE_STAGING_BYTES"
 STAGING_NAME = "staging"  # the default staging directory's name under $KDCACHE_HOME (`cache ls` / `gc` pass over it)
 DEFAULT_STAGING_BYTES = 20 << 30
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_RETRY_S = (0.5, 30.0)  # the read-ahead's wait after a failed download: doubling from the first to the second
 
 
 def staging_root() -> Path:
@@ -87,7 +90,8 @@ class ShardStage:
         self._staged: OrderedDict[int, None] = OrderedDict()  # shard positions on disk, least recently used first
         self._inflight: set[int] = set()
         self._pins: Counter[int] = Counter()
-        self._errors: dict[int, CacheError] = {}
+        self._errors: dict[int, CorruptObjectError] = {}  # damaged shards: raised again on every acquire
+        self._retry_s = 0.0  # the read-ahead's wait after its last failed download (0: the last one succeeded)
         self._used = 0  # bytes staged or being downloaded
         self._blocks: list[list[int]] = []  # the read plan: blocks of shard positions, in the order they are read
         self._block_of: dict[int, int] = {}
@@ -104,10 +108,12 @@ class ShardStage:
         return len(self._names)
 
     def path(self, s: int) -> Path:
+        """The local file of shard position ``s`` (there while it is staged)."""
         return self.dir / self._names[s]
 
     @property
     def largest(self) -> int:
+        """Bytes of the largest shard."""
         return max(self._sizes, default=0)
 
     def block_shards(self) -> int:
@@ -120,8 +126,9 @@ class ShardStage:
     # -- reads ----------------------------------------------------------------------------------
 
     def acquire(self, shards: Iterable[int]) -> None:
-        """Pin ``shards`` (positions) on disk, downloading and sha256-checking the missing ones; a damaged one raises
-        its CacheError (and again on every later acquire of it)."""
+        """Pin ``shards`` (positions) on disk, downloading and sha256-checking the missing ones. A damaged one (size or
+        sha256 mismatch) raises its CorruptObjectError, and again on every later acquire of it; any other failure (the
+        storage, the network, the local disk) is raised to this acquire only, and the next one downloads it again."""
         need = sorted({int(s) for s in shards})
         total = sum(self._sizes[s] for s in need)
         if total > self.limit:
@@ -140,6 +147,7 @@ class ShardStage:
                 self._advance(need)
 
     def release(self, shards: Iterable[int]) -> None:
+        """Unpin ``shards`` (as acquired): they may be evicted to make room."""
         with self._cond:
             for s in {int(s) for s in shards}:
                 self._pins[s] -= 1
@@ -160,6 +168,7 @@ class ShardStage:
             self._thread.start()
 
     def close(self) -> None:
+        """Stop the read-ahead (waiting for its download in flight); later acquires raise."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -167,6 +176,7 @@ class ShardStage:
             self._thread.join()
 
     def staged(self) -> list[int]:
+        """The shard positions on disk now, least recently used first."""
         with self._cond:
             return list(self._staged)
 
@@ -177,7 +187,8 @@ class ShardStage:
         while True:
             with self._cond:
                 if self._closed:
-                    raise CacheError(f"the staging of {self.remote.url} was closed")
+                    raise CacheError(f"{self.remote.url}: shard {self._index[s]} was read after its reader was closed: open the "
+                                     "cache again (a new reader); if kdcache itself did this, it is a bug: please report it")
                 if s in self._errors:
                     raise self._errors[s]
                 if s in self._staged:
@@ -221,32 +232,39 @@ class ShardStage:
         self.path(s).unlink(missing_ok=True)
 
     def _download(self, s: int) -> None:
-        """Download shard ``s`` (its room reserved) outside the lock, then publish it (or its error) under the lock."""
-        error = None
+        """Download shard ``s`` (its room reserved) outside the lock, then publish it under the lock. Only a damaged
+        shard is remembered (raised again by every acquire); any other failure frees the room and is raised to this
+        caller alone: the next acquire, or the read-ahead after its wait, downloads the shard again."""
         try:
-            self.remote.download(self._names[s], self.path(s), self._sizes[s], self._sha[s], f"shard {self._index[s]}")
-        except CacheError as e:
-            error = e
-        except BaseException:
+            try:
+                self.remote.download(self._names[s], self.path(s), self._sizes[s], self._sha[s], f"shard {self._index[s]}")
+            except OSError as e:  # the local copy (remote errors are CacheErrors): the staging directory's disk
+                raise self._local_error(e) from None
+        except BaseException as e:
             with self._cond:
                 self._inflight.discard(s)
                 self._used -= self._sizes[s]
+                if isinstance(e, CorruptObjectError):
+                    self._errors[s] = e
                 self._cond.notify_all()
             raise
         with self._cond:
             self._inflight.discard(s)
-            if error is not None:
-                self._errors[s] = error
-                self._used -= self._sizes[s]
-            else:
-                self._staged[s] = None
-                self.downloads += 1
-                self.downloaded_bytes += self._sizes[s]
-                for listener in list(self.listeners):
-                    listener(self)
+            self._staged[s] = None
+            self.downloads += 1
+            self.downloaded_bytes += self._sizes[s]
+            for listener in list(self.listeners):
+                listener(self)
             self._cond.notify_all()
-        if error is not None:
-            raise error
+
+    def _local_error(self, e: OSError) -> CacheError:
+        """The one-line CacheError for an OSError writing a staged shard into the staging directory."""
+        advice = (f"set {STAGING_DIR_ENV} to a directory on a disk with {self.limit} bytes free ({STAGING_BYTES_ENV}), or "
+                  f"lower {STAGING_BYTES_ENV}")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return CacheError(f"the disk holding the staging directory {self.dir} is full (no space left on device): free space "
+                              f"there, {advice}")
+        return CacheError(f"cannot write the staging directory {self.dir} ({e.strerror or e}): {advice}")
 
     def _advance(self, shards: list[int]) -> None:
         """Under the lock: move the plan's cursor to the latest block these shards belong to."""
@@ -256,11 +274,18 @@ class ShardStage:
             self._cond.notify_all()
 
     def _ahead(self) -> None:
-        """Background: download the shards of the block being read and the next one into room behind the plan."""
+        """Background: download the shards of the block being read and the next one into room behind the plan. After a
+        failed download it waits (0.5 s, doubling up to 30 s) before it tries again: the read that needs the shard
+        downloads it itself meanwhile, and raises its error."""
         while True:
             with self._cond:
                 s = None
+                retry_at = time.monotonic() + self._retry_s
                 while not self._closed:
+                    wait = retry_at - time.monotonic()
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
                     todo = [t for b in self._blocks[self._cursor:self._cursor + 2] for t in b
                             if t not in self._staged and t not in self._inflight and t not in self._errors]
                     if todo and self._make_room(self._sizes[todo[0]], behind_only=True):
@@ -272,10 +297,9 @@ class ShardStage:
                     return
             try:
                 self._download(s)
-            except CacheError:
-                pass  # recorded: the read that needs the shard raises it
-            except BaseException:  # noqa: BLE001 - a failed download ahead is retried by the read that needs it
-                pass
+                self._retry_s = 0.0
+            except Exception:  # noqa: BLE001 - the read that needs the shard downloads it itself and raises its error
+                self._retry_s = min(max(2 * self._retry_s, _RETRY_S[0]), _RETRY_S[1])
 
 
 class _LazyViews:
@@ -346,7 +370,8 @@ class StagedCacheReader(CacheReader):
             if not names:
                 raise CacheError(f"cache {self.url} does not exist or is empty: run `kdcache dump-teacher` with the same config and "
                                  "this --cache-dir first")
-            raise CacheError(f"{self.url} is not a kdcache cache (no {fmt.MANIFEST_NAME})")
+            raise CacheError(f"{self.url} is not a kdcache cache (no {fmt.MANIFEST_NAME}): check the URL names the directory "
+                             "`kdcache dump-teacher` wrote, or run dump-teacher with this cache_dir to make one there")
         (self._local / fmt.MANIFEST_NAME).write_bytes(self.remote.read_bytes(fmt.MANIFEST_NAME))
         for name in (fmt.GENERATED_NAME, fmt.GENERATED_META_NAME):
             if name in names:
@@ -413,6 +438,7 @@ class StagedCacheReader(CacheReader):
 
     @property
     def location(self) -> str:
+        """The cache's URL (its shards are staged in a local directory)."""
         return self.url
 
     def block_shards(self) -> int:
@@ -425,6 +451,7 @@ class StagedCacheReader(CacheReader):
 
     @property
     def stage(self) -> ShardStage:
+        """The ShardStage holding the downloaded shards (its counters say what was downloaded)."""
         return self._stage
 
     def _pinned(self, feature_ids: Sequence[int], read: Callable):
@@ -438,19 +465,24 @@ class StagedCacheReader(CacheReader):
             self._stage.release(shards)
 
     def get(self, feature_ids):
+        """CacheReader.get, with the rows' shards staged and pinned while they are copied."""
         return self._pinned(feature_ids, lambda: super(StagedCacheReader, self).get(feature_ids))
 
     def get_target(self, feature_ids, name):
+        """CacheReader.get_target, with the rows' shards staged and pinned while they are copied."""
         return self._pinned(feature_ids, lambda: super(StagedCacheReader, self).get_target(feature_ids, name))
 
     def get_target_padded(self, feature_ids, name, seq_len=None):
+        """CacheReader.get_target_padded, with the rows' shards staged and pinned while they are copied."""
         return self._pinned(feature_ids, lambda: super(StagedCacheReader, self).get_target_padded(feature_ids, name, seq_len))
 
     def get_padded(self, feature_ids, seq_len, layers=None):
+        """CacheReader.get_padded, with the rows' shards staged and pinned while they are copied."""
         return self._pinned(feature_ids, lambda: super(StagedCacheReader, self).get_padded(feature_ids, seq_len, layers))
 
-    def get_pooled(self, feature_ids, layers=None):
-        return self._pinned(feature_ids, lambda: super(StagedCacheReader, self).get_pooled(feature_ids, layers))
+    def get_pooled(self, feature_ids, layers=None, pooling=None):
+        """CacheReader.get_pooled (stored or derived ``pooling``), with the rows' shards staged and pinned while read."""
+        return self._pinned(feature_ids, lambda: super(StagedCacheReader, self).get_pooled(feature_ids, layers, pooling))
 
     def shard_files(self):
         """Each shard's local file in turn (staged for the time the caller holds it), for readers of whole shards."""
@@ -472,6 +504,7 @@ class StagedCacheReader(CacheReader):
                 self._stage.release([s])
 
     def close(self) -> None:
+        """Stop the read-ahead, unmap the shards, release the reader and remove the staging directory."""
         if self._stage is not None:
             self._stage.close()
         with self._map_lock:
