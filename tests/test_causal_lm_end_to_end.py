@@ -265,8 +265,8 @@ def test_sequence_kd_scores_the_teachers_own_responses_and_resumes_without_regen
     # the cache holds the teacher's view of its own responses: the stored positions are theirs
     rewritten = task.with_responses(_dataset(chats), responses, config)
     feats = task.tokenize(rewritten, tok, config, LabelInfo(0), "train")
-    reader = CacheReader(dump.cache_dir)
-    assert reader.n_positions(reader.feature_ids()).tolist() == [len(o) for o in feats["offsets"]]
+    with CacheReader(dump.cache_dir) as reader:  # closed: its shared lock would (rightly) keep the resumed dump out
+        assert reader.n_positions(reader.feature_ids()).tolist() == [len(o) for o in feats["offsets"]]
     assert [m[-1]["content"] for m in rewritten["messages"]] == responses
     assert [m[0]["content"] for m in rewritten["messages"]] == [c["messages"][0]["content"] for c in chats]
     # a killed dump resumes from the published responses, never generating again
