@@ -21,12 +21,13 @@ from a prefetch thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -354,6 +355,12 @@ class CacheReader:
         """Shard position (in manifest order) of each of ``feature_ids`` (int32 [B]; from the index)."""
         _, pos = self._locate(feature_ids, index_only=True)
         return self._batch_shard[self._where_batch[pos]]
+
+    @contextlib.contextmanager
+    def holding(self, feature_ids: Sequence[int]) -> Iterator[None]:
+        """Keep the shards of ``feature_ids`` readable across several reads of them (one batch's targets and hidden
+        states): a local cache has every shard mapped; a staged one (kdcache.cache.staging) pins them on disk."""
+        yield
 
     def block_shards(self) -> int:
         """How many shards reads may go through at once without cost: all of a local cache (a staged reader: what

@@ -16,6 +16,7 @@ Settings (the environment, as for the storage's own endpoint and credentials): `
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -26,7 +27,7 @@ import time
 import weakref
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -453,6 +454,17 @@ class StagedCacheReader(CacheReader):
     def stage(self) -> ShardStage:
         """The ShardStage holding the downloaded shards (its counters say what was downloaded)."""
         return self._stage
+
+    @contextlib.contextmanager
+    def holding(self, feature_ids: Sequence[int]) -> Iterator[None]:
+        """The rows' shards staged and pinned for the whole block: between one batch's reads (its targets, then its
+        hidden states) a shard of a batch that straddles two blocks must not be evicted and downloaded again."""
+        shards = np.unique(self.shards_of(feature_ids)).tolist()
+        self._stage.acquire(shards)
+        try:
+            yield
+        finally:
+            self._stage.release(shards)
 
     def _pinned(self, feature_ids: Sequence[int], read: Callable):
         shards = np.unique(self.shards_of(feature_ids)).tolist()

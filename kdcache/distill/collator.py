@@ -94,6 +94,10 @@ class TargetFetcher:
         with self._lock:
             self.decoded += 1
             self.decoded_features += len(ids)
+        with self.reader.holding(ids):  # a staged cache keeps the batch's shards for all of its reads
+            return self._read(ids, seq_len)
+
+    def _read(self, ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for t in self.targets:
             if t.per == "example":
