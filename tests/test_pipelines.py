@@ -7,13 +7,23 @@ from helpers import REPO
 
 from kdcache import FineTuneConfig
 
-PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+SWEEPS = sorted((REPO / "pipelines").glob("*-sweep.yaml"))  # sweep files (base + grid), not pipelines
+PIPELINES = sorted(set((REPO / "pipelines").glob("*.yaml")) - set(SWEEPS))
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
 def test_pipeline_is_a_valid_config(path):
     config = FineTuneConfig.from_yaml(path)
     assert config.model_name and config.output_dir.startswith("runs/")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_file_is_valid(path, monkeypatch):
+    from kdcache.sweep import load_sweep
+
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository, as `make sweep` runs it
+    sweep = load_sweep(str(path))
+    assert sweep.runs and all(run.config.output_dir.startswith("runs/") for run in sweep.runs)
 
 
 def test_pipelines_exist():

@@ -255,11 +255,23 @@ class CacheReader:
             if ids.size and (ids.min() < lo or ids.max() >= hi):
                 raise CacheError(f"shard {index} holds feature ids outside its id_range [{lo}, {hi}): {_REPAIR}")
             self._check_row_lengths(index, cols)
+            self._check_outlier_channels(index, p, cols)
             rows += rb.num_rows
             batches.append(_Batch(cols))
         if "rows" in meta and rows != meta["rows"]:
             raise CacheError(f"shard {index} holds {rows} rows but the manifest says {meta['rows']}: {_REPAIR}")
         return batches
+
+    def _check_outlier_channels(self, index: int, p: Path, cols: dict) -> None:
+        """int8 hidden states: every outlier channel index names a channel (a forged shard could make the decode
+        index out of bounds)."""
+        h = self.spec.hidden
+        if h is None or fmt.COL_OUT_IDX not in cols:
+            return
+        idx = cols[fmt.COL_OUT_IDX][0]
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= h.hidden_size):
+            raise CacheError(f"shard {index} ({p}) holds outlier channel indices outside 0..{h.hidden_size - 1}: it is corrupt; "
+                             f"{_REPAIR}")
 
     def _check_tiling_and_totals(self, entries: list[dict]) -> None:
         """verify: the shards' id ranges tile [0, num_features), each holds hi - lo rows, every stored id is
