@@ -22,6 +22,9 @@ HIDDEN_POOLINGS = ("none", "cls", "mean")
 LABEL_ALIGNMENTS = ("first", "all")
 LOGITS_MODES = ("full", "topk", "sampled")
 TOPK_LOSSES = ("rest", "renormalized")
+# The Trainer's schedules that need no extra arguments (transformers' SchedulerType, less reduce_lr_on_plateau,
+# which needs an evaluation loop, and those that need scheduler kwargs).
+LR_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 
 
 class ConfigError(ValueError):
@@ -172,6 +175,8 @@ class FineTuneConfig:
     """AdamW weight decay."""
     warmup_ratio: float = 0.0
     """Fraction of steps for linear learning-rate warm-up."""
+    lr_scheduler_type: str = "linear"
+    """The Trainer's learning-rate schedule after warm-up: linear (decay to 0), constant, cosine, ... (transformers' SchedulerType)."""
     seed: int = 42
     """Seed for the student's initialisation and data order."""
     logging_steps: int = 10
@@ -271,6 +276,11 @@ class FineTuneConfig:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise bad("lr_scheduler_type", f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler_type!r}")
+        if self.lr_scheduler_type == "constant" and self.warmup_ratio > 0:
+            raise bad("lr_scheduler_type", f"constant has no warm-up but warmup_ratio is {self.warmup_ratio}: set "
+                                           "lr_scheduler_type to constant_with_warmup, or warmup_ratio to 0")
         for name in ("teacher_layers_to_distill", "student_layers"):
             value = getattr(self, name)
             if value is not None:

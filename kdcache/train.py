@@ -345,7 +345,8 @@ def training_arguments(config: FineTuneConfig, output_dir: Path, label_keys: tup
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_epochs,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps
+        lr_scheduler_type=config.lr_scheduler_type,
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,

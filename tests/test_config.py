@@ -51,6 +51,7 @@ def test_guide_advanced_configuration_runs_as_written():
         ("hidden_pooling", "max", "none, cls, mean"),
         ("teacher_layers_to_distill", [], "non-empty list"),
         ("train_file", "data.txt", ".jsonl"),
+        ("lr_scheduler_type", "step", "linear, constant"),
     ],
 )
 def test_invalid_values_name_the_field_and_flag(field, value, words):
@@ -65,6 +66,19 @@ def test_invalid_values_name_the_field_and_flag(field, value, words):
 def test_distillation_with_nothing_to_distil_is_an_error():
     with pytest.raises(ConfigError, match="use_distillation"):
         FineTuneConfig(model_name="m", use_distillation=True, distill_logits=False, distill_hidden_states=False)
+
+
+def test_scheduler_reaches_the_trainer_and_constant_with_warmup_is_the_advice(tmp_path):
+    """lr_scheduler_type is the Trainer's own schedule; "constant" with a warm-up is refused, and the advice works."""
+    from kdcache.train import training_arguments
+
+    args = training_arguments(FineTuneConfig(model_name="m", lr_scheduler_type="cosine"), tmp_path, ("labels",))
+    assert args.lr_scheduler_type == "cosine"
+    with pytest.raises(ConfigError, match="set lr_scheduler_type to constant_with_warmup, or warmup_ratio to 0"):
+        FineTuneConfig(model_name="m", lr_scheduler_type="constant", warmup_ratio=0.1)
+    config = FineTuneConfig(model_name="m", lr_scheduler_type="constant_with_warmup", warmup_ratio=0.1)
+    args = training_arguments(config, tmp_path, ("labels",))
+    assert (args.lr_scheduler_type, args.get_warmup_steps(100)) == ("constant_with_warmup", 10)
 
 
 def test_yaml_unknown_key_is_named_with_a_suggestion(tmp_path):
