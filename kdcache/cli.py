@@ -319,5 +319,44 @@ def sweep_cmd(sweep_path: str) -> None:
     run_sweep(sweep, echo=click.echo)
 
 
+@main.command("augment")
+@config_options
+@click.option("--output", required=True, type=click.Path(), help="New data file (.jsonl, .json, .parquet or .csv) for the copies.")
+@click.option("--copies", type=int, default=4, show_default=True, help="Augmented copies per training row.")
+@click.option("--mlm-model", default=None, help="Masked LM that replaces words (TinyBERT), e.g. bert-base-uncased; "
+              "hub name, directory or pypi:PACKAGE. Without it only the cheap edits run.")
+@click.option("--mlm-prob", type=float, default=None, help="Probability that a word is replaced by the masked LM "
+              "[default: 0.15 with --mlm-model, else 0].")
+@click.option("--mlm-top-k", type=int, default=15, show_default=True, help="The replacement is drawn among this many "
+              "most likely whole words.")
+@click.option("--mlm-batch-size", type=int, default=64, show_default=True, help="Rows per masked-LM forward pass "
+              "(does not change the output).")
+@click.option("--drop-prob", type=float, default=0.1, show_default=True, help="Probability that a word is dropped.")
+@click.option("--swap-prob", type=float, default=0.1, show_default=True, help="Probability that a word swaps with its right neighbour.")
+@click.option("--include-original", is_flag=True, help="Also write each training row before its copies.")
+@click.option("--device", default=None, help="torch device of the masked LM (default: cuda if available).")
+@click.option("--force", is_flag=True, help="Replace --output if it exists.")
+@_handle_errors
+def augment_cmd(config_path: Optional[str], output: str, copies: int, mlm_model: Optional[str], mlm_prob: Optional[float],
+                mlm_top_k: int, mlm_batch_size: int, drop_prob: float, swap_prob: float, include_original: bool,
+                device: Optional[str], force: bool, **kwargs: Any) -> None:
+    """Write augmented copies of the training text (the task's input columns, no labels) to a new data file:
+    a transfer set for dump-teacher. Also writes OUTPUT.augment.json (options, source file and its sha256).
+    --seed (the config's seed) seeds it: the same seed, data and options give the same file."""
+    from kdcache.augment import AugmentOptions, augment_dataset
+
+    fields, _ = _split_fields(kwargs)
+    if config_path is None and fields.get("model_name") is None:
+        fields["model_name"] = "(none: augment loads no student)"  # a required config field that augment does not read
+    config = resolve_config(config_path, fields)
+    options = AugmentOptions(copies=copies, mlm_model=mlm_model, mlm_prob=mlm_prob, mlm_top_k=mlm_top_k, drop_prob=drop_prob,
+                             swap_prob=swap_prob, seed=config.seed, batch_size=mlm_batch_size, device=device,
+                             include_original=include_original)
+    result = augment_dataset(config, output, options, force=force, echo=click.echo)
+    left_out = f"; {result.skipped} copies left out (no new copy in {options.max_draws} draws)" if result.skipped else ""
+    click.echo(f"wrote {result.output}: {result.rows_out} rows from {result.rows_in} in {result.seconds:.1f}s{left_out}; "
+               f"record in {result.sidecar}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
