@@ -127,10 +127,10 @@ def augment_dataset(config: FineTuneConfig, output: str, options: AugmentOptions
     task.check_columns(data, config, "train", need_labels=False)
     columns = task.input_columns(config)
     rows = data.select_columns(columns).to_list()
-    kinds = {c: _kind(rows, c) for c in columns}
-    if out.suffix.lower() == ".csv" and "words" in kinds.values():
-        raise ConfigError(f"augment --output {output!r}: CSV cannot hold the word lists of column "
-                          f"{next(c for c, k in kinds.items() if k == 'words')!r}: write .jsonl or .parquet instead")
+    listed = [c for c in columns if _holds_word_lists(rows, c)]
+    if out.suffix.lower() == ".csv" and listed:
+        raise ConfigError(f"augment --output {output!r}: CSV cannot hold the word lists of column {listed[0]!r}: "
+                          "write .jsonl or .parquet instead")
     mlm = None
     if options.mlm_prob > 0:
         from kdcache.masked_lm import load_masked_lm
@@ -140,7 +140,7 @@ def augment_dataset(config: FineTuneConfig, output: str, options: AugmentOptions
         f"{k}={v}" for k, v in _recorded_options(options).items()))
     written, skipped = [], 0
     for lo in range(0, len(rows), options.batch_size):
-        chunk, n = _augment_chunk(rows[lo:lo + options.batch_size], lo, columns, kinds, options, mlm)
+        chunk, n = _augment_chunk(rows[lo:lo + options.batch_size], lo, columns, options, mlm)
         written.extend(chunk)
         skipped += n
     record = {"source": _source(config, data), "task_type": config.task_type, "columns": columns,
@@ -154,40 +154,42 @@ def augment_dataset(config: FineTuneConfig, output: str, options: AugmentOptions
                         "(are the texts empty or one word?): raise --drop-prob / --swap-prob, or add --mlm-model")
     _check_output(out, config, force)  # again: another run may have written it meanwhile
     sidecar = sidecar_path(out)
-    _publish({out: lambda tmp: _write_rows(written, columns, tmp, out.suffix.lower()),
-              sidecar: lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _publish({out: lambda tmp: _write_rows(written, columns, tmp, out.suffix.lower()),
+                  sidecar: lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")})
+    except OSError as exc:  # a read-only or full disk, a file where a directory belongs
+        raise ConfigError(f"augment --output {output!r}: cannot write it ({type(exc).__name__}: {exc.strerror or exc}): "
+                          "choose a writable location with free space") from None
     return AugmentResult(out, sidecar, len(rows), len(written), skipped, time.perf_counter() - start)
 
 
 def _check_output(out: Path, config: FineTuneConfig, force: bool) -> None:
+    if out.is_dir():
+        raise ConfigError(f"augment --output {str(out)!r} is a directory: give a file name such as {str(out / 'augmented.jsonl')!r}")
     if out.suffix.lower() not in FORMATS:
         raise ConfigError(f"augment --output {str(out)!r}: must end in {', '.join(FORMATS)} (a data file kdcache can read)")
     if config.train_file and out.resolve() == Path(config.train_file).resolve():
         raise ConfigError(f"augment --output {str(out)!r} is the training file itself: write the copy to a new file")
-    if out.is_dir():
-        raise ConfigError(f"augment --output {str(out)!r} is a directory: give a file name such as {str(out / 'augmented.jsonl')!r}")
     if out.exists() and not force:
         raise ConfigError(f"augment --output {str(out)!r} exists: pass --force to replace it, or choose another file")
-    if not out.parent.is_dir():
-        raise ConfigError(f"augment --output {str(out)!r}: directory {str(out.parent)!r} does not exist: create it first")
 
 
-def _kind(rows: list[dict[str, Any]], column: str) -> str:
-    """"text" when the column holds strings, "words" when it holds lists of strings; DataError otherwise."""
+def _holds_word_lists(rows: list[dict[str, Any]], column: str) -> bool:
+    """Whether some value of the column is a list of words (the others are texts); DataError for any other value."""
     for i, row in enumerate(rows):
         value = row[column]
         if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(w, str) for w in value)):
             raise DataError(f"train data row {i} (counting from 0): column {column!r} holds {type(value).__name__}, but augment "
                             "edits text or lists of words only: augment a task whose input columns hold text")
-    return "words" if rows and isinstance(rows[0][column], list) else "text"
+    return any(isinstance(row[column], list) for row in rows)
 
 
-def _augment_chunk(rows: list[dict[str, Any]], first: int, columns: list[str], kinds: dict[str, str],
-                   options: AugmentOptions, mlm) -> tuple[list[dict[str, Any]], int]:
+def _augment_chunk(rows: list[dict[str, Any]], first: int, columns: list[str], options: AugmentOptions, mlm) -> tuple[list[dict[str, Any]], int]:
     """The output rows of source rows ``first, first + 1, ...`` (each row's originals then copies) and how many
     copies were left out. Row i draws only from its own generator, seeded by (seed, first + i)."""
     rngs = [np.random.default_rng([options.seed, first + i]) for i in range(len(rows))]
-    words = [[row[c].split() if kinds[c] == "text" else list(row[c]) for c in columns] for row in rows]  # [row][column] -> words
+    words = [[row[c].split() if isinstance(row[c], str) else list(row[c]) for c in columns] for row in rows]  # [row][column] -> words
     pieces = [[mlm.pieces(ws) for ws in row] for row in words] if mlm is not None else None
     seen = [{_key(row)} for row in words]
     copies: list[list[list[list[str]]]] = [[] for _ in rows]  # [row][copy][column] -> words
@@ -214,7 +216,7 @@ def _augment_chunk(rows: list[dict[str, Any]], first: int, columns: list[str], k
         if options.include_original:
             out.append({c: row[c] for c in columns})
         for copy in row_copies:
-            out.append({c: " ".join(ws) if kinds[c] == "text" else ws for c, ws in zip(columns, copy)})
+            out.append({c: " ".join(ws) if isinstance(row[c], str) else ws for c, ws in zip(columns, copy)})
     return out, skipped
 
 

@@ -15,6 +15,7 @@ from helpers import MR_TRAIN, REPO, fails_cleanly, read_jsonl, run_cli, write_js
 from kdcache.augment import AugmentOptions, augment_dataset, sidecar_path
 from kdcache.config import ConfigError, FineTuneConfig
 from kdcache.data import load_file
+from kdcache.tasks.base import DataError
 
 WNUT_TRAIN = REPO / "data" / "wnut17" / "train.jsonl"  # the shipped wnut17 sample (see data/wnut17/README.md)
 
@@ -190,3 +191,20 @@ def test_each_error_is_one_line_and_its_advice_works(tmp_path, small_data, token
     assert list(out.parent.iterdir()) == []  # nothing written, not even a temp file
     proc = run_cli([*_base(small_data, out), *[names.get(a, a) for a in fix]], kdcache_home)
     assert "wrote" in proc.stdout and load_file(str(out), "transfer_file").column_names == ["text"]
+
+
+def test_outputs_and_inputs_it_cannot_write_are_refused_before_any_work(tmp_path, long_rows):
+    """The other refusals (the CLI reports each as its one line, as above): nothing is written for any of them."""
+    src_file, _ = long_rows
+    options = AugmentOptions(copies=1)
+    for output, needle in [(src_file, "is the training file itself"), (tmp_path, "is a directory"),
+                           (tmp_path / "aug.txt", "must end in .jsonl")]:
+        with pytest.raises(ConfigError, match=needle):
+            augment_dataset(_config(src_file), str(output), options)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"translation": {"en": "a small house", "de": "ein kleines Haus"}}])
+    with pytest.raises(DataError, match="edits text or lists of words only"):
+        augment_dataset(_config(pairs, task_type="translation", source_lang="en", target_lang="de"), str(tmp_path / "t.jsonl"), options)
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": "", "label": 0}, {"text": "one", "label": 1}])
+    with pytest.raises(DataError, match="no copy of any of the 2 rows differs"):
+        augment_dataset(_config(blank), str(tmp_path / "b.jsonl"), options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.jsonl", "pairs.jsonl"]
