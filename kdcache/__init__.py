@@ -20,6 +20,8 @@ def __getattr__(name: str):
         "CacheMismatchError": ("kdcache.cache", "CacheMismatchError"),
         "load_sweep": ("kdcache.sweep", "load_sweep"),
         "run_sweep": ("kdcache.sweep", "run_sweep"),
+        "augment_dataset": ("kdcache.augment", "augment_dataset"),
+        "AugmentOptions": ("kdcache.augment", "AugmentOptions"),
     }
     if name in lazy:
         import importlib
@@ -31,5 +33,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ConfigError", "FineTuneConfig", "FineTunePipeline", "DistillationMonitor", "dump_teacher", "train_student",
-    "CacheReader", "CacheError", "CacheMismatchError", "load_sweep", "run_sweep", "__version__",
+    "CacheReader", "CacheError", "CacheMismatchError", "load_sweep", "run_sweep", "augment_dataset", "AugmentOptions",
+    "__version__",
 ]
