@@ -197,6 +197,10 @@ def test_outputs_and_inputs_it_cannot_write_are_refused_before_any_work(tmp_path
     """The other refusals (the CLI reports each as its one line, as above): nothing is written for any of them."""
     src_file, _ = long_rows
     options = AugmentOptions(copies=1)
+    for bad, needle in [({"drop_prob": 1.5}, "--drop-prob: must be a probability in"), ({"swap_prob": -0.1}, "--swap-prob"),
+                        ({"mlm_top_k": 0}, "--mlm-top-k: must be an integer >= 1"), ({"batch_size": 0}, "--mlm-batch-size")]:
+        with pytest.raises(ConfigError, match=needle):
+            AugmentOptions(**bad)
     for output, needle in [(src_file, "is the training file itself"), (tmp_path, "is a directory"),
                            (tmp_path / "aug.txt", "must end in .jsonl")]:
         with pytest.raises(ConfigError, match=needle):
