@@ -36,7 +36,7 @@ STUDENT = {"model_name": MINILM, "student_layers": [0, 5], "task_type": "text_cl
 DISTIL = {"use_distillation": True, "distill_logits": True, "distill_hidden_states": False, "distillation_alpha": 0.5,
           "temperature": 2.0}
 TEACHER = {"model_name": MINILM, "task_type": "text_classification", "max_length": 64, "batch_size": 32,
-           "learning_rate": 1e-4, "warmup_ratio": 0.1, "num_epochs": 2, "disable_tqdm": True, "logging_steps": 50,
+           "learning_rate": 1e-4, "warmup_ratio": 0.1, "lr_scheduler_type": "linear", "num_epochs": 2, "disable_tqdm": True, "logging_steps": 50,
            "use_dynamic_batching": True, "use_distillation": False, "seed": 42}  # pipelines/demo-teacher.yaml's settings
 
 SETS: dict[str, dict[str, Any]] = {
@@ -55,6 +55,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "constant_1e-4_warmup": {"learning_rate": 1e-4, "lr_scheduler_type": "constant_with_warmup", "warmup_ratio": 0.1,
                              "weight_decay": 0.0},
 }
+# Loss-weight variants of a recipe: distilled runs only, compared with the plain runs of their "base" recipe.
+RECIPES["constant_1e-4_warmup T=1"] = {**RECIPES["constant_1e-4_warmup"], "temperature": 1.0, "base": "constant_1e-4_warmup"}
+RECIPES["constant_1e-4_warmup T=1 alpha=0.2"] = {**RECIPES["constant_1e-4_warmup T=1"], "distillation_alpha": 0.2}
 HAND = {"hand_5e-5": 5e-5, "hand_1e-4": 1e-4}  # AdamW (weight decay 0.01), constant lr, dropout on
 
 
@@ -132,15 +135,66 @@ def kdcache_run(name: str, recipe: str, kind: str, seed: int, cache: Optional[st
     from kdcache.config import FineTuneConfig
     from kdcache.train import train_student
 
-    fields = {**STUDENT, **set_fields(name), **RECIPES[recipe], "seed": seed}
-    if kind == "distilled":
-        fields.update(DISTIL, teacher_model_name=str(WORK / name / "teacher"))
+    distil = {**DISTIL, "teacher_model_name": str(WORK / name / "teacher")} if kind == "distilled" else {}
+    recipe_fields = {k: v for k, v in RECIPES[recipe].items() if k != "base"}
+    fields = {**STUDENT, **set_fields(name), **distil, **recipe_fields, "seed": seed}
     r = train_student(FineTuneConfig.from_dict(fields), cache_dir=cache, output_dir=str(WORK / name / "runs" / f"{recipe}-{kind}-{seed}"),
                       save=False)
     logs = [h for h in r.log_history if "loss" in h]
     return {"metrics": r.metrics, "train_seconds": r.train_metrics.get("train_runtime"),
             "final_train_loss": logs[-1]["loss"] if logs else None,
             "loss_ce_last": logs[-1].get("loss_ce") if logs else None, "loss_kd_last": logs[-1].get("loss_kd") if logs else None}
+
+
+def analyse(name: str, batches: int = 16) -> dict[str, Any]:
+    """Why the loss terms pull as they do: the teacher's confidence on the students' (its own training) rows, and the
+    gradient norm each term gives the freshly initialised student: (1 - alpha)·CE against alpha·T²·KL, at T 1 and 2."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from kdcache import data as kdata
+    from kdcache.config import FineTuneConfig
+    from kdcache.distill.losses import kd_kl_loss
+    from kdcache.evaluate import load_model, predict_features
+    from kdcache.tasks import get_task
+    from kdcache.train import build_student
+
+    cfg = FineTuneConfig.from_dict({**STUDENT, **set_fields(name), "seed": 0})
+    task = get_task(cfg.task_type)
+    raw = kdata.with_example_ids(kdata.require_train(None, cfg))
+    labels = task.label_info(raw, cfg)
+    teacher, t_tok, _ = load_model(str(WORK / name / "teacher"), task)
+    t_feats = kdata.make_features(task, raw, t_tok, cfg, labels, "train")
+    outputs, _ = predict_features(teacher, t_tok, task, t_feats, cfg, 64)
+    t_logits = torch.tensor(np.stack(outputs["logits"]))  # [N, C]
+    gold = torch.tensor(t_feats["labels"])  # [N]
+    out: dict[str, Any] = {"teacher_train_accuracy": float((t_logits.argmax(-1) == gold).float().mean())}
+    for T in (1.0, 2.0, 4.0):
+        out[f"teacher_p_max_T{T:g}"] = float(F.softmax(t_logits / T, -1).max(-1).values.mean())
+    set_seed(0)
+    student, tok = build_student(cfg, task, labels)
+    feats = kdata.make_features(task, raw, tok, cfg, labels, "train")
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", kdata.EXAMPLE_ID) if c in feats.column_names]
+    loader = torch.utils.data.DataLoader(feats.select_columns(keep), batch_size=32, shuffle=True,
+                                         collate_fn=DataCollatorWithPadding(tok), generator=torch.Generator().manual_seed(0))
+    alpha = DISTIL["distillation_alpha"]
+    norms: dict[str, list[float]] = {}
+    params = [p for p in student.parameters() if p.requires_grad]
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        ids = batch.pop(kdata.EXAMPLE_ID)
+        logits = student(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, C]
+        terms = {"(1-a)*CE": (1 - alpha) * F.cross_entropy(logits, batch["labels"])}
+        for T in (1.0, 2.0):
+            terms[f"a*T2*KL T={T:g}"] = alpha * kd_kl_loss(logits, t_logits[ids], T)
+        for key, loss in terms.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            norms.setdefault(key, []).append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))))
+    out["grad_norm_at_init"] = {k: float(np.mean(v)) for k, v in norms.items()}
+    return out
 
 
 def _worker(jobs: list[dict[str, Any]], out: str) -> None:
@@ -169,7 +223,8 @@ def _done(path: Path) -> set[tuple]:
 
 def render(path: Path) -> str:
     """The Markdown table: accuracy mean ± spread (half the max-min range) over seeds per set × recipe × kind."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = list({(r["set"], r["recipe"], r["kind"], r["seed"]): r
+                 for r in map(json.loads, reversed(path.read_text().splitlines()))}.values())  # the first run of each key
     teachers = {s: json.loads((WORK / s / "teacher.json").read_text())["metrics"].get("eval_accuracy")
                 for s in SETS if (WORK / s / "teacher.json").exists()}
     groups: dict[tuple, list[dict]] = {}
@@ -186,7 +241,7 @@ def render(path: Path) -> str:
 
     for s in SETS:
         for recipe in list(RECIPES) + list(HAND):
-            plain, p = cell(groups.get((s, recipe, "plain"), []))
+            plain, p = cell(groups.get((s, recipe, "plain"), []) or groups.get((s, RECIPES.get(recipe, {}).get("base"), "plain"), []))
             dist, d = cell(groups.get((s, recipe, "distilled"), []))
             if p is None and d is None:
                 continue
@@ -205,20 +260,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--render", action="store_true", help="only rebuild the table from results.jsonl")
+    p.add_argument("--analyse", action="store_true", help="only the loss-term analysis (analysis.json) of each set")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = WORK / "results.jsonl"
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.analyse:
+        result = {s: analyse(s) for s in args.sets.split(",")}
+        (WORK / "analysis.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
     if not args.render:
         done = _done(out)
-        jobs = []
-        for s in args.sets.split(","):
-            cache = str(prepare(s))
-            for recipe in args.recipes.split(","):
-                kinds = ["plain"] if recipe in HAND else args.kinds.split(",")
-                for kind in kinds:
-                    for seed in map(int, args.seeds.split(",")):
+        caches = {s: str(prepare(s)) for s in args.sets.split(",")}
+        jobs = []  # seed by seed, so that a study cut short still has every cell at the same number of seeds
+        for seed in map(int, args.seeds.split(",")):
+            for s, cache in caches.items():
+                for recipe in args.recipes.split(","):
+                    for kind in ["plain"] if recipe in HAND else args.kinds.split(","):
                         if (s, recipe, kind, seed) not in done:
                             jobs.append({"set": s, "recipe": recipe, "kind": kind, "seed": seed, "cache": cache})
         ctx = mp.get_context("spawn")

@@ -1,7 +1,7 @@
 """`make bench`: kdcache's performance and quality figures, side by side.
 
     python -m bench.run [--quick] [--scale N] [--profile cpu|gpu|lm] [--seeds 3] [--out BENCHMARKS.md]
-                        [--only steps,dump,storage,quality,seq2seq,lm] [--tasks text_classification,...] [--threads N]
+                        [--only steps,dump,storage,quality,seq2seq,lm,transfer] [--tasks text_classification,...] [--threads N]
     python -m bench.run --profile lm            # the causal-LM section alone (= --profile cpu --only lm)
     python -m bench.run --render [--quick]      # only rebuild the Markdown from the saved sections
 
@@ -24,6 +24,9 @@ On the same student, data and batches it measures (design §7):
                  and one with another tokenizer: held-out perplexity and bits per character, bytes per
                  token of each cache, offline / plain step ratio; with a GPU, the dump's tokens/s and
                  MFU for a 1B-class Llama
+  9. transfer    transfer sets (bench/transfer.py): 500 labeled mr_polarity rows and 3,500 unlabeled ones;
+                 students plain on the labeled rows, distilled on them, and distilled on them plus the
+                 transfer set, over seeds; the dumps' cost and online distillation's cost for the same run
 Timings are reported, never asserted. Models are random-weight BERTs built here (1-5) and the real
 pretrained MiniLM (6); `--quick` uses tiny random models and a tokenizer built here for everything.
 
@@ -44,11 +47,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import common, lm, seq2seq
+from bench import common, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
+from kdcache.recommend import recommended_recipe
 
-SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm")
+SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer")
 # Parts of a section that can run alone (a part not run keeps its latest saved figures).
 SECTION_PARTS = {"seq2seq": ("steps", "quality"), "lm": lm.PARTS}
 
@@ -311,11 +315,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         specs["storage"] = {"mode": "storage", "config": {**base, "use_distillation": True, "max_train_samples": sizes.storage_examples},
                             "cases": STORAGE_CASES, "cache_root": str(work / "storage"), "batch_size": sizes.batch_size,
                             "seq_len": seq, "reader_batches": sizes.reader_batches, "tokens_per_example": seq, "threads": threads}
+    stand_in = None
+    if run & {"quality", "transfer"} and sizes.quality_stand_in is not None:
+        stand_in = common.make_bert(work / "models" / f"minilm-stand-in-{sizes.quality_stand_in.describe()}-s0-{tok_tag}",
+                                    sizes.quality_stand_in, 512, 0, tok_dir, head=False)
+    if "transfer" in run:
+        specs["transfer"] = transfer.spec_for(args.quick, work / "transfer", seeds, threads, stand_in,
+                                              recommended_recipe("text_classification"))
     if "quality" in run:
-        stand_in = None
-        if sizes.quality_stand_in is not None:
-            stand_in = common.make_bert(work / "models" / f"minilm-stand-in-{sizes.quality_stand_in.describe()}-s0-{tok_tag}",
-                                        sizes.quality_stand_in, 512, 0, tok_dir, head=False)
         for task in tasks:
             specs[f"quality-{task}"] = quality_spec(task, args.quick, stand_in, work, seeds, threads)
 
@@ -555,6 +562,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         L += seq2seq.markdown(r["seq2seq"], quick)
     if "lm" in r:
         L += lm.markdown(r["lm"], quick)
+    if "transfer" in r:
+        L += transfer.markdown(r["transfer"], quick)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)

@@ -299,8 +299,15 @@ def run_lm(spec: dict[str, Any]) -> dict[str, Any]:
     return lm.run(spec)
 
 
+def run_transfer(spec: dict[str, Any]) -> dict[str, Any]:
+    """Transfer-set figures (bench.transfer)."""
+    from bench import transfer
+
+    return transfer.run(spec)
+
+
 MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many,
-         "seq2seq": run_seq2seq, "lm": run_lm}
+         "seq2seq": run_seq2seq, "lm": run_lm, "transfer": run_transfer}
 
 
 def main(argv: list[str]) -> int:
