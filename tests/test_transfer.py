@@ -180,3 +180,145 @@ def test_proportion_sampler_composition_coverage_and_determinism():
     assert len(batches) == math.ceil(n_labeled / 4) and sum(map(len, batches)) == len(uneven)
     rest = n_labeled % 4 or 4
     assert sum(labeled[i] for i in batches[-1]) == rest and sum(not labeled[i] for i in batches[-1]) == rest
+
+
+# -- token classification and the online teacher ------------------------------------------------------------------------------
+
+def test_token_classification_with_a_transfer_file(tmp_path, tokenizer_dir):
+    """wnut17: the cache holds the labeled and the transfer rows; a transfer feature has no hard label but a KD mask on
+    the first sub-word of each word (as a labeled row's tags); the student trains from the cache on both."""
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from kdcache import data as kdata
+    from kdcache.config import FineTuneConfig
+    from kdcache.dump import dump_teacher
+    from kdcache.tasks import get_task
+    from kdcache.tasks.token_classification import KD_MASK
+    from kdcache.train import train_student
+
+    rows = read_jsonl(NER_TRAIN, 120)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:80])
+    transfer = write_jsonl(tmp_path / "transfer.jsonl", [{"tokens": r["tokens"]} for r in rows[80:]])
+    num_labels = len({t for r in rows[:80] for t in r["ner_tags"]})  # the label set is the labeled rows'
+    models = {}
+    for name, layers, hidden in (("teacher", 2, 64), ("student", 1, 32)):
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        torch.manual_seed(len(name))
+        BertForTokenClassification(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                              intermediate_size=2 * hidden, max_position_embeddings=128,
+                                              num_labels=num_labels)
+                                   ).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        models[name] = str(tmp_path / name)
+    config = FineTuneConfig(model_name=models["student"], teacher_model_name=models["teacher"], task_type="token_classification",
+                            use_distillation=True, train_file=str(train), transfer_file=str(transfer), max_length=48, batch_size=8,
+                            num_epochs=1, learning_rate=3e-3, transfer_proportion=0.5, disable_tqdm=True, logging_steps=2,
+                            output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), distill_hidden_states=True,
+                            teacher_layers_to_distill=[-1])
+    fresh = [r for r in rows[80:] if all(r["tokens"] != x["tokens"] for x in rows[:80])]  # a repeated tweet is dropped
+    dumped = dump_teacher(config, progress=False)
+    assert dumped.manifest["num_examples"] == 80 + len(fresh) and dumped.manifest["transfer"]["transfer_examples"] == len(fresh)
+
+    task = get_task("token_classification")
+    raw = kdata.training_rows(config, task)
+    labels = task.label_info(kdata.labeled_rows(raw), config)
+    features = kdata.make_features(task, raw, AutoTokenizer.from_pretrained(models["student"]), config, labels, "train")
+    feature = features[int(np.flatnonzero(~kdata.column_array(features, kdata.LABELED))[0])]
+    assert feature[kdata.EXAMPLE_ID] >= 80 and set(feature["labels"]) == {-100}
+    words = (rows[:80] + fresh)[feature[kdata.EXAMPLE_ID]]["tokens"]
+    assert sum(feature[KD_MASK]) == len(words) and feature[KD_MASK][0] == 0  # one KD position per word, none on [CLS]
+    labeled = features[0]
+    assert [int(t != -100) for t in labeled["labels"]] == labeled[KD_MASK]  # a labeled row: the KD mask is its tagged tokens
+
+    result = train_student(config)
+    logs = [h for h in result.log_history if "loss_kd" in h]
+    assert _steps({"log_history": result.log_history}) == math.ceil(80 / 4)  # 4 transfer + 4 labeled rows a batch
+    assert logs and all(np.isfinite(h["loss_kd"]) and np.isfinite(h["loss_hidden"]) for h in logs)
+
+
+def test_online_teacher_trains_on_the_same_rows(tmp_path, tiny_student, trained_teacher, small_data, transfer_file):
+    """The online baseline (the teacher in the loop) gets the labeled and the transfer rows, mixed as configured."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdcache.config import FineTuneConfig
+    from kdcache.train import train_student
+
+    config = FineTuneConfig(model_name=str(tiny_student), use_distillation=True, train_file=str(small_data["train"]),
+                            transfer_file=str(transfer_file), transfer_proportion=0.5, max_length=48, batch_size=16,
+                            max_train_samples=96, num_epochs=1, learning_rate=2e-3, disable_tqdm=True, logging_steps=4, output_dir=str(tmp_path / "out"))
+    teacher = AutoModelForSequenceClassification.from_pretrained(trained_teacher)
+    result = train_student(config, online_teacher=teacher, save=False)
+    assert _steps({"log_history": result.log_history}) == 96 // 8  # 8 labeled + 8 transfer rows a batch
+    logs = [h for h in result.log_history if "loss_kd" in h]
+    assert logs and all(np.isfinite(h["loss_kd"]) and np.isfinite(h["loss_ce"]) for h in logs)
+
+
+# -- bad transfer sets, through the real CLI --------------------------------------------------------------------------------
+
+def _write_empty_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    return path
+
+
+BAD_TRANSFER = {
+    # name: (the bad transfer set's rows, or a writer of the file; the error line's words)
+    "empty": (_write_empty_parquet, ["holds no rows", "at least one row"]),
+    "missing_input_column": (lambda good: [{"sentence": r["text"]} for r in good], ["no column 'text'", "rename its column to 'text'"]),
+    "foreign_labels": (lambda good: [{"text": r["text"], "label": ["positive", "negative"][i % 2]} for i, r in enumerate(good)],
+                       ["holds label 'positive'", "outside the training label set (0, 1)", "drop column 'label'"]),
+    "the_training_split": (lambda good: [{"text": r["text"]} for r in read_jsonl(MR_TRAIN, N_LABELED)],
+                           ["every one of its 256 rows repeats a training row's input", "remove transfer_file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRANSFER))
+def test_bad_transfer_set_is_refused_then_the_advice_works(case, pipeline, kdcache_home, tmp_path, transfer_file):
+    make, needles = BAD_TRANSFER[case]
+    good = read_jsonl(transfer_file)
+    bad = tmp_path / ("bad.parquet" if case == "empty" else "bad.jsonl")
+    make(bad) if case == "empty" else write_jsonl(bad, make(good))
+    proc = run_cli(["dump-teacher", "--config", str(pipeline(use_distillation=True, transfer_file=str(bad)))], kdcache_home, check=False)
+    fails_cleanly(proc, "transfer_file", *needles)
+    assert not kdcache_home.exists()  # nothing written
+    fixed = run_cli(["dump-teacher", "--config", str(pipeline(use_distillation=True))], kdcache_home)  # the advice: the right rows
+    assert "dumped" in fixed.stdout and f"{N_LABELED + N_TRANSFER} examples" in fixed.stdout
+
+
+def test_transfer_labels_in_the_label_set_are_ignored_and_repeated_rows_dropped(pipeline, kdcache_home, tmp_path, transfer_file):
+    """A label column within the training label set: one warning line, the column ignored. Transfer rows repeating a
+    training row's text: dropped, with one info line; what remains is the transfer set without them (the same cache)."""
+    labeled = read_jsonl(MR_TRAIN, N_LABELED + N_TRANSFER)
+    with_labels = write_jsonl(tmp_path / "with_labels.jsonl", labeled[N_LABELED:])  # text and label 0/1
+    first = run_cli(["dump-teacher", "--config", str(pipeline("a", use_distillation=True, transfer_file=str(with_labels)))],
+                    kdcache_home)
+    warnings = [line for line in first.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "column 'label' is ignored" in warnings[0], first.stderr
+    assert "dumped" in first.stdout and f"{N_LABELED + N_TRANSFER} examples" in first.stdout
+
+    overlapping = write_jsonl(tmp_path / "overlap.jsonl", [{"text": r["text"]} for r in labeled[:10] + labeled[N_LABELED:]])
+    second = run_cli(["-v", "dump-teacher", "--config", str(pipeline("b", use_distillation=True, transfer_file=str(overlapping)))],
+                     kdcache_home)
+    assert "dropped 10 of its 138 rows whose input is a training row's" in second.stderr
+    assert "cache hit" in second.stdout  # the same labeled and transfer rows as the first dump
+
+
+def test_task_without_transfer_sets_is_refused_then_runs_without_it(tmp_path, kdcache_home, tokenizer_dir, transfer_file):
+    """question_answering takes no transfer set: refused in one line naming the task; without transfer_file it dumps."""
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    BertForQuestionAnswering(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=128)).save_pretrained(tmp_path / "qa")
+    tok.save_pretrained(tmp_path / "qa")
+    train = write_jsonl(tmp_path / "qa.jsonl", read_jsonl(REPO / "data" / "xquad_en" / "train.jsonl", 16))
+    fields = dict(model_name=str(tmp_path / "qa"), teacher_model_name=str(tmp_path / "qa"), task_type="question_answering",
+                  use_distillation=True, train_file=str(train), max_length=128, doc_stride=32, disable_tqdm=True)
+    proc = run_cli(["dump-teacher", "--config", str(write_pipeline(tmp_path / "p.yaml", transfer_file=str(transfer_file), **fields))],
+                   kdcache_home, check=False)
+    fails_cleanly(proc, "task question_answering does not train on transfer sets", "remove transfer_file")
+    assert not kdcache_home.exists()
+    done = run_cli(["dump-teacher", "--config", str(write_pipeline(tmp_path / "q.yaml", **fields))], kdcache_home)
+    assert "dumped" in done.stdout and "16 examples" in done.stdout
