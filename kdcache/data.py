@@ -80,6 +80,8 @@ def _reason(exc: BaseException) -> str:
         return "it holds no rows; give a file with at least one row"
     if any(isinstance(e, StopIteration) for e in chain):  # the json builder on a file of blank lines
         return "it holds no rows; give a file with at least one row"
+    if any("BatchSize must be greater than 0" in str(e) for e in chain):  # the parquet builder on a file of 0 rows
+        return "it holds no rows; give a file with at least one row"
     for e in reversed(chain):
         text = " ".join(str(e).split())
         if text and "error occurred while generating the dataset" not in text:
