@@ -74,8 +74,11 @@ def test_transfer_set_is_dumped_once_and_trained_on_in_either_mix(pipeline, kdca
     assert f"examples     {N_LABELED} labeled + {N_TRANSFER} transfer (transfer_file" in shown
 
     mixed_out = tmp_path / "mixed"
-    run_cli(["train-student", "--config", str(pipe), "--use-distillation", "true", "--transfer-proportion", "0.25",
-             "--output-dir", str(mixed_out)], kdcache_home)
+    mix = ["train-student", "--config", str(pipe), "--use-distillation", "true", "--output-dir", str(mixed_out)]
+    refused = run_cli(mix + ["--transfer-proportion", "1"], kdcache_home, check=False)
+    fails_cleanly(refused, "transfer_proportion (--transfer-proportion): must be in (0, 1)")
+    assert not mixed_out.exists()
+    run_cli(mix + ["--transfer-proportion", "0.25"], kdcache_home)
     mixed = _report(mixed_out)
     assert mixed["cache_dir"] == cache  # the same cache: transfer_proportion is train-time only
     assert _steps(mixed) == math.ceil(N_LABELED / 12)  # 4 transfer + 12 labeled rows a batch; one pass over the labeled
@@ -272,7 +275,9 @@ BAD_TRANSFER = {
                        ["holds label 'positive'", "outside the training label set (0, 1)", "drop column 'label'"]),
     "the_training_split": (lambda good: [{"text": r["text"]} for r in read_jsonl(MR_TRAIN, N_LABELED)],
                            ["every one of its 256 rows repeats a training row's input", "remove transfer_file"]),
+    "also_a_dataset": (lambda good: good, ["transfer_file (--transfer-file): and transfer_dataset are both set", "keep one"]),
 }
+EXTRA_FLAGS = {"also_a_dataset": ["--transfer-dataset", "imdb"]}  # the fix: keep one of the two (the file)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +297,8 @@ def test_bad_transfer_set_is_refused_then_the_advice_works(case, pipeline, share
     bad = tmp_path / ("bad.parquet" if case == "empty" else "bad.jsonl")
     make(bad) if case == "empty" else write_jsonl(bad, make(good))
     before = _files(shared_home)
-    proc = run_cli(["dump-teacher", "--config", str(pipeline(use_distillation=True, transfer_file=str(bad)))], shared_home, check=False)
+    proc = run_cli(["dump-teacher", "--config", str(pipeline(use_distillation=True, transfer_file=str(bad))), *EXTRA_FLAGS.get(case, [])],
+                   shared_home, check=False)
     fails_cleanly(proc, "transfer_file", *needles)
     assert _files(shared_home) == before  # nothing written
     fixed = run_cli(["dump-teacher", "--config", str(pipeline(use_distillation=True))], shared_home)  # the advice: the right rows
