@@ -148,6 +148,20 @@ class FineTuneConfig:
     num_labels: Optional[int] = None
     """Number of classes; inferred from the training labels when omitted."""
 
+    # --- transfer set (unlabeled in-domain rows the teacher labels) ------------------------------
+    transfer_file: Optional[str] = None
+    """Transfer set: local rows (same formats as train_file) needing only the input columns; the student learns the teacher's targets on them."""
+    transfer_dataset: Optional[str] = None
+    """Transfer set from a Hugging Face hub dataset (instead of transfer_file)."""
+    transfer_dataset_config_name: Optional[str] = None
+    """Configuration name of transfer_dataset."""
+    transfer_split: str = "train"
+    """Split of transfer_dataset used as the transfer set."""
+    transfer_proportion: Optional[float] = None
+    """Transfer rows per batch, as a fraction in (0, 1) (an epoch is then one pass over the labeled rows); unset: one shuffled pool."""
+    max_transfer_samples: Optional[int] = None
+    """Use only the first N transfer rows."""
+
     # --- cache ----------------------------------------------------------------------------
     cache_dir: Optional[str] = None
     """Teacher cache directory; default: $KDCACHE_HOME/<task>-<key> derived from the inputs."""
@@ -252,7 +266,7 @@ class FineTuneConfig:
         if not float(self.length_penalty) == float(self.length_penalty):
             raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
         for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps", "doc_stride",
-                     "max_target_length", "logits_k", "max_new_tokens"):
+                     "max_target_length", "logits_k", "max_new_tokens", "max_transfer_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise bad(name, f"must be a positive integer, got {value!r}")
@@ -297,7 +311,25 @@ class FineTuneConfig:
                 raise bad("layer_map", f"must map teacher layer (int) -> student layer (int), got {self.layer_map!r}")
         if self.use_distillation and not (self.distill_logits or self.distill_hidden_states):
             raise bad("use_distillation", "is on but both distill_logits and distill_hidden_states are off")
-        for name in ("train_file", "eval_file"):
+        if self.transfer_file is not None and self.transfer_dataset is not None:
+            raise bad("transfer_file", "and transfer_dataset are both set: keep one of them (the transfer set comes from one source)")
+        if self.transfer_proportion is not None:
+            if not 0.0 < float(self.transfer_proportion) < 1.0:
+                raise bad("transfer_proportion", f"must be in (0, 1) (the fraction of each batch drawn from the transfer set), "
+                                                 f"got {self.transfer_proportion}")
+            if self.transfer_file is None and self.transfer_dataset is None:
+                raise bad("transfer_proportion", "is set but there is no transfer set: set transfer_file or transfer_dataset, "
+                                                 "or remove transfer_proportion")
+            per_batch = round(float(self.transfer_proportion) * self.batch_size)
+            if not 0 < per_batch < self.batch_size:
+                raise bad("transfer_proportion", f"{self.transfer_proportion} of batch_size {self.batch_size} gives {per_batch} "
+                                                 "transfer rows per batch: a batch needs both kinds; raise batch_size or change "
+                                                 "transfer_proportion")
+        transfer = "transfer_file" if self.transfer_file is not None else "transfer_dataset" if self.transfer_dataset else None
+        if transfer is not None and not self.use_distillation:
+            raise bad(transfer, "needs use_distillation: true: transfer rows carry no labels, only the teacher's soft targets "
+                                f"teach them; set use_distillation: true (--use-distillation true) or remove {transfer}")
+        for name in ("train_file", "eval_file", "transfer_file"):
             value = getattr(self, name)
             if value is not None and Path(value).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
                 raise bad(name, f"must end in .json, .jsonl, .csv or .parquet, got {value!r}")

@@ -320,9 +320,8 @@ def dump_teacher(
     teacher_name = teacher_name_for(config)
     teacher_path = resolve_model_path(teacher_name)
 
-    raw = kdata.with_example_ids(kdata.require_train(train_dataset, config))
-    task.check_columns(raw, config, "train", need_labels=True)
-    labels = task.label_info(raw, config)
+    raw = kdata.training_rows(config, task, train_dataset)  # the labeled split, then the transfer set's rows (if any)
+    labels = task.label_info(kdata.labeled_rows(raw), config)
     ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
 
     from transformers import AutoConfig
@@ -489,6 +488,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
 
     together(write_mine, world)  # every rank's shards are published (or every rank stops with the first error)
 
+    transfer = kdata.transfer_record(raw, config)
     manifest = {
         "fingerprint": fp,
         "fingerprint_inputs": inputs,
@@ -500,6 +500,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
         "dataset_hash": ds_hash,
         "split": config.train_split if config.train_file is None and train_dataset is None else "train",
         "data_source": config.train_file or config.dataset_name or "in-memory dataset",
+        **({"transfer": transfer} if transfer else {}),  # labeled vs transfer-set examples (absent without a transfer set)
         "features": task.feature_params(config),
         "teacher": {
             "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},

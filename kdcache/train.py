@@ -23,7 +23,7 @@ from kdcache.cache.format import MANIFEST_NAME
 from kdcache.cache.generated import read_generated
 from kdcache.cache.remote import cache_location
 from kdcache.cache.staging import StagedCacheReader
-from kdcache.config import FineTuneConfig
+from kdcache.config import ConfigError, FineTuneConfig
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
 from kdcache.distill.cross_tokenizer import CrossTokenizer
@@ -385,9 +385,8 @@ def train_student(
     start = time.perf_counter()
     task = get_task(config.task_type)
     out_dir = Path(output_dir or config.output_dir)
-    raw = kdata.with_example_ids(kdata.require_train(train_dataset, config))
-    task.check_columns(raw, config, "train", need_labels=True)
-    labels = task.label_info(raw, config)
+    raw = kdata.training_rows(config, task, train_dataset)  # the labeled split, then the transfer set's rows (if any)
+    labels = task.label_info(kdata.labeled_rows(raw), config)
     eval_raw = kdata.load_split(config, "eval", eval_dataset)
     if eval_raw is not None:
         eval_raw = kdata.with_example_ids(eval_raw)
@@ -401,6 +400,10 @@ def train_student(
         if config.use_distillation and online_teacher is None:
             ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
             cache_path = locate_cache(config, task, cache_dir, teacher_name_for(config), ds_hash, len(raw))
+            if not isinstance(cache_path, Path) and config.transfer_proportion is not None:
+                raise ConfigError(f"transfer_proportion (--transfer-proportion) cannot hold with the cache on object storage "
+                                  f"({cache_path}): its shard-by-shard order breaks up the batches' composition; leave "
+                                  "transfer_proportion unset (one shuffled pool) or copy the cache to a local directory")
             staged = None if isinstance(cache_path, Path) else StagedCacheReader(cache_path)  # on object storage: a staging dir
             if staged is not None:
                 resources.callback(staged.close)
@@ -501,6 +504,7 @@ def train_student(
             targets={t.name: t for t in fetcher.targets} if fetcher is not None else None,
             topk_loss=config.topk_loss,
             vocab_map=aligner.vocab_map if aligner is not None else None,
+            transfer_proportion=config.transfer_proportion,
         )
         monitor.trainer = trainer
         resume = resolve_checkpoint(config.resume_from_checkpoint, out_dir)

@@ -81,6 +81,19 @@ def test_scheduler_reaches_the_trainer_and_constant_with_warmup_is_the_advice(tm
     assert (args.lr_scheduler_type, args.get_warmup_steps(100)) == ("constant_with_warmup", 10)
 
 
+def test_transfer_set_fields_are_checked():
+    """A transfer proportion needs a transfer set and both kinds of row in a batch; transfer rows need distillation."""
+    base = dict(model_name="m", use_distillation=True, transfer_file="t.jsonl", batch_size=4)
+    for extra, words in (({"transfer_proportion": 0.1}, "gives 0 transfer rows per batch"),
+                         ({"transfer_proportion": 0.9}, "gives 4 transfer rows per batch"),
+                         ({"transfer_proportion": 0.5, "transfer_file": None}, "there is no transfer set"),
+                         ({"use_distillation": False}, "needs use_distillation: true"),
+                         ({"transfer_file": "t.txt"}, "must end in .json")):
+        with pytest.raises(ConfigError, match=words):
+            FineTuneConfig(**{**base, **extra})
+    assert FineTuneConfig(**base, transfer_proportion=0.25).transfer_proportion == 0.25  # 1 of 4 rows
+
+
 def test_yaml_unknown_key_is_named_with_a_suggestion(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("model_name: m\ndistilation_alpha: 0.3\n")

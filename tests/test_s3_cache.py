@@ -367,3 +367,19 @@ def test_file_url_is_a_local_cache(pipeline, kdcache_home, tmp_path):
     run_cli(["train-student", "--config", str(pipe)], kdcache_home)
     assert json.loads((tmp_path / "student" / "kdcache_report.json").read_text())["cache_dir"] == str(where)
     shutil.rmtree(where)
+
+
+def test_transfer_proportion_is_refused_on_object_storage(s3, pipeline, kdcache_home, tmp_path):
+    """A staged cache is read shard block by shard block, which would break up the batches' composition: a transfer
+    proportion is refused in one line before anything is staged or written; without it (one shuffled pool) the run trains."""
+    from helpers import MR_TRAIN, read_jsonl, write_jsonl
+
+    transfer = write_jsonl(tmp_path / "transfer.jsonl", [{"text": r["text"]} for r in read_jsonl(MR_TRAIN, 320)[256:]])
+    url = f"s3://{s3.bucket}/caches/transfer"
+    pipe = pipeline(url, transfer_file=str(transfer))
+    assert "320 examples" in run_cli(["dump-teacher", "--config", str(pipe)], kdcache_home).stdout
+    refused = run_cli(["train-student", "--config", str(pipe), "--transfer-proportion", "0.25"], kdcache_home, check=False)
+    fails_cleanly(refused, "transfer_proportion", "object storage", "leave transfer_proportion unset", "copy the cache to a local directory")
+    assert not (tmp_path / "student").exists() and not any((kdcache_home / "staging").glob("*-*/shard-*"))
+    run_cli(["train-student", "--config", str(pipe)], kdcache_home)
+    assert json.loads((tmp_path / "student" / "kdcache_report.json").read_text())["cache_dir"] == url

@@ -85,6 +85,7 @@ def summarize(reader_or_path: CacheReader | str | Path) -> dict[str, Any]:
         "stored": stored,
         "rows": rows,
         "examples": examples,
+        "transfer": m.get("transfer"),  # labeled and transfer-set example counts, when the dump had a transfer set
         "tokens": tokens,
         "positions": positions,
         "stored_vectors": vectors,
@@ -174,6 +175,10 @@ def format_summary(d: dict[str, Any]) -> str:
         lines.append("features     " + ", ".join(f"{k}={feats[k]}" for k in sorted(feats)))
     rows = f"{_plural(d['rows'], 'feature')} of {_plural(d['examples'], 'example')}"
     lines.append(f"rows         {rows}   tokens {d['tokens']:,}")
+    transfer = d.get("transfer")
+    if transfer:
+        lines.append(f"examples     {transfer['labeled_examples']:,} labeled + {transfer['transfer_examples']:,} transfer "
+                     f"({transfer['source']})")
     if any(t["per"] == "position" for t in targets):
         lines.append(f"positions    {d['positions']:,} (covered by the per-position targets)")
     shards = _plural(d["num_shards"], "shard")

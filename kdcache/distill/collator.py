@@ -21,7 +21,7 @@ from torch.utils.data import BatchSampler, Sampler
 
 from kdcache.cache import CacheError, CacheReader
 from kdcache.cache.format import TargetSpec
-from kdcache.data import EXAMPLE_ID, FEATURE_ID
+from kdcache.data import EXAMPLE_ID, FEATURE_ID, LABELED
 
 __all__ = ["TEACHER_PREFIX", "HIDDEN_KEY", "HIDDEN_MASK_KEY", "target_key", "positions_key", "place_positions", "TargetFetcher",
            "ReadAheadSampler", "DistillationCollator"]
@@ -210,7 +210,8 @@ class ReadAheadSampler(Sampler):
 class DistillationCollator:
     """Pads student inputs and hard labels (the task's way: sequences of labels with -100, which
     carries no loss) and attaches the cached teacher targets of the batch's features, and the example ids of its rows
-    (``kd_example_id`` [B]; the trainer pops them before the forward pass).
+    (``kd_example_id`` [B]; the trainer pops them before the forward pass). With a transfer set, ``kd_labeled`` [B]
+    flags the labeled rows (popped too); a batch of transfer rows only gets no label keys, hence no CE term.
 
     A cached ``tokens`` target named after a label key (sequence-level KD: the teacher's own output
     sequences) replaces that key's labels."""
@@ -225,10 +226,15 @@ class DistillationCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         extra = self.task.feature_target_keys if self.aligner is not None else ()
-        keys = tuple(k for k in (*self.task.input_keys, *self.task.label_keys, *extra) if k in features[0])
+        keys = tuple(k for k in (*self.task.input_keys, *self.task.label_keys, *self.task.mask_keys, *extra) if k in features[0])
+        labeled = torch.tensor([bool(f[LABELED]) for f in features]) if LABELED in features[0] else None  # [B]
+        if labeled is not None and not bool(labeled.any()):  # transfer rows only: no hard labels, so no CE (not a NaN one)
+            keys = tuple(k for k in keys if k not in self.task.label_keys)
         batch = self.task.pad(self.tokenizer, {k: [f[k] for f in features] for k in keys}, keys)
         if EXAMPLE_ID in features[0]:  # [B] the rows the batch came from: named by the trainer if the step fails
             batch[EXAMPLE_ID] = torch.tensor([int(f[EXAMPLE_ID]) for f in features], dtype=torch.long)
+        if labeled is not None:  # [B] False on transfer rows; the trainer pops it
+            batch[LABELED] = labeled
         if self.fetcher is None or FEATURE_ID not in features[0]:
             return batch
         seq_len = batch["input_ids"].shape[1]

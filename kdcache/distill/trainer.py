@@ -19,10 +19,11 @@ from kdcache.align import fold_topk
 from kdcache.cache import CacheError
 from kdcache.cache.format import TargetSpec
 from kdcache.config import ConfigError
-from kdcache.data import EXAMPLE_ID, FEATURE_ID, column_array
+from kdcache.data import EXAMPLE_ID, FEATURE_ID, LABELED, column_array
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
 from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.distill.shard_order import ShardBlockSampler
+from kdcache.distill.transfer_mix import TransferMixSampler
 from kdcache.distributed import any_rank, first_error
 from kdcache.teacher import pool_student, select_hidden
 
@@ -83,17 +84,23 @@ class OnlineTeacher:
 
 
 class DistillationTrainer(Trainer):
-    """Trainer with the kdcache loss: alpha·T²·KL + (1−alpha)·CE + hidden_weight·Σ MSE."""
+    """Trainer with the kdcache loss: alpha·T²·KL + (1−alpha)·CE + hidden_weight·Σ MSE.
+
+    KL and MSE average over every row of the batch; CE over the rows with a hard label only (transfer-set rows carry
+    -100), and a batch of transfer rows only has no CE term."""
 
     def __init__(self, *args: Any, task, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
                  hidden_pooling: str = "none", fetcher: Optional[TargetFetcher] = None,
                  online_teacher: Optional[OnlineTeacher] = None, targets: Optional[dict[str, TargetSpec]] = None,
-                 topk_loss: str = "rest", vocab_map: Optional[torch.Tensor] = None, **kwargs: Any):
+                 topk_loss: str = "rest", vocab_map: Optional[torch.Tensor] = None,
+                 transfer_proportion: Optional[float] = None, **kwargs: Any):
         """``targets``: the stored spec of each distilled target field (its mode decides the loss; absent =
         full logits, as the online teacher gives); ``topk_loss``: "rest" (k+1 buckets) or "renormalized";
         ``vocab_map`` [V_teacher] (student id or -1): the cache's top-k ids are the teacher tokenizer's, mapped
-        into the student's vocabulary at the aligned positions (cross-tokenizer)."""
+        into the student's vocabulary at the aligned positions (cross-tokenizer); ``transfer_proportion``: the fraction
+        of every batch drawn from the transfer set (:class:`TransferMixSampler`; None: one shuffled pool)."""
         super().__init__(*args, **kwargs)
+        self.transfer_proportion = transfer_proportion
         self.vocab_map = vocab_map
         self.task = task
         self.targets = dict(targets or {})
@@ -119,6 +126,9 @@ class DistillationTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         base = super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.transfer_proportion is not None and base is not None:  # every batch: a fixed share of transfer rows
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            base = TransferMixSampler(column_array(dataset, LABELED), self._train_batch_size, self.transfer_proportion, seed)
         if self.fetcher is None or base is None:
             return base
         if type(base) is RandomSampler and self.accelerator.dataloader_config.use_seedable_sampler:
@@ -196,6 +206,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         inputs.pop(EXAMPLE_ID, None)
+        inputs.pop(LABELED, None)  # transfer rows carry -100 labels (or the batch none): the CE covers the labeled rows
         teacher = {k: inputs.pop(k) for k in list(inputs) if k.startswith("teacher_")}
         if self.online_teacher is not None and model.training:
             teacher = self.online_teacher(inputs)
@@ -211,11 +222,12 @@ class DistillationTrainer(Trainer):
                                        inputs["attention_mask"])
         if ce is None and kd is None and hidden is None:
             raise ValueError("the batch has neither labels nor teacher targets: nothing to learn from")
+        hard = ce
         if ce is None:
             ce = sum(v.sum() for v in outputs["targets"].values()) * 0.0
         loss = combined_loss(ce, kd, hidden, self.alpha if kd is not None else 0.0, self.hidden_weight)
         if model.training:
-            self._track(ce, kd, hidden, agreement)
+            self._track(hard, kd, hidden, agreement)
         return (loss, outputs) if return_outputs else loss
 
     def _kd_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):

@@ -17,6 +17,7 @@ from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
 
 EXAMPLE_ID = "kd_example_id"  # stable example id: the row's position in the split as loaded
+LABELED = "kd_labeled"  # bool per training row: False on transfer-set rows, which carry no hard label
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 IGNORE_INDEX = -100  # label of positions that carry no hard-label loss (Hugging Face convention)
 MASK_FILL = -1.0e4  # logit of classes a distribution excludes (padding positions in QA)
@@ -28,6 +29,12 @@ def ensure_example_ids(dataset):
     if EXAMPLE_ID in dataset.column_names:
         return dataset
     return dataset.add_column(EXAMPLE_ID, list(range(len(dataset))))
+
+
+def labeled_flags(batch: dict[str, list], n: int) -> list[bool]:
+    """Per row of a ``map`` batch whether it carries a hard label: its ``kd_labeled`` values, or all True when the run
+    has no transfer set (the column is then absent)."""
+    return [bool(f) for f in batch[LABELED]] if LABELED in batch else [True] * n
 
 
 def example_positions(examples) -> dict[int, int]:
@@ -141,6 +148,8 @@ class Task:
     forward_keys: tuple[str, ...] = MODEL_INPUT_KEYS  # batch keys the teacher's forward pass takes (seq2seq: + labels)
     feature_target_keys: tuple[str, ...] = ()  # stored targets that come from the features, not the model (offsets)
     generates: bool = False  # the task's model writes text (sequence-level KD and generation settings apply)
+    accepts_transfer: bool = False  # trains on transfer-set rows (no hard label: the teacher's soft targets only)
+    mask_keys: tuple[str, ...] = ()  # per-position feature columns the collator pads like labels (masks; not model inputs)
     lower_is_better: bool = False  # the primary metric improves downwards (perplexity)
 
     # -- data ------------------------------------------------------------------------------------
@@ -181,6 +190,12 @@ class Task:
         """The label vocabulary from the training split; DataError on malformed labels."""
         raise NotImplementedError
 
+    def foreign_label(self, dataset, labels: LabelInfo, config: FineTuneConfig) -> Optional[Any]:
+        """The first value of ``dataset``'s label column outside ``labels`` (a transfer set's column, most
+        likely another task's labels), or None when every value belongs to the set. Tasks with transfer sets
+        override it."""
+        return None
+
     def target_params(self, config: FineTuneConfig) -> dict[str, Any]:
         """Config values that change what the teacher stores beyond the features (logit mode, k, stored
         temperatures, generated targets), as JSON scalars: part of the cache's lookup inputs. Small
@@ -208,7 +223,7 @@ class Task:
         their own longest row ([B] for scalar labels)."""
         inputs = {k: rows[k] for k in MODEL_INPUT_KEYS if k in keys and k in rows}
         batch = dict(tokenizer.pad(inputs, return_tensors="pt"))  # [B, S] each
-        for key in self.label_keys:
+        for key in (*self.label_keys, *self.mask_keys):
             if key in keys and key in rows:
                 batch[key] = pad_labels(rows[key])
         return batch

@@ -1,7 +1,8 @@
 """Text classification: one label per text (or text pair); the teacher stores its full logits.
 
 One feature per example (the text truncated to max_length). Stored target: ``logits`` per
-example, [C]. Metrics: accuracy (primary) and macro F1."""
+example, [C]. Metrics: accuracy (primary) and macro F1. Accepts transfer sets: a transfer row's label
+is -100 (no hard-label loss; the KD term covers it)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, Task, ensure_example_ids, example_positions, labeled_flags
 from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
 
 
@@ -21,6 +22,7 @@ class TextClassification(Task):
     name = "text_classification"
     model_class = AutoModelForSequenceClassification
     head_modules = ("classifier", "score", "pre_classifier")
+    accepts_transfer = True
 
     # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
@@ -67,6 +69,15 @@ class TextClassification(Task):
             names = [str(i) for i in range(num)]
         return LabelInfo(num, dict(enumerate(names)), {n: i for i, n in enumerate(names)}, False)
 
+    def foreign_label(self, dataset, labels: LabelInfo, config: FineTuneConfig) -> Optional[Any]:
+        for v in dataset[config.label_column]:
+            if v is None:
+                continue
+            if (v not in labels.label2id) if labels.string_labels else (
+                    isinstance(v, (str, bool)) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < labels.num_labels):
+                return v
+        return None
+
     def encode_labels(self, values, labels: LabelInfo, column: str, split: str) -> list[int]:
         """Map raw labels to ids; out-of-range or unknown labels are errors naming the value."""
         out = []
@@ -94,8 +105,11 @@ class TextClassification(Task):
             pairs = [str(t) for t in batch[config.text_pair_column]] if config.text_pair_column else None
             enc = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
-            if has_labels:
-                enc["labels"] = self.encode_labels(batch[config.label_column], labels, config.label_column, split)
+            if has_labels:  # transfer rows (kd_labeled false) carry -100: no hard-label loss
+                flags = labeled_flags(batch, len(texts))
+                ids = iter(self.encode_labels([v for v, f in zip(batch[config.label_column], flags) if f], labels,
+                                              config.label_column, split))
+                enc["labels"] = [next(ids) if f else IGNORE_INDEX for f in flags]
             return enc
 
         remove = [c for c in dataset.column_names if c != EXAMPLE_ID]

@@ -18,6 +18,10 @@ Stored target: ``logits`` per position, [n_tokens, C]. Distillation covers the t
 hard label (with ``first``: the first sub-word of each word). Metrics: seqeval's entity-level
 precision, recall and F1 (micro, default conlleval-style rules: an ``I-X`` after ``O`` opens an
 entity) and token accuracy over words; primary ``f1``.
+
+Accepts transfer sets: a transfer row's labels are all -100, and the training features of such a run
+carry ``kd_mask`` (1 on the sub-words that carry, or on a transfer row would carry, a tag), which
+says where the KD term applies since the labels no longer can.
 """
 
 from __future__ import annotations
@@ -30,16 +34,29 @@ from transformers import AutoModelForTokenClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+from kdcache.tasks.base import (
+    EXAMPLE_ID,
+    IGNORE_INDEX,
+    LABELED,
+    DataError,
+    LabelInfo,
+    Task,
+    ensure_example_ids,
+    example_positions,
+    labeled_flags,
+)
 from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
 
 OUTSIDE = "O"  # the tag of words a truncated feature does not cover
+KD_MASK = "kd_mask"  # [S] per training feature of a run with a transfer set: 1 where the KD term applies
 
 
 class TokenClassification(Task):
     name = "token_classification"
     model_class = AutoModelForTokenClassification
     head_modules = ("classifier",)
+    accepts_transfer = True
+    mask_keys = (KD_MASK,)
 
     # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
@@ -79,16 +96,27 @@ class TokenClassification(Task):
         id2label = {i: (names[i] if names and i < len(names) else str(i)) for i in range(num)}
         return LabelInfo(num, id2label, {n: i for i, n in id2label.items()}, False)
 
+    def foreign_label(self, dataset, labels: LabelInfo, config: FineTuneConfig) -> Optional[Any]:
+        for tags in dataset[config.label_column]:
+            for t in tags if isinstance(tags, (list, tuple)) else ([] if tags is None else [tags]):
+                if (t not in labels.label2id) if labels.string_labels else (
+                        isinstance(t, (str, bool)) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < labels.num_labels):
+                    return t
+        return None
+
     def feature_params(self, config: FineTuneConfig) -> dict[str, Any]:
         # label_alignment is left out: it changes the student's labels and loss mask, not the
         # features or the teacher's outputs (logits are stored at every token), so one cache serves both.
         return {"max_length": config.max_length}
 
     def _checked_tags(self, dataset, config: FineTuneConfig, split: str) -> list[list[Any]]:
-        """The tag lists, after checking each has its word list's length."""
+        """The tag lists, after checking each has its word list's length (transfer rows have none to check)."""
         words_col, tags_col = dataset[config.text_column], dataset[config.label_column]
-        for i, (words, tags) in enumerate(zip(words_col, tags_col)):
+        flags = dataset[LABELED] if LABELED in dataset.column_names else [True] * len(dataset)
+        for i, (words, tags, labeled) in enumerate(zip(words_col, tags_col, flags)):
             _check_words(words, config, split, dataset, i)
+            if not labeled:
+                continue
             if not isinstance(tags, (list, tuple)):
                 raise DataError(f"{split} {_row_name(dataset, i)}: column {config.label_column!r} must hold a list of tags "
                                 f"(one per word), got {type(tags).__name__}; set label_column (--label-column) to the tag-list column")
@@ -131,6 +159,7 @@ class TokenClassification(Task):
                 _check_words(words, config, split, dataset, i)
         first_only = config.label_alignment == "first"
         id_col = "id" if "id" in dataset.column_names else None
+        with_mask = has_labels and LABELED in dataset.column_names  # a transfer set: unlabeled rows need their KD positions
 
         def encode(batch):
             words = [[str(w) for w in ws] for ws in batch[config.text_column]]
@@ -139,11 +168,18 @@ class TokenClassification(Task):
             word_ids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(words))]
             if has_labels:
                 all_labels = []
+                flags = labeled_flags(batch, len(words))
                 for i, (tags, wids) in enumerate(zip(batch[config.label_column], word_ids)):
+                    if not flags[i]:  # a transfer row: no hard label anywhere
+                        all_labels.append([IGNORE_INDEX] * len(wids))
+                        continue
                     row = _describe(batch[EXAMPLE_ID][i], batch[id_col][i] if id_col else None)
                     tag_ids = self.encode_tags(tags, labels, config, split, row)
                     all_labels.append(align_labels(tag_ids, wids, first_only))
                 enc["labels"] = all_labels
+                if with_mask:  # [S] 1 where a tag sits (or would sit, on a transfer row)
+                    enc[KD_MASK] = [[int(t != IGNORE_INDEX) for t in align_labels([0] * len(ws), wids, first_only)]
+                                    for ws, wids in zip(words, word_ids)]
             if keep_word_ids:
                 enc["word_ids"] = word_ids
             return enc
@@ -153,8 +189,11 @@ class TokenClassification(Task):
         if has_labels and split == "train":
             # A row none of whose words survive tokenization (no words, or only characters the
             # tokenizer drops) carries no label and no loss: a batch of them would log a NaN loss.
-            features = features.filter(lambda tags: any(t != IGNORE_INDEX for t in tags), input_columns="labels",
-                                       desc="dropping rows with no tagged token")
+            if with_mask:
+                features = features.filter(lambda mask: any(mask), input_columns=KD_MASK, desc="dropping rows with no tagged token")
+            else:
+                features = features.filter(lambda tags: any(t != IGNORE_INDEX for t in tags), input_columns="labels",
+                                           desc="dropping rows with no tagged token")
         return features
 
     # -- models ----------------------------------------------------------------------------------
@@ -172,9 +211,11 @@ class TokenClassification(Task):
         return {"logits": outputs.logits}  # [B, S, C]
 
     def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """[B, S, C] as is; loss on the tokens that carry a hard label (or on every real token when
-        the batch has no labels)."""
-        if "labels" in batch:
+        """[B, S, C] as is; loss on the tokens that carry a hard label (``kd_mask`` when the run has a transfer set,
+        which also marks a transfer row's would-be tagged tokens; every real token when the batch has neither)."""
+        if KD_MASK in batch:
+            mask = batch[KD_MASK] > 0  # [B, S]
+        elif "labels" in batch:
             mask = batch["labels"] != IGNORE_INDEX  # [B, S]
         else:
             mask = batch["attention_mask"].bool()  # [B, S]
