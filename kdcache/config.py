@@ -61,8 +61,8 @@ class FineTuneConfig:
     """Teacher hidden layers to store and distil (Hugging Face hidden_states indices: 0 = embeddings, negatives from the end)."""
     batch_size: int = 32
     """Per-device training batch size."""
-    learning_rate: float = 2e-5
-    """Peak learning rate (AdamW, linear decay)."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (AdamW; after warm-up, lr_scheduler_type decides its course). kdcache's recipe (docs/recipe.md)."""
     num_epochs: float = 3
     """Training epochs."""
     use_mixed_precision: bool = False
@@ -187,10 +187,11 @@ class FineTuneConfig:
     """Recompute activations in the backward pass to save memory."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.1
     """Fraction of steps for linear learning-rate warm-up."""
-    lr_scheduler_type: str = "linear"
-    """The Trainer's learning-rate schedule after warm-up: linear (decay to 0), constant, cosine, ... (transformers' SchedulerType)."""
+    lr_scheduler_type: str = "constant_with_warmup"
+    """The Trainer's learning-rate schedule: constant_with_warmup (kdcache's recipe, docs/recipe.md), linear (the Trainer's
+    default: decay to 0), constant, cosine, ... (transformers' SchedulerType)."""
     seed: int = 42
     """Seed for the student's initialisation and data order."""
     logging_steps: int = 10

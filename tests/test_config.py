@@ -119,3 +119,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     config = FineTuneConfig(model_name="m", use_distillation=True, distill_hidden_states=True, layer_map={4: 2})
     config.save(tmp_path / "c.yaml")
     assert FineTuneConfig.from_yaml(tmp_path / "c.yaml") == config
+
+
+def test_the_defaults_are_the_recommended_recipe():
+    """`kdcache recommend` says the config's defaults are the measured recipe (docs/recipe.md): they must be."""
+    from kdcache.recommend import format_recommendations, recommended_recipe
+
+    config = FineTuneConfig(model_name="m")
+    recipe = recommended_recipe("text_classification")
+    assert {k: getattr(config, k) for k in recipe} == recipe
+    assert "lr_scheduler_type=constant_with_warmup, warmup_ratio=0.1, learning_rate=0.0001" in format_recommendations()
