@@ -289,6 +289,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             proc.join()
     table = render(out)
     (WORK / "table.md").write_text(table)
+    doc = REPO / "docs" / "recipe.md"  # the table between its markers
+    start, end = "<!-- recipe-table -->\n", "<!-- /recipe-table -->"
+    text = doc.read_text()
+    if start in text and end in text:
+        doc.write_text(text[:text.index(start) + len(start)] + table + text[text.index(end):])
     print(table)
     return 0
 
