@@ -62,7 +62,8 @@ class FineTuneConfig:
     batch_size: int = 32
     """Per-device training batch size."""
     learning_rate: float = 1e-4
-    """Peak learning rate (AdamW; after warm-up, lr_scheduler_type decides its course). kdcache's recipe (docs/recipe.md)."""
+    """Peak learning rate (AdamW; after warm-up, lr_scheduler_type decides its course). kdcache's recipe, measured on small
+    (2-layer) students (docs/recipe.md); a base-size model (~110M parameters, e.g. a teacher) is better started at 2e-5 to 5e-5."""
     num_epochs: float = 3
     """Training epochs."""
     use_mixed_precision: bool = False
@@ -330,6 +331,9 @@ class FineTuneConfig:
         if transfer is not None and not self.use_distillation:
             raise bad(transfer, "needs use_distillation: true: transfer rows carry no labels, only the teacher's soft targets "
                                 f"teach them; set use_distillation: true (--use-distillation true) or remove {transfer}")
+        if transfer is not None and self.distillation_alpha == 0 and not (self.distill_hidden_states and self.hidden_loss_weight > 0):
+            raise bad(transfer, "has nothing to teach at distillation_alpha 0: transfer rows learn only from the soft (and "
+                                "hidden) terms; raise distillation_alpha (--distillation-alpha) or remove " + transfer)
         for name in ("train_file", "eval_file", "transfer_file"):
             value = getattr(self, name)
             if value is not None and Path(value).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):

@@ -129,3 +129,13 @@ def test_the_defaults_are_the_recommended_recipe():
     recipe = recommended_recipe("text_classification")
     assert {k: getattr(config, k) for k in recipe} == recipe
     assert "lr_scheduler_type=constant_with_warmup, warmup_ratio=0.1, learning_rate=0.0001" in format_recommendations()
+
+
+def test_a_transfer_set_at_alpha_0_is_refused_then_the_advice_works():
+    """At distillation_alpha 0 (and no hidden term) transfer rows would get no loss at all: refused, naming the fix."""
+    fields = dict(model_name="m", use_distillation=True, transfer_file="t.jsonl")
+    with pytest.raises(ConfigError, match=r"raise distillation_alpha \(--distillation-alpha\) or remove transfer_file"):
+        FineTuneConfig(**fields, distillation_alpha=0.0)
+    assert FineTuneConfig(**fields, distillation_alpha=0.5).transfer_file == "t.jsonl"
+    hidden = FineTuneConfig(**fields, distillation_alpha=0.0, distill_hidden_states=True)  # the hidden term teaches them
+    assert hidden.distill_hidden_states

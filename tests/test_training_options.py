@@ -43,6 +43,7 @@ def test_checkpoint_then_resume_keeps_projections(tmp_path, kdcache_home, traine
         model_name=str(tiny_student), teacher_model_name=str(trained_teacher), use_distillation=True,
         distill_hidden_states=True, teacher_layers_to_distill=[-1], train_file=str(small_data["train"]), max_length=48,
         batch_size=16, num_epochs=1, save_steps=8, disable_tqdm=True, logging_steps=4, output_dir=str(out),
+        lr_scheduler_type="linear",  # the learning rates below tell a resumed run from a fresh one only if they decay
     )
     dump_teacher(config, progress=False)
     first = train_student(config)

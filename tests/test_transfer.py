@@ -131,7 +131,10 @@ def test_transfer_rows_get_the_soft_term_only(tmp_path, tiny_student, trained_te
             kd = kd_kl_loss(s, b[target_key("logits")], 2.0)
             labeled = b[kdata.LABELED]
             ce = F.cross_entropy(s[labeled], b["labels"][labeled]) if bool(labeled.any()) else torch.tensor(0.0)
+        expected.ce.append(float(ce))
         return 0.3 * kd + 0.7 * ce
+
+    expected.ce = []
 
     student.eval()  # no dropout: the loss and the direct computation see the same logits
     only_transfer = batch(range(N_LABELED, N_LABELED + 8))
@@ -144,8 +147,23 @@ def test_transfer_rows_get_the_soft_term_only(tmp_path, tiny_student, trained_te
     loss = trainer.compute_loss(trainer.model, mixed)
     assert torch.allclose(loss, expected(mixed), atol=1e-5)
 
+    # The logged CE averages over the batches that had one (the mixed batch), not over both batches.
+    assert trainer.model.training  # compute_loss tracked both batches
+    trainer.log({"loss": float(loss.detach())})
+    assert trainer.state.log_history[-1]["loss_ce"] == pytest.approx(expected.ce[-1], abs=1e-5)
+
 
 # -- the proportion sampler ---------------------------------------------------------------------------------------------------
+
+def test_proportion_sampler_refuses_a_mix_it_cannot_make():
+    """The sampler's own checks (after tokenization, which may drop rows) are one-line data errors with advice."""
+    from kdcache.tasks.base import DataError
+
+    with pytest.raises(DataError, match="holds 4 labeled and 0 transfer rows: check the transfer set's input columns"):
+        TransferMixSampler(np.ones(4, dtype=bool), batch_size=8, proportion=0.25, seed=0)
+    with pytest.raises(DataError, match="change transfer_proportion or batch_size"):
+        TransferMixSampler(np.array([True, False] * 4), batch_size=2, proportion=0.1, seed=0)
+
 
 def test_proportion_sampler_composition_coverage_and_determinism():
     """Every batch holds round(p·B) transfer rows (the last its share); every labeled row comes once an epoch; transfer

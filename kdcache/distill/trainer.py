@@ -116,6 +116,7 @@ class DistillationTrainer(Trainer):
         # Running sums stay on the device until a log step: no host sync per training step.
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._counts: dict[str, int] = {}  # batches that had each loss term since the last log
         self._agreements = 0  # steps that measured teacher agreement (vocabulary-scale heads: the logged steps only)
         self._last_predictions: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher, student) argmax [N]
         self.save_projections = True  # checkpoints keep them for resuming; the final save drops them
@@ -326,6 +327,7 @@ class DistillationTrainer(Trainer):
         for key, value in (("loss_ce", ce), ("loss_kd", kd), ("loss_hidden", hidden)):
             if value is not None:
                 self._sums[key] = self._sums.get(key, 0.0) + value.detach().float()
+                self._counts[key] = self._counts.get(key, 0) + 1  # a batch of transfer rows only has no CE term
         if agreement is not None and agreement[0].numel():
             t_pred, s_pred = agreement
             self._sums["teacher_agreement"] = self._sums.get("teacher_agreement", 0.0) + (t_pred == s_pred).float().mean()
@@ -344,8 +346,9 @@ class DistillationTrainer(Trainer):
         """Add the mean loss components since the last log to the Trainer's training logs."""
         if "loss" in logs and self._count:
             for key, value in self._sums.items():
-                logs[key] = round(float(value) / (self._agreements if key == "teacher_agreement" else self._count), 6)
+                logs[key] = round(float(value) / (self._agreements if key == "teacher_agreement" else self._counts[key]), 6)
             self._sums.clear()
+            self._counts.clear()
             self._count = 0
             self._agreements = 0
         super().log(logs, *args, **kwargs)

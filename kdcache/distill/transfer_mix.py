@@ -16,6 +16,8 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from kdcache.tasks.base import DataError
+
 __all__ = ["transfer_rows_per_batch", "TransferMixSampler"]
 
 
@@ -37,10 +39,12 @@ class TransferMixSampler(Sampler):
         self.batch_size = int(batch_size)
         self.per_batch = transfer_rows_per_batch(proportion, batch_size)
         if not 0 < self.per_batch < self.batch_size:
-            raise ValueError(f"transfer_proportion {proportion} of batch_size {batch_size} leaves {self.per_batch} transfer rows "
-                             "per batch: it must leave at least one of each kind")
+            raise DataError(f"transfer_proportion {proportion} of batch_size {batch_size} leaves {self.per_batch} transfer rows "
+                            "per batch: it must leave at least one of each kind; change transfer_proportion or batch_size")
         if not len(self.labeled_rows) or not len(self.transfer_rows):
-            raise ValueError("a transfer mix needs labeled and transfer rows")
+            raise DataError(f"transfer_proportion needs labeled and transfer rows, but the tokenized training data holds "
+                            f"{len(self.labeled_rows)} labeled and {len(self.transfer_rows)} transfer rows: check the transfer "
+                            "set's input columns, or leave transfer_proportion unset")
         self.seed = int(seed)
         self.epoch = 0
         labeled_per_batch = self.batch_size - self.per_batch
