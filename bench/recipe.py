@@ -54,6 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "constant": {"learning_rate": 5e-5, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
     "constant_1e-4_warmup": {"learning_rate": 1e-4, "lr_scheduler_type": "constant_with_warmup", "warmup_ratio": 0.1,
                              "weight_decay": 0.0},
+    "linear_1e-4_warmup": {"learning_rate": 1e-4, "lr_scheduler_type": "linear", "warmup_ratio": 0.1, "weight_decay": 0.0,
+                           "temperature": 1.0},
 }
 # Loss-weight variants of a recipe: distilled runs only, compared with the plain runs of their "base" recipe.
 RECIPES["constant_1e-4_warmup T=1"] = {**RECIPES["constant_1e-4_warmup"], "temperature": 1.0, "base": "constant_1e-4_warmup"}
