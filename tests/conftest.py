@@ -61,6 +61,7 @@ def trained_teacher(tmp_path_factory, tokenizer_dir, small_data) -> Path:
         model_name=str(init), task_type="text_classification", train_file=str(small_data["train"]),
         max_length=48, batch_size=16, learning_rate=2e-3, num_epochs=3, output_dir=str(out),
         disable_tqdm=True, logging_steps=50,
+        lr_scheduler_type="linear", warmup_ratio=0.0,  # a high lr that must decay to memorise (held constant, it does not)
     )
     FineTunePipeline(config).train()
     return out

@@ -40,7 +40,9 @@ def lm(tmp_path_factory) -> dict:
 def _config(lm, tmp_path: Path, teacher: Path, student: Path, **kw) -> FineTuneConfig:
     base = dict(model_name=str(student), teacher_model_name=str(teacher), task_type="causal_lm", use_distillation=True,
                 max_length=128, batch_size=8, num_epochs=1, learning_rate=1e-3, logging_steps=1, disable_tqdm=True,
-                cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
+                cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
+                # runs of a few steps: a warm-up would spend the first of them at lr 0 (no update to compare losses across)
+                lr_scheduler_type="linear", warmup_ratio=0.0)
     return FineTuneConfig(**{**base, **kw})
 
 
