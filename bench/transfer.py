@@ -119,7 +119,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def markdown(r: dict[str, Any], quick: bool) -> list[str]:
     sizes = r["sizes"]
-    L = ["## 8. Transfer sets: 500 labeled rows and the rest as unlabeled text", ""]
+    L = ["## 9. Transfer sets: 500 labeled rows and the rest as unlabeled text", ""]
     if quick:
         L += ["(--quick: tiny stand-in models and a few rows; the figures only show that every path runs.)", ""]
     t = r["teacher"]["metrics"].get("eval_accuracy")
@@ -146,8 +146,11 @@ def markdown(r: dict[str, Any], quick: bool) -> list[str]:
         d_mean, d_spread = _stats([x["metrics"]["eval_accuracy"] for x in by_kind["distilled_500_transfer"]])
         gain = d_mean - p_mean
         beats = gain > max(p_spread, d_spread)
+        paired = [d["metrics"]["eval_accuracy"] - p["metrics"]["eval_accuracy"]
+                  for p in by_kind["plain_500"] for d in by_kind["distilled_500_transfer"] if p["seed"] == d["seed"]]
         L += [f"Student 3 − student 1: {gain:+.4f} ({'more' if beats else 'not more'} than the larger seed spread, "
-              f"{max(p_spread, d_spread):.4f}).", ""]
+              f"{max(p_spread, d_spread):.4f}); seed by seed (same seed, same initialisation): "
+              f"{', '.join(f'{x:+.4f}' for x in paired)}.", ""]
     dumps = r["dumps"]
     L += ["| dump | rows | wall s | bytes |", "|---|---|---|---|"]
     for kind, d in dumps.items():
