@@ -34,6 +34,14 @@ def make_bert(path: Path, tokenizer_dir: Path, layers: int, hidden: int, num_lab
     tok.save_pretrained(path)
     return path
 
+def default_sigint() -> None:
+    """Popen preexec_fn: the child gets SIGINT's default disposition, so Python installs its KeyboardInterrupt handler
+    (a test runner started in the background, with `&` from a script, ignores SIGINT, and children inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_env(kdcache_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(KDCACHE_HOME=str(kdcache_home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

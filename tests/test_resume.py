@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import MR_TRAIN, cli_env, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
+from helpers import MR_TRAIN, cli_env, default_sigint, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 
 def shard_files(cache):
@@ -64,7 +64,8 @@ def test_ctrl_c_exits_130_keeps_the_finished_shards_and_the_advice_resumes(tmp_p
                           train_file=str(train), max_length=64, teacher_batch_size=8, disable_tqdm=True)
     cache = tmp_path / "cache"
     args = ["dump-teacher", "--config", str(pipe), "--shard-examples", "50", "--cache-dir", str(cache)]
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=cli_env(kdcache_home), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=cli_env(kdcache_home), preexec_fn=default_sigint,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(list(cache.glob("shard-*.json"))) < 2:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset
-from helpers import MR_TRAIN, cli_env, fails_cleanly, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
+from helpers import MR_TRAIN, cli_env, default_sigint, fails_cleanly, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError
@@ -384,7 +384,7 @@ def test_a_killed_or_interrupted_train_student_resumes_from_its_last_checkpoint(
     log = tmp_path / "killed.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "kdcache", "train-student", "--config", str(pipeline)],
-                                env=cli_env(kdcache_home), stdout=subprocess.DEVNULL, stderr=stderr)
+                                env=cli_env(kdcache_home), preexec_fn=default_sigint, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not list(out.glob("checkpoint-*/trainer_state.json")):
             time.sleep(0.02)
