@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -82,6 +82,9 @@ class DumpResult:
     manifest: dict[str, Any]
     seconds: float = 0.0
     repaired: bool = False  # the cache was complete for these inputs but damaged, and was repaired
+    # Seconds per phase (hash: the teacher's weights; load_tokenize: loading the teacher while the data is tokenized;
+    # forward_write: the teacher's passes and the shard writes), so a benchmark can report fixed costs apart.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -356,7 +359,10 @@ def dump_teacher(
     amp, compute_dtype = autocast_for(dev)
     # The compute dtype and the dump's algorithm version are inputs too: a resume on another device (fp32 on
     # CPU, bf16 on a GPU) or by a kdcache that computes outputs otherwise must not mix shards of both.
-    inputs = {**fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer)),
+    t_hash = time.perf_counter()
+    identity = model_identity(teacher_name)
+    hash_s = time.perf_counter() - t_hash
+    inputs = {**fingerprint_inputs(lookup, identity, tokenizer_hash(tokenizer)),
               "compute_dtype": compute_dtype, "algorithm_version": ALGORITHM_VERSION}
     fp = fingerprint(inputs)
     path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
@@ -397,6 +403,7 @@ def dump_teacher(
             result = _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
                            spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start, on_shard)
             result.repaired = state == "repair"
+            result.phases["hash"] = hash_s
             return result
         except BaseException:
             if rank == 0:
@@ -412,6 +419,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     rank, world = rank_and_world()
     # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
     # both finish before anything is written, so bad data or a bad teacher leaves no trace on disk.
+    t_load = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
         loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
         features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
@@ -420,6 +428,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
         responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp,
                                                      "resume" if state == "repair" else state, dev, world)
+    t_loop_start = time.perf_counter()
     lengths = kdata.column_array(features, "length")  # [F] tokens per feature
     example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
     num_features = len(features)
@@ -486,6 +495,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             writer.flush()
         bar.close()
 
+    t_loop = time.perf_counter()
     together(write_mine, world)  # every rank's shards are published (or every rank stops with the first error)
 
     transfer = kdata.transfer_record(raw, config)
@@ -526,7 +536,8 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
 
     on_rank0(publish, world)
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    return DumpResult(path, False, manifest, time.perf_counter() - start)
+    phases = {"load_tokenize": t_loop_start - t_load, "forward_write": time.perf_counter() - t_loop}
+    return DumpResult(path, False, manifest, time.perf_counter() - start, phases=phases)
 
 
 def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, world: int):
