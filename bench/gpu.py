@@ -6,6 +6,8 @@ still runs) and writes its figures to ``<results>/<part>.json`` as it measures t
 still returns what finished; ``<results>/summary.json`` lists every part's status. Models are built on the device
 with random weights (never a 1B/7B model on the CPU); without a GPU only ``--quick`` (tiny shapes) runs.
 
+  host-copies    the dump's asynchronous device-to-host copies (pinned buffers, a CUDA event the writer thread waits
+                 on) give the same arrays as synchronous ones, for every store mode of a tiny BERT and Llama
   bert-large     a bert-large-shaped classifier (335M), logits + 2 int8 hidden layers per token, sequence 128:
                  the bare forward over the dump's batch shapes, then ``dump_teacher`` over >= 20M tokens; dump
                  wall over bare forward, with the fixed costs (weight hashing, load + tokenize) apart
@@ -40,7 +42,7 @@ from typing import Any, Callable, Optional
 from bench import common
 
 # Parts in the order they run, with their time caps (seconds): together the 8-minute budget.
-CAPS = {"bert-large": 150, "llama-1b": 110, "llama-7b": 75, "steps-seq2seq": 70, "steps-lm": 60}
+CAPS = {"host-copies": 35, "bert-large": 135, "llama-1b": 100, "llama-7b": 75, "steps-seq2seq": 70, "steps-lm": 60}
 BUDGET_S = 480
 TARGET_TOKENS = {"bert-large": 20_000_000, "llama-1b": 5_000_000, "llama-7b": 1_000_000}
 TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
@@ -360,6 +362,65 @@ def step_costs(part: Part, base: dict[str, Any], teacher_dir: Path, label: str, 
             break
 
 
+def part_host_copies(part: Part) -> None:
+    """Every array the dump stores, reduced from the same outputs with asynchronous copies (the dump's way on a GPU)
+    and with synchronous ones: they must be equal, byte for byte."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from kdcache.config import FineTuneConfig
+    from kdcache.dump import HostCopies, _reduce, autocast_for, store_spec_for
+    from kdcache.tasks import get_task
+    from kdcache.tasks.base import LabelInfo
+
+    def arrays(batch) -> dict[str, np.ndarray]:
+        out = {k: getattr(batch, k) for k in ("n_tokens", "n_positions", "hidden", "hidden_q", "hidden_scale", "hidden_outlier_idx",
+                                              "hidden_outlier_val") if getattr(batch, k) is not None}
+        for name, v in batch.targets.items():
+            out.update({f"{name}:{c}": a for c, a in v.items()} if isinstance(v, dict) else {name: v})
+        return out
+
+    tok = AutoTokenizer.from_pretrained(common.minilm_dir())
+    bert = build_on_device(lambda: BertForSequenceClassification(common.bert_config(common.TINY_T, len(tok), 64)), part, bf16=False)
+    llama = build_on_device(lambda: _llama({**TINY_LLAMA, "vocab": len(tok)}), part, bf16=True)
+    ids = torch.randint(5, 2000, (6, 40), device=part.device)
+    mask = torch.ones_like(ids)
+    mask[3:, 30:] = 0  # padded rows
+    labels = ids.masked_fill(mask == 0, -100)
+    cls, lm = get_task("text_classification"), get_task("causal_lm")
+    cases = []
+    for dtype in ("int8", "float16"):
+        config = FineTuneConfig(model_name=common.minilm_dir(), task_type="text_classification", use_distillation=True, distill_hidden_states=True,
+                                teacher_layers_to_distill=[1, 2], hidden_dtype=dtype, hidden_outliers=4)
+        cases.append((f"bert-logits-hidden-{dtype}", bert, cls, store_spec_for(config, cls, bert.config, LabelInfo(2), tok),
+                      {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}))
+    for mode, k in (("topk", 6), ("sampled", 16), ("full", None)):
+        config = FineTuneConfig(model_name=common.minilm_dir(), task_type="causal_lm", text_column="text", use_distillation=True, logits_mode=mode,
+                                **({"logits_k": k} if k else {}))
+        cases.append((f"llama-{mode}", llama, lm, store_spec_for(config, lm, llama.config, LabelInfo(0), tok),
+                      {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                       "offsets": torch.randint(0, 100, (ids.shape[0], ids.shape[1], 2), device=part.device)}))
+    amp, _ = autocast_for(part.device)
+    checked: dict[str, Any] = {}
+    for name, model, task, spec, batch in cases:
+        rows = np.arange(ids.shape[0])
+        with torch.inference_mode(), amp:
+            outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
+            sync = arrays(_reduce(task, outputs, batch, rows, rows, spec, 0))
+            copies = HostCopies(part.device)
+            reduced = _reduce(task, outputs, batch, rows, rows, spec, 0, copies)
+            ready = copies.issued()
+        ready()  # as the writer thread does
+        asyn = arrays(reduced)
+        same = sorted(sync) == sorted(asyn) and all(sync[k].dtype == asyn[k].dtype and sync[k].shape == asyn[k].shape
+                                                    and sync[k].tobytes() == asyn[k].tobytes() for k in sync)
+        checked[name] = {"identical": same, "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in sync.items()}}
+        part.record(checked=checked)
+    if not all(c["identical"] for c in checked.values()):
+        raise AssertionError("asynchronous host copies differ from synchronous ones: " + json.dumps(checked))
+
+
 def part_steps_seq2seq(part: Part) -> None:
     from bench.seq2seq import build_bpe, make_t5
     from kdcache.models import resolve_model_path
@@ -394,7 +455,7 @@ def part_steps_lm(part: Part) -> None:
     step_costs(part, base, teacher, "causal_lm", 1 if part.quick else 5, 2 if part.quick else 20, 1 if part.quick else 2)
 
 
-PARTS: dict[str, Callable[[Part], None]] = {"bert-large": part_bert_large, "llama-1b": part_llama_1b, "llama-7b": part_llama_7b,
+PARTS: dict[str, Callable[[Part], None]] = {"host-copies": part_host_copies, "bert-large": part_bert_large, "llama-1b": part_llama_1b, "llama-7b": part_llama_7b,
                                             "steps-seq2seq": part_steps_seq2seq, "steps-lm": part_steps_lm}
 
 
@@ -426,11 +487,13 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
     summary: dict[str, Any] = {"budget_s": budget, "quick": quick, "parts": {}}
     for name in parts:
         left = budget - (time.perf_counter() - start)
-        cap = min(CAPS[name] * (budget / BUDGET_S), left - 3)
+        # --quick runs tiny shapes, often on a loaded CPU where start-up alone takes tens of seconds: 4x the caps
+        cap = min(CAPS[name] * (budget / BUDGET_S) * (4 if quick else 1), left - 3)
         if cap < 20:
             summary["parts"][name] = {"status": f"not run: {left:.0f} s of the {budget:.0f} s budget left"}
             continue
         t0 = time.perf_counter()
+        (out / f"{name}.json").unlink(missing_ok=True)  # an earlier run's figures must not pass for this one's
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "bench.gpu", "--child", name, "--results", str(out), "--cap", str(cap)] + (["--quick"] if quick else [])
         with open(out / f"{name}.log", "w") as log:
@@ -444,8 +507,8 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
                 rc, status = None, f"cut: ran over its {cap:.0f} s cap (figures up to then kept)"
         path = out / f"{name}.json"
         figures = json.loads(path.read_text()) if path.exists() else {}
-        if status and figures.get("status") == "done":  # killed while it exited: its figures are complete
-            figures["status"] = "done (killed while exiting, after its cap)"
+        if status and str(figures.get("status", "")).startswith(("done", "failed")):  # killed while it exited
+            figures["status"] += " (then killed while exiting, after its cap)"
             path.write_text(json.dumps(figures, indent=2, default=str))
         elif status:
             figures["status"] = status
@@ -466,7 +529,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--results", type=Path, default=common.RESULTS / "gpu-profile",
                     help="folder for each part's JSON, its log and summary.json (point it at $OUT on the GPU machine)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, in this order: {','.join(PARTS)}")
-    ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all parts together (each part's cap scales with it)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 480; 4x with --quick); each part's cap scales with it")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and token counts: every path once, on the CPU if need be")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=None, help=argparse.SUPPRESS)
@@ -477,7 +540,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown part {', '.join(bad)}; choose from {', '.join(PARTS)}")
-    summary = run_all(a.results, parts, a.quick, a.budget)
+    summary = run_all(a.results, parts, a.quick, a.budget or BUDGET_S * (4 if a.quick else 1))
     failed = [n for n, s in summary["parts"].items() if not s["status"].startswith(("done", "not measured"))]
     print(f"[gpu] figures in {a.results}; {len(summary['parts']) - len(failed)} of {len(parts)} parts done"
           + (f", not done: {', '.join(failed)}" if failed else ""), flush=True)

@@ -486,7 +486,9 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
                         if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
                             batch.update(task.generate_targets(model, batch, config, tokenizer))
                         outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
-                    writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
+                    copies = HostCopies(dev)
+                    reduced = _reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
+                    writer.write(reduced, copies.issued())  # the writer thread waits for the copies; this loop does not
                     tokens_seen += int(lengths[batch_rows].sum())
                     bar.update(len(batch_rows))
                     elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -562,6 +564,8 @@ def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) 
     columns = features[rows.tolist()]  # {column: one value per row}
     keys = tuple(dict.fromkeys(k for k in (*task.forward_keys, *task.label_keys, *task.feature_target_keys) if k in columns))
     padded = task.pad(tokenizer, columns, keys)  # [B, S] each
+    if device.type == "cuda":  # from pinned memory without waiting: a pageable copy would wait for the previous batch
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in padded.items()}
     return {k: v.to(device) for k, v in padded.items()}
 
 
@@ -575,14 +579,49 @@ def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _to_host(t: torch.Tensor) -> np.ndarray:
-    """float32 numpy copy of a device tensor (cast on the host: no float32 copy on the device)."""
-    return t.detach().to("cpu").float().numpy()
+class HostCopies:
+    """One batch's device-to-host copies. On a GPU they go into pinned buffers without waiting, so the forward loop
+    never stops for them; ``issued()`` returns what the writer thread runs before it reads the batch: wait for the
+    copies, then the host-side casts queued with ``then``. On the CPU the copies are the tensors' own memory."""
+
+    def __init__(self, device: torch.device):
+        self.pinned = device.type == "cuda"
+        self.casts: list[Callable[[], None]] = []
+
+    def copy(self, t: torch.Tensor) -> np.ndarray:
+        """A host array that will hold ``t`` once ``issued()``'s callable has run."""
+        t = t.detach()
+        if not self.pinned:
+            return t.to("cpu").numpy()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host.numpy()  # the array keeps its pinned tensor alive
+
+    def then(self, cast: Callable[[], None]) -> None:
+        self.casts.append(cast)
+
+    def issued(self) -> Callable[[], None]:
+        event = None
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+        casts = self.casts
+
+        def ready() -> None:
+            if event is not None:
+                event.synchronize()
+            for cast in casts:
+                cast()
+
+        return ready
 
 
 def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
-            spec: StoreSpec, seed: int = 0) -> TeacherBatch:
-    """Reduce the teacher's outputs on the device and copy only what is stored to the host."""
+            spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
+    """Reduce the teacher's outputs on the device and copy only what is stored to the host (asynchronously on a GPU:
+    the batch's arrays are final once ``copies.issued()`` has run; without ``copies``, at return)."""
+    own = copies is None
+    copies = HostCopies(torch.device("cpu")) if own else copies
     attention_mask = batch["attention_mask"]  # [B, S]
     fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
     positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
@@ -590,23 +629,27 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
-        n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
-        n_positions=counts.to(torch.int32).cpu().numpy() if counts is not None else None,
+        n_tokens=copies.copy(attention_mask.sum(dim=1).to(torch.int32)),
+        n_positions=copies.copy(counts.to(torch.int32)) if counts is not None else None,
     )
     for t in spec.targets:
         if t.mode == "tokens":  # targets the teacher generated: they are in the batch, under the target's name
-            out.targets[t.name] = batch[t.name].clamp(min=0).to(torch.int64).cpu().numpy().astype(np.dtype(t.columns()[t.name]))
+            raw = copies.copy(batch[t.name].clamp(min=0).to(torch.int64))
+            copies.then(lambda name=t.name, raw=raw, dtype=np.dtype(t.columns()[t.name]): out.targets.__setitem__(name, raw.astype(dtype)))
             continue
         if t.mode == "offsets":  # from the features, already one row per stored position
-            out.targets[t.name] = batch[t.name].cpu().numpy().astype(np.uint32)
+            raw = copies.copy(batch[t.name])
+            copies.then(lambda name=t.name, raw=raw: out.targets.__setitem__(name, raw.astype(np.uint32)))
             continue
         value = fields[t.name]
         if value.shape[-1] > t.width:  # rows of a padded embedding matrix that no token reaches
             value = value[..., : t.width]
         if t.per == "position":  # only the covered positions are reduced and copied (no padding, no masked prompt)
             value = value[positions]  # [N, C], row by row in order
-        if t.mode == "full":
-            out.targets[t.name] = _to_host(_rows_to_front(value, counts) if t.per == "position" else value)
+        if t.mode == "full":  # float32 on the host: no float32 copy on the device
+            full = _rows_to_front(value, counts) if t.per == "position" else value
+            raw = copies.copy(full.float() if full.dtype == torch.bfloat16 else full)  # numpy has no bfloat16; exact either way
+            copies.then(lambda name=t.name, raw=raw: out.targets.__setitem__(name, raw.astype(np.float32, copy=False)))
             continue
         if t.mode == "topk":
             comps = reduce_topk(value, t.k, t.temperatures)
@@ -614,16 +657,18 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
-        out.targets[t.name] = {c: _rows_to_front(v, counts).cpu().numpy().astype(dtypes[c], copy=False) for c, v in comps.items()}
+        raw = {c: copies.copy(_rows_to_front(v, counts)) for c, v in comps.items()}
+        copies.then(lambda name=t.name, raw=raw, dtypes=dtypes: out.targets.__setitem__(
+            name, {c: v.astype(dtypes[c], copy=False) for c, v in raw.items()}))
     h_spec = spec.hidden
     if h_spec is not None:
         hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
         if h_spec.dtype == "float16":
-            out.hidden = hidden.to(torch.float16).cpu().numpy()
+            out.hidden = copies.copy(hidden.to(torch.float16))
         else:
             q, scale, idx, val = quantize_int8(hidden.float(), h_spec.n_outliers)
-            out.hidden_q = q.cpu().numpy()
-            out.hidden_scale = scale.cpu().numpy()
-            out.hidden_outlier_idx = idx.cpu().numpy()
-            out.hidden_outlier_val = val.cpu().numpy()
+            out.hidden_q, out.hidden_scale = copies.copy(q), copies.copy(scale)
+            out.hidden_outlier_idx, out.hidden_outlier_val = copies.copy(idx), copies.copy(val)
+    if own:
+        copies.issued()()
     return out
