@@ -65,6 +65,7 @@ class Part:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.work = Path(tempfile.mkdtemp(prefix=f"kdcache-gpu-{name}-"))
+        self.cleanup = [self.work]
         self.figures: dict[str, Any] = {"part": name, "device": torch.cuda.get_device_name(0) if self.cuda else "cpu",
                                         "quick": quick, "cap_s": cap}
         self.peak = common.peak_tflops(self.figures["device"]) if self.cuda else None
@@ -137,15 +138,27 @@ def forward_rate(model, batch: dict, batches: int, part: Part, hidden: bool, red
     return time.perf_counter() - t0, n
 
 
-def plan_tokens(target: int, fwd_tps: float, tok_tps: float, seconds: float, bytes_per_token: float, work: Path) -> tuple[int, str]:
-    """Tokens to dump: the target, or fewer so that the bare forward, the dump (taken as 1.4 x the forward, plus its
-    tokenizing) fit ``seconds`` and the cache fits half the free disk; with why it was lowered."""
-    by_time = int(seconds / (2.4 / fwd_tps + 1.2 / tok_tps))
+def plan_tokens(target: int, sample: int, fwd_tps: float, tok_tps: float, seconds: float, bytes_per_token: float,
+                work: Path) -> tuple[int, str]:
+    """Tokens to dump: the target, or fewer so that the bare forward over ``sample`` tokens and the dump (taken as 1.3 x
+    the forward, plus its tokenizing) fit ``seconds`` and the cache fits 60% of the free space; with why it was lowered."""
+    by_time = int((seconds - min(sample, target) / fwd_tps) / (1.3 / fwd_tps + 1.2 / tok_tps))
     free = shutil.disk_usage(work).free
-    by_disk = int(0.5 * free / bytes_per_token) if bytes_per_token else target
-    n = min(target, by_time, by_disk)
-    why = "" if n == target else ("the time cap" if by_time <= by_disk else f"the free disk ({free / 2**30:.0f} GiB)")
+    by_space = int(0.6 * free / bytes_per_token) if bytes_per_token else target
+    n = min(target, by_time, by_space)
+    why = "" if n == target else ("the time cap" if by_time <= by_space else f"the free space ({free / 2**30:.0f} GiB at {work})")
     return max(n, 1), why
+
+
+def cache_root(part: Part) -> Path:
+    """Where the cache goes: the part's work folder, or /dev/shm when that has more room (a 20M-token cache with
+    hidden states is 40 GB; the GPU machine's disk is 64 GiB in all)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > shutil.disk_usage(part.work).free:
+        path = Path(tempfile.mkdtemp(prefix=f"kdcache-gpu-{part.name}-", dir=shm))
+        part.cleanup.append(path)
+        return path
+    return part.work
 
 
 def tokenize_rate(tokenizer, texts: list[str], **kw) -> float:
@@ -156,7 +169,7 @@ def tokenize_rate(tokenizer, texts: list[str], **kw) -> float:
     return n / max(time.perf_counter() - t0, 1e-6)
 
 
-def dump_figures(part: Part, config, fwd_s: float, fwd_tokens: int, flops_per_token: Optional[float]) -> None:
+def dump_figures(part: Part, config, fwd_s: float, fwd_tokens: int, flops_per_token: Optional[float], where: Path) -> None:
     """Run ``dump_teacher`` and record its wall time, phases and the ratios to the bare forward (per token)."""
     import torch
 
@@ -164,7 +177,7 @@ def dump_figures(part: Part, config, fwd_s: float, fwd_tokens: int, flops_per_to
 
     if part.cuda:
         torch.cuda.reset_peak_memory_stats()
-    d = dump_teacher(config, cache_dir=str(part.work / "cache"), force=True, device=str(part.device), progress=False)
+    d = dump_teacher(config, cache_dir=str(where / "cache"), force=True, device=str(part.device), progress=False)
     tokens = int(d.manifest["input_tokens"])
     fwd_per_token = fwd_s / fwd_tokens
     loop = d.phases.get("forward_write", d.seconds)
@@ -178,7 +191,7 @@ def dump_figures(part: Part, config, fwd_s: float, fwd_tokens: int, flops_per_to
     if flops_per_token and part.peak:
         out["dump_loop_mfu"] = flops_per_token * tokens / loop / 1e12 / part.peak
     part.record(**out)
-    shutil.rmtree(part.work / "cache", ignore_errors=True)
+    shutil.rmtree(where / "cache", ignore_errors=True)
 
 
 # -- parts --------------------------------------------------------------------------------------------
@@ -197,7 +210,7 @@ def part_bert_large(part: Part) -> None:
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     flops = common.model_flops_per_token(shape, seq)
-    part.record(shape=shape.describe(), parameters=sum(p.numel() for p in model.parameters()), seq_len=seq, teacher_batch=batch,
+    part.record(attn_implementation=model.config._attn_implementation, shape=shape.describe(), parameters=sum(p.numel() for p in model.parameters()), seq_len=seq, teacher_batch=batch,
                 hidden_layers=layers, build_save_s=time.perf_counter() - t0, flops_per_token=flops)
     ids = torch.randint(1000, len(tok), (batch, seq), device=part.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
@@ -206,12 +219,13 @@ def part_bert_large(part: Part) -> None:
     tok_tps = tokenize_rate(tok, [r["text"] for r in rows], truncation=True, max_length=seq)
     fwd_tps = probe_n * batch * seq / probe_s
     per_token = len(layers) * (shape.hidden + 2 + 2 * 8)  # int8 values, a float16 scale, 8 float16 outliers + int16 ids
-    target = 2_000 if part.quick else TARGET_TOKENS["bert-large"]
-    tokens, why = plan_tokens(target, fwd_tps, tok_tps, part.left() - 25, per_token, part.work)
+    target, sample = (2_000, 1_000) if part.quick else (TARGET_TOKENS["bert-large"], 4_000_000)
+    where = cache_root(part)
+    tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, per_token, where)
     n_batches = max(1, tokens // (batch * seq))
     part.record(probe_forward_tokens_per_s=fwd_tps, tokenize_tokens_per_s=tok_tps, planned_tokens=n_batches * batch * seq,
-                target_tokens=target, lowered_by=why or None)
-    fwd_s, ran = forward_rate(model, inputs, n_batches, part, hidden=True)
+                target_tokens=target, lowered_by=why or None, cache_at=str(where))
+    fwd_s, ran = forward_rate(model, inputs, max(1, min(n_batches, sample // (batch * seq))), part, hidden=True)
     fwd_tokens = ran * batch * seq
     part.record(forward_s=fwd_s, forward_tokens=fwd_tokens, forward_tokens_per_s=fwd_tokens / fwd_s,
                 forward_mfu=flops * fwd_tokens / fwd_s / 1e12 / part.peak if part.peak else None)
@@ -223,7 +237,7 @@ def part_bert_large(part: Part) -> None:
                             train_file=str(data), max_length=seq, batch_size=batch // 2, teacher_batch_size=batch,
                             use_distillation=True, distill_hidden_states=True, teacher_layers_to_distill=layers,
                             hidden_dtype="int8", disable_tqdm=True)
-    dump_figures(part, config, fwd_s, fwd_tokens, flops)
+    dump_figures(part, config, fwd_s, fwd_tokens, flops, where)
 
 
 def _llama(g: dict[str, Any], tokenizer=None):
@@ -263,7 +277,8 @@ def part_llama_1b(part: Part) -> None:
     tok.save_pretrained(model_dir)
     mm, flops = _llama_flops(model, g)
     S, B = g["max_length"], g["batch"]
-    part.record(shape=g, parameters=sum(p.numel() for p in model.parameters()), matmul_parameters=mm, flops_per_token=flops,
+    part.record(attn_implementation=model.config._attn_implementation, shape=g, parameters=sum(p.numel() for p in model.parameters()),
+                matmul_parameters=mm, flops_per_token=flops,
                 build_save_s=time.perf_counter() - t0)
     ids = torch.randint(0, len(tok), (B, S), device=part.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -271,10 +286,10 @@ def part_llama_1b(part: Part) -> None:
     fwd_tps = probe_n * B * S / probe_s
     tok_tps = tokenize_rate(tok, [r["text"] for r in src])
     per_pass = sum(len(x) for x in tok([r["text"] for r in src])["input_ids"])  # tokens in one copy of the text
-    target = 20_000 if part.quick else TARGET_TOKENS["llama-1b"]
-    tokens, why = plan_tokens(target, fwd_tps, tok_tps, part.left() - 25, 6 * 6 + 2, part.work)
-    repeat = max(1, round(tokens / per_pass))
-    n_batches = max(1, repeat * per_pass // (B * S))
+    target, sample = (20_000, 10_000) if part.quick else (TARGET_TOKENS["llama-1b"], 1_000_000)
+    tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, 6 * 6 + 2, part.work)
+    repeat = max(1, -(-tokens // per_pass))
+    n_batches = max(1, min(repeat * per_pass, sample) // (B * S))
     part.record(probe_forward_tokens_per_s=fwd_tps, tokenize_tokens_per_s=tok_tps, planned_tokens=repeat * per_pass,
                 target_tokens=target, lowered_by=why or None)
     fwd_s, ran = forward_rate(model, inputs, n_batches, part, hidden=False)
@@ -288,7 +303,7 @@ def part_llama_1b(part: Part) -> None:
     config = FineTuneConfig(model_name=str(model_dir), teacher_model_name=str(model_dir), task_type="causal_lm", text_column="text",
                             train_file=str(data), max_length=S, packing=True, use_distillation=True, logits_mode="topk",
                             logits_k=6, teacher_batch_size=B, batch_size=B, disable_tqdm=True)
-    dump_figures(part, config, fwd_s, fwd_tokens, flops)
+    dump_figures(part, config, fwd_s, fwd_tokens, flops, part.work)
 
 
 def part_llama_7b(part: Part) -> None:
@@ -301,7 +316,8 @@ def part_llama_7b(part: Part) -> None:
     model = build_on_device(lambda: _llama(g), part, bf16=True)
     mm, flops = _llama_flops(model, g)
     S, B = g["max_length"], g["batch"]
-    part.record(shape=g, parameters=sum(p.numel() for p in model.parameters()), matmul_parameters=mm, flops_per_token=flops,
+    part.record(attn_implementation=model.config._attn_implementation, shape=g, parameters=sum(p.numel() for p in model.parameters()),
+                matmul_parameters=mm, flops_per_token=flops,
                 build_s=time.perf_counter() - t0)
     ids = torch.randint(0, g["vocab"], (B, S), device=part.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -477,7 +493,8 @@ def run_child(name: str, out: Path, cap: float, quick: bool) -> int:
         part.record(status=f"failed: {type(exc).__name__}: {exc}"[:2000], traceback=traceback.format_exc()[-4000:])
         return 1
     finally:
-        shutil.rmtree(part.work, ignore_errors=True)
+        for path in part.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str, Any]:
@@ -491,6 +508,7 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
         cap = min(CAPS[name] * (budget / BUDGET_S) * (4 if quick else 1), left - 3)
         if cap < 20:
             summary["parts"][name] = {"status": f"not run: {left:.0f} s of the {budget:.0f} s budget left"}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
             continue
         t0 = time.perf_counter()
         (out / f"{name}.json").unlink(missing_ok=True)  # an earlier run's figures must not pass for this one's
