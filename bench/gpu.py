@@ -280,12 +280,16 @@ def part_llama_1b(part: Part) -> None:
     part.record(attn_implementation=model.config._attn_implementation, shape=g, parameters=sum(p.numel() for p in model.parameters()),
                 matmul_parameters=mm, flops_per_token=flops,
                 build_save_s=time.perf_counter() - t0)
+    tok_tps = tokenize_rate(tok, [r["text"] for r in src])
+    lengths = [len(x) + 1 for x in tok([r["text"] for r in src])["input_ids"]]  # + the end-of-text token
+    per_pass = sum(lengths)  # tokens in one copy of the text
     ids = torch.randint(0, len(tok), (B, S), device=part.device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    # The dump's inputs: packed blocks whose position ids restart at each text (transformers masks attention
+    # block-diagonally from them; no attention mask), the texts' lengths as they pack.
+    pos = torch.cat([torch.arange(n) for n in lengths * (-(-B * S // per_pass))])[: B * S].view(B, S).to(part.device)
+    inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
     probe_s, probe_n = forward_rate(model, inputs, 2 if part.quick else 8, part, hidden=False)
     fwd_tps = probe_n * B * S / probe_s
-    tok_tps = tokenize_rate(tok, [r["text"] for r in src])
-    per_pass = sum(len(x) for x in tok([r["text"] for r in src])["input_ids"])  # tokens in one copy of the text
     target, sample = (20_000, 10_000) if part.quick else (TARGET_TOKENS["llama-1b"], 1_000_000)
     tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, 6 * 6 + 2, part.work)
     repeat = max(1, -(-tokens // per_pass))
@@ -320,7 +324,7 @@ def part_llama_7b(part: Part) -> None:
                 matmul_parameters=mm, flops_per_token=flops,
                 build_s=time.perf_counter() - t0)
     ids = torch.randint(0, g["vocab"], (B, S), device=part.device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {"input_ids": ids, "use_cache": False}  # whole 2048-token causal blocks
     target = 4_000 if part.quick else TARGET_TOKENS["llama-7b"]
     n_batches = -(-target // (B * S))
     fwd_s, ran = forward_rate(model, inputs, n_batches, part, hidden=False)
