@@ -4,6 +4,7 @@
                         [--only steps,dump,storage,quality,seq2seq,lm,transfer] [--tasks text_classification,...] [--threads N]
     python -m bench.run --profile lm            # the causal-LM section alone (= --profile cpu --only lm)
     python -m bench.run --render [--quick]      # only rebuild the Markdown from the saved sections
+    python -m bench.run --profile gpu [--results DIR] [--gpu-parts ...]   # stage one at GPU scale (bench/gpu.py)
 
 On the same student, data and batches it measures (design §7):
   1. step cost   median s/step after warm-up of (a) plain fine-tuning, (b) offline distillation from
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import common, lm, seq2seq, transfer
+from bench import common, gpu, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 from kdcache.recommend import recommended_recipe
@@ -248,6 +249,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="parts of the seq2seq section to run (steps, quality); a part not run keeps its latest saved figures")
     p.add_argument("--lm-parts", default=",".join(lm.PARTS),
                    help="parts of the lm section to run (quality, steps, gpu); a part not run keeps its latest saved figures")
+    p.add_argument("--results", default=None,
+                   help="--profile gpu: the folder for each part's JSON as it finishes (point it at $OUT on the GPU machine; "
+                   "default bench/results/gpu-profile)")
+    p.add_argument("--gpu-parts", default="", help="--profile gpu: comma-separated parts (default all): " + ",".join(gpu.PARTS))
     p.add_argument("--render", action="store_true", help="run nothing: rebuild the Markdown and the combined JSON from the saved sections")
     args = p.parse_args(argv)
 
@@ -258,6 +263,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"unknown {what} {', '.join(bad)}; choose from {', '.join(known)}")
         return out
 
+    if args.profile == "gpu" and not args.render:  # one 8-minute run of its own parts (bench/gpu.py), each under a time cap
+        return gpu.main([*(["--results", args.results] if args.results else []), *(["--quick"] if args.quick else []),
+                         *(["--parts", args.gpu_parts] if args.gpu_parts else [])])
     if args.profile == "lm":  # a profile that selects the section: the CPU sizes, results with the cpu profile's
         if any(x != "lm" for x in names(args.only, SECTIONS, "section")):
             p.error("--profile lm runs the lm section only; for other sections use --profile cpu --only ...")

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -82,6 +82,9 @@ class DumpResult:
     manifest: dict[str, Any]
     seconds: float = 0.0
     repaired: bool = False  # the cache was complete for these inputs but damaged, and was repaired
+    # Seconds per phase (hash: the teacher's weights; load_tokenize: loading the teacher while the data is tokenized;
+    # forward_write: the teacher's passes and the shard writes), so a benchmark can report fixed costs apart.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -356,7 +359,10 @@ def dump_teacher(
     amp, compute_dtype = autocast_for(dev)
     # The compute dtype and the dump's algorithm version are inputs too: a resume on another device (fp32 on
     # CPU, bf16 on a GPU) or by a kdcache that computes outputs otherwise must not mix shards of both.
-    inputs = {**fingerprint_inputs(lookup, model_identity(teacher_name), tokenizer_hash(tokenizer)),
+    t_hash = time.perf_counter()
+    identity = model_identity(teacher_name)
+    hash_s = time.perf_counter() - t_hash
+    inputs = {**fingerprint_inputs(lookup, identity, tokenizer_hash(tokenizer)),
               "compute_dtype": compute_dtype, "algorithm_version": ALGORITHM_VERSION}
     fp = fingerprint(inputs)
     path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
@@ -397,6 +403,7 @@ def dump_teacher(
             result = _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
                            spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start, on_shard)
             result.repaired = state == "repair"
+            result.phases["hash"] = hash_s
             return result
         except BaseException:
             if rank == 0:
@@ -412,6 +419,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     rank, world = rank_and_world()
     # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
     # both finish before anything is written, so bad data or a bad teacher leaves no trace on disk.
+    t_load = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
         loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
         features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
@@ -420,6 +428,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
         responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp,
                                                      "resume" if state == "repair" else state, dev, world)
+    t_loop_start = time.perf_counter()
     lengths = kdata.column_array(features, "length")  # [F] tokens per feature
     example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
     num_features = len(features)
@@ -477,7 +486,9 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
                         if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
                             batch.update(task.generate_targets(model, batch, config, tokenizer))
                         outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
-                    writer.write(_reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed))
+                    copies = HostCopies(dev)
+                    reduced = _reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
+                    writer.write(reduced, copies.issued())  # the writer thread waits for the copies; this loop does not
                     tokens_seen += int(lengths[batch_rows].sum())
                     bar.update(len(batch_rows))
                     elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -486,6 +497,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             writer.flush()
         bar.close()
 
+    t_loop = time.perf_counter()
     together(write_mine, world)  # every rank's shards are published (or every rank stops with the first error)
 
     transfer = kdata.transfer_record(raw, config)
@@ -526,7 +538,8 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
 
     on_rank0(publish, world)
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    return DumpResult(path, False, manifest, time.perf_counter() - start)
+    phases = {"load_tokenize": t_loop_start - t_load, "forward_write": time.perf_counter() - t_loop}
+    return DumpResult(path, False, manifest, time.perf_counter() - start, phases=phases)
 
 
 def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, world: int):
@@ -551,6 +564,8 @@ def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) 
     columns = features[rows.tolist()]  # {column: one value per row}
     keys = tuple(dict.fromkeys(k for k in (*task.forward_keys, *task.label_keys, *task.feature_target_keys) if k in columns))
     padded = task.pad(tokenizer, columns, keys)  # [B, S] each
+    if device.type == "cuda":  # from pinned memory without waiting: a pageable copy would wait for the previous batch
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in padded.items()}
     return {k: v.to(device) for k, v in padded.items()}
 
 
@@ -564,14 +579,49 @@ def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _to_host(t: torch.Tensor) -> np.ndarray:
-    """float32 numpy copy of a device tensor (cast on the host: no float32 copy on the device)."""
-    return t.detach().to("cpu").float().numpy()
+class HostCopies:
+    """One batch's device-to-host copies. On a GPU they go into pinned buffers without waiting, so the forward loop
+    never stops for them; ``issued()`` returns what the writer thread runs before it reads the batch: wait for the
+    copies, then the host-side casts queued with ``then``. On the CPU the copies are the tensors' own memory."""
+
+    def __init__(self, device: torch.device):
+        self.pinned = device.type == "cuda"
+        self.casts: list[Callable[[], None]] = []
+
+    def copy(self, t: torch.Tensor) -> np.ndarray:
+        """A host array that will hold ``t`` once ``issued()``'s callable has run."""
+        t = t.detach()
+        if not self.pinned:
+            return t.to("cpu").numpy()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host.numpy()  # the array keeps its pinned tensor alive
+
+    def then(self, cast: Callable[[], None]) -> None:
+        self.casts.append(cast)
+
+    def issued(self) -> Callable[[], None]:
+        event = None
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+        casts = self.casts
+
+        def ready() -> None:
+            if event is not None:
+                event.synchronize()
+            for cast in casts:
+                cast()
+
+        return ready
 
 
 def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
-            spec: StoreSpec, seed: int = 0) -> TeacherBatch:
-    """Reduce the teacher's outputs on the device and copy only what is stored to the host."""
+            spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
+    """Reduce the teacher's outputs on the device and copy only what is stored to the host (asynchronously on a GPU:
+    the batch's arrays are final once ``copies.issued()`` has run; without ``copies``, at return)."""
+    own = copies is None
+    copies = HostCopies(torch.device("cpu")) if own else copies
     attention_mask = batch["attention_mask"]  # [B, S]
     fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
     positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
@@ -579,23 +629,27 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
-        n_tokens=attention_mask.sum(dim=1).to(torch.int32).cpu().numpy(),
-        n_positions=counts.to(torch.int32).cpu().numpy() if counts is not None else None,
+        n_tokens=copies.copy(attention_mask.sum(dim=1).to(torch.int32)),
+        n_positions=copies.copy(counts.to(torch.int32)) if counts is not None else None,
     )
     for t in spec.targets:
         if t.mode == "tokens":  # targets the teacher generated: they are in the batch, under the target's name
-            out.targets[t.name] = batch[t.name].clamp(min=0).to(torch.int64).cpu().numpy().astype(np.dtype(t.columns()[t.name]))
+            raw = copies.copy(batch[t.name].clamp(min=0).to(torch.int64))
+            copies.then(lambda name=t.name, raw=raw, dtype=np.dtype(t.columns()[t.name]): out.targets.__setitem__(name, raw.astype(dtype)))
             continue
         if t.mode == "offsets":  # from the features, already one row per stored position
-            out.targets[t.name] = batch[t.name].cpu().numpy().astype(np.uint32)
+            raw = copies.copy(batch[t.name])
+            copies.then(lambda name=t.name, raw=raw: out.targets.__setitem__(name, raw.astype(np.uint32)))
             continue
         value = fields[t.name]
         if value.shape[-1] > t.width:  # rows of a padded embedding matrix that no token reaches
             value = value[..., : t.width]
         if t.per == "position":  # only the covered positions are reduced and copied (no padding, no masked prompt)
             value = value[positions]  # [N, C], row by row in order
-        if t.mode == "full":
-            out.targets[t.name] = _to_host(_rows_to_front(value, counts) if t.per == "position" else value)
+        if t.mode == "full":  # float32 on the host: no float32 copy on the device
+            full = _rows_to_front(value, counts) if t.per == "position" else value
+            raw = copies.copy(full.float() if full.dtype == torch.bfloat16 else full)  # numpy has no bfloat16; exact either way
+            copies.then(lambda name=t.name, raw=raw: out.targets.__setitem__(name, raw.astype(np.float32, copy=False)))
             continue
         if t.mode == "topk":
             comps = reduce_topk(value, t.k, t.temperatures)
@@ -603,16 +657,18 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
-        out.targets[t.name] = {c: _rows_to_front(v, counts).cpu().numpy().astype(dtypes[c], copy=False) for c, v in comps.items()}
+        raw = {c: copies.copy(_rows_to_front(v, counts)) for c, v in comps.items()}
+        copies.then(lambda name=t.name, raw=raw, dtypes=dtypes: out.targets.__setitem__(
+            name, {c: v.astype(dtypes[c], copy=False) for c, v in raw.items()}))
     h_spec = spec.hidden
     if h_spec is not None:
         hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
         if h_spec.dtype == "float16":
-            out.hidden = hidden.to(torch.float16).cpu().numpy()
+            out.hidden = copies.copy(hidden.to(torch.float16))
         else:
             q, scale, idx, val = quantize_int8(hidden.float(), h_spec.n_outliers)
-            out.hidden_q = q.cpu().numpy()
-            out.hidden_scale = scale.cpu().numpy()
-            out.hidden_outlier_idx = idx.cpu().numpy()
-            out.hidden_outlier_val = val.cpu().numpy()
+            out.hidden_q, out.hidden_scale = copies.copy(q), copies.copy(scale)
+            out.hidden_outlier_idx, out.hidden_outlier_val = copies.copy(idx), copies.copy(val)
+    if own:
+        copies.issued()()
     return out

@@ -606,7 +606,10 @@ class BackgroundWriter:
                 if op == "open":
                     self.writer.open_shard(*arg)
                 elif op == "write":
-                    self.writer.write(arg)
+                    batch, ready = arg
+                    if ready is not None:
+                        ready()  # e.g. wait for the batch's asynchronous device-to-host copies
+                    self.writer.write(batch)
                 elif op == "close":
                     self._closed_metas.append(self.writer.close_shard())
                 elif op == "abort":
@@ -633,9 +636,10 @@ class BackgroundWriter:
         self._put("open", (index, id_range))
         self._shard_open = True
 
-    def write(self, batch: TeacherBatch) -> None:
-        """Queue one batch; blocks only while the queue is full."""
-        self._put("write", batch)
+    def write(self, batch: TeacherBatch, ready: Callable[[], None] | None = None) -> None:
+        """Queue one batch; blocks only while the queue is full. ``ready()``, if given, runs in the writer thread
+        before the batch is read (the dump passes one that waits for its device-to-host copies)."""
+        self._put("write", (batch, ready))
 
     def close_shard(self) -> None:
         """Queue closing (publishing) the open shard; its meta is returned by :meth:`flush`."""

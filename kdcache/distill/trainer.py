@@ -71,8 +71,16 @@ class OnlineTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def place(self, device: torch.device) -> None:
+        """Move the teacher to the batch's device (the student's: the Trainer placed both there) once, on
+        the first batch that arrives elsewhere; a teacher already there is left as it is."""
+        first = next(self.model.parameters(), None)
+        if first is not None and first.device != device:
+            self.model.to(device)
+
     @torch.no_grad()
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.place(next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device)
         out = self.model(**self.task.model_inputs(inputs, with_labels=False), output_hidden_states=self.layers is not None)
         targets = {target_key(k): v.float() for k, v in self.task.output_targets(out).items()} if self.need_logits else {}
         if self.layers is not None:

@@ -1,0 +1,43 @@
+"""bench.gpu (the GPU profile's driver): token counts shrink to what the time and the space allow, and say why; a part
+that no longer fits the budget is recorded as not run, never silently dropped; a part's figures reach its JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bench import gpu
+
+
+def test_plan_keeps_the_target_when_it_fits(tmp_path: Path):
+    n, why = gpu.plan_tokens(1_000_000, 100_000, fwd_tps=1e6, tok_tps=1e6, seconds=60, bytes_per_token=1, work=tmp_path)
+    assert (n, why) == (1_000_000, "")
+
+
+def test_plan_lowers_to_the_time_cap_and_says_so(tmp_path: Path):
+    # 10 s left, 0.1 s of bare forward over the sample: (10 - 0.1) / (1.3e-6 + 1.2e-6) tokens
+    n, why = gpu.plan_tokens(20_000_000, 100_000, fwd_tps=1e6, tok_tps=1e6, seconds=10, bytes_per_token=1, work=tmp_path)
+    assert n == int(9.9 / 2.5e-6) and why == "the time cap"
+
+
+def test_plan_lowers_to_the_free_space_and_says_so(tmp_path: Path):
+    free = shutil.disk_usage(tmp_path).free
+    n, why = gpu.plan_tokens(10**15, 1, fwd_tps=1e12, tok_tps=1e12, seconds=1e6, bytes_per_token=1000, work=tmp_path)
+    assert n == int(0.6 * free / 1000) and why.startswith("the free space")
+
+
+def test_parts_past_the_budget_are_recorded_not_run(tmp_path: Path):
+    summary = gpu.run_all(tmp_path, ["llama-7b", "steps-lm"], quick=False, budget=10)
+    assert set(summary["parts"]) == {"llama-7b", "steps-lm"}
+    assert all(s["status"].startswith("not run") for s in summary["parts"].values())
+    assert json.loads((tmp_path / "summary.json").read_text())["parts"] == summary["parts"]
+
+
+def test_a_part_writes_its_figures(tmp_path: Path):
+    part = gpu.Part("unit", tmp_path, cap=30, quick=True)
+    part.record(tokens=3)
+    part.record(seconds=1.5)
+    assert json.loads((tmp_path / "unit.json").read_text())["tokens"] == 3
+    assert json.loads((tmp_path / "unit.json").read_text())["seconds"] == 1.5
+    shutil.rmtree(part.work)
