@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from kdcache.config import FineTuneConfig
-from kdcache.recommend import MODEL_SIZE_RATIOS, default_layers, default_temperature
+from kdcache.recommend import MODEL_SIZE_RATIOS, default_temperature, layer_strategy
 
 __all__ = ["Finding", "diagnose", "temperature_range", "KD_STAYS_HIGH", "MIN_METRIC_SHARE", "SLOW_TRAINING_FACTOR",
            "SIZE_RATIO_RANGE", "TEMPERATURE_BANDS"]
@@ -61,11 +61,17 @@ def _last(history: list[dict[str, Any]], key: str) -> Optional[float]:
     return values[-1] if values else None
 
 
+def _layers_named(config: FineTuneConfig) -> str:
+    """The run's teacher layers as its config names them: the list, or the task's strategy on the teacher's depth."""
+    named = config.teacher_layers_to_distill
+    return str(list(named)) if named else f"the {layer_strategy(config.task_type)} default"
+
+
 def _high_kd(history, config: FineTuneConfig) -> Optional[Finding]:
     kd = _series(history, "loss_kd")
     if len(kd) < 3 or kd[0] <= 0 or kd[-1] < KD_STAYS_HIGH * kd[0]:
         return None
-    layers = config.teacher_layers_to_distill or default_layers(config.task_type)
+    layers = _layers_named(config)
     return Finding(
         "High Distillation Loss",
         f"distillation loss (KL) {kd[0]:.4g} at the first log, {kd[-1]:.4g} at the last: "
@@ -98,7 +104,7 @@ def _slow_training(history, config: FineTuneConfig, figures: dict[str, Any]) -> 
     changes = []
     if config.distill_hidden_states:
         changes.append(f"reduce the number of teacher layers (teacher_layers_to_distill; now "
-                       f"{config.teacher_layers_to_distill or default_layers(config.task_type)})")
+                       f"{_layers_named(config)})")
     if not config.use_mixed_precision:
         changes.append("use mixed precision training (--use-mixed-precision true; on a GPU)")
     if not config.gradient_checkpointing:

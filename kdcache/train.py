@@ -33,6 +33,7 @@ from kdcache.evaluate import examples_per_second, score
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path
 from kdcache.monitor import DistillationMonitor
+from kdcache.layer_strategy import teacher_layers
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher, labels_as_cached
@@ -108,10 +109,10 @@ def _validate_cache(config: FineTuneConfig, task, reader: CacheReader, path: Pat
     layers = None
     wanted = requested_layers(config)
     if wanted is not None:
+        layers = teacher_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
         if reader.spec.hidden is None:
-            raise CacheMismatchError("layers", None, wanted, f"{path} stores no hidden states (layers {wanted} requested): "
-                                     "re-run dump-teacher with distill_hidden_states on")
-        layers = resolve_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
+            raise CacheMismatchError("layers", None, list(layers), f"{path} stores no hidden states (layers {list(layers)} "
+                                     "requested): re-run dump-teacher with distill_hidden_states on")
         reader.expect(layers=layers)
     per_token_hidden = layers is not None and hidden_pooling_for(config, reader) == "none"
     if cross and per_token_hidden:
@@ -458,7 +459,7 @@ def train_student(
             if problem:
                 raise ModelError(problem)
             wanted = requested_layers(config)
-            layers = resolve_layers(wanted, teacher_depth) if wanted is not None else None
+            layers = teacher_layers(wanted, int(teacher_depth))
             pooling = config.hidden_pooling
         else:
             teacher_depth, teacher_width, pooling = 1, task.hidden_config(student.config).hidden_size, "none"
