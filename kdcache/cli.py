@@ -155,6 +155,8 @@ def _report(result) -> None:
                         and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"))
     click.echo(f"saved {result.output_dir} ({result.num_parameters / 1e6:.1f}M parameters) in {result.seconds:.1f}s"
                + (f"; {metrics}" if metrics else ""))
+    for f in getattr(result, "findings", []):  # distillation did not help: said last, where it is read
+        click.echo(f"warning: {f['issue']}: {f['figure']}. Change: " + "; ".join(f["changes"]) + ".", err=True)
 
 
 @main.command("inspect")

@@ -24,16 +24,18 @@ from kdcache.cache.generated import read_generated
 from kdcache.cache.remote import cache_location
 from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import ConfigError, FineTuneConfig
+from kdcache.diagnose import did_distillation_help
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
 from kdcache.distill.cross_tokenizer import CrossTokenizer
 from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
 from kdcache.evaluate import examples_per_second, score
+from kdcache.layer_strategy import teacher_layers
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
+from kdcache.model_card import build_card, write_card
 from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path
 from kdcache.monitor import DistillationMonitor
-from kdcache.layer_strategy import teacher_layers
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher, labels_as_cached
@@ -59,6 +61,7 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     cache_reads: dict[str, int] = field(default_factory=dict)  # batches prefetched vs read synchronously
     eval_examples_per_s: float = float("nan")  # the student's inference throughput on the eval data (after warm-up)
+    findings: list[dict[str, Any]] = field(default_factory=list)  # diagnose.did_distillation_help, from the training log
 
 
 def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher_name: str, ds_hash: str,
@@ -525,6 +528,7 @@ def train_student(
              "decoded_features": fetcher.decoded_features} if fetcher is not None else {}  # this process's reads
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
                          time.perf_counter() - start, list(trainer.state.log_history), reads, eval_speed)
+    result.findings = [f.to_dict() for f in did_distillation_help(result.log_history, config, {})]
     if save:
         trainer.save_projections = False  # the projections only served training
         trainer.save_model(str(out_dir))  # the Trainer saves on the main process only
@@ -534,9 +538,13 @@ def train_student(
             "eval": metrics, "train": result.train_metrics, "num_parameters": result.num_parameters,
             "cache_dir": str(cache_path) if cache_path else None, "temperature": temperature,
             "layer_map": {str(k): v for k, v in layer_map.items()}, "seconds": result.seconds,
-            "cache_reads": reads, "log_history": result.log_history,
+            "cache_reads": reads, "log_history": result.log_history, "distillation_helped": result.findings,
         }
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+        card = build_card(config, {k[len("eval_"):]: v for k, v in metrics.items() if k != "eval_features"},
+                          task.primary_metric(), temperature, layer_map)
+        if write_card(out_dir, card) is None:
+            log.warning("%s holds a README.md that kdcache did not write: the model card was not written", out_dir)
         if monitor.history:
             monitor.plot_training_progress()
             if any(r.get("teacher_predictions") is not None for r in monitor.history):

@@ -42,3 +42,12 @@ LAYER_FAMILY: dict[str, str] = {
     "translation": "generation",
     "causal_lm": "generation",
 }
+# The Hugging Face hub's task id (pipeline_tag, model-index task type) per task: the saved student's model card.
+HUB_TASKS: dict[str, str] = {
+    "text_classification": "text-classification",
+    "token_classification": "token-classification",
+    "question_answering": "question-answering",
+    "summarization": "summarization",
+    "translation": "translation",
+    "causal_lm": "text-generation",
+}
