@@ -313,8 +313,8 @@ def plain_baseline(student_dir: Path, run_config: FineTuneConfig) -> Optional[Pa
 
     if not run_config.use_distillation or not (student_dir / RESULT_NAME).is_file():
         return None
-    for sibling in sorted(student_dir.resolve().parent.iterdir()):
-        if sibling == student_dir.resolve() or sibling.is_symlink() or not (sibling / RESULT_NAME).is_file():
+    for sibling in sorted(student_dir.parent.iterdir()):  # as the user named the folder (relative stays relative)
+        if sibling.is_symlink() or sibling.resolve() == student_dir.resolve() or not (sibling / RESULT_NAME).is_file():
             continue
         try:
             other = FineTuneConfig.from_yaml(sibling / CONFIG_NAME)

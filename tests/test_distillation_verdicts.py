@@ -197,3 +197,24 @@ def test_the_bootstrap_difference_is_paired():
     boot = bootstrap(task, examples, PLAIN, "accuracy", side(labels_), side(student), 300, 0, False, side(plain))
     width = boot["difference"][1] - boot["difference"][0]
     assert width <= 0.05 and (boot["plain"][1] - boot["plain"][0]) > 0.1  # one example drawn 0 to ~4 times; each 0.01
+
+
+def test_a_readme_kdcache_did_not_write_is_left_alone(tmp_path):
+    """kdcache writes only what it created: a user's README.md in the output folder, or a link there, stays as it was."""
+    from kdcache.model_card import write_card
+
+    card = build_card(PLAIN, {"accuracy": 0.5}, "accuracy")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my notes\n")
+    assert write_card(mine, card) is None and (mine / "README.md").read_text() == "# my notes\n"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "README.md").symlink_to(mine / "README.md")
+    assert write_card(linked, card) is None and (mine / "README.md").read_text() == "# my notes\n"
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    assert write_card(ours, card) == ours / "README.md"
+    assert write_card(ours, build_card(PLAIN, {"accuracy": 0.75}, "accuracy")) == ours / "README.md"  # ours: rewritten
+    assert ModelCard.load(ours / "README.md").data.eval_results[0].metric_value == 0.75
+    assert sorted(p.name for p in ours.iterdir()) == ["README.md"]  # no temporary file left
