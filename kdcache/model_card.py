@@ -40,8 +40,10 @@ def _settings(config: FineTuneConfig, temperature: Optional[float], layer_map: d
                          f"batch_size {config.batch_size}, seed {config.seed}")]
     if not config.use_distillation:
         return [("distillation", "none: fine-tuned on the labels alone (use_distillation: false)")] + rows
+    t = temperature or config.temperature
+    t_text = f"{t:g}" if t else "the task default"
     rows = [("teacher", teacher_name_for(config)),
-            ("logits", f"KL at temperature {temperature:g}, distillation_alpha {config.distillation_alpha:g}"
+            ("logits", f"KL at temperature {t_text}, distillation_alpha {config.distillation_alpha:g}"
                        + (f", {config.logits_mode} logits (k {config.logits_k})" if config.logits_mode not in (None, "full") else "")
              if config.distill_logits else "not distilled"),
             ("hidden states", (f"teacher layer -> student layer {layer_map}, {config.hidden_dtype} in the cache, "

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from helpers import make_bert, read_jsonl, write_jsonl, write_pipeline
 from huggingface_hub import ModelCard
 from seq2seq_models import invoke_cli
@@ -218,3 +219,19 @@ def test_a_readme_kdcache_did_not_write_is_left_alone(tmp_path):
     assert write_card(ours, build_card(PLAIN, {"accuracy": 0.75}, "accuracy")) == ours / "README.md"  # ours: rewritten
     assert ModelCard.load(ours / "README.md").data.eval_results[0].metric_value == 0.75
     assert sorted(p.name for p in ours.iterdir()) == ["README.md"]  # no temporary file left
+
+
+def test_a_sweep_of_plain_runs_only_is_refused_and_the_advice_works(tmp_path, small_data):
+    from kdcache.config import ConfigError
+    from kdcache.sweep import load_sweep
+
+    base = write_pipeline(tmp_path / "base.yaml", model_name="student", task_type="text_classification",
+                          use_distillation=False, train_file=str(small_data["train"]), eval_file=str(small_data["eval"]))
+    sweep = write_pipeline(tmp_path / "sweep.yaml", base=str(base), cache_dir=str(tmp_path / "cache"),
+                           output_dir=str(tmp_path / "out"), runs=[{"name": "a"}, {"name": "b", "num_epochs": 1}])
+    with pytest.raises(ConfigError, match="use_distillation is off in every run; .*set use_distillation: true in the base"):
+        load_sweep(sweep)
+    write_pipeline(base, **{**yaml.safe_load(base.read_text()), "use_distillation": True})  # as advised
+    write_pipeline(sweep, base=str(base), cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
+                   runs=[{"name": "a"}, {"name": "b", "use_distillation": False}])  # one plain run may stay: a baseline
+    assert [r.config.use_distillation for r in load_sweep(sweep).runs] == [True, False]
