@@ -7,6 +7,7 @@ that shows it, and the settings to change as the guide advises. The thresholds a
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -19,8 +20,8 @@ __all__ = ["Finding", "diagnose", "did_distillation_help", "temperature_range", 
 
 KD_STAYS_HIGH = 0.5  # the distillation loss at the end is still >= half its first logged value
 KD_FALLS = 0.05  # the KD loss "never falls": its mean over the last third of logs is not 5% below the first third's
-AGREEMENT_GAIN = 0.02  # agreement "stays flat": its last third's mean is not 2 points above the first third's ...
-AGREEMENT_CEILING = 0.95  # ... unless it starts this high (a student that already agrees has little to gain)
+AGREEMENT_GAIN = 0.02  # agreement "stays flat": its second half's mean is not 2 points (and 2 standard errors) above
+AGREEMENT_CEILING = 0.95  # the first half's, and stays below this (a student that agrees this much has no more to gain)
 MIN_METRIC_SHARE = 0.9  # the guide's first criterion: the student keeps >= 90% of the teacher's metric
 # A training step (forward + backward, ~3 forwards) costing more than twice a plain fine-tuning step: the
 # student's training examples/s below its inference examples/s divided by 2 x 3.
@@ -195,15 +196,21 @@ def _kd_never_falls(history) -> Optional[Finding]:
 
 def _agreement_flat(history) -> Optional[Finding]:
     agree = _series(history, "teacher_agreement")
-    if len(agree) < 3:
+    if len(agree) < 4:
         return None
-    first, last = _thirds(agree)
-    if first >= AGREEMENT_CEILING or last - first >= AGREEMENT_GAIN:
+    half = len(agree) // 2
+    first, last = agree[:half], agree[-half:]
+    m1, m2 = sum(first) / half, sum(last) / half
+    # Welch's standard error of the halves' difference: per-batch agreement of a student that never moves swings by
+    # tens of points between logs, which a fixed threshold alone would read as a rise.
+    se = (statistics.variance(first) / half + statistics.variance(last) / half) ** 0.5 if half > 1 else 0.0
+    if m2 >= AGREEMENT_CEILING or m2 - m1 >= max(AGREEMENT_GAIN, 2 * se):
         return None
     return Finding("Agreement Stays Flat",
-                   f"the student's agreement with the teacher stayed flat: {first:.1%} over the first third of "
-                   f"{len(agree)} logs, {last:.1%} over the last (not {AGREEMENT_GAIN:.0%} points up); the student does "
-                   "not come to predict what the teacher predicts", [_guide("Poor Student Performance")])
+                   f"the student's agreement with the teacher stayed flat: {m1:.1%} over the first half of {len(agree)} "
+                   f"logs, {m2:.1%} over the second (a rise under {100 * max(AGREEMENT_GAIN, 2 * se):.1f} points: "
+                   f"{100 * AGREEMENT_GAIN:g}, or twice its standard error); the student does not come to predict what "
+                   "the teacher predicts", [_guide("Poor Student Performance")])
 
 
 def _teacher_not_better(config: FineTuneConfig, figures: dict[str, Any]) -> Optional[Finding]:

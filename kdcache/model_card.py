@@ -36,7 +36,7 @@ def _eval_source(config: FineTuneConfig) -> tuple[str, str]:
 
 
 def _settings(config: FineTuneConfig, temperature: Optional[float], layer_map: dict) -> list[tuple[str, str]]:
-    rows = [("training", f"{config.num_epochs} epochs, learning_rate {config.learning_rate:g} ({config.lr_scheduler_type}), "
+    rows = [("training", f"{config.num_epochs:g} epochs, learning_rate {config.learning_rate:g} ({config.lr_scheduler_type}), "
                          f"batch_size {config.batch_size}, seed {config.seed}")]
     if not config.use_distillation:
         return [("distillation", "none: fine-tuned on the labels alone (use_distillation: false)")] + rows

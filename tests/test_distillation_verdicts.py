@@ -45,14 +45,19 @@ def test_a_kd_loss_that_never_falls_is_said_with_the_guides_remedies():
     assert _issues(_log("loss_kd", [0.42, 0.44, 0.45]), config=PLAIN) == {}  # a plain run distils nothing
 
 
-def test_agreement_that_stays_flat_is_said_unless_it_starts_high():
-    # per-batch agreement is noisy: a run whose student never moved (the CLI test's) jumps by 9 points between logs
-    flat = _issues(_log("teacher_agreement", [0.094, 0.031, 0.094, 0.031, 0.062, 0.125, 0.0, 0.094, 0.06]))
-    assert "stayed flat: 7.3% over the first third of 9 logs, 5.1% over the last" in flat["Agreement Stays Flat"]["figure"]
-    assert "Use larger student model; Increase training epochs; Add hidden state distillation" in \
-        flat["Agreement Stays Flat"]["changes"][0]
-    assert "Agreement Stays Flat" not in _issues(_log("teacher_agreement", [0.55, 0.50, 0.60, 0.70, 0.80, 0.85]))  # it rose
-    assert "Agreement Stays Flat" not in _issues(_log("teacher_agreement", [0.97, 0.96, 0.97]))  # agrees from the start
+def test_agreement_that_stays_flat_is_said_unless_it_rises_or_ends_high():
+    # per-batch agreement is noisy: a student that never moved (learning rate 1e-9, docs/evaluation-report.md's run)
+    # logged these, 19% to 50%: twice the halves' Welch standard error is sqrt(0.02108 / 4 + 0.001628 / 4) x 2 = 15.1%
+    stuck = [0.3125, 0.1875, 0.46875, 0.5, 0.375, 0.34375, 0.4375, 0.40625]
+    flat = _issues(_log("teacher_agreement", stuck))["Agreement Stays Flat"]
+    assert "stayed flat: 36.7% over the first half of 8 logs, 39.1% over the second (a rise under 15.1 points: " \
+        in flat["figure"], flat["figure"]
+    assert "Use larger student model; Increase training epochs; Add hidden state distillation" in flat["changes"][0]
+    assert "Agreement Stays Flat" in _issues(_log("teacher_agreement", [0.55, 0.56, 0.55, 0.56]))  # steady, a 0.5-point rise
+    assert "Agreement Stays Flat" not in _issues(_log("teacher_agreement", [0.40, 0.45, 0.42, 0.70, 0.75, 0.72]))  # it rose
+    # a student that agrees within the first log and stays there (the CLI test's distilled run)
+    assert "Agreement Stays Flat" not in _issues(_log("teacher_agreement", [0.53, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]))
+    assert "Agreement Stays Flat" not in _issues(_log("teacher_agreement", [0.5, 0.6, 0.55]))  # too few logs to tell
 
 
 def test_a_teacher_at_or_below_the_plain_student_makes_the_comparison_void():
