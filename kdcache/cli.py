@@ -155,6 +155,8 @@ def _report(result) -> None:
                         and k not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"))
     click.echo(f"saved {result.output_dir} ({result.num_parameters / 1e6:.1f}M parameters) in {result.seconds:.1f}s"
                + (f"; {metrics}" if metrics else ""))
+    for f in getattr(result, "findings", []):  # distillation did not help: said last, where it is read
+        click.echo(f"warning: {f['issue']}: {f['figure']}. Change: " + "; ".join(f["changes"]) + ".", err=True)
 
 
 @main.command("inspect")
@@ -180,12 +182,17 @@ def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:
 
 @main.command("recommend")
 @click.option("--task", "task_type", default=None, help="Only this task.")
+@click.option("--teacher", default=None, help="A teacher (local folder or hub name): also print the layers each task's "
+              "strategy picks on its depth (read from its config.json).")
 @_handle_errors
-def recommend_cmd(task_type: Optional[str]) -> None:
+def recommend_cmd(task_type: Optional[str], teacher: Optional[str]) -> None:
     """The guide's recommended teachers, students, temperatures and layers."""
-    from kdcache.recommend import format_recommendations
+    from kdcache.recommend import format_recommendations, teacher_depths
+    from kdcache.tasks.defaults import LAYER_FAMILY
 
-    click.echo(format_recommendations(task_type))
+    format_recommendations(task_type)  # an unknown task is refused before the teacher is read
+    depths = teacher_depths(teacher, [task_type] if task_type else list(LAYER_FAMILY)) if teacher else None
+    click.echo(format_recommendations(task_type, depths))
 
 
 @main.command("compare")

@@ -7,16 +7,21 @@ that shows it, and the settings to change as the guide advises. The thresholds a
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from kdcache.config import FineTuneConfig
-from kdcache.recommend import MODEL_SIZE_RATIOS, default_layers, default_temperature
+from kdcache.recommend import MODEL_SIZE_RATIOS, default_teacher, default_temperature, layer_strategy
 
-__all__ = ["Finding", "diagnose", "temperature_range", "KD_STAYS_HIGH", "MIN_METRIC_SHARE", "SLOW_TRAINING_FACTOR",
-           "SIZE_RATIO_RANGE", "TEMPERATURE_BANDS"]
+__all__ = ["Finding", "diagnose", "did_distillation_help", "temperature_range", "KD_STAYS_HIGH", "KD_FALLS",
+           "AGREEMENT_GAIN", "AGREEMENT_CEILING", "MIN_METRIC_SHARE", "SLOW_TRAINING_FACTOR", "SIZE_RATIO_RANGE",
+           "TEMPERATURE_BANDS", "GUIDE_REMEDIES"]
 
 KD_STAYS_HIGH = 0.5  # the distillation loss at the end is still >= half its first logged value
+KD_FALLS = 0.05  # the KD loss "never falls": its mean over the last third of logs is not 5% below the first third's
+AGREEMENT_GAIN = 0.02  # agreement "stays flat": its second half's mean is not 2 points (and 2 standard errors) above
+AGREEMENT_CEILING = 0.95  # the first half's, and stays below this (a student that agrees this much has no more to gain)
 MIN_METRIC_SHARE = 0.9  # the guide's first criterion: the student keeps >= 90% of the teacher's metric
 # A training step (forward + backward, ~3 forwards) costing more than twice a plain fine-tuning step: the
 # student's training examples/s below its inference examples/s divided by 2 x 3.
@@ -29,6 +34,13 @@ SIZE_RATIO_RANGE = (min(_RATIOS), max(_RATIOS))  # teacher / student parameters
 # The guide's bands, then kdcache's own for binary classification, whose measured default (1.0, docs/recipe.md) lies
 # below the guide's 1.5: the first band holding the task's default temperature is the task's.
 TEMPERATURE_BANDS = ((1.5, 2.0, "simple classification"), (2.0, 4.0, "complex tasks"), (1.0, 2.0, "binary classification"))
+
+
+# The guide's "Common Issues and Solutions", quoted: the remedies that did_distillation_help's findings cite.
+GUIDE_REMEDIES: dict[str, list[str]] = {
+    "High Distillation Loss": ["Increase temperature", "Adjust distillation_alpha", "Add more teacher layers to distill"],
+    "Poor Student Performance": ["Use larger student model", "Increase training epochs", "Add hidden state distillation"],
+}
 
 
 @dataclass
@@ -61,11 +73,17 @@ def _last(history: list[dict[str, Any]], key: str) -> Optional[float]:
     return values[-1] if values else None
 
 
+def _layers_named(config: FineTuneConfig) -> str:
+    """The run's teacher layers as its config names them: the list, or the task's strategy on the teacher's depth."""
+    named = config.teacher_layers_to_distill
+    return str(list(named)) if named else f"the {layer_strategy(config.task_type)} default"
+
+
 def _high_kd(history, config: FineTuneConfig) -> Optional[Finding]:
     kd = _series(history, "loss_kd")
     if len(kd) < 3 or kd[0] <= 0 or kd[-1] < KD_STAYS_HIGH * kd[0]:
         return None
-    layers = config.teacher_layers_to_distill or default_layers(config.task_type)
+    layers = _layers_named(config)
     return Finding(
         "High Distillation Loss",
         f"distillation loss (KL) {kd[0]:.4g} at the first log, {kd[-1]:.4g} at the last: "
@@ -98,7 +116,7 @@ def _slow_training(history, config: FineTuneConfig, figures: dict[str, Any]) -> 
     changes = []
     if config.distill_hidden_states:
         changes.append(f"reduce the number of teacher layers (teacher_layers_to_distill; now "
-                       f"{config.teacher_layers_to_distill or default_layers(config.task_type)})")
+                       f"{_layers_named(config)})")
     if not config.use_mixed_precision:
         changes.append("use mixed precision training (--use-mixed-precision true; on a GPU)")
     if not config.gradient_checkpointing:
@@ -145,4 +163,97 @@ def diagnose(history: list[dict[str, Any]], config: FineTuneConfig, figures: dic
     a missing figure skips the checks that need it."""
     found = [_high_kd(history, config), _poor_student(config, figures), _slow_training(history, config, figures),
              _size_ratio(figures), _temperature(config, figures)]
+    return [f for f in found if f is not None]
+
+
+# -- did distillation help? ------------------------------------------------------------------------------
+def _guide(issue: str) -> str:
+    return f"the guide's remedies for {issue}: " + "; ".join(GUIDE_REMEDIES[issue])
+
+
+def _better(a: float, b: float, lower_is_better: bool) -> bool:
+    return a < b if lower_is_better else a > b
+
+
+def _thirds(values: list[float]) -> tuple[float, float]:
+    """Means of the first and the last third of a logged series (per-log values are per-batch and noisy)."""
+    n = max(1, len(values) // 3)
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def _kd_never_falls(history) -> Optional[Finding]:
+    kd = _series(history, "loss_kd")
+    if len(kd) < 3 or kd[0] <= 0:
+        return None
+    first, last = _thirds(kd)
+    if last < (1 - KD_FALLS) * first:
+        return None
+    return Finding("KD Loss Never Falls",
+                   f"the distillation loss never fell: {first:.4g} over the first third of {len(kd)} logs, {last:.4g} over "
+                   f"the last (not {KD_FALLS:.0%} lower); the student is not learning from the teacher",
+                   [_guide("High Distillation Loss")])
+
+
+def _agreement_flat(history) -> Optional[Finding]:
+    agree = _series(history, "teacher_agreement")
+    if len(agree) < 4:
+        return None
+    half = len(agree) // 2
+    first, last = agree[:half], agree[-half:]
+    m1, m2 = sum(first) / half, sum(last) / half
+    # Welch's standard error of the halves' difference: per-batch agreement of a student that never moves swings by
+    # tens of points between logs, which a fixed threshold alone would read as a rise.
+    se = (statistics.variance(first) / half + statistics.variance(last) / half) ** 0.5 if half > 1 else 0.0
+    if m2 >= AGREEMENT_CEILING or m2 - m1 >= max(AGREEMENT_GAIN, 2 * se):
+        return None
+    return Finding("Agreement Stays Flat",
+                   f"the student's agreement with the teacher stayed flat: {m1:.1%} over the first half of {len(agree)} "
+                   f"logs, {m2:.1%} over the second (a rise under {100 * max(AGREEMENT_GAIN, 2 * se):.1f} points: "
+                   f"{100 * AGREEMENT_GAIN:g}, or twice its standard error); the student does not come to predict what "
+                   "the teacher predicts", [_guide("Poor Student Performance")])
+
+
+def _teacher_not_better(config: FineTuneConfig, figures: dict[str, Any]) -> Optional[Finding]:
+    teacher, plain, lower = figures.get("teacher_metric"), figures.get("plain_metric"), bool(figures.get("lower_is_better"))
+    if teacher is None or plain is None or _better(teacher, plain, lower):
+        return None
+    metric = figures.get("metric", "metric")
+    return Finding("Teacher No Better Than Plain",
+                   f"the teacher's {metric} {teacher:.4f} is at or below the plain student's {plain:.4f} (same student, "
+                   "use_distillation: false): distillation cannot help, there is nothing to transfer, and a comparison "
+                   "of distilled and plain students in this setting is void",
+                   [f"use a stronger teacher (teacher_model_name; the guide's default for {config.task_type}: "
+                    f"{default_teacher(config.task_type)}), or train the teacher longer or on more data",
+                    "until then keep the plain student (use_distillation: false)"])
+
+
+def _distilled_not_better(figures: dict[str, Any]) -> Optional[Finding]:
+    diff = figures.get("difference")  # distilled - plain, with "ci" and "plain_metric"/"student_metric"
+    if not diff:
+        return None
+    lower, metric = bool(figures.get("lower_is_better")), figures.get("metric", "metric")
+    value, ci = diff["value"], diff.get("ci")
+    ci_text = f" (95% CI {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else ""
+    if _better(value, 0.0, lower):
+        if not ci or _better(ci[0] if not lower else ci[1], 0.0, lower):
+            return None  # better, and (where known) the whole interval is
+        return Finding("Gain Within Noise",
+                       f"distilled minus plain {metric} is {value:+.4f}{ci_text}: the interval includes no gain, so "
+                       "this eval set cannot tell the distilled student from the plain one",
+                       ["evaluate on more examples (eval_file), or train over more seeds", _guide("Poor Student Performance")])
+    return Finding("Distillation Did Not Help",
+                   f"distilled minus plain {metric} is {value:+.4f}{ci_text}: the plain student (use_distillation: "
+                   "false) is as good or better", [_guide("Poor Student Performance"), _guide("High Distillation Loss")])
+
+
+def did_distillation_help(history: list[dict[str, Any]], config: FineTuneConfig, figures: dict[str, Any]) -> list[Finding]:
+    """Plain statements that distillation did not help, or cannot: the teacher at or below the plain student, the
+    distilled student at or below it, the KD loss that never falls, teacher agreement that stays flat. Each cites the
+    guide's remedies. Pure: ``history`` is the Trainer's log_history (``loss_kd``, ``teacher_agreement`` per log);
+    ``figures`` may hold ``metric``, ``lower_is_better``, ``teacher_metric``, ``plain_metric`` and ``difference``
+    ({"value": distilled - plain, "ci": [low, high]}); a missing one skips its check. A plain run has none."""
+    if not config.use_distillation:
+        return []
+    found = [_teacher_not_better(config, figures), _distilled_not_better(figures), _kd_never_falls(history),
+             _agreement_flat(history)]
     return [f for f in found if f is not None]

@@ -62,10 +62,11 @@ from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device, on_rank0, rank_and_world, together
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
+from kdcache.layer_strategy import teacher_layers
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
-from kdcache.teacher import reduce_sampled, reduce_topk, resolve_layers, select_hidden, untrained_head_problem
+from kdcache.teacher import reduce_sampled, reduce_topk, select_hidden, untrained_head_problem
 from kdcache.tokenizers import tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def store_spec_for(config: FineTuneConfig, task, model_config, labels, tokenizer
             raise ValueError(f"hidden_outliers (--hidden-outliers) {config.hidden_outliers} must be below the teacher's hidden size "
                              f"{hidden_size}: set it to {hidden_size - 1} or less (default 8)")
         hidden = HiddenSpec(
-            layers=resolve_layers(layers, task.hidden_config(model_config).num_hidden_layers),
+            layers=teacher_layers(layers, int(task.hidden_config(model_config).num_hidden_layers)),
             hidden_size=hidden_size,
             dtype=config.hidden_dtype,
             pooling=config.hidden_pooling,

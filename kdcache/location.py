@@ -15,14 +15,15 @@ from kdcache.config import FineTuneConfig, kdcache_home
 
 
 def lookup_inputs(
-    config: FineTuneConfig, task, teacher_name: str, dataset_hash: str, num_examples: int, requested_layers: Optional[list[int]],
+    config: FineTuneConfig, task, teacher_name: str, dataset_hash: str, num_examples: int, requested_layers: Optional[list[int] | str],
 ) -> dict[str, Any]:
     """Everything a run names that determines the cache's contents (from the config alone): the
-    task's feature parameters (max_length, doc_stride, label alignment) included."""
+    task's feature parameters (max_length, doc_stride, label alignment) included. ``requested_layers`` is the
+    layers the run names, or its task's strategy name (the teacher, also an input, fixes its depth)."""
     hidden = None
     if requested_layers is not None:
         hidden = {
-            "layers": list(requested_layers), "dtype": config.hidden_dtype, "pooling": config.hidden_pooling,
+            "layers": requested_layers if isinstance(requested_layers, str) else list(requested_layers), "dtype": config.hidden_dtype, "pooling": config.hidden_pooling,
             "n_outliers": config.hidden_outliers if config.hidden_dtype == "int8" else 0,
         }
     return {

@@ -3,6 +3,11 @@ temperatures and layers per task. `kdcache recommend` prints them."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+from kdcache.layer_strategy import strategy_layers
+from kdcache.tasks.defaults import LAYER_FAMILY
+
 RECOMMENDED_TEACHER_MODELS: dict[str, dict[str, str]] = {
     "text_classification": {
         "default": "bert-large-uncased",
@@ -99,15 +104,8 @@ RECIPE_NOTES = (
     "unlabeled in-domain text: add it as a transfer set (transfer_file); the teacher labels it once (README: Transfer sets)",
 )
 
-# Which row of LAYER_SELECTION_GUIDE each task uses.
-_LAYER_FAMILY = {
-    "text_classification": "classification",
-    "token_classification": "classification",
-    "question_answering": "qa",
-    "summarization": "generation",
-    "translation": "generation",
-    "causal_lm": "generation",
-}
+# Which row of LAYER_SELECTION_GUIDE each task uses (a task fact: kept in kdcache/tasks/defaults.py).
+_LAYER_FAMILY = LAYER_FAMILY
 
 
 def default_teacher(task_type: str) -> str:
@@ -127,13 +125,22 @@ def default_temperature(task_type: str, num_labels: int | None = None) -> float:
     return TEMPERATURE_GUIDE[task_type]
 
 
-def default_layers(task_type: str) -> list[int]:
-    """The guide's hidden layers to distil for a task."""
-    return list(LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task_type]]["layers"])
+def layer_strategy(task_type: str) -> str:
+    """The guide's layer-selection strategy for a task: top_layers, distributed or bookend."""
+    return LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task_type]]["strategy"]
 
 
-def format_recommendations(task_type: str | None = None) -> str:
-    """Human-readable tables for `kdcache recommend`; an unknown task is a ConfigError listing the known ones."""
+def default_layers(task_type: str, depth: Optional[int] = None) -> list[int]:
+    """The hidden layers to distil for a task: its strategy mapped onto a teacher of ``depth`` layers, or the guide's
+    own list (for a 12-layer teacher) when the depth is not known."""
+    if depth is None:
+        return list(LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task_type]]["layers"])
+    return list(strategy_layers(layer_strategy(task_type), depth))
+
+
+def format_recommendations(task_type: str | None = None, depths: Optional[dict[str, int]] = None) -> str:
+    """Human-readable tables for `kdcache recommend`; an unknown task is a ConfigError listing the known ones. ``depths``
+    (task -> a teacher's layer count, see `teacher_depths`) adds each task's layers resolved on that teacher."""
     if task_type and task_type not in _LAYER_FAMILY:
         from kdcache.config import ConfigError
 
@@ -156,12 +163,30 @@ def format_recommendations(task_type: str | None = None) -> str:
         else:
             lines.append(f"  temperature: {default_temperature(task)}")
         family = LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task]]
-        lines.append(f"  layers: {family['layers']} ({family['strategy']})")
+        depth = (depths or {}).get(task)
+        lines.append(f"  layers: {family['strategy']} (the guide's {family['layers']} for a 12-layer teacher)"
+                     + (f"; on the teacher's {depth} layers: {default_layers(task, depth)}" if depth else ""))
     lines.append("size ratios: " + ", ".join(f"{k} {v['ratio']} ({v['example']})" for k, v in MODEL_SIZE_RATIOS.items()))
     lines.append("training recipe (the config's defaults; docs/recipe.md): "
                  + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in TRAINING_RECIPE.items()))
     lines += [f"  - {note}" for note in RECIPE_NOTES]
     return "\n".join(lines)
+
+
+def teacher_depths(teacher: str, tasks: list[str]) -> dict[str, int]:
+    """Each task's teacher depth (the layers of the stack whose hidden states are stored) from the teacher's config.json
+    alone (no weights); a model that cannot be found is a kdcache.models.ModelError."""
+    from transformers import AutoConfig
+
+    from kdcache.models import ModelError, resolve_model_path
+    from kdcache.tasks import get_task
+
+    path = resolve_model_path(teacher)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--teacher {teacher!r}: cannot load its config ({exc})") from None
+    return {task: int(get_task(task).hidden_config(model_config).num_hidden_layers) for task in tasks}
 
 
 def recommended_recipe(task_type: str | None = None) -> dict[str, object]:
@@ -174,8 +199,9 @@ def teacher_name_for(config) -> str:
     return config.teacher_model_name or default_teacher(config.task_type)
 
 
-def requested_layers(config) -> list[int] | None:
-    """The teacher layers the run distils (the guide's default for the task when unset), or None."""
+def requested_layers(config) -> list[int] | str | None:
+    """What the run asks to distil, computable without the teacher: the layers it names, else the task's strategy
+    name (mapped onto the teacher's depth by kdcache.layer_strategy.teacher_layers); None without hidden states."""
     if not config.distill_hidden_states:
         return None
-    return list(config.teacher_layers_to_distill or default_layers(config.task_type))
+    return list(config.teacher_layers_to_distill) if config.teacher_layers_to_distill else layer_strategy(config.task_type)

@@ -13,11 +13,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kdcache.config import FineTuneConfig
-from kdcache.diagnose import MIN_METRIC_SHARE, diagnose
+from kdcache.config import ConfigError, FineTuneConfig
+from kdcache.diagnose import MIN_METRIC_SHARE, diagnose, did_distillation_help
 
 __all__ = ["MIN_METRIC_SHARE", "MIN_SPEEDUP", "MIN_SIZE_REDUCTION", "metric_share", "bootstrap", "criteria",
-           "build_report", "format_markdown", "monitor_plots", "write_report", "run_comparison"]
+           "build_report", "format_markdown", "monitor_plots", "write_report", "plain_baseline", "run_comparison"]
 
 MIN_SPEEDUP = 1.5  # "inference speed should improve by at least 50%": teacher / student latency at batch 1
 MIN_SIZE_REDUCTION = 0.4  # "model size should reduce by at least 40%": 1 - student / teacher parameters
@@ -54,20 +54,23 @@ class _Drawn:
 
 
 def bootstrap(task, examples, config: FineTuneConfig, metric: str, teacher: dict[str, Any], student: dict[str, Any],
-              resamples: int = 1000, seed: int = 0, lower_is_better: bool = False) -> dict[str, Any]:
+              resamples: int = 1000, seed: int = 0, lower_is_better: bool = False,
+              plain: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Percentile bootstrap over eval examples: ``resamples`` draws of len(examples) examples with replacement
     (numpy, seeded), the task's own metric recomputed on each draw for both models from their per-example
     ``predictions`` (each with its ``labels``), and the share from the same draw for both (paired).
 
-    Returns the central ``CONFIDENCE`` interval of the teacher's and the student's metric and of the share."""
+    Returns the central ``CONFIDENCE`` interval of the teacher's and the student's metric and of the share; with
+    ``plain`` (a plain student's figures), also of its metric and of student minus plain, from the same draws."""
     rng = np.random.default_rng(seed)
     n = len(examples)
     columns: dict[str, list[Any]] = {}  # read once, shared by every draw
-    values = np.empty((resamples, 2))  # [resamples, (teacher, student)]
+    sides = (teacher, student) + ((plain,) if plain is not None else ())
+    values = np.empty((resamples, len(sides)))  # [resamples, (teacher, student[, plain])]
     for b in range(resamples):
         idx = rng.integers(0, n, size=n)  # [n] example positions, with replacement
         drawn = _Drawn(examples, idx, columns)
-        for j, side in enumerate((teacher, student)):
+        for j, side in enumerate(sides):
             preds = [side["predictions"][i] for i in idx]
             values[b, j] = task.compute_metrics(preds, drawn, side["labels"], config)[metric]
     num, den = (values[:, 0], values[:, 1]) if lower_is_better else (values[:, 1], values[:, 0])
@@ -78,8 +81,11 @@ def bootstrap(task, examples, config: FineTuneConfig, metric: str, teacher: dict
     def interval(x: np.ndarray) -> list[float]:
         return [float(v) for v in np.percentile(x, [tail, 100 - tail])]
 
-    return {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE, "teacher": interval(values[:, 0]),
-            "student": interval(values[:, 1]), "share": interval(shares)}
+    out = {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE, "teacher": interval(values[:, 0]),
+           "student": interval(values[:, 1]), "share": interval(shares)}
+    if plain is not None:  # paired: both students scored on the same draw
+        out.update(plain=interval(values[:, 2]), difference=interval(values[:, 1] - values[:, 2]))
+    return out
 
 
 def _at_least(value: Optional[float], threshold: float) -> Optional[bool]:
@@ -109,14 +115,22 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any], student: dict[str, Any],
                  resamples: int = 1000, history: Optional[list[dict[str, Any]]] = None,
-                 run_config: Optional[FineTuneConfig] = None, notes: Optional[list[str]] = None) -> dict[str, Any]:
+                 run_config: Optional[FineTuneConfig] = None, notes: Optional[list[str]] = None,
+                 plain: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The report as JSON-ready data from the two models' figures (see `kdcache.evaluate.measure_model`; a teacher
     read from a cache has no latency or throughput, and may lack its sizes). ``history`` and ``run_config`` are
-    the student's training log and config (for the diagnostics; ``config`` stands in for a missing one)."""
+    the student's training log and config (for the diagnostics; ``config`` stands in for a missing one). ``plain``:
+    the figures of a plain student of the same model (a sweep's use_distillation: false run), for distilled - plain."""
     metric, lower = task.primary_metric(), task.lower_is_better
     t_m, s_m = teacher["metrics"][metric], student["metrics"][metric]
     share = metric_share(t_m, s_m, lower)
-    boot = bootstrap(task, examples, config, metric, teacher, student, resamples, config.seed, lower) if resamples else None
+    boot = (bootstrap(task, examples, config, metric, teacher, student, resamples, config.seed, lower, plain)
+            if resamples else None)
+    baseline = None
+    if plain is not None:
+        p_m = plain["metrics"][metric]
+        baseline = {"model": plain.get("model"), "metrics": plain["metrics"], "metric_ci": boot["plain"] if boot else None,
+                    "difference": {"value": s_m - p_m, "ci": boot["difference"] if boot else None}}
     t_lat, s_lat = (teacher.get("latency") or {}).get("median_ms"), student["latency"]["median_ms"]
     speedup = _ratio(t_lat, s_lat)
     size_ratio = _ratio(student.get("num_parameters"), teacher.get("num_parameters"))
@@ -126,6 +140,10 @@ def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any]
                "student_examples_per_s": student["throughput"]["examples_per_s"],
                "num_labels": getattr(student.get("labels"), "num_labels", None)}
     findings = diagnose(history or [], run_config or config, figures)
+    verdicts = did_distillation_help(history or [], run_config or config, {
+        "metric": metric, "lower_is_better": lower, "teacher_metric": t_m,
+        "plain_metric": baseline["metrics"][metric] if baseline else None,
+        "difference": baseline["difference"] if baseline else None})
 
     def side(f: dict[str, Any]) -> dict[str, Any]:
         keep = ("model", "source", "cache", "device", "metrics", "num_parameters", "bytes_on_disk", "latency", "throughput")
@@ -140,6 +158,7 @@ def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any]
         "size": {"parameters": size_ratio, "bytes": _ratio(student.get("bytes_on_disk"), teacher.get("bytes_on_disk") or None)},
         "criteria": criteria(share, speedup, size_reduction, boot["share"] if boot else None),
         "findings": [f.to_dict() for f in findings],
+        "plain": baseline, "distillation_helped": [f.to_dict() for f in verdicts],
         "notes": list(notes or []),
     }
 
@@ -205,11 +224,33 @@ def format_markdown(report: dict[str, Any], plots: Optional[list[str]] = None) -
         lines.append("None of the guide's common issues shows in the figures.")
     for f in report["findings"]:
         lines.append(f"- **{f['issue']}**: {f['figure']}. Change: " + "; ".join(f["changes"]) + ".")
+    lines += _did_it_help(report)
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     if plots:
         lines += ["", "## Training plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _did_it_help(report: dict[str, Any]) -> list[str]:
+    """The "Did distillation help?" section: distilled minus plain (where a plain student was measured) and the plain
+    statements of did_distillation_help, each with the guide's remedies."""
+    plain, verdicts, metric = report.get("plain"), report.get("distillation_helped") or [], report["metric"]
+    lines = ["", "## Did distillation help?", ""]
+    if plain:
+        diff = plain["difference"]
+        ci = f" (95% CI {diff['ci'][0]:+.4f} to {diff['ci'][1]:+.4f}, paired bootstrap)" if diff["ci"] else ""
+        lines.append(f"Distilled minus plain {metric}: {diff['value']:+.4f}{ci}; the plain student "
+                     f"({plain['model']}) scores {_m(plain['metrics'][metric], plain['metric_ci'])}"
+                     + (" (lower is better)." if report["lower_is_better"] else "."))
+        lines.append("")
+    for f in verdicts:
+        lines.append(f"- **{f['issue']}**: {f['figure']}. Change: " + "; ".join(f["changes"]) + ".")
+    if not verdicts:
+        lines.append("Nothing in the figures says distillation did not help"
+                     + ("" if plain else " (no plain student of the same model to compare with: a sweep run with "
+                        "use_distillation: false next to this one adds distilled minus plain)") + ".")
+    return lines
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -236,12 +277,17 @@ def monitor_plots(student_dir: Path) -> list[str]:
 
 
 def write_report(report: dict[str, Any], student_dir: Path) -> tuple[Path, Path, str]:
-    """Write report.json and report.md (each atomically) into the student's folder; returns their paths and the
-    Markdown."""
+    """Write report.json and report.md (each atomically) into the student's folder, and its model card with the
+    criteria where train-student wrote the card; returns the report's paths and the Markdown."""
     markdown = format_markdown(report, monitor_plots(student_dir))
     md, js = student_dir / REPORT_MD, student_dir / REPORT_JSON
     _write_atomic(js, json.dumps(report, indent=2, default=str) + "\n")
     _write_atomic(md, markdown)
+    from kdcache.model_card import card_from_run, write_card
+
+    card = card_from_run(student_dir, report["criteria"], report["student"]["metrics"])
+    if card is not None:  # a student that train-student saved: its model card gains the measured criteria
+        write_card(student_dir, card)
     return md, js, markdown
 
 
@@ -257,6 +303,26 @@ def _student_run(student_dir: Optional[Path]) -> tuple[list[dict[str, Any]], Opt
         history = json.loads((student_dir / REPORT_NAME).read_text()).get("log_history") or []
     run_config = FineTuneConfig.from_yaml(student_dir / CONFIG_NAME) if (student_dir / CONFIG_NAME).is_file() else None
     return history, run_config
+
+
+def plain_baseline(student_dir: Path, run_config: FineTuneConfig) -> Optional[Path]:
+    """A plain student of the same model next to a distilled sweep run: a finished sibling run (sweep_result.json)
+    whose saved config has use_distillation false and the same model_name and task; None when there is none."""
+    from kdcache.sweep import RESULT_NAME
+    from kdcache.train import CONFIG_NAME
+
+    if not run_config.use_distillation or not (student_dir / RESULT_NAME).is_file():
+        return None
+    for sibling in sorted(student_dir.parent.iterdir()):  # as the user named the folder (relative stays relative)
+        if sibling.is_symlink() or sibling.resolve() == student_dir.resolve() or not (sibling / RESULT_NAME).is_file():
+            continue
+        try:
+            other = FineTuneConfig.from_yaml(sibling / CONFIG_NAME)
+        except (OSError, ValueError, ConfigError):  # a sibling that is not a readable run is not a baseline
+            continue
+        if not other.use_distillation and (other.model_name, other.task_type) == (run_config.model_name, run_config.task_type):
+            return sibling
+    return None
 
 
 def _local_path(name: str) -> Optional[str]:
@@ -315,5 +381,9 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
     if run_config is None:
         notes.append("No kdcache_config.yaml / kdcache_report.json in the student's folder: the diagnostics use this "
                      "config and skip the training-log checks.")
-    report = build_report(task, config, examples, teacher, student, resamples, history, run_config, notes)
+    plain = None
+    plain_dir = plain_baseline(student_dir, run_config) if student_dir is not None and run_config is not None else None
+    if plain_dir is not None:  # its metric is what counts: one latency run, no warm-up
+        plain = measure_model(str(plain_dir), config, examples, labels, batch_size, latency_runs=1, warmup=0)
+    report = build_report(task, config, examples, teacher, student, resamples, history, run_config, notes, plain)
     return report, student_dir

@@ -2,7 +2,8 @@
 
 A sweep file names a base pipeline (`base:`, with `set:` overriding fields for every run), the cache
 (`cache_dir:`), a folder (`output_dir:`) and either a `grid:` (each config field -> its list of values; the runs are the cartesian product) or
-`runs:` (a list of overrides). Each run trains in `output_dir/<run name>` through `train_student`
+`runs:` (a list of overrides; a run with use_distillation: false is a plain baseline, trained without the
+cache, that `kdcache compare` measures the distilled runs against). Each run trains in `output_dir/<run name>` through `train_student`
 (the teacher is never loaded) and is finished only once `sweep_result.json` is written there, last
 and atomically, after the model is saved: a rerun skips finished runs and redoes the others. The
 summary (results.csv, results.md, results.png) ranks the runs by the task's primary metric."""
@@ -107,13 +108,13 @@ def load_sweep(path: Union[str, Path]) -> Sweep:
             config = FineTuneConfig.from_dict({**base, **values, **fixed}, source="run")
         except ConfigError as exc:  # the config's own message, said of this run
             raise ConfigError(f"{path}: run {name}: {str(exc).removeprefix('run: ')}") from None
-        if not config.use_distillation:
-            raise ConfigError(f"{path}: run {name}: use_distillation is off; a sweep trains students from the teacher's cache: "
-                              "set use_distillation: true in the base pipeline")
         if config.eval_file is None and config.dataset_name is None:
             raise ConfigError(f"{path}: run {name}: no evaluation data to rank the runs by: set eval_file in the base pipeline "
                               "(or in set:)")
         runs.append(SweepRun(name, values, config))
+    if not any(run.config.use_distillation for run in runs):  # a plain run is a baseline next to distilled ones
+        raise ConfigError(f"{path}: use_distillation is off in every run; a sweep trains students from the teacher's cache: "
+                          "set use_distillation: true in the base pipeline (a run may turn it off: a plain baseline)")
     return Sweep(path, cache_dir, output_dir, fields, runs)
 
 
@@ -306,7 +307,8 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> list[dict[st
             echo(f"[{i}/{len(sweep.runs)}] {run.name}: {state}")
             done = _train(run, task, sweep.output_dir)
             # said after training, from the cache train_student actually read (the teacher was never loaded)
-            echo(f"[{i}/{len(sweep.runs)}] {run.name}: cache hit: {done['cache_dir']} (the teacher is not loaded)")
+            echo(f"[{i}/{len(sweep.runs)}] {run.name}: " + (f"cache hit: {done['cache_dir']} (the teacher is not loaded)"
+                 if run.config.use_distillation else "plain baseline: trained on the labels alone, no cache read"))
         metric = done["metrics"][task.primary_metric()]
         echo(f"[{i}/{len(sweep.runs)}] {run.name}: {task.primary_metric()}={metric:.4f}")
         results.append(done)

@@ -24,13 +24,16 @@ from kdcache.cache.generated import read_generated
 from kdcache.cache.remote import cache_location
 from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import ConfigError, FineTuneConfig
+from kdcache.diagnose import did_distillation_help
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
 from kdcache.distill.cross_tokenizer import CrossTokenizer
 from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
 from kdcache.evaluate import examples_per_second, score
+from kdcache.layer_strategy import teacher_layers
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
+from kdcache.model_card import build_card, write_card
 from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path
 from kdcache.monitor import DistillationMonitor
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
@@ -58,6 +61,7 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     cache_reads: dict[str, int] = field(default_factory=dict)  # batches prefetched vs read synchronously
     eval_examples_per_s: float = float("nan")  # the student's inference throughput on the eval data (after warm-up)
+    findings: list[dict[str, Any]] = field(default_factory=list)  # diagnose.did_distillation_help, from the training log
 
 
 def locate_cache(config: FineTuneConfig, task, cache_dir: Optional[str], teacher_name: str, ds_hash: str,
@@ -108,10 +112,10 @@ def _validate_cache(config: FineTuneConfig, task, reader: CacheReader, path: Pat
     layers = None
     wanted = requested_layers(config)
     if wanted is not None:
+        layers = teacher_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
         if reader.spec.hidden is None:
-            raise CacheMismatchError("layers", None, wanted, f"{path} stores no hidden states (layers {wanted} requested): "
-                                     "re-run dump-teacher with distill_hidden_states on")
-        layers = resolve_layers(wanted, int(reader.manifest["teacher"]["num_hidden_layers"]))
+            raise CacheMismatchError("layers", None, list(layers), f"{path} stores no hidden states (layers {list(layers)} "
+                                     "requested): re-run dump-teacher with distill_hidden_states on")
         reader.expect(layers=layers)
     per_token_hidden = layers is not None and hidden_pooling_for(config, reader) == "none"
     if cross and per_token_hidden:
@@ -458,7 +462,7 @@ def train_student(
             if problem:
                 raise ModelError(problem)
             wanted = requested_layers(config)
-            layers = resolve_layers(wanted, teacher_depth) if wanted is not None else None
+            layers = teacher_layers(wanted, int(teacher_depth))
             pooling = config.hidden_pooling
         else:
             teacher_depth, teacher_width, pooling = 1, task.hidden_config(student.config).hidden_size, "none"
@@ -524,6 +528,7 @@ def train_student(
              "decoded_features": fetcher.decoded_features} if fetcher is not None else {}  # this process's reads
     result = TrainResult(out_dir, metrics, dict(train_output.metrics), count_parameters(student), cache_path,
                          time.perf_counter() - start, list(trainer.state.log_history), reads, eval_speed)
+    result.findings = [f.to_dict() for f in did_distillation_help(result.log_history, config, {})]
     if save:
         trainer.save_projections = False  # the projections only served training
         trainer.save_model(str(out_dir))  # the Trainer saves on the main process only
@@ -533,9 +538,13 @@ def train_student(
             "eval": metrics, "train": result.train_metrics, "num_parameters": result.num_parameters,
             "cache_dir": str(cache_path) if cache_path else None, "temperature": temperature,
             "layer_map": {str(k): v for k, v in layer_map.items()}, "seconds": result.seconds,
-            "cache_reads": reads, "log_history": result.log_history,
+            "cache_reads": reads, "log_history": result.log_history, "distillation_helped": result.findings,
         }
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+        card = build_card(config, {k[len("eval_"):]: v for k, v in metrics.items() if k != "eval_features"},
+                          task.primary_metric(), temperature, layer_map)
+        if write_card(out_dir, card) is None:
+            log.warning("%s holds a README.md that kdcache did not write: the model card was not written", out_dir)
         if monitor.history:
             monitor.plot_training_progress()
             if any(r.get("teacher_predictions") is not None for r in monitor.history):

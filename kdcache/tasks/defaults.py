@@ -32,3 +32,22 @@ FIELD_DEFAULTS: dict[str, dict[str, object]] = {
 VOCABULARY_TASKS = ("summarization", "translation", "causal_lm")
 # Tasks whose teacher can write the training targets (sequence-level KD).
 GENERATIVE_TASKS = ("summarization", "translation", "causal_lm")
+# The guide's layer-selection family per task (LAYER_SELECTION_GUIDE's rows: classification = top layers,
+# qa = bookend, generation = distributed); kdcache.layer_strategy maps its strategy onto the teacher's depth.
+LAYER_FAMILY: dict[str, str] = {
+    "text_classification": "classification",
+    "token_classification": "classification",
+    "question_answering": "qa",
+    "summarization": "generation",
+    "translation": "generation",
+    "causal_lm": "generation",
+}
+# The Hugging Face hub's task id (pipeline_tag, model-index task type) per task: the saved student's model card.
+HUB_TASKS: dict[str, str] = {
+    "text_classification": "text-classification",
+    "token_classification": "token-classification",
+    "question_answering": "question-answering",
+    "summarization": "summarization",
+    "translation": "translation",
+    "causal_lm": "text-generation",
+}
