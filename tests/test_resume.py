@@ -94,6 +94,8 @@ _KILLER = """
 import json, os, signal, sys
 from kdcache import FineTuneConfig
 from kdcache.dump import dump_teacher
+
+pytestmark = pytest.mark.slow  # dumps killed (SIGKILL, Ctrl-C) in other processes, then resumed
 when, n = sys.argv[2], int(sys.argv[3])
 real, calls = os.replace, [0]
 def replace(*args, **kwargs):
