@@ -29,14 +29,15 @@ demo: install
 	$(KDCACHE) train-student --config pipelines/demo-student.yaml
 	$(KDCACHE) compare --config pipelines/demo-student.yaml
 
-# Everything, on every core (pytest-xdist): what CI runs. test-fast leaves out the tests marked slow (trained
+# Everything, on every core (pytest-xdist; a test file's tests stay on one worker, so its module fixtures are built
+# once; PYTEST_WORKERS=0: one process): what CI runs. test-fast leaves out the tests marked slow (trained
 # teachers, fresh interpreters, torchrun, the quick bench) and still covers every module.
 PYTEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 # PROFILE: cpu (every section), gpu (the GPU shapes) or lm (the causal-LM section alone, CPU sizes).
 PROFILE ?= cpu
