@@ -158,7 +158,7 @@ def _report_files(folder) -> dict:
     return {name: (folder / name).read_bytes() for name in ("report.md", "report.json") if (folder / name).exists()}
 
 
-@pytest.mark.slow
+# Not marked slow although it trains (the distilled fixture): make test-fast's one run through kdcache/eval_cache.py.
 def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_data):
     pipeline, home, root = str(distilled["pipeline"]), distilled["home"], distilled["root"]
     eval_cache = root / "eval_cache"
