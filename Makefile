@@ -6,7 +6,7 @@ CONFIG ?= pipelines/demo-student.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench bench-quick bench-lm dump-teacher train-student sweep lint clean
+.PHONY: install demo test test-fast bench bench-quick bench-lm dump-teacher train-student sweep lint clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,15 @@ demo: install
 	$(KDCACHE) train-student --config pipelines/demo-student.yaml
 	$(KDCACHE) compare --config pipelines/demo-student.yaml
 
+# Everything, on every core (pytest-xdist; a test file's tests stay on one worker, so its module fixtures are built
+# once; PYTEST_WORKERS=0: one process): what CI runs. test-fast leaves out the tests marked slow (trained
+# teachers, fresh interpreters, torchrun, the quick bench) and still covers every module.
+PYTEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+test-fast: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 # PROFILE: cpu (every section), gpu (the GPU shapes) or lm (the causal-LM section alone, CPU sizes).
 PROFILE ?= cpu

@@ -101,7 +101,7 @@ TRAINING_RECIPE: dict[str, object] = {
 RECIPE_NOTES = (
     "learning_rate 1e-4 was measured on 2-layer, 384-wide students; a base-size student (~110M parameters) fine-tunes "
     "best nearer 2e-5 to 5e-5 (BERT's range)",
-    "unlabeled in-domain text: add it as a transfer set (transfer_file); the teacher labels it once (README: Transfer sets)",
+    "unlabeled in-domain text: add it as a transfer set (transfer_file); the teacher labels it once (docs/transfer-sets.md)",
 )
 
 # Which row of LAYER_SELECTION_GUIDE each task uses (a task fact: kept in kdcache/tasks/defaults.py).

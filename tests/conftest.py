@@ -13,6 +13,12 @@ from helpers import MR_TRAIN, MR_VALID, make_bert, read_jsonl, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest-xdist workers share the cores: each one's torch (and the interpreters it starts) gets its share, read
+    # by torch when it is first imported, instead of every worker running one thread per core.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -49,12 +50,62 @@ def cli_env(kdcache_home: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], kdcache_home: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True,
-                          env=cli_env(kdcache_home), timeout=600)
+def run_cli(args: list, kdcache_home: Path, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """Run `kdcache ARGS`; returns its exit status, stdout and stderr.
+
+    In this process by default (click's runner: the same command `python -m kdcache` runs, without a fresh
+    interpreter's ~10 s of imports). `process=True` starts the real entry point in a fresh interpreter, for
+    tests whose point is a process: signals, locks held by another process, the exit status a shell sees,
+    torchrun. KDCACHE_TEST_CLI=process in the environment runs every call that way."""
+    args = [str(a) for a in args]
+    if process or os.environ.get("KDCACHE_TEST_CLI") == "process":
+        proc = subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True,
+                              env=cli_env(kdcache_home), timeout=600)
+    else:
+        proc = _run_in_process(args, kdcache_home)
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A log handler writing to whatever sys.stderr is at each record: click's runner swaps it per call."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _run_in_process(args: list[str], kdcache_home: Path) -> subprocess.CompletedProcess:
+    """The command in this process, its output as a process would show it: kdcache's log lines on stderr
+    (the CLI's logging.basicConfig does nothing under pytest, whose handlers hold the root logger), and an
+    exception the CLI did not turn into its one-line error as the traceback an interpreter prints."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+
+    verbose = bool({"-v", "--verbose"} & set(args[: next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))]))
+    root = logging.getLogger()
+    handler, level = _CurrentStderr(), root.level
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    env = {"KDCACHE_HOME": str(kdcache_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        result = CliRunner().invoke(main, args, env=env, prog_name="kdcache")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["kdcache", *args], result.exit_code, result.stdout, stderr)
 
 
 def write_pipeline(path: Path, **fields) -> Path:

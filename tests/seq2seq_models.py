@@ -98,24 +98,8 @@ def translation_rows(rows: list[dict], words: int = 12) -> list[dict]:
     return out
 
 
-def invoke_cli(args: list[str], kdcache_home: Path, check: bool = True):
-    """Run `kdcache ARGS` in this process: the same click command `python -m kdcache` runs, without
-    a fresh interpreter's ~10 s of imports per call (the seq2seq tests make about thirty calls).
-    Returns what run_cli returns (returncode, stdout, stderr); an exception the CLI did not turn
-    into its one-line error is written to stderr as the traceback a real process would print."""
-    import subprocess
-    import traceback
+def invoke_cli(args: list, kdcache_home: Path, check: bool = True):
+    """Run `kdcache ARGS` in this process (helpers.run_cli's default; the seq2seq tests make about thirty calls)."""
+    from helpers import run_cli
 
-    from click.testing import CliRunner
-
-    from kdcache.cli import main
-
-    env = {"KDCACHE_HOME": str(kdcache_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    proc = subprocess.CompletedProcess(["kdcache", *map(str, args)], result.exit_code, result.stdout, stderr)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kdcache {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_cli(args, kdcache_home, check=check)

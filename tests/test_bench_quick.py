@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import REPO, cli_env
 
 from bench.run import QUALITY_TASKS, SECTIONS
@@ -20,6 +21,7 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_every_path(tmp_path, kdcache_home):
     out = tmp_path / "BENCH.md"
     latest = REPO / "bench" / "results" / "bench-quick-cpu-latest.json"

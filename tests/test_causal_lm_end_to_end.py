@@ -26,7 +26,7 @@ from kdcache.dump import dump_teacher
 from kdcache.tasks.base import IGNORE_INDEX
 from kdcache.train import train_student
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a causal-LM teacher trained, then students from each cache layout
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import cli_env, run_cli, write_pipeline
+
+pytestmark = pytest.mark.slow  # torchrun
 
 
 def test_two_ranks_make_the_same_cache_as_one(tmp_path, kdcache_home, trained_teacher, small_data):

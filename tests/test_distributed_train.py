@@ -24,7 +24,7 @@ from kdcache import data as kdata
 from kdcache.cache import CacheReader
 from kdcache.tasks import get_task
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: torchrun and several processes
 
 ROWS, GLOBAL_BATCH, EPOCHS = 64, 16, 2  # 4 steps an epoch; two epochs, so that the second epoch's order is checked too
 

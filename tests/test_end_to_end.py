@@ -9,6 +9,8 @@ import pytest
 from helpers import run_cli, write_pipeline
 from transformers import AutoModelForSequenceClassification
 
+pytestmark = pytest.mark.slow  # the trained teacher, CLI dumps and students
+
 
 @pytest.mark.parametrize("hidden_dtype, pooling", [("int8", "none"), ("float16", "mean")])
 def test_dump_then_train_without_the_teacher(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data,

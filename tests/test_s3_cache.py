@@ -10,13 +10,24 @@ import socket
 import uuid
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import yaml
-from helpers import fails_cleanly, run_cli, write_pipeline
+from helpers import fails_cleanly, write_pipeline
 
 moto_server = pytest.importorskip("moto.server", reason="the dev extra installs moto[server]")
 pytest.importorskip("s3fs", reason="the s3 extra installs s3fs")
+
+
+def run_cli(args: list, kdcache_home: Path, check: bool = True):
+    """The CLI in this process, with fsspec's state as a fresh process has it: fsspec keeps one filesystem (its
+    credentials, its listings) per set of arguments, and these tests change the storage and its environment between calls."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return helpers.run_cli(args, kdcache_home, check=check)
+
 
 SHARD_EXAMPLES = 43  # 256 rows -> 6 shards
 
@@ -69,6 +80,7 @@ def pipeline(tmp_path, trained_teacher, tiny_student, small_data):
     return make
 
 
+@pytest.mark.slow
 def test_dump_to_s3_then_train_through_a_small_staging_dir(s3, pipeline, kdcache_home, tmp_path, monkeypatch):
     url = f"s3://{s3.bucket}/caches/mr"
     pipe = pipeline(url)
@@ -105,6 +117,7 @@ def test_dump_to_s3_then_train_through_a_small_staging_dir(s3, pipeline, kdcache
     assert not any((kdcache_home / "staging").glob("*-*/shard-*"))  # the staging directory went with the run
 
 
+@pytest.mark.slow
 def test_staging_stays_under_its_limit_and_trains_as_a_local_copy(s3, pipeline, kdcache_home, tmp_path, monkeypatch):
     """Every download is followed by a real read of the staging directory: it never holds more than the limit; rows read
     through it equal a local copy's; the training order is the Trainer's regrouped shard by shard; training completes."""
@@ -272,6 +285,7 @@ def test_full_staging_disk_names_the_settings(tmp_path, monkeypatch):
     assert good.path(0).is_file()
 
 
+@pytest.mark.slow
 def test_killed_upload_is_no_cache_and_dump_resumes(s3, pipeline, kdcache_home, tmp_path):
     """A dump killed before its manifest went up leaves shards and the progress marker: train-student refuses it with
     one line, and dump-teacher (on another machine: no working copy) resumes it, redoing only the missing shard."""
@@ -299,6 +313,7 @@ def test_killed_upload_is_no_cache_and_dump_resumes(s3, pipeline, kdcache_home, 
     run_cli(["train-student", "--config", str(pipe)], kdcache_home)
 
 
+@pytest.mark.slow
 def test_corrupt_object_is_caught_then_repaired(s3, pipeline, kdcache_home, monkeypatch):
     url = f"s3://{s3.bucket}/c"
     pipe = pipeline(url)
@@ -345,6 +360,7 @@ def test_storage_errors_are_one_line_with_their_fix(s3, pipeline, kdcache_home, 
     assert "rows" in run_cli(["inspect", missing_bucket], kdcache_home).stdout
 
 
+@pytest.mark.slow
 def test_missing_backend_names_the_extra(s3, kdcache_home, tmp_path):
     """Without s3fs installed (hidden from the import system here) an s3:// cache says which extra installs it."""
     import subprocess
@@ -358,6 +374,7 @@ def test_missing_backend_names_the_extra(s3, kdcache_home, tmp_path):
     fails_cleanly(proc, "needs its fsspec backend", "pip install 'kdcache[s3]'")
 
 
+@pytest.mark.slow
 def test_file_url_is_a_local_cache(pipeline, kdcache_home, tmp_path):
     where = tmp_path / "on-disk"
     pipe = pipeline(f"file://{where}")
@@ -369,6 +386,7 @@ def test_file_url_is_a_local_cache(pipeline, kdcache_home, tmp_path):
     shutil.rmtree(where)
 
 
+@pytest.mark.slow
 def test_transfer_proportion_is_refused_on_object_storage(s3, pipeline, kdcache_home, tmp_path):
     """A staged cache is read shard block by shard block, which would break up the batches' composition: a transfer
     proportion is refused in one line before anything is staged or written; without it (one shuffled pool) the run trains."""

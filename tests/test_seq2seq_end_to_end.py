@@ -33,7 +33,7 @@ OTHER_T = next(t for t in STORED if t != DEFAULT_T)  # stored, not the default
 assert 5.0 not in STORED
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a seq2seq teacher fine-tuned, then students from each cache mode
 
 
 def _common(data: dict[str, Path], **fields) -> dict:

@@ -68,11 +68,12 @@ def test_an_empty_target(setup, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_logits_k_larger_than_the_vocabulary_in_a_real_process(setup, tmp_path):
     """`python -m kdcache` in a fresh interpreter: the exit status and stderr a user sees."""
     data = write_jsonl(tmp_path / "train.jsonl", setup["rows"])
     pipeline = write_pipeline(tmp_path / "p.yaml", **{**setup["common"], "train_file": str(data)}, cache_dir=str(tmp_path / "cache"))
-    proc = run_cli(["dump-teacher", "--config", str(pipeline), "--logits-k", "5000"], tmp_path / "home", check=False)
+    proc = run_cli(["dump-teacher", "--config", str(pipeline), "--logits-k", "5000"], tmp_path / "home", check=False, process=True)
     line = fails_cleanly(proc, "logits_k (--logits-k) 5000", "vocabulary (1200 tokens)", "at most 1200")
     assert not (tmp_path / "cache").exists()
     # The advice, followed: k = the vocabulary is accepted (top-k then holds every logit).

@@ -19,7 +19,7 @@ from seq2seq_models import TLDR_TRAIN, invoke_cli
 
 from kdcache.cache import CacheReader
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: students from the trained teacher's caches
 
 STORED = [0, 2, 4]  # hidden_states of the 4-layer teacher kept in the per-token cache
 

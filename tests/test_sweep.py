@@ -20,7 +20,7 @@ from seq2seq_models import invoke_cli
 from kdcache.config import ConfigError
 from kdcache.sweep import RESULT_NAME, load_sweep, run_sweep
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: sweeps of students from the trained teacher's cache
 
 GRID = {"distillation_alpha": [0.5, 0.9]}  # x two student models: four runs
 

@@ -17,6 +17,8 @@ import pytest
 from helpers import REPO, read_jsonl, run_cli, write_jsonl, write_pipeline
 from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
 
+pytestmark = pytest.mark.slow  # teachers fine-tuned and students distilled for NER and QA
+
 NER_TRAIN, NER_VALID = REPO / "data" / "wnut17" / "train.jsonl", REPO / "data" / "wnut17" / "validation.jsonl"
 QA_TRAIN, QA_VALID = REPO / "data" / "xquad_en" / "train.jsonl", REPO / "data" / "xquad_en" / "validation.jsonl"
 SUFFIXES = ["##s", "##ed", "##ing", "##er", "##ly", "##'", "##n", "##t"]

@@ -88,6 +88,7 @@ def test_max_length_beyond_the_teachers_positions(tmp_path, kdcache_home, tiny_m
     assert not kdcache_home.exists() or not any(kdcache_home.iterdir())
 
 
+@pytest.mark.slow
 def test_an_old_format_cache_gets_advice_that_works(tmp_path, kdcache_home, tiny_models):
     """A cache written by format v1 (simulated: its manifest's version and fingerprint inputs say 1):
     train-student says to re-run dump-teacher; dump-teacher says --force; with --force it works."""

@@ -11,6 +11,8 @@ from kdcache.dump import dump_teacher
 from kdcache.models import ModelError
 from kdcache.train import train_student
 
+pytestmark = pytest.mark.slow  # students trained with checkpoints from the trained teacher's cache
+
 
 def test_dynamic_batching_checkpointing_and_read_ahead(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     config = FineTuneConfig(

@@ -50,6 +50,7 @@ def _steps(report: dict) -> int:
 
 # -- end to end -----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_transfer_set_is_dumped_once_and_trained_on_in_either_mix(pipeline, kdcache_home, tmp_path):
     """`kdcache train` refuses a transfer set without distillation; following the advice dumps the labeled rows and the
     transfer rows into one cache (inspect shows both) and trains on one shuffled pool of them; a run with
@@ -91,6 +92,7 @@ def test_transfer_set_is_dumped_once_and_trained_on_in_either_mix(pipeline, kdca
 
 # -- the loss ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_transfer_rows_get_the_soft_term_only(tmp_path, tiny_student, trained_teacher, small_data, transfer_file):
     """compute_loss on a batch of transfer rows only is alpha·KD (no CE, finite: the heads' CE over all -100 would be
     NaN); on a mixed batch it is alpha·KD over every row + (1 − alpha)·CE over the labeled rows."""
@@ -205,6 +207,7 @@ def test_proportion_sampler_composition_coverage_and_determinism():
 
 # -- token classification and the online teacher ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_token_classification_with_a_transfer_file(tmp_path, tokenizer_dir):
     """wnut17: the cache holds the labeled and the transfer rows; a transfer feature has no hard label but a KD mask on
     the first sub-word of each word (as a labeled row's tags); the student trains from the cache on both."""
@@ -257,6 +260,7 @@ def test_token_classification_with_a_transfer_file(tmp_path, tokenizer_dir):
     assert logs and all(np.isfinite(h["loss_kd"]) and np.isfinite(h["loss_hidden"]) for h in logs)
 
 
+@pytest.mark.slow
 def test_online_teacher_trains_on_the_same_rows(tmp_path, tiny_student, trained_teacher, small_data, transfer_file):
     """The online baseline (the teacher in the loop) gets the labeled and the transfer rows, mixed as configured."""
     from transformers import AutoModelForSequenceClassification
@@ -308,6 +312,7 @@ def _files(root) -> list[str]:
     return sorted(str(p) for p in root.rglob("*")) if root.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_TRANSFER))
 def test_bad_transfer_set_is_refused_then_the_advice_works(case, pipeline, shared_home, tmp_path, transfer_file):
     make, needles = BAD_TRANSFER[case]
@@ -323,6 +328,7 @@ def test_bad_transfer_set_is_refused_then_the_advice_works(case, pipeline, share
     assert ("dumped" in fixed.stdout or "cache hit" in fixed.stdout) and f"{N_LABELED + N_TRANSFER} examples" in fixed.stdout
 
 
+@pytest.mark.slow
 def test_transfer_labels_in_the_label_set_are_ignored_and_repeated_rows_dropped(pipeline, kdcache_home, tmp_path, transfer_file):
     """A label column within the training label set: one warning line, the column ignored. Transfer rows repeating a
     training row's text: dropped, with one info line; what remains is the transfer set without them (the same cache)."""

@@ -308,12 +308,13 @@ def test_packaging_metadata_is_current():
     assert transformers.specifier.contains(importlib.metadata.version("transformers"))  # the tested one
 
 
+@pytest.mark.slow
 def test_a_real_cli_run_prints_only_the_error_line(tmp_path, kdcache_home):
     """Through a subprocess (the libraries' own log handlers included): stderr is the one error line."""
     csv = tmp_path / "latin1.csv"
     csv.write_bytes(b"text,label\ncaf\xe9 au lait,1\nfine,0\n")
     proc = run_cli(["train", "--model-name", "m", "--train-file", str(csv), "--disable-tqdm", "true",
-                    "--output-dir", str(tmp_path / "out")], kdcache_home, check=False)
+                    "--output-dir", str(tmp_path / "out")], kdcache_home, check=False, process=True)
     fails_cleanly(proc, "latin1.csv", "not valid UTF-8")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     nothing_left(kdcache_home, tmp_path / "out")

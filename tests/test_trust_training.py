@@ -70,6 +70,7 @@ def _record_batches(monkeypatch) -> list[list[int]]:
     return seen
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_at_its_step_naming_the_rows(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data,
                                                       monkeypatch):
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
@@ -93,6 +94,7 @@ def test_a_nan_loss_stops_at_its_step_naming_the_rows(tmp_path, kdcache_home, tr
     assert not (tmp_path / "out" / "model.safetensors").exists()  # no NaN model is saved
 
 
+@pytest.mark.slow
 def test_a_nan_gradient_under_a_finite_loss_stops_before_the_update(tmp_path, kdcache_home, trained_teacher, tiny_student,
                                                                      small_data, monkeypatch):
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
@@ -111,6 +113,7 @@ def test_a_nan_gradient_under_a_finite_loss_stops_before_the_update(tmp_path, kd
         train_student(config)
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_is_one_line_and_the_advice_works(tmp_path, kdcache_home, trained_teacher, tiny_student,
                                                                small_data):
     pipeline = write_pipeline(tmp_path / "p.yaml", **config_for(trained_teacher, tiny_student, small_data, tmp_path).to_dict())
@@ -132,6 +135,7 @@ def _poison_first_logit(cache: Path) -> None:
     shard.write_bytes(raw[:at] + np.array([np.nan], np.float32).tobytes() + raw[at + 4:])
 
 
+@pytest.mark.slow
 def test_a_nan_in_the_cache_never_trains_and_the_advice_works(tmp_path, kdcache_home, trained_teacher, tiny_student,
                                                              small_data):
     """A flipped byte on disk: the reader's checksums or, failing them, the loss check stop the run."""
@@ -146,6 +150,7 @@ def test_a_nan_in_the_cache_never_trains_and_the_advice_works(tmp_path, kdcache_
     assert np.isfinite(train_student(config).train_metrics["train_loss"])
 
 
+@pytest.mark.slow
 def test_non_finite_teacher_targets_that_reach_the_loss_blame_the_cache(tmp_path, kdcache_home, trained_teacher,
                                                                        tiny_student, small_data, monkeypatch):
     """Targets that pass every check of the reader but are NaN (a writer bug) stop the step that reads them, naming
@@ -260,6 +265,7 @@ def test_training_data_with_a_single_class_is_refused(values):
         assert task.label_info(data, FineTuneConfig(model_name="m", num_labels=2)).num_labels == 2
 
 
+@pytest.mark.slow
 def test_single_class_data_is_one_line_in_the_cli(tmp_path, kdcache_home, trained_teacher, tiny_student):
     train = write_jsonl(tmp_path / "ones.jsonl", [{"text": f"film {i}", "label": 1} for i in range(8)])
     pipeline = write_pipeline(tmp_path / "p.yaml", model_name=str(tiny_student), teacher_model_name=str(trained_teacher),
@@ -280,6 +286,7 @@ def _retrain(path: Path) -> None:
     model.save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_a_teacher_retrained_in_place_makes_its_cache_stale(tmp_path, kdcache_home, trained_teacher, tiny_student,
                                                             small_data):
     teacher = tmp_path / "teacher"
@@ -293,6 +300,7 @@ def test_a_teacher_retrained_in_place_makes_its_cache_stale(tmp_path, kdcache_ho
     run_cli(["train-student", "--config", str(pipeline)], kdcache_home)
 
 
+@pytest.mark.slow
 def test_an_explicit_cache_dir_of_another_teacher_is_refused(tmp_path, kdcache_home, trained_teacher, tiny_student,
                                                              small_data):
     other = tmp_path / "other"
@@ -309,6 +317,7 @@ def test_an_explicit_cache_dir_of_another_teacher_is_refused(tmp_path, kdcache_h
     train_student(config_for(trained_teacher, tiny_student, small_data, tmp_path, cache_dir=str(cache)))
 
 
+@pytest.mark.slow
 def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data,
                                                       caplog):
     teacher = tmp_path / "teacher"
@@ -345,6 +354,7 @@ def test_a_slow_tokenizers_normaliser_settings_change_its_hash(tmp_path):
 
 # -- 5. a teacher whose head was never trained -------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_head_saved_untrained_is_detected(tmp_path, trained_teacher):
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
@@ -369,6 +379,7 @@ def _cache_bytes(cache: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(cache.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
 def test_a_killed_or_interrupted_train_student_resumes_from_its_last_checkpoint(tmp_path, kdcache_home, trained_teacher,
                                                                                 tiny_student, small_data, sig):
@@ -409,6 +420,7 @@ def test_a_killed_or_interrupted_train_student_resumes_from_its_last_checkpoint(
     assert _cache_bytes(cache) == before  # training never writes to the cache
 
 
+@pytest.mark.slow
 def test_resume_last_without_a_checkpoint_is_one_line(tmp_path, kdcache_home, trained_teacher, tiny_student, small_data):
     pipeline = write_pipeline(tmp_path / "p.yaml", **config_for(trained_teacher, tiny_student, small_data, tmp_path).to_dict())
     run_cli(["dump-teacher", "--config", str(pipeline)], kdcache_home)

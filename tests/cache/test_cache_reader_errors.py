@@ -292,6 +292,7 @@ def test_close_stops_the_hashing(fp16_cache, slow_hash):
     r.close()  # twice is fine
 
 
+@pytest.mark.slow
 def test_an_unclosed_reader_exits_cleanly(fp16_cache):
     """The interpreter exits while the background hashing runs: no error, no traceback, exit status 0."""
     path, _, _ = fp16_cache
