@@ -15,6 +15,7 @@ SPEC["mode"] is one of
            logit mode, target fidelity and codecs (bench.seq2seq)
   lm       causal LM: a teacher trained here, students distilled from its caches, step ratios, and the
            dump's throughput on a GPU (bench.lm)
+  ceiling  the dump pipeline's tokens/s per store mode with the teacher's forward replayed (bench.ceiling)
 """
 
 from __future__ import annotations
@@ -299,6 +300,13 @@ def run_lm(spec: dict[str, Any]) -> dict[str, Any]:
     return lm.run(spec)
 
 
+def run_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
+    """The dump pipeline's ceiling with the teacher's forward replayed (bench.ceiling)."""
+    from bench import ceiling
+
+    return ceiling.run(spec)
+
+
 def run_transfer(spec: dict[str, Any]) -> dict[str, Any]:
     """Transfer-set figures (bench.transfer)."""
     from bench import transfer
@@ -307,7 +315,7 @@ def run_transfer(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many,
-         "seq2seq": run_seq2seq, "lm": run_lm, "transfer": run_transfer}
+         "seq2seq": run_seq2seq, "lm": run_lm, "transfer": run_transfer, "ceiling": run_ceiling}
 
 
 def main(argv: list[str]) -> int:
