@@ -29,6 +29,8 @@ On the same student, data and batches it measures (design §7):
                  transfer set, over seeds; the dumps' cost and online distillation's cost for the same run
   10. ceiling    the dump pipeline's tokens/s per store mode with the teacher's forward replayed (bench/ceiling.py):
                  where the host time goes, and the ratio to the teacher's H200 forward rate
+  11. hidden     the int8 hidden-state path's step cost on the NER quality run's settings (bench/hidden_cost.py):
+                 plain / offline logits / offline logits + hidden, CPU seconds per step, and the hidden path's parts
 Timings are reported, never asserted. Models are random-weight BERTs built here (1-5) and the real
 pretrained MiniLM (6); `--quick` uses tiny random models and a tokenizer built here for everything.
 
@@ -49,12 +51,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import ceiling, common, lm, seq2seq, transfer
+from bench import ceiling, common, hidden_cost, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 from kdcache.recommend import recommended_recipe
 
-SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer", "ceiling")
+SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer", "ceiling", "hidden")
 # Parts of a section that can run alone (a part not run keeps its latest saved figures).
 SECTION_PARTS = {"seq2seq": ("steps", "quality"), "lm": lm.PARTS}
 
@@ -333,6 +335,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         specs["seq2seq"]["parts"] = names(args.seq2seq_parts, SECTION_PARTS["seq2seq"], "seq2seq part")
     if "ceiling" in run:
         specs["ceiling"] = ceiling.spec_for(args.quick, work / "ceiling", threads)
+    if "hidden" in run:
+        ner = QUALITY_TASKS["token_classification"]
+        specs["hidden"] = hidden_cost.spec_for(args.quick, work / "hidden", threads, {**QUALITY_COMMON, **ner["config"]},
+                                               {**QUALITY_STUDENT, **ner["student"]})
     if "lm" in run:
         specs["lm"] = lm.spec_for(args.quick, work / "lm", threads)
         specs["lm"]["parts"] = names(args.lm_parts, SECTION_PARTS["lm"], "lm part")
@@ -570,6 +576,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         L += transfer.markdown(r["transfer"], quick)
     if "ceiling" in r:
         L += ceiling.markdown(r["ceiling"], quick)
+    if "hidden" in r:
+        L += hidden_cost.markdown(r["hidden"], quick)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)
