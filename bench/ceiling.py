@@ -87,14 +87,14 @@ STAGES: list[tuple[str, str, str, str]] = [
 
 
 # --- the replay teacher ------------------------------------------------------------------------------
-def _replay_classes():
+def replay_classes():
     """The replay teacher's config and model classes, registered with the Auto classes once per process."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, PretrainedConfig, PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutput
 
-    if getattr(_replay_classes, "cached", None):
-        return _replay_classes.cached
+    if getattr(replay_classes, "cached", None):
+        return replay_classes.cached
 
     class ReplayConfig(PretrainedConfig):
         """The shape of the teacher being stood in for (vocab_size or num_labels, hidden_size, layers)."""
@@ -152,8 +152,8 @@ def _replay_classes():
     AutoConfig.register("kdcache_replay", ReplayConfig, exist_ok=True)
     AutoModelForCausalLM.register(ReplayConfig, ReplayTeacher, exist_ok=True)
     AutoModelForTokenClassification.register(ReplayConfig, ReplayTeacher, exist_ok=True)
-    _replay_classes.cached = (ReplayConfig, ReplayTeacher)
-    return _replay_classes.cached
+    replay_classes.cached = (ReplayConfig, ReplayTeacher)
+    return replay_classes.cached
 
 
 # --- data, tokenizers, teachers ------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def ner_rows(tokens: int, words_per_row: int) -> list[dict]:
 
 def make_replay_teacher(path: Path, case: dict[str, Any], tokenizer, max_length: int, bank_rows: int, labels: Optional[list] = None) -> Path:
     """Save the replay teacher of ``case`` (its config, one anchor weight, its tokenizer) at ``path``."""
-    ReplayConfig, ReplayTeacher = _replay_classes()
+    ReplayConfig, ReplayTeacher = replay_classes()
     t = TEACHERS[case["teacher"]]
     head = "vocab" if case["task"] == "causal_lm" else "labels"
     kw: dict[str, Any] = {"id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)}} if labels else {}
@@ -315,7 +315,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
                                **({"teacher_layers_to_distill": case["hidden_layers"], "hidden_dtype": "int8"}
                                   if case["hidden_layers"] else {})})
     calls: list[float] = []
-    _, ReplayTeacher = _replay_classes()
+    _, ReplayTeacher = replay_classes()
     original_forward = ReplayTeacher.forward
 
     def forward(self, *args, **kwargs):  # the dump's own instance is made inside dump_teacher: its calls are read here
@@ -373,7 +373,7 @@ def _gather_seconds(teacher: Path, batch: int, seq: int) -> dict[str, float]:
 
     from transformers import AutoModelForCausalLM
 
-    _replay_classes()
+    replay_classes()
     bank = AutoModelForCausalLM.from_pretrained(teacher).bank()["logits"][:batch, :seq]  # [B, S, V]
     mask = torch.ones(bank.shape[:2], dtype=torch.bool)
     mask[:, -1] = False  # the last position of a packed block predicts nothing in it

@@ -33,7 +33,7 @@ GOAL = 1.10  # offline with int8 hidden states / plain (issue 22)
 
 def spec_for(quick: bool, work: Path, threads: Optional[int], config: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
     """``config`` / ``student``: the NER quality run's settings (bench.run's table), so both measure the same run."""
-    steps = {"warmup": 5, "measured": 30, "rounds": 3}
+    steps = {"warmup": 3, "measured": 20, "rounds": 2}
     config = {k: v for k, v in config.items() if k not in ("max_train_samples", "max_eval_samples")}
     if quick:
         steps = {"warmup": 1, "measured": 2, "rounds": 1}
