@@ -33,7 +33,7 @@ GOAL = 1.10  # offline with int8 hidden states / plain (issue 22)
 
 def spec_for(quick: bool, work: Path, threads: Optional[int], config: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
     """``config`` / ``student``: the NER quality run's settings (bench.run's table), so both measure the same run."""
-    steps = {"warmup": 3, "measured": 20, "rounds": 2}
+    steps = {"warmup": 2, "measured": 10, "rounds": 2}
     config = {k: v for k, v in config.items() if k not in ("max_train_samples", "max_eval_samples")}
     if quick:
         steps = {"warmup": 1, "measured": 2, "rounds": 1}
@@ -106,7 +106,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         cpu = [x for r in rs for x in r["cpu"]]
         out["kinds"][kind] = {"median_wall_s": statistics.median(wall), "median_cpu_s": statistics.median(cpu),
                               "total_cpu_s": sum(cpu), "total_wall_s": sum(wall), "steps": len(wall), "runs": rs}
-    out["parts"] = hidden_parts(_config({**base, "use_distillation": True}), d.cache_dir, batches=8 if not spec["quick"] else 2)
+    out["parts"] = hidden_parts(_config({**base, "use_distillation": True}), d.cache_dir, batches=4 if not spec["quick"] else 2)
     return out
 
 

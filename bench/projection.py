@@ -56,7 +56,7 @@ def gpu_rates(results: Optional[Path], peak_tflops: float = common.PEAK_TFLOPS["
         else:
             rate = mfu * peak_tflops * 1e12 / (2.0 * t["parameters"])
             how = (f"extrapolated: the 7B's measured MFU ({mfu:.0%})" if measured else f"assumed: {mfu:.0%} MFU") + \
-                f" of {peak_tflops:.0f} TFLOP/s at 2 x {t['parameters'] / 1e9:.1f}B FLOP/token"
+                f" of {peak_tflops:.0f} TFLOP/s at 2 x {t['parameters'] / 1e9:.2f}B FLOP/token"
         out[name] = {"forward_tokens_per_s": rate, "how": how, "measured": name == "7B" and measured is not None, "mfu": mfu,
                      "weights_gib": t["parameters"] * 2 / 2**30}
     return out
