@@ -22,15 +22,11 @@ rates are those implied by 2 x parameters FLOP per token at 50% of the H200's de
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import numpy as np
 
 from bench import common
 
@@ -370,7 +366,6 @@ def _gather_seconds(teacher: Path, batch: int, seq: int) -> dict[str, float]:
     """Wall and thread CPU seconds per position to select the covered positions' rows of a [B, S, V] logits batch
     (the fastest of 3 each)."""
     import torch
-
     from transformers import AutoModelForCausalLM
 
     replay_classes()

@@ -129,11 +129,25 @@ def hidden_parts(config, cache_dir: Path, batches: int) -> dict[str, float]:
     B = config.batch_size
     out: dict[str, list[float]] = {}
 
-    def timed(name: str, fn) -> Any:  # CPU seconds: the machine may be shared, and wall time then measures the others
+    def timed(name: str, fn, *args) -> Any:  # CPU seconds: the machine may be shared, and wall time then measures the others
         t0 = time.process_time()
-        value = fn()
+        value = fn(*args)
         out.setdefault(name, []).append(time.process_time() - t0)
         return value
+
+    def fwd_bwd(student, x: torch.Tensor, attention_mask: torch.Tensor, hidden: bool):
+        o = student(input_ids=x, attention_mask=attention_mask, output_hidden_states=hidden)
+        o.logits.float().pow(2).mean().backward()
+        return o
+
+    def projections(proj, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        ys = [p(h) for p, h in zip(proj, hs)]  # [B, S, H_teacher] each
+        sum(y.sum() for y in ys).backward()
+        return ys
+
+    def mse(st: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor) -> None:
+        total = sum(hidden_mse_loss(st[:, layer], teacher_h[:, layer], mask) for layer in range(st.shape[1]))
+        total.backward()
 
     with CacheReader(cache_dir) as reader:
         spec = reader.spec
@@ -141,8 +155,7 @@ def hidden_parts(config, cache_dir: Path, batches: int) -> dict[str, float]:
         n_layers = spec.hidden.num_layers
         logits_only = TargetFetcher(reader, spec.targets, None)
         hidden_only = TargetFetcher(reader, [], list(range(n_layers)))
-        student = keep_layers(AutoModelForTokenClassification.from_pretrained(config.teacher_model_name),
-                                        config.student_layers)
+        student = keep_layers(AutoModelForTokenClassification.from_pretrained(config.teacher_model_name), config.student_layers)
         H = spec.hidden.hidden_size
         proj = torch.nn.ModuleList(torch.nn.Linear(student.config.hidden_size, H) for _ in range(n_layers))
         dequant = [("kdcache.cache.reader", "dequantize_int8", "dequantise", "reader")]
@@ -150,39 +163,19 @@ def hidden_parts(config, cache_dir: Path, batches: int) -> dict[str, float]:
             ids = [int(i) for i in ids_all[b * B:(b + 1) * B]]
             seq = int(reader.n_tokens(ids).max())
             for _ in range(3):
-                timed("read: logits", lambda: logits_only.fetch(ids, seq))
+                timed("read: logits", logits_only.fetch, ids, seq)
                 with StageClock(dequant, clock=time.process_time) as clock:
-                    got = timed("read: hidden states (decode, dequantise, pad)", lambda: hidden_only.fetch(ids, seq))
+                    got = timed("read: hidden states (decode, dequantise, pad)", hidden_only.fetch, ids, seq)
                 out.setdefault("read: of which dequantisation", []).append(sum(clock.seconds.values()))
                 teacher_h = torch.from_numpy(got["teacher_hidden"])  # [B, L, S, H]
                 mask = torch.from_numpy(got["teacher_hidden_mask"])  # [B, S]
-                x = torch.randint(0, student.config.vocab_size, (len(ids), seq))
-                am = mask.long()
-
-                def fwd_bwd(hidden: bool):
-                    o = student(input_ids=x, attention_mask=am, output_hidden_states=hidden)
-                    o.logits.float().pow(2).mean().backward()
-                    return o
-
-                timed("student forward + backward, no hidden states", lambda: fwd_bwd(False))
-                o = timed("student forward + backward, returning hidden states", lambda: fwd_bwd(True))
-                hs = [o.hidden_states[i].detach().requires_grad_() for i in range(1, n_layers + 1)]
-
-                def projections():
-                    ys = [p(h) for p, h in zip(proj, hs)]
-                    sum(y.sum() for y in ys).backward()
-                    return ys
-
-                ys = timed("projections (forward + backward)", projections)
-                ys = [y.detach().requires_grad_() for y in ys]
-                st = timed("stack the projected layers (forward)", lambda: torch.stack(ys, dim=1))
-
-                def mse():
-                    total = sum(hidden_mse_loss(st[:, l], teacher_h[:, l], mask) for l in range(n_layers))
-                    total.backward()
-
-                st = st.detach().requires_grad_()
-                timed("masked MSE per layer (forward + backward)", mse)
+                x = torch.randint(0, student.config.vocab_size, (len(ids), seq))  # [B, S]
+                timed("student forward + backward, no hidden states", fwd_bwd, student, x, mask.long(), False)
+                o = timed("student forward + backward, returning hidden states", fwd_bwd, student, x, mask.long(), True)
+                hs = [o.hidden_states[i].detach().requires_grad_() for i in range(1, n_layers + 1)]  # [B, S, H_student] each
+                ys = [y.detach().requires_grad_() for y in timed("projections (forward + backward)", projections, proj, hs)]
+                st = timed("stack the projected layers (forward)", torch.stack, ys, 1)  # [B, L, S, H]
+                timed("masked MSE per layer (forward + backward)", mse, st.detach().requires_grad_(), teacher_h, mask)
     return {name: statistics.median(v) for name, v in out.items()}
 
 
@@ -196,7 +189,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
          "thread: on a shared machine idle OpenMP workers spin, and that spinning counts as CPU seconds.", ""]
     if quick:
         L += ["> `--quick`: a few steps; the figures mean nothing.", ""]
-    L += ["| kind | median s/step (wall) | x plain | median CPU s/step | x plain | total CPU s | x plain |", "|---|---:|---:|---:|---:|---:|---:|"]
+    L += ["| kind | median s/step (wall) | x plain | median CPU s/step | x plain | total CPU s | x plain |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
     for name, v in k.items():
         L.append(f"| {name} | {v['median_wall_s']:.3f} | {v['median_wall_s'] / plain['median_wall_s']:.3f} | "
                  f"{v['median_cpu_s']:.3f} | {v['median_cpu_s'] / plain['median_cpu_s']:.3f} | {v['total_cpu_s']:.1f} | "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 
 from bench import ceiling, projection
 from kdcache.cache import CacheReader
