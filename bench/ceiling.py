@@ -78,7 +78,8 @@ STAGES: list[tuple[str, str, str, str]] = [
     ("kdcache.cache.writer", "_check_finite", "finite-value checks", "writer"),
     ("kdcache.cache.writer", "ShardWriter.write", "write a batch (total: record batch + Arrow IPC encode and write)", "writer"),
     ("kdcache.cache.writer", "ShardWriter.close_shard", "close a shard (total: footer, fsync, sha256, rename, meta)", "writer"),
-    ("kdcache.cache.writer", "sha256_file", "sha256 of the shard", "writer"),
+    ("kdcache.cache.writer", "GrowingFileDigest.hexdigest", "sha256: the rest at the close (waits for the hashing thread)", "writer"),
+    ("kdcache.cache.writer", "GrowingFileDigest.hash_to", "sha256 of the written bytes (its own thread)", "hasher"),
 ]
 
 
@@ -358,8 +359,11 @@ def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tok
     loop = (st[named["_collate"]][key] + st[named["BackgroundWriter.write"]][key]
             + max(0.0, st[named["_reduce"]][key] - device - covered_rows))
     writer = st[named["ShardWriter.write"]][key] + st[named["ShardWriter.close_shard"]][key]
-    return {"device": device, "covered_rows": covered_rows, "loop": loop, "writer": writer,
-            "tokens_per_s": tokens / max(loop, writer, 1e-9), "bound": "writer" if writer >= loop else "forward loop"}
+    hasher = st[named["GrowingFileDigest.hash_to"]][key]
+    threads = {"forward loop": loop, "writer": writer, "hasher": hasher}
+    bound = max(threads, key=threads.get)
+    return {"device": device, "covered_rows": covered_rows, "loop": loop, "writer": writer, "hasher": hasher,
+            "tokens_per_s": tokens / max(threads[bound], 1e-9), "bound": bound}
 
 
 def _gather_seconds(teacher: Path, batch: int, seq: int) -> dict[str, float]:
@@ -427,7 +431,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
          "with the reductions on it too. On a GPU the reductions (top-k, sampling, hidden selection, int8 quantisation, "
          "the covered positions' rows: `device` below) run on the device; the *host ceiling* is the slower of the two host "
          "threads' own work (the forward loop: collate, copies to numpy, hand-off; the background writer: validation, "
-         "Arrow encoding, fsync, sha256), which overlap, in each thread's CPU seconds (the machine is shared: wall "
+         "Arrow encoding, fsync; the hasher: the shard's sha256 as it is written), which overlap, in each thread's CPU seconds "
+         "(the machine is shared: wall "
          "seconds count the other work too; the wall-clock figure is given beside it). Goal: host ceiling >= "
          f"{GOAL:.0f}x the teacher's H200 forward rate, so that the teacher is the bottleneck. *Disk at the forward rate*: "
          "the write bandwidth the cache needs when the dump runs at the teacher's H200 forward rate.", ""]
@@ -458,10 +463,12 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     L.append("| **host: forward loop** (collate + hand-off + reduce less its device work) | main | "
              + " | ".join(f"**{c['host']['cpu']['loop']:.2f}**" for c in cases) + " |")
     L.append("| **host: writer** (write + close) | writer | " + " | ".join(f"**{c['host']['cpu']['writer']:.2f}**" for c in cases) + " |")
+    L.append("| **host: hasher** (sha256 as the shard grows) | hasher | "
+             + " | ".join(f"**{c['host']['cpu'].get('hasher', 0.0):.2f}**" for c in cases) + " |")
     L.append("| pipeline wall, first forward to last shard published (wall s) | | " + " | ".join(f"{c['loop_s']:.2f}" for c in cases) + " |")
     L.append("| fixed costs: load, hash, tokenize, manifest (wall s) | | " + " | ".join(f"{c['fixed_s']:.2f}" for c in cases) + " |")
     L += ["", "Reading it: the writer's work grows with the bytes stored per token (cutting the padded rows, the Arrow IPC "
-          "write into the page cache, the sha256 that reads the shard back at its close), so the hidden-state cases are "
+          "write into the page cache, and in a thread of its own the sha256 of what was written), so the hidden-state cases are "
           "writer-bound; the forward loop's host work is mostly the collate (the datasets row gather and padding) plus "
           "small copies. For the vocabulary cases the forward loop's figure is the reduction's total less its device "
           "parts, a small difference of large numbers on this CPU, and with the 128k vocabulary's batches of one "

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from . import format as fmt
 from .errors import CacheError, CacheWriteError, NonFiniteError
-from .fingerprint import sha256_file
+from .fingerprint import GrowingFileDigest, sha256_file
 from .format import StoreSpec, TargetSpec
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
@@ -355,6 +355,7 @@ class ShardWriter:
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._ids: list[np.ndarray] = []
         self._tokens = 0
+        self._digest: GrowingFileDigest | None = None  # the open shard's sha256, hashed as it is written
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -418,6 +419,7 @@ class ShardWriter:
             _unlink(self.dir / fmt.shard_meta_name(index))
             self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
             self._writer = pa.ipc.new_file(self._sink, self.schema)
+            self._digest = GrowingFileDigest(self._tmp_path(index))
         except BaseException as exc:
             self.abort_shard()
             raise write_error(exc, self.dir) if isinstance(exc, OSError) else exc from None
@@ -435,6 +437,7 @@ class ShardWriter:
         if rb.num_rows:
             try:
                 self._writer.write_batch(rb)
+                self._digest.grew(self._sink.tell())  # hashed off this thread while the next batch is written
             except OSError as exc:
                 self.abort_shard()
                 raise write_error(exc, self.dir) from None
@@ -462,8 +465,8 @@ class ShardWriter:
             self._writer = self._sink = None
             with open(tmp, "rb") as f:  # fsync via a fresh descriptor (pa.OSFile has no fileno)
                 os.fsync(f.fileno())
-            digest = sha256_file(tmp)
             size = tmp.stat().st_size
+            digest, self._digest = self._digest.hexdigest(size), None  # the bytes on disk, hashed as they were written
             os.replace(tmp, final)
             _fsync_dir(self.dir)
         except BaseException as exc:
@@ -491,12 +494,13 @@ class ShardWriter:
     def abort_shard(self) -> None:
         """Drop the open shard's temp file (no-op if none is open), whatever closing it raises (a full
         disk fails the footer's write): a failed dump must not keep the disk full."""
-        for part in (self._writer, self._sink):
+        for part in (self._writer, self._sink, self._digest):
             if part is not None:
                 try:
                     part.close()
                 except Exception:  # noqa: BLE001 - the file is deleted below either way
                     pass
+        self._digest = None
         if self._index is not None:
             try:
                 _unlink(self._tmp_path(self._index))
