@@ -321,7 +321,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
 
     ReplayTeacher.forward = forward
     try:
-        with StageClock(STAGES) as clock:
+        with StageClock(STAGES) as clock, CoveredRows() as covered:
             t0 = time.perf_counter()
             result = dump_teacher(config, cache_dir=str(work / f"cache-{case['name']}"), force=True, device="cpu", progress=False)
             wall = time.perf_counter() - t0
@@ -333,8 +333,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     st = {x[2]: {"seconds": clock.seconds[x[2]], "cpu": clock.cpu[x[2]], "calls": clock.calls[x[2]], "thread": x[3]} for x in STAGES}
     # The covered positions' rows of the logits (value[positions] in the dump's reduction) are a device op on a GPU
     # too, but an inline one that cannot be timed apart: measured here on the same shapes, per covered position.
-    gather = _gather_seconds(teacher, s["batch"], s["max_length"]) if case["task"] == "causal_lm" else {"seconds": 0.0, "cpu": 0.0}
-    host = {key: host_split(st, key, gather[key] * tokens, tokens) for key in ("seconds", "cpu")}
+    host = {key: host_split(st, key, covered.total[key], tokens) for key in ("seconds", "cpu")}
     from kdcache.cache.summary import summarize
 
     field_bytes = {name: f["bytes_per_token"] for name, f in summarize(result.cache_dir)["fields"].items()}
@@ -366,22 +365,38 @@ def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tok
             "tokens_per_s": tokens / max(threads[bound], 1e-9), "bound": bound}
 
 
-def _gather_seconds(teacher: Path, batch: int, seq: int) -> dict[str, float]:
-    """Wall and thread CPU seconds per position to select the covered positions' rows of a [B, S, V] logits batch
-    (the fastest of 3 each)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class CoveredRows:
+    """Times, before each batch's reduction, the one device op inside it that no stage names: selecting the covered
+    positions' rows of the per-position outputs (``value[positions]``), done again here on the same tensors and the same
+    positions so that its cost can be taken out of the reduction's total (wall and thread CPU seconds, summed)."""
 
-    replay_classes()
-    bank = AutoModelForCausalLM.from_pretrained(teacher).bank()["logits"][:batch, :seq]  # [B, S, V]
-    mask = torch.ones(bank.shape[:2], dtype=torch.bool)
-    mask[:, -1] = False  # the last position of a packed block predicts nothing in it
-    best = {"seconds": float("inf"), "cpu": float("inf")}
-    for _ in range(3):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        bank[mask]  # [N, V]
-        best = {"seconds": min(best["seconds"], time.perf_counter() - t0), "cpu": min(best["cpu"], time.thread_time() - c0)}
-    return {k: v / int(mask.sum()) for k, v in best.items()}
+    def __init__(self):
+        self.total = {"seconds": 0.0, "cpu": 0.0}
+
+    def __enter__(self) -> "CoveredRows":
+        import kdcache.dump as dump
+
+        self._module, self._original = dump, dump._reduce
+        inner = self._original
+
+        def measured(task, outputs, batch, *args, **kwargs):
+            spec = args[2] if len(args) > 2 else kwargs["spec"]
+            if spec.per_position:
+                positions = task.position_mask(batch)  # [B, P]
+                for t in spec.targets:
+                    value = task.output_targets(outputs).get(t.name)
+                    if t.per == "position" and t.mode in ("full", "topk", "sampled") and value is not None:
+                        t0, c0 = time.perf_counter(), time.thread_time()
+                        value[..., : t.width][positions]  # [N, C], as the reduction selects them
+                        self.total["seconds"] += time.perf_counter() - t0
+                        self.total["cpu"] += time.thread_time() - c0
+            return inner(task, outputs, batch, *args, **kwargs)
+
+        dump._reduce = measured
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._module._reduce = self._original
 
 
 # --- the section ---------------------------------------------------------------------------------------
@@ -458,7 +473,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     L += ["| stage | thread | " + " | ".join(c["name"] for c in cases) + " |", "|---|---|" + "---:|" * len(cases)]
     for _, _, name, thread in STAGES:
         L.append(f"| {name} | {thread} | " + " | ".join(f"{c['stages'][name]['cpu']:.2f}" for c in cases) + " |")
-    L.append("| covered positions' logit rows (`value[positions]` inside reduce; timed apart on the same shapes) | device | "
+    L.append("| covered positions' logit rows (`value[positions]` inside reduce; timed again on the same tensors before each "
+             "reduction) | device | "
              + " | ".join(f"{c['host']['cpu']['covered_rows']:.2f}" for c in cases) + " |")
     L.append("| **host: forward loop** (collate + hand-off + reduce less its device work) | main | "
              + " | ".join(f"**{c['host']['cpu']['loop']:.2f}**" for c in cases) + " |")
