@@ -486,8 +486,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     L += ["", "Reading it: the writer's work grows with the bytes stored per token (cutting the padded rows, the Arrow IPC "
           "write into the page cache, and in a thread of its own the sha256 of what was written), so at 2 KiB and more per "
           "token it is the writer that bounds the host; the forward loop's host work is mostly the collate (the datasets "
-          "row gather and padding) plus small copies. For the vocabulary cases the forward loop's figure is the reduction's total less its device "
-          "parts, a small difference of large numbers on this CPU, and with the 128k vocabulary's batches of one "
+          "row gather and padding) plus small copies. For the vocabulary cases the forward loop's figure is the reduction's "
+          "total less its device parts, a small difference of large numbers on this CPU, and with the 128k vocabulary's batches of one "
           "512-token row (larger ones do not fit this machine's memory as float32 logits) it is per-batch overhead: read "
           "those two figures as rough.", ""]
     return L
