@@ -28,6 +28,10 @@ On the same student, data and batches it measures (design §7):
   9. transfer    transfer sets (bench/transfer.py): 500 labeled mr_polarity rows and 3,500 unlabeled ones;
                  students plain on the labeled rows, distilled on them, and distilled on them plus the
                  transfer set, over seeds; the dumps' cost and online distillation's cost for the same run
+  10. ceiling    the dump pipeline's tokens/s per store mode with the teacher's forward replayed (bench/ceiling.py):
+                 where the host time goes, and the ratio to the teacher's H200 forward rate
+  11. hidden     the int8 hidden-state path's step cost on the NER quality run's settings (bench/hidden_cost.py):
+                 plain / offline logits / offline logits + hidden, CPU seconds per step, and the hidden path's parts
 Timings are reported, never asserted. Models are random-weight BERTs built here (1-5) and the real
 pretrained MiniLM (6); `--quick` uses tiny random models and a tokenizer built here for everything.
 
@@ -48,12 +52,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import common, gpu, lm, seq2seq, transfer
+from bench import ceiling, common, gpu, hidden_cost, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 from kdcache.recommend import recommended_recipe
 
-SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer")
+SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer", "ceiling", "hidden")
 # Parts of a section that can run alone (a part not run keeps its latest saved figures).
 SECTION_PARTS = {"seq2seq": ("steps", "quality"), "lm": lm.PARTS}
 
@@ -337,6 +341,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "seq2seq" in run:
         specs["seq2seq"] = seq2seq.spec_for(args.quick, work / "seq2seq", seeds, threads)
         specs["seq2seq"]["parts"] = names(args.seq2seq_parts, SECTION_PARTS["seq2seq"], "seq2seq part")
+    if "ceiling" in run:
+        specs["ceiling"] = ceiling.spec_for(args.quick, work / "ceiling", threads)
+    if "hidden" in run:
+        ner = QUALITY_TASKS["token_classification"]
+        specs["hidden"] = hidden_cost.spec_for(args.quick, work / "hidden", threads, {**QUALITY_COMMON, **ner["config"]},
+                                               {**QUALITY_STUDENT, **ner["student"]})
     if "lm" in run:
         specs["lm"] = lm.spec_for(args.quick, work / "lm", threads)
         specs["lm"]["parts"] = names(args.lm_parts, SECTION_PARTS["lm"], "lm part")
@@ -572,6 +582,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         L += lm.markdown(r["lm"], quick)
     if "transfer" in r:
         L += transfer.markdown(r["transfer"], quick)
+    if "ceiling" in r:
+        L += ceiling.markdown(r["ceiling"], quick)
+    if "hidden" in r:
+        L += hidden_cost.markdown(r["hidden"], quick)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)

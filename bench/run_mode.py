@@ -15,6 +15,8 @@ SPEC["mode"] is one of
            logit mode, target fidelity and codecs (bench.seq2seq)
   lm       causal LM: a teacher trained here, students distilled from its caches, step ratios, and the
            dump's throughput on a GPU (bench.lm)
+  hidden   the int8 hidden-state path's step cost on real text, and its parts (bench.hidden_cost)
+  ceiling  the dump pipeline's tokens/s per store mode with the teacher's forward replayed (bench.ceiling)
 """
 
 from __future__ import annotations
@@ -299,6 +301,20 @@ def run_lm(spec: dict[str, Any]) -> dict[str, Any]:
     return lm.run(spec)
 
 
+def run_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
+    """The dump pipeline's ceiling with the teacher's forward replayed (bench.ceiling)."""
+    from bench import ceiling
+
+    return ceiling.run(spec)
+
+
+def run_hidden(spec: dict[str, Any]) -> dict[str, Any]:
+    """The int8 hidden-state path's step cost on real text (bench.hidden_cost)."""
+    from bench import hidden_cost
+
+    return hidden_cost.run(spec)
+
+
 def run_transfer(spec: dict[str, Any]) -> dict[str, Any]:
     """Transfer-set figures (bench.transfer)."""
     from bench import transfer
@@ -307,7 +323,7 @@ def run_transfer(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 MODES = {"train": run_train, "dump": run_dump, "storage": run_storage, "quality": run_quality, "many": run_many,
-         "seq2seq": run_seq2seq, "lm": run_lm, "transfer": run_transfer}
+         "seq2seq": run_seq2seq, "lm": run_lm, "transfer": run_transfer, "ceiling": run_ceiling, "hidden": run_hidden}
 
 
 def main(argv: list[str]) -> int:

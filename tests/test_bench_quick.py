@@ -115,7 +115,21 @@ def test_bench_quick_runs_every_path(tmp_path, kdcache_home):
     assert gpu["measured"] and _number(gpu["dump_tokens_per_s"]) and _number(gpu["forward_tokens_per_s"])
     assert gpu["dump_mfu"] is None and report["lm"]["gpu"]["device"] == "cpu"
 
+    # ceiling: every store mode dumped through the replay teacher, its host figures and bytes; hidden: the three kinds'
+    # CPU seconds per step and the hidden path's parts
+    from bench.ceiling import CASES as CEILING_CASES
+    from bench.hidden_cost import KINDS as HIDDEN_KINDS
+
+    assert [c["name"] for c in report["ceiling"]["cases"]] == [c["name"] for c in CEILING_CASES]
+    for c in report["ceiling"]["cases"]:
+        assert c["tokens"] > 0 and c["bytes_per_token"] > 0 and c["missing_stages"] == [], c["name"]
+        assert all(_number(c["host"][k]["tokens_per_s"]) for k in ("cpu", "seconds")), c["name"]
+    assert set(report["hidden"]["kinds"]) == set(HIDDEN_KINDS)
+    assert all(_number(k["median_cpu_s"]) and k["median_cpu_s"] > 0 for k in report["hidden"]["kinds"].values())
+    assert all(_number(v) for v in report["hidden"]["parts"].values())
+
     text = out.read_text()
+    assert "## 10. Dump ceiling" in text and "## 11. The int8 hidden-state path" in text
     assert "## Summary against the design's goals" in text and "## 6. Quality" in text
     assert "## 7. Summarization / translation" in text
     assert "## 8. Causal LM" in text and "| full float32 (computed) |" in text and "`dump_teacher` wall" in text

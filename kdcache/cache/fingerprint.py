@@ -46,6 +46,56 @@ def sha256_file(path: str | Path, chunk: int = _CHUNK) -> str:
     return h.hexdigest()
 
 
+class GrowingFileDigest:
+    """sha256 of a file while another writer appends to it: a helper thread reads back (from the page cache) and hashes
+    each part as soon as it is written, so the writer never waits for the hash of what it wrote, and at the end only the
+    tail is left. hashlib and file reads release the GIL. The file must only grow (the Arrow IPC file format does)."""
+
+    def __init__(self, path: str | Path, chunk: int = _CHUNK):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._file = open(path, "rb")
+        self._hash = hashlib.sha256()
+        self._chunk = chunk
+        self._read = 0  # bytes hashed (helper thread only)
+        self._queued = 0  # bytes handed to the helper
+        self._futures: list = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-sha256")
+
+    def hash_to(self, end: int) -> None:
+        """Hash the file's bytes up to ``end`` (runs in the helper thread, in order)."""
+        while self._read < end:
+            block = self._file.read(min(self._chunk, end - self._read))
+            if not block:
+                raise OSError(f"{self._file.name} is shorter ({self._read} bytes) than was written ({end})")
+            self._hash.update(block)
+            self._read += len(block)
+
+    def grew(self, size: int) -> None:
+        """The file now holds ``size`` bytes: hash the new ones in the helper thread."""
+        if size > self._queued:
+            self._queued = size
+            self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+            self._futures.append(self._pool.submit(self.hash_to, size))
+
+    def hexdigest(self, size: int) -> str:
+        """The sha256 of the finished file of ``size`` bytes (hashes what is left, then stops the helper)."""
+        self.grew(size)
+        try:
+            for f in self._futures:
+                f.result()  # re-raises a failed read
+        finally:
+            self.close()
+        if self._read != size:
+            raise OSError(f"{self._file.name}: hashed {self._read} bytes of {size}")
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Stop the helper thread and close the file (also when the shard is abandoned)."""
+        self._pool.shutdown(wait=True)
+        self._file.close()
+
+
 def hash_files(paths: Iterable[str | Path]) -> str:
     """sha256 over the base names and contents of files, independent of the order given.
 

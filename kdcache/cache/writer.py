@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from . import format as fmt
 from .errors import CacheError, CacheWriteError, NonFiniteError
-from .fingerprint import sha256_file
+from .fingerprint import GrowingFileDigest, sha256_file
 from .format import StoreSpec, TargetSpec
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
@@ -98,12 +98,12 @@ def _ragged_values(arr: np.ndarray, lengths: np.ndarray, axis: int) -> tuple[np.
     if B and (lengths == arr.shape[axis]).all():
         values = arr.reshape(-1)  # nothing to cut
     else:
-        cut = [slice(None)] * (arr.ndim - 1)
-        parts = []
-        for b in range(B):
-            cut[axis - 1] = slice(0, int(lengths[b]))
-            parts.append(arr[b][tuple(cut)].reshape(-1))
-        values = np.concatenate(parts) if parts else arr.reshape(-1)[:0]
+        # One boolean selection over the leading axes (row b's first lengths[b] steps of ``axis``, every index of the
+        # axes between): C order is row by row, as the offsets say; one copy, where cutting row by row and
+        # concatenating made two (4x the writer's time on int8 hidden states).
+        keep = np.arange(arr.shape[axis]) < lengths[:, None]  # [B, A]
+        keep = np.broadcast_to(keep.reshape((B,) + (1,) * (axis - 1) + (arr.shape[axis],)), arr.shape[: axis + 1])
+        values = arr[keep].reshape(-1)
     return offsets, np.ascontiguousarray(values)
 
 
@@ -355,6 +355,7 @@ class ShardWriter:
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._ids: list[np.ndarray] = []
         self._tokens = 0
+        self._digest: GrowingFileDigest | None = None  # the open shard's sha256, hashed as it is written
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -418,6 +419,7 @@ class ShardWriter:
             _unlink(self.dir / fmt.shard_meta_name(index))
             self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
             self._writer = pa.ipc.new_file(self._sink, self.schema)
+            self._digest = GrowingFileDigest(self._tmp_path(index))
         except BaseException as exc:
             self.abort_shard()
             raise write_error(exc, self.dir) if isinstance(exc, OSError) else exc from None
@@ -435,6 +437,7 @@ class ShardWriter:
         if rb.num_rows:
             try:
                 self._writer.write_batch(rb)
+                self._digest.grew(self._sink.tell())  # hashed off this thread while the next batch is written
             except OSError as exc:
                 self.abort_shard()
                 raise write_error(exc, self.dir) from None
@@ -462,8 +465,8 @@ class ShardWriter:
             self._writer = self._sink = None
             with open(tmp, "rb") as f:  # fsync via a fresh descriptor (pa.OSFile has no fileno)
                 os.fsync(f.fileno())
-            digest = sha256_file(tmp)
             size = tmp.stat().st_size
+            digest, self._digest = self._digest.hexdigest(size), None  # the bytes on disk, hashed as they were written
             os.replace(tmp, final)
             _fsync_dir(self.dir)
         except BaseException as exc:
@@ -491,12 +494,13 @@ class ShardWriter:
     def abort_shard(self) -> None:
         """Drop the open shard's temp file (no-op if none is open), whatever closing it raises (a full
         disk fails the footer's write): a failed dump must not keep the disk full."""
-        for part in (self._writer, self._sink):
+        for part in (self._writer, self._sink, self._digest):
             if part is not None:
                 try:
                     part.close()
                 except Exception:  # noqa: BLE001 - the file is deleted below either way
                     pass
+        self._digest = None
         if self._index is not None:
             try:
                 _unlink(self._tmp_path(self._index))
