@@ -38,7 +38,7 @@ from .fingerprint import canonical_json
 from .format import StoreSpec, TargetSpec
 from .lock import ReadLock
 from .quant import dequantize_int8, float16_to_float32
-from .verify import ShardVerifier
+from .verify import ShardVerifier, col_name, first_out_of_vocabulary
 
 _REPAIR = REPAIR_ADVICE
 
@@ -306,7 +306,7 @@ class CacheReader:
                 raise CacheError(f"shard {index} holds feature ids outside its id_range [{lo}, {hi}): {_REPAIR}")
             self._check_row_lengths(index, cols)
             self._check_outlier_channels(index, p, cols)
-            self._check_token_ids(index, p, cols, rows)
+            self._check_token_ids(index, p, rb, rows)
             rows += rb.num_rows
             batches.append(_Batch(cols))
         if "rows" in meta and rows != meta["rows"]:
@@ -324,22 +324,16 @@ class CacheReader:
             raise CacheError(f"shard {index} ({p}) holds outlier channel indices outside 0..{h.hidden_size - 1}: it is corrupt; "
                              f"{_REPAIR}")
 
-    def _check_token_ids(self, index: int, p: Path, cols: dict, first_row: int) -> None:
-        """Stored token ids (topk / sampled indices, generated tokens) lie in the vocabulary the store spec names:
-        one vectorised max per column, so a forged id fails here, naming the shard and row, not as an index error
-        inside a loss. ``first_row``: the shard row of this record batch's first row."""
-        for t in self.spec.targets:
-            if t.mode not in ("tokens", *fmt.SPARSE_MODES):
-                continue
-            col = t.name + ("_idx" if t.sparse else "")
-            values, offsets = cols[col]
-            if not values.size or int(values.max()) < t.width:
-                continue
-            flat = int(np.argmax(values >= t.width))
-            r = int(np.searchsorted(offsets, flat, side="right") - 1)
-            raise CacheError(f"shard {index} ({p}) row {first_row + r} (feature id {int(cols[fmt.COL_FEATURE][0][r])}): column "
-                             f"{col!r} holds token id {int(values[flat])}, outside the {t.width}-token vocabulary: the shard is "
-                             f"corrupt; {_REPAIR}")
+    def _check_token_ids(self, index: int, p: Path, rb: pa.RecordBatch, first_row: int) -> None:
+        """Stored token ids lie in the vocabulary the store spec names, naming the shard and row of the first that
+        does not (``first_row``: the shard row of this record batch's first row)."""
+        bad = first_out_of_vocabulary(self.spec, rb)
+        if bad is not None:
+            col, r, token = bad
+            fid = int(rb.column(fmt.COL_FEATURE)[r].as_py())
+            width = next(t.width for t in self.spec.targets if col_name(t) == col)
+            raise CacheError(f"shard {index} ({p}) row {first_row + r} (feature id {fid}): column {col!r} holds token id {token}, "
+                             f"outside the {width}-token vocabulary: the shard is corrupt; {_REPAIR}")
 
     def _check_tiling_and_totals(self, entries: list[dict]) -> None:
         """verify: the shards' id ranges tile [0, num_features), each holds hi - lo rows, every stored id is

@@ -20,6 +20,7 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError, CacheWriteError, NonFiniteError
 from .fingerprint import sha256_file
+from .verify import first_out_of_vocabulary
 from .format import StoreSpec, TargetSpec
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
@@ -404,9 +405,11 @@ class ShardWriter:
             return None
         try:
             with pa.memory_map(str(data)) as mm:
-                schema = pa.ipc.open_file(mm).schema
-                if not schema.equals(self.schema) or fmt.read_binding(schema) != self._binding(index):
+                f = pa.ipc.open_file(mm)
+                if not f.schema.equals(self.schema) or fmt.read_binding(f.schema) != self._binding(index):
                     return None  # written with another store spec, for other inputs or as another shard
+                if any(first_out_of_vocabulary(self.spec, f.get_batch(i)) for i in range(f.num_record_batches)):
+                    return None  # a token id outside the vocabulary: what the reader refuses is redone
         except (pa.ArrowException, OSError, ValueError):
             return None
         return meta
