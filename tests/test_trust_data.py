@@ -59,7 +59,7 @@ def setup(tmp_path_factory, tokenizer_dir, one_thread):
                             output_dir=str(root / "student"), teacher_batch_size=8)
     pristine = root / "pristine"
     dump_teacher(config, cache_dir=str(pristine), shard_examples=20, progress=False)
-    return {"root": root, "config": config, "pristine": pristine, "teacher": teacher, "train": train}
+    return {"root": root, "config": config, "pristine": pristine, "teacher": teacher, "train": train, "tokenizer": tokenizer_dir}
 
 
 def _pipeline(setup, tmp_path, **fields) -> tuple[Path, Path]:
@@ -230,7 +230,7 @@ def test_a_topk_id_outside_the_vocabulary_names_shard_and_row(tmp_path, kdcache_
     cache = tmp_path / "cache"
     pipe = write_pipeline(tmp_path / "p.yaml", model_name=str(model), teacher_model_name=str(model), task_type="causal_lm",
                           use_distillation=True, logits_mode="topk", logits_k=8, train_file=str(train), text_column="text",
-                          max_length=48, batch_size=8, num_epochs=1, disable_tqdm=True, cache_dir=str(cache),
+                          max_length=128, packing=True, batch_size=8, num_epochs=1, disable_tqdm=True, cache_dir=str(cache),
                           output_dir=str(tmp_path / "student"))
     assert cli(["dump-teacher", "--config", pipe, "--shard-examples", "8"]).exit_code == 0
     m = _manifest(cache)
@@ -266,12 +266,12 @@ def test_a_swapped_teacher_tokenizer_is_refused_by_train_student_and_force_fixes
     shutil.copytree(setup["teacher"], teacher)
     pipe, cache = _pipeline(setup, tmp_path, model_name=str(teacher), teacher_model_name=str(teacher))
     _redump(pipe, "--force")  # this teacher directory's own cache
-    vocab = (Path(setup["teacher"]) / "vocab.txt").read_text().splitlines()
+    vocab = (setup["tokenizer"] / "vocab.txt").read_text().splitlines()
     other = tmp_path / "other_tok"
     other.mkdir()
     (other / "vocab.txt").write_text("\n".join(vocab[:2000]) + "\n")  # a smaller vocabulary: other ids for many words
     BertTokenizerFast(vocab=str(other / "vocab.txt"), do_lower_case=True).save_pretrained(other)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(other / name, teacher / name)
     refused(_train(pipe), "tokenizer_hash", "tokenizer files changed since the dump", "kdcache dump-teacher --force")
     refused(cli(["dump-teacher", "--config", pipe]), "tokenizer_hash", "--force")  # as dump-teacher does
@@ -308,7 +308,7 @@ def test_shared_tensors_are_found_before_training():
 
 def test_a_negative_seed_is_one_line(setup, tmp_path):
     pipe, _ = _pipeline(setup, tmp_path)
-    refused(_train(pipe, "--seed", "-1"), "seed (--seed)", "must be an integer in 0..4294967295, got -1")
+    refused(_train(pipe, "--seed", "-1"), "seed (--seed)", "must be an integer in 0..4294967295", "got -1")
     trains(_train(pipe, "--seed", "0"), tmp_path / "student")
 
 
