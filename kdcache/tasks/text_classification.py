@@ -60,15 +60,6 @@ class TextClassification(Task):
         low, high = int(min(values)), int(max(values))
         if low < 0:
             raise DataError(f"label {low} in column {config.label_column!r} is negative: class ids start at 0")
-        declared = class_label_names(train_dataset, config.label_column)
-        if config.num_labels is None and declared is None:
-            stray = stray_class_id(values)
-            if stray is not None:
-                row, missing = stray
-                raise DataError(f"column {config.label_column!r} row {row} holds class id {high}, but class id"
-                                f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}{'...' if len(missing) > 5 else ''} "
-                                f"occur{'s' if len(missing) == 1 else ''} in no row: a stray id is not a new class set; fix that row, "
-                                f"or set num_labels (--num-labels) to {high + 1} to declare {high + 1} classes")
         num = config.num_labels if config.num_labels is not None else high + 1
         if high >= num:
             raise DataError(f"label {high} is out of range for num_labels={num}: class ids must be 0..{num - 1}")
@@ -77,6 +68,14 @@ class TextClassification(Task):
                             "add rows of the other classes (or, to keep a class set wider than the data's, e.g. the "
                             "teacher's, set num_labels / --num-labels)")
         names = class_label_names(train_dataset, config.label_column)  # a ClassLabel column's names, if any
+        if config.num_labels is None and names is None:  # nothing declares the class set: ids 0..max must occur
+            stray = stray_class_id(values)
+            if stray is not None:
+                row, missing = stray
+                raise DataError(f"column {config.label_column!r} row {row} holds class id {high}, but class id"
+                                f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}{'...' if len(missing) > 5 else ''} "
+                                f"occur{'s' if len(missing) == 1 else ''} in no row: a stray id is not a new class set; fix that row, "
+                                f"or set num_labels (--num-labels) to {high + 1} to declare {high + 1} classes")
         if names is None or len(names) != num:
             names = [str(i) for i in range(num)]
         return LabelInfo(num, dict(enumerate(names)), {n: i for i, n in enumerate(names)}, False)
