@@ -169,7 +169,7 @@ def first_out_of_vocabulary(spec: fmt.StoreSpec, rb: pa.RecordBatch) -> tuple[st
     for t in spec.targets:
         if t.mode not in ("tokens", *fmt.SPARSE_MODES):
             continue
-        col = rb.column(t.name + ("_idx" if t.sparse else ""))
+        col = rb.column(col_name(t))
         values = col.values.to_numpy(zero_copy_only=True)  # flat ids of every row
         if not values.size or int(values.max()) < t.width:
             continue
