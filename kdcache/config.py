@@ -306,6 +306,13 @@ class FineTuneConfig:
                     raise bad(name, f"must be a non-empty list of integers, got {value!r}")
         if self.student_layers is not None and any(v < 0 for v in self.student_layers):
             raise bad("student_layers", "indices must be >= 0 (encoder layer numbers of model_name)")
+        if self.student_layers is not None and len(set(self.student_layers)) != len(self.student_layers):
+            twice = next(v for v in self.student_layers if self.student_layers.count(v) > 1)
+            raise bad("student_layers", f"{list(self.student_layers)} keeps layer {twice} twice: the copies would share one set of "
+                                        "weights, which cannot be saved; list each layer of model_name once, e.g. "
+                                        f"{sorted(set(self.student_layers))}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise bad("seed", f"must be an integer in 0..{2**32 - 1} (what numpy and torch accept), got {self.seed!r}")
         if self.layer_map is not None:
             if not isinstance(self.layer_map, dict) or not all(
                 isinstance(k, int) and isinstance(v, int) for k, v in self.layer_map.items()

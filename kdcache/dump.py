@@ -434,6 +434,19 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
     num_features = len(features)
 
+    # The manifest fields that say what the shards' numbers mean, bound into every shard as it is written.
+    bound = {
+        "fingerprint": fp,
+        "teacher": {
+            "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
+            "model_type": model_config.model_type, "num_hidden_layers": task.hidden_config(model_config).num_hidden_layers,
+            "hidden_size": task.hidden_config(model_config).hidden_size, "compute_dtype": compute_dtype,
+            "output_rows": task.output_rows(model_config),
+        },
+        "tokenizer_hash": inputs["tokenizer_hash"],
+        "labels": labels.to_dict(),
+    }
+
     # Rank 0 prepares the directory (progress marker, clean-up, shard verification) before any
     # rank writes; then each rank takes every world-th missing shard.
     def prepare() -> None:
@@ -450,7 +463,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             (path / MANIFEST_NAME).unlink(missing_ok=True)  # a repair: the cache is incomplete until it is rewritten
         planned = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
         planned_ranges = [[lo, min(lo + planned, num_features)] for lo in range(0, num_features, planned)]
-        for index, meta in ShardWriter(path, spec).done_shards().items():  # deletes temp files and invalid shards
+        for index, meta in ShardWriter(path, spec, bound=bound).done_shards().items():  # deletes temp files and invalid shards
             if index >= len(planned_ranges) or list(meta["id_range"]) != planned_ranges[index]:  # not this plan's shard
                 with io_errors(path):
                     (path / shard_meta_name(index)).unlink(missing_ok=True)
@@ -460,7 +473,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
 
     on_rank0(prepare, world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
-    shard_writer = ShardWriter(path, spec, clean=False, on_publish=on_shard)
+    shard_writer = ShardWriter(path, spec, clean=False, on_publish=on_shard, bound=bound)
     done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
     ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
@@ -503,7 +516,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
 
     transfer = kdata.transfer_record(raw, config)
     manifest = {
-        "fingerprint": fp,
+        **bound,
         "fingerprint_inputs": inputs,
         "lookup_inputs": lookup,
         "num_examples": len(raw),
@@ -515,16 +528,8 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
         "data_source": config.train_file or config.dataset_name or "in-memory dataset",
         **({"transfer": transfer} if transfer else {}),  # labeled vs transfer-set examples (absent without a transfer set)
         "features": task.feature_params(config),
-        "teacher": {
-            "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
-            "model_type": model_config.model_type, "num_hidden_layers": task.hidden_config(model_config).num_hidden_layers,
-            "hidden_size": task.hidden_config(model_config).hidden_size, "compute_dtype": compute_dtype,
-            "output_rows": task.output_rows(model_config),
-        },
-        "tokenizer_hash": inputs["tokenizer_hash"],
         "tokenizer": {"class": type(tokenizer).__name__, "name": teacher_name, "vocab_size": len(tokenizer),
                       **({CONTINUATIONS: continuation_strings(tokenizer)} if any(t.mode == "offsets" for t in spec.targets) else {})},
-        "labels": labels.to_dict(),
         "shard_examples": per_shard,
         "config": config.to_dict(),
         "created_unix": time.time(),

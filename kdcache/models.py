@@ -106,5 +106,19 @@ def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     return model
 
 
+def untied_shared_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters that share one tensor without the model declaring them tied (``all_tied_weights_keys``):
+    save_pretrained's safetensors refuses them, so they are refused before training rather than after it."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for group in names.values():
+        untied = [n for n in group if n not in tied]
+        if len(untied) > 1:
+            return untied
+    return []
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

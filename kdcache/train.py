@@ -34,7 +34,8 @@ from kdcache.evaluate import examples_per_second, score
 from kdcache.layer_strategy import teacher_layers
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.model_card import build_card, write_card
-from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path
+from kdcache.models import (ModelError, count_parameters, keep_layers, model_identity, resolve_model_path,
+                            untied_shared_parameters)
 from kdcache.monitor import DistillationMonitor
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task
@@ -293,6 +294,29 @@ def check_teacher_identity(manifest: dict[str, Any], path: Path, teacher_name: s
         log.info("%s was dumped from teacher %r (%s); its files are not here to compare", path, source, identity)
 
 
+def check_teacher_tokenizer(manifest: dict[str, Any], path: Path, teacher_name: str) -> None:
+    """Refuse a cache whose teacher's tokenizer files changed since the dump (dump-teacher refuses it through the
+    fingerprint's tokenizer_hash; the rows were cut with the old tokenizer). A teacher that is not a local directory,
+    or whose tokenizer is gone, cannot be compared: stage two never needs it."""
+    recorded = manifest.get("tokenizer_hash")
+    try:
+        teacher_dir = resolve_model_path(teacher_name)
+    except ModelError:
+        return
+    if not recorded or not os.path.isdir(teacher_dir):
+        return
+    try:
+        current = tokenizer_hash(AutoTokenizer.from_pretrained(teacher_dir))
+    except (OSError, ValueError):  # no tokenizer files next to the weights: nothing to compare
+        return
+    if current != recorded:
+        raise CacheMismatchError(
+            "tokenizer_hash", recorded, current,
+            f"{path} was dumped with another tokenizer than teacher {teacher_name!r} holds now (tokenizer_hash {recorded[:12]}... "
+            f"in the cache, {current[:12]}... in {teacher_dir}): its tokenizer files changed since the dump, so the cached rows "
+            "were tokenized otherwise; redo the cache with `kdcache dump-teacher --force` and this config")
+
+
 def resolve_checkpoint(resume: Optional[str], output_dir: Path) -> Optional[str]:
     """The checkpoint to resume from: a given directory, or for "last" the newest complete checkpoint-N in
     output_dir (the Trainer writes trainer_state.json last, so a checkpoint cut short by a kill has none)."""
@@ -334,6 +358,15 @@ def build_student(config: FineTuneConfig, task, labels) -> tuple[torch.nn.Module
     if config.student_layers:
         model = keep_layers(model, config.student_layers)
     return model, tokenizer
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Before any work: the output directory (or a folder above it) must not be an existing file."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists() and not p.is_dir():
+            what = "is" if p == out_dir else f"lies under {p}, which is"
+            raise ConfigError(f"output_dir (--output-dir) {out_dir} {what} an existing file, not a directory: choose another "
+                              "--output-dir")
 
 
 def training_arguments(config: FineTuneConfig, output_dir: Path, label_keys: tuple[str, ...]) -> TrainingArguments:
@@ -389,6 +422,7 @@ def train_student(
     start = time.perf_counter()
     task = get_task(config.task_type)
     out_dir = Path(output_dir or config.output_dir)
+    check_output_dir(out_dir)
     raw = kdata.training_rows(config, task, train_dataset)  # the labeled split, then the transfer set's rows (if any)
     labels = task.label_info(kdata.labeled_rows(raw), config)
     eval_raw = kdata.load_split(config, "eval", eval_dataset)
@@ -416,6 +450,7 @@ def train_student(
             if manifest is not None:  # an incomplete or damaged cache is left to the reader's own errors
                 try:
                     check_teacher_identity(manifest, cache_path, teacher_name_for(config))
+                    check_teacher_tokenizer(manifest, cache_path, teacher_name_for(config))
                     labels = labels_as_cached(labels, manifest.get("labels"), cache_path)  # the teacher's class order
                 except (AttributeError, TypeError, KeyError):  # a malformed manifest: the reader (opened below) names what is wrong
                     pass
@@ -426,6 +461,11 @@ def train_student(
 
         set_seed(config.seed)  # what the student and projections initialise randomly is the seed's: the same on every rank,
         student, tokenizer = build_student(config, task, labels)  # and the same whatever ran before in this process
+        shared = untied_shared_parameters(student)
+        if shared:  # found now, not when the finished run is saved
+            raise ModelError(f"student {config.model_name!r}: parameters {shared[0]} and {shared[1]} are one shared tensor that the "
+                             "model does not declare tied, so the trained student could not be saved: give each layer its own "
+                             "weights (student_layers: list each layer once)")
         problem = task.check_vocabulary(student.config, tokenizer, f"student {config.model_name!r}")
         if problem:
             raise ModelError(problem)
@@ -455,6 +495,11 @@ def train_student(
                 log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
             teacher_depth = int(reader.manifest["teacher"]["num_hidden_layers"])
             teacher_width = int(reader.manifest["teacher"]["hidden_size"])
+            stored_width = reader.spec.hidden.hidden_size if reader.spec.hidden is not None else teacher_width
+            if layers is not None and stored_width != teacher_width:  # the projection maps the student's width to teacher_width
+                raise CacheError(f"{cache_path} stores hidden states {stored_width} wide but its manifest's teacher.hidden_size is "
+                                 f"{teacher_width}, the width the student's projection would map to: the manifest does not "
+                                 "describe its shards; redo the cache with `kdcache dump-teacher --force` and this config")
         elif distil:
             teacher_depth = task.hidden_config(online_teacher.config).num_hidden_layers
             teacher_width = task.hidden_config(online_teacher.config).hidden_size

@@ -1,4 +1,4 @@
-"""kdcache's on-disk teacher cache (format v2): memory-mapped Arrow IPC shards plus a manifest.
+"""kdcache's on-disk teacher cache (format v3): memory-mapped Arrow IPC shards plus a manifest.
 
 One row per feature (what the model sees in one forward pass), keyed by a dense feature id and
 carrying its example id; target fields per example or per position, hidden states per token or

@@ -1,8 +1,13 @@
-"""The on-disk layout of a kdcache cache (format v2): names, the store spec, the Arrow schema.
+"""The on-disk layout of a kdcache cache (format v3): names, the store spec, the Arrow schema.
 
 A cache is a directory holding ``shard-NNNNN.arrow`` files (uncompressed Arrow IPC *file* format,
 read memory-mapped), one ``shard-NNNNN.json`` metadata file per shard (its "published" marker) and
 ``manifest.json``, written last; the manifest's presence alone marks the cache complete.
+
+Each shard is bound to its cache (v3): its Arrow schema metadata (key ``kdcache.binding``, inside the bytes its
+sha256 covers) holds its shard index, the dump's fingerprint and a digest of the manifest fields that say what its
+numbers mean (:func:`shard_binding`), so a shard copied in from another cache, or renamed, or a manifest whose store
+spec, labels or teacher were edited, is refused when the shard is opened.
 
 One row per *feature*: what the model sees in one forward pass. Text classification has one
 feature per example; extractive QA with a document stride has several. Rows are keyed by a dense
@@ -47,7 +52,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: every shard carries its binding (shard_binding); 2 had none
 MANIFEST_NAME = "manifest.json"
 GENERATED_NAME = "generated.arrow"  # sequence-level KD of a causal LM: the teacher's responses, one per example
 GENERATED_META_NAME = "generated.json"  # written after it (sha256, rows, fingerprint): publishes it
@@ -55,6 +60,9 @@ TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".kdcache.lock"  # flock: exclusive for a dump, `cache rm` or `gc`; shared by each open CacheReader (lock.py)
 PROGRESS_NAME = "dump.json"  # written at the start of a dump; names what the shards belong to; removed with the manifest's writing
 MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum: sha256 of its other keys (see manifest_digest)
+SHARD_BINDING_KEY = b"kdcache.binding"  # a shard's Arrow schema metadata key holding shard_binding() as JSON
+# Manifest keys fixed when a dump starts that say what a shard's numbers mean: bound into every shard with the store spec.
+BOUND_KEYS = ("fingerprint", "labels", "teacher", "tokenizer_hash")
 # The dump's algorithm (reductions, rounding, row order): in the fingerprint, so that a change to how
 # teacher outputs are computed never mixes with shards made the old way. Bump it with such a change.
 ALGORITHM_VERSION = 1
@@ -88,6 +96,27 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def shard_binding(index: int, store: dict[str, Any], bound: dict[str, Any]) -> dict[str, Any]:
+    """What ties shard ``index`` to its cache: its index, the dump's fingerprint and the sha256 of the store spec and of
+    each :data:`BOUND_KEYS` field (absent ones as null). The writer stores it in the shard; the reader recomputes it
+    from the manifest, so neither a shard moved between caches nor a manifest edited after the dump goes unnoticed."""
+    meaning = {"store": store, **{k: bound.get(k) for k in BOUND_KEYS}}
+    return {"index": int(index), "fingerprint": bound.get("fingerprint"),
+            "sha256": {k: _json_sha256(v) for k, v in meaning.items()}}  # per field: a mismatch names the field
+
+
+def _json_sha256(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def read_binding(schema: pa.Schema) -> dict[str, Any] | None:
+    """The binding a shard's schema metadata carries (shard_binding), or None when it has none (ValueError
+    when it is not JSON)."""
+    raw = (schema.metadata or {}).get(SHARD_BINDING_KEY)
+    return None if raw is None else json.loads(raw)
 
 
 def shard_name(index: int) -> str:

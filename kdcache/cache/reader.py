@@ -38,7 +38,7 @@ from .fingerprint import canonical_json
 from .format import StoreSpec, TargetSpec
 from .lock import ReadLock
 from .quant import dequantize_int8, float16_to_float32
-from .verify import ShardVerifier
+from .verify import ShardVerifier, col_name, first_out_of_vocabulary
 
 _REPAIR = REPAIR_ADVICE
 
@@ -95,8 +95,7 @@ class CacheReader:
             self._checked: list[str] = []  # what was checked besides the shards' sha256, in words (see ``verified``)
             self._verifier: ShardVerifier | None = None
             self._stop_verifier: weakref.finalize | None = None
-            if verify:
-                self._check_manifest_digest()
+            self._check_manifest_digest()  # at every open: a hand-edited manifest never reaches training
             try:
                 self.spec = StoreSpec.from_dict(self.manifest["store"])
                 self._schema = self.spec.arrow_schema()
@@ -178,8 +177,32 @@ class CacheReader:
                              f"{_REPAIR}")
         if stored != fmt.manifest_digest(self.manifest):
             raise CacheError(f"{self.path / fmt.MANIFEST_NAME} was edited or damaged (its {fmt.MANIFEST_DIGEST} does not match its "
-                             f"content): {_REPAIR}")
+                             f"content{self._edited_field()}): {_REPAIR}")
         self._checked.append(f"the manifest's own checksum ({fmt.MANIFEST_DIGEST})")
+
+    def _edited_field(self) -> str:
+        """For an edited manifest's message: which bound field (store, labels, teacher, ...) differs from what the
+        first shard was written with, as ``"; field 'x' differs from ..."`` (empty when none can be named)."""
+        try:
+            first = self.manifest["shards"][0]
+            with pa.memory_map(str(self.path / first["file"]), "r") as mm:
+                carried = fmt.read_binding(pa.ipc.open_file(mm).schema)
+            field = self._binding_mismatch(carried, first["index"])
+        except Exception:  # noqa: BLE001 - only a hint for the message; the edit is refused either way
+            return ""
+        return f"; its field {field!r} differs from what shard {first['index']} was written with" if field else ""
+
+    def _binding_mismatch(self, carried: Any, index: int) -> str | None:
+        """The first way a shard's carried binding differs from the one this manifest gives shard ``index``: "index",
+        "fingerprint" or a bound field's name ("store", "labels", ...); None when it matches."""
+        expected = fmt.shard_binding(index, self.manifest.get("store"), self.manifest)
+        if not isinstance(carried, dict):
+            return "binding"
+        for key in ("index", "fingerprint"):
+            if carried.get(key) != expected[key]:
+                return key
+        digests = carried.get("sha256") if isinstance(carried.get("sha256"), dict) else {}
+        return next((k for k, v in expected["sha256"].items() if digests.get(k) != v), None)
 
     def _shard_entries(self) -> list[dict]:
         """The manifest's shard entries, each checked for well-formed fields (an int index, its own file name,
@@ -226,6 +249,7 @@ class CacheReader:
         index = meta["index"]
         p = self.path / meta["file"]
         self._check_size(meta, p)
+        self._check_sidecar(meta)
         try:
             mm = pa.memory_map(str(p), "r")
         except (pa.ArrowException, OSError) as e:
@@ -239,10 +263,36 @@ class CacheReader:
             raise CacheError(f"shard {index} ({p}) is not a readable Arrow file of this cache ({type(e).__name__}: "
                              f"{short_repr(str(e), 120)}): {_REPAIR}") from None
 
+    def _check_sidecar(self, meta: dict) -> None:
+        """The shard's own metadata json (written when it was published) records the sha256 the manifest lists: a
+        shard swapped in with only the manifest's entry rewritten is refused. A cache copied without them is read."""
+        side = self.path / fmt.shard_meta_name(meta["index"])
+        if not side.is_file():
+            return
+        try:
+            recorded = json.loads(side.read_text(encoding="utf-8")).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != meta["sha256"]:
+            raise CacheError(f"shard {meta['index']} ({self.path / meta['file']}): its {side.name} records sha256 "
+                             f"{str(recorded)[:12]}... but the manifest lists {meta['sha256'][:12]}...: the shard or the manifest "
+                             f"was replaced; {_REPAIR}")
+
     def _map_batches(self, meta: dict, index: int, p: Path, mm: pa.MemoryMappedFile) -> list[_Batch]:
         f = pa.ipc.open_file(mm)
         if not f.schema.equals(self._schema):
             raise CacheError(f"shard {index} ({p}) has columns {f.schema.names} that do not match the manifest's store spec: {_REPAIR}")
+        try:
+            carried = fmt.read_binding(f.schema)
+        except ValueError:
+            carried = None
+        wrong = self._binding_mismatch(carried, index)
+        if wrong:
+            why = {"binding": "carries no binding to a cache (not written by this kdcache for this cache)",
+                   "index": f"was written as shard {carried.get('index') if isinstance(carried, dict) else '?'} (renamed or copied)",
+                   "fingerprint": "belongs to another cache (another dump's fingerprint: copied in from elsewhere)"}.get(
+                wrong, f"was written for another manifest field {wrong!r} (the manifest's {wrong!r} was edited after the dump)")
+            raise CacheError(f"shard {index} ({p}) {why}: {_REPAIR}")
         batches, rows = [], 0
         lo, hi = meta["id_range"]
         for i in range(f.num_record_batches):
@@ -256,6 +306,7 @@ class CacheReader:
                 raise CacheError(f"shard {index} holds feature ids outside its id_range [{lo}, {hi}): {_REPAIR}")
             self._check_row_lengths(index, cols)
             self._check_outlier_channels(index, p, cols)
+            self._check_token_ids(index, p, rb, rows)
             rows += rb.num_rows
             batches.append(_Batch(cols))
         if "rows" in meta and rows != meta["rows"]:
@@ -272,6 +323,17 @@ class CacheReader:
         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= h.hidden_size):
             raise CacheError(f"shard {index} ({p}) holds outlier channel indices outside 0..{h.hidden_size - 1}: it is corrupt; "
                              f"{_REPAIR}")
+
+    def _check_token_ids(self, index: int, p: Path, rb: pa.RecordBatch, first_row: int) -> None:
+        """Stored token ids lie in the vocabulary the store spec names, naming the shard and row of the first that
+        does not (``first_row``: the shard row of this record batch's first row)."""
+        bad = first_out_of_vocabulary(self.spec, rb)
+        if bad is not None:
+            col, r, token = bad
+            fid = int(rb.column(fmt.COL_FEATURE)[r].as_py())
+            width = next(t.width for t in self.spec.targets if col_name(t) == col)
+            raise CacheError(f"shard {index} ({p}) row {first_row + r} (feature id {fid}): column {col!r} holds token id {token}, "
+                             f"outside the {width}-token vocabulary: the shard is corrupt; {_REPAIR}")
 
     def _check_tiling_and_totals(self, entries: list[dict]) -> None:
         """verify: the shards' id ranges tile [0, num_features), each holds hi - lo rows, every stored id is

@@ -1,5 +1,7 @@
 """Lazy, overlapped sha256 checks of a cache's shards: background threads hash them shard by shard, and a
-read of a shard waits for (or does) its hash first, so no row of a damaged shard is ever returned."""
+read of a shard waits for (or does) its hash first, so no row of a damaged shard is ever returned. Also the
+content check that a checksum cannot make (a forged shard's checksum is recomputed with it): stored token ids lie
+in the vocabulary (:func:`first_out_of_vocabulary`), used by the reader and by a resumed or repaired dump."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+import pyarrow as pa
+
+from . import format as fmt
 from .errors import REPAIR_ADVICE, CacheError
 
 # A shard's sha256 check: not started, being hashed (by a background thread or a reader), matched, or not.
@@ -154,3 +160,25 @@ def _renew_verifiers_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_verifiers_after_fork)
+
+
+def first_out_of_vocabulary(spec: fmt.StoreSpec, rb: pa.RecordBatch) -> tuple[str, int, int] | None:
+    """(column, row of ``rb``, id) of the first stored token id (topk / sampled indices, generated tokens) outside
+    its target's vocabulary ``width``, or None: one vectorised max per column, so that a forged id is refused
+    where the cache is opened, not met as an index error inside a loss."""
+    for t in spec.targets:
+        if t.mode not in ("tokens", *fmt.SPARSE_MODES):
+            continue
+        col = rb.column(col_name(t))
+        values = col.values.to_numpy(zero_copy_only=True)  # flat ids of every row
+        if not values.size or int(values.max()) < t.width:
+            continue
+        flat = int(np.argmax(values >= t.width))
+        row = int(np.searchsorted(col.offsets.to_numpy(zero_copy_only=True), flat, side="right") - 1)
+        return col_name(t), row, int(values[flat])
+    return None
+
+
+def col_name(t: fmt.TargetSpec) -> str:
+    """The column holding target ``t``'s token ids."""
+    return t.name + ("_idx" if t.sparse else "")

@@ -20,6 +20,7 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError, CacheWriteError, NonFiniteError
 from .fingerprint import GrowingFileDigest, sha256_file
+from .verify import first_out_of_vocabulary
 from .format import StoreSpec, TargetSpec
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
@@ -336,14 +337,23 @@ def io_errors(directory: Path):
 class ShardWriter:
     """Writes the shards and the manifest of one cache directory (one open shard at a time)."""
 
-    def __init__(self, cache_dir: str | Path, spec: StoreSpec, clean: bool = True, on_publish: Callable[[Path, dict], None] | None = None):
+    def __init__(self, cache_dir: str | Path, spec: StoreSpec, clean: bool = True, on_publish: Callable[[Path, dict], None] | None = None,
+                 bound: dict[str, Any] | None = None):
         """``clean=False`` leaves temp files alone: for the extra writers of a multi-process dump,
         whose peers may be writing theirs already (one writer per cache cleans, before they start).
-        ``on_publish(dir, meta)`` runs after each shard is published (a dump to object storage uploads it there)."""
+        ``on_publish(dir, meta)`` runs after each shard is published (a dump to object storage uploads it there).
+        ``bound``: the manifest's :data:`~kdcache.cache.format.BOUND_KEYS` fields (fingerprint, labels, teacher,
+        tokenizer_hash), known before the first shard: each shard carries their digest (``format.shard_binding``)
+        and the manifest is written with exactly these values."""
         self.dir = Path(cache_dir)
         self.on_publish = on_publish
         self.spec = spec
         self.schema = spec.arrow_schema()
+        extra = sorted(set(bound or {}) - set(fmt.BOUND_KEYS))
+        if extra:
+            raise ValueError(f"ShardWriter bound= takes the keys {fmt.BOUND_KEYS}, got {extra[0]!r}")
+        self.bound = json.loads(json.dumps(dict(bound or {})))  # as a reader parses it back from the manifest
+        self._store = json.loads(json.dumps(spec.to_dict()))
         with io_errors(self.dir):
             self.dir.mkdir(parents=True, exist_ok=True)
             if clean:
@@ -396,11 +406,18 @@ class ShardWriter:
             return None
         try:
             with pa.memory_map(str(data)) as mm:
-                if not pa.ipc.open_file(mm).schema.equals(self.schema):
-                    return None  # written with another store spec
-        except (pa.ArrowException, OSError):
+                f = pa.ipc.open_file(mm)
+                if not f.schema.equals(self.schema) or fmt.read_binding(f.schema) != self._binding(index):
+                    return None  # written with another store spec, for other inputs or as another shard
+                if any(first_out_of_vocabulary(self.spec, f.get_batch(i)) for i in range(f.num_record_batches)):
+                    return None  # a token id outside the vocabulary: what the reader refuses is redone
+        except (pa.ArrowException, OSError, ValueError):
             return None
         return meta
+
+    def _binding(self, index: int) -> dict[str, Any]:
+        """What shard ``index`` of this writer carries in its schema metadata (format.shard_binding)."""
+        return fmt.shard_binding(index, self._store, self.bound)
 
     # -- shards ---------------------------------------------------------------------------------
 
@@ -418,7 +435,8 @@ class ShardWriter:
             _unlink(self.dir / fmt.MANIFEST_NAME)
             _unlink(self.dir / fmt.shard_meta_name(index))
             self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
-            self._writer = pa.ipc.new_file(self._sink, self.schema)
+            binding = json.dumps(self._binding(index), sort_keys=True).encode()
+            self._writer = pa.ipc.new_file(self._sink, self.schema.with_metadata({fmt.SHARD_BINDING_KEY: binding}))
             self._digest = GrowingFileDigest(self._tmp_path(index))
         except BaseException as exc:
             self.abort_shard()
@@ -527,9 +545,14 @@ class ShardWriter:
         if "num_features" not in manifest:
             raise ValueError("manifest needs 'num_features' to check that the shards cover every feature")
         n = int(manifest["num_features"])
+        for key in fmt.BOUND_KEYS:
+            if key in manifest and json.loads(json.dumps(manifest[key])) != self.bound.get(key):
+                raise ValueError(f"manifest key {key!r} differs from the value the shards were bound to: pass it to "
+                                 "ShardWriter(bound=...) before writing shards")
         shards = self._published_metas()
         _check_tiling(shards, n)
         out = dict(manifest)
+        out.update(self.bound)
         out.update(
             format_version=fmt.FORMAT_VERSION,
             store=self.spec.to_dict(),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
+
 from kdcache.cache import CacheMismatchError
 from kdcache.tasks.base import LabelInfo
 
@@ -97,6 +99,34 @@ def labels_as_cached(labels: LabelInfo, cached: Optional[dict[str, Any]], path) 
         "labels", theirs, ours,
         f"{path} was dumped for the classes {theirs} (in the teacher's order) but this run's training labels are {ours}: "
         "re-run `kdcache dump-teacher --force` with this data and config")
+
+
+def _is_class_id(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def odd_label(values: list) -> Optional[tuple[int, Any, str]]:
+    """(row, value, what the others are) of the first label that is not of the column's kind (integer class ids,
+    or strings: the kind most rows hold), or None when every label is of one kind."""
+    ids = sum(1 for v in values if _is_class_id(v))
+    strings = sum(1 for v in values if isinstance(v, str))
+    if ids == len(values) or strings == len(values):
+        return None
+    ok, among = (_is_class_id, "integer class ids") if ids >= strings else ((lambda v: isinstance(v, str)), "string labels")
+    row = next(i for i, v in enumerate(values) if not ok(v))
+    return row, values[row], among
+
+
+def stray_class_id(values: list) -> Optional[tuple[int, list[int]]]:
+    """For integer class ids: (row of the first occurrence of the highest id, the ids below it that occur in no row)
+    when ids are missing below the highest, else None. An id far above the rest is a typo far more often than a
+    class set of which only some classes occur."""
+    ids = np.asarray(values, dtype=np.int64)  # [N]
+    high = int(ids.max())
+    missing = np.setdiff1d(np.arange(high), ids)
+    if not missing.size:
+        return None
+    return int(np.argmax(ids == high)), [int(x) for x in missing]
 
 
 def class_label_names(dataset, column: str) -> Optional[list[str]]:

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
 from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, Task, ensure_example_ids, example_positions, labeled_flags
-from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
+from kdcache.tasks.labels import class_label_names, label_kwargs, odd_label, stray_class_id, teacher_label_mismatch
 
 
 class TextClassification(Task):
@@ -52,8 +52,11 @@ class TextClassification(Task):
                 raise DataError(f"every training label is {names[0]!r}: a classifier needs at least two classes in the "
                                 "training data; add rows of the other classes")
             return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            raise DataError(f"column {config.label_column!r} must hold integer class ids or strings")
+        odd = odd_label(values)
+        if odd is not None:
+            row, value, among = odd
+            raise DataError(f"column {config.label_column!r} row {row} holds {value!r} ({type(value).__name__}) among {among}: give "
+                            "every label as an integer class id or every label as a string; fix that row")
         low, high = int(min(values)), int(max(values))
         if low < 0:
             raise DataError(f"label {low} in column {config.label_column!r} is negative: class ids start at 0")
@@ -65,6 +68,14 @@ class TextClassification(Task):
                             "add rows of the other classes (or, to keep a class set wider than the data's, e.g. the "
                             "teacher's, set num_labels / --num-labels)")
         names = class_label_names(train_dataset, config.label_column)  # a ClassLabel column's names, if any
+        if config.num_labels is None and names is None:  # nothing declares the class set: ids 0..max must occur
+            stray = stray_class_id(values)
+            if stray is not None:
+                row, missing = stray
+                raise DataError(f"column {config.label_column!r} row {row} holds class id {high}, but class id"
+                                f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}{'...' if len(missing) > 5 else ''} "
+                                f"occur{'s' if len(missing) == 1 else ''} in no row: a stray id is not a new class set; fix that row, "
+                                f"or set num_labels (--num-labels) to {high + 1} to declare {high + 1} classes")
         if names is None or len(names) != num:
             names = [str(i) for i in range(num)]
         return LabelInfo(num, dict(enumerate(names)), {n: i for i, n in enumerate(names)}, False)

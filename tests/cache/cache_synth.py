@@ -171,8 +171,9 @@ PER_EXAMPLE = {"qa": 3, "mixed": 2, "fp16-none": 2}
 
 
 def rewrite_shard(path: Path, index: int, edit) -> None:
-    """Rewrite shard ``index`` as one record batch with ``edit(table)`` and fix the manifest's size and checksum
-    (a tampered cache that passes the size, checksum and manifest checksum checks)."""
+    """Rewrite shard ``index`` as one record batch with ``edit(table)`` (keeping its schema and binding) and fix the
+    manifest's size and checksum and the shard's meta json (a tampered cache that passes the size, checksum, manifest
+    checksum and sidecar checks)."""
     import json
 
     import pyarrow as pa
@@ -191,3 +192,17 @@ def rewrite_shard(path: Path, index: int, edit) -> None:
     m["bytes"] = sum(s["bytes"] for s in m["shards"])
     m["manifest_sha256"] = manifest_digest(m)
     (path / "manifest.json").write_text(json.dumps(m))
+    side = path / f"shard-{index:05d}.json"
+    if side.is_file():
+        side.write_text(json.dumps({**json.loads(side.read_text()), **m["shards"][index]}))
+
+
+def sign_manifest(path: Path, m: dict) -> None:
+    """Write manifest ``m`` into cache ``path`` with its manifest_sha256 recomputed (an edit that passes the
+    manifest's own checksum: what the deeper checks must still catch)."""
+    import json
+
+    from kdcache.cache.format import MANIFEST_DIGEST, manifest_digest
+
+    m = {k: v for k, v in m.items() if k != MANIFEST_DIGEST}
+    (path / "manifest.json").write_text(json.dumps({**m, MANIFEST_DIGEST: manifest_digest(m)}))

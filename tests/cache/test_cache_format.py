@@ -13,7 +13,7 @@ from kdcache.cache.format import INDEX_COLUMNS, MANIFEST_NAME, TMP_SUFFIX, shard
 
 
 def test_names():
-    assert FORMAT_VERSION == 2 and MANIFEST_NAME == "manifest.json" and TMP_SUFFIX == ".tmp"
+    assert FORMAT_VERSION == 3 and MANIFEST_NAME == "manifest.json" and TMP_SUFFIX == ".tmp"
     assert shard_name(0) == "shard-00000.arrow" and shard_meta_name(12) == "shard-00012.json"
     assert INDEX_COLUMNS == ("feature_id", "example_id", "n_tokens", "n_positions")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from cache_synth import SPECS, make_batch, make_truth, rewrite_shard
+from cache_synth import SPECS, make_batch, make_truth, rewrite_shard, sign_manifest
 
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec
 from kdcache.cache import format as fmt
@@ -62,7 +62,7 @@ def test_format_version_mismatch(fp16_cache):
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CacheMismatchError, match="was written by another kdcache format") as e:
         CacheReader(path)
-    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 99, 2)
+    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 99, 3)
 
 
 def test_v1_cache_gets_a_clear_error(tmp_path):
@@ -77,9 +77,9 @@ def test_v1_cache_gets_a_clear_error(tmp_path):
         CacheReader(tmp_path)
     assert str(e.value) == (
         f"cache {tmp_path} was written by another kdcache format (format_version 1; this kdcache reads "
-        f"format_version 2): re-run `kdcache dump-teacher` to rebuild it (with --force when reusing the same --cache-dir)"
+        f"format_version 3): re-run `kdcache dump-teacher` to rebuild it (with --force when reusing the same --cache-dir)"
     )
-    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 1, 2)
+    assert (e.value.field, e.value.cache_value, e.value.expected) == ("format_version", 1, 3)
 
 
 def test_missing_shard(fp16_cache):
@@ -123,7 +123,7 @@ def test_duplicate_and_stray_ids(fp16_cache):
         CacheReader(path)
     m = json.loads((path / "manifest.json").read_text())
     m["shards"][1]["id_range"] = [0, 6]
-    (path / "manifest.json").write_text(json.dumps(m))
+    sign_manifest(path, m)
     with pytest.raises(CacheError, match="feature id 0 is stored twice"):
         CacheReader(path)
 
@@ -132,7 +132,7 @@ def test_rows_total_checked(fp16_cache):
     path, _, _ = fp16_cache
     m = json.loads((path / "manifest.json").read_text())
     m["num_features"] = 24
-    (path / "manifest.json").write_text(json.dumps(m))
+    sign_manifest(path, m)
     with pytest.raises(CacheError, match="manifest says num_features 24 but the shards hold 23 rows"):
         CacheReader(path)
 
@@ -256,9 +256,9 @@ def test_every_shard_is_verified_once_read(fp16_cache, slow_hash):
         for i in np.random.default_rng(3).permutation(23):
             np.testing.assert_array_equal(r.get_target([i], "logits"), truth.targets["logits"][[i]])
         assert r.verified_shards() == [0, 1, 2, 3]
-        assert r.verified == ["the sha256 of each of the 4 shards"]
+        assert r.verified == ["the sha256 of each of the 4 shards", "the manifest's own checksum (manifest_sha256)"]
     with CacheReader(path, checksums=False) as r:
-        assert r.verified == []
+        assert r.verified == ["the manifest's own checksum (manifest_sha256)"]
 
 
 def test_concurrent_reads_while_hashing(fp16_cache, slow_hash):

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from cache_synth import PER_EXAMPLE, SPECS, make_truth, write_cache
+from cache_synth import PER_EXAMPLE, SPECS, make_truth, sign_manifest, write_cache
 
 from kdcache.cache import CacheError, CacheReader
 
@@ -269,7 +269,7 @@ def test_sparse_feature_ids_use_search(tmp_path):
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     m["shards"] = m["shards"][1:]
     m["rows"] = m["num_features"] = 8
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    sign_manifest(tmp_path / "c", m)
     r = CacheReader(tmp_path / "c")
     assert not r._dense and len(r) == 8
     np.testing.assert_array_equal(r.get_target([11, 4], "logits"), truth.targets["logits"][[11, 4]])

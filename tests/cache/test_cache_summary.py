@@ -23,12 +23,12 @@ def test_summary_bytes_per_token(tmp_path):
     # 6 generated features of 6 examples (seed 3), 2 shards of 3, one record batch each; L=2, H=8, int8, 1 outlier.
     spec = StoreSpec((TargetSpec("logits", "example", 3),), hidden=HiddenSpec((1, 4), 8, "int8", "none", n_outliers=1))
     truth = make_truth(spec, 6, seed=3, min_tok=2, max_tok=5)
-    w = ShardWriter(tmp_path, spec)
+    inputs = {"task": "sst2", "layers": [1, 4]}
+    w = ShardWriter(tmp_path, spec, bound={"fingerprint": fingerprint(inputs)})
     for i, (lo, hi) in enumerate([(0, 3), (3, 6)]):
         w.open_shard(i, (lo, hi))
         w.write(make_batch(spec, truth, np.arange(lo, hi)))
         w.close_shard()
-    inputs = {"task": "sst2", "layers": [1, 4]}
     w.write_manifest({"num_features": 6, "fingerprint": fingerprint(inputs), "fingerprint_inputs": inputs})
     d = summarize(tmp_path)
 

@@ -23,7 +23,7 @@ def test_shard_meta_and_manifest(tmp_path):
     spec = SPECS["qa"]
     truth = make_truth(spec, 10, seed=4, per_example=3)  # generated here, seed 4
     m = write_cache(tmp_path, spec, truth, shard_size=4, manifest={"dataset_hash": "d", "num_examples": 5})
-    assert m["format_version"] == 2 and m["store"] == spec.to_dict() and m["dataset_hash"] == "d"
+    assert m["format_version"] == 3 and m["store"] == spec.to_dict() and m["dataset_hash"] == "d"
     assert m["store"]["features"] == {"max_length": 12, "doc_stride": 4}
     assert m["num_features"] == 10 and m["num_examples"] == 5  # caller keys are kept
     assert [s["id_range"] for s in m["shards"]] == [[0, 4], [4, 8], [8, 10]]

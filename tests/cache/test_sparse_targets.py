@@ -378,3 +378,34 @@ def test_row_lengths_of_sparse_columns_checked_at_open(tmp_path, col, edit):
     rewrite_shard(tmp_path, 1, edit)
     with pytest.raises(CacheError, match=re.escape(f"shard 1: column {col!r} has row lengths that do not match n_tokens / n_positions")):
         CacheReader(tmp_path)
+
+
+def _set_one_id(col: str, value: int, flat: int):
+    """Column ``col`` with its ``flat``-th stored id set to ``value`` (in the column's own dtype)."""
+    def edit(table):
+        i = table.schema.get_field_index(col)
+        arr = table.column(i).chunk(0)
+        ids = arr.values.to_numpy().copy()
+        ids[flat] = value
+        return table.set_column(i, table.schema.field(i), pa.LargeListArray.from_arrays(arr.offsets, pa.array(ids, arr.type.value_type)))
+    return edit
+
+
+@pytest.mark.parametrize("col", ["logits_idx", "draws_idx", "gen"])
+def test_ids_outside_the_vocabulary_are_refused_at_open_naming_shard_and_row(tmp_path, col):
+    """An id >= the vocabulary in a top-k, sampled or tokens column, its checksum forged (uint16 holds up to 65535
+    with a vocabulary of 1200): every open refuses it naming the shard, the row (and its feature id) and the column,
+    before any read; the shard's other rows and the other shards are not misread as bad."""
+    spec = _spec(1200)
+    n_pos, rows = _truth(1200, 10, seed=35)  # generated here, seed 35
+    _write(tmp_path, spec, n_pos, rows, shard_size=5)
+    with pa.memory_map(str(tmp_path / "shard-00001.arrow")) as mm:
+        table = pa.ipc.open_file(mm).read_all().combine_chunks()
+    offsets = table.column(col).chunk(0).offsets.to_numpy()
+    row = int(np.argmax(np.diff(offsets) > 0))  # the first row of shard 1 with stored ids
+    fid = int(table.column("feature_id")[row].as_py())
+    rewrite_shard(tmp_path, 1, _set_one_id(col, 40000, int(offsets[row])))
+    for verify in (False, True):
+        with pytest.raises(CacheError, match=re.escape(f"shard 1 ({tmp_path / 'shard-00001.arrow'}) row {row} (feature id {fid}): "
+                                                       f"column {col!r} holds token id 40000, outside the 1200-token vocabulary")):
+            CacheReader(tmp_path, verify=verify)
