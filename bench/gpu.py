@@ -347,7 +347,7 @@ def part_llama_7b(part: Part) -> None:
 def step_costs(part: Part, base: dict[str, Any], teacher_dir: Path, label: str, warmup: int, measured: int, rounds: int) -> None:
     """Median s/step of plain, offline top-6, offline sampled-16 and online training (interleaved rounds), recorded
     after each round."""
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from kdcache.config import FineTuneConfig
     from kdcache.dump import dump_teacher

@@ -60,9 +60,9 @@ from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device, on_rank0, rank_and_world, together
+from kdcache.layer_strategy import teacher_layers
 from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
-from kdcache.layer_strategy import teacher_layers
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher

@@ -34,8 +34,7 @@ from kdcache.evaluate import examples_per_second, score
 from kdcache.layer_strategy import teacher_layers
 from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.model_card import build_card, write_card
-from kdcache.models import (ModelError, count_parameters, keep_layers, model_identity, resolve_model_path,
-                            untied_shared_parameters)
+from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path, untied_shared_parameters
 from kdcache.monitor import DistillationMonitor
 from kdcache.recommend import default_temperature, requested_layers, teacher_name_for
 from kdcache.tasks import get_task

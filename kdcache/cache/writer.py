@@ -20,8 +20,8 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError, CacheWriteError, NonFiniteError
 from .fingerprint import GrowingFileDigest, sha256_file
-from .verify import first_out_of_vocabulary
 from .format import StoreSpec, TargetSpec
+from .verify import first_out_of_vocabulary
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
 
