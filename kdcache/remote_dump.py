@@ -29,6 +29,7 @@ from kdcache.cache import CacheError
 from kdcache.cache.errors import CacheLockedError
 from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
 from kdcache.cache.lock import CacheLock
+from kdcache.cache.ownership import is_cache_content
 from kdcache.cache.remote import RemoteDir, remote_errors
 from kdcache.cache.staging import STAGING_DIR_ENV, staging_root
 from kdcache.config import FineTuneConfig
@@ -91,6 +92,10 @@ def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, fo
     if foreign:
         raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(foreign[:3])}"
                          f"{'...' if len(foreign) > 3 else ''}); choose an empty or new location")
+    if names and not is_cache_content(lambda name: _as_dict(remote.read_json(name)) if name in names else None):
+        raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(sorted(names)[:3])}"
+                         f"{'...' if len(names) > 3 else ''} but no {MANIFEST_NAME} or dump.json of kdcache's): kdcache "
+                         "overwrites and deletes only its own caches; choose an empty or new location")
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -119,6 +124,10 @@ def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, fo
     result.hit = result.hit and not changed
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _as_dict(value):
+    return value if isinstance(value, dict) else None
 
 
 def _renamed(e: CacheError, work: Path, url: str) -> CacheError:
