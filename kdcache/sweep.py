@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from kdcache.cache.format import MARKER_NAME
-from kdcache.cache.ownership import SWEEP_RUN, has_marker, open_new, read_json, write_marker
+from kdcache.cache.ownership import SWEEP_OUTPUT, SWEEP_RUN, has_marker, marker_kind, open_new, read_json, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.config import ConfigError, FineTuneConfig
 
@@ -274,11 +274,17 @@ def check_output_dir(sweep: Sweep) -> None:
             kind = "a link" if folder.is_symlink() else "a file" if not folder.is_dir() else "a folder this sweep did not make"
             raise ConfigError(f"{sweep.path}: run {run.name}: {folder} is {kind} (no {MARKER_NAME} of a sweep run), and a sweep "
                               f"deletes only the run folders it made: move it out of {out}, or choose another output_dir")
+    kind = marker_kind(out)
+    if kind not in (None, SWEEP_OUTPUT):
+        raise ConfigError(f"{sweep.path}: output_dir {out} is a {kind} folder of kdcache's, not a sweep's output: choose "
+                          "another output_dir")
+    ours = kind == SWEEP_OUTPUT or any(is_run_folder(run.folder) for run in sweep.runs)  # (a sweep from before the marker)
     for name in SUMMARY_NAMES:
         target = out / name
-        if target.is_symlink() or (target.exists() and not target.is_file()):
-            raise ConfigError(f"{sweep.path}: {target} is {'a link' if target.is_symlink() else 'not a plain file'}, and the "
-                              f"sweep writes its summary there: move it out of {out}, or choose another output_dir")
+        if os.path.lexists(target) and (target.is_symlink() or not target.is_file() or not ours):
+            what = "a link" if target.is_symlink() else "not a plain file" if not target.is_file() else "a file no sweep wrote"
+            raise ConfigError(f"{sweep.path}: {target} is {what}, and the sweep writes its summary there: move it out of "
+                              f"{out}, or choose another output_dir")
 
 
 def finished_result(run: SweepRun) -> Optional[dict[str, Any]]:
@@ -350,6 +356,7 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> list[dict[st
     task = get_task(sweep.runs[0].config.task_type)
     check_output_dir(sweep)
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(sweep.output_dir, SWEEP_OUTPUT)  # its results.* are the sweep's to rewrite
     results = []
     for i, run in enumerate(sweep.runs, 1):
         done = finished_result(run)

@@ -124,7 +124,7 @@ def inspect_dir(path: Path) -> CacheInfo | None:
         info.state, info.format_version = "complete", manifest["format_version"]
         info.fingerprint, info.task, info.rows = manifest.get("fingerprint"), manifest.get("task"), manifest.get("rows")
         info.teacher = teacher.get("name") if isinstance(teacher, dict) else None
-    elif set(files) - {fmt.LOCK_NAME}:
+    elif set(files) - {fmt.LOCK_NAME, fmt.MARKER_NAME}:
         info.state = "incomplete"
         progress = _read_json(files[fmt.PROGRESS_NAME]) if fmt.PROGRESS_NAME in files else None
         inputs = (progress or {}).get("fingerprint_inputs")

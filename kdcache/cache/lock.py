@@ -249,7 +249,7 @@ def _open_lock_file(path: Path, flags: int) -> int:
 
 def _link_refusal(path: Path) -> str:
     return (f"{path.parent}: its {path.name} is a link or not a plain file, and kdcache never follows links in a cache: "
-            f"remove {path}, or choose another --cache-dir")
+            f"remove {path}, or use another directory")
 
 
 def _flock_within_grace(fd: int, op: int) -> bool:

@@ -20,11 +20,12 @@ from typing import Any, Callable, Optional
 
 from . import format as fmt
 
-__all__ = ["CACHE", "SWEEP_RUN", "read_json", "is_cache_content", "owns_cache", "has_marker", "write_marker",
+__all__ = ["CACHE", "SWEEP_RUN", "SWEEP_OUTPUT", "marker_kind", "read_json", "is_cache_content", "owns_cache", "has_marker", "write_marker",
            "linked_names", "create_new", "open_new"]
 
 CACHE = "cache"  # marker kinds
 SWEEP_RUN = "sweep run"
+SWEEP_OUTPUT = "sweep output"  # a sweep's output_dir: its summary files (results.*) are the sweep's
 _CREATOR = "kdcache"
 
 
@@ -65,17 +66,24 @@ def owns_cache(path: Path) -> bool:
     return is_cache_content(lambda name: read_json(path / name))
 
 
+def marker_kind(path: Path) -> Optional[str]:
+    """The kind of kdcache's marker in ``path`` ("cache", "sweep run", ...), or None when it holds none."""
+    marker = read_json(path / fmt.MARKER_NAME)
+    return marker.get("kind") if marker is not None and marker.get("created_by") == _CREATOR else None
+
+
 def has_marker(path: Path, kind: str) -> bool:
     """Whether ``path`` holds kdcache's marker of ``kind`` (a plain file, not a link)."""
-    marker = read_json(path / fmt.MARKER_NAME)
-    return marker is not None and marker.get("created_by") == _CREATOR and marker.get("kind") == kind
+    return marker_kind(path) == kind
 
 
 def write_marker(path: Path, kind: str, **fields: Any) -> None:
     """Mark the directory ``path`` as kdcache's (``kind``: what made it); atomic (a temp file renamed) and never
-    through a link. Leaves an existing marker of the same kind as it is."""
+    through a link. Leaves an existing marker of the same kind as it is; never replaces another kind's (ValueError)."""
     if has_marker(path, kind):
         return
+    if os.path.lexists(path / fmt.MARKER_NAME):
+        raise ValueError(f"{path} holds a {fmt.MARKER_NAME} that is not a {kind}'s: refusing to replace it")
     tmp = path / (fmt.MARKER_NAME + fmt.TMP_SUFFIX)
     try:
         with open_new(tmp, "w") as f:
