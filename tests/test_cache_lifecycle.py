@@ -340,7 +340,8 @@ def test_readers_share_the_lock_and_the_last_one_removes_its_file(made, tmp_path
 
 def test_a_reader_never_opens_a_cache_being_removed(made, kdcache_home, monkeypatch):
     """rm holds the exclusive lock while it deletes: a reader opening then is refused; and the manifest goes
-    first, so what is left half-way is an incomplete cache, never a complete one with shards missing."""
+    first, so what is left half-way is an incomplete cache, never a complete one with shards missing (and kdcache's
+    marker last, so that it is recognised as a cache until then)."""
     cache = _put(made, kdcache_home, "a")
     with _holding(HOLD_LOCK, cache, "cache rm", home=kdcache_home) as holder:
         with pytest.raises(CacheError, match=rf"being removed by `kdcache cache rm` \(pid {holder.pid}\)"):
@@ -351,14 +352,16 @@ def test_a_reader_never_opens_a_cache_being_removed(made, kdcache_home, monkeypa
     def unlink_and_look(path, *args, **kwargs):
         unlink(path, *args, **kwargs)
         if path.parent == cache and path.name != LOCK_NAME:
-            seen.append((path.name, inspect_dir(cache).state))
+            info = inspect_dir(cache)  # None once kdcache's marker (deleted last) is gone: no longer a cache
+            seen.append((path.name, info.state if info is not None else None))
             with pytest.raises(CacheError, match="incomplete cache|no manifest.json"):  # never opened as complete
                 CacheReader(cache)
 
     monkeypatch.setattr(type(cache), "unlink", unlink_and_look)
     assert remove([cache]) == [sum(p.stat().st_size for p in made["a"].iterdir())]
     assert seen[0] == (MANIFEST_NAME, "incomplete") and len(seen) == len(list(made["a"].iterdir()))
-    assert {state for _, state in seen} == {"incomplete", "empty"}  # never complete once rm began
+    assert {state for _, state in seen} == {"incomplete", "empty", None}  # never complete once rm began
+    assert seen[-1] == (MARKER_NAME, None) and seen[-2][1] == "empty"  # the marker goes last
     assert not cache.exists()
 
 
