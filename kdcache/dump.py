@@ -229,9 +229,9 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
     linked = linked_names(path)
     if linked:
         several = len(linked) > 1
-        raise CacheError(f"--cache-dir {path}: its {', '.join(linked[:3])} {'are links or not plain files' if several else 'is a link or not a plain file'}, "
-                         f"and kdcache never follows links in a cache: remove {path / linked[0]}{' and the others' if several else ''}, "
-                         "or choose another --cache-dir")
+        what = "are links or not plain files" if several else "is a link or not a plain file"
+        raise CacheError(f"--cache-dir {path}: its {', '.join(linked[:3])} {what}, and kdcache never follows links in a cache: "
+                         f"remove {path / linked[0]}{' and the others' if several else ''}, or choose another --cache-dir")
     content = [n for n in names if n not in (LOCK_NAME, MARKER_NAME + TMP_SUFFIX)]  # a lock or a marker half-made: no content
     if content and not owns_cache(path):  # kdcache's names, but not kdcache's content (nor its marker)
         raise CacheError(f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(content)[:3])}"

@@ -32,11 +32,12 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from kdcache.cache.format import MARKER_NAME
-from kdcache.cache.ownership import SWEEP_OUTPUT, SWEEP_RUN, has_marker, marker_kind, open_new, read_json, write_marker
+from kdcache.cache.ownership import SWEEP_OUTPUT, SWEEP_RUN, create_new, has_marker, marker_kind, open_new, read_json, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.config import ConfigError, FineTuneConfig
 
-__all__ = ["SWEEP_KEYS", "RESULT_NAME", "SUMMARY_NAMES", "is_run_folder", "check_output_dir", "SweepRun", "Sweep", "load_sweep", "run_sweep", "write_summary"]
+__all__ = ["SWEEP_KEYS", "RESULT_NAME", "SUMMARY_NAMES", "is_run_folder", "check_output_dir", "SweepRun", "Sweep", "load_sweep",
+           "run_sweep", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,9 @@ def check_output_dir(sweep: Sweep) -> None:
             raise ConfigError(f"{sweep.path}: run {run.name}: {folder} is {kind} (no {MARKER_NAME} of a sweep run), and a sweep "
                               f"deletes only the run folders it made: move it out of {out}, or choose another output_dir")
     kind = marker_kind(out)
+    if kind is None and os.path.lexists(out / MARKER_NAME):
+        raise ConfigError(f"{sweep.path}: {out / MARKER_NAME} is not kdcache's marker (a file or link kdcache did not write), "
+                          f"and the sweep marks its output_dir with it: move it out of {out}, or choose another output_dir")
     if kind not in (None, SWEEP_OUTPUT):
         raise ConfigError(f"{sweep.path}: output_dir {out} is a {kind} folder of kdcache's, not a sweep's output: choose "
                           "another output_dir")
@@ -444,6 +448,7 @@ def _plot(sweep: Sweep, results: list[dict[str, Any]], metric: str, path: Path) 
     ax.set_title(f"{metric} across {sweep.path.name}")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
+    os.close(create_new(tmp))  # a plain file of ours (never a link's target), then written by matplotlib
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)

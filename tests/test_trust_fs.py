@@ -220,6 +220,10 @@ def test_a_run_named_like_the_sweeps_own_files_is_refused_before_training(made, 
     (other / "results.md").write_text("my notes\n")
     fails_cleanly(invoke_cli(["sweep", "--config", sweep], kdcache_home, check=False), "is a file no sweep wrote")
     assert (other / "results.md").read_text() == "my notes\n" and sorted(p.name for p in other.iterdir()) == ["results.md"]
+    (other / "results.md").unlink()
+    (other / MARKER_NAME).symlink_to(other / "elsewhere.json")  # not kdcache's marker: never replaced
+    fails_cleanly(invoke_cli(["sweep", "--config", sweep], kdcache_home, check=False), "is not kdcache's marker")
+    assert [p.name for p in other.iterdir()] == [MARKER_NAME] and (other / MARKER_NAME).is_symlink()
 
 
 def test_an_empty_grid_list_is_refused_with_advice_that_works(made, tmp_path, kdcache_home):

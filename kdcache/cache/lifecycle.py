@@ -4,8 +4,9 @@ A directory there is *complete* (its manifest.json reads), *incomplete* (a dump'
 and no manifest: a dump running, or a killed one that dump-teacher resumes), *damaged* (a manifest that does
 not read) or *empty*. Whether a directory is a cache is decided from its content (ownership.py: kdcache's marker,
 or a manifest or progress marker that parses as kdcache's), never from file names alone; a directory holding
-anything kdcache did not write, or a link, is not a cache either: it is never listed as one and never removed. Removal holds the exclusive lock (lock.py), so it never takes a cache from a run
-reading it or a dump writing it, and deletes the manifest first, so a half-removed cache is never complete.
+anything kdcache did not write, or a link, is not a cache either: it is never listed as one and never removed.
+Removal holds the exclusive lock (lock.py), so it never takes a cache from a run reading it or a dump writing
+it, and deletes the manifest first (and kdcache's marker last), so a half-removed cache is never complete.
 "Last used" is the newest mtime of the directory (stamped by every reader that locks it) and its files.
 """
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import format as fmt
+from .errors import CacheError
 
 __all__ = ["CACHE", "SWEEP_RUN", "SWEEP_OUTPUT", "marker_kind", "read_json", "is_cache_content", "owns_cache", "has_marker", "write_marker",
            "linked_names", "create_new", "open_new"]
@@ -79,11 +80,12 @@ def has_marker(path: Path, kind: str) -> bool:
 
 def write_marker(path: Path, kind: str, **fields: Any) -> None:
     """Mark the directory ``path`` as kdcache's (``kind``: what made it); atomic (a temp file renamed) and never
-    through a link. Leaves an existing marker of the same kind as it is; never replaces another kind's (ValueError)."""
+    through a link. Leaves an existing marker of the same kind as it is; never replaces anything else (CacheError)."""
     if has_marker(path, kind):
         return
     if os.path.lexists(path / fmt.MARKER_NAME):
-        raise ValueError(f"{path} holds a {fmt.MARKER_NAME} that is not a {kind}'s: refusing to replace it")
+        raise CacheError(f"{path} holds a {fmt.MARKER_NAME} that is not kdcache's marker of a {kind}: kdcache never replaces "
+                         "a file it did not write; move it away, or choose another directory")
     tmp = path / (fmt.MARKER_NAME + fmt.TMP_SUFFIX)
     try:
         with open_new(tmp, "w") as f:
