@@ -29,7 +29,7 @@ from kdcache.cache import CacheError
 from kdcache.cache.errors import CacheLockedError
 from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
 from kdcache.cache.lock import CacheLock
-from kdcache.cache.ownership import is_cache_content
+from kdcache.cache.ownership import is_cache_content, open_new
 from kdcache.cache.remote import RemoteDir, remote_errors
 from kdcache.cache.staging import STAGING_DIR_ENV, staging_root
 from kdcache.config import FineTuneConfig
@@ -154,10 +154,12 @@ def _pull(remote: RemoteDir, names: dict[str, int], work: Path) -> None:
             data = remote.read_bytes(name)
             if name in local and local[name].read_bytes() == data:
                 continue
-            (work / name).write_bytes(data)
+            with open_new(work / name, "wb") as f:  # never through a link left at the name
+                f.write(data)
             continue
         elif name in local and local[name].stat().st_size == size:
             continue
+        (work / name).unlink(missing_ok=True)  # a link at the name is removed, never written through
         with remote_errors(remote.url, name):
             remote.fs.get_file(f"{remote.root}/{name}", str(work / name))
 
