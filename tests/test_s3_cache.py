@@ -251,7 +251,7 @@ def test_full_staging_disk_names_the_settings(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("builtins.open", no_space)
+    monkeypatch.setattr("kdcache.cache.remote.open_new", no_space)  # the local file a download is written to
     with pytest.raises(CacheError) as info:
         stage.acquire([0])
     monkeypatch.undo()
