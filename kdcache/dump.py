@@ -47,6 +47,7 @@ from kdcache.cache.format import (
     GENERATED_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
+    MARKER_NAME,
     PROGRESS_NAME,
     TMP_SUFFIX,
     is_cache_file,
@@ -56,6 +57,7 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
+from kdcache.cache.ownership import CACHE, linked_names, open_new, owns_cache, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
@@ -142,7 +144,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with io_errors(path.parent):
         try:
-            with open(tmp, "w") as f:
+            with open_new(tmp, "w") as f:
                 json.dump(obj, f, indent=2, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
@@ -160,7 +162,7 @@ def _clear_cache_dir(path: Path) -> None:
     """Remove a cache's own files (never anything else, nor the lock this dump holds) so it can be redone."""
     with io_errors(path):
         for child in path.iterdir():
-            if child.is_file() and _is_kdcache_file(child.name) and child.name != LOCK_NAME:
+            if child.is_file() and _is_kdcache_file(child.name) and child.name not in (LOCK_NAME, MARKER_NAME):
                 child.unlink()
 
 
@@ -205,7 +207,7 @@ def _clean_failed(path: Path, state: str) -> None:
     temp files, responses): nothing of value is lost, and the directory is as the dump found it."""
     if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob("shard-*.json")):
         return
-    for name in (PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME):
+    for name in (PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME) + ((MARKER_NAME,) if state == "fresh" else ()):
         (path / name).unlink(missing_ok=True)
     for child in path.glob("*" + TMP_SUFFIX):
         child.unlink(missing_ok=True)
@@ -228,7 +230,18 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
             f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory"
         )
-    names = [n for n in names if n != LOCK_NAME and not n.endswith(TMP_SUFFIX)]  # a killed dump's lock and temp files: not content
+    linked = linked_names(path)
+    if linked:
+        several = len(linked) > 1
+        what = "are links or not plain files" if several else "is a link or not a plain file"
+        raise CacheError(f"--cache-dir {path}: its {', '.join(linked[:3])} {what}, and kdcache never follows links in a cache: "
+                         f"remove {path / linked[0]}{' and the others' if several else ''}, or choose another --cache-dir")
+    content = [n for n in names if n not in (LOCK_NAME, MARKER_NAME + TMP_SUFFIX)]  # a lock or a marker half-made: no content
+    if content and not owns_cache(path):  # kdcache's names, but not kdcache's content (nor its marker)
+        raise CacheError(f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(content)[:3])}"
+                         f"{'...' if len(content) > 3 else ''} but no {MARKER_NAME}, and no manifest or {PROGRESS_NAME} of "
+                         "kdcache's): kdcache clears only its own caches; choose an empty or new --cache-dir")
+    names = [n for n in names if n not in (LOCK_NAME, MARKER_NAME) and not n.endswith(TMP_SUFFIX)]  # not content
     if force:
         return "redo" if names else "fresh"
     for marker in (MANIFEST_NAME, PROGRESS_NAME):
@@ -454,6 +467,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             _clear_cache_dir(path)
         with io_errors(path):
             path.mkdir(parents=True, exist_ok=True)
+            write_marker(path, CACHE)  # the first write: from now on the directory is kdcache's (rm, gc, --force)
         if state in ("fresh", "redo", "repair"):
             _write_json_atomic(path / PROGRESS_NAME, {
                 "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,

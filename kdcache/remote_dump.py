@@ -29,6 +29,7 @@ from kdcache.cache import CacheError
 from kdcache.cache.errors import CacheLockedError
 from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
 from kdcache.cache.lock import CacheLock
+from kdcache.cache.ownership import is_cache_content, open_new
 from kdcache.cache.remote import RemoteDir, remote_errors
 from kdcache.cache.staging import STAGING_DIR_ENV, staging_root
 from kdcache.config import FineTuneConfig
@@ -91,6 +92,10 @@ def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, fo
     if foreign:
         raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(foreign[:3])}"
                          f"{'...' if len(foreign) > 3 else ''}); choose an empty or new location")
+    if names and not is_cache_content(lambda name: _as_dict(remote.read_json(name)) if name in names else None):
+        raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(sorted(names)[:3])}"
+                         f"{'...' if len(names) > 3 else ''} but no {MANIFEST_NAME} or dump.json of kdcache's): kdcache "
+                         "overwrites and deletes only its own caches; choose an empty or new location")
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -121,6 +126,10 @@ def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, fo
     return result
 
 
+def _as_dict(value):
+    return value if isinstance(value, dict) else None
+
+
 def _renamed(e: CacheError, work: Path, url: str) -> CacheError:
     """``e`` with the working directory's path replaced by the URL in its message (same type and attributes)."""
     e.args = (str(e).replace(str(work), url),) + tuple(e.args[1:])
@@ -145,10 +154,12 @@ def _pull(remote: RemoteDir, names: dict[str, int], work: Path) -> None:
             data = remote.read_bytes(name)
             if name in local and local[name].read_bytes() == data:
                 continue
-            (work / name).write_bytes(data)
+            with open_new(work / name, "wb") as f:  # never through a link left at the name
+                f.write(data)
             continue
         elif name in local and local[name].stat().st_size == size:
             continue
+        (work / name).unlink(missing_ok=True)  # a link at the name is removed, never written through
         with remote_errors(remote.url, name):
             remote.fs.get_file(f"{remote.root}/{name}", str(work / name))
 

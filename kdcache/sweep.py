@@ -6,7 +6,12 @@ A sweep file names a base pipeline (`base:`, with `set:` overriding fields for e
 cache, that `kdcache compare` measures the distilled runs against). Each run trains in `output_dir/<run name>` through `train_student`
 (the teacher is never loaded) and is finished only once `sweep_result.json` is written there, last
 and atomically, after the model is saved: a rerun skips finished runs and redoes the others. The
-summary (results.csv, results.md, results.png) ranks the runs by the task's primary metric."""
+summary (results.csv, results.md, results.png) ranks the runs by the task's primary metric.
+
+The sweep deletes only what it made: each run folder is marked (kdcache's marker, kind "sweep run") as it is
+created, and only a marked folder (or one holding a finished run's `sweep_result.json`, from before the marker) is
+ever redone; a run name that collides with anything else in output_dir, or with the summary's files, is refused
+before any run trains."""
 
 from __future__ import annotations
 
@@ -27,15 +32,20 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from kdcache.cache.format import MARKER_NAME
+from kdcache.cache.ownership import SWEEP_OUTPUT, SWEEP_RUN, create_new, has_marker, marker_kind, open_new, read_json, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.config import ConfigError, FineTuneConfig
 
-__all__ = ["SWEEP_KEYS", "RESULT_NAME", "SweepRun", "Sweep", "load_sweep", "run_sweep", "write_summary"]
+__all__ = ["SWEEP_KEYS", "RESULT_NAME", "SUMMARY_NAMES", "is_run_folder", "check_output_dir", "SweepRun", "Sweep", "load_sweep",
+           "run_sweep", "write_summary"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_KEYS = ("base", "cache_dir", "output_dir", "set", "grid", "runs")
 RESULT_NAME = "sweep_result.json"  # written last in a run's folder: its presence means the run finished
+SUMMARY_NAMES = ("results.csv", "results.md", "results.png")  # the sweep's own files in output_dir
+SUMMARY_TEMPS = ("results.csv.tmp", "results.md.tmp", "results.tmp.png")  # and their temp files
 SET_BY_SWEEP = ("output_dir", "cache_dir", "resume_from_checkpoint")  # one value per run, chosen by the sweep
 DISPLAY_ONLY = ("disable_tqdm", "logging_steps")  # change what is shown, not what is trained: not part of a run's identity
 
@@ -169,7 +179,10 @@ def _overrides(path: Path, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], 
                               "(grid: {distillation_alpha: [0.5, 0.9]})")
         for name, values in grid.items():
             _check_field(path, "grid", name)
-            if not isinstance(values, list) or not values:
+            if values == []:
+                raise ConfigError(f"{path}: grid: {name} has no values (an empty list makes no runs): list the values to "
+                                  f"try (grid: {{{name}: [{_example(name)}]}}), or remove {name} from grid")
+            if not isinstance(values, list):
                 raise ConfigError(f"{path}: grid: {name} must be a non-empty list of values, got {values!r} "
                                   f"(grid: {{{name}: [{values!r}]}} for one value)")
         names = list(grid)
@@ -188,6 +201,15 @@ def _overrides(path: Path, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], 
                 fields += [] if name in fields else [name]
         out.append(dict(run))
     return out, fields
+
+
+def _example(name: str) -> str:
+    """Two values of field ``name`` for the example in a message: a number's default and another, else placeholders."""
+    default = FineTuneConfig.__dataclass_fields__[name].default
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return "VALUE_1, VALUE_2"
+    other = default * 2 if default else 1
+    return f"{default!r}, {other!r}"
 
 
 def _format_value(value: Any) -> str:
@@ -214,6 +236,9 @@ def _run_names(path: Path, overrides: list[dict[str, Any]]) -> list[str]:
         if not name or name.startswith("."):
             raise ConfigError(f"{path}: runs[{i}]: name {own!r} is not a folder name inside output_dir: use letters, "
                               "digits and _ - = , : + . (not empty, not starting with '.'), e.g. name: run-1")
+        if name in SUMMARY_NAMES + SUMMARY_TEMPS or name == RESULT_NAME:
+            raise ConfigError(f"{path}: runs[{i}]: name {own!r} is a file the sweep itself writes in output_dir "
+                              f"({', '.join(SUMMARY_NAMES)}): give the run another name, e.g. name: run-1")
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return names
@@ -223,11 +248,48 @@ def _run_names(path: Path, overrides: list[dict[str, Any]]) -> list[str]:
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_new(tmp, "w") as f:  # a new file: never written through a link left at the temp name
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder a sweep made: it holds the run's marker, or (a run finished by a kdcache from
+    before the marker) a readable sweep_result.json; never a link."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if has_marker(folder, SWEEP_RUN):
+        return True
+    result = read_json(folder / RESULT_NAME)
+    return result is not None and isinstance(result.get("config_sha256"), str)
+
+
+def check_output_dir(sweep: Sweep) -> None:
+    """Before any run trains: every run folder that exists is one a sweep made, and the summary's names are free or
+    plain files; anything else there is the user's, and is refused in one line (never deleted or written into)."""
+    out = sweep.output_dir
+    for run in sweep.runs:
+        folder = run.folder
+        if os.path.lexists(folder) and not is_run_folder(folder):
+            kind = "a link" if folder.is_symlink() else "a file" if not folder.is_dir() else "a folder this sweep did not make"
+            raise ConfigError(f"{sweep.path}: run {run.name}: {folder} is {kind} (no {MARKER_NAME} of a sweep run), and a sweep "
+                              f"deletes only the run folders it made: move it out of {out}, or choose another output_dir")
+    kind = marker_kind(out)
+    if kind is None and os.path.lexists(out / MARKER_NAME):
+        raise ConfigError(f"{sweep.path}: {out / MARKER_NAME} is not kdcache's marker (a file or link kdcache did not write), "
+                          f"and the sweep marks its output_dir with it: move it out of {out}, or choose another output_dir")
+    if kind not in (None, SWEEP_OUTPUT):
+        raise ConfigError(f"{sweep.path}: output_dir {out} is a {kind} folder of kdcache's, not a sweep's output: choose "
+                          "another output_dir")
+    ours = kind == SWEEP_OUTPUT or any(is_run_folder(run.folder) for run in sweep.runs)  # (a sweep from before the marker)
+    for name in SUMMARY_NAMES:
+        target = out / name
+        if os.path.lexists(target) and (target.is_symlink() or not target.is_file() or not ours):
+            what = "a link" if target.is_symlink() else "not a plain file" if not target.is_file() else "a file no sweep wrote"
+            raise ConfigError(f"{sweep.path}: {target} is {what}, and the sweep writes its summary there: move it out of "
+                              f"{out}, or choose another output_dir")
 
 
 def finished_result(run: SweepRun) -> Optional[dict[str, Any]]:
@@ -255,11 +317,13 @@ def _train(run: SweepRun, task, output_dir: Path) -> dict[str, Any]:
     from kdcache.evaluate import weights_bytes
     from kdcache.train import train_student
 
-    if run.folder.exists():  # a run cut short (or trained with another config): start it afresh
-        if run.folder.name in ("", ".", "..") or run.folder.resolve().parent != output_dir.resolve():
-            raise RuntimeError(f"refusing to delete {run.folder}: run {run.name!r} is not a folder directly inside "
-                               f"{output_dir}")  # _run_names refuses such names: this is a bug, not a user error
+    if os.path.lexists(run.folder):  # a run cut short (or trained with another config): start it afresh
+        if run.folder.name in ("", ".", "..") or run.folder.resolve().parent != output_dir.resolve() or not is_run_folder(run.folder):
+            raise RuntimeError(f"refusing to delete {run.folder}: run {run.name!r} is not a run folder this sweep made directly "
+                               f"inside {output_dir}")  # check_output_dir refuses those first: this is a bug, not a user error
         shutil.rmtree(run.folder)
+    run.folder.mkdir()
+    write_marker(run.folder, SWEEP_RUN, name=run.name)  # marked at its creation: only marked folders are ever redone
     result = train_student(run.config)
     record = {
         "name": run.name, "overrides": run.overrides, "config_sha256": run.config_sha256(),
@@ -295,7 +359,9 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> list[dict[st
         raise CacheError(f"cache {sweep.cache_dir} has no readable {MANIFEST_NAME}: run `kdcache dump-teacher` with "
                          f"cache_dir: {sweep.cache_dir} first (or name the right cache_dir in the sweep file)")
     task = get_task(sweep.runs[0].config.task_type)
+    check_output_dir(sweep)
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(sweep.output_dir, SWEEP_OUTPUT)  # its results.* are the sweep's to rewrite
     results = []
     for i, run in enumerate(sweep.runs, 1):
         done = finished_result(run)
@@ -384,6 +450,7 @@ def _plot(sweep: Sweep, results: list[dict[str, Any]], metric: str, path: Path) 
     ax.set_title(f"{metric} across {sweep.path.name}")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
+    os.close(create_new(tmp))  # a plain file of ours (never a link's target), then written by matplotlib
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)

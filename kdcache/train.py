@@ -21,6 +21,7 @@ from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.format import MANIFEST_NAME
 from kdcache.cache.generated import read_generated
+from kdcache.cache.lock import ReadLock
 from kdcache.cache.remote import cache_location
 from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import ConfigError, FineTuneConfig
@@ -441,6 +442,8 @@ def train_student(
                 raise ConfigError(f"transfer_proportion (--transfer-proportion) cannot hold with the cache on object storage "
                                   f"({cache_path}): its shard-by-shard order breaks up the batches' composition; leave "
                                   "transfer_proportion unset (one shuffled pool) or copy the cache to a local directory")
+            if isinstance(cache_path, Path):  # the readers' shared lock before the first read (the manifest's): no rm or gc
+                resources.callback(ReadLock(cache_path).acquire().release)  # takes the cache from a starting student
             staged = None if isinstance(cache_path, Path) else StagedCacheReader(cache_path)  # on object storage: a staging dir
             if staged is not None:
                 resources.callback(staged.close)

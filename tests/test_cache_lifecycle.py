@@ -23,9 +23,10 @@ from helpers import MR_TRAIN, cli_env, fails_cleanly, make_bert, read_jsonl, run
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheReader
 from kdcache.cache.errors import CacheLockedError
-from kdcache.cache.format import LOCK_NAME, MANIFEST_NAME
+from kdcache.cache.format import LOCK_NAME, MANIFEST_NAME, MARKER_NAME
 from kdcache.cache.lifecycle import human_bytes, inspect_dir, remove
 from kdcache.cache.lock import CacheLock
+from kdcache.cache.ownership import CACHE, write_marker
 from kdcache.dump import dump_teacher
 
 DAY = 86400
@@ -50,7 +51,7 @@ print("locked", flush=True)
 sys.stdin.readline()
 """
 
-# A real dump-teacher, paused after its third rename (dump.json, then shard 0's data and its published json).
+# A real dump-teacher, paused after its fourth rename (kdcache's marker, dump.json, then shard 0's data and its published json).
 PAUSED_DUMP = """
 import json, os, sys
 from kdcache import FineTuneConfig
@@ -59,7 +60,7 @@ real, calls = os.replace, [0]
 def replace(*args, **kwargs):
     out = real(*args, **kwargs)
     calls[0] += 1
-    if calls[0] == 3:
+    if calls[0] == 4:
         print("dumping", flush=True)
         sys.stdin.readline()
     return out
@@ -130,6 +131,8 @@ def test_ls_shows_fingerprint_task_teacher_rows_size_and_date_and_names_the_brok
     damaged = _put(made, kdcache_home, "a", "text_classification-damaged")
     (damaged / MANIFEST_NAME).write_text("{not json")
     (kdcache_home / "empty").mkdir()
+    write_marker(kdcache_home / "empty", CACHE)  # a dump's first write, and nothing after it
+    (kdcache_home / "bare").mkdir()  # no marker: not kdcache's, though empty
     (kdcache_home / "photos").mkdir()
     (kdcache_home / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")
 
@@ -137,7 +140,7 @@ def test_ls_shows_fingerprint_task_teacher_rows_size_and_date_and_names_the_brok
     staged.mkdir(parents=True)
     (staged / "shard-00000.arrow").write_bytes(b"x")
     listed = _ls(kdcache_home)
-    assert sorted(listed) == sorted([a.name, b.name, damaged.name, "empty"])  # photos is not a cache
+    assert sorted(listed) == sorted([a.name, b.name, damaged.name, "empty"])  # photos and bare are not caches
     for path in (a, b):
         entry, manifest = listed[path.name], json.loads((path / MANIFEST_NAME).read_text())
         assert entry["state"] == "complete" and entry["in_use"] is None
@@ -155,7 +158,7 @@ def test_ls_shows_fingerprint_task_teacher_rows_size_and_date_and_names_the_brok
     assert line_a.endswith("complete")
     assert "damaged (manifest.json does not read: dump-teacher --force redoes it)" in next(x for x in out if damaged.name in x)
     assert "4 caches" in out[-2] and str(kdcache_home) in out[-2]
-    assert out[-1] == "left alone: 1 directory holding files kdcache did not write (photos)"
+    assert out[-1] == "left alone: 2 directories kdcache did not make, or holding files it did not write (bare, photos)"
 
 
 def test_ls_shows_a_running_dump_and_after_a_kill_says_dump_teacher_resumes_it(made, kdcache_home):
@@ -287,7 +290,7 @@ def test_gc_spares_a_cache_being_dumped(made, kdcache_home):
         _age(old, 30)
         out = run_cli(["cache", "gc", "--keep-days", "7"], kdcache_home).stdout.splitlines()
         assert out[0].startswith(f"kept {old} (incomplete, ") and out[0].endswith(f"being written by another dump-teacher (pid {holder.pid})")
-        assert sorted(p.name for p in old.iterdir()) == sorted([LOCK_NAME, "shard-00000.arrow", "shard-00000.json"])
+        assert sorted(p.name for p in old.iterdir()) == sorted([LOCK_NAME, MARKER_NAME, "shard-00000.arrow", "shard-00000.json"])
     run_cli(["cache", "gc", "--keep-days", "7"], kdcache_home)
     assert not old.exists()
 
@@ -337,7 +340,8 @@ def test_readers_share_the_lock_and_the_last_one_removes_its_file(made, tmp_path
 
 def test_a_reader_never_opens_a_cache_being_removed(made, kdcache_home, monkeypatch):
     """rm holds the exclusive lock while it deletes: a reader opening then is refused; and the manifest goes
-    first, so what is left half-way is an incomplete cache, never a complete one with shards missing."""
+    first, so what is left half-way is an incomplete cache, never a complete one with shards missing (and kdcache's
+    marker last, so that it is recognised as a cache until then)."""
     cache = _put(made, kdcache_home, "a")
     with _holding(HOLD_LOCK, cache, "cache rm", home=kdcache_home) as holder:
         with pytest.raises(CacheError, match=rf"being removed by `kdcache cache rm` \(pid {holder.pid}\)"):
@@ -348,14 +352,16 @@ def test_a_reader_never_opens_a_cache_being_removed(made, kdcache_home, monkeypa
     def unlink_and_look(path, *args, **kwargs):
         unlink(path, *args, **kwargs)
         if path.parent == cache and path.name != LOCK_NAME:
-            seen.append((path.name, inspect_dir(cache).state))
+            info = inspect_dir(cache)  # None once kdcache's marker (deleted last) is gone: no longer a cache
+            seen.append((path.name, info.state if info is not None else None))
             with pytest.raises(CacheError, match="incomplete cache|no manifest.json"):  # never opened as complete
                 CacheReader(cache)
 
     monkeypatch.setattr(type(cache), "unlink", unlink_and_look)
     assert remove([cache]) == [sum(p.stat().st_size for p in made["a"].iterdir())]
     assert seen[0] == (MANIFEST_NAME, "incomplete") and len(seen) == len(list(made["a"].iterdir()))
-    assert {state for _, state in seen} == {"incomplete", "empty"}  # never complete once rm began
+    assert {state for _, state in seen} == {"incomplete", "empty", None}  # never complete once rm began
+    assert seen[-1] == (MARKER_NAME, None) and seen[-2][1] == "empty"  # the marker goes last
     assert not cache.exists()
 
 

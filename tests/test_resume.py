@@ -91,7 +91,7 @@ def test_ctrl_c_exits_130_keeps_the_finished_shards_and_the_advice_resumes(tmp_p
 
 
 # A child that dumps and SIGKILLs itself just before (or just after) its Nth os.replace: every rename of the
-# protocol (dump.json, each shard's data and meta json, the manifest) is a publication step.
+# protocol (kdcache's marker, dump.json, each shard's data and meta json, the manifest) is a publication step.
 _KILLER = """
 import json, os, signal, sys
 from kdcache import FineTuneConfig
@@ -113,7 +113,8 @@ dump_teacher(FineTuneConfig(**json.loads(sys.argv[1])), cache_dir=sys.argv[4], s
 
 @pytest.fixture(scope="module")
 def kill_setup(tmp_path_factory, tokenizer_dir):
-    """A 1-layer random BERT, 60 shipped rows, int8 hidden states: 3 shards, 8 renames (dump.json, 2 per shard, manifest)."""
+    """A 1-layer random BERT, 60 shipped rows, int8 hidden states: 3 shards, 9 renames (the marker, dump.json, 2 per shard,
+    manifest)."""
     from kdcache import FineTuneConfig
     from kdcache.dump import dump_teacher
 
@@ -127,9 +128,10 @@ def kill_setup(tmp_path_factory, tokenizer_dir):
     return fields, config, root / "clean"
 
 
-# Renames: 1 dump.json, 2 shard 0's data (3 its meta json: published), 4-7 shards 1 and 2, 8 the manifest.
-# One kill before and after each kind of rename (all 16 pass too; 8 keep the test under a minute or two).
-KILL_POINTS = [("before", 1), ("after", 1), ("before", 2), ("after", 2), ("after", 3), ("after", 5), ("before", 8), ("after", 8)]
+# Renames: 1 kdcache's marker, 2 dump.json, 3 shard 0's data (4 its meta json: published), 5-8 shards 1 and 2, 9 the manifest.
+# One kill before and after each kind of rename (all 18 pass too; 9 keep the test under a minute or two).
+KILL_POINTS = [("after", 1), ("before", 2), ("after", 2), ("before", 3), ("after", 3), ("after", 4), ("after", 6), ("before", 9),
+               ("after", 9)]
 
 
 @pytest.mark.parametrize("when, n", KILL_POINTS)
@@ -145,7 +147,7 @@ def test_sigkill_at_every_rename_then_resume_is_identical(kill_setup, tmp_path, 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     result = dump_teacher(config, cache_dir=str(cache), shard_examples=20, progress=False)
-    assert result.hit == (when == "after" and n == 8)
+    assert result.hit == (when == "after" and n == 9)
     names = sorted(p.name for p in cache.iterdir())
     assert names == sorted(p.name for p in clean.iterdir())
     for name in names:

@@ -92,7 +92,7 @@ def test_dump_to_s3_then_train_through_a_small_staging_dir(s3, pipeline, kdcache
     assert "manifest.json" in keys and "dump.json" not in keys  # complete: the progress marker is gone
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="caches/mr/manifest.json")["Body"].read())
     assert [s["file"] for s in manifest["shards"]] == shards and all(keys[s["file"]] == s["bytes"] for s in manifest["shards"])
-    assert not any((kdcache_home / "staging" / "dumps").iterdir())  # the dump's working copy is gone once published
+    assert not (kdcache_home / "staging").exists()  # the dump's working copy is gone once published, and the folders made for it
 
     from kdcache.cache.lock import CacheLock
     from kdcache.remote_dump import working_dir
@@ -264,7 +264,7 @@ def test_full_staging_disk_names_the_settings(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("builtins.open", no_space)
+    monkeypatch.setattr("kdcache.cache.remote.open_new", no_space)  # the local file a download is written to
     with pytest.raises(CacheError) as info:
         stage.acquire([0])
     monkeypatch.undo()
@@ -401,3 +401,23 @@ def test_transfer_proportion_is_refused_on_object_storage(s3, pipeline, kdcache_
     assert not (tmp_path / "student").exists() and not any((kdcache_home / "staging").glob("*-*/shard-*"))
     run_cli(["train-student", "--config", str(pipe)], kdcache_home)
     assert json.loads((tmp_path / "student" / "kdcache_report.json").read_text())["cache_dir"] == url
+
+
+def test_force_into_a_prefix_that_is_not_a_cache_deletes_nothing(s3, kdcache_home, tmp_path, tiny_student, small_data):
+    """`dump-teacher --force` into a prefix holding objects that only use kdcache's names (`manifest.json` = the user's
+    JSON, `notes.tmp`): one line before anything is uploaded or deleted (the storage holds no marker: its manifest must
+    read as kdcache's); the objects unchanged, and no staging directory left behind."""
+    prefix = "apps/webapp"
+    objects = {"manifest.json": b'{"name":"app"}', "notes.tmp": b"x\n"}
+    for name, body in objects.items():
+        s3.put_object(Bucket=s3.bucket, Key=f"{prefix}/{name}", Body=body)
+    url = f"s3://{s3.bucket}/{prefix}"
+    pipe = write_pipeline(tmp_path / "p.yaml", model_name=str(tiny_student), teacher_model_name=str(tiny_student),
+                          task_type="text_classification", use_distillation=True, train_file=str(small_data["train"]),
+                          max_length=48, cache_dir=url)
+    for force in (["--force"], []):
+        refused = run_cli(["dump-teacher", "--config", str(pipe), *force], kdcache_home, check=False)
+        fails_cleanly(refused, f"--cache-dir {url} is not a kdcache cache", "choose an empty or new location")
+    assert {name: s3.get_object(Bucket=s3.bucket, Key=f"{prefix}/{name}")["Body"].read() for name in objects} == objects
+    assert _keys(s3, prefix) == {name: len(body) for name, body in objects.items()}
+    assert not (kdcache_home / "staging").exists()

@@ -58,6 +58,7 @@ GENERATED_NAME = "generated.arrow"  # sequence-level KD of a causal LM: the teac
 GENERATED_META_NAME = "generated.json"  # written after it (sha256, rows, fingerprint): publishes it
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".kdcache.lock"  # flock: exclusive for a dump, `cache rm` or `gc`; shared by each open CacheReader (lock.py)
+MARKER_NAME = ".kdcache.json"  # kdcache's own marker, written at a directory's first write: {"created_by": "kdcache", "kind": ...}
 PROGRESS_NAME = "dump.json"  # written at the start of a dump; names what the shards belong to; removed with the manifest's writing
 MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum: sha256 of its other keys (see manifest_digest)
 SHARD_BINDING_KEY = b"kdcache.binding"  # a shard's Arrow schema metadata key holding shard_binding() as JSON
@@ -142,7 +143,7 @@ def parse_shard_index(name: str) -> int | None:
 def is_cache_file(name: str) -> bool:
     """True for the names kdcache writes into a cache directory (what dump-teacher, `kdcache cache rm` and
     `gc` may delete; any other file makes the directory not a cache)."""
-    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME, LOCK_NAME)
+    return (name in (MANIFEST_NAME, PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME, LOCK_NAME, MARKER_NAME)
             or parse_shard_index(name) is not None or name.endswith(TMP_SUFFIX))
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 from . import format as fmt
 from .errors import CacheError
 from .fingerprint import sha256_file
+from .ownership import create_new
 from .writer import _fsync_dir, _unlink, _write_json_atomic
 
 
@@ -28,6 +29,7 @@ def write_generated(cache_dir: str | Path, texts: list[str], fingerprint: str) -
     tmp = final.with_name(final.name + fmt.TMP_SUFFIX)
     table = pa.table({"text": pa.array(texts, type=pa.large_string())})
     try:
+        os.close(create_new(tmp))  # a plain file of ours (never a link's target), then opened by Arrow
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         with open(tmp, "rb+") as f:

@@ -2,9 +2,11 @@
 
 A directory there is *complete* (its manifest.json reads), *incomplete* (a dump's shards or progress marker
 and no manifest: a dump running, or a killed one that dump-teacher resumes), *damaged* (a manifest that does
-not read) or *empty*. A directory holding anything kdcache did not write is not a cache: it is never listed
-as one and never removed. Removal holds the exclusive lock (lock.py), so it never takes a cache from a run
-reading it or a dump writing it, and deletes the manifest first, so a half-removed cache is never complete.
+not read) or *empty*. Whether a directory is a cache is decided from its content (ownership.py: kdcache's marker,
+or a manifest or progress marker that parses as kdcache's), never from file names alone; a directory holding
+anything kdcache did not write, or a link, is not a cache either: it is never listed as one and never removed.
+Removal holds the exclusive lock (lock.py), so it never takes a cache from a run reading it or a dump writing
+it, and deletes the manifest first (and kdcache's marker last), so a half-removed cache is never complete.
 "Last used" is the newest mtime of the directory (stamped by every reader that locks it) and its files.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 from . import format as fmt
 from .errors import CacheError, CacheLockedError, short_repr
 from .lock import CacheLock, Holder, probe
+from .ownership import owns_cache
 from .summary import _human as human_bytes  # one byte formatter for `inspect` and `cache ls`
 from .writer import io_errors
 
@@ -103,7 +106,7 @@ def last_used(path: Path, files_only: bool = False) -> float:
 
 def inspect_dir(path: Path) -> CacheInfo | None:
     """What ``path`` is (None when it is not a directory of kdcache's files); reads only, takes no lock."""
-    if not path.is_dir() or path.is_symlink() or foreign_entries(path):
+    if not path.is_dir() or path.is_symlink() or foreign_entries(path) or not owns_cache(path):
         return None
     files = {p.name: p for p in path.iterdir()}
     size = 0
@@ -122,7 +125,7 @@ def inspect_dir(path: Path) -> CacheInfo | None:
         info.state, info.format_version = "complete", manifest["format_version"]
         info.fingerprint, info.task, info.rows = manifest.get("fingerprint"), manifest.get("task"), manifest.get("rows")
         info.teacher = teacher.get("name") if isinstance(teacher, dict) else None
-    elif set(files) - {fmt.LOCK_NAME}:
+    elif set(files) - {fmt.LOCK_NAME, fmt.MARKER_NAME}:
         info.state = "incomplete"
         progress = _read_json(files[fmt.PROGRESS_NAME]) if fmt.PROGRESS_NAME in files else None
         inputs = (progress or {}).get("fingerprint_inputs")
@@ -200,7 +203,7 @@ def remove(paths: list[Path], role: str = "cache rm", unused_since: float | None
             except CacheLockedError as exc:
                 raise CacheLockedError(f"cache {path} is {exc.holder.describe()}: wait for it to finish (or stop it), then run "
                                        f"`kdcache {role}` again", exc.holder) from None
-            if foreign_entries(path):  # written in since the check above: leave all of it
+            if foreign_entries(path) or not owns_cache(path):  # changed since the check above: leave all of it
                 raise CacheError(_not_a_cache(path))
     except BaseException:
         for lock in locks:
@@ -218,10 +221,11 @@ def remove(paths: list[Path], role: str = "cache rm", unused_since: float | None
 
 
 def _delete(path: Path, unused_since: float | None) -> int | None:
-    """Under the lock: unlink the cache's files (not the lock's), the manifest first; None when a file is too new."""
+    """Under the lock: unlink the cache's files (not the lock's), the manifest first and kdcache's marker last (a
+    removal cut short leaves a directory still recognised as a cache); None when a file is too new."""
     if unused_since is not None and last_used(path, files_only=True) >= unused_since:
         return None
-    order = {fmt.MANIFEST_NAME: 0, fmt.GENERATED_META_NAME: 1}
+    order = {fmt.MANIFEST_NAME: 0, fmt.GENERATED_META_NAME: 1, fmt.MARKER_NAME: 4}
     files = sorted((p for p in path.iterdir() if p.name != fmt.LOCK_NAME),
                    key=lambda p: (order.get(p.name, 2 if p.name.endswith(".json") else 3), p.name))
     freed = 0
@@ -269,8 +273,8 @@ def format_listing(found: Scan) -> str:
         lines.append(f"{len(found.caches)} cache{'s' if len(found.caches) != 1 else ''}, {human_bytes(total)} under {found.root}")
     if found.skipped:
         names = ", ".join(p.name for p in found.skipped[:3]) + (", ..." if len(found.skipped) > 3 else "")
-        lines.append(f"left alone: {len(found.skipped)} director{'ies' if len(found.skipped) != 1 else 'y'} holding files kdcache "
-                     f"did not write ({names})")
+        lines.append(f"left alone: {len(found.skipped)} director{'ies' if len(found.skipped) != 1 else 'y'} kdcache did not "
+                     f"make, or holding files it did not write ({names})")
     return "\n".join(lines)
 
 
@@ -283,6 +287,10 @@ def _not_a_cache(path: Path) -> str:
     if not path.is_dir() or path.is_symlink():
         return f"{path} is not a kdcache cache (not a directory): give a cache's name, fingerprint prefix or path (`kdcache cache ls`)"
     foreign = foreign_entries(path)
+    if not foreign:
+        return (f"{path} is not a kdcache cache (it holds no {fmt.MARKER_NAME}, and no {fmt.MANIFEST_NAME} or {fmt.PROGRESS_NAME} "
+                "that reads as kdcache's): kdcache removes only directories it can tell it made; delete it yourself if it is "
+                "yours to delete")
     names = ", ".join(short_repr(n, 40) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
     return (f"{path} is not a kdcache cache (it holds {names}, which kdcache did not write): kdcache removes only its own "
             "files; move those out first if this is a cache")

@@ -20,8 +20,10 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 import weakref
 from dataclasses import dataclass
@@ -71,31 +73,53 @@ class CacheLock:
         self._created: list[Path] = []  # directories made for the lock, deepest first
 
     def acquire(self) -> "CacheLock":
-        """Take the exclusive lock (creating the directory if needed), or raise CacheLockedError naming its holder."""
-        with io_errors(self.dir):
-            missing = [self.dir, *self.dir.parents]
-            missing = missing[: next(i for i, d in enumerate(missing) if d.exists())]
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._created = missing
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                if not _flock_within_grace(fd, fcntl.LOCK_EX):
-                    holder = _holder(fd)
-                    os.close(fd)
-                    raise CacheLockedError(
-                        f"--cache-dir {self.dir} is {holder.describe()} (it holds {self.path}): wait for "
-                        f"{'that run' if holder.readers else 'it'} to finish (it ends the lock), or choose another --cache-dir",
-                        holder,
-                    )
-                if _is_current(fd, self.path):
-                    break
-                os.close(fd)  # the holder released and removed it between our open and flock: retry
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {self.role}\n".encode())
-            self._fd = fd
+        """Take the exclusive lock (creating the directory if needed), or raise CacheLockedError naming its holder. A lock
+        file that is a link is refused (never followed); any failure leaves no lock file or directory made here."""
+        fd = None
+        try:
+            with io_errors(self.dir):
+                missing = [self.dir, *self.dir.parents]
+                missing = missing[: next(i for i, d in enumerate(missing) if d.exists())]
+                self._created = missing
+                self.dir.mkdir(parents=True, exist_ok=True)
+                while True:
+                    fd = _open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
+                    if not _flock_within_grace(fd, fcntl.LOCK_EX):
+                        holder = _holder(fd)
+                        os.close(fd)
+                        fd = None
+                        raise CacheLockedError(
+                            f"--cache-dir {self.dir} is {holder.describe()} (it holds {self.path}): wait for "
+                            f"{'that run' if holder.readers else 'it'} to finish (it ends the lock), or choose another --cache-dir",
+                            holder,
+                        )
+                    if _is_current(fd, self.path):
+                        break
+                    os.close(fd)  # the holder released and removed it between our open and flock: retry
+                    fd = None
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {self.role}\n".encode())
+        except BaseException:
+            if fd is not None:  # held exclusively: the file is ours to remove (a full disk must not keep it)
+                self.path.unlink(missing_ok=True)
+                os.close(fd)
+            self._remove_created()
+            raise
+        self._fd = fd
         self._key = os.path.realpath(self.dir)
         _HELD_HERE[self._key] = _HELD_HERE.get(self._key, 0) + 1
         return self
+
+    def _remove_created(self) -> None:
+        """Remove the directories made for the lock, deepest first, as far as they are empty (nothing was written)."""
+        for d in self._created:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                continue  # release(remove_dir=True) removed it already
+            except OSError:
+                break
+        self._created = []
 
     def release(self, remove_dir: bool = False) -> None:
         """Remove the lock file (and with ``remove_dir`` the then empty directory), then unlock: in that order,
@@ -113,11 +137,7 @@ class CacheLock:
             _HELD_HERE[self._key] -= 1
             if not _HELD_HERE[self._key]:
                 del _HELD_HERE[self._key]
-        for d in self._created:
-            try:
-                d.rmdir()  # only succeeds when nothing was written
-            except OSError:
-                break
+        self._remove_created()
 
     def __enter__(self) -> "CacheLock":
         return self.acquire()
@@ -141,6 +161,10 @@ class ReadLock:
         if os.path.realpath(self.dir) in _HELD_HERE:
             return self  # this process dumps (or removes) it: that lock guards the directory
         if not (self.dir / fmt.MANIFEST_NAME).is_file():
+            holder = probe(self.dir)  # a removal that already deleted the manifest: say so, as below
+            if holder is not None and not holder.readers and holder.role in REMOVERS:
+                raise CacheError(f"cache {self.dir} is {holder.describe()}: it is going away; dump it again with "
+                                 "`kdcache dump-teacher` if you need it")
             return self  # not a complete cache (the reader says what it is): nothing to guard, and no trace left in it
         while True:
             fd = _open_existing_or_new(self.path)
@@ -178,7 +202,7 @@ def probe(directory: str | Path) -> Holder | None:
     It takes the lock for an instant to find out (acquirers retry within GRACE_S, so they do not notice)."""
     path = Path(directory) / fmt.LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None  # no lock file: no holder
     try:
@@ -192,15 +216,40 @@ def probe(directory: str | Path) -> Holder | None:
 
 
 def _open_existing_or_new(path: Path) -> int | None:
-    """A descriptor of the lock file (created when missing), read-only where it cannot be written, or None."""
+    """A descriptor of the lock file (created when missing), read-only where it cannot be written, or None. A link at
+    its name is refused (CacheError), never followed."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return _open_lock_file(path, os.O_RDWR | os.O_CREAT)
+    except CacheError:
+        raise
     except OSError:
         pass
     try:
-        return os.open(path, os.O_RDONLY)  # flock needs no write access
+        return _open_lock_file(path, os.O_RDONLY)  # flock needs no write access
+    except CacheError:
+        raise
     except OSError:
         return None
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """``os.open`` of a lock file that never follows a link: a link (or anything but a plain file) at its name is a
+    one-line CacheError (someone put it there; writing "PID ROLE" through it would overwrite its target)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CacheError(_link_refusal(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CacheError(_link_refusal(path))
+    return fd
+
+
+def _link_refusal(path: Path) -> str:
+    return (f"{path.parent}: its {path.name} is a link or not a plain file, and kdcache never follows links in a cache: "
+            f"remove {path}, or use another directory")
 
 
 def _flock_within_grace(fd: int, op: int) -> bool:

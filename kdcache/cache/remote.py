@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import REPAIR_ADVICE, CacheError
+from .ownership import open_new
 
 __all__ = ["CorruptObjectError", "RemoteDir", "cache_location", "is_url", "local_path", "remote_errors"]
 
@@ -188,7 +189,7 @@ class RemoteDir:
         tmp = dest.with_name(dest.name + ".tmp")
         h, got = hashlib.sha256(), 0
         try:
-            with open(tmp, "wb") as out:  # local: an OSError here is the caller's to say
+            with open_new(tmp, "wb") as out:  # local, never through a link: an OSError here is the caller's to say
                 with remote_errors(self.url, name):
                     try:
                         src = self.fs.open(self._key(name), "rb", block_size=_CHUNK, cache_type="none")

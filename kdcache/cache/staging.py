@@ -323,6 +323,17 @@ class _LazyViews:
         return iter(self.live[b] for b in range(self.count))
 
 
+def _remove_staging(local: Path, created: list[Path]) -> None:
+    """Remove a reader's staging directory, then the directories made for it (the staging root, ...) when left empty:
+    a reader that failed (an unreachable endpoint) or finished leaves no empty $KDCACHE_HOME/staging behind."""
+    shutil.rmtree(local, ignore_errors=True)
+    for d in created:
+        try:
+            d.rmdir()  # only when empty: another reader's staging directory keeps it
+        except OSError:
+            break
+
+
 class StagedCacheReader(CacheReader):
     """A CacheReader of a cache on object storage (``url``): the manifest is downloaded at open, the shards are
     staged in a bounded local directory (``staging_dir``, default a new directory under :func:`staging_root`,
@@ -336,15 +347,23 @@ class StagedCacheReader(CacheReader):
         self.remote = RemoteDir(self.url)
         self._limit = staging_limit() if limit is None else int(limit)
         root = Path(staging_dir) if staging_dir is not None else staging_root()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
-            local = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
-        except OSError as e:
-            raise CacheError(f"cannot make a staging directory under {root} ({e.strerror or e}): set {STAGING_DIR_ENV} to a writable "
-                             "directory") from None
+        key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+        for attempt in range(3):
+            created = [d for d in (root, *root.parents) if not d.exists()]  # deepest first: removed again at close if empty
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                local = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
+                break
+            except FileNotFoundError:
+                if attempt < 2:
+                    continue  # another reader's close removed the emptied root as this one made its directory: again
+                raise CacheError(f"cannot make a staging directory under {root}: set {STAGING_DIR_ENV} to a writable "
+                                 "directory") from None
+            except OSError as e:
+                raise CacheError(f"cannot make a staging directory under {root} ({e.strerror or e}): set {STAGING_DIR_ENV} to a "
+                                 "writable directory") from None
         self._local = local
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(local), True)  # at close(), collection or exit
+        self._cleanup = weakref.finalize(self, _remove_staging, local, created)  # at close(), collection or exit
         self._stage: ShardStage | None = None
         self._map_lock = threading.Lock()
         self._shard_maps: dict[int, pa.MemoryMappedFile] = {}

@@ -21,6 +21,7 @@ from . import format as fmt
 from .errors import CacheError, CacheWriteError, NonFiniteError
 from .fingerprint import GrowingFileDigest, sha256_file
 from .format import StoreSpec, TargetSpec
+from .ownership import create_new, open_new
 from .verify import first_out_of_vocabulary
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
@@ -285,7 +286,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write json to ``path`` via temp file + fsync + rename + directory fsync."""
     tmp = path.with_name(path.name + fmt.TMP_SUFFIX)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_new(tmp, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
             f.write("\n")
             f.flush()
@@ -434,6 +435,7 @@ class ShardWriter:
         try:
             _unlink(self.dir / fmt.MANIFEST_NAME)
             _unlink(self.dir / fmt.shard_meta_name(index))
+            os.close(create_new(self._tmp_path(index)))  # a plain file of ours (never a link's target), then opened by Arrow
             self._sink = pa.OSFile(str(self._tmp_path(index)), "wb")
             binding = json.dumps(self._binding(index), sort_keys=True).encode()
             self._writer = pa.ipc.new_file(self._sink, self.schema.with_metadata({fmt.SHARD_BINDING_KEY: binding}))
