@@ -501,8 +501,9 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
         for kind, st in f["students"].items():
             cache = KINDS.get(kind, {}).get("cache")
             per = "" if cache is None else f"{caches[cache]['logits_bytes_per_position'] + caches[cache]['offsets_bytes_per_position']:.1f}"
+            gap = "void" if f["void"] and st["gap_closed"] is not None else _num(st["gap_closed"], ".0%")
             L.append(f"| {KIND_NAMES.get(kind, kind)} | {st['vocab']:,} | {st['perplexity']:.2f} | {st['bits_per_char']:.4f} | "
-                     f"{st['bits_per_char'] / t['bits_per_char']:.3f} | {'void' if f['void'] and st['gap_closed'] is not None else _num(st['gap_closed'], '.0%')} | {_num(st['aligned_share'], '.3f')} | "
+                     f"{st['bits_per_char'] / t['bits_per_char']:.3f} | {gap} | {_num(st['aligned_share'], '.3f')} | "
                      f"{per} | {st['seconds']:.0f} |")
         if f["void"]:
             L += ["", f"**{f['void']}.** The student rows above are shown, not read (no gap-closed figure): this setting "
