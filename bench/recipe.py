@@ -60,12 +60,6 @@ SETS: dict[str, dict[str, Any]] = {
                "text_column": "tokens", "label_column": "ner_tags", "teacher_rows": None, "student_rows": None,
                "teacher": {"num_epochs": 4, "label_alignment": "first"},
                "student": {"num_epochs": 4, "label_alignment": "first"}},
-    # the same rows with a teacher trained 10 epochs (the 4-epoch teacher fits only 36% of its own training rows' entity
-    # tokens: too weak to teach them)
-    "wnut17_t10": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
-                   "text_column": "tokens", "label_column": "ner_tags", "teacher_rows": None, "student_rows": None,
-                   "teacher": {"num_epochs": 10, "label_alignment": "first"},
-                   "student": {"num_epochs": 4, "label_alignment": "first"}},
     # a 7-class set derived from the shipped WNUT 2017 sample (entity_type_rows): each row's words joined, labelled with
     # the type of its first entity (person, location, corporation, product, creative-work, group) or "none"
     "wnut17_entity_type": {"task_type": "text_classification", "derive": "entity_type",
