@@ -361,6 +361,41 @@ def render(path: Path, task: str = "text_classification") -> str:
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
+# The recipe each task's defaults now are (docs/recipe.md): the row BENCHMARKS.md's summary reports per task.
+DEFAULT_RECIPE = {"text_classification": "constant_1e-4_warmup T=1", "token_classification": "recipe T=1"}
+
+
+def summary_rows(path: Path = WORK / "results.jsonl") -> list[str]:
+    """BENCHMARKS.md summary rows, one per task measured: the default recipe's distilled − plain mean (seeds that
+    have both, per set, then averaged over sets), the larger seed spread, and VOID where the setting cannot tell."""
+    if not path.exists():
+        return []
+    runs = {(r["set"], r["recipe"], r["kind"], r["seed"]): r for r in map(json.loads, reversed(path.read_text().splitlines()))}
+    lines = []
+    for task, recipe in DEFAULT_RECIPE.items():
+        base = TASK_RECIPES[task][recipe].get("base", recipe)
+        diffs, spreads, voids, seeds = [], [], [], set()
+        for s in (s for s in SETS if SETS[s]["task_type"] == task):
+            key = metric_key(s)
+            both = sorted(seed for (s2, r, k, seed) in runs if (s2, r, k) == (s, recipe, "distilled") and (s, base, "plain", seed) in runs)
+            if len(both) < 3 or not (WORK / s / "teacher.json").exists():
+                continue
+            d = [runs[(s, recipe, "distilled", x)]["metrics"][key] for x in both]
+            p = [runs[(s, base, "plain", x)]["metrics"][key] for x in both]
+            diffs.append(statistics.fmean(d) - statistics.fmean(p))
+            spreads.append(max(max(d) - min(d), max(p) - min(p)) / 2)
+            seeds.add(len(both))
+            teacher = json.loads((WORK / s / "teacher.json").read_text())["metrics"][key]
+            voids.append(setting_void(teacher, statistics.fmean(p), [statistics.fmean(d)], metric=key[5:]))
+        if not diffs:
+            continue
+        diff, spread = statistics.fmean(diffs), max(spreads)
+        verdict = "VOID" if any(voids) else ("met" if diff >= 0 else "**missed**")
+        lines.append(f"| {task}: distilled − plain ({'/'.join(map(str, sorted(seeds)))} seeds) | {diff:+.4f} | >= 0 "
+                     f"(larger seed spread {spread:.4f}; docs/recipe.md) | {verdict} |")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="text_classification", choices=list(TASK_RECIPES),

@@ -623,6 +623,10 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
             ratio = off["ratio_to_teacher"]
             L.append(f"| {task}: offline student / teacher {metric} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
                      f">= {CRITERION:.2f} | {_verdict(None if quick else off['meets_criterion'])} |")
+    if not quick:  # the recipe study's per-task rows (bench.recipe, docs/recipe.md), where it has 3 seeds
+        from bench.recipe import summary_rows
+
+        L += summary_rows()
     L.append("")
     return L
 

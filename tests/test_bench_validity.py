@@ -81,3 +81,24 @@ def test_the_recipe_table_marks_a_void_set(tmp_path, monkeypatch):
     table = render(out, "token_classification")
     assert "| wnut17 (0.3600) | recipe T=1 | 0.3340 ± 0.0000 | 0.3400 ± 0.0000 | +0.0060 | 2 | 60 / 60 | **VOID** |" in table
     assert "- wnut17, recipe T=1: VOID: the teacher (f1 0.36) is +7.8% relative" in table
+
+
+def test_the_summary_row_per_task_reports_distilled_minus_plain_or_void(tmp_path, monkeypatch):
+    import json
+
+    import bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    (tmp_path / "wnut17").mkdir()
+    teacher = tmp_path / "wnut17" / "teacher.json"
+    rows = [{"set": "wnut17", "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 1.0}
+            for (r, k, v) in (("recipe T=2.5", "plain", 0.30), ("recipe T=1", "distilled", 0.31)) for s in (0, 1, 2)]
+    out = tmp_path / "results.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher.write_text(json.dumps({"metrics": {"eval_f1": 0.40}}))
+    assert recipe.summary_rows(out) == ["| token_classification: distilled − plain (3 seeds) | +0.0100 | >= 0 "
+                                        "(larger seed spread 0.0100; docs/recipe.md) | met |"]
+    teacher.write_text(json.dumps({"metrics": {"eval_f1": 0.32}}))  # under 10% above plain: no verdict
+    assert recipe.summary_rows(out)[0].endswith("| VOID |")
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["seed"] < 2))  # 2 seeds: no row yet
+    assert recipe.summary_rows(out) == []
