@@ -434,7 +434,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for seed in map(int, args.seeds.split(",")):
             for s, cache in caches.items():
                 for recipe in recipes:
-                    for kind in ["plain"] if recipe in HAND else args.kinds.split(","):
+                    table = TASK_RECIPES[SETS[s]["task_type"]]
+                    kinds = ["plain"] if recipe in HAND else args.kinds.split(",")
+                    if table.get(recipe, {}).get("base"):  # a loss variant: its plain runs are its base recipe's
+                        kinds = [k for k in kinds if k != "plain"]
+                    for kind in kinds:
                         if (s, recipe, kind, seed) not in done:
                             jobs.append({"set": s, "recipe": recipe, "kind": kind, "seed": seed, "cache": cache})
         ctx = mp.get_context("spawn")
