@@ -328,7 +328,8 @@ def render(path: Path, task: str = "text_classification") -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["set"], r["recipe"], r["kind"]), []).append(r)
-    lines = ["| set (teacher) | recipe | plain | distilled | distilled − plain | seeds | wall s/run plain / distilled | can tell |",
+    lines = ["| set (teacher) | recipe | plain | distilled | distilled − plain (paired seeds) | seeds | wall s/run plain / distilled "
+             "| can tell |",
              "|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
 
@@ -344,12 +345,17 @@ def render(path: Path, task: str = "text_classification") -> str:
         key = metric_key(s)
         for recipe in list(recipes) + (list(HAND) if task == "text_classification" else []):
             base = recipes.get(recipe, {}).get("base")
-            plain, p, p_wall = cell(groups.get((s, recipe, "plain"), []) or groups.get((s, base, "plain"), []), key)
-            dist, d, d_wall = cell(groups.get((s, recipe, "distilled"), []), key)
-            if p is None and d is None:
+            plain_runs = groups.get((s, base or recipe, "plain"), [])  # a loss variant's plain runs: its base's
+            dist_runs = groups.get((s, recipe, "distilled"), [])
+            if not dist_runs and recipe not in HAND:
                 continue
-            n = max(len(groups.get((s, recipe, k), [])) for k in ("plain", "distilled"))
-            diff = f"{d - p:+.4f}" if p is not None and d is not None else "—"
+            plain, p, p_wall = cell(plain_runs, key)
+            dist, d, d_wall = cell(dist_runs, key)
+            # distilled − plain over the seeds both have (same seed: same initialisation and batch order)
+            by_seed = {r["seed"]: r["metrics"][key] for r in plain_runs}
+            paired = [r["metrics"][key] - by_seed[r["seed"]] for r in dist_runs if r["seed"] in by_seed]
+            diff = f"{statistics.fmean(paired):+.4f}" if paired else "—"
+            n = len(paired) if dist_runs else len(plain_runs)
             teacher = f"{s} ({teachers[s]:.4f})" if s in teachers else s
             tell = "—"
             if s in teachers and p is not None:
