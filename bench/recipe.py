@@ -66,7 +66,7 @@ SETS: dict[str, dict[str, Any]] = {
                            "train_file": str(WORK / "data" / "wnut17_entity_type" / "train.jsonl"),
                            "eval_file": str(WORK / "data" / "wnut17_entity_type" / "validation.jsonl"),
                            "text_column": "text", "label_column": "label", "teacher_rows": None, "student_rows": None,
-                           "teacher": {"num_epochs": 6}, "student": {"num_epochs": 4}},
+                           "teacher": {"num_epochs": 6}, "student": {"num_epochs": 4}, "table": "recipe-table multi-class"},
 }
 
 # Each recipe: FineTuneConfig fields over STUDENT. "hand" runs are the plain PyTorch loop (hand_loop) instead.
@@ -316,13 +316,20 @@ def _done(path: Path) -> set[tuple]:
     return {(r["set"], r["recipe"], r["kind"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def render(path: Path, task: str = "text_classification") -> str:
+def table_tag(name: str) -> str:
+    """The docs/recipe.md marker a set's rows go under: its task's table (text classification's keeps its old name),
+    or the set's own ("table" in SETS)."""
+    task = SETS[name]["task_type"]
+    return SETS[name].get("table") or ("recipe-table" if task == "text_classification" else f"recipe-table {task}")
+
+
+def render(path: Path, task: str = "text_classification", only: Optional[list[str]] = None) -> str:
     """The Markdown table of one task's sets: the primary metric's mean ± spread (half the max-min range) over seeds per
     set × recipe × kind, wall seconds per run, and whether the row can tell (bench.validity: a teacher >= 10% above
     plain, some student >= 30% of the teacher); a void row's difference is shown but is no finding."""
     rows = list({(r["set"], r["recipe"], r["kind"], r["seed"]): r
                  for r in map(json.loads, reversed(path.read_text().splitlines()))}.values())  # the first run of each key
-    sets = [s for s in SETS if SETS[s]["task_type"] == task]
+    sets = [s for s in SETS if SETS[s]["task_type"] == task and (only is None or s in only)]
     teachers = {s: json.loads((WORK / s / "teacher.json").read_text())["metrics"].get(metric_key(s))
                 for s in sets if (WORK / s / "teacher.json").exists()}
     groups: dict[tuple, list[dict]] = {}
@@ -453,15 +460,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             proc.start()
         for proc in procs:
             proc.join()
-    table = render(out, args.task)
-    (WORK / f"table-{args.task}.md").write_text(table)
-    doc = REPO / "docs" / "recipe.md"  # the table between its markers (text classification's keep their old name)
-    tag = "recipe-table" if args.task == "text_classification" else f"recipe-table {args.task}"
-    start, end = f"<!-- {tag} -->\n", f"<!-- /{tag} -->"
-    text = doc.read_text()
-    if start in text and end in text:
-        doc.write_text(text[:text.index(start) + len(start)] + table + text[text.index(end):])
-    print(table)
+    doc = REPO / "docs" / "recipe.md"  # each table between its markers
+    for tag in dict.fromkeys(table_tag(s) for s in sets):
+        table = render(out, args.task, [s for s in sets if table_tag(s) == tag])
+        (WORK / f"{tag.replace(' ', '-')}.md").write_text(table)
+        start, end = f"<!-- {tag} -->\n", f"<!-- /{tag} -->"
+        text = doc.read_text()
+        if start in text and end in text:
+            doc.write_text(text[:text.index(start) + len(start)] + table + text[text.index(end):])
+        print(table)
     return 0
 
 
