@@ -41,7 +41,10 @@ def _quality(teacher: float, plain: list[float], offline: list[float]) -> dict:
             "runs": runs, "storage": {"fields": {"logits": {"bytes_per_token": 4.0}}}}
 
 
-def test_the_quality_summary_gives_no_verdict_from_a_void_setting():
+def test_the_quality_summary_gives_no_verdict_from_a_void_setting(monkeypatch):
+    import bench.recipe
+
+    monkeypatch.setattr(bench.recipe, "summary_rows", lambda: [])  # the recipe study's rows: tested below
     void = run.quality_figures(_quality(0.36, [0.334, 0.330], [0.27, 0.26]))
     fine = run.quality_figures(_quality(0.50, [0.334, 0.330], [0.47, 0.46]))
     assert void["void"].startswith("VOID") and fine["void"] is None
@@ -102,3 +105,25 @@ def test_the_summary_row_per_task_reports_distilled_minus_plain_or_void(tmp_path
     assert recipe.summary_rows(out)[0].endswith("| VOID |")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["seed"] < 2))  # 2 seeds: no row yet
     assert recipe.summary_rows(out) == []
+
+
+def test_the_lm_section_marks_a_teacher_barely_better_than_plain_void():
+    from bench import lm
+
+    runs = [{"kind": k, "tokenizer": v.get("tokenizer", "main"), "seconds": 1.0, "num_parameters": 1e6,
+             "aligned": {"share": 0.9} if k == "cross-top6" else None,
+             "metrics": {"eval_perplexity": 250.0, "eval_bits_per_char": 1.5781 if k.startswith("plain") else 1.55}}
+            for k, v in lm.KINDS.items()]
+    cache = {"fields": {"logits": {"bytes_per_position": 36.1, "bytes_per_token": 30.0}}, "dump_s": 1.0, "positions": 10}
+    setup = {"teacher": {"metrics": {"eval_perplexity": 200.0, "eval_bits_per_char": 1.4927}, "seconds": 1.0, "num_parameters": 5e6},
+             "vocab": {"main": 8000, "other": 4000}, "caches": {c: cache for c in lm.CACHES}, "train_texts": 1, "train_chars": 1,
+             "eval_texts": 1, "eval_chars": 1, "max_length": 8}
+    spec = {"teacher": {"layers": 4, "width": 256, "epochs": 4, "batch": 4, "lr": 1e-3}, "alpha": 0.5, "temperature": 1.0,
+            "student": {"layers": 2, "width": 128, "epochs": 3, "batch": 4, "lr": 1e-3}}
+    result = {"setup": setup, "quality": {"runs": runs, "spec": spec}}
+    text = "\n".join(lm.markdown(result, quick=False))  # BENCHMARKS.md section 8's figures: the teacher 5.4% better
+    assert "**VOID: the teacher (bits/char 1.493) is +5.4% relative" in text
+    assert "| offline, top-6 + rest (the default) | 8,000 | 250.00 | 1.5500 | 1.038 | void |" in text
+    setup["teacher"]["metrics"]["eval_bits_per_char"] = 1.2  # 24% better: gap closed is read
+    text = "\n".join(lm.markdown(result, quick=False))
+    assert "VOID" not in text and "| 1.5500 | 1.292 | 7% |" in text
