@@ -354,7 +354,7 @@ def render(path: Path, task: str = "text_classification", only: Optional[list[st
             base = recipes.get(recipe, {}).get("base")
             plain_runs = groups.get((s, base or recipe, "plain"), [])  # a loss variant's plain runs: its base's
             dist_runs = groups.get((s, recipe, "distilled"), [])
-            if not dist_runs and recipe not in HAND:
+            if not dist_runs and (recipe not in HAND or not plain_runs):
                 continue
             plain, p, p_wall = cell(plain_runs, key)
             dist, d, d_wall = cell(dist_runs, key)

@@ -146,6 +146,7 @@ def test_recommend_prints_each_task_s_default_temperature():
         else:
             assert float(printed) == default_temperature(task, None), task
     assert default_temperature("token_classification") == TEMPERATURE_GUIDE["token_classification"] == 1.0
+    assert default_temperature("text_classification", 7) == TEMPERATURE_GUIDE["multi_class_classification"] == 1.0
 
 
 def test_a_transfer_set_at_alpha_0_is_refused_then_the_advice_works():
