@@ -139,7 +139,10 @@ def set_fields(name: str, rows_key: str = "student_rows") -> dict[str, Any]:
             "text_column": s["text_column"], "label_column": s["label_column"], "max_train_samples": s[rows_key], **own}
 
 
-def prepare(name: str) -> Path:
+HIDDEN_FIELDS = ("distill_hidden_states", "teacher_layers_to_distill", "hidden_dtype")  # what a hidden-state cache adds
+
+
+def prepare(name: str, hidden: Optional[dict[str, Any]] = None) -> Path:
     """The set's teacher (trained once, kept; mr_polarity's is `make demo`'s teacher when runs/demo/teacher exists,
     trained with the same settings) and the cache of its logits over the students' rows; the cache dir."""
     from kdcache.config import FineTuneConfig
@@ -159,9 +162,9 @@ def prepare(name: str) -> Path:
         cfg = FineTuneConfig.from_dict({**TEACHER, **set_fields(name, "teacher_rows")})
         r = train_student(cfg, output_dir=str(teacher))
         (work / "teacher.json").write_text(json.dumps({"metrics": r.metrics, "seconds": time.perf_counter() - t0}))
-    cfg = FineTuneConfig.from_dict({**STUDENT, **DISTIL, **set_fields(name), **SETS[name].get("distil", {}),
+    cfg = FineTuneConfig.from_dict({**STUDENT, **DISTIL, **set_fields(name), **SETS[name].get("distil", {}), **(hidden or {}),
                                     "teacher_model_name": str(teacher)})
-    d = dump_teacher(cfg, cache_dir=str(work / "cache"), progress=False)
+    d = dump_teacher(cfg, cache_dir=str(work / ("cache-hidden" if hidden else "cache")), progress=False)
     return d.cache_dir
 
 
@@ -443,10 +446,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.render:
         done = _done(out)
         caches = {s: str(prepare(s)) for s in sets}
+        hidden_caches: dict[tuple, str] = {}  # (set, recipe) -> the cache with the recipe's hidden states
+        for s in sets:
+            for recipe in recipes:
+                fields = recipe_fields(s, recipe) if recipe in TASK_RECIPES[SETS[s]["task_type"]] else {}
+                if fields.get("distill_hidden_states"):
+                    hidden_caches[(s, recipe)] = str(prepare(s, {k: fields[k] for k in HIDDEN_FIELDS if k in fields}))
         jobs = []  # seed by seed, so that a study cut short still has every cell at the same number of seeds
         for seed in map(int, args.seeds.split(",")):
-            for s, cache in caches.items():
+            for s in sets:
                 for recipe in recipes:
+                    cache = hidden_caches.get((s, recipe), caches[s])
                     table = TASK_RECIPES[SETS[s]["task_type"]]
                     kinds = ["plain"] if recipe in HAND else args.kinds.split(",")
                     if table.get(recipe, {}).get("base"):  # a loss variant: its plain runs are its base recipe's
