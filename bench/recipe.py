@@ -422,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--render", action="store_true", help="only rebuild the table from results.jsonl")
-    p.add_argument("--analyse", action="store_true", help="only the loss-term analysis (analysis.json) of each set")
+    p.add_argument("--analyse", action="store_true", help="only the loss-term analysis (analysis-TASK.json) of each set")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
