@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from bench import common
 from bench.seq2seq import _finished_teacher, _first_dump_seconds
+from bench.validity import setting_void
 
 TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
 TLDR_VALID = common.REPO / "data" / "scitldr" / "validation.jsonl"
@@ -439,6 +440,10 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
             plain = f["students"].get("plain" if KINDS.get(kind, {}).get("tokenizer") == "main" else "plain-other")
             if plain is not None and kind not in ("plain", "plain-other") and plain["bits_per_char"] != f["teacher"]["bits_per_char"]:
                 st["gap_closed"] = (plain["bits_per_char"] - st["bits_per_char"]) / (plain["bits_per_char"] - f["teacher"]["bits_per_char"])
+        plain = f["students"].get("plain")
+        f["void"] = (setting_void(f["teacher"]["bits_per_char"], plain["bits_per_char"],
+                                  [st["bits_per_char"] for st in f["students"].values()], higher_is_better=False, metric="bits/char")
+                     if plain else "VOID: no plain student to compare the teacher with; no conclusion is drawn")
         f["caches"] = {}
         for name, c in setup["caches"].items():
             per_pos = c["fields"]["logits"]["bytes_per_position"]
@@ -496,9 +501,13 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
         for kind, st in f["students"].items():
             cache = KINDS.get(kind, {}).get("cache")
             per = "" if cache is None else f"{caches[cache]['logits_bytes_per_position'] + caches[cache]['offsets_bytes_per_position']:.1f}"
+            gap = "void" if f["void"] and st["gap_closed"] is not None else _num(st["gap_closed"], ".0%")
             L.append(f"| {KIND_NAMES.get(kind, kind)} | {st['vocab']:,} | {st['perplexity']:.2f} | {st['bits_per_char']:.4f} | "
-                     f"{st['bits_per_char'] / t['bits_per_char']:.3f} | {_num(st['gap_closed'], '.0%')} | {_num(st['aligned_share'], '.3f')} | "
+                     f"{st['bits_per_char'] / t['bits_per_char']:.3f} | {gap} | {_num(st['aligned_share'], '.3f')} | "
                      f"{per} | {st['seconds']:.0f} |")
+        if f["void"]:
+            L += ["", f"**{f['void']}.** The student rows above are shown, not read (no gap-closed figure): this setting "
+                  "cannot say whether distillation helps."]
         positions = next(iter(setup["caches"].values()))["positions"]
         L += ["", f"Caches of the teacher over the {setup['train_texts']:,} training texts ({positions:,} target positions): bytes from "
               "kdcache's cache summary (the Arrow buffers, uncompressed), per target position and per input token; "

@@ -4,12 +4,16 @@ hand-written PyTorch loop.
 
 For each data set it fine-tunes a MiniLM teacher once (kept between runs), dumps its logits for the
 students' rows once, then trains 2-layer MiniLM students (pretrained layers 0 and 5) under each recipe,
-plain and distilled, over several seeds, plus the hand loop. Runs are spread over worker processes
+plain and distilled, over several seeds, plus the hand loop (text classification only). ``--task`` picks
+the sets of one task (text classification: mr_polarity, SST-2; token classification: wnut17), each task
+with its own recipes. Runs are spread over worker processes
 (one torch thread each) and appended to ``results.jsonl`` as they finish; a rerun skips finished runs,
 so the study can be extended a recipe at a time. ``--render`` rebuilds the table from what is there.
 
     python -m bench.recipe                       # every set, recipe and seed
     python -m bench.recipe --sets mr_polarity --recipes trainer_default,constant --seeds 0,1,2
+    python -m bench.recipe --task token_classification --analyse    # why the loss terms pull as they do
+    python -m bench.recipe --task token_classification              # its recipes x kinds x seeds
 """
 
 from __future__ import annotations
@@ -24,28 +28,45 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS
+from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID
+from bench.validity import setting_void
 
 SHARED = REPO.parent / "shared" / "data"  # ../shared/data: sst2 may be used locally but not shipped
 WORK = RESULTS / "work" / "recipe"
 
 # The students' common settings: the issue's (batch 32, 2 epochs, max length 64, alpha 0.5, T 2), a 2-layer
 # student from pretrained MiniLM layers, logits only.
-STUDENT = {"model_name": MINILM, "student_layers": [0, 5], "task_type": "text_classification", "max_length": 64,
+STUDENT = {"model_name": MINILM, "student_layers": [0, 5], "max_length": 64,
            "batch_size": 32, "num_epochs": 2, "disable_tqdm": True, "logging_steps": 20, "use_dynamic_batching": True}
-DISTIL = {"use_distillation": True, "distill_logits": True, "distill_hidden_states": False, "distillation_alpha": 0.5,
-          "temperature": 2.0}
-TEACHER = {"model_name": MINILM, "task_type": "text_classification", "max_length": 64, "batch_size": 32,
+DISTIL = {"use_distillation": True, "distill_logits": True, "distill_hidden_states": False, "distillation_alpha": 0.5}
+TEACHER = {"model_name": MINILM, "max_length": 64, "batch_size": 32,
            "learning_rate": 1e-4, "warmup_ratio": 0.1, "lr_scheduler_type": "linear", "num_epochs": 2, "disable_tqdm": True, "logging_steps": 50,
            "use_dynamic_batching": True, "use_distillation": False, "seed": 42}  # pipelines/demo-teacher.yaml's settings
 
+# Each set: its task, data and columns; "teacher" / "student" override TEACHER / STUDENT (and the recipe) for it;
+# "distil" overrides DISTIL (a temperature left out is the task's default, what a user gets).
 SETS: dict[str, dict[str, Any]] = {
     # the shipped sample: the teacher on all 4,000 rows, students on the first 2,000
-    "mr_polarity": {"train_file": str(MR_TRAIN), "eval_file": str(MR_VALID), "text_column": "text",
-                    "teacher_rows": 4000, "student_rows": 2000},
+    "mr_polarity": {"task_type": "text_classification", "train_file": str(MR_TRAIN), "eval_file": str(MR_VALID),
+                    "text_column": "text", "label_column": "label", "teacher_rows": 4000, "student_rows": 2000,
+                    "distil": {"temperature": 2.0}},
     # GLUE SST-2 from ../shared/data (not shipped): the teacher on the first 8,000 rows, 1 epoch
-    "sst2": {"train_file": str(SHARED / "sst2" / "train.jsonl"), "eval_file": str(SHARED / "sst2" / "validation.jsonl"),
-             "text_column": "sentence", "teacher_rows": 8000, "student_rows": 2000, "teacher": {"num_epochs": 1}},
+    "sst2": {"task_type": "text_classification", "train_file": str(SHARED / "sst2" / "train.jsonl"),
+             "eval_file": str(SHARED / "sst2" / "validation.jsonl"), "text_column": "sentence", "label_column": "label",
+             "teacher_rows": 8000, "student_rows": 2000, "teacher": {"num_epochs": 1}, "distil": {"temperature": 2.0}},
+    # the shipped WNUT 2017 sample (1,000 training rows, all of it; 300 validation rows): teacher and students on every row,
+    # 4 epochs each (bench/run.py's quality section; 125 steps of 32), tags on each word's first sub-word
+    "wnut17": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
+               "text_column": "tokens", "label_column": "ner_tags", "teacher_rows": None, "student_rows": None,
+               "teacher": {"num_epochs": 4, "label_alignment": "first"},
+               "student": {"num_epochs": 4, "label_alignment": "first"}},
+    # a 7-class set derived from the shipped WNUT 2017 sample (entity_type_rows): each row's words joined, labelled with
+    # the type of its first entity (person, location, corporation, product, creative-work, group) or "none"
+    "wnut17_entity_type": {"task_type": "text_classification", "derive": "entity_type",
+                           "train_file": str(WORK / "data" / "wnut17_entity_type" / "train.jsonl"),
+                           "eval_file": str(WORK / "data" / "wnut17_entity_type" / "validation.jsonl"),
+                           "text_column": "text", "label_column": "label", "teacher_rows": None, "student_rows": None,
+                           "teacher": {"num_epochs": 6}, "student": {"num_epochs": 4}, "table": "recipe-table multi-class"},
 }
 
 # Each recipe: FineTuneConfig fields over STUDENT. "hand" runs are the plain PyTorch loop (hand_loop) instead.
@@ -62,20 +83,73 @@ RECIPES["constant_1e-4_warmup T=1"] = {**RECIPES["constant_1e-4_warmup"], "tempe
 RECIPES["constant_1e-4_warmup T=1 alpha=0.2"] = {**RECIPES["constant_1e-4_warmup T=1"], "distillation_alpha": 0.2}
 HAND = {"hand_5e-5": 5e-5, "hand_1e-4": 1e-4}  # AdamW (weight decay 0.01), constant lr, dropout on
 
+# Token classification: kdcache's recipe (constant lr 1e-4 after a 10% warm-up), distilled at the task's temperature
+# before this study (2.5) and at T 1; alpha; the int8-free hidden-state term of bench/run.py's quality section.
+TOKEN_RECIPES: dict[str, dict[str, Any]] = {
+    "recipe T=2.5": {"temperature": 2.5},
+    "recipe T=1": {"temperature": 1.0, "base": "recipe T=2.5"},
+    "recipe T=2.5 alpha=0.7": {"temperature": 2.5, "distillation_alpha": 0.7, "base": "recipe T=2.5"},
+    "recipe T=1 alpha=0.2": {"temperature": 1.0, "distillation_alpha": 0.2, "base": "recipe T=2.5"},
+    "recipe T=1 +hidden": {"temperature": 1.0, "distill_hidden_states": True, "teacher_layers_to_distill": [-1, -3],
+                           "base": "recipe T=2.5"},
+    "recipe T=1 8 epochs": {"temperature": 1.0, "num_epochs": 8},
+}
+# The recipes of each task (hand loops: text classification only, the loop batches scalar labels).
+TASK_RECIPES: dict[str, dict[str, dict[str, Any]]] = {"text_classification": RECIPES, "token_classification": TOKEN_RECIPES}
+
+
+def recipe_fields(name: str, recipe: str) -> dict[str, Any]:
+    """A recipe's FineTuneConfig fields on set ``name`` (without its "base" marker)."""
+    table = TASK_RECIPES[SETS[name]["task_type"]]
+    return {k: v for k, v in table[recipe].items() if k != "base"}
+
+
+def metric_key(name: str) -> str:
+    """The eval metric the set's task reports first (eval_accuracy, eval_f1)."""
+    from kdcache.tasks import get_task
+
+    return "eval_" + get_task(SETS[name]["task_type"]).primary_metric()
+
+
+def entity_type_rows(path: Path) -> list[dict[str, Any]]:
+    """Text classification rows from a WNUT 2017 file: the words joined by spaces, labelled with the type of the first
+    entity (its first B- tag) or "none": a multi-class label the annotators gave, not one this bench invents."""
+    rows = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        types = [t[2:] for t in r["ner_tags"] if t.startswith("B-")]
+        rows.append({"id": r["id"], "text": " ".join(r["tokens"]), "label": types[0] if types else "none"})
+    return rows
+
+
+def derive(name: str) -> None:
+    """Write a derived set's files (from shipped data, under bench/results) when the set is one."""
+    if SETS[name].get("derive") != "entity_type":
+        return
+    for source, target in ((WNUT_TRAIN, SETS[name]["train_file"]), (WNUT_VALID, SETS[name]["eval_file"])):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text("".join(json.dumps(r) + "\n" for r in entity_type_rows(source)))
+
 
 def set_fields(name: str, rows_key: str = "student_rows") -> dict[str, Any]:
+    """The set's task, files, columns and rows (None: all), then its own overrides for the teacher or the students."""
     s = SETS[name]
-    return {"train_file": s["train_file"], "eval_file": s["eval_file"], "text_column": s["text_column"],
-            "label_column": "label", "max_train_samples": s[rows_key]}
+    own = s.get("teacher" if rows_key == "teacher_rows" else "student", {})
+    return {"task_type": s["task_type"], "train_file": s["train_file"], "eval_file": s["eval_file"],
+            "text_column": s["text_column"], "label_column": s["label_column"], "max_train_samples": s[rows_key], **own}
 
 
-def prepare(name: str) -> Path:
+HIDDEN_FIELDS = ("distill_hidden_states", "teacher_layers_to_distill", "hidden_dtype")  # what a hidden-state cache adds
+
+
+def prepare(name: str, hidden: Optional[dict[str, Any]] = None) -> Path:
     """The set's teacher (trained once, kept; mr_polarity's is `make demo`'s teacher when runs/demo/teacher exists,
     trained with the same settings) and the cache of its logits over the students' rows; the cache dir."""
     from kdcache.config import FineTuneConfig
     from kdcache.dump import dump_teacher
     from kdcache.train import train_student
 
+    derive(name)
     work = WORK / name
     teacher = work / "teacher"
     demo = REPO / "runs" / "demo" / "teacher"
@@ -85,11 +159,12 @@ def prepare(name: str) -> Path:
         (work / "teacher.json").write_text(json.dumps({"metrics": report["eval"], "seconds": report["seconds"], "from": str(demo)}))
     if not (teacher / "config.json").exists():
         t0 = time.perf_counter()
-        cfg = FineTuneConfig.from_dict({**TEACHER, **set_fields(name, "teacher_rows"), **SETS[name].get("teacher", {})})
+        cfg = FineTuneConfig.from_dict({**TEACHER, **set_fields(name, "teacher_rows")})
         r = train_student(cfg, output_dir=str(teacher))
         (work / "teacher.json").write_text(json.dumps({"metrics": r.metrics, "seconds": time.perf_counter() - t0}))
-    cfg = FineTuneConfig.from_dict({**STUDENT, **DISTIL, **set_fields(name), "teacher_model_name": str(teacher)})
-    d = dump_teacher(cfg, cache_dir=str(work / "cache"), progress=False)
+    cfg = FineTuneConfig.from_dict({**STUDENT, **DISTIL, **set_fields(name), **SETS[name].get("distil", {}), **(hidden or {}),
+                                    "teacher_model_name": str(teacher)})
+    d = dump_teacher(cfg, cache_dir=str(work / ("cache-hidden" if hidden else "cache")), progress=False)
     return d.cache_dir
 
 
@@ -137,9 +212,10 @@ def kdcache_run(name: str, recipe: str, kind: str, seed: int, cache: Optional[st
     from kdcache.config import FineTuneConfig
     from kdcache.train import train_student
 
-    distil = {**DISTIL, "teacher_model_name": str(WORK / name / "teacher")} if kind == "distilled" else {}
-    recipe_fields = {k: v for k, v in RECIPES[recipe].items() if k != "base"}
-    fields = {**STUDENT, **set_fields(name), **distil, **recipe_fields, "seed": seed}
+    distil = {**DISTIL, **SETS[name].get("distil", {}), "teacher_model_name": str(WORK / name / "teacher")} if kind == "distilled" else {}
+    fields = {**STUDENT, **set_fields(name), **distil, **recipe_fields(name, recipe), "seed": seed}
+    if kind == "plain":  # a recipe's distillation fields (hidden layers) mean nothing to a plain run
+        fields = {k: v for k, v in fields.items() if k not in ("distill_hidden_states", "teacher_layers_to_distill")}
     r = train_student(FineTuneConfig.from_dict(fields), cache_dir=cache, output_dir=str(WORK / name / "runs" / f"{recipe}-{kind}-{seed}"),
                       save=False)
     logs = [h for h in r.log_history if "loss" in h]
@@ -149,17 +225,19 @@ def kdcache_run(name: str, recipe: str, kind: str, seed: int, cache: Optional[st
 
 
 def analyse(name: str, batches: int = 16) -> dict[str, Any]:
-    """Why the loss terms pull as they do: the teacher's confidence on the students' (its own training) rows, and the
-    gradient norm each term gives the freshly initialised student: (1 - alpha)·CE against alpha·T²·KL, at T 1 and 2."""
+    """Why the loss terms pull as they do, for any task whose targets are per-example or per-position class logits:
+    the gold labels' balance and the teacher's soft targets on the students' (its own training) rows, and the gradient
+    norm each term gives the freshly initialised student, (1 - alpha)·CE against alpha·T²·KL at T 1, 2 and 2.5, on the
+    rows both terms cover (the task's kd_view mask, the same mask the trainer uses)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import set_seed
 
     from kdcache import data as kdata
     from kdcache.config import FineTuneConfig
     from kdcache.distill.losses import kd_kl_loss
-    from kdcache.evaluate import load_model, predict_features
+    from kdcache.evaluate import load_model
     from kdcache.tasks import get_task
     from kdcache.train import build_student
 
@@ -167,36 +245,53 @@ def analyse(name: str, batches: int = 16) -> dict[str, Any]:
     task = get_task(cfg.task_type)
     raw = kdata.with_example_ids(kdata.require_train(None, cfg))
     labels = task.label_info(raw, cfg)
-    teacher, t_tok, _ = load_model(str(WORK / name / "teacher"), task)
-    t_feats = kdata.make_features(task, raw, t_tok, cfg, labels, "train")
-    outputs, _ = predict_features(teacher, t_tok, task, t_feats, cfg, 64)
-    t_logits = torch.tensor(np.stack(outputs["logits"]))  # [N, C]
-    gold = torch.tensor(t_feats["labels"])  # [N]
-    out: dict[str, Any] = {"teacher_train_accuracy": float((t_logits.argmax(-1) == gold).float().mean())}
-    for T in (1.0, 2.0, 4.0):
-        out[f"teacher_p_max_T{T:g}"] = float(F.softmax(t_logits / T, -1).max(-1).values.mean())
+    teacher, _, _ = load_model(str(WORK / name / "teacher"), task)
+    teacher.eval()
     set_seed(0)
-    student, tok = build_student(cfg, task, labels)
+    student, tok = build_student(cfg, task, labels)  # the teacher shares the student's tokenizer (both MiniLM)
     feats = kdata.make_features(task, raw, tok, cfg, labels, "train")
-    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels", kdata.EXAMPLE_ID) if c in feats.column_names]
-    loader = torch.utils.data.DataLoader(feats.select_columns(keep), batch_size=32, shuffle=True,
-                                         collate_fn=DataCollatorWithPadding(tok), generator=torch.Generator().manual_seed(0))
+    keys = tuple(k for k in (*task.input_keys, *task.label_keys) if k in feats.column_names)
     alpha = DISTIL["distillation_alpha"]
-    norms: dict[str, list[float]] = {}
+    temps = (1.0, 2.0, 2.5)
     params = [p for p in student.parameters() if p.requires_grad]
-    for i, batch in enumerate(loader):
-        if i == batches:
-            break
-        ids = batch.pop(kdata.EXAMPLE_ID)
-        logits = student(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, C]
-        terms = {"(1-a)*CE": (1 - alpha) * F.cross_entropy(logits, batch["labels"])}
-        for T in (1.0, 2.0):
-            terms[f"a*T2*KL T={T:g}"] = alpha * kd_kl_loss(logits, t_logits[ids], T)
-        for key, loss in terms.items():
-            grads = torch.autograd.grad(loss, params, retain_graph=True)
-            norms.setdefault(key, []).append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))))
-    out["grad_norm_at_init"] = {k: float(np.mean(v)) for k, v in norms.items()}
-    return out
+    norms: dict[str, list[float]] = {}
+    gold_all, t_all = [], []
+    order = np.random.default_rng(0).permutation(len(feats))
+    for start in range(0, len(feats), 32):
+        batch = task.pad(tok, feats[[int(i) for i in order[start:start + 32]]], keys)
+        with torch.no_grad():
+            t_logits, mask = task.kd_view("logits", teacher(**task.model_inputs(batch, with_labels=False)).logits, batch)
+        mask = torch.ones(t_logits.shape[:2], dtype=torch.bool) if mask is None else mask  # [B, P]
+        gold = batch["labels"].reshape(mask.shape)  # [B, P] (a [B] label is one row per example)
+        gold_all.append(gold[mask])
+        t_all.append(t_logits[mask])  # [N, C]
+        if start // 32 < batches:
+            out = student(**task.model_inputs(batch, with_labels=True))
+            s_logits, _ = task.kd_view("logits", out.logits, batch)  # [B, P, C]
+            terms = {"(1-a)*CE": (1 - alpha) * out.loss}
+            for T in temps:
+                terms[f"a*T2*KL T={T:g}"] = alpha * kd_kl_loss(s_logits, t_logits, T, mask)
+            for key, loss in terms.items():
+                grads = torch.autograd.grad(loss, params, retain_graph=True)
+                norms.setdefault(key, []).append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))))
+    gold, t = torch.cat(gold_all), torch.cat(t_all)  # [N], [N, C]
+    majority = int(torch.bincount(gold, minlength=t.shape[-1]).argmax())
+    rest = gold != majority  # the rows whose gold label is not the majority class (NER: the entity tags)
+    result: dict[str, Any] = {
+        "rows_with_loss": int(gold.numel()), "majority_label": labels.id2label[majority],
+        "majority_share": float((~rest).float().mean()), "teacher_train_accuracy": float((t.argmax(-1) == gold).float().mean()),
+        "teacher_recall_on_other_labels": float((t[rest].argmax(-1) == gold[rest]).float().mean()) if rest.any() else None,
+    }
+    for T in temps:
+        p = F.softmax(t / T, -1)  # [N, C]
+        result[f"T{T:g}"] = {
+            "p_max": float(p.max(-1).values.mean()),
+            "p_majority_label": float(p[:, majority].mean()),
+            "p_gold_on_other_labels": float(p[rest].gather(-1, gold[rest, None]).mean()) if rest.any() else None,
+            "p_majority_on_other_labels": float(p[rest, majority].mean()) if rest.any() else None,
+        }
+    result["grad_norm_at_init"] = {k: float(np.mean(v)) for k, v in norms.items()}
+    return result
 
 
 def _worker(jobs: list[dict[str, Any]], out: str) -> None:
@@ -213,8 +308,9 @@ def _worker(jobs: list[dict[str, Any]], out: str) -> None:
                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
+        key = metric_key(job["set"])
         print(f"[recipe] {row['set']} {row['recipe']} {row['kind']} seed {row['seed']}: "
-              f"accuracy {row['metrics'].get('eval_accuracy'):.4f} in {row['wall_s']:.0f}s", flush=True)
+              f"{key[5:]} {row['metrics'].get(key):.4f} in {row['wall_s']:.0f}s", flush=True)
 
 
 def _done(path: Path) -> set[tuple]:
@@ -223,64 +319,149 @@ def _done(path: Path) -> set[tuple]:
     return {(r["set"], r["recipe"], r["kind"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def render(path: Path) -> str:
-    """The Markdown table: accuracy mean ± spread (half the max-min range) over seeds per set × recipe × kind."""
+def table_tag(name: str) -> str:
+    """The docs/recipe.md marker a set's rows go under: its task's table (text classification's keeps its old name),
+    or the set's own ("table" in SETS)."""
+    task = SETS[name]["task_type"]
+    return SETS[name].get("table") or ("recipe-table" if task == "text_classification" else f"recipe-table {task}")
+
+
+def render(path: Path, task: str = "text_classification", only: Optional[list[str]] = None) -> str:
+    """The Markdown table of one task's sets: the primary metric's mean ± spread (half the max-min range) over seeds per
+    set × recipe × kind, wall seconds per run, and whether the row can tell (bench.validity: a teacher >= 10% above
+    plain, some student >= 30% of the teacher); a void row's difference is shown but is no finding."""
     rows = list({(r["set"], r["recipe"], r["kind"], r["seed"]): r
                  for r in map(json.loads, reversed(path.read_text().splitlines()))}.values())  # the first run of each key
-    teachers = {s: json.loads((WORK / s / "teacher.json").read_text())["metrics"].get("eval_accuracy")
-                for s in SETS if (WORK / s / "teacher.json").exists()}
+    sets = [s for s in SETS if SETS[s]["task_type"] == task and (only is None or s in only)]
+    teachers = {s: json.loads((WORK / s / "teacher.json").read_text())["metrics"].get(metric_key(s))
+                for s in sets if (WORK / s / "teacher.json").exists()}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["set"], r["recipe"], r["kind"]), []).append(r)
-    lines = ["| set (teacher) | recipe | plain | distilled | distilled − plain | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| set (teacher) | recipe | plain | distilled | distilled − plain (paired seeds) | seeds | wall s/run plain / distilled "
+             "| can tell |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes: list[str] = []
 
-    def cell(rs: list[dict]) -> tuple[str, Optional[float]]:
+    def cell(rs: list[dict], key: str) -> tuple[str, Optional[float], str]:
         if not rs:
-            return "—", None
-        acc = [r["metrics"]["eval_accuracy"] for r in rs]
-        mean = statistics.fmean(acc)
-        return f"{mean:.4f} ± {(max(acc) - min(acc)) / 2:.4f}", mean
+            return "—", None, "—"
+        vals = [r["metrics"][key] for r in rs]
+        mean = statistics.fmean(vals)
+        return f"{mean:.4f} ± {(max(vals) - min(vals)) / 2:.4f}", mean, f"{statistics.fmean(r['wall_s'] for r in rs):.0f}"
 
-    for s in SETS:
-        for recipe in list(RECIPES) + list(HAND):
-            plain, p = cell(groups.get((s, recipe, "plain"), []) or groups.get((s, RECIPES.get(recipe, {}).get("base"), "plain"), []))
-            dist, d = cell(groups.get((s, recipe, "distilled"), []))
-            if p is None and d is None:
+    recipes = TASK_RECIPES[task]
+    for s in sets:
+        key = metric_key(s)
+        for recipe in list(recipes) + (list(HAND) if task == "text_classification" else []):
+            base = recipes.get(recipe, {}).get("base")
+            plain_runs = groups.get((s, base or recipe, "plain"), [])  # a loss variant's plain runs: its base's
+            dist_runs = groups.get((s, recipe, "distilled"), [])
+            if not dist_runs and (recipe not in HAND or not plain_runs):
                 continue
-            n = max(len(groups.get((s, recipe, k), [])) for k in ("plain", "distilled"))
-            diff = f"{d - p:+.4f}" if p is not None and d is not None else "—"
+            plain, p, p_wall = cell(plain_runs, key)
+            dist, d, d_wall = cell(dist_runs, key)
+            # distilled − plain over the seeds both have (same seed: same initialisation and batch order)
+            by_seed = {r["seed"]: r["metrics"][key] for r in plain_runs}
+            paired = [r["metrics"][key] - by_seed[r["seed"]] for r in dist_runs if r["seed"] in by_seed]
+            diff = f"{statistics.fmean(paired):+.4f}" if paired else "—"
+            n = len(paired) if dist_runs else len(plain_runs)
             teacher = f"{s} ({teachers[s]:.4f})" if s in teachers else s
-            lines.append(f"| {teacher} | {recipe} | {plain} | {dist} | {diff} | {n} |")
-    return "\n".join(lines) + "\n"
+            tell = "—"
+            if s in teachers and p is not None:
+                void = setting_void(teachers[s], p, [d] if d is not None else [], metric=key[5:])
+                tell = "yes" if void is None else "**VOID**"
+                if void:
+                    notes.append(f"- {s}, {recipe}: {void}.")
+            lines.append(f"| {teacher} | {recipe} | {plain} | {dist} | {diff} | {n} | {p_wall} / {d_wall} | {tell} |")
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+# The recipe each task's defaults now are (docs/recipe.md): the row BENCHMARKS.md's summary reports per task.
+DEFAULT_RECIPE = {"text_classification": "constant_1e-4_warmup T=1", "token_classification": "recipe T=1"}
+
+
+def summary_rows(path: Path = WORK / "results.jsonl") -> list[str]:
+    """BENCHMARKS.md summary rows, one per task measured: the default recipe's distilled − plain mean (seeds that
+    have both, per set, then averaged over sets), the larger seed spread, and VOID where the setting cannot tell."""
+    if not path.exists():
+        return []
+    runs = {(r["set"], r["recipe"], r["kind"], r["seed"]): r for r in map(json.loads, reversed(path.read_text().splitlines()))}
+    lines = []
+    for task, recipe in DEFAULT_RECIPE.items():
+        base = TASK_RECIPES[task][recipe].get("base", recipe)
+        diffs, spreads, voids, seeds = [], [], [], set()
+        for s in (s for s in SETS if SETS[s]["task_type"] == task):
+            key = metric_key(s)
+            both = sorted(seed for (s2, r, k, seed) in runs if (s2, r, k) == (s, recipe, "distilled") and (s, base, "plain", seed) in runs)
+            if len(both) < 3 or not (WORK / s / "teacher.json").exists():
+                continue
+            d = [runs[(s, recipe, "distilled", x)]["metrics"][key] for x in both]
+            p = [runs[(s, base, "plain", x)]["metrics"][key] for x in both]
+            diffs.append(statistics.fmean(d) - statistics.fmean(p))
+            spreads.append(max(max(d) - min(d), max(p) - min(p)) / 2)
+            seeds.add(len(both))
+            teacher = json.loads((WORK / s / "teacher.json").read_text())["metrics"][key]
+            voids.append(setting_void(teacher, statistics.fmean(p), [statistics.fmean(d)], metric=key[5:]))
+        if not diffs:
+            continue
+        diff, spread = statistics.fmean(diffs), max(spreads)
+        verdict = "VOID" if any(voids) else ("met" if diff >= 0 else "**missed**")
+        lines.append(f"| {task}: distilled − plain ({'/'.join(map(str, sorted(seeds)))} seeds) | {diff:+.4f} | >= 0 "
+                     f"(larger seed spread {spread:.4f}; docs/recipe.md) | {verdict} |")
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sets", default=",".join(SETS))
-    p.add_argument("--recipes", default=",".join(list(RECIPES) + list(HAND)))
+    p.add_argument("--task", default="text_classification", choices=list(TASK_RECIPES),
+                   help="the task whose sets and recipes run (default: text_classification)")
+    p.add_argument("--sets", default=None, help="comma-separated sets (default: every set of --task)")
+    p.add_argument("--recipes", default=None, help="comma-separated recipes (default: every recipe of --task, and the hand loops)")
     p.add_argument("--kinds", default="plain,distilled")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--render", action="store_true", help="only rebuild the table from results.jsonl")
-    p.add_argument("--analyse", action="store_true", help="only the loss-term analysis (analysis.json) of each set")
+    p.add_argument("--analyse", action="store_true", help="only the loss-term analysis (analysis-TASK.json) of each set")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sets = args.sets.split(",") if args.sets else [s for s in SETS if SETS[s]["task_type"] == args.task]
+    wrong = [s for s in sets if s not in SETS or SETS[s]["task_type"] != args.task]
+    if wrong:
+        p.error(f"--sets: {', '.join(wrong)} is not a {args.task} set; choose from "
+                f"{', '.join(s for s in SETS if SETS[s]['task_type'] == args.task)} or pass --task")
+    recipes = args.recipes.split(",") if args.recipes else list(TASK_RECIPES[args.task]) + (
+        list(HAND) if args.task == "text_classification" else [])
     out = WORK / "results.jsonl"
     WORK.mkdir(parents=True, exist_ok=True)
     if args.analyse:
-        result = {s: analyse(s) for s in args.sets.split(",")}
-        (WORK / "analysis.json").write_text(json.dumps(result, indent=2))
+        for s in sets:
+            prepare(s)  # the teacher, trained once
+        result = {s: analyse(s) for s in sets}
+        path = WORK / f"analysis-{args.task}.json"
+        path.write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return 0
     if not args.render:
         done = _done(out)
-        caches = {s: str(prepare(s)) for s in args.sets.split(",")}
+        caches = {s: str(prepare(s)) for s in sets}
+        hidden_caches: dict[tuple, str] = {}  # (set, recipe) -> the cache with the recipe's hidden states
+        for s in sets:
+            for recipe in recipes:
+                fields = recipe_fields(s, recipe) if recipe in TASK_RECIPES[SETS[s]["task_type"]] else {}
+                if fields.get("distill_hidden_states"):
+                    hidden_caches[(s, recipe)] = str(prepare(s, {k: fields[k] for k in HIDDEN_FIELDS if k in fields}))
         jobs = []  # seed by seed, so that a study cut short still has every cell at the same number of seeds
         for seed in map(int, args.seeds.split(",")):
-            for s, cache in caches.items():
-                for recipe in args.recipes.split(","):
-                    for kind in ["plain"] if recipe in HAND else args.kinds.split(","):
+            for s in sets:
+                for recipe in recipes:
+                    cache = hidden_caches.get((s, recipe), caches[s])
+                    table = TASK_RECIPES[SETS[s]["task_type"]]
+                    kinds = ["plain"] if recipe in HAND else args.kinds.split(",")
+                    if table.get(recipe, {}).get("base"):  # a loss variant: its plain runs are its base recipe's
+                        kinds = [k for k in kinds if k != "plain"]
+                    for kind in kinds:
                         if (s, recipe, kind, seed) not in done:
                             jobs.append({"set": s, "recipe": recipe, "kind": kind, "seed": seed, "cache": cache})
         ctx = mp.get_context("spawn")
@@ -289,14 +470,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             proc.start()
         for proc in procs:
             proc.join()
-    table = render(out)
-    (WORK / "table.md").write_text(table)
-    doc = REPO / "docs" / "recipe.md"  # the table between its markers
-    start, end = "<!-- recipe-table -->\n", "<!-- /recipe-table -->"
-    text = doc.read_text()
-    if start in text and end in text:
-        doc.write_text(text[:text.index(start) + len(start)] + table + text[text.index(end):])
-    print(table)
+    doc = REPO / "docs" / "recipe.md"  # each table between its markers
+    for tag in dict.fromkeys(table_tag(s) for s in sets):
+        table = render(out, args.task, [s for s in sets if table_tag(s) == tag])
+        (WORK / f"{tag.replace(' ', '-')}.md").write_text(table)
+        start, end = f"<!-- {tag} -->\n", f"<!-- /{tag} -->"
+        text = doc.read_text()
+        if start in text and end in text:
+            doc.write_text(text[:text.index(start) + len(start)] + table + text[text.index(end):])
+        print(table)
     return 0
 
 

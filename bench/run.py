@@ -55,6 +55,7 @@ from typing import Any, Optional
 from bench import ceiling, common, gpu, hidden_cost, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
+from bench.validity import MIN_LEARNED, MIN_TEACHER_MARGIN, setting_void
 from kdcache.recommend import recommended_recipe
 
 SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer", "ceiling", "hidden")
@@ -468,7 +469,10 @@ def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
         kinds[kind] = {**stats, "seconds": [x["seconds"] for x in runs], "seconds_mean": statistics.mean(x["seconds"] for x in runs),
                        "other_means": {k: statistics.mean(x["metrics"][k] for x in runs) for k in others},
                        "ratio_to_teacher": ratio, "meets_criterion": None if ratio is None else ratio >= CRITERION}
-    f = {"metric": metric, "teacher": teacher, "teacher_seconds": q["teacher"]["seconds"], "kinds": kinds,
+    plain = kinds.get("plain")
+    void = (setting_void(teacher, plain["mean"], [k["mean"] for k in kinds.values()], metric=_metric_name(metric))
+            if plain else "VOID: no plain student to compare the teacher with; no conclusion is drawn")
+    f = {"metric": metric, "teacher": teacher, "teacher_seconds": q["teacher"]["seconds"], "kinds": kinds, "void": void,
          "storage_bytes_per_token": {name: fld["bytes_per_token"] for name, fld in q["storage"]["fields"].items()}}
     if "offline" in kinds and "online" in kinds:
         f["offline_minus_online"] = kinds["offline"]["mean"] - kinds["online"]["mean"]
@@ -628,6 +632,10 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
     for task, q in f.get("quality", {}).items():
         fmt = QUALITY_TASKS.get(task, {}).get("format", ".4f")
         metric = _metric_name(q["metric"])
+        if q.get("void"):  # a setting that cannot tell gives no "met" / "missed" (bench.validity)
+            L.append(f"| {task}: quality setting | VOID | teacher >= {MIN_TEACHER_MARGIN:.0%} over plain, some student >= "
+                     f"{MIN_LEARNED:.0%} of the teacher | {q['void'][len('VOID: '):]} |")
+            continue
         if "offline_minus_online" in q:
             diff, spread = q["offline_minus_online"], q["seed_spread"]
             L.append(f"| {task}: offline - online {metric} | {diff:+{fmt}} | >= -{spread:{fmt}} (seed std) | "
@@ -637,6 +645,10 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
             ratio = off["ratio_to_teacher"]
             L.append(f"| {task}: offline student / teacher {metric} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
                      f">= {CRITERION:.2f} | {_verdict(None if quick else off['meets_criterion'])} |")
+    if not quick:  # the recipe study's per-task rows (bench.recipe, docs/recipe.md), where it has 3 seeds
+        from bench.recipe import summary_rows
+
+        L += summary_rows()
     L.append("")
     return L
 
@@ -770,11 +782,15 @@ def _quality_md(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
         t_others = ", ".join(f"{_metric_name(k)} {v:{fmt}}" for k, v in sorted(t_metrics.items())
                              if k.startswith("eval_") and k not in (q["metric"], "eval_features"))
         L.append(f"| teacher (fine-tuned) | {q['teacher']:{fmt}} | | | | {t_others} | {q['teacher_seconds']:.0f} | 1.000 | |")
+        void = q.get("void")
         for kind, k in q["kinds"].items():
             others = ", ".join(f"{_metric_name(name)} {v:{fmt}}" for name, v in k["other_means"].items())
             ratio = "n/a" if k["ratio_to_teacher"] is None else f"{k['ratio_to_teacher']:.3f}"
+            verdict = "void" if void else _verdict(None if quick else k["meets_criterion"])
             L.append(f"| {KIND_NAMES.get(kind, kind)} | {k['mean']:{fmt}} | {k['std']:{fmt}} | {k['min']:{fmt}} | {k['max']:{fmt}} | "
-                     f"{others} | {k['seconds_mean']:.0f} | {ratio} | {_verdict(None if quick else k['meets_criterion'])} |")
+                     f"{others} | {k['seconds_mean']:.0f} | {ratio} | {verdict} |")
+        if void:
+            L += ["", f"**{void}.** The figures above are shown, not read: this setting cannot say whether distillation helps."]
         every = [v for k in q["kinds"].values() for v in k["values"]]
         if len(set(every)) == 1:
             L += ["", f"**Every student run scored exactly {every[0]:{fmt}}**: at this training budget the students learn nothing "

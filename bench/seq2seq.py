@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import common
+from bench.validity import setting_void
 
 SHARED = common.REPO.parent / "shared" / "data"
 M30K = {"train": SHARED / "multi30k" / "train.jsonl", "eval": SHARED / "multi30k" / "validation.jsonl"}
@@ -384,6 +385,16 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def quality_void(q: dict[str, Any]) -> Optional[str]:
+    """Why the translation comparison cannot tell (bench.validity on BLEU: teacher vs the plain student's mean, every
+    student kind's mean), or None."""
+    figures = quality_figures(q)
+    if "plain" not in figures:
+        return "VOID: no plain student to compare the teacher with; no conclusion is drawn"
+    teacher = q["teacher"]["metrics"].get("eval_bleu", float("nan"))
+    return setting_void(teacher, figures["plain"]["bleu"]["mean"], [f["bleu"]["mean"] for f in figures.values()], metric="BLEU")
+
+
 def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     """The BENCHMARKS.md section for seq2seq."""
     L = ["## 7. Summarization / translation: vocabulary-scale targets", ""]
@@ -425,6 +436,9 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
         for kind, f in figures.items():
             L.append(f"| {KIND_NAMES[kind]} | {cell(f['bleu'], '.2f')} | {cell(f['chrf'], '.2f')} | {cell(f['kl'], '.3f')} | "
                      f"{f['seconds']:.0f} |")
+        void = quality_void(q)
+        if void:
+            L += ["", f"**{void}.** The student rows above are shown, not read: this setting cannot say whether distillation helps."]
         L += ["", "Caches (bytes per target position, uncompressed; dump wall time):", "",
               "| cache | bytes / position | top-k mass | dump s |", "|---|---:|---:|---:|"]
         for name, c in q["caches"].items():
@@ -453,4 +467,4 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     return L
 
 
-__all__ = ["run", "spec_for", "markdown", "quality_figures", "make_t5", "build_bpe"]
+__all__ = ["run", "spec_for", "markdown", "quality_figures", "quality_void", "make_t5", "build_bpe"]

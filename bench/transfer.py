@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import common
+from bench.validity import setting_void
 
 LABELED = 500
 EPOCHS = {"labeled": 8, "transfer": 2}  # 500 rows x 8 = 128 steps of 32; 4,000 rows x 2 = 250 steps
@@ -117,6 +118,15 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
+def transfer_void(r: dict[str, Any], by_kind: dict[str, list[dict]]) -> Optional[str]:
+    """Why the transfer comparison cannot tell (bench.validity on accuracy: the teacher vs student 1, plain on the
+    500 rows; every student's mean), or None."""
+    if not by_kind.get("plain_500"):
+        return "VOID: no plain student to compare the teacher with; no conclusion is drawn"
+    means = {k: _stats([x["metrics"]["eval_accuracy"] for x in rs])[0] for k, rs in by_kind.items() if rs}
+    return setting_void(r["teacher"]["metrics"]["eval_accuracy"], means["plain_500"], means.values(), metric="accuracy")
+
+
 def markdown(r: dict[str, Any], quick: bool) -> list[str]:
     sizes = r["sizes"]
     L = ["## 9. Transfer sets: 500 labeled rows and the rest as unlabeled text", ""]
@@ -141,7 +151,10 @@ def markdown(r: dict[str, Any], quick: bool) -> list[str]:
         L.append(f"| {label} | {mean:.4f} ± {spread:.4f} | {len(rs)} | {rs[0].get('steps')} | "
                  f"{statistics.fmean(x['seconds'] for x in rs):.0f} |")
     L.append("")
-    if by_kind.get("plain_500") and by_kind.get("distilled_500_transfer"):
+    void = transfer_void(r, by_kind)
+    if void:
+        L += [f"**{void}.** The figures above are shown, not read: this setting cannot say whether distillation helps.", ""]
+    elif by_kind.get("plain_500") and by_kind.get("distilled_500_transfer"):
         p_mean, p_spread = _stats([x["metrics"]["eval_accuracy"] for x in by_kind["plain_500"]])
         d_mean, d_spread = _stats([x["metrics"]["eval_accuracy"] for x in by_kind["distilled_500_transfer"]])
         gain = d_mean - p_mean

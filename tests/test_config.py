@@ -131,6 +131,24 @@ def test_the_defaults_are_the_recommended_recipe():
     assert "lr_scheduler_type=constant_with_warmup, warmup_ratio=0.1, learning_rate=0.0001" in format_recommendations()
 
 
+def test_recommend_prints_each_task_s_default_temperature():
+    """The temperature `kdcache recommend --task T` prints is the one a run of that task gets when none is set
+    (train.py resolves it with default_temperature); token classification's is measured (docs/recipe.md)."""
+    import re
+
+    from kdcache.recommend import TEMPERATURE_GUIDE, default_temperature, format_recommendations
+    from kdcache.tasks.defaults import TASK_TYPES
+
+    for task in TASK_TYPES:
+        printed = re.search(r"^  temperature: (.+)$", format_recommendations(task), re.M).group(1)
+        if task == "text_classification":
+            assert printed == f"{default_temperature(task, 2)} (binary), {default_temperature(task, 6)} (multi-class)"
+        else:
+            assert float(printed) == default_temperature(task, None), task
+    assert default_temperature("token_classification") == TEMPERATURE_GUIDE["token_classification"] == 1.0
+    assert default_temperature("text_classification", 7) == TEMPERATURE_GUIDE["multi_class_classification"] == 1.0
+
+
 def test_a_transfer_set_at_alpha_0_is_refused_then_the_advice_works():
     """At distillation_alpha 0 (and no hidden term) transfer rows would get no loss at all: refused, naming the fix."""
     fields = dict(model_name="m", use_distillation=True, transfer_file="t.jsonl")

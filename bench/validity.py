@@ -1,0 +1,40 @@
+"""Whether a quality comparison can tell anything (issue 20 §2), shared by every quality section of the bench.
+
+A teacher that is not clearly better than the plain student has nothing to teach, and students that all stay near
+nothing cannot show a difference: either way the section is VOID and draws no verdict from its figures."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+MIN_TEACHER_MARGIN = 0.10  # the teacher beats the plain student by >= 10% relative on the task's metric
+MIN_LEARNED = 0.30  # some student arm reaches >= 30% of the teacher's quality
+
+
+def quality_ratio(value: float, teacher: float, higher_is_better: bool = True) -> float:
+    """How much of the teacher's quality ``value`` has: value / teacher, or teacher / value for a loss-like metric
+    (perplexity, bits/char), so that 1.0 is the teacher's and 0 is nothing learned in both directions."""
+    if higher_is_better:
+        return value / teacher if teacher else 0.0
+    return teacher / value if value else 0.0
+
+
+def setting_void(teacher: float, plain: float, arms: Iterable[float], higher_is_better: bool = True,
+                 metric: str = "metric") -> Optional[str]:
+    """Why a teacher-vs-students comparison is VOID (one line), or None when it can tell.
+
+    teacher, plain: the teacher's and the plain student's score (a mean over seeds); arms: every student arm's
+    score (plain included or not). Void when the teacher is less than MIN_TEACHER_MARGIN relatively better than
+    plain, or when every arm is under MIN_LEARNED of the teacher's quality."""
+    arms = list(arms) + [plain]
+    margin = (teacher - plain) / abs(plain) if higher_is_better else (plain - teacher) / abs(plain)
+    if plain == 0:
+        margin = float("inf") if (teacher > 0 if higher_is_better else False) else 0.0
+    if margin < MIN_TEACHER_MARGIN:
+        return (f"VOID: the teacher ({metric} {teacher:.4g}) is {margin:+.1%} relative against the plain student "
+                f"({plain:.4g}), under the {MIN_TEACHER_MARGIN:.0%} a teacher worth distilling needs; no conclusion is drawn")
+    best = max(quality_ratio(a, teacher, higher_is_better) for a in arms)
+    if best < MIN_LEARNED:
+        return (f"VOID: no student learns the task (the best arm reaches {best:.0%} of the teacher's {metric}, under "
+                f"{MIN_LEARNED:.0%}); no conclusion is drawn")
+    return None
