@@ -116,9 +116,9 @@ def prune_embeddings(model: nn.Module, keep: np.ndarray, who: str) -> nn.Module:
     ids = {name: getattr(config, name, None) for name in _CONFIG_TOKEN_IDS}
     ids = {name: (int(old_to_new[v]) if v is not None and 0 <= v < len(old_to_new) and old_to_new[v] >= 0 else None)
            for name, v in ids.items() if v is not None}
-    new = nn.Embedding(len(keep), old.embedding_dim, padding_idx=ids.get("pad_token_id"),
-                       dtype=old.weight.dtype, device=old.weight.device)
-    new.weight.copy_(old.weight[torch.as_tensor(keep, device=old.weight.device)])  # [K, D]
+    rows = old.weight[torch.as_tensor(keep, device=old.weight.device)].clone()  # [K, D]
+    # from_pretrained draws no random numbers: a pruned run's dropout and data order stay those of the whole model's
+    new = nn.Embedding.from_pretrained(rows, freeze=not old.weight.requires_grad, padding_idx=ids.get("pad_token_id"))
     model.set_input_embeddings(new)
     config.vocab_size = len(keep)
     for name, value in ids.items():

@@ -66,6 +66,19 @@ def test_same_tokens_names_the_first_feature_that_differs():
 def test_prune_vocabulary_is_refused_for_vocabulary_heads():
     with pytest.raises(ConfigError, match=r"prune_vocabulary \(--prune-vocabulary\).*remove it"):
         FineTuneConfig(model_name="x", task_type="causal_lm", prune_vocabulary=True)
+    assert not FineTuneConfig(model_name="x", task_type="causal_lm").prune_vocabulary  # the advice followed
+
+
+def test_a_bpe_tokenizer_is_refused(tmp_path):
+    """A BPE vocabulary cannot lose entries (its merges build the kept tokens from removed ones): one line, nothing kept."""
+    from causal_models import build_lm_tokenizer
+
+    from kdcache.models import ModelError
+
+    tokenizer = AutoTokenizer.from_pretrained(build_lm_tokenizer(tmp_path / "bpe"))
+    keep = kept_ids(tokenizer, tokenizer(["a few words"])["input_ids"])
+    with pytest.raises(ModelError, match=r"tokenizer is BPE, which cannot lose vocabulary entries.*remove prune_vocabulary"):
+        prune_tokenizer(tokenizer, keep, "student 'bpe'")
 
 
 def test_a_pruned_student_trains_from_a_cache_with_per_token_hidden_states(tmp_path, kdcache_home, trained_teacher,
@@ -94,3 +107,25 @@ def test_a_pruned_student_trains_from_a_cache_with_per_token_hidden_states(tmp_p
     assert any("loss_hidden" in h for h in report["log_history"])  # the hidden states were distilled
     compared = run_cli(["compare", "--config", str(pipeline), "--bootstrap", "50", "--latency-runs", "4"], kdcache_home)
     assert "size >= 40% smaller" in compared.stdout
+
+
+def test_pruning_costs_nothing_on_the_data_it_was_pruned_for(tmp_path, tiny_student, small_data, one_thread):
+    """Rows of unused tokens get no gradient (and no update without weight decay): a pruned student trains to the
+    model the whole one becomes, on the same seed."""
+    from kdcache.train import train_student
+
+    results = {}
+    for prune in (False, True):
+        config = FineTuneConfig(model_name=str(tiny_student), task_type="text_classification",
+                                train_file=str(small_data["train"]), eval_file=str(small_data["eval"]), max_length=48,
+                                batch_size=32, learning_rate=2e-3, disable_tqdm=True, logging_steps=2, weight_decay=0.0,
+                                prune_vocabulary=prune, output_dir=str(tmp_path / str(prune)))
+        results[prune] = train_student(config, max_steps=6)
+    assert results[True].num_parameters < 0.8 * results[False].num_parameters
+    assert results[True].metrics["eval_accuracy"] == results[False].metrics["eval_accuracy"]
+    texts = [r["text"] for r in read_jsonl(small_data["eval"])]
+    whole, pruned = (_logits(AutoModelForSequenceClassification.from_pretrained(tmp_path / str(p)).eval(),
+                             AutoTokenizer.from_pretrained(tmp_path / str(p)), texts) for p in (False, True))
+    assert not torch.allclose(whole, _logits(AutoModelForSequenceClassification.from_pretrained(tiny_student).eval(),
+                                             AutoTokenizer.from_pretrained(tiny_student), texts), atol=1e-3)  # it trained
+    torch.testing.assert_close(pruned, whole, rtol=0, atol=1e-4)
