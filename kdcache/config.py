@@ -180,6 +180,9 @@ class FineTuneConfig:
     """Where the trained model, its tokenizer, the resolved config and the report go."""
     student_layers: Optional[list[int]] = None
     """Build the student from model_name keeping only these encoder layers (DistilBERT-style initialisation)."""
+    prune_vocabulary: bool = False
+    """Keep only the word-embedding rows of the tokens the training and eval data use (and the special tokens), with the
+    saved tokenizer pruned to match: other words become its unknown token. Not for summarization, translation, causal_lm."""
     layer_map: Optional[dict[int, int]] = None
     """Teacher layer -> student layer for hidden-state distillation; default maps proportionally."""
     hidden_loss_weight: float = 1.0
@@ -246,6 +249,9 @@ class FineTuneConfig:
                                      f"{self.task_type} stores its full logits: remove it")
         if self.task_type not in GENERATIVE_TASKS and self.sequence_kd:
             raise bad("sequence_kd", f"applies to {', '.join(GENERATIVE_TASKS[:-1])} and {GENERATIVE_TASKS[-1]}; remove it for {self.task_type}")
+        if self.prune_vocabulary and self.task_type in VOCABULARY_TASKS:
+            raise bad("prune_vocabulary", f"{self.task_type}'s model outputs a distribution over the whole vocabulary, which "
+                                          "pruning would cut: remove it (it serves classification, token classification and QA)")
         if self.task_type != "causal_lm":
             for name in ("messages_column", "prompt_column", "ignore_spans_column", "packing", "cross_tokenizer"):
                 if getattr(self, name) not in (None, False):

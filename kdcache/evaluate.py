@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -17,11 +17,13 @@ from kdcache import data as kdata
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device
 from kdcache.models import ModelError, count_parameters, resolve_model_path
+from kdcache.speed import paired_speedup, time_interleaved
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 
 __all__ = ["examples_per_second", "weights_bytes", "parameters_on_disk", "predict_features", "score", "load_model", "eval_features",
-           "measure_latency", "measure_throughput", "measure_model", "evaluate_model", "format_comparison"]
+           "latency_call", "measure_latency", "measure_paired_latency",
+           "measure_throughput", "measure_model", "evaluate_model", "format_comparison"]
 
 
 def examples_per_second(seconds: float, num_features: int, num_examples: int, batch_size: int) -> float:
@@ -113,26 +115,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def measure_latency(model, tokenizer, task, features, config: FineTuneConfig, runs: int = 50, warmup: int = 5) -> dict[str, Any]:
-    """Seconds per call at batch 1: ``warmup`` untimed calls, then ``runs`` timed ones over the eval features in
-    order (cycling), each a full task inference (a forward pass, or generation). Median and 90th percentile in ms.
-
-    The device is synchronised around each call, so that the time covers the kernels, not their launch."""
+def latency_call(model, tokenizer, task, features, config: FineTuneConfig, rows: int) -> Callable[[int], None]:
+    """One timed unit of the speed criterion: ``call(i)`` runs the task's full inference (a forward pass, or
+    generation) at batch 1 on eval feature i (cycling over the first ``rows``, padded and on the device beforehand),
+    the device synchronised around it so that a timing of the call covers the kernels, not their launch."""
     device = next(model.parameters()).device
     keys = tuple(k for k in (*task.input_keys, *task.label_keys) if k in features.column_names)
-    times = []
-    for i in range(warmup + runs):
-        row = features[i % len(features): i % len(features) + 1]
-        batch = {k: v.to(device) for k, v in task.pad(tokenizer, row, keys).items()}
+    batches = [{k: v.to(device) for k, v in task.pad(tokenizer, features[i:i + 1], keys).items()}
+               for i in range(min(rows, len(features)))]
+
+    @torch.inference_mode()
+    def call(i: int) -> None:
+        batch = batches[i % len(batches)]
         _sync(device)
-        t0 = time.perf_counter()
         task.infer(model, tokenizer, batch, config)
         _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    ms = np.asarray(times) * 1e3  # [runs]
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": runs, "warmup": warmup}
+
+    return call
+
+
+def _latency(ms: np.ndarray, warmup: int) -> dict[str, Any]:
+    """Median and 90th percentile of batch-1 timings in ms ([runs])."""
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": len(ms), "warmup": warmup}
+
+
+def measure_latency(model, tokenizer, task, features, config: FineTuneConfig, runs: int = 50, warmup: int = 5) -> dict[str, Any]:
+    """Seconds per call at batch 1: ``warmup`` untimed calls, then ``runs`` timed ones over the eval features in
+    order (cycling). Median and 90th percentile in ms."""
+    times = time_interleaved([latency_call(model, tokenizer, task, features, config, warmup + runs)], runs, warmup)  # [runs, 1]
+    return _latency(times[:, 0] * 1e3, warmup)
+
+
+def measure_paired_latency(teacher_name: str, student_name: str, config: FineTuneConfig, examples, labels, runs: int = 50,
+                           warmup: int = 5, device: Optional[torch.device] = None) -> dict[str, Any]:
+    """The speed criterion's figures: teacher and student called in alternation at batch 1 on the same eval example
+    each round (each cut by its own tokenizer), timings paired (kdcache.speed). Returns each model's latency (median
+    and p90 in ms) and the student's speed-up: the median of the paired ratios with its bootstrap CI."""
+    task = get_task(config.task_type)
+    calls = []
+    for name in (teacher_name, student_name):
+        model, tokenizer, _ = load_model(name, task, device)
+        features = eval_features(task, tokenizer, examples, align_to_teacher(model.config, labels), config)
+        calls.append(latency_call(model, tokenizer, task, features, config, warmup + runs))
+    ms = time_interleaved(calls, runs, warmup) * 1e3  # [runs, (teacher, student)]
+    return {"teacher": _latency(ms[:, 0], warmup), "student": _latency(ms[:, 1], warmup),
+            "speedup": paired_speedup(ms[:, 0], ms[:, 1], seed=config.seed)}
 
 
 def measure_throughput(model, tokenizer, task, features, examples, config: FineTuneConfig, batch_size: int = 32) -> dict[str, Any]:
@@ -146,8 +173,8 @@ def measure_throughput(model, tokenizer, task, features, examples, config: FineT
 def measure_model(model_name: str, config: FineTuneConfig, examples, labels, batch_size: int = 32, latency_runs: int = 50,
                   warmup: int = 5, predict: bool = True, device: Optional[torch.device] = None) -> dict[str, Any]:
     """Everything the report needs of one model on the eval examples (which carry example ids): parameters, bytes
-    on disk, latency at batch 1, throughput at ``batch_size``, and with ``predict`` its per-example predictions, the
-    labels numbered as its head orders them, and its metrics."""
+    on disk, latency at batch 1 (None with ``latency_runs`` 0), throughput at ``batch_size``, and with ``predict`` its
+    per-example predictions, the labels numbered as its head orders them, and its metrics."""
     task = get_task(config.task_type)
     model, tokenizer, path = load_model(model_name, task, device)
     labels = align_to_teacher(model.config, labels)  # gold labels numbered as this model's head orders its classes
@@ -157,7 +184,7 @@ def measure_model(model_name: str, config: FineTuneConfig, examples, labels, bat
     figures: dict[str, Any] = {
         "model": model_name, "num_parameters": count_parameters(model), "bytes_on_disk": weights_bytes(path),
         "device": str(next(model.parameters()).device), "throughput": throughput,
-        "latency": measure_latency(model, tokenizer, task, features, config, latency_runs, warmup),
+        "latency": measure_latency(model, tokenizer, task, features, config, latency_runs, warmup) if latency_runs else None,
     }
     if predict:
         predictions = task.predictions(features, outputs, examples, labels, config)

@@ -92,16 +92,27 @@ def _at_least(value: Optional[float], threshold: float) -> Optional[bool]:
     return None if value is None else bool(value >= threshold - TOLERANCE)
 
 
+def _speed_figure(speedup: Optional[float], speed: Optional[dict[str, Any]]) -> str:
+    if speedup is None:
+        return "not measured"
+    if speed is None:
+        return f"{speedup:.2f}x (median latency at batch 1)"
+    lo, hi = speed["ci"]
+    return (f"{speedup:.2f}x (median of {speed['pairs']} paired batch-1 ratios, {speed['confidence']:.0%} CI "
+            f"{lo:.2f}-{hi:.2f}x)")
+
+
 def criteria(share: float, speedup: Optional[float], size_reduction: Optional[float],
-             share_ci: Optional[list[float]] = None) -> list[dict[str, Any]]:
+             share_ci: Optional[list[float]] = None, speed: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """The guide's three criteria on the point estimates: each with its figure, threshold and pass (True / False,
-    or None where the figure could not be measured)."""
+    or None where the figure could not be measured). ``speed``: the paired timing's figures (kdcache.speed), whose
+    ratio is ``speedup``."""
     ci = f" (95% CI {share_ci[0]:.1%}-{share_ci[1]:.1%})" if share_ci else ""
     return [
         {"criterion": "metric >= 90% of the teacher's", "value": share, "threshold": MIN_METRIC_SHARE,
          "figure": f"{share:.1%}{ci}", "passed": _at_least(share, MIN_METRIC_SHARE)},
         {"criterion": "inference >= 50% faster", "value": speedup, "threshold": MIN_SPEEDUP,
-         "figure": "not measured" if speedup is None else f"{speedup:.2f}x (median latency at batch 1)",
+         "figure": _speed_figure(speedup, speed),
          "passed": _at_least(speedup, MIN_SPEEDUP)},
         {"criterion": "size >= 40% smaller", "value": size_reduction, "threshold": MIN_SIZE_REDUCTION,
          "figure": "not measured" if size_reduction is None else f"{size_reduction:.1%} fewer parameters",
@@ -116,11 +127,13 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any], student: dict[str, Any],
                  resamples: int = 1000, history: Optional[list[dict[str, Any]]] = None,
                  run_config: Optional[FineTuneConfig] = None, notes: Optional[list[str]] = None,
-                 plain: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                 plain: Optional[dict[str, Any]] = None, speed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The report as JSON-ready data from the two models' figures (see `kdcache.evaluate.measure_model`; a teacher
     read from a cache has no latency or throughput, and may lack its sizes). ``history`` and ``run_config`` are
     the student's training log and config (for the diagnostics; ``config`` stands in for a missing one). ``plain``:
-    the figures of a plain student of the same model (a sweep's use_distillation: false run), for distilled - plain."""
+    the figures of a plain student of the same model (a sweep's use_distillation: false run), for distilled - plain.
+    ``speed``: the speed-up from interleaved, paired timings (`kdcache.evaluate.measure_paired_latency`), which
+    replaces the ratio of the two median latencies."""
     metric, lower = task.primary_metric(), task.lower_is_better
     t_m, s_m = teacher["metrics"][metric], student["metrics"][metric]
     share = metric_share(t_m, s_m, lower)
@@ -132,7 +145,7 @@ def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any]
         baseline = {"model": plain.get("model"), "metrics": plain["metrics"], "metric_ci": boot["plain"] if boot else None,
                     "difference": {"value": s_m - p_m, "ci": boot["difference"] if boot else None}}
     t_lat, s_lat = (teacher.get("latency") or {}).get("median_ms"), student["latency"]["median_ms"]
-    speedup = _ratio(t_lat, s_lat)
+    speedup = speed["ratio"] if speed is not None else _ratio(t_lat, s_lat)
     size_ratio = _ratio(student.get("num_parameters"), teacher.get("num_parameters"))
     size_reduction = None if size_ratio is None else 1 - size_ratio
     figures = {"metric": metric, "metric_share": share, "teacher_parameters": teacher.get("num_parameters"),
@@ -153,10 +166,10 @@ def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any]
         "task": config.task_type, "metric": metric, "lower_is_better": lower, "eval_examples": len(examples),
         "teacher": side(teacher), "student": side(student),
         "share": {"value": share, "ci": boot["share"] if boot else None}, "bootstrap": boot,
-        "speedup": {"latency": speedup,
+        "speedup": {"latency": speedup, "latency_paired": speed,
                     "throughput": _ratio(student["throughput"]["examples_per_s"], (teacher.get("throughput") or {}).get("examples_per_s"))},
         "size": {"parameters": size_ratio, "bytes": _ratio(student.get("bytes_on_disk"), teacher.get("bytes_on_disk") or None)},
-        "criteria": criteria(share, speedup, size_reduction, boot["share"] if boot else None),
+        "criteria": criteria(share, speedup, size_reduction, boot["share"] if boot else None, speed),
         "findings": [f.to_dict() for f in findings],
         "plain": baseline, "distillation_helped": [f.to_dict() for f in verdicts],
         "notes": list(notes or []),
@@ -208,7 +221,9 @@ def format_markdown(report: dict[str, Any], plots: Optional[list[str]] = None) -
         ("parameters", params(t), params(s), _pct(size["parameters"])),
         ("size on disk", disk(t), disk(s), _pct(size["bytes"])),
         (f"latency, batch 1 (median / p90 of {runs})", lat(t), lat(s),
-         "n/a" if speed["latency"] is None else f"{speed['latency']:.2f}x faster"),
+         "n/a" if speed["latency"] is None else f"{speed['latency']:.2f}x faster"
+         + (f" (paired, {speed['latency_paired']['ci'][0]:.2f}-{speed['latency_paired']['ci'][1]:.2f}x)"
+            if speed.get("latency_paired") else "")),
         (f"throughput, batch {batch}", thr(t), thr(s), "n/a" if speed["throughput"] is None else f"{speed['throughput']:.2f}x"),
     ]
     lines = [f"# Distillation report: {s['model']} vs {t['model']}", "",
@@ -343,7 +358,7 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
     student's folder (None when the student is not a local directory)."""
     from kdcache import data as kdata
     from kdcache.eval_cache import cached_teacher, find_eval_cache
-    from kdcache.evaluate import measure_model, parameters_on_disk, weights_bytes
+    from kdcache.evaluate import measure_model, measure_paired_latency, parameters_on_disk, weights_bytes
     from kdcache.tasks import DataError, get_task
 
     task = get_task(config.task_type)
@@ -358,16 +373,17 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
     student_path = _local_path(student_name)
     if cache is not None:  # first: a cache that cannot serve is refused before any model is timed
         teacher = cached_teacher(cache, config, task, examples, labels, [p for p in (teacher_path, student_path) if p])
-    student = measure_model(student_name, config, examples, labels, batch_size, latency_runs, warmup)
+    paired = cache is None or time_teacher  # both models timed: in alternation, so that the machine's load cancels out
+    student = measure_model(student_name, config, examples, labels, batch_size, 0 if paired else latency_runs, warmup)
     student["source"] = "model"
     if cache is None:
-        teacher = measure_model(teacher_name, config, examples, labels, batch_size, latency_runs, warmup)
+        teacher = measure_model(teacher_name, config, examples, labels, batch_size, 0, warmup)
         teacher["source"] = "model"
     else:
         teacher.update(model=teacher_name, source="model+cache" if time_teacher else "cache")
         if time_teacher:
-            timed = measure_model(teacher_name, config, examples, labels, batch_size, latency_runs, warmup, predict=False)
-            teacher.update({k: timed[k] for k in ("num_parameters", "bytes_on_disk", "latency", "throughput", "device")})
+            timed = measure_model(teacher_name, config, examples, labels, batch_size, 0, warmup, predict=False)
+            teacher.update({k: timed[k] for k in ("num_parameters", "bytes_on_disk", "throughput", "device")})
         else:
             teacher.update(num_parameters=parameters_on_disk(teacher_path) if teacher_path else None,
                            bytes_on_disk=weights_bytes(teacher_path) if teacher_path else None)
@@ -376,6 +392,10 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
                          "load the teacher for timing only.")
             if teacher_path is None:
                 notes.append(f"The teacher's files ({teacher_name}) are not here: its size is not known.")
+    speed = None
+    if paired:
+        timings = measure_paired_latency(teacher_name, student_name, config, examples, labels, latency_runs, warmup)
+        teacher["latency"], student["latency"], speed = timings["teacher"], timings["student"], timings["speedup"]
     student_dir = Path(student_name) if Path(student_name).is_dir() else None
     history, run_config = _student_run(student_dir)
     if run_config is None:
@@ -385,5 +405,5 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
     plain_dir = plain_baseline(student_dir, run_config) if student_dir is not None and run_config is not None else None
     if plain_dir is not None:  # its metric is what counts: one latency run, no warm-up
         plain = measure_model(str(plain_dir), config, examples, labels, batch_size, latency_runs=1, warmup=0)
-    report = build_report(task, config, examples, teacher, student, resamples, history, run_config, notes, plain)
+    report = build_report(task, config, examples, teacher, student, resamples, history, run_config, notes, plain, speed)
     return report, student_dir

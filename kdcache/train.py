@@ -42,6 +42,7 @@ from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher, labels_as_cached
 from kdcache.teacher import resolve_layers
 from kdcache.tokenizers import tokenizer_hash
+from kdcache.vocab_prune import prune_student
 
 log = logging.getLogger(__name__)
 
@@ -477,18 +478,28 @@ def train_student(
                              f"set max_length to {positions} or less")
         train_feats = kdata.make_features(task, raw, tokenizer, config, labels, "train")
         eval_feats = kdata.make_features(task, eval_raw, tokenizer, config, labels, "eval") if eval_raw is not None else None
+        source_tokenizer = tokenizer  # the cache's tokenizer checks read the one the student's tokens come from
+        if config.prune_vocabulary:
+            if online_teacher is not None:
+                raise ConfigError("prune_vocabulary (--prune-vocabulary) renumbers the student's token ids, which an online "
+                                  "teacher cannot read: distil from the cache (dump-teacher), or remove prune_vocabulary")
+            before = count_parameters(student)
+            student, tokenizer, (train_feats, eval_feats) = prune_student(
+                student, tokenizer, task, config, labels, [raw, eval_raw], [train_feats, eval_feats], f"student {config.model_name!r}")
+            log.info("prune_vocabulary: %d of %d tokens kept; the student has %.1fM parameters (was %.1fM)",
+                     len(tokenizer), len(source_tokenizer), count_parameters(student) / 1e6, before / 1e6)
 
         reader, layers, fetcher, aligner = None, None, None, None
         distil = config.use_distillation
         if distil and online_teacher is None:
-            reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, tokenizer, staged)
+            reader, layers = open_cache_for(config, task, cache_path, ds_hash, len(raw), train_feats, labels, source_tokenizer, staged)
             resources.callback(reader.close)
             positions = None
             if layers is not None:
                 stored = list(reader.spec.hidden.layers)
                 positions = [stored.index(l) for l in layers]
-            cross = crosses_tokenizers(config, reader, tokenizer)
-            targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, tokenizer, cross)]
+            cross = crosses_tokenizers(config, reader, source_tokenizer)
+            targets = [reader.spec.target(t.name) for t in fetched_targets(task, labels, config, source_tokenizer, cross)]
             pooling = hidden_pooling_for(config, reader) if layers is not None else "none"
             fetcher = TargetFetcher(reader, targets, positions, pooling=pooling)
             resources.callback(fetcher.close)  # first (callbacks run last-in first-out): its last read, then the reader

@@ -28,3 +28,20 @@ def test_sweep_file_is_valid(path, monkeypatch):
 
 def test_pipelines_exist():
     assert {p.name for p in PIPELINES} >= {"demo-teacher.yaml", "demo-student.yaml", "guide-text-classification.yaml"}
+
+
+def test_the_demo_student_is_the_smallest_student_recommend_suggests():
+    """`make demo` trains what `kdcache recommend` prints as the smallest student, for the demo's 6-layer teacher."""
+    from transformers import AutoConfig
+
+    from kdcache.models import resolve_model_path
+    from kdcache.recommend import format_recommendations, small_student
+
+    teacher = FineTuneConfig.from_yaml(REPO / "pipelines" / "demo-teacher.yaml")
+    student = FineTuneConfig.from_yaml(REPO / "pipelines" / "demo-student.yaml")
+    depth = AutoConfig.from_pretrained(resolve_model_path(teacher.model_name)).num_hidden_layers
+    assert student.model_name == teacher.output_dir == student.teacher_model_name
+    assert {k: getattr(student, k) for k in small_student(depth)} == small_student(depth) == {
+        "student_layers": [0, 5], "prune_vocabulary": True}
+    printed = format_recommendations("text_classification")
+    assert "student_layers: [0, N-1]" in printed and "prune_vocabulary: true" in printed

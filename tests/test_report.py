@@ -46,7 +46,7 @@ def test_the_reports_figures_match_a_hand_computation():
 
     assert report["teacher"]["metrics"]["accuracy"] == 1.0 and report["student"]["metrics"]["accuracy"] == 0.75
     assert report["share"]["value"] == 0.75
-    assert report["speedup"] == {"latency": 10.0 / 4.0, "throughput": 150.0 / 50.0}
+    assert report["speedup"] == {"latency": 10.0 / 4.0, "latency_paired": None, "throughput": 150.0 / 50.0}
     assert report["size"] == {"parameters": 0.3, "bytes": 0.3}
     # Bootstrap by hand: each draw takes 4 of the 4 examples; the student's accuracy is (right ones) / 4.
     # P(all 4 right) = (3/4)^4 = 32% > 2.5%: the upper bound is 1. P(accuracy <= 1/4) = 4 (1/4)^3 (3/4) + (1/4)^4 = 5.1%
@@ -138,6 +138,9 @@ def test_compare_writes_the_report_into_the_students_folder(distilled):
     for side in (t, s):
         assert side["latency"]["runs"] == 5 and side["latency"]["median_ms"] <= side["latency"]["p90_ms"]
         assert side["throughput"]["batch_size"] == 16 and side["throughput"]["examples_per_s"] > 0
+    paired = report["speedup"]["latency_paired"]  # both loaded: timed in alternation, the ratio from the paired rounds
+    assert paired["pairs"] == 5 and paired["ci"][0] <= paired["ratio"] == report["speedup"]["latency"] <= paired["ci"][1]
+    assert "paired batch-1 ratios" in report["criteria"][1]["figure"]
     # the student's own evaluation at the end of training scored the same predictions
     trained = json.loads((student / "kdcache_report.json").read_text())
     assert s["metrics"]["accuracy"] == pytest.approx(trained["eval"]["eval_accuracy"])
@@ -197,4 +200,4 @@ def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_dat
     assert timed["teacher"]["metrics"] == loaded["teacher"]["metrics"] == t["metrics"]
     assert timed["teacher"]["source"] == "model+cache" and timed["teacher"]["latency"]["runs"] == 3
     assert timed["teacher"]["num_parameters"] == loaded["teacher"]["num_parameters"]
-    assert timed["criteria"][1]["passed"] is not None
+    assert timed["criteria"][1]["passed"] is not None and timed["speedup"]["latency_paired"]["pairs"] == 3
