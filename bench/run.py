@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import ceiling, common, gpu, hidden_cost, lm, seq2seq, transfer
+from bench import ceiling, common, gpu, gpu_report, hidden_cost, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 from kdcache.recommend import recommended_recipe
@@ -586,6 +586,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         L += ceiling.markdown(r["ceiling"], quick)
     if "hidden" in r:
         L += hidden_cost.markdown(r["hidden"], quick)
+    if not quick:  # the committed GPU profile run (bench/measured/), rendered from its files
+        L += gpu_report.markdown(gpu_report.load(gpu_report.MEASURED), gpu_report.MEASURED)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)
@@ -637,6 +639,8 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
             ratio = off["ratio_to_teacher"]
             L.append(f"| {task}: offline student / teacher {metric} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
                      f">= {CRITERION:.2f} | {_verdict(None if quick else off['meets_criterion'])} |")
+    if not quick:
+        L += gpu_report.summary_rows(gpu_report.load(gpu_report.MEASURED))
     L.append("")
     return L
 
