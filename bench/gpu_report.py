@@ -1,8 +1,8 @@
 """BENCHMARKS.md's GPU section and summary rows (issue 22), rendered from a GPU profile run's files.
 
 Reads the folder `python -m bench.gpu --results DIR` wrote (by default the committed H200 run,
-bench/measured/h200-2026-12-04): each part's JSON, or, for a part whose JSON did not come back from the
-device, its `[gpu PART] key=value` lines in console.log.
+bench/measured/h200-2026-12-04): results.json (or one JSON per part, as that run wrote), or, for a part
+whose figures did not come back from the device, its `[gpu PART] key=value` lines in console.log.
 
     python -m bench.gpu_report [--results DIR]      # prints the section
 """
@@ -28,7 +28,9 @@ def load(results: Path) -> dict[str, dict[str, Any]]:
     parts: dict[str, dict[str, Any]] = {}
     for path in sorted(results.glob("*.json")):
         figures = json.loads(path.read_text())
-        if isinstance(figures, dict) and "part" in figures:
+        if path.name == "results.json":  # bench.gpu's layout now: every part in one file
+            parts.update({k: v for k, v in (figures.get("parts") or {}).items() if v})
+        elif isinstance(figures, dict) and "part" in figures:  # one JSON per part (the H200 run of 2026-12-04)
             parts[figures["part"]] = figures
     log = results / "console.log"
     for line in (log.read_text().splitlines() if log.exists() else []):

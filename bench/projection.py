@@ -5,7 +5,7 @@ at the default store (causal LM: top-6 + rest at the default temperatures), from
   for the 7B, 128k for the 70B), taken from the ceiling section's saved result.
 - Forward tokens/s on an H200: the GPU profile's measured 7B-shape rate when its JSON is there (``--gpu-results``, by
   default the committed H200 run in bench/measured/h200-2026-12-04, or the folder `python -m bench.gpu` writes:
-  ``llama-7b.json`` with ``forward_tokens_per_s`` and ``forward_mfu``); otherwise
+  ``llama-7b.json`` or ``results.json``'s ``parts.llama-7b``, with ``forward_tokens_per_s`` and ``forward_mfu``); otherwise
   2 x parameters FLOP per token at 50% of the dense bf16 peak (assumed). The 70B is always extrapolated: the 7B's MFU
   (measured or assumed) at 2 x 70.6B FLOP per token.
 - The dump's rate per GPU is the lower of that forward rate and the host ceiling the ceiling section measured on this
@@ -44,12 +44,15 @@ GPUS = (1, 8)
 
 def gpu_rates(results: Optional[Path], peak_tflops: float = common.PEAK_TFLOPS["H200"]) -> dict[str, dict[str, Any]]:
     """Each teacher's forward tokens/s on one H200, with where it came from."""
-    measured = None
-    path = results / "llama-7b.json" if results else None
+    measured, figures = None, None
+    path = results / "llama-7b.json" if results else None  # the H200 run's layout (one JSON per part)
     if path is not None and path.exists():
         figures = json.loads(path.read_text())
-        if figures.get("forward_tokens_per_s") and figures.get("forward_mfu"):
-            measured = figures
+    elif results is not None and (results / "results.json").exists():  # bench.gpu's layout now: every part in one file
+        path = results / "results.json"
+        figures = (json.loads(path.read_text()).get("parts") or {}).get("llama-7b")
+    if figures and figures.get("forward_tokens_per_s") and figures.get("forward_mfu"):
+        measured = figures
     mfu = float(measured["forward_mfu"]) if measured else ceiling.MFU
     out = {}
     for name, t in TEACHERS.items():

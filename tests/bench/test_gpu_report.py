@@ -35,3 +35,14 @@ def test_the_committed_h200_run_reads_whole():
     assert parts["steps-seq2seq"]["ratios"]["offline-topk"] < 1.0 < parts["steps-lm"]["ratios"]["offline-topk"]
     assert gpu_report.main([]) == 0
     assert gpu_report.main(["--results", str(gpu_report.MEASURED / "absent")]) == 2
+
+
+def test_a_new_run_s_results_json_is_read_by_the_report_and_the_projection(tmp_path):
+    from bench import gpu, projection
+
+    seven = json.loads((gpu_report.MEASURED / "llama-7b.json").read_text())
+    gpu.update_results(tmp_path, summary={"parts": {}}, parts={"llama-7b": {**seven, "forward_tokens_per_s": 40_000.0},
+                                                               "steps-lm": None})
+    assert set(gpu_report.load(tmp_path)) == {"llama-7b"}  # a part not run yet (None) is no figures
+    rates = projection.gpu_rates(tmp_path)
+    assert rates["7B"]["measured"] and rates["7B"]["forward_tokens_per_s"] == seven["forward_reduce_tokens_per_s"]
