@@ -58,29 +58,30 @@ def _verdict(ok: bool) -> str:
 
 
 def summary_rows(parts: dict[str, dict[str, Any]]) -> list[str]:
-    """Rows for the summary table: the issue's GPU goals, met or missed."""
+    """Rows for the summary table: the issue's GPU goals, met or missed (each row names the device it ran on)."""
     L = []
+    dev = next((str(p["device"]).replace("NVIDIA ", "") for p in parts.values() if p.get("device")), "GPU")
     for name, goal in (("bert-large", GOALS["mfu_bert"]), ("llama-1b", GOALS["mfu_llama"]), ("llama-7b", GOALS["mfu_llama"])):
         p = parts.get(name)
         if p and p.get("forward_mfu"):
-            L.append(f"| H200 {name}: bare forward MFU (bf16) | {p['forward_mfu']:.3f} | >= {goal:.2f} | "
+            L.append(f"| {dev} {name}: bare forward MFU (bf16) | {p['forward_mfu']:.3f} | >= {goal:.2f} | "
                      f"{_verdict(p['forward_mfu'] >= goal)} |")
     for name in ("bert-large", "llama-1b"):
         p = parts.get(name)
         if p and p.get("dump_loop_over_forward"):
-            L.append(f"| H200 {name}: dump forward-and-write loop / bare forward | {p['dump_loop_over_forward']:.3f} | "
+            L.append(f"| {dev} {name}: dump forward-and-write loop / bare forward | {p['dump_loop_over_forward']:.3f} | "
                      f"<= {GOALS['dump']} | {_verdict(p['dump_loop_over_forward'] <= GOALS['dump'])} |")
-            L.append(f"| H200 {name}: dump wall (hash, load, tokenize included) / bare forward | "
+            L.append(f"| {dev} {name}: dump wall (hash, load, tokenize included) / bare forward | "
                      f"{p['dump_wall_over_forward']:.3f} | | |")
     p = parts.get("llama-7b")
     if p and p.get("forward_reduce_over_forward"):
-        L.append(f"| H200 llama-7b: forward + top-6 reduction + host copy / bare forward | {p['forward_reduce_over_forward']:.3f} "
+        L.append(f"| {dev} llama-7b: forward + top-6 reduction + host copy / bare forward | {p['forward_reduce_over_forward']:.3f} "
                  f"| <= {GOALS['dump']} | {_verdict(p['forward_reduce_over_forward'] <= GOALS['dump'])} |")
     for name in ("steps-seq2seq", "steps-lm"):
         r = parts.get(name, {}).get("ratios")
         for kind in ("offline-topk", "offline-sampled"):
             if r and kind in r:
-                L.append(f"| H200 {name}: {kind} step / plain | {r[kind]:.3f} | <= {GOALS['step']} | "
+                L.append(f"| {dev} {name}: {kind} step / plain | {r[kind]:.3f} | <= {GOALS['step']} | "
                          f"{_verdict(r[kind] <= GOALS['step'])} |")
     return L
 
