@@ -2,8 +2,9 @@
 8 minutes on an H200.
 
 Each part runs in its own process under a time cap (a part that runs over is killed and recorded as cut, the next
-still runs) and writes its figures to ``<results>/<part>.json`` as it measures them, so a run killed from outside
-still returns what finished; ``<results>/summary.json`` lists every part's status. Models are built on the device
+still runs) and writes its figures into ``<results>/results.json`` (``parts.<part>``) as it measures them, so a run
+killed from outside still returns what finished; ``summary`` there lists every part's status, and every part's
+output goes to ``<results>/gpu.log``: two files, since the GPU machine returns at most 8. Models are built on the device
 with random weights (never a 1B/7B model on the CPU); without a GPU only ``--quick`` (tiny shapes) runs.
 
   host-copies    the dump's asynchronous device-to-host copies (pinned buffers, a CUDA event the writer thread waits
@@ -75,9 +76,7 @@ class Part:
 
     def record(self, **fields: Any) -> None:
         self.figures.update(fields)
-        tmp = self.out / f"{self.name}.json.tmp"
-        tmp.write_text(json.dumps(self.figures, indent=2, default=str))
-        os.replace(tmp, self.out / f"{self.name}.json")
+        update_results(self.out, parts={self.name: self.figures})
         print(f"[gpu {self.name}] " + ", ".join(f"{k}={_short(v)}" for k, v in fields.items()), flush=True)
 
     def sync(self) -> None:
@@ -85,6 +84,26 @@ class Part:
 
         if self.cuda:
             torch.cuda.synchronize()
+
+
+RESULTS_FILE, LOG_FILE = "results.json", "gpu.log"  # all the run leaves: the GPU machine returns at most 8 files
+
+
+def read_results(out: Path) -> dict[str, Any]:
+    """The run's figures so far: {"summary": {...}, "parts": {part: figures}}."""
+    path = out / RESULTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {"summary": {}, "parts": {}}
+
+
+def update_results(out: Path, summary: Optional[dict[str, Any]] = None, parts: Optional[dict[str, Any]] = None) -> None:
+    """Merge a summary and parts' figures into results.json, atomically (one part runs at a time, so no writers race)."""
+    results = read_results(out)
+    if summary is not None:
+        results["summary"] = summary
+    results["parts"].update(parts or {})
+    tmp = out / (RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out / RESULTS_FILE)
 
 
 def _short(v: Any) -> str:
@@ -210,7 +229,8 @@ def part_bert_large(part: Part) -> None:
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     flops = common.model_flops_per_token(shape, seq)
-    part.record(attn_implementation=model.config._attn_implementation, shape=shape.describe(), parameters=sum(p.numel() for p in model.parameters()), seq_len=seq, teacher_batch=batch,
+    part.record(attn_implementation=model.config._attn_implementation, shape=shape.describe(),
+                parameters=sum(p.numel() for p in model.parameters()), seq_len=seq, teacher_batch=batch,
                 hidden_layers=layers, build_save_s=time.perf_counter() - t0, flops_per_token=flops)
     ids = torch.randint(1000, len(tok), (batch, seq), device=part.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
@@ -411,12 +431,14 @@ def part_host_copies(part: Part) -> None:
     cls, lm = get_task("text_classification"), get_task("causal_lm")
     cases = []
     for dtype in ("int8", "float16"):
-        config = FineTuneConfig(model_name=common.minilm_dir(), task_type="text_classification", use_distillation=True, distill_hidden_states=True,
+        config = FineTuneConfig(model_name=common.minilm_dir(), task_type="text_classification", use_distillation=True,
+                                distill_hidden_states=True,
                                 teacher_layers_to_distill=[1, 2], hidden_dtype=dtype, hidden_outliers=4)
         cases.append((f"bert-logits-hidden-{dtype}", bert, cls, store_spec_for(config, cls, bert.config, LabelInfo(2), tok),
                       {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}))
     for mode, k in (("topk", 6), ("sampled", 16), ("full", None)):
-        config = FineTuneConfig(model_name=common.minilm_dir(), task_type="causal_lm", text_column="text", use_distillation=True, logits_mode=mode,
+        config = FineTuneConfig(model_name=common.minilm_dir(), task_type="causal_lm", text_column="text", use_distillation=True,
+                                logits_mode=mode,
                                 **({"logits_k": k} if k else {}))
         cases.append((f"llama-{mode}", llama, lm, store_spec_for(config, lm, llama.config, LabelInfo(0), tok),
                       {"input_ids": ids, "attention_mask": mask, "labels": labels,
@@ -451,7 +473,8 @@ def part_steps_seq2seq(part: Part) -> None:
     teacher = make_t5(part.work / "teacher", tok, d, 1 if part.quick else 6, 0)
     student = make_t5(part.work / "student", tok, d // 2 if not part.quick else d, 1 if part.quick else 3, 1)
     base = {"task_type": "summarization", "model_name": str(student), "teacher_model_name": str(teacher), "train_file": str(TLDR_TRAIN),
-            "max_train_samples": 48 if part.quick else 1000, "max_length": 64 if part.quick else 256, "max_target_length": 160 if part.quick else 128,
+            "max_train_samples": 48 if part.quick else 1000, "max_length": 64 if part.quick else 256,
+            "max_target_length": 160 if part.quick else 128,
             "batch_size": B, "teacher_batch_size": B, "learning_rate": 1e-4, "num_epochs": 1, "seed": 42, "disable_tqdm": True,
             "logging_steps": 10, "temperature": 2.0, "use_mixed_precision": part.cuda}
     part.record(teacher=f"T5 {6 if not part.quick else 1}L-{d}", student=f"T5 3L-{d // 2}", batch=B, vocab=None)
@@ -475,7 +498,8 @@ def part_steps_lm(part: Part) -> None:
     step_costs(part, base, teacher, "causal_lm", 1 if part.quick else 5, 2 if part.quick else 20, 1 if part.quick else 2)
 
 
-PARTS: dict[str, Callable[[Part], None]] = {"host-copies": part_host_copies, "bert-large": part_bert_large, "llama-1b": part_llama_1b, "llama-7b": part_llama_7b,
+PARTS: dict[str, Callable[[Part], None]] = {"host-copies": part_host_copies, "bert-large": part_bert_large, "llama-1b": part_llama_1b,
+                                            "llama-7b": part_llama_7b,
                                             "steps-seq2seq": part_steps_seq2seq, "steps-lm": part_steps_lm}
 
 
@@ -506,19 +530,23 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summary: dict[str, Any] = {"budget_s": budget, "quick": quick, "parts": {}}
+    update_results(out, summary=summary, parts={name: None for name in parts})  # an earlier run's figures must not pass for this one's
+    (out / LOG_FILE).write_text("")
     for name in parts:
         left = budget - (time.perf_counter() - start)
         # --quick runs tiny shapes, often on a loaded CPU where start-up alone takes tens of seconds: 4x the caps
         cap = min(CAPS[name] * (budget / BUDGET_S) * (4 if quick else 1), left - 3)
         if cap < 20:
             summary["parts"][name] = {"status": f"not run: {left:.0f} s of the {budget:.0f} s budget left"}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            update_results(out, summary=summary)
             continue
         t0 = time.perf_counter()
-        (out / f"{name}.json").unlink(missing_ok=True)  # an earlier run's figures must not pass for this one's
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "bench.gpu", "--child", name, "--results", str(out), "--cap", str(cap)] + (["--quick"] if quick else [])
-        with open(out / f"{name}.log", "w") as log:
+        with open(out / LOG_FILE, "a") as log:
+            log.write(f"===== {name} (cap {cap:.0f} s)\n")
+            log.flush()
+            first = log.tell()
             proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=cap + 10)  # the part budgets itself within cap; the margin covers start-up
@@ -527,21 +555,19 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
                 proc.kill()
                 proc.wait()
                 rc, status = None, f"cut: ran over its {cap:.0f} s cap (figures up to then kept)"
-        path = out / f"{name}.json"
-        figures = json.loads(path.read_text()) if path.exists() else {}
+        figures = read_results(out)["parts"].get(name) or {}
         if status and str(figures.get("status", "")).startswith(("done", "failed")):  # killed while it exited
             figures["status"] += " (then killed while exiting, after its cap)"
-            path.write_text(json.dumps(figures, indent=2, default=str))
         elif status:
             figures["status"] = status
-            path.write_text(json.dumps(figures, indent=2, default=str))
         elif "status" not in figures:
-            figures["status"] = f"failed: exit {rc} before recording a status (see {name}.log)"
-            path.write_text(json.dumps(figures, indent=2, default=str))
+            figures["status"] = f"failed: exit {rc} before recording a status (see {LOG_FILE})"
         summary["parts"][name] = {"status": figures["status"], "wall_s": time.perf_counter() - t0, "cap_s": cap}
         summary["total_s"] = time.perf_counter() - start
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-12:]
+        update_results(out, summary=summary, parts={name: figures})
+        with open(out / LOG_FILE, "rb") as log:
+            log.seek(first)
+            tail = log.read().decode(errors="replace").splitlines()[-12:]
         print("\n".join(tail) + f"\n[gpu] {name}: {figures['status'][:300]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return summary
 
@@ -549,9 +575,11 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=common.RESULTS / "gpu-profile",
-                    help="folder for each part's JSON, its log and summary.json (point it at $OUT on the GPU machine)")
+                    help=f"folder for {RESULTS_FILE} (every part's figures and the summary) and {LOG_FILE} "
+                    "(point it at $OUT on the GPU machine)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, in this order: {','.join(PARTS)}")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 480; 4x with --quick); each part's cap scales with it")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all parts together (default 480; 4x with --quick); each part's cap scales with it")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and token counts: every path once, on the CPU if need be")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=None, help=argparse.SUPPRESS)

@@ -536,7 +536,7 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     if g:
         if not g.get("measured"):
             L += [f"Dump throughput on a GPU, 1B-class Llama {g['describe']}, {g['parameters'] / 1e9:.2f}B parameters: "
-                  f"{g.get('why', 'not measured')} (`python -m bench.run --profile gpu --only lm --lm-parts gpu` measures it).", ""]
+                  f"{g.get('why', 'not measured')} in this section; the GPU profile measured it on an H200 (section 12, `llama-1b`).", ""]
         else:
             peak = f"{g['peak_tflops']:g} TFLOP/s (dense bf16)" if g.get("peak_tflops") else "no known peak for this device: n/a"
             what = (f"a 1B-class Llama {g['describe']}, {g['parameters'] / 1e9:.2f}B parameters" if not quick

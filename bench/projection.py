@@ -3,15 +3,16 @@ at the default store (causal LM: top-6 + rest at the default temperatures), from
 
 - Bytes per token: measured, kdcache's real writer at the default store (`bench.ceiling`'s top-6 cases: 32k vocabulary
   for the 7B, 128k for the 70B), taken from the ceiling section's saved result.
-- Forward tokens/s on an H200: the GPU profile's measured 7B-shape rate when its JSON is there (``--gpu-results``, the
-  folder `python -m bench.gpu` writes: ``llama-7b.json`` with ``forward_tokens_per_s`` and ``forward_mfu``); otherwise
+- Forward tokens/s on an H200: the GPU profile's measured 7B-shape rate when its JSON is there (``--gpu-results``, by
+  default the committed H200 run in bench/measured/h200-2026-12-04, or the folder `python -m bench.gpu` writes:
+  ``llama-7b.json`` or ``results.json``'s ``parts.llama-7b``, with ``forward_tokens_per_s`` and ``forward_mfu``); otherwise
   2 x parameters FLOP per token at 50% of the dense bf16 peak (assumed). The 70B is always extrapolated: the 7B's MFU
   (measured or assumed) at 2 x 70.6B FLOP per token.
 - The dump's rate per GPU is the lower of that forward rate and the host ceiling the ceiling section measured on this
   CPU (each rank has its own writer thread); 8 GPUs: 8 ranks of `torchrun`, each dumping every 8th shard, scaling
   assumed linear (not measured).
 
-    python -m bench.projection                                  # rewrites the table in docs/scale.md
+    python -m bench.projection                                  # rewrites the table in docs/scale.md (H200 figures)
     python -m bench.projection --gpu-results bench/results/gpu-profile --print
 """
 
@@ -27,7 +28,8 @@ from bench import ceiling, common
 
 DOC = common.REPO / "docs" / "scale.md"
 START, END = "<!-- projection: written by python -m bench.projection -->", "<!-- projection end -->"
-GPU_RESULTS = common.RESULTS / "gpu-profile"  # where `python -m bench.gpu` writes by default
+# The GPU profile's figures from the H200 run (committed; `--gpu-results bench/results/gpu-profile` reads a fresh run).
+GPU_RESULTS = common.REPO / "bench" / "measured" / "h200-2026-12-04"
 CEILING = common.RESULTS / "cpu" / "ceiling.json"  # the ceiling section's latest result (python -m bench.run --only ceiling)
 H200_GIB = 139.0  # usable GPU memory of one H200 as the device reports it
 
@@ -42,17 +44,23 @@ GPUS = (1, 8)
 
 def gpu_rates(results: Optional[Path], peak_tflops: float = common.PEAK_TFLOPS["H200"]) -> dict[str, dict[str, Any]]:
     """Each teacher's forward tokens/s on one H200, with where it came from."""
-    measured = None
-    path = results / "llama-7b.json" if results else None
+    measured, figures = None, None
+    path = results / "llama-7b.json" if results else None  # the H200 run's layout (one JSON per part)
     if path is not None and path.exists():
         figures = json.loads(path.read_text())
-        if figures.get("forward_tokens_per_s") and figures.get("forward_mfu"):
-            measured = figures
+    elif results is not None and (results / "results.json").exists():  # bench.gpu's layout now: every part in one file
+        path = results / "results.json"
+        figures = (json.loads(path.read_text()).get("parts") or {}).get("llama-7b")
+    if figures and figures.get("forward_tokens_per_s") and figures.get("forward_mfu"):
+        measured = figures
     mfu = float(measured["forward_mfu"]) if measured else ceiling.MFU
     out = {}
     for name, t in TEACHERS.items():
         if name == "7B" and measured:
-            rate, how = float(measured["forward_tokens_per_s"]), f"measured (GPU profile {path}), MFU {mfu:.0%}"
+            where = path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path
+            rate = float(measured.get("forward_reduce_tokens_per_s") or measured["forward_tokens_per_s"])
+            how = (f"measured on an H200 ({where}): the forward with the dump's on-device top-6 reduction and its copy to "
+                   f"the host; the bare forward {float(measured['forward_tokens_per_s']):,.0f} tokens/s, MFU {mfu:.1%}")
         else:
             rate = mfu * peak_tflops * 1e12 / (2.0 * t["parameters"])
             how = (f"extrapolated: the 7B's measured MFU ({mfu:.0%})" if measured else f"assumed: {mfu:.0%} MFU") + \
@@ -101,7 +109,9 @@ def markdown(ceiling_result: dict[str, Any], rates: dict[str, dict[str, Any]], r
                     "on each rank (no tensor parallelism), so each of the 8 H200s holds a full copy."))
     L += ["- Hours = tokens / (GPUs x the lower of the forward rate and the host ceiling); 8 GPUs scale linearly (8 ranks "
           "of `torchrun`, each dumping every 8th shard; not measured). Loading, hashing and tokenizing are left out (minutes, "
-          "once per dump).", "", END]
+          "once per dump). The 7B rate has the dump's device work and copies in it but not its writer: the full dump loop of the "
+          "1B Llama on the H200 ran at 1.37x its bare forward (BENCHMARKS.md section 12), so these hours are a lower bound.",
+          "", END]
     return "\n".join(L)
 
 

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import ceiling, common, gpu, hidden_cost, lm, seq2seq, transfer
+from bench import ceiling, common, gpu, gpu_report, hidden_cost, lm, seq2seq, transfer
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 from bench.validity import MIN_LEARNED, MIN_TEACHER_MARGIN, setting_void
@@ -590,6 +590,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         L += ceiling.markdown(r["ceiling"], quick)
     if "hidden" in r:
         L += hidden_cost.markdown(r["hidden"], quick)
+    if not quick:  # the committed GPU profile run (bench/measured/), rendered from its files
+        L += gpu_report.markdown(gpu_report.load(gpu_report.MEASURED), gpu_report.MEASURED)
     L += [f"Machine-readable results: `bench/results/bench-{r['profile']}-latest.json` (every section) and "
           f"`bench/results/{r['profile']}/<section>.json` (each section's latest run; older runs under `history/`), gitignored.", ""]
     return "\n".join(L)
@@ -649,6 +651,7 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
         from bench.recipe import summary_rows
 
         L += summary_rows()
+        L += gpu_report.summary_rows(gpu_report.load(gpu_report.MEASURED))
     L.append("")
     return L
 

@@ -655,7 +655,8 @@ def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarr
     for t in spec.targets:
         if t.mode == "tokens":  # targets the teacher generated: they are in the batch, under the target's name
             raw = copies.copy(batch[t.name].clamp(min=0).to(torch.int64))
-            copies.then(lambda name=t.name, raw=raw, dtype=np.dtype(t.columns()[t.name]): out.targets.__setitem__(name, raw.astype(dtype)))
+            stored = np.dtype(t.columns()[t.name])
+            copies.then(lambda name=t.name, raw=raw, dtype=stored: out.targets.__setitem__(name, raw.astype(dtype)))
             continue
         if t.mode == "offsets":  # from the features, already one row per stored position
             raw = copies.copy(batch[t.name])

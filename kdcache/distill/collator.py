@@ -44,15 +44,20 @@ def positions_key(name: str) -> str:
 def place_positions(value: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, fill: int = 0) -> torch.Tensor:
     """Stored per-position rows value [B, P, ...] (each row's first counts[b] real) laid out on the student's
     positions: [B, S, ...] with row b's values at the positions mask[b] covers, in order, ``fill`` elsewhere.
+    The caller has checked that mask[b] covers counts[b] positions.
 
-    The identity when the mask is a prefix of length P (encoder tasks, seq2seq)."""
+    The identity when the mask is a prefix of length P (encoder tasks, seq2seq). Otherwise one gather: the
+    j-th covered position of a row takes stored slot j (a causal LM's mask stops one short of S, its last
+    position predicting nothing), with no boolean indexing, whose nonzero and scatter cost more on the host."""
     B, S = mask.shape
     if value.shape[1] == S and bool((mask[:, 1:] <= mask[:, :-1]).all()):
         return value
-    out = value.new_full((B, S, *value.shape[2:]), fill)
-    stored = torch.arange(value.shape[1])[None, :] < counts[:, None]  # [B, P]
-    out[mask] = value[stored]
-    return out
+    if value.shape[1] == 0:
+        return value.new_full((B, S, *value.shape[2:]), fill)
+    tail = (1,) * (value.dim() - 2)
+    slot = (mask.long().cumsum(1) - 1).clamp_(0, value.shape[1] - 1).view(B, S, *tail)  # [B, S, 1...] stored slot
+    out = value.gather(1, slot.expand(B, S, *value.shape[2:]))  # [B, S, ...]
+    return out.masked_fill_(~mask.view(B, S, *tail), fill)
 
 
 Batch = tuple[tuple[int, ...], int]  # (feature ids, padded length): one batch's cache read

@@ -31,13 +31,15 @@ def test_parts_past_the_budget_are_recorded_not_run(tmp_path: Path):
     summary = gpu.run_all(tmp_path, ["llama-7b", "steps-lm"], quick=False, budget=10)
     assert set(summary["parts"]) == {"llama-7b", "steps-lm"}
     assert all(s["status"].startswith("not run") for s in summary["parts"].values())
-    assert json.loads((tmp_path / "summary.json").read_text())["parts"] == summary["parts"]
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["parts"] == summary["parts"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.log", "results.json"]  # the GPU machine returns at most 8 files
 
 
 def test_a_part_writes_its_figures(tmp_path: Path):
     part = gpu.Part("unit", tmp_path, cap=30, quick=True)
     part.record(tokens=3)
+    gpu.update_results(tmp_path, parts={"other": {"tokens": 7}})
     part.record(seconds=1.5)
-    assert json.loads((tmp_path / "unit.json").read_text())["tokens"] == 3
-    assert json.loads((tmp_path / "unit.json").read_text())["seconds"] == 1.5
+    parts = json.loads((tmp_path / "results.json").read_text())["parts"]
+    assert parts["unit"]["tokens"] == 3 and parts["unit"]["seconds"] == 1.5 and parts["other"] == {"tokens": 7}
     shutil.rmtree(part.work)
