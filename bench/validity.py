@@ -27,9 +27,10 @@ def setting_void(teacher: float, plain: float, arms: Iterable[float], higher_is_
     score (plain included or not). Void when the teacher is less than MIN_TEACHER_MARGIN relatively better than
     plain, or when every arm is under MIN_LEARNED of the teacher's quality."""
     arms = list(arms) + [plain]
-    margin = (teacher - plain) / abs(plain) if higher_is_better else (plain - teacher) / abs(plain)
-    if plain == 0:
+    if plain == 0:  # a plain student at zero: any teacher above it has an unbounded relative margin
         margin = float("inf") if (teacher > 0 if higher_is_better else False) else 0.0
+    else:
+        margin = (teacher - plain) / abs(plain) if higher_is_better else (plain - teacher) / abs(plain)
     if margin < MIN_TEACHER_MARGIN:
         return (f"VOID: the teacher ({metric} {teacher:.4g}) is {margin:+.1%} relative against the plain student "
                 f"({plain:.4g}), under the {MIN_TEACHER_MARGIN:.0%} a teacher worth distilling needs; no conclusion is drawn")

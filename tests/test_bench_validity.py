@@ -127,3 +127,9 @@ def test_the_lm_section_marks_a_teacher_barely_better_than_plain_void():
     setup["teacher"]["metrics"]["eval_bits_per_char"] = 1.2  # 24% better: gap closed is read
     text = "\n".join(lm.markdown(result, quick=False))
     assert "VOID" not in text and "| 1.5500 | 1.292 | 7% |" in text
+
+
+def test_a_plain_student_at_zero_is_judged_not_divided_by():
+    """bench --quick's tiny students can score 0: the margin is unbounded then, not a ZeroDivisionError."""
+    assert setting_void(0.2, 0.0, [0.1]) is None
+    assert setting_void(0.0, 0.0, [0.0]).startswith("VOID: the teacher")
