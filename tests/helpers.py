@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import read_jsonl, write_jsonl  # noqa: E402  (one copy of the JSON Lines helpers)
 
-__all__ = ["REPO", "MR_TRAIN", "MR_VALID", "make_bert", "read_jsonl", "write_jsonl", "cli_env", "run_cli", "write_pipeline", "fails_cleanly"]
+__all__ = ["REPO", "MR_TRAIN", "MR_VALID", "make_bert", "classifier_accuracy", "read_jsonl", "write_jsonl", "cli_env", "run_cli",
+           "write_pipeline", "fails_cleanly"]
 # The shipped CC BY 4.0 sample of mr_polarity (see data/mr_polarity/README.md).
 MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
 MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
@@ -34,6 +35,21 @@ def make_bert(path: Path, tokenizer_dir: Path, layers: int, hidden: int, num_lab
     BertForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def classifier_accuracy(model_dir: Path, rows_file: Path, max_length: int) -> float:
+    """The share of rows_file's rows a saved sequence classifier labels right, loaded back as every test loads it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = read_jsonl(rows_file)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    enc = tok([row["text"] for row in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**enc).logits.argmax(-1)  # [rows]
+    return (predicted == torch.tensor([int(row["label"]) for row in rows])).float().mean().item()
+
 
 def default_sigint() -> None:
     """Popen preexec_fn: the child gets SIGINT's default disposition, so Python installs its KeyboardInterrupt handler
