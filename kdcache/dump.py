@@ -49,6 +49,8 @@ from kdcache.cache.format import (
     MANIFEST_NAME,
     MARKER_NAME,
     PROGRESS_NAME,
+    SHARD_GLOB,
+    SHARD_META_GLOB,
     TMP_SUFFIX,
     is_cache_file,
     parse_shard_index,
@@ -196,7 +198,7 @@ def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
     if m.get("num_examples") != inputs.get("num_examples"):
         return f"its manifest counts {short_repr(m.get('num_examples'))} examples but these inputs have {inputs.get('num_examples')}"
     listed = {e.get("file") for e in m.get("shards", []) if isinstance(e, dict)}
-    unlisted = sorted(p.name for p in path.glob("shard-*.arrow") if p.name not in listed)
+    unlisted = sorted(p.name for p in path.glob(SHARD_GLOB) if p.name not in listed)
     if unlisted:
         return f"its manifest does not list {unlisted[0]}, which is on disk"
     return None
@@ -205,13 +207,13 @@ def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
 def _clean_failed(path: Path, state: str) -> None:
     """After a dump from scratch failed before publishing any shard, remove what it wrote (its progress marker,
     temp files, responses): nothing of value is lost, and the directory is as the dump found it."""
-    if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob("shard-*.json")):
+    if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob(SHARD_META_GLOB)):
         return
     for name in (PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME) + ((MARKER_NAME,) if state == "fresh" else ()):
         (path / name).unlink(missing_ok=True)
     for child in path.glob("*" + TMP_SUFFIX):
         child.unlink(missing_ok=True)
-    for child in path.glob("shard-*.arrow"):
+    for child in path.glob(SHARD_GLOB):
         child.unlink(missing_ok=True)
 
 
@@ -488,7 +490,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     on_rank0(prepare, world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
     shard_writer = ShardWriter(path, spec, clean=False, on_publish=on_shard, bound=bound)
-    done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
+    done = {i for i in (parse_shard_index(p.name) for p in path.glob(SHARD_META_GLOB)) if i is not None}
     ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 from kdcache.cache import CacheError
 from kdcache.cache.errors import CacheLockedError
-from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
+from kdcache.cache.format import DATA_EXT, MANIFEST_NAME, META_EXT, TMP_SUFFIX, is_shard_data, meta_name_of
 from kdcache.cache.lock import CacheLock
 from kdcache.cache.ownership import is_cache_content, open_new
 from kdcache.cache.remote import RemoteDir, remote_errors
@@ -112,7 +112,7 @@ def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, fo
                 remote.put_file(directory / PROGRESS_NAME)  # names what the shards belong to: another machine resumes
             uploaded["started"] = True
         remote.put_file(directory / meta["file"])
-        remote.put_file(directory / _meta_name(meta["file"]))
+        remote.put_file(directory / meta_name_of(meta["file"]))
 
     try:
         result = dump_teacher(config, train_dataset, cache_dir=str(work), force=force, device=device,
@@ -136,21 +136,17 @@ def _renamed(e: CacheError, work: Path, url: str) -> CacheError:
     return e
 
 
-def _meta_name(arrow_name: str) -> str:
-    return arrow_name[: -len(".arrow")] + ".json"
-
-
 def _pull(remote: RemoteDir, names: dict[str, int], work: Path) -> None:
     """Bring the working directory level with the remote cache (only what differs is downloaded); the local dump then
     checks every file as it would a local cache's (sha256 of each shard against its meta json and the manifest)."""
     local = {p.name: p for p in work.iterdir() if p.is_file()}
     for name, size in sorted(names.items()):
-        if name.endswith(".arrow") and parse_shard_index(name) is not None:
-            meta = _meta_name(name)
+        if is_shard_data(name):
+            meta = meta_name_of(name)
             same_meta = meta in names and meta in local and local[meta].read_bytes() == remote.read_bytes(meta)
             if same_meta and name in local and local[name].stat().st_size == size:
                 continue  # the same published shard
-        elif name.endswith(".json") or name == MANIFEST_NAME:
+        elif name.endswith(META_EXT) or name == MANIFEST_NAME:
             data = remote.read_bytes(name)
             if name in local and local[name].read_bytes() == data:
                 continue
@@ -171,16 +167,16 @@ def _push(remote: RemoteDir, work: Path) -> bool:
 
     names = remote.names()
     local = {p.name: p for p in work.iterdir() if p.is_file() and _is_kdcache_file(p.name) and not p.name.startswith(".")
-             and not p.name.endswith(".tmp")}
+             and not p.name.endswith(TMP_SUFFIX)}
     changed = False
     manifest = local.pop(MANIFEST_NAME, None)
     if manifest is not None and MANIFEST_NAME in names and remote.read_bytes(MANIFEST_NAME) == manifest.read_bytes():
         return False  # the same cache: nothing to publish
-    for name in sorted(local, key=lambda n: (n.endswith(".json"), n)):  # data files before the json that publishes them
+    for name in sorted(local, key=lambda n: (n.endswith(META_EXT), n)):  # data files before the json that publishes them
         p = local[name]
-        if name in names and names[name] == p.stat().st_size and (not name.endswith(".json") or remote.read_bytes(name) == p.read_bytes()):
-            if not name.endswith(".arrow") or _meta_name(name) not in local or _meta_name(name) in names and \
-                    remote.read_bytes(_meta_name(name)) == local[_meta_name(name)].read_bytes():
+        if name in names and names[name] == p.stat().st_size and (not name.endswith(META_EXT) or remote.read_bytes(name) == p.read_bytes()):
+            if not name.endswith(DATA_EXT) or meta_name_of(name) not in local or meta_name_of(name) in names and \
+                    remote.read_bytes(meta_name_of(name)) == local[meta_name_of(name)].read_bytes():
                 continue  # published with the same meta json: the same shard
         if not changed and MANIFEST_NAME in names:
             remote.remove(MANIFEST_NAME)

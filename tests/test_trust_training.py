@@ -23,6 +23,7 @@ from helpers import MR_TRAIN, cli_env, default_sigint, fails_cleanly, make_bert,
 
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError
+from kdcache.cache.format import SHARD_GLOB
 from kdcache.distill import trainer as kd_trainer
 from kdcache.distill.trainer import DistillationTrainer, TrainingDiverged
 from kdcache.dump import dump_teacher
@@ -126,7 +127,7 @@ def test_a_huge_learning_rate_is_one_line_and_the_advice_works(tmp_path, kdcache
 
 def _poison_first_logit(cache: Path) -> None:
     """Overwrite the first stored teacher logit of the first shard with NaN, in place (size unchanged)."""
-    shard = sorted(cache.glob("shard-*.arrow"))[0]
+    shard = sorted(cache.glob(SHARD_GLOB))[0]
     raw = shard.read_bytes()
     table = pa.ipc.open_file(pa.py_buffer(raw)).read_all()
     first = np.asarray(table.column("logits").combine_chunks().flatten())[:1].astype(np.float32)

@@ -131,7 +131,7 @@ def inspect_dir(path: Path) -> CacheInfo | None:
         inputs = (progress or {}).get("fingerprint_inputs")
         inputs = inputs if isinstance(inputs, dict) else {}
         info.fingerprint, info.task, info.teacher = (progress or {}).get("fingerprint"), inputs.get("task"), inputs.get("teacher")
-        published = [_read_json(p) for name, p in files.items() if name.endswith(".json") and fmt.parse_shard_index(name) is not None]
+        published = [_read_json(p) for name, p in files.items() if name.endswith(fmt.META_EXT) and fmt.parse_shard_index(name) is not None]
         info.rows = sum(m.get("rows", 0) for m in published if m and isinstance(m.get("rows"), int))
     return info
 
@@ -227,7 +227,7 @@ def _delete(path: Path, unused_since: float | None) -> int | None:
         return None
     order = {fmt.MANIFEST_NAME: 0, fmt.GENERATED_META_NAME: 1, fmt.MARKER_NAME: 4}
     files = sorted((p for p in path.iterdir() if p.name != fmt.LOCK_NAME),
-                   key=lambda p: (order.get(p.name, 2 if p.name.endswith(".json") else 3), p.name))
+                   key=lambda p: (order.get(p.name, 2 if p.name.endswith(fmt.META_EXT) else 3), p.name))
     freed = 0
     with io_errors(path):
         for p in files:

@@ -366,7 +366,7 @@ class CacheReader:
             raise CacheError(f"{self.path}: manifest says num_examples {short_repr(n_ex)} but it was dumped for "
                              f"{short_repr(inputs['num_examples'])} (fingerprint_inputs): {_REPAIR}")
         listed = {e["file"] for e in entries}
-        unlisted = sorted(p.name for p in self.path.glob("shard-*.arrow") if p.name not in listed)
+        unlisted = sorted(p.name for p in self.path.glob(fmt.SHARD_GLOB) if p.name not in listed)
         if unlisted:
             raise CacheError(f"{self.path}: {unlisted[0]} is on disk but the manifest does not list it: {_REPAIR}")
         if _is_count(n_ex) and F and (int(self._eids.min()) < 0 or int(self._eids.max()) >= n_ex):

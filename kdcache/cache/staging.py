@@ -449,7 +449,7 @@ class StagedCacheReader(CacheReader):
     def _check_tiling_and_totals(self, entries: list[dict]) -> None:
         super()._check_tiling_and_totals(entries)
         listed = {e["file"] for e in entries}
-        unlisted = sorted(n for n in self.remote.names() if n.endswith(".arrow") and fmt.parse_shard_index(n) is not None and n not in listed)
+        unlisted = sorted(n for n in self.remote.names() if fmt.is_shard_data(n) and n not in listed)
         if unlisted:
             raise CacheError(f"{self.url}: {unlisted[0]} is stored but the manifest does not list it: re-run `kdcache dump-teacher` "
                              "with the same config and --cache-dir to repair it")

@@ -377,7 +377,7 @@ class ShardWriter:
         """
         done: dict[int, dict] = {}
         paired: set[str] = set()
-        for meta_path in sorted(self.dir.glob("shard-*.json")):
+        for meta_path in sorted(self.dir.glob(fmt.SHARD_META_GLOB)):
             index = fmt.parse_shard_index(meta_path.name)
             if index is None or meta_path.name != fmt.shard_meta_name(index):
                 continue
@@ -388,7 +388,7 @@ class ShardWriter:
                 continue
             done[index] = meta
             paired.add(fmt.shard_name(index))
-        for arrow_path in self.dir.glob("shard-*.arrow"):
+        for arrow_path in self.dir.glob(fmt.SHARD_GLOB):
             if arrow_path.name not in paired and fmt.parse_shard_index(arrow_path.name) is not None:
                 _unlink(arrow_path)  # renamed but never published: redo
         return done
@@ -572,7 +572,7 @@ class ShardWriter:
     def _published_metas(self) -> list[dict]:
         """Metas of the published shards, sorted by index (sizes checked, checksums not)."""
         metas = []
-        for meta_path in self.dir.glob("shard-*.json"):
+        for meta_path in self.dir.glob(fmt.SHARD_META_GLOB):
             index = fmt.parse_shard_index(meta_path.name)
             if index is None:
                 continue
