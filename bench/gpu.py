@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from bench import common
+from kdcache.cache.durable import write_atomic
 
 # Parts in the order they run, with their time caps (seconds): together the 8-minute budget.
 CAPS = {"host-copies": 25, "bert-large": 150, "llama-1b": 95, "llama-7b": 70, "steps-seq2seq": 65, "steps-lm": 55}
@@ -75,9 +76,7 @@ class Part:
 
     def record(self, **fields: Any) -> None:
         self.figures.update(fields)
-        tmp = self.out / f"{self.name}.json.tmp"
-        tmp.write_text(json.dumps(self.figures, indent=2, default=str))
-        os.replace(tmp, self.out / f"{self.name}.json")
+        write_atomic(self.out / f"{self.name}.json", json.dumps(self.figures, indent=2, default=str))
         print(f"[gpu {self.name}] " + ", ".join(f"{k}={_short(v)}" for k, v in fields.items()), flush=True)
 
     def sync(self) -> None:

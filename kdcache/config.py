@@ -397,11 +397,11 @@ class FineTuneConfig:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the resolved config as YAML (next to a run's outputs)."""
+        from kdcache.cache.durable import write_atomic  # the cache package (pyarrow) only when a config is saved
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def replace(self, **changes: Any) -> "FineTuneConfig":
         return dataclasses.replace(self, **changes)

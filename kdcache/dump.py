@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from kdcache.cache import (
     fingerprint,
     quantize_int8,
 )
+from kdcache.cache.durable import write_json_atomic
 from kdcache.cache.errors import REPAIR_ADVICE, short_repr
 from kdcache.cache.format import (
     ALGORITHM_VERSION,
@@ -59,7 +59,7 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
-from kdcache.cache.ownership import CACHE, linked_names, open_new, owns_cache, write_marker
+from kdcache.cache.ownership import CACHE, linked_names, owns_cache, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
@@ -140,20 +140,6 @@ def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[in
     targets = sum(t.bytes_per_position() * (mean_tokens if t.per == "position" else 1.0) for t in spec.targets)
     per_feature = 24 + targets + tokens * _bytes_per_token(spec)
     return int(min(max(TARGET_SHARD_BYTES // max(per_feature, 1.0), 256), 1 << 20))
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with io_errors(path.parent):
-        try:
-            with open_new(tmp, "w") as f:
-                json.dump(obj, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 def _is_kdcache_file(name: str) -> bool:
@@ -471,11 +457,12 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             path.mkdir(parents=True, exist_ok=True)
             write_marker(path, CACHE)  # the first write: from now on the directory is kdcache's (rm, gc, --force)
         if state in ("fresh", "redo", "repair"):
-            _write_json_atomic(path / PROGRESS_NAME, {
-                "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
-                "shard_examples": (_repair_shard_examples(path) if state == "repair" else None)
-                or plan_shards(float(lengths.mean()), spec, shard_examples),
-            })
+            with io_errors(path):
+                write_json_atomic(path / PROGRESS_NAME, {
+                    "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
+                    "shard_examples": (_repair_shard_examples(path) if state == "repair" else None)
+                    or plan_shards(float(lengths.mean()), spec, shard_examples),
+                })
             (path / MANIFEST_NAME).unlink(missing_ok=True)  # a repair: the cache is incomplete until it is rewritten
         planned = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
         planned_ranges = [[lo, min(lo + planned, num_features)] for lo in range(0, num_features, planned)]

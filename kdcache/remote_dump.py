@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Optional
 
 from kdcache.cache import CacheError
+from kdcache.cache.durable import open_new
 from kdcache.cache.errors import CacheLockedError
 from kdcache.cache.format import DATA_EXT, MANIFEST_NAME, META_EXT, TMP_SUFFIX, is_shard_data, meta_name_of
 from kdcache.cache.lock import CacheLock
-from kdcache.cache.ownership import is_cache_content, open_new
+from kdcache.cache.ownership import is_cache_content
 from kdcache.cache.remote import RemoteDir, remote_errors
 from kdcache.cache.staging import STAGING_DIR_ENV, staging_root
 from kdcache.config import FineTuneConfig
