@@ -248,7 +248,7 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             raise CacheMismatchError(
                 field, old, new,
                 f"{path} holds a {'complete' if marker == MANIFEST_NAME else 'partial'} cache for different inputs: "
-                f"field {field!r} is {_short(old)} there but {_short(new)} for this run; pass --force to redo it, "
+                f"field {field!r} is {short_repr(old)} there but {short_repr(new)} for this run; pass --force to redo it, "
                 f"or a different --cache-dir",
             )
     if names:
@@ -275,11 +275,6 @@ def _first_difference(old: dict, new: dict) -> tuple[str, Any, Any]:
                 return f"{key}.{sub}", a, b
             return key, old.get(key), new.get(key)
     return "fingerprint", None, None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) < 80 else text[:77] + "..."
 
 
 def load_teacher(task, teacher_name: str, teacher_path: str):

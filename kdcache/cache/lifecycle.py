@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
-from .errors import CacheError, CacheLockedError, short_repr
+from .errors import CacheError, CacheLockedError, short_repr, shorten
 from .lock import CacheLock, Holder, probe
 from .ownership import owns_cache
 from .summary import _human as human_bytes  # one byte formatter for `inspect` and `cache ls`
@@ -262,7 +262,8 @@ def format_listing(found: Scan) -> str:
         lines = [f"no caches under {found.root}"]
     else:
         header = ("FINGERPRINT", "TASK", "TEACHER", "ROWS", "SIZE", "LAST USED", "NAME", "STATE")
-        rows = [((c.fingerprint or "-")[:12], c.task or "-", _short(c.teacher or "-"), "-" if c.rows is None else str(c.rows),
+        rows = [((c.fingerprint or "-")[:12], c.task or "-", shorten(c.teacher or "-", 32, keep_end=True),  # the model's own name kept
+                 "-" if c.rows is None else str(c.rows),
                  human_bytes(c.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used)), c.name, c.status())
                 for c in found.caches]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
@@ -276,11 +277,6 @@ def format_listing(found: Scan) -> str:
         lines.append(f"left alone: {len(found.skipped)} director{'ies' if len(found.skipped) != 1 else 'y'} kdcache did not "
                      f"make, or holding files it did not write ({names})")
     return "\n".join(lines)
-
-
-def _short(text: str, width: int = 32) -> str:
-    """A long teacher path keeps its end (the model's own name)."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def _not_a_cache(path: Path) -> str:
