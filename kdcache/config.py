@@ -222,7 +222,7 @@ class FineTuneConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"FineTuneConfig.{name} ({flag_name(name)}): {why}")
 
-        for name in _float_fields():  # inf or nan trains a NaN model (or overflows an epoch count)
+        for name in float_fields():  # inf or nan trains a NaN model (or overflows an epoch count)
             values = getattr(self, name)
             for value in values if isinstance(values, (list, tuple)) else [values]:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
@@ -411,7 +411,7 @@ def _field_types() -> dict[str, Any]:
     return get_type_hints(FineTuneConfig)
 
 
-def _float_fields() -> list[str]:
+def float_fields() -> list[str]:
     """Fields holding floats (float, Optional[float], list[float]): each value must be finite."""
     names = []
     for name, hint in _field_types().items():

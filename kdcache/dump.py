@@ -142,15 +142,11 @@ def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[in
     return int(min(max(TARGET_SHARD_BYTES // max(per_feature, 1.0), 256), 1 << 20))
 
 
-def _is_kdcache_file(name: str) -> bool:
-    return is_cache_file(name)
-
-
 def _clear_cache_dir(path: Path) -> None:
     """Remove a cache's own files (never anything else, nor the lock this dump holds) so it can be redone."""
     with io_errors(path):
         for child in path.iterdir():
-            if child.is_file() and _is_kdcache_file(child.name) and child.name not in (LOCK_NAME, MARKER_NAME):
+            if child.is_file() and is_cache_file(child.name) and child.name not in (LOCK_NAME, MARKER_NAME):
                 child.unlink()
 
 
@@ -212,7 +208,7 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
     if not path.is_dir():
         raise CacheError(f"--cache-dir {path} is a file, not a directory")
     names = [p.name for p in path.iterdir()]
-    foreign = [n for n in names if not _is_kdcache_file(n)]
+    foreign = [n for n in names if not is_cache_file(n)]
     if foreign:
         raise CacheError(
             f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
@@ -310,7 +306,7 @@ def dump_teacher(
     if isinstance(target, str):  # a URL on object storage
         from kdcache.remote_dump import dump_remote
 
-        return dump_remote(config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
+        return dump_remote(dump_teacher, config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
                            progress=progress)
     cache_dir = str(target) if target is not None else None  # a file:// URL is its directory
     start = time.perf_counter()
@@ -493,13 +489,13 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
                 rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
                 for b in range(0, len(rows), batch_size):
                     batch_rows = rows[b:b + batch_size]
-                    batch = _collate(task, features, batch_rows, tokenizer, dev)
+                    batch = collate_batch(task, features, batch_rows, tokenizer, dev)
                     with torch.inference_mode(), amp:
                         if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
                             batch.update(task.generate_targets(model, batch, config, tokenizer))
                         outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
                     copies = HostCopies(dev)
-                    reduced = _reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
+                    reduced = reduce_outputs(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
                     writer.write(reduced, copies.issued())  # the writer thread waits for the copies; this loop does not
                     tokens_seen += int(lengths[batch_rows].sum())
                     bar.update(len(batch_rows))
@@ -563,7 +559,7 @@ def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path
     return responses, published, features
 
 
-def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+def collate_batch(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
     """Pad one length-sorted batch of features' forward inputs (the task's) and move it to the device."""
     columns = features[rows.tolist()]  # {column: one value per row}
     keys = tuple(dict.fromkeys(k for k in (*task.forward_keys, *task.label_keys, *task.feature_target_keys) if k in columns))
@@ -620,8 +616,8 @@ class HostCopies:
         return ready
 
 
-def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
-            spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
+def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
+                   spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
     """Reduce the teacher's outputs on the device and copy only what is stored to the host (asynchronously on a GPU:
     the batch's arrays are final once ``copies.issued()`` has run; without ``copies``, at return)."""
     own = copies is None

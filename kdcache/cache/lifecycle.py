@@ -23,7 +23,7 @@ from . import format as fmt
 from .errors import CacheError, CacheLockedError, short_repr, shorten
 from .lock import CacheLock, Holder, probe
 from .ownership import owns_cache
-from .summary import _human as human_bytes  # one byte formatter for `inspect` and `cache ls`
+from .summary import human_bytes  # one byte formatter for `inspect` and `cache ls`
 from .writer import io_errors
 
 __all__ = ["CacheInfo", "Scan", "scan", "inspect_dir", "resolve", "remove", "collect", "format_listing", "cache_root", "human_bytes", "DAY_S"]
