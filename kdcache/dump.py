@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from kdcache import data as kdata
-from kdcache.align import continuation_strings
 from kdcache.cache import (
     BackgroundWriter,
     CacheError,
@@ -59,19 +58,20 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
+from kdcache.cache.lookup import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.cache.ownership import CACHE, linked_names, owns_cache, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device, on_rank0, rank_and_world, together
 from kdcache.layer_strategy import teacher_layers
-from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 from kdcache.teacher import reduce_sampled, reduce_topk, select_hidden, untrained_head_problem
-from kdcache.tokenizers import tokenizer_hash
+from kdcache.tokenization_alignment import continuation_strings
+from kdcache.tokenizer_identity import tokenizer_hash
 
 log = logging.getLogger(__name__)
 

@@ -337,7 +337,7 @@ def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, tr
 def test_a_slow_tokenizers_normaliser_settings_change_its_hash(tmp_path):
     from transformers import BertTokenizerLegacy as slow  # the Python BERT tokenizer of transformers 5.x (the declared range)
 
-    from kdcache.tokenizers import tokenizer_hash
+    from kdcache.tokenizer_identity import tokenizer_hash
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "héllo", "Hello"]) + "\n")

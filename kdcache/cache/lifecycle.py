@@ -22,6 +22,7 @@ from typing import Any
 from . import format as fmt
 from .errors import CacheError, CacheLockedError, short_repr, shorten
 from .lock import CacheLock, Holder, probe
+from .lookup import cache_root  # where dump-teacher puts caches by default, and all that ls and gc look at
 from .ownership import owns_cache
 from .summary import human_bytes  # one byte formatter for `inspect` and `cache ls`
 from .writer import io_errors
@@ -78,13 +79,6 @@ class Scan:
     root: Path
     caches: list[CacheInfo]
     skipped: list[Path]
-
-
-def cache_root() -> Path:
-    """$KDCACHE_HOME (default ~/.cache/kdcache): where dump-teacher puts caches by default, and all that ls and gc look at."""
-    from kdcache.config import kdcache_home  # the config module is light (no torch)
-
-    return kdcache_home()
 
 
 def foreign_entries(path: Path) -> list[str]:
