@@ -143,9 +143,9 @@ def augment_dataset(config: FineTuneConfig, output: str, options: AugmentOptions
         chunk, n = _augment_chunk(rows[lo:lo + options.batch_size], lo, columns, options, mlm)
         written.extend(chunk)
         skipped += n
-    from kdcache import __version__
+    import kdcache  # its __version__, for the record
 
-    record = {"kdcache_version": __version__, "source": _source(config, data), "task_type": config.task_type, "columns": columns,
+    record = {"kdcache_version": kdcache.__version__, "source": _source(config, data), "task_type": config.task_type, "columns": columns,
               "options": _recorded_options(options), "rows_in": len(rows), "rows_out": len(written), "skipped": skipped}
     if mlm is not None:
         from kdcache.models import model_identity
