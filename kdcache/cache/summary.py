@@ -125,6 +125,7 @@ def _coverage(reader: CacheReader, t) -> dict[str, float]:
 
 
 def human_bytes(n: float) -> str:
+    """A byte count for people (``512 B``, ``1.5 MiB``): `kdcache inspect` and `kdcache cache ls` both show sizes so."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
