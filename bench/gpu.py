@@ -410,7 +410,7 @@ def part_host_copies(part: Part) -> None:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from kdcache.config import FineTuneConfig
-    from kdcache.dump import HostCopies, _reduce, autocast_for, store_spec_for
+    from kdcache.dump import HostCopies, autocast_for, reduce_outputs, store_spec_for
     from kdcache.tasks import get_task
     from kdcache.tasks.base import LabelInfo
 
@@ -449,9 +449,9 @@ def part_host_copies(part: Part) -> None:
         rows = np.arange(ids.shape[0])
         with torch.inference_mode(), amp:
             outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
-            sync = arrays(_reduce(task, outputs, batch, rows, rows, spec, 0))
+            sync = arrays(reduce_outputs(task, outputs, batch, rows, rows, spec, 0))
             copies = HostCopies(part.device)
-            reduced = _reduce(task, outputs, batch, rows, rows, spec, 0, copies)
+            reduced = reduce_outputs(task, outputs, batch, rows, rows, spec, 0, copies)
             ready = copies.issued()
         ready()  # as the writer thread does
         asyn = arrays(reduced)

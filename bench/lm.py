@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import common
-from bench.seq2seq import _finished_teacher, _first_dump_seconds
+from bench.seq2seq import finished_teacher, first_dump_seconds
 from bench.validity import setting_void
 
 TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
@@ -191,7 +191,7 @@ def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     teacher_dir = work / "teacher"
     teacher_cfg = _config({**base, "model_name": str(t_init), "use_distillation": False, "batch_size": t_shape["batch"],
                            "learning_rate": t_shape["lr"], "num_epochs": t_shape["epochs"]})
-    teacher = _finished_teacher(teacher_dir, teacher_cfg)  # a re-run reuses a teacher trained with the same config
+    teacher = finished_teacher(teacher_dir, teacher_cfg)  # a re-run reuses a teacher trained with the same config
     if teacher is None:
         t0 = time.perf_counter()
         t = train_student(teacher_cfg, output_dir=str(teacher_dir), save=True)
@@ -215,7 +215,7 @@ def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         except CacheMismatchError:
             d = dump_teacher(cfg, cache_dir=str(work / f"cache-{name}"), force=True, progress=False)
         s = summarize(d.cache_dir)
-        caches[name] = {"path": str(d.cache_dir), "dump_s": _first_dump_seconds(d), "hit": d.hit, "rows": s["rows"],
+        caches[name] = {"path": str(d.cache_dir), "dump_s": first_dump_seconds(d), "hit": d.hit, "rows": s["rows"],
                         "tokens": s["tokens"], "positions": s["positions"], "bytes_on_disk": s["bytes_on_disk"],
                         "vocab": s["vocabulary"]["tokenizer_tokens"] if s.get("vocabulary") else None,
                         "fields": {k: {"bytes": v["bytes"], "bytes_per_token": v["bytes_per_token"],
@@ -357,12 +357,12 @@ def _bare_forward(config, device: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from bench.run_mode import _dump_plan, bare_forward, time_batches
+    from bench.run_mode import bare_forward, dump_plan, time_batches
     from kdcache.dump import autocast_for, load_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(config.teacher_model_name)
     tokenizer.padding_side = "right"
-    task, _, features, lengths, _, _, batches = _dump_plan(config, tokenizer, AutoConfig.from_pretrained(config.teacher_model_name), None)
+    task, _, features, lengths, _, _, batches = dump_plan(config, tokenizer, AutoConfig.from_pretrained(config.teacher_model_name), None)
     dev = torch.device(device)
     amp, _ = autocast_for(dev)
     model = load_teacher(task, config.teacher_model_name, config.teacher_model_name).to(dev).eval()

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from kdcache.cache import CacheReader, ShardWriter, StoreSpec, TargetSpec, TeacherBatch
 from kdcache.cache import format as fmt
+from kdcache.cache.format import SHARD_GLOB
 from kdcache.cache.verify import first_out_of_vocabulary
 
 VOCAB = 32000
@@ -76,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache"
         spec = write_synthetic(path, args.positions, args.k, args.shards)
-        files = sorted(path.glob("shard-*.arrow"))
+        files = sorted(path.glob(SHARD_GLOB))
         size = sum(p.stat().st_size for p in files)
         ids_bytes = 0
         for p in files:  # warm the page cache

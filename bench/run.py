@@ -56,6 +56,7 @@ from bench import ceiling, common, gpu, gpu_report, hidden_cost, lm, seq2seq, tr
 from bench.common import MINILM, MR_TRAIN, MR_VALID, REPO, RESULTS, WNUT_TRAIN, WNUT_VALID, XQUAD_TRAIN, XQUAD_VALID
 from bench.run_mode import QUALITY_KINDS
 from bench.validity import MIN_LEARNED, MIN_TEACHER_MARGIN, setting_void
+from kdcache.cache.durable import write_atomic
 from kdcache.recommend import recommended_recipe
 
 SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer", "ceiling", "hidden")
@@ -199,9 +200,7 @@ def save_section(sizes: common.Sizes, name: str, result: dict[str, Any], meta: d
     text = json.dumps(payload, indent=2, default=str)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() // 1000 % 10**6:06d}"
     (d / "history" / f"{name}-{stamp}.json").write_text(text)
-    tmp = d / f"{name}.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, d / f"{name}.json")
+    write_atomic(d / f"{name}.json", text)
     return d / f"{name}.json"
 
 

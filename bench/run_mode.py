@@ -75,7 +75,7 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- dump --------------------------------------------------------------------------------------
-def _dump_plan(config, tokenizer, model_config, shard_examples):
+def dump_plan(config, tokenizer, model_config, shard_examples):
     """The dump's features and batches, in the dump's order: shards of contiguous feature ids, longest
     first within each, `teacher_batch_size` features per batch (as kdcache.dump.dump_teacher does)."""
     import numpy as np
@@ -105,11 +105,11 @@ def bare_forward(model, task, features, tokenizer, dev, amp, want_hidden: bool =
     padded the dump's way), its targets copied to the host as the dump's are: the dump's ceiling."""
     import torch
 
-    from kdcache.dump import _collate
+    from kdcache.dump import collate_batch
 
     def forward(rows) -> None:
         with torch.inference_mode(), amp:
-            batch = _collate(task, features, rows, tokenizer, dev)
+            batch = collate_batch(task, features, rows, tokenizer, dev)
             out = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=want_hidden)
             for value in task.output_targets(out).values():
                 value.float().cpu()
@@ -141,7 +141,7 @@ def run_dump(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     tokenizer.padding_side = "right"  # as the dump pads
     model_config = AutoConfig.from_pretrained(teacher_path)
-    task, raw, features, lengths, store, bs, batches = _dump_plan(config, tokenizer, model_config, spec.get("shard_examples"))
+    task, raw, features, lengths, store, bs, batches = dump_plan(config, tokenizer, model_config, spec.get("shard_examples"))
     dev = pick_device(spec.get("device"))
     amp, compute_dtype = autocast_for(dev)
     want_hidden = store.hidden is not None

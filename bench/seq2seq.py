@@ -164,7 +164,7 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     teacher_dir = work / "m30k-teacher"
     teacher_cfg = _config({**base, "model_name": str(t_init), "batch_size": q["teacher_batch"], "learning_rate": q["teacher_lr"],
                            "num_epochs": q["teacher_epochs"]})
-    out["teacher"] = _finished_teacher(teacher_dir, teacher_cfg)  # a re-run reuses a teacher trained with the same config
+    out["teacher"] = finished_teacher(teacher_dir, teacher_cfg)  # a re-run reuses a teacher trained with the same config
     if out["teacher"] is None:
         t = train_student(teacher_cfg, output_dir=str(teacher_dir), save=True)
         out["teacher"] = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters}
@@ -178,7 +178,7 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         # force=False: a re-run finds the complete cache of the same inputs (a cache hit) and reports its first dump's time
         d = dump_teacher(_config({**student, **fields, "model_name": str(init[spec["seeds"][0]]), "use_distillation": True}),
                          cache_dir=str(work / f"m30k-cache-{name}"), force=False, progress=False)
-        dump_s = _first_dump_seconds(d)
+        dump_s = first_dump_seconds(d)
         summary = summarize(d.cache_dir)
         positions = summary.get("positions") or 1
         out["caches"][name] = {"dump_s": dump_s, "path": str(d.cache_dir), "positions": positions,
@@ -206,7 +206,7 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     return out
 
 
-def _finished_teacher(teacher_dir: Path, config) -> Optional[dict[str, Any]]:
+def finished_teacher(teacher_dir: Path, config) -> Optional[dict[str, Any]]:
     """The figures of a teacher this bench already trained with the same resolved config (kdcache's own
     kdcache_config.yaml and kdcache_report.json next to the model), or None."""
     from kdcache.config import FineTuneConfig
@@ -220,7 +220,7 @@ def _finished_teacher(teacher_dir: Path, config) -> Optional[dict[str, Any]]:
     return {"metrics": report["eval"], "seconds": report["seconds"], "num_parameters": report["num_parameters"], "reused": True}
 
 
-def _first_dump_seconds(result) -> float:
+def first_dump_seconds(result) -> float:
     """Wall seconds of the dump that wrote the cache: this run's, or (a cache hit) the one recorded beside it."""
     marker = result.cache_dir.with_name(result.cache_dir.name + ".dump_seconds")
     if not result.hit:

@@ -43,7 +43,7 @@ BENCH_LATEST = REPO / "bench" / "results" / "bench-cpu-latest.json"  # `make ben
 # What a cache stores per position, by column suffix (see kdcache/cache/format.py, TargetSpec.components).
 COMPONENT_SUFFIXES = ("_idx", "_count", "_logp", "_logrest", "_lse")
 SLOT_COMPONENTS = ("idx", "count", "logp")  # one value per top-k slot: a per-position permutation must move them together
-from kdcache.cache.format import DEFAULT_TEMPERATURES  # noqa: E402  (the dump's default)
+from kdcache.cache.format import DEFAULT_TEMPERATURES, SHARD_GLOB  # noqa: E402  (the dump's default; shard names)
 
 # R: rows (features) per chunk. dump-teacher writes one record batch per teacher batch, 2 x the
 # student batch size (32) = 64 rows by default, so a compressed record batch would hold 64 rows.
@@ -120,7 +120,7 @@ def _shard_files(cache_dir: Path) -> list[Path]:
         files = [cache_dir / s["file"] for s in sorted(shards, key=lambda s: s["index"]) if "file" in s]
         if files:
             return files
-    return sorted(cache_dir.glob("shard-*.arrow"))
+    return sorted(cache_dir.glob(SHARD_GLOB))
 
 
 def _manifest_sparse_target(cache_dir: Path) -> str | None:

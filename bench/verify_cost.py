@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.cache import CacheReader, HiddenSpec, ShardWriter, StoreSpec, TargetSpec, TeacherBatch
+from kdcache.cache.format import SHARD_GLOB
 
 
 def write_synthetic(path: Path, mib: int, shards: int, seq: int = 128, hidden: int = 384, layers: int = 2) -> int:
@@ -107,7 +108,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache"
         n = write_synthetic(path, args.mib, args.shards, seq=seq)
-        files = sorted(path.glob("shard-*.arrow"))
+        files = sorted(path.glob(SHARD_GLOB))
         size = sum(p.stat().st_size for p in files)
         for p in files:  # warm the page cache
             p.read_bytes()

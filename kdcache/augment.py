@@ -2,7 +2,7 @@
 transfer set the teacher then labels once in dump-teacher (TinyBERT augments task data about 20x this way).
 
 Per copy, each word of each input column goes through, in order: masked-LM replacement (``mlm_prob``,
-see :mod:`kdcache.masked_lm`), dropout (``drop_prob``; never every word) and a swap with its right
+see :mod:`kdcache.masked_word_fill`), dropout (``drop_prob``; never every word) and a swap with its right
 neighbour (``swap_prob``). A text value is split on whitespace and re-joined with single spaces; a word
 list (token_classification's ``tokens``) is edited as it is. Each source row has its own random
 generator, seeded by (seed, row), so the file does not depend on the batch size. A copy equal to its
@@ -133,7 +133,7 @@ def augment_dataset(config: FineTuneConfig, output: str, options: AugmentOptions
                           "write .jsonl or .parquet instead")
     mlm = None
     if options.mlm_prob > 0:
-        from kdcache.masked_lm import load_masked_lm
+        from kdcache.masked_word_fill import load_masked_lm
 
         mlm = load_masked_lm(options.mlm_model, options.mlm_top_k, options.device)
     echo(f"augment: {len(rows)} rows, columns {', '.join(columns)}; " + ", ".join(
@@ -143,9 +143,9 @@ def augment_dataset(config: FineTuneConfig, output: str, options: AugmentOptions
         chunk, n = _augment_chunk(rows[lo:lo + options.batch_size], lo, columns, options, mlm)
         written.extend(chunk)
         skipped += n
-    from kdcache import __version__
+    import kdcache  # its __version__, for the record
 
-    record = {"kdcache_version": __version__, "source": _source(config, data), "task_type": config.task_type, "columns": columns,
+    record = {"kdcache_version": kdcache.__version__, "source": _source(config, data), "task_type": config.task_type, "columns": columns,
               "options": _recorded_options(options), "rows_in": len(rows), "rows_out": len(written), "skipped": skipped}
     if mlm is not None:
         from kdcache.models import model_identity
@@ -226,7 +226,7 @@ def _draw(words, pieces, rngs, options: AugmentOptions, mlm) -> list[list[list[s
     """One draft copy of each row ([row][column] -> words): masked-LM replacement, then dropout, then swap."""
     drafts = [[list(ws) for ws in row] for row in words]
     if mlm is not None:
-        from kdcache.masked_lm import MaskedText
+        from kdcache.masked_word_fill import MaskedText
 
         texts, owners = [], []
         for r, (row, rng) in enumerate(zip(words, rngs)):

@@ -225,7 +225,7 @@ class FineTuneConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"FineTuneConfig.{name} ({flag_name(name)}): {why}")
 
-        for name in _float_fields():  # inf or nan trains a NaN model (or overflows an epoch count)
+        for name in float_fields():  # inf or nan trains a NaN model (or overflows an epoch count)
             values = getattr(self, name)
             for value in values if isinstance(values, (list, tuple)) else [values]:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
@@ -403,11 +403,11 @@ class FineTuneConfig:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the resolved config as YAML (next to a run's outputs)."""
+        from kdcache.cache.durable import write_atomic  # the cache package (pyarrow) only when a config is saved
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def replace(self, **changes: Any) -> "FineTuneConfig":
         return dataclasses.replace(self, **changes)
@@ -417,7 +417,7 @@ def _field_types() -> dict[str, Any]:
     return get_type_hints(FineTuneConfig)
 
 
-def _float_fields() -> list[str]:
+def float_fields() -> list[str]:
     """Fields holding floats (float, Optional[float], list[float]): each value must be finite."""
     names = []
     for name, hint in _field_types().items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from kdcache import data as kdata
-from kdcache.align import continuation_strings
 from kdcache.cache import (
     BackgroundWriter,
     CacheError,
@@ -39,6 +37,7 @@ from kdcache.cache import (
     fingerprint,
     quantize_int8,
 )
+from kdcache.cache.durable import write_json_atomic
 from kdcache.cache.errors import REPAIR_ADVICE, short_repr
 from kdcache.cache.format import (
     ALGORITHM_VERSION,
@@ -49,6 +48,8 @@ from kdcache.cache.format import (
     MANIFEST_NAME,
     MARKER_NAME,
     PROGRESS_NAME,
+    SHARD_GLOB,
+    SHARD_META_GLOB,
     TMP_SUFFIX,
     is_cache_file,
     parse_shard_index,
@@ -57,19 +58,20 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
-from kdcache.cache.ownership import CACHE, linked_names, open_new, owns_cache, write_marker
+from kdcache.cache.lookup import default_cache_dir, fingerprint_inputs, lookup_inputs
+from kdcache.cache.ownership import CACHE, linked_names, owns_cache, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device, on_rank0, rank_and_world, together
 from kdcache.layer_strategy import teacher_layers
-from kdcache.location import default_cache_dir, fingerprint_inputs, lookup_inputs
 from kdcache.models import ModelError, model_identity, resolve_model_path
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 from kdcache.teacher import reduce_sampled, reduce_topk, select_hidden, untrained_head_problem
-from kdcache.tokenizers import tokenizer_hash
+from kdcache.tokenization_alignment import continuation_strings
+from kdcache.tokenizer_identity import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +142,11 @@ def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[in
     return int(min(max(TARGET_SHARD_BYTES // max(per_feature, 1.0), 256), 1 << 20))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with io_errors(path.parent):
-        try:
-            with open_new(tmp, "w") as f:
-                json.dump(obj, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
-def _is_kdcache_file(name: str) -> bool:
-    return is_cache_file(name)
-
-
 def _clear_cache_dir(path: Path) -> None:
     """Remove a cache's own files (never anything else, nor the lock this dump holds) so it can be redone."""
     with io_errors(path):
         for child in path.iterdir():
-            if child.is_file() and _is_kdcache_file(child.name) and child.name not in (LOCK_NAME, MARKER_NAME):
+            if child.is_file() and is_cache_file(child.name) and child.name not in (LOCK_NAME, MARKER_NAME):
                 child.unlink()
 
 
@@ -196,7 +180,7 @@ def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
     if m.get("num_examples") != inputs.get("num_examples"):
         return f"its manifest counts {short_repr(m.get('num_examples'))} examples but these inputs have {inputs.get('num_examples')}"
     listed = {e.get("file") for e in m.get("shards", []) if isinstance(e, dict)}
-    unlisted = sorted(p.name for p in path.glob("shard-*.arrow") if p.name not in listed)
+    unlisted = sorted(p.name for p in path.glob(SHARD_GLOB) if p.name not in listed)
     if unlisted:
         return f"its manifest does not list {unlisted[0]}, which is on disk"
     return None
@@ -205,13 +189,13 @@ def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
 def _clean_failed(path: Path, state: str) -> None:
     """After a dump from scratch failed before publishing any shard, remove what it wrote (its progress marker,
     temp files, responses): nothing of value is lost, and the directory is as the dump found it."""
-    if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob("shard-*.json")):
+    if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob(SHARD_META_GLOB)):
         return
     for name in (PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME) + ((MARKER_NAME,) if state == "fresh" else ()):
         (path / name).unlink(missing_ok=True)
     for child in path.glob("*" + TMP_SUFFIX):
         child.unlink(missing_ok=True)
-    for child in path.glob("shard-*.arrow"):
+    for child in path.glob(SHARD_GLOB):
         child.unlink(missing_ok=True)
 
 
@@ -224,7 +208,7 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
     if not path.is_dir():
         raise CacheError(f"--cache-dir {path} is a file, not a directory")
     names = [p.name for p in path.iterdir()]
-    foreign = [n for n in names if not _is_kdcache_file(n)]
+    foreign = [n for n in names if not is_cache_file(n)]
     if foreign:
         raise CacheError(
             f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
@@ -260,7 +244,7 @@ def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
             raise CacheMismatchError(
                 field, old, new,
                 f"{path} holds a {'complete' if marker == MANIFEST_NAME else 'partial'} cache for different inputs: "
-                f"field {field!r} is {_short(old)} there but {_short(new)} for this run; pass --force to redo it, "
+                f"field {field!r} is {short_repr(old)} there but {short_repr(new)} for this run; pass --force to redo it, "
                 f"or a different --cache-dir",
             )
     if names:
@@ -287,11 +271,6 @@ def _first_difference(old: dict, new: dict) -> tuple[str, Any, Any]:
                 return f"{key}.{sub}", a, b
             return key, old.get(key), new.get(key)
     return "fingerprint", None, None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) < 80 else text[:77] + "..."
 
 
 def load_teacher(task, teacher_name: str, teacher_path: str):
@@ -327,7 +306,7 @@ def dump_teacher(
     if isinstance(target, str):  # a URL on object storage
         from kdcache.remote_dump import dump_remote
 
-        return dump_remote(config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
+        return dump_remote(dump_teacher, config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
                            progress=progress)
     cache_dir = str(target) if target is not None else None  # a file:// URL is its directory
     start = time.perf_counter()
@@ -469,11 +448,12 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             path.mkdir(parents=True, exist_ok=True)
             write_marker(path, CACHE)  # the first write: from now on the directory is kdcache's (rm, gc, --force)
         if state in ("fresh", "redo", "repair"):
-            _write_json_atomic(path / PROGRESS_NAME, {
-                "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
-                "shard_examples": (_repair_shard_examples(path) if state == "repair" else None)
-                or plan_shards(float(lengths.mean()), spec, shard_examples),
-            })
+            with io_errors(path):
+                write_json_atomic(path / PROGRESS_NAME, {
+                    "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
+                    "shard_examples": (_repair_shard_examples(path) if state == "repair" else None)
+                    or plan_shards(float(lengths.mean()), spec, shard_examples),
+                })
             (path / MANIFEST_NAME).unlink(missing_ok=True)  # a repair: the cache is incomplete until it is rewritten
         planned = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
         planned_ranges = [[lo, min(lo + planned, num_features)] for lo in range(0, num_features, planned)]
@@ -488,7 +468,7 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
     on_rank0(prepare, world)
     per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
     shard_writer = ShardWriter(path, spec, clean=False, on_publish=on_shard, bound=bound)
-    done = {i for i in (parse_shard_index(p.name) for p in path.glob("shard-*.json")) if i is not None}
+    done = {i for i in (parse_shard_index(p.name) for p in path.glob(SHARD_META_GLOB)) if i is not None}
     ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
     todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
 
@@ -509,13 +489,13 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
                 rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
                 for b in range(0, len(rows), batch_size):
                     batch_rows = rows[b:b + batch_size]
-                    batch = _collate(task, features, batch_rows, tokenizer, dev)
+                    batch = collate_batch(task, features, batch_rows, tokenizer, dev)
                     with torch.inference_mode(), amp:
                         if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
                             batch.update(task.generate_targets(model, batch, config, tokenizer))
                         outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
                     copies = HostCopies(dev)
-                    reduced = _reduce(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
+                    reduced = reduce_outputs(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
                     writer.write(reduced, copies.issued())  # the writer thread waits for the copies; this loop does not
                     tokens_seen += int(lengths[batch_rows].sum())
                     bar.update(len(batch_rows))
@@ -579,7 +559,7 @@ def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path
     return responses, published, features
 
 
-def _collate(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+def collate_batch(task, features, rows: np.ndarray, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
     """Pad one length-sorted batch of features' forward inputs (the task's) and move it to the device."""
     columns = features[rows.tolist()]  # {column: one value per row}
     keys = tuple(dict.fromkeys(k for k in (*task.forward_keys, *task.label_keys, *task.feature_target_keys) if k in columns))
@@ -636,8 +616,8 @@ class HostCopies:
         return ready
 
 
-def _reduce(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
-            spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
+def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
+                   spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
     """Reduce the teacher's outputs on the device and copy only what is stored to the host (asynchronously on a GPU:
     the batch's arrays are final once ``copies.issued()`` has run; without ``copies``, at return)."""
     own = copies is None

@@ -15,12 +15,12 @@ import numpy as np
 from kdcache import data as kdata
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.format import MANIFEST_NAME
+from kdcache.cache.lookup import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.config import FineTuneConfig
-from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.recommend import requested_layers
 from kdcache.tasks.base import Task
 from kdcache.tasks.labels import labels_as_cached
-from kdcache.tokenizers import tokenizer_hash
+from kdcache.tokenizer_identity import tokenizer_hash
 
 __all__ = ["find_eval_cache", "cached_teacher"]
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from kdcache.cache.durable import write_atomic
 from kdcache.config import FineTuneConfig
 from kdcache.recommend import teacher_name_for
 from kdcache.tasks.defaults import HUB_TASKS
@@ -113,9 +114,8 @@ def write_card(folder: Path, card) -> Optional[Path]:
     if not ours_or_absent(folder):
         return None
     path = folder / CARD_NAME
-    tmp = path.with_name(CARD_NAME + ".tmp")
-    card.save(tmp)
-    tmp.replace(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, str(card))  # what ModelCard.save writes, replaced whole and never through a link
     return path
 
 

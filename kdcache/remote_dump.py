@@ -23,13 +23,14 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from kdcache.cache import CacheError
+from kdcache.cache.durable import open_new
 from kdcache.cache.errors import CacheLockedError
-from kdcache.cache.format import MANIFEST_NAME, parse_shard_index
+from kdcache.cache.format import DATA_EXT, MANIFEST_NAME, META_EXT, PROGRESS_NAME, TMP_SUFFIX, is_cache_file, is_shard_data, meta_name_of
 from kdcache.cache.lock import CacheLock
-from kdcache.cache.ownership import is_cache_content, open_new
+from kdcache.cache.ownership import is_cache_content
 from kdcache.cache.remote import RemoteDir, remote_errors
 from kdcache.cache.staging import STAGING_DIR_ENV, staging_root
 from kdcache.config import FineTuneConfig
@@ -44,10 +45,12 @@ def working_dir(url: str) -> Path:
     return staging_root() / "dumps" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
-def dump_remote(config: FineTuneConfig, train_dataset, url: str, force: bool = False, device: Optional[str] = None,
-                shard_examples: Optional[int] = None, progress: bool = True):
+def dump_remote(dump_local: Callable[..., Any], config: FineTuneConfig, train_dataset, url: str, force: bool = False,
+                device: Optional[str] = None, shard_examples: Optional[int] = None, progress: bool = True):
     """Dump (or find) the cache at ``url``: pull, dump locally uploading each shard, level the remote, manifest last; all
-    under the lock of the URL's working directory (refused in one line while another dump here holds it)."""
+    under the lock of the URL's working directory (refused in one line while another dump here holds it).
+    ``dump_local`` is the local dump (``kdcache.dump.dump_teacher``, which calls this one for a URL: passed in, not
+    imported, so that neither module imports the other)."""
     url = url.rstrip("/")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before any rank pulls, uploads or joins a process group
         raise CacheError(f"dump-teacher into {url} runs as one process (its working directory is local to one machine): run "
@@ -56,7 +59,7 @@ def dump_remote(config: FineTuneConfig, train_dataset, url: str, force: bool = F
     work = root / COPY_NAME
     lock = _lock(root, url)
     try:
-        return _dump_locked(config, train_dataset, url, work, force, device, shard_examples, progress)
+        return _dump_locked(dump_local, config, train_dataset, url, work, force, device, shard_examples, progress)
     finally:
         try:
             lock.release(remove_dir=not work.exists())  # a failed dump keeps its copy: the next one resumes from it
@@ -81,14 +84,12 @@ def _lock(root: Path, url: str) -> CacheLock:
     raise AssertionError("unreachable")
 
 
-def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, force: bool, device: Optional[str],
-                 shard_examples: Optional[int], progress: bool):
+def _dump_locked(dump_local: Callable[..., Any], config: FineTuneConfig, train_dataset, url: str, work: Path, force: bool,
+                 device: Optional[str], shard_examples: Optional[int], progress: bool):
     """dump_remote's work, under the working directory's lock: list, pull, dump, push, remove the local copy."""
-    from kdcache.dump import PROGRESS_NAME, _is_kdcache_file, dump_teacher
-
     remote = RemoteDir(url)
     names = remote.names()  # a missing bucket, missing credentials or an unreachable server fail here, before any work
-    foreign = sorted(n for n in names if not _is_kdcache_file(n))
+    foreign = sorted(n for n in names if not is_cache_file(n))
     if foreign:
         raise CacheError(f"--cache-dir {url} is not a kdcache cache (it holds {', '.join(foreign[:3])}"
                          f"{'...' if len(foreign) > 3 else ''}); choose an empty or new location")
@@ -112,10 +113,10 @@ def _dump_locked(config: FineTuneConfig, train_dataset, url: str, work: Path, fo
                 remote.put_file(directory / PROGRESS_NAME)  # names what the shards belong to: another machine resumes
             uploaded["started"] = True
         remote.put_file(directory / meta["file"])
-        remote.put_file(directory / _meta_name(meta["file"]))
+        remote.put_file(directory / meta_name_of(meta["file"]))
 
     try:
-        result = dump_teacher(config, train_dataset, cache_dir=str(work), force=force, device=device,
+        result = dump_local(config, train_dataset, cache_dir=str(work), force=force, device=device,
                               shard_examples=shard_examples, progress=progress, on_shard=upload_shard)
     except CacheError as e:
         raise _renamed(e, work, url) from None
@@ -136,21 +137,17 @@ def _renamed(e: CacheError, work: Path, url: str) -> CacheError:
     return e
 
 
-def _meta_name(arrow_name: str) -> str:
-    return arrow_name[: -len(".arrow")] + ".json"
-
-
 def _pull(remote: RemoteDir, names: dict[str, int], work: Path) -> None:
     """Bring the working directory level with the remote cache (only what differs is downloaded); the local dump then
     checks every file as it would a local cache's (sha256 of each shard against its meta json and the manifest)."""
     local = {p.name: p for p in work.iterdir() if p.is_file()}
     for name, size in sorted(names.items()):
-        if name.endswith(".arrow") and parse_shard_index(name) is not None:
-            meta = _meta_name(name)
+        if is_shard_data(name):
+            meta = meta_name_of(name)
             same_meta = meta in names and meta in local and local[meta].read_bytes() == remote.read_bytes(meta)
             if same_meta and name in local and local[name].stat().st_size == size:
                 continue  # the same published shard
-        elif name.endswith(".json") or name == MANIFEST_NAME:
+        elif name.endswith(META_EXT) or name == MANIFEST_NAME:
             data = remote.read_bytes(name)
             if name in local and local[name].read_bytes() == data:
                 continue
@@ -167,20 +164,18 @@ def _pull(remote: RemoteDir, names: dict[str, int], work: Path) -> None:
 def _push(remote: RemoteDir, work: Path) -> bool:
     """Level the remote with the working directory: upload what differs (each shard before its meta json), delete
     kdcache files the working directory no longer has, then upload the manifest last. True when anything changed."""
-    from kdcache.dump import _is_kdcache_file
-
     names = remote.names()
-    local = {p.name: p for p in work.iterdir() if p.is_file() and _is_kdcache_file(p.name) and not p.name.startswith(".")
-             and not p.name.endswith(".tmp")}
+    local = {p.name: p for p in work.iterdir() if p.is_file() and is_cache_file(p.name) and not p.name.startswith(".")
+             and not p.name.endswith(TMP_SUFFIX)}
     changed = False
     manifest = local.pop(MANIFEST_NAME, None)
     if manifest is not None and MANIFEST_NAME in names and remote.read_bytes(MANIFEST_NAME) == manifest.read_bytes():
         return False  # the same cache: nothing to publish
-    for name in sorted(local, key=lambda n: (n.endswith(".json"), n)):  # data files before the json that publishes them
+    for name in sorted(local, key=lambda n: (n.endswith(META_EXT), n)):  # data files before the json that publishes them
         p = local[name]
-        if name in names and names[name] == p.stat().st_size and (not name.endswith(".json") or remote.read_bytes(name) == p.read_bytes()):
-            if not name.endswith(".arrow") or _meta_name(name) not in local or _meta_name(name) in names and \
-                    remote.read_bytes(_meta_name(name)) == local[_meta_name(name)].read_bytes():
+        if name in names and names[name] == p.stat().st_size and (not name.endswith(META_EXT) or remote.read_bytes(name) == p.read_bytes()):
+            if not name.endswith(DATA_EXT) or meta_name_of(name) not in local or meta_name_of(name) in names and \
+                    remote.read_bytes(meta_name_of(name)) == local[meta_name_of(name)].read_bytes():
                 continue  # published with the same meta json: the same shard
         if not changed and MANIFEST_NAME in names:
             remote.remove(MANIFEST_NAME)

@@ -7,12 +7,12 @@ Written into the student's folder as report.md and report.json, next to the moni
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from kdcache.cache.durable import write_atomic
 from kdcache.config import ConfigError, FineTuneConfig
 from kdcache.diagnose import MIN_METRIC_SHARE, diagnose, did_distillation_help
 
@@ -268,12 +268,6 @@ def _did_it_help(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def monitor_plots(student_dir: Path) -> list[str]:
     """The monitor's plots of the student's training (drawn from its metrics.jsonl where missing), as paths
     relative to ``student_dir``."""
@@ -296,8 +290,8 @@ def write_report(report: dict[str, Any], student_dir: Path) -> tuple[Path, Path,
     criteria where train-student wrote the card; returns the report's paths and the Markdown."""
     markdown = format_markdown(report, monitor_plots(student_dir))
     md, js = student_dir / REPORT_MD, student_dir / REPORT_JSON
-    _write_atomic(js, json.dumps(report, indent=2, default=str) + "\n")
-    _write_atomic(md, markdown)
+    write_atomic(js, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomic(md, markdown)
     from kdcache.model_card import card_from_run, write_card
 
     card = card_from_run(student_dir, report["criteria"], report["student"]["metrics"])

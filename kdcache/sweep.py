@@ -32,8 +32,9 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from kdcache.cache.durable import create_new, write_atomic
 from kdcache.cache.format import MARKER_NAME
-from kdcache.cache.ownership import SWEEP_OUTPUT, SWEEP_RUN, create_new, has_marker, marker_kind, open_new, read_json, write_marker
+from kdcache.cache.ownership import SWEEP_OUTPUT, SWEEP_RUN, has_marker, marker_kind, read_json, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.config import ConfigError, FineTuneConfig
 
@@ -246,15 +247,6 @@ def _run_names(path: Path, overrides: list[dict[str, Any]]) -> list[str]:
 
 # -- running -------------------------------------------------------------------------------------
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open_new(tmp, "w") as f:  # a new file: never written through a link left at the temp name
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def is_run_folder(folder: Path) -> bool:
     """Whether ``folder`` is a run folder a sweep made: it holds the run's marker, or (a run finished by a kdcache from
     before the marker) a readable sweep_result.json; never a link."""
@@ -335,7 +327,7 @@ def _train(run: SweepRun, task, output_dir: Path) -> dict[str, Any]:
     if task.primary_metric() not in record["metrics"]:
         raise ConfigError(f"run {run.name}: no {task.primary_metric()} to rank it by: the base pipeline has no evaluation "
                           "data; set eval_file (--eval-file PATH) in it")
-    _write_atomically(run.folder / RESULT_NAME, json.dumps(record, indent=2, default=str))
+    write_atomic(run.folder / RESULT_NAME, json.dumps(record, indent=2, default=str))
     del result
     gc.collect()  # one student's memory is released before the next is built
     if torch.cuda.is_available():
@@ -412,9 +404,9 @@ def write_summary(sweep: Sweep, results: list[dict[str, Any]], metric: str, lowe
     header, rows = _rows(sweep, ranked, metrics)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([header, *rows])
-    _write_atomically(sweep.output_dir / "results.csv", buf.getvalue())
+    write_atomic(sweep.output_dir / "results.csv", buf.getvalue())
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    _write_atomically(sweep.output_dir / "results.md", "\n".join(md) + "\n")
+    write_atomic(sweep.output_dir / "results.md", "\n".join(md) + "\n")
     _plot(sweep, results, metric, sweep.output_dir / "results.png")
     return ranked
 

@@ -22,6 +22,7 @@ from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.format import MANIFEST_NAME
 from kdcache.cache.generated import read_generated
 from kdcache.cache.lock import ReadLock
+from kdcache.cache.lookup import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.cache.remote import cache_location
 from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import ConfigError, FineTuneConfig
@@ -33,7 +34,6 @@ from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
 from kdcache.evaluate import examples_per_second, score
 from kdcache.layer_strategy import teacher_layers
-from kdcache.location import default_cache_dir, find_compatible, lookup_inputs
 from kdcache.model_card import build_card, write_card
 from kdcache.models import ModelError, count_parameters, keep_layers, model_identity, resolve_model_path, untied_shared_parameters
 from kdcache.monitor import DistillationMonitor
@@ -41,7 +41,7 @@ from kdcache.recommend import default_temperature, requested_layers, teacher_nam
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher, labels_as_cached
 from kdcache.teacher import resolve_layers
-from kdcache.tokenizers import tokenizer_hash
+from kdcache.tokenizer_identity import tokenizer_hash
 from kdcache.vocab_prune import prune_student
 
 log = logging.getLogger(__name__)

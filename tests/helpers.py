@@ -12,13 +12,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import read_jsonl, write_jsonl  # noqa: E402  (one copy of the JSON Lines helpers)
+from shipped_data import MR_TRAIN, MR_VALID, read_jsonl, write_jsonl  # noqa: E402  (shared with bench/, which tests never import)
 
 __all__ = ["REPO", "MR_TRAIN", "MR_VALID", "make_bert", "classifier_accuracy", "read_jsonl", "write_jsonl", "cli_env", "run_cli",
            "write_pipeline", "fails_cleanly"]
-# The shipped CC BY 4.0 sample of mr_polarity (see data/mr_polarity/README.md).
-MR_TRAIN = REPO / "data" / "mr_polarity" / "train.jsonl"
-MR_VALID = REPO / "data" / "mr_polarity" / "validation.jsonl"
 
 
 def make_bert(path: Path, tokenizer_dir: Path, layers: int, hidden: int, num_labels: int = 2, seed: int = 0) -> Path:

@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import MR_TRAIN, REPO, fails_cleanly, read_jsonl, run_cli, write_jsonl, write_pipeline
+from helpers import MR_TRAIN, fails_cleanly, read_jsonl, run_cli, write_jsonl, write_pipeline
 
 from kdcache.augment import AugmentOptions, augment_dataset, sidecar_path
 from kdcache.config import ConfigError, FineTuneConfig
 from kdcache.data import load_file
 from kdcache.tasks.base import DataError
-
-WNUT_TRAIN = REPO / "data" / "wnut17" / "train.jsonl"  # the shipped wnut17 sample (see data/wnut17/README.md)
+from shipped_data import WNUT_TRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ from seq2seq_models import invoke_cli
 
 from kdcache.config import FineTuneConfig
 from kdcache.diagnose import GUIDE_REMEDIES, did_distillation_help
-from kdcache.model_card import MARKER, build_card, hub_id
+from kdcache.model_card import MARKER, build_card, hub_id, write_card
 
 DISTILLED = FineTuneConfig(model_name="student", task_type="text_classification", use_distillation=True,
                            teacher_model_name="teacher")
@@ -100,6 +100,18 @@ def test_a_hub_card_names_the_student_teacher_data_and_metric(tmp_path):
         ("question-answering", "squad", "validation", "f1", 71.25)
     assert "| logits | KL at temperature 2.5, distillation_alpha 0.5 |" in card.text
     assert hub_id(str(tmp_path)) is None and hub_id("./student") is None  # local paths stay out of the header
+
+
+def test_write_card_writes_what_modelcard_saves_and_leaves_a_users_readme(tmp_path):
+    config = FineTuneConfig(model_name="prajjwal1/bert-tiny", task_type="text_classification", use_distillation=True,
+                            teacher_model_name="textattack/bert-base-uncased-SST-2", dataset_name="sst2")
+    card = build_card(config, {"accuracy": 0.9}, "accuracy", 2.0, {})
+    card.save(tmp_path / "saved.md")
+    written = write_card(tmp_path / "student", card)  # the folder is made; the card replaced whole (durable.write_atomic)
+    assert written == tmp_path / "student" / "README.md" and written.read_bytes() == (tmp_path / "saved.md").read_bytes()
+    assert write_card(tmp_path / "student", card) == written  # kdcache's own card: rewritten
+    written.write_text("the user's own README\n")
+    assert write_card(tmp_path / "student", card) is None and written.read_text() == "the user's own README\n"
 
 
 # -- through the CLI --------------------------------------------------------------------------------------

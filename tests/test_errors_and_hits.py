@@ -9,6 +9,7 @@ from helpers import make_bert, run_cli, write_pipeline
 
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError
+from kdcache.cache.format import SHARD_GLOB
 from kdcache.dump import dump_teacher
 from kdcache.models import ModelError
 from kdcache.tasks import DataError
@@ -28,7 +29,7 @@ def test_second_dump_is_a_hit_and_force_redoes(tmp_path, kdcache_home, trained_t
     config = config_for(trained_teacher, tiny_student, small_data, tmp_path)
     first = dump_teacher(config, progress=False)
     assert not first.hit
-    shard = next(first.cache_dir.glob("shard-*.arrow"))
+    shard = next(first.cache_dir.glob(SHARD_GLOB))
     stamp = shard.stat().st_mtime_ns
     second = dump_teacher(config, progress=False)
     assert second.hit and second.cache_dir == first.cache_dir

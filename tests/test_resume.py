@@ -12,11 +12,13 @@ import time
 import pytest
 from helpers import MR_TRAIN, cli_env, default_sigint, make_bert, read_jsonl, run_cli, write_jsonl, write_pipeline
 
+from kdcache.cache.format import SHARD_GLOB, SHARD_META_GLOB
+
 pytestmark = pytest.mark.slow  # dumps killed (SIGKILL, Ctrl-C) in other processes, then resumed
 
 
 def shard_files(cache):
-    return {p.name: p.read_bytes() for p in sorted(cache.glob("shard-*.arrow"))}
+    return {p.name: p.read_bytes() for p in sorted(cache.glob(SHARD_GLOB))}
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kdcache_home, tokenizer_dir):
@@ -33,14 +35,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kdcache_home, token
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args, "--cache-dir", str(killed_dir)],
                             env=cli_env(kdcache_home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(killed_dir.glob("shard-*.json"))) < 3:
+    while time.time() < deadline and len(list(killed_dir.glob(SHARD_META_GLOB))) < 3:
         if proc.poll() is not None:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed_dir / "manifest.json").exists(), "the dump finished before it could be killed"
-    published = len(list(killed_dir.glob("shard-*.json")))
+    published = len(list(killed_dir.glob(SHARD_META_GLOB)))
     assert 3 <= published < 30
 
     resumed = run_cli(args + ["--cache-dir", str(killed_dir)], kdcache_home)
@@ -70,7 +72,7 @@ def test_ctrl_c_exits_130_keeps_the_finished_shards_and_the_advice_resumes(tmp_p
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(list(cache.glob("shard-*.json"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(list(cache.glob(SHARD_META_GLOB))) < 2:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]

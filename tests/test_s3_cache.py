@@ -16,6 +16,8 @@ import pytest
 import yaml
 from helpers import fails_cleanly, write_pipeline
 
+from kdcache.cache.format import shard_name
+
 moto_server = pytest.importorskip("moto.server", reason="the dev extra installs moto[server]")
 pytest.importorskip("s3fs", reason="the s3 extra installs s3fs")
 
@@ -204,9 +206,9 @@ def _file_stage(tmp_path: Path, stage_dir: Path, *, corrupt: bool = False):
     entries = []
     for i in range(3):
         data = bytes([i]) * 1000
-        (src / f"shard-{i:05d}.arrow").write_bytes(data)
+        (src / shard_name(i)).write_bytes(data)
         sha = hashlib.sha256(b"other" if corrupt and i == 1 else data).hexdigest()
-        entries.append({"file": f"shard-{i:05d}.arrow", "bytes": len(data), "sha256": sha, "index": i})
+        entries.append({"file": shard_name(i), "bytes": len(data), "sha256": sha, "index": i})
     return ShardStage(RemoteDir(f"file://{src}"), stage_dir, entries, limit=2000)
 
 

@@ -18,7 +18,7 @@ from helpers import MR_TRAIN, fails_cleanly, make_bert, read_jsonl, run_cli, wri
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader
 from kdcache.cache.errors import CacheLockedError, CacheWriteError
-from kdcache.cache.format import ALGORITHM_VERSION, FORMAT_VERSION, LOCK_NAME
+from kdcache.cache.format import ALGORITHM_VERSION, FORMAT_VERSION, LOCK_NAME, shard_name
 from kdcache.cache.lock import CacheLock
 from kdcache.dump import dump_teacher
 
@@ -55,7 +55,7 @@ def _shards(cache):
 
 def _flip_in_column(cache, column, index=1, nth_byte=1):
     """Flip bits in one byte of ``column``'s values in shard ``index`` (found through Arrow, changed on disk)."""
-    p = cache / f"shard-{index:05d}.arrow"
+    p = cache / shard_name(index)
     with pa.memory_map(str(p)) as mm:
         rb = pa.ipc.open_file(mm).get_batch(0)
         col = rb.column(column)

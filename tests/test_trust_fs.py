@@ -110,8 +110,8 @@ def test_a_kdcache_file_that_is_a_link_is_refused_and_its_target_untouched(made,
 def test_new_files_are_created_never_written_through_a_link(tmp_path):
     """The temp files kdcache writes (json, shards, the marker) are made with O_EXCL | O_NOFOLLOW after unlinking the
     name: a link planted between the directory check and the write is replaced, its target untouched."""
+    from kdcache.cache.durable import write_json_atomic
     from kdcache.cache.ownership import CACHE, has_marker, write_marker
-    from kdcache.cache.writer import _write_json_atomic
 
     victim = tmp_path / "victim"
     victim.write_text("keep")
@@ -119,7 +119,7 @@ def test_new_files_are_created_never_written_through_a_link(tmp_path):
     d.mkdir()
     for tmp in ("x.json.tmp", MARKER_NAME + ".tmp"):
         (d / tmp).symlink_to(victim)
-    _write_json_atomic(d / "x.json", {"a": 1})
+    write_json_atomic(d / "x.json", {"a": 1})
     write_marker(d, CACHE)
     assert json.loads((d / "x.json").read_text()) == {"a": 1} and has_marker(d, CACHE)
     assert victim.read_text() == "keep" and sorted(p.name for p in d.iterdir()) == sorted([MARKER_NAME, "x.json"])

@@ -19,7 +19,7 @@ from helpers import REPO, fails_cleanly, read_jsonl, run_cli, write_jsonl
 
 from kdcache import ConfigError, FineTuneConfig
 from kdcache.cli import main, one_line
-from kdcache.config import _float_fields
+from kdcache.config import float_fields
 from kdcache.models import ModelError, resolve_model_path
 from kdcache.tasks import DataError, get_task
 
@@ -180,7 +180,7 @@ def test_yaml_syntax_and_encoding_errors_are_one_line(tmp_path):
     refused(cli(["train", "--config", str(path)]), "not UTF-8", "save the pipeline YAML as UTF-8")
 
 
-@pytest.mark.parametrize("name", _float_fields())
+@pytest.mark.parametrize("name", float_fields())
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_every_float_field_refuses_non_finite_numbers(name, value):
     number = [1.0, value] if name == "temperatures" else value

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cache"))
 from cache_synth import PER_EXAMPLE, SPECS, make_truth, write_cache  # noqa: E402
 
 from kdcache.cache import CacheError, CacheReader, sha256_file  # noqa: E402
-from kdcache.cache.format import manifest_digest  # noqa: E402
+from kdcache.cache.format import manifest_digest, shard_name  # noqa: E402
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
@@ -109,7 +109,7 @@ def test_one_manifest_field_replaced_by_arbitrary_json(caches, data, which, valu
 def _forge_entry(path: Path, index: int) -> None:
     """Rewrite shard ``index``'s manifest entry (size, sha256) to match its current bytes: damage the
     checksum cannot see, so that the Arrow parsing itself is what is tested."""
-    p = path / f"shard-{index:05d}.arrow"
+    p = path / shard_name(index)
     m = json.loads((path / "manifest.json").read_text())
     m["shards"][index].update(bytes=p.stat().st_size, sha256=sha256_file(p))
     m["bytes"] = sum(s["bytes"] for s in m["shards"])

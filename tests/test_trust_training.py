@@ -23,6 +23,7 @@ from helpers import MR_TRAIN, cli_env, default_sigint, fails_cleanly, make_bert,
 
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheError, CacheMismatchError
+from kdcache.cache.format import SHARD_GLOB
 from kdcache.distill import trainer as kd_trainer
 from kdcache.distill.trainer import DistillationTrainer, TrainingDiverged
 from kdcache.dump import dump_teacher
@@ -126,7 +127,7 @@ def test_a_huge_learning_rate_is_one_line_and_the_advice_works(tmp_path, kdcache
 
 def _poison_first_logit(cache: Path) -> None:
     """Overwrite the first stored teacher logit of the first shard with NaN, in place (size unchanged)."""
-    shard = sorted(cache.glob("shard-*.arrow"))[0]
+    shard = sorted(cache.glob(SHARD_GLOB))[0]
     raw = shard.read_bytes()
     table = pa.ipc.open_file(pa.py_buffer(raw)).read_all()
     first = np.asarray(table.column("logits").combine_chunks().flatten())[:1].astype(np.float32)
@@ -336,7 +337,7 @@ def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, tr
 def test_a_slow_tokenizers_normaliser_settings_change_its_hash(tmp_path):
     from transformers import BertTokenizerLegacy as slow  # the Python BERT tokenizer of transformers 5.x (the declared range)
 
-    from kdcache.tokenizers import tokenizer_hash
+    from kdcache.tokenizer_identity import tokenizer_hash
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "héllo", "Hello"]) + "\n")

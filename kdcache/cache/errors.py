@@ -41,10 +41,16 @@ class CacheMismatchError(CacheError):
         super().__init__(message)
 
 
+def shorten(text: str, limit: int = 80, keep_end: bool = False) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis; ``keep_end`` keeps its end (a long path's last names)."""
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1):] if keep_end else text[: limit - 1] + "…"
+
+
 def short_repr(value: Any, limit: int = 80) -> str:
     """repr() cut to ``limit`` characters with an ellipsis, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return shorten(repr(value), limit)
 
 
 # What every "this cache is damaged" error advises: dump-teacher repairs a cache whose inputs match (it

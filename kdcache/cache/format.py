@@ -120,24 +120,41 @@ def read_binding(schema: pa.Schema) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
+_SHARD_PREFIX = "shard-"
+DATA_EXT = ".arrow"  # an Arrow data file (a shard, the generated responses)
+META_EXT = ".json"  # the metadata json whose presence publishes the Arrow file of the same stem
+SHARD_GLOB = _SHARD_PREFIX + "*" + DATA_EXT  # Path.glob patterns: every shard data / metadata file of a directory
+SHARD_META_GLOB = _SHARD_PREFIX + "*" + META_EXT
+
+
 def shard_name(index: int) -> str:
     """File name of shard ``index``'s Arrow data, e.g. ``shard-00000.arrow``."""
-    return f"shard-{int(index):05d}.arrow"
+    return f"{_SHARD_PREFIX}{int(index):05d}{DATA_EXT}"
 
 
 def shard_meta_name(index: int) -> str:
     """File name of shard ``index``'s metadata json, whose presence publishes the shard."""
-    return f"shard-{int(index):05d}.json"
+    return f"{_SHARD_PREFIX}{int(index):05d}{META_EXT}"
 
 
 def parse_shard_index(name: str) -> int | None:
     """Shard index encoded in a ``shard-NNNNN.arrow``/``.json`` name, or None for other names."""
-    for ext in (".arrow", ".json"):
-        if name.startswith("shard-") and name.endswith(ext):
-            digits = name[len("shard-") : -len(ext)]
+    for ext in (DATA_EXT, META_EXT):
+        if name.startswith(_SHARD_PREFIX) and name.endswith(ext):
+            digits = name[len(_SHARD_PREFIX) : -len(ext)]
             if digits.isdigit():
                 return int(digits)
     return None
+
+
+def is_shard_data(name: str) -> bool:
+    """True for a shard's Arrow data name (``shard-NNNNN.arrow``), not its metadata nor any other file."""
+    return name.endswith(DATA_EXT) and parse_shard_index(name) is not None
+
+
+def meta_name_of(data_name: str) -> str:
+    """The metadata json that publishes the Arrow file ``data_name`` (``shard-00003.json``, ``generated.json``)."""
+    return data_name[: -len(DATA_EXT)] + META_EXT
 
 
 def is_cache_file(name: str) -> bool:

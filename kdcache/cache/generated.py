@@ -16,10 +16,9 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from . import format as fmt
+from .durable import create_new, fsync_dir, write_json_atomic
 from .errors import CacheError
 from .fingerprint import sha256_file
-from .ownership import create_new
-from .writer import _fsync_dir, _unlink, _write_json_atomic
 
 
 def write_generated(cache_dir: str | Path, texts: list[str], fingerprint: str) -> dict[str, Any]:
@@ -35,13 +34,13 @@ def write_generated(cache_dir: str | Path, texts: list[str], fingerprint: str) -
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(path)
+        fsync_dir(path)
     except BaseException:
-        _unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     meta = {"file": fmt.GENERATED_NAME, "sha256": sha256_file(final), "rows": len(texts), "bytes": final.stat().st_size,
             "fingerprint": fingerprint}
-    _write_json_atomic(path / fmt.GENERATED_META_NAME, meta)
+    write_json_atomic(path / fmt.GENERATED_META_NAME, meta)
     return meta
 
 

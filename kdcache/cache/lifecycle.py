@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
-from .errors import CacheError, CacheLockedError, short_repr
+from .errors import CacheError, CacheLockedError, short_repr, shorten
 from .lock import CacheLock, Holder, probe
+from .lookup import cache_root  # where dump-teacher puts caches by default, and all that ls and gc look at
 from .ownership import owns_cache
-from .summary import _human as human_bytes  # one byte formatter for `inspect` and `cache ls`
+from .summary import human_bytes  # one byte formatter for `inspect` and `cache ls`
 from .writer import io_errors
 
 __all__ = ["CacheInfo", "Scan", "scan", "inspect_dir", "resolve", "remove", "collect", "format_listing", "cache_root", "human_bytes", "DAY_S"]
@@ -80,13 +81,6 @@ class Scan:
     skipped: list[Path]
 
 
-def cache_root() -> Path:
-    """$KDCACHE_HOME (default ~/.cache/kdcache): where dump-teacher puts caches by default, and all that ls and gc look at."""
-    from kdcache.config import kdcache_home  # the config module is light (no torch)
-
-    return kdcache_home()
-
-
 def foreign_entries(path: Path) -> list[str]:
     """Names in ``path`` that kdcache did not write (sub-directories included), sorted."""
     return sorted(p.name for p in path.iterdir() if not (p.is_file() and not p.is_symlink() and fmt.is_cache_file(p.name)))
@@ -131,7 +125,7 @@ def inspect_dir(path: Path) -> CacheInfo | None:
         inputs = (progress or {}).get("fingerprint_inputs")
         inputs = inputs if isinstance(inputs, dict) else {}
         info.fingerprint, info.task, info.teacher = (progress or {}).get("fingerprint"), inputs.get("task"), inputs.get("teacher")
-        published = [_read_json(p) for name, p in files.items() if name.endswith(".json") and fmt.parse_shard_index(name) is not None]
+        published = [_read_json(p) for name, p in files.items() if name.endswith(fmt.META_EXT) and fmt.parse_shard_index(name) is not None]
         info.rows = sum(m.get("rows", 0) for m in published if m and isinstance(m.get("rows"), int))
     return info
 
@@ -227,7 +221,7 @@ def _delete(path: Path, unused_since: float | None) -> int | None:
         return None
     order = {fmt.MANIFEST_NAME: 0, fmt.GENERATED_META_NAME: 1, fmt.MARKER_NAME: 4}
     files = sorted((p for p in path.iterdir() if p.name != fmt.LOCK_NAME),
-                   key=lambda p: (order.get(p.name, 2 if p.name.endswith(".json") else 3), p.name))
+                   key=lambda p: (order.get(p.name, 2 if p.name.endswith(fmt.META_EXT) else 3), p.name))
     freed = 0
     with io_errors(path):
         for p in files:
@@ -262,7 +256,8 @@ def format_listing(found: Scan) -> str:
         lines = [f"no caches under {found.root}"]
     else:
         header = ("FINGERPRINT", "TASK", "TEACHER", "ROWS", "SIZE", "LAST USED", "NAME", "STATE")
-        rows = [((c.fingerprint or "-")[:12], c.task or "-", _short(c.teacher or "-"), "-" if c.rows is None else str(c.rows),
+        rows = [((c.fingerprint or "-")[:12], c.task or "-", shorten(c.teacher or "-", 32, keep_end=True),  # the model's own name kept
+                 "-" if c.rows is None else str(c.rows),
                  human_bytes(c.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used)), c.name, c.status())
                 for c in found.caches]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
@@ -276,11 +271,6 @@ def format_listing(found: Scan) -> str:
         lines.append(f"left alone: {len(found.skipped)} director{'ies' if len(found.skipped) != 1 else 'y'} kdcache did not "
                      f"make, or holding files it did not write ({names})")
     return "\n".join(lines)
-
-
-def _short(text: str, width: int = 32) -> str:
-    """A long teacher path keeps its end (the model's own name)."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def _not_a_cache(path: Path) -> str:

@@ -1,13 +1,11 @@
-"""Which directories are kdcache's own, decided from what their files say, never from file names alone; and how
-kdcache creates files in them without ever writing through a link.
+"""Which directories are kdcache's own, decided from what their files say, never from file names alone.
 
 - A cache is kdcache's when it holds kdcache's marker (``MARKER_NAME``, kind "cache", written at a dump's first
   write) or, for a cache written before the marker existed, a manifest or progress marker that parses as kdcache's
   (a format version and fingerprint; a fingerprint and its inputs). A sweep's run folder holds the marker of kind
   "sweep run". Only such directories are ever removed or cleared (``cache rm``, ``cache gc``, ``--force``, a sweep).
 - A kdcache name in a cache that is a link (or not a plain file) makes the directory refused: nothing is followed.
-- New files (temp files, the marker) are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` after unlinking the name:
-  a link someone left at the name is removed, never written through.
+- The marker is written as every kdcache file is (``durable.write_atomic``): never through a link.
 """
 
 from __future__ import annotations
@@ -19,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import format as fmt
+from .durable import write_atomic
 from .errors import CacheError
 
 __all__ = ["CACHE", "SWEEP_RUN", "SWEEP_OUTPUT", "marker_kind", "read_json", "is_cache_content", "owns_cache", "has_marker", "write_marker",
-           "linked_names", "create_new", "open_new"]
+           "linked_names"]
 
 CACHE = "cache"  # marker kinds
 SWEEP_RUN = "sweep run"
@@ -86,16 +85,7 @@ def write_marker(path: Path, kind: str, **fields: Any) -> None:
     if os.path.lexists(path / fmt.MARKER_NAME):
         raise CacheError(f"{path} holds a {fmt.MARKER_NAME} that is not kdcache's marker of a {kind}: kdcache never replaces "
                          "a file it did not write; move it away, or choose another directory")
-    tmp = path / (fmt.MARKER_NAME + fmt.TMP_SUFFIX)
-    try:
-        with open_new(tmp, "w") as f:
-            json.dump({"created_by": _CREATOR, "kind": kind, **fields}, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / fmt.MARKER_NAME)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path / fmt.MARKER_NAME, json.dumps({"created_by": _CREATOR, "kind": kind, **fields}, sort_keys=True))
 
 
 def linked_names(path: Path) -> list[str]:
@@ -106,18 +96,3 @@ def linked_names(path: Path) -> list[str]:
             out.append(entry.name)
     return sorted(out)
 
-
-def create_new(path: Path, mode: int = 0o644) -> int:
-    """A descriptor of a new, empty plain file at ``path`` (a kdcache temp name): whatever was at the name (a killed
-    run's temp file, a link) is unlinked first, and O_EXCL | O_NOFOLLOW guarantee the file is ours, not a link's target."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-
-
-def open_new(path: Path, mode: str = "w"):
-    """:func:`create_new` as a file object (``mode`` "w" or "wb")."""
-    fd = create_new(path)
-    return os.fdopen(fd, mode, encoding="utf-8") if "b" not in mode else os.fdopen(fd, mode)

@@ -56,7 +56,7 @@ class TeacherRows:
 
 
 @dataclass
-class _Batch:
+class BatchViews:
     """Numpy views of one record batch: per column, (flat values, offsets or None)."""
 
     cols: dict[str, tuple[np.ndarray, np.ndarray | None]]
@@ -105,7 +105,7 @@ class CacheReader:
             self._lock.release()
             raise
         self._maps: list[pa.MemoryMappedFile] = []
-        self._views: list[_Batch] = []  # every record batch of every shard, in shard order
+        self._views: list[BatchViews] = []  # every record batch of every shard, in shard order
         try:
             self._open(verify, checksums)
         except BaseException:
@@ -243,7 +243,7 @@ class CacheReader:
             raise CacheError(f"shard {index} ({p}) is {p.stat().st_size} bytes but the manifest says {meta['bytes']}: it is "
                              f"truncated or was replaced; {_REPAIR}")
 
-    def _open_shard(self, meta: dict) -> list[_Batch]:
+    def _open_shard(self, meta: dict) -> list[BatchViews]:
         """Check one shard against its manifest entry and map its record batches; any damage the
         checksum did not catch (an entry rewritten to match a damaged file) is a CacheError naming it."""
         index = meta["index"]
@@ -278,7 +278,7 @@ class CacheReader:
                              f"{str(recorded)[:12]}... but the manifest lists {meta['sha256'][:12]}...: the shard or the manifest "
                              f"was replaced; {_REPAIR}")
 
-    def _map_batches(self, meta: dict, index: int, p: Path, mm: pa.MemoryMappedFile) -> list[_Batch]:
+    def _map_batches(self, meta: dict, index: int, p: Path, mm: pa.MemoryMappedFile) -> list[BatchViews]:
         f = pa.ipc.open_file(mm)
         if not f.schema.equals(self._schema):
             raise CacheError(f"shard {index} ({p}) has columns {f.schema.names} that do not match the manifest's store spec: {_REPAIR}")
@@ -308,7 +308,7 @@ class CacheReader:
             self._check_outlier_channels(index, p, cols)
             self._check_token_ids(index, p, rb, rows)
             rows += rb.num_rows
-            batches.append(_Batch(cols))
+            batches.append(BatchViews(cols))
         if "rows" in meta and rows != meta["rows"]:
             raise CacheError(f"shard {index} holds {rows} rows but the manifest says {meta['rows']}: {_REPAIR}")
         return batches
@@ -366,7 +366,7 @@ class CacheReader:
             raise CacheError(f"{self.path}: manifest says num_examples {short_repr(n_ex)} but it was dumped for "
                              f"{short_repr(inputs['num_examples'])} (fingerprint_inputs): {_REPAIR}")
         listed = {e["file"] for e in entries}
-        unlisted = sorted(p.name for p in self.path.glob("shard-*.arrow") if p.name not in listed)
+        unlisted = sorted(p.name for p in self.path.glob(fmt.SHARD_GLOB) if p.name not in listed)
         if unlisted:
             raise CacheError(f"{self.path}: {unlisted[0]} is on disk but the manifest does not list it: {_REPAIR}")
         if _is_count(n_ex) and F and (int(self._eids.min()) < 0 or int(self._eids.max()) >= n_ex):
@@ -474,7 +474,7 @@ class CacheReader:
                 "read)"] + self._checked
 
     @property
-    def _batches(self) -> list[_Batch]:
+    def batches(self) -> list[BatchViews]:
         """Every record batch's column views, every shard's sha256 checked first (for readers of the whole
         cache, such as the summary's coverage)."""
         self.wait_verified()

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from .durable import open_new
 from .errors import REPAIR_ADVICE, CacheError
-from .ownership import open_new
 
 __all__ = ["CorruptObjectError", "RemoteDir", "cache_location", "is_url", "local_path", "remote_errors"]
 

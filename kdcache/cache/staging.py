@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from . import format as fmt
 from .errors import CacheError
-from .reader import CacheReader, _Batch
+from .reader import BatchViews, CacheReader
 from .remote import CorruptObjectError, RemoteDir
 
 __all__ = ["ShardStage", "StagedCacheReader", "staging_root", "staging_limit", "STAGING_DIR_ENV", "STAGING_BYTES_ENV"]
@@ -307,16 +307,16 @@ class _LazyViews:
     """Stands in for CacheReader's list of record-batch views: the views of the shards mapped now, by batch number."""
 
     def __init__(self) -> None:
-        self.live: dict[int, _Batch] = {}
+        self.live: dict[int, BatchViews] = {}
         self.count = 0
 
-    def append(self, _batch: _Batch) -> None:  # CacheReader._open counts the batches; the views are kept in ``live``
+    def append(self, _batch: BatchViews) -> None:  # CacheReader._open counts the batches; the views are kept in ``live``
         self.count += 1
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, b: int) -> _Batch:
+    def __getitem__(self, b: int) -> BatchViews:
         return self.live[int(b)]
 
     def __iter__(self):
@@ -403,7 +403,7 @@ class StagedCacheReader(CacheReader):
         self._stage = ShardStage(self.remote, self._local, entries, self._limit, on_evict=self._unmap)
         self._views = _LazyViews()
 
-    def _open_shard(self, meta: dict) -> list[_Batch]:
+    def _open_shard(self, meta: dict) -> list[BatchViews]:
         """Stage one shard, map it and hand CacheReader copies of its index columns (its views stay in the stage)."""
         s = self._position[meta["index"]]
         self._first_batch[s] = len(self._views)
@@ -411,11 +411,11 @@ class StagedCacheReader(CacheReader):
         try:
             batches = self._map(s)
             self._shard_batches[s] = len(batches)
-            return [_Batch({k: (v[0].copy(), v[1]) for k, v in b.cols.items() if k in fmt.INDEX_COLUMNS}) for b in batches]
+            return [BatchViews({k: (v[0].copy(), v[1]) for k, v in b.cols.items() if k in fmt.INDEX_COLUMNS}) for b in batches]
         finally:
             self._stage.release([s])
 
-    def _map(self, s: int) -> list[_Batch]:
+    def _map(self, s: int) -> list[BatchViews]:
         """Map staged shard ``s`` (unless it is) and register its record batches' views."""
         with self._map_lock:
             if s in self._shard_maps:
@@ -449,7 +449,7 @@ class StagedCacheReader(CacheReader):
     def _check_tiling_and_totals(self, entries: list[dict]) -> None:
         super()._check_tiling_and_totals(entries)
         listed = {e["file"] for e in entries}
-        unlisted = sorted(n for n in self.remote.names() if n.endswith(".arrow") and fmt.parse_shard_index(n) is not None and n not in listed)
+        unlisted = sorted(n for n in self.remote.names() if fmt.is_shard_data(n) and n not in listed)
         if unlisted:
             raise CacheError(f"{self.url}: {unlisted[0]} is stored but the manifest does not list it: re-run `kdcache dump-teacher` "
                              "with the same config and --cache-dir to repair it")
@@ -525,7 +525,7 @@ class StagedCacheReader(CacheReader):
                 self._stage.release([s])
 
     @property
-    def _batches(self):
+    def batches(self):
         """Every record batch's views, shard by shard (each staged while its batches are read)."""
         for s in range(len(self._stage)):
             self._stage.acquire([s])

@@ -112,7 +112,7 @@ def _coverage(reader: CacheReader, t) -> dict[str, float]:
     """The teacher's probability mass (at T=1) that a sparse target's stored tokens cover, per position:
     mean, 5th percentile and minimum; and the distinct tokens stored per position."""
     masses, distinct = [], []
-    for batch in reader._batches:
+    for batch in reader.batches:
         logp = batch.cols[t.name + "_logp"][0].astype(np.float32).reshape(-1, t.k)  # [positions, k]
         used = batch.cols[t.name + "_count"][0].reshape(-1, t.k) > 0 if t.mode == "sampled" else np.ones(logp.shape, bool)
         masses.append(np.where(used, np.exp(logp), 0.0).sum(axis=1))
@@ -124,7 +124,8 @@ def _coverage(reader: CacheReader, t) -> dict[str, float]:
             "distinct_per_position": float(np.concatenate(distinct).mean())}
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people (``512 B``, ``1.5 MiB``): `kdcache inspect` and `kdcache cache ls` both show sizes so."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -182,7 +183,7 @@ def format_summary(d: dict[str, Any]) -> str:
     if any(t["per"] == "position" for t in targets):
         lines.append(f"positions    {d['positions']:,} (covered by the per-position targets)")
     shards = _plural(d["num_shards"], "shard")
-    lines.append(f"on disk      {_human(d['bytes_on_disk'])} in {shards} ({_human(d['bytes_per_shard'])} per shard)")
+    lines.append(f"on disk      {human_bytes(d['bytes_on_disk'])} in {shards} ({human_bytes(d['bytes_per_shard'])} per shard)")
     per_pos = any("bytes_per_position" in f for f in d["fields"].values())
     lines.append("field        bytes/token  bytes/example  vs float32" + ("  bytes/position" if per_pos else ""))
     for name, f in d["fields"].items():

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from . import format as fmt
+from .durable import create_new, fsync_dir, write_json_atomic
 from .errors import CacheError, CacheWriteError, NonFiniteError
 from .fingerprint import GrowingFileDigest, sha256_file
 from .format import StoreSpec, TargetSpec
-from .ownership import create_new, open_new
 from .verify import first_out_of_vocabulary
 
 META_KEYS = ("index", "file", "bytes", "sha256", "rows", "tokens", "id_range")
@@ -269,35 +269,6 @@ def _stored_tokens(pooled: bool, n_tok: np.ndarray, T: int) -> np.ndarray:
     return n_tok
 
 
-# ----------------------------------------------------------------------------------------------
-# Durable file operations
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write json to ``path`` via temp file + fsync + rename + directory fsync."""
-    tmp = path.with_name(path.name + fmt.TMP_SUFFIX)
-    try:
-        with open_new(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)  # a full disk must not keep a half-written temp file
-        raise
-    _fsync_dir(path.parent)
-
-
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -377,7 +348,7 @@ class ShardWriter:
         """
         done: dict[int, dict] = {}
         paired: set[str] = set()
-        for meta_path in sorted(self.dir.glob("shard-*.json")):
+        for meta_path in sorted(self.dir.glob(fmt.SHARD_META_GLOB)):
             index = fmt.parse_shard_index(meta_path.name)
             if index is None or meta_path.name != fmt.shard_meta_name(index):
                 continue
@@ -388,7 +359,7 @@ class ShardWriter:
                 continue
             done[index] = meta
             paired.add(fmt.shard_name(index))
-        for arrow_path in self.dir.glob("shard-*.arrow"):
+        for arrow_path in self.dir.glob(fmt.SHARD_GLOB):
             if arrow_path.name not in paired and fmt.parse_shard_index(arrow_path.name) is not None:
                 _unlink(arrow_path)  # renamed but never published: redo
         return done
@@ -488,7 +459,7 @@ class ShardWriter:
             size = tmp.stat().st_size
             digest, self._digest = self._digest.hexdigest(size), None  # the bytes on disk, hashed as they were written
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException as exc:
             self._index = index
             self.abort_shard()
@@ -504,7 +475,7 @@ class ShardWriter:
             "id_range": [lo, hi],
         }
         with io_errors(self.dir):
-            _write_json_atomic(self.dir / fmt.shard_meta_name(index), meta)
+            write_json_atomic(self.dir / fmt.shard_meta_name(index), meta)
         self._index = self._id_range = None
         self._ids, self._tokens = [], 0
         if self.on_publish is not None:
@@ -566,13 +537,13 @@ class ShardWriter:
         out = json.loads(json.dumps(out))  # as read back: the digest is of what a reader parses
         out[fmt.MANIFEST_DIGEST] = fmt.manifest_digest(out)
         with io_errors(self.dir):
-            _write_json_atomic(self.dir / fmt.MANIFEST_NAME, out)
+            write_json_atomic(self.dir / fmt.MANIFEST_NAME, out)
         return out
 
     def _published_metas(self) -> list[dict]:
         """Metas of the published shards, sorted by index (sizes checked, checksums not)."""
         metas = []
-        for meta_path in self.dir.glob("shard-*.json"):
+        for meta_path in self.dir.glob(fmt.SHARD_META_GLOB):
             index = fmt.parse_shard_index(meta_path.name)
             if index is None:
                 continue

@@ -3,9 +3,9 @@
 The cache stores, per target position, the characters (context_end, target_end) of the text the
 teacher had read and of the token it predicted, and the manifest stores the teacher vocabulary's
 continuation strings. A student position whose context ends at the same character as a teacher
-position's (:func:`kdcache.align.align`) receives that position's top-k, whose ids the trainer maps
-into the student's vocabulary (:func:`kdcache.align.fold_topk`); the other positions learn from
-the hard labels only. The alignment rule is documented in :mod:`kdcache.align` and docs/causal-lm.md."""
+position's (:func:`kdcache.tokenization_alignment.align`) receives that position's top-k, whose ids the trainer maps
+into the student's vocabulary (:func:`kdcache.tokenization_alignment.fold_topk`); the other positions learn from
+the hard labels only. The alignment rule is documented in :mod:`kdcache.tokenization_alignment` and docs/causal-lm.md."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from kdcache.align import align, continuation_strings, vocab_map
 from kdcache.cache import CacheMismatchError, CacheReader
 from kdcache.cache.format import CONTINUATIONS, TargetSpec
 from kdcache.distill.collator import positions_key, target_key
+from kdcache.tokenization_alignment import align, continuation_strings, vocab_map
 
 
 class CrossTokenizer:

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import RandomSampler
 from transformers import Trainer
 
-from kdcache.align import fold_topk
 from kdcache.cache import CacheError
 from kdcache.cache.format import TargetSpec
 from kdcache.config import ConfigError
@@ -26,6 +25,7 @@ from kdcache.distill.shard_order import ShardBlockSampler
 from kdcache.distill.transfer_mix import TransferMixSampler
 from kdcache.distributed import any_rank, first_error
 from kdcache.teacher import pool_student, select_hidden
+from kdcache.tokenization_alignment import fold_topk
 
 __all__ = ["PROJECTIONS_FILE", "TrainingDiverged", "OnlineTeacher", "DistillationTrainer"]
 

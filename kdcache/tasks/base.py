@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from kdcache.cache.errors import short_repr
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
 
@@ -111,15 +112,10 @@ def check_values(dataset, column: str, option: str, kind: str, split: str, chunk
                 continue
         row = lo + first
         value = dataset[row][column]
-        what = "null (a missing value)" if value is None else f"{type(value).__name__} {_shorten(value)}"
+        what = "null (a missing value)" if value is None else f"{type(value).__name__} {short_repr(value, 40)}"
         example_id = dataset[row].get(EXAMPLE_ID, row)
         raise DataError(f"{split} data row {example_id} (counting from 0): column {column!r} holds {what}, not {_KIND_TEXT[kind]}: "
                         f"fix or drop that row, or set {option} (--{option.replace('_', '-')}) to the right column")
-
-
-def _shorten(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kdcache.cache import HiddenSpec, ShardWriter, StoreSpec, TargetSpec, TeacherBatch, quantize_int8
+from kdcache.cache.format import shard_meta_name, shard_name
 
 PAD_JUNK = 123.0  # written into padding of targets and float16 hidden: a correct writer never stores it
 
@@ -181,7 +182,7 @@ def rewrite_shard(path: Path, index: int, edit) -> None:
     from kdcache.cache import sha256_file
     from kdcache.cache.format import manifest_digest
 
-    p = path / f"shard-{index:05d}.arrow"
+    p = path / shard_name(index)
     f = pa.ipc.open_file(pa.BufferReader(p.read_bytes()))  # in memory: the file is overwritten below
     table, schema = f.read_all().combine_chunks(), f.schema
     table = edit(table)
@@ -192,7 +193,7 @@ def rewrite_shard(path: Path, index: int, edit) -> None:
     m["bytes"] = sum(s["bytes"] for s in m["shards"])
     m["manifest_sha256"] = manifest_digest(m)
     (path / "manifest.json").write_text(json.dumps(m))
-    side = path / f"shard-{index:05d}.json"
+    side = path / shard_meta_name(index)
     if side.is_file():
         side.write_text(json.dumps({**json.loads(side.read_text()), **m["shards"][index]}))
 

@@ -20,6 +20,7 @@ from cache_synth import SPECS, make_batch, make_truth, rewrite_shard, sign_manif
 from kdcache.cache import CacheError, CacheMismatchError, CacheReader, ShardWriter, TargetSpec
 from kdcache.cache import format as fmt
 from kdcache.cache import verify as verify_module
+from kdcache.cache.format import shard_name
 from kdcache.cache.reader import REPAIR_ADVICE
 
 
@@ -185,7 +186,7 @@ def test_expect_target_and_features(qa_cache):
 
 def _flip_a_value(path, index):
     """Flip one byte of shard ``index``'s stored hidden-state values (not its structure: it still opens)."""
-    p = path / f"shard-{index:05d}.arrow"
+    p = path / shard_name(index)
     with pa.memory_map(str(p)) as mm:
         raw = bytes(pa.ipc.open_file(mm).get_batch(0).column(fmt.COL_HIDDEN).values.buffers()[1])[:64]
     data = bytearray(p.read_bytes())

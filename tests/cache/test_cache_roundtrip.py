@@ -256,7 +256,7 @@ def test_zero_copy_views(qa_cache):
     path, _, _ = qa_cache
     r = CacheReader(path)
     for col in ("hidden_q", "logits"):
-        values, offsets = r._batches[0].cols[col]
+        values, offsets = r.batches[0].cols[col]
         assert not values.flags.owndata and not offsets.flags.owndata and not values.flags.writeable
 
 
