@@ -126,6 +126,12 @@ def build_on_device(make: Callable[[], Any], part: Part, bf16: bool):
         torch.set_default_dtype(old)
 
 
+def record_forward(part, fwd_s: float, fwd_tokens: int, flops: float) -> None:
+    """Record a bare forward pass's figures: seconds, tokens, tokens/s and MFU against the chip's peak."""
+    part.record(forward_s=fwd_s, forward_tokens=fwd_tokens, forward_tokens_per_s=fwd_tokens / fwd_s,
+                forward_mfu=flops * fwd_tokens / fwd_s / 1e12 / part.peak if part.peak else None)
+
+
 def forward_rate(model, batch: dict, batches: int, part: Part, hidden: bool, reduce: Optional[Callable] = None) -> tuple[float, int]:
     """Seconds for ``batches`` forward passes of ``batch`` (dump's autocast, inference mode; ``reduce`` applied to the
     outputs, as the dump's device work), after one warm-up pass; and the batches actually run (fewer when the
@@ -247,8 +253,7 @@ def part_bert_large(part: Part) -> None:
                 target_tokens=target, lowered_by=why or None, cache_at=str(where))
     fwd_s, ran = forward_rate(model, inputs, max(1, min(n_batches, sample // (batch * seq))), part, hidden=True)
     fwd_tokens = ran * batch * seq
-    part.record(forward_s=fwd_s, forward_tokens=fwd_tokens, forward_tokens_per_s=fwd_tokens / fwd_s,
-                forward_mfu=flops * fwd_tokens / fwd_s / 1e12 / part.peak if part.peak else None)
+    record_forward(part, fwd_s, fwd_tokens, flops)
     del model, inputs
     if part.cuda:
         torch.cuda.empty_cache()
@@ -318,8 +323,7 @@ def part_llama_1b(part: Part) -> None:
                 target_tokens=target, lowered_by=why or None)
     fwd_s, ran = forward_rate(model, inputs, n_batches, part, hidden=False)
     fwd_tokens = ran * B * S
-    part.record(forward_s=fwd_s, forward_tokens=fwd_tokens, forward_tokens_per_s=fwd_tokens / fwd_s,
-                forward_mfu=flops * fwd_tokens / fwd_s / 1e12 / part.peak if part.peak else None)
+    record_forward(part, fwd_s, fwd_tokens, flops)
     del model, inputs
     if part.cuda:
         torch.cuda.empty_cache()
