@@ -287,9 +287,9 @@ def test_close_stops_the_hashing(fp16_cache, slow_hash):
     path, _, _ = fp16_cache
     r = CacheReader(path)
     assert _verify_threads() and r.verified_shards() != [0, 1, 2, 3]
-    t = time.perf_counter()
     r.close()
-    assert not _verify_threads() and not r._maps and time.perf_counter() - t < 1
+    # stopped, not waited out: the threads are gone and the hashing never reached every shard
+    assert not _verify_threads() and not r._maps and r.verified_shards() != [0, 1, 2, 3]
     r.close()  # twice is fine
 
 
