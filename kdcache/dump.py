@@ -569,14 +569,31 @@ def collate_batch(task, features, rows: np.ndarray, tokenizer, device: torch.dev
     return {k: v.to(device) for k, v in padded.items()}
 
 
-def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The covered positions' rows [N, ...] (row b's counts[b] in order, then row b+1's) as [B, P, ...] with each
-    row's first counts[b] positions real and zeros after: what the cache stores (a row's first n_positions)."""
-    B, P = counts.shape[0], int(counts.max()) if counts.numel() else 0
-    front = torch.arange(P, device=counts.device)[None, :] < counts[:, None]  # [B, P]
-    out = rows.new_zeros((B, P, *rows.shape[1:]))
-    out[front] = rows
-    return out
+def _covered_first(positions: torch.Tensor) -> torch.Tensor:
+    """[B*S] flat position indices, the covered ones first (row by row, in order: the rows a boolean index
+    ``value[positions]`` gives), then the rest. A stable sort on the device: no row count goes to the host."""
+    return torch.sort((~positions).flatten().to(torch.uint8), stable=True).indices  # [B*S]
+
+
+def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor, span: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows [B*S, ...] in ``_covered_first`` order (row b's counts[b] covered ones, then row b+1's, then the rest; or
+    in the batch's own order, taken through ``order``) as [B, span, ...] with each row's first counts[b] positions
+    real and zeros after: what the cache stores (a row's first n_positions), padded to ``span`` rather than to
+    max(counts), which only the host learns (``_trim``). One gather: no boolean index, no row count on the host."""
+    B = counts.shape[0]
+    p = torch.arange(span, device=counts.device)  # [S]
+    starts = counts.cumsum(0) - counts  # [B] where row b's covered rows begin
+    src = (starts[:, None] + p[None, :]).clamp(max=max(rows.shape[0] - 1, 0)).flatten()  # [B*S]
+    if order is not None:
+        src = order.index_select(0, src)  # [B*S] the same rows, in the batch's order
+    real = (p[None, :] < counts[:, None]).view(B, span, *(1,) * (rows.dim() - 1))  # [B, S, 1...]
+    out = rows.index_select(0, src).view(B, span, *rows.shape[1:])  # [B, S, ...]
+    return out.masked_fill(~real, 0)  # an uncovered row's values (padding: even NaN) never reach the host
+
+
+def _trim(padded: np.ndarray, n_positions: np.ndarray) -> np.ndarray:
+    """A host array [B, S, ...] cut to [B, P, ...], P = the most positions a row covers (a view, no copy)."""
+    return padded[:, : int(n_positions.max()) if n_positions.size else 0]
 
 
 class HostCopies:
@@ -619,13 +636,15 @@ class HostCopies:
 def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
                    spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
     """Reduce the teacher's outputs on the device and copy only what is stored to the host (asynchronously on a GPU:
-    the batch's arrays are final once ``copies.issued()`` has run; without ``copies``, at return)."""
+    the batch's arrays are final once ``copies.issued()`` has run; without ``copies``, at return). Nothing here waits
+    for the device (no boolean index, no ``.item()``): the host queues the next forward while this batch's runs."""
     own = copies is None
     copies = HostCopies(torch.device("cpu")) if own else copies
     attention_mask = batch["attention_mask"]  # [B, S]
     fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
     positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
     counts = positions.sum(dim=1) if positions is not None else None  # [B] covered positions per row
+    order = _covered_first(positions) if positions is not None else None  # [B*P]
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
@@ -645,22 +664,30 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
         value = fields[t.name]
         if value.shape[-1] > t.width:  # rows of a padded embedding matrix that no token reaches
             value = value[..., : t.width]
-        if t.per == "position":  # only the covered positions are reduced and copied (no padding, no masked prompt)
-            value = value[positions]  # [N, C], row by row in order
+        # Per position, every row of the batch is reduced, the covered ones first (row by row, as a boolean index
+        # ordered them) and the rest after: their count stays on the device, so the host never waits for it. Each
+        # row's covered positions are then moved to its front ([B, P, ...]) and the host cuts P to the longest row.
+        per_position = t.per == "position"
         if t.mode == "full":  # float32 on the host: no float32 copy on the device
-            full = _rows_to_front(value, counts) if t.per == "position" else value
+            full = _rows_to_front(value.flatten(0, 1), counts, positions.shape[1], order) if per_position else value
             raw = copies.copy(full.float() if full.dtype == torch.bfloat16 else full)  # numpy has no bfloat16; exact either way
-            copies.then(lambda name=t.name, raw=raw: out.targets.__setitem__(name, raw.astype(np.float32, copy=False)))
+            copies.then(lambda name=t.name, raw=raw, cut=per_position: out.targets.__setitem__(
+                name, (_trim(raw, out.n_positions) if cut else raw).astype(np.float32, copy=False)))
             continue
+        if per_position:
+            value = value.flatten(0, 1).index_select(0, order)  # [B*P, C]
         if t.mode == "topk":
             comps = reduce_topk(value, t.k, t.temperatures)
         else:  # sampled: draws reproducible per batch (a resumed dump rewrites identical shards)
+            if per_position:  # uncovered rows (padding may hold NaN) draw from a uniform row, discarded after
+                covered = positions.flatten().index_select(0, order)  # [B*P]
+                value = value.masked_fill(~covered[:, None], 0)
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
-        raw = {c: copies.copy(_rows_to_front(v, counts)) for c, v in comps.items()}
+        raw = {c: copies.copy(_rows_to_front(v, counts, positions.shape[1])) for c, v in comps.items()}
         copies.then(lambda name=t.name, raw=raw, dtypes=dtypes: out.targets.__setitem__(
-            name, {c: v.astype(dtypes[c], copy=False) for c, v in raw.items()}))
+            name, {c: _trim(v, out.n_positions).astype(dtypes[c], copy=False) for c, v in raw.items()}))
     h_spec = spec.hidden
     if h_spec is not None:
         hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
