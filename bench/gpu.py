@@ -8,7 +8,8 @@ output goes to ``<results>/gpu.log``: two files, since the GPU machine returns a
 with random weights (never a 1B/7B model on the CPU); without a GPU only ``--quick`` (tiny shapes) runs.
 
   host-copies    the dump's asynchronous device-to-host copies (pinned buffers, a CUDA event the writer thread waits
-                 on) give the same arrays as synchronous ones, for every store mode of a tiny BERT and Llama
+                 on) give the same arrays as synchronous ones, for every store mode of a tiny BERT and Llama, and
+                 reduce_outputs never waits for the GPU (torch.cuda.set_sync_debug_mode("error") raises on a sync)
   bert-large     a bert-large-shaped classifier (335M), logits + 2 int8 hidden layers per token, sequence 128:
                  the bare forward over the dump's batch shapes, then ``dump_teacher`` over >= 20M tokens; dump
                  wall over bare forward, with the fixed costs (weight hashing, load + tokenize) apart
@@ -24,6 +25,7 @@ with random weights (never a 1B/7B model on the CPU); without a GPU only ``--qui
 Token counts shrink to what the part's time cap (and the free disk) allows; the figures say when they did.
 
     python -m bench.gpu --results DIR [--quick] [--parts bert-large,llama-1b,...] [--budget 480]
+                        [--tokens llama-1b=2000000,...] [--caps llama-1b=80,...]
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ TINY_LLAMA = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediat
 class Part:
     """One part's context: its deadline, device, work folder, and its figures (rewritten to disk on every record)."""
 
-    def __init__(self, name: str, out: Path, cap: float, quick: bool):
+    def __init__(self, name: str, out: Path, cap: float, quick: bool, tokens: Optional[int] = None):
         import torch
 
         self.name, self.out, self.quick = name, out, quick
+        self.tokens = tokens  # the tokens to dump when the command line sets them (--tokens), else the part's own target
         self.deadline = time.perf_counter() + cap
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
@@ -246,6 +249,7 @@ def part_bert_large(part: Part) -> None:
     fwd_tps = probe_n * batch * seq / probe_s
     per_token = len(layers) * (shape.hidden + 2 + 2 * 8)  # int8 values, a float16 scale, 8 float16 outliers + int16 ids
     target, sample = (2_000, 1_000) if part.quick else (TARGET_TOKENS["bert-large"], 4_000_000)
+    target = part.tokens or target
     where = cache_root(part)
     tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, per_token, where)
     n_batches = max(1, tokens // (batch * seq))
@@ -316,6 +320,7 @@ def part_llama_1b(part: Part) -> None:
     probe_s, probe_n = forward_rate(model, inputs, 2 if part.quick else 8, part, hidden=False)
     fwd_tps = probe_n * B * S / probe_s
     target, sample = (20_000, 10_000) if part.quick else (TARGET_TOKENS["llama-1b"], 1_000_000)
+    target = part.tokens or target
     tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, 6 * 6 + 2, part.work)
     repeat = max(1, -(-tokens // per_pass))
     n_batches = max(1, min(repeat * per_pass, sample) // (B * S))
@@ -349,7 +354,7 @@ def part_llama_7b(part: Part) -> None:
                 build_s=time.perf_counter() - t0)
     ids = torch.randint(0, g["vocab"], (B, S), device=part.device)
     inputs = {"input_ids": ids, "use_cache": False}  # whole 2048-token causal blocks
-    target = 4_000 if part.quick else TARGET_TOKENS["llama-7b"]
+    target = part.tokens or (4_000 if part.quick else TARGET_TOKENS["llama-7b"])
     n_batches = -(-target // (B * S))
     fwd_s, ran = forward_rate(model, inputs, n_batches, part, hidden=False)
     tps = ran * B * S / fwd_s
@@ -457,14 +462,70 @@ def part_host_copies(part: Part) -> None:
             copies = HostCopies(part.device)
             reduced = reduce_outputs(task, outputs, batch, rows, rows, spec, 0, copies)
             ready = copies.issued()
+            sync_free = never_waits(reduce_outputs, task, outputs, batch, rows, rows, spec, 0, HostCopies(part.device))
+            before = covered_rows_only(task, outputs, batch, spec, 0, rows, reduced)
         ready()  # as the writer thread does
         asyn = arrays(reduced)
         same = sorted(sync) == sorted(asyn) and all(sync[k].dtype == asyn[k].dtype and sync[k].shape == asyn[k].shape
                                                     and sync[k].tobytes() == asyn[k].tobytes() for k in sync)
-        checked[name] = {"identical": same, "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in sync.items()}}
+        checked[name] = {"identical": same, "sync_free": sync_free, "as_covered_rows_only": before() if before else None,
+                         "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in sync.items()}}
         part.record(checked=checked)
     if not all(c["identical"] for c in checked.values()):
         raise AssertionError("asynchronous host copies differ from synchronous ones: " + json.dumps(checked))
+    if not all(c["sync_free"] in (True, None) for c in checked.values()):
+        raise AssertionError("reduce_outputs waits for the GPU: " + json.dumps({k: c["sync_free"] for k, c in checked.items()}))
+
+
+def covered_rows_only(task, outputs, batch, spec, seed: int, feature_ids, stored) -> Optional[Callable[[], dict[str, bool]]]:
+    """For each top-k / sampled target: whether what the dump stored equals, byte for byte, a reduction of only the
+    covered rows (``value[positions]``, as the dump reduced them before it stopped syncing; now every row of the batch
+    is reduced, so the device's kernels see B*P rows instead of N). Returns a callable to run once the copies are
+    done, or None when no target is reduced."""
+    import numpy as np
+    import torch
+
+    from kdcache.teacher import reduce_sampled, reduce_topk
+
+    positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
+    refs = {}
+    for t in spec.targets:
+        if t.mode not in ("topk", "sampled"):
+            continue
+        value = task.output_targets(outputs)[t.name][..., : t.width][positions]  # [N, V] (a sync here is the reference's)
+        if t.mode == "topk":
+            refs[t.name] = reduce_topk(value, t.k, t.temperatures)
+        else:  # the dump's per-batch seed
+            gen = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
+            refs[t.name] = reduce_sampled(value, t.k, t.temperatures, gen)
+    if not refs:
+        return None
+
+    def compare() -> dict[str, bool]:
+        n = stored.n_positions
+        front = np.arange(stored.targets[next(iter(refs))]["idx"].shape[1])[None, :] < n[:, None]  # [B, P]
+        return {f"{name}:{c}": stored.targets[name][c][front].tobytes() == ref.cpu().numpy().astype(stored.targets[name][c].dtype).tobytes()
+                for name, comps in refs.items() for c, ref in comps.items()}
+
+    return compare
+
+
+def never_waits(run: Callable[..., Any], *args: Any) -> Any:
+    """True when ``run(*args)`` makes no call that waits for the GPU (torch's sync debug mode raises on one: ``.item()``, a
+    boolean index, a synchronous copy to the host), else the error it raised; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(*args)
+        return True
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def part_steps_seq2seq(part: Part) -> None:
@@ -508,11 +569,11 @@ PARTS: dict[str, Callable[[Part], None]] = {"host-copies": part_host_copies, "be
 
 
 # -- the driver ---------------------------------------------------------------------------------------
-def run_child(name: str, out: Path, cap: float, quick: bool) -> int:
+def run_child(name: str, out: Path, cap: float, quick: bool, tokens: Optional[int] = None) -> int:
     """One part in this process: its figures under ``out``; an error is recorded in them (and the exit status)."""
     import torch
 
-    part = Part(name, out, cap, quick)
+    part = Part(name, out, cap, quick, tokens)
     if not part.cuda and not quick and name != "steps-seq2seq" and name != "steps-lm":
         part.record(status="not measured: no GPU (the large shapes are never built on the CPU; --quick runs tiny ones)")
         return 0
@@ -529,8 +590,11 @@ def run_child(name: str, out: Path, cap: float, quick: bool) -> int:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str, Any]:
-    """Every part in its own process, each under min(its cap, what is left of ``budget``); a summary after each."""
+def run_all(out: Path, parts: list[str], quick: bool, budget: float, tokens: Optional[dict[str, int]] = None,
+            caps: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Every part in its own process, each under min(its cap, what is left of ``budget``); a summary after each.
+    ``tokens`` and ``caps`` set a part's dump size and time cap (a cap given is not scaled to the budget)."""
+    tokens, caps = tokens or {}, caps or {}
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summary: dict[str, Any] = {"budget_s": budget, "quick": quick, "parts": {}}
@@ -539,7 +603,7 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
     for name in parts:
         left = budget - (time.perf_counter() - start)
         # --quick runs tiny shapes, often on a loaded CPU where start-up alone takes tens of seconds: 4x the caps
-        cap = min(CAPS[name] * (budget / BUDGET_S) * (4 if quick else 1), left - 3)
+        cap = min(caps[name] if name in caps else CAPS[name] * (budget / BUDGET_S) * (4 if quick else 1), left - 3)
         if cap < 20:
             summary["parts"][name] = {"status": f"not run: {left:.0f} s of the {budget:.0f} s budget left"}
             update_results(out, summary=summary)
@@ -547,6 +611,7 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "bench.gpu", "--child", name, "--results", str(out), "--cap", str(cap)] + (["--quick"] if quick else [])
+        cmd += ["--tokens", f"{name}={tokens[name]}"] if name in tokens else []
         with open(out / LOG_FILE, "a") as log:
             log.write(f"===== {name} (cap {cap:.0f} s)\n")
             log.flush()
@@ -576,6 +641,14 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float) -> dict[str
     return summary
 
 
+def _pairs(text: str) -> dict[str, str]:
+    """"a=1,b=2" -> {"a": "1", "b": "2"}."""
+    pairs = [p.split("=", 1) for p in text.split(",") if p]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"expected PART=VALUE pairs separated by commas, got {text!r}")
+    return dict(pairs)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=common.RESULTS / "gpu-profile",
@@ -585,16 +658,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for all parts together (default 480; 4x with --quick); each part's cap scales with it")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and token counts: every path once, on the CPU if need be")
+    ap.add_argument("--tokens", default="", metavar="PART=N,...",
+                    help="tokens to dump for bert-large / llama-1b (and to run for llama-7b), instead of the part's target")
+    ap.add_argument("--caps", default="", metavar="PART=S,...",
+                    help="a part's time cap in seconds, instead of its share of the budget (e.g. a short run of two parts)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    try:
+        tokens = {k: int(float(v)) for k, v in _pairs(a.tokens).items()}
+        caps = {k: float(v) for k, v in _pairs(a.caps).items()}
+    except ValueError as exc:
+        ap.error(f"--tokens / --caps: {exc}")
     if a.child:
-        return run_child(a.child, a.results, a.cap, a.quick)
+        return run_child(a.child, a.results, a.cap, a.quick, tokens.get(a.child))
     parts = [p for p in a.parts.split(",") if p]
-    bad = [p for p in parts if p not in PARTS]
+    bad = [p for p in [*parts, *tokens, *caps] if p not in PARTS]
     if bad:
         ap.error(f"unknown part {', '.join(bad)}; choose from {', '.join(PARTS)}")
-    summary = run_all(a.results, parts, a.quick, a.budget or BUDGET_S * (4 if a.quick else 1))
+    summary = run_all(a.results, parts, a.quick, a.budget or BUDGET_S * (4 if a.quick else 1), tokens, caps)
     failed = [n for n, s in summary["parts"].items() if not s["status"].startswith(("done", "not measured"))]
     print(f"[gpu] figures in {a.results}; {len(summary['parts']) - len(failed)} of {len(parts)} parts done"
           + (f", not done: {', '.join(failed)}" if failed else ""), flush=True)
