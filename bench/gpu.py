@@ -605,7 +605,7 @@ def run_all(out: Path, parts: list[str], quick: bool, budget: float, tokens: Opt
         # --quick runs tiny shapes, often on a loaded CPU where start-up alone takes tens of seconds: 4x the caps
         cap = min(caps[name] if name in caps else CAPS[name] * (budget / BUDGET_S) * (4 if quick else 1), left - 3)
         if cap < 20:
-            summary["parts"][name] = {"status": f"not run: {left:.0f} s of the {budget:.0f} s budget left"}
+            summary["parts"][name] = {"status": f"not run: a cap of {cap:.0f} s ({left:.0f} s of the {budget:.0f} s budget left)"}
             update_results(out, summary=summary)
             continue
         t0 = time.perf_counter()

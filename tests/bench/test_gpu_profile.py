@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from bench import gpu
 
 
@@ -46,3 +48,17 @@ def test_a_part_writes_its_figures(tmp_path: Path):
     parts = json.loads((tmp_path / "results.json").read_text())["parts"]
     assert parts["unit"]["tokens"] == 3 and parts["unit"]["seconds"] == 1.5 and parts["other"] == {"tokens": 7}
     shutil.rmtree(part.work)
+
+
+def test_a_cap_given_replaces_the_share_of_the_budget(tmp_path: Path):
+    # llama-7b's share of the full budget is 70 s; given 10 s it is too short to start (and says so)
+    assert gpu.main(["--parts", "llama-7b", "--caps", "llama-7b=10", "--tokens", "llama-7b=4000", "--results", str(tmp_path)]) == 1
+    status = json.loads((tmp_path / "results.json").read_text())["summary"]["parts"]["llama-7b"]["status"]
+    assert status.startswith("not run: a cap of 10 s")
+
+
+def test_tokens_and_caps_name_known_parts(tmp_path: Path, capsys):
+    for bad in (["--tokens", "llama-2b=1000"], ["--caps", "llama-1b"], ["--tokens", "llama-1b=many"]):
+        with pytest.raises(SystemExit):
+            gpu.main([*bad, "--results", str(tmp_path)])
+    assert "unknown part llama-2b" in capsys.readouterr().err
