@@ -74,6 +74,13 @@ class Part:
                                         "quick": quick, "cap_s": cap}
         self.peak = common.peak_tflops(self.figures["device"]) if self.cuda else None
 
+    def target(self, quick: int, full: int) -> int:
+        """Tokens to dump (or run): ``--tokens`` when given, else ``full``; under ``--quick`` at most ``quick`` (tiny
+        shapes on a CPU: the same command line runs here first)."""
+        if self.quick:
+            return min(self.tokens or quick, quick)
+        return self.tokens or full
+
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
@@ -248,8 +255,7 @@ def part_bert_large(part: Part) -> None:
     tok_tps = tokenize_rate(tok, [r["text"] for r in rows], truncation=True, max_length=seq)
     fwd_tps = probe_n * batch * seq / probe_s
     per_token = len(layers) * (shape.hidden + 2 + 2 * 8)  # int8 values, a float16 scale, 8 float16 outliers + int16 ids
-    target, sample = (2_000, 1_000) if part.quick else (TARGET_TOKENS["bert-large"], 4_000_000)
-    target = part.tokens or target
+    target, sample = part.target(2_000, TARGET_TOKENS["bert-large"]), 1_000 if part.quick else 4_000_000
     where = cache_root(part)
     tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, per_token, where)
     n_batches = max(1, tokens // (batch * seq))
@@ -319,8 +325,7 @@ def part_llama_1b(part: Part) -> None:
     inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
     probe_s, probe_n = forward_rate(model, inputs, 2 if part.quick else 8, part, hidden=False)
     fwd_tps = probe_n * B * S / probe_s
-    target, sample = (20_000, 10_000) if part.quick else (TARGET_TOKENS["llama-1b"], 1_000_000)
-    target = part.tokens or target
+    target, sample = part.target(20_000, TARGET_TOKENS["llama-1b"]), 10_000 if part.quick else 1_000_000
     tokens, why = plan_tokens(target, sample, fwd_tps, tok_tps, part.left() - 25, 6 * 6 + 2, part.work)
     repeat = max(1, -(-tokens // per_pass))
     n_batches = max(1, min(repeat * per_pass, sample) // (B * S))
@@ -354,7 +359,7 @@ def part_llama_7b(part: Part) -> None:
                 build_s=time.perf_counter() - t0)
     ids = torch.randint(0, g["vocab"], (B, S), device=part.device)
     inputs = {"input_ids": ids, "use_cache": False}  # whole 2048-token causal blocks
-    target = part.tokens or (4_000 if part.quick else TARGET_TOKENS["llama-7b"])
+    target = part.target(4_000, TARGET_TOKENS["llama-7b"])
     n_batches = -(-target // (B * S))
     fwd_s, ran = forward_rate(model, inputs, n_batches, part, hidden=False)
     tps = ran * B * S / fwd_s
@@ -452,10 +457,19 @@ def part_host_copies(part: Part) -> None:
         cases.append((f"llama-{mode}", llama, lm, store_spec_for(config, lm, llama.config, LabelInfo(0), tok),
                       {"input_ids": ids, "attention_mask": mask, "labels": labels,
                        "offsets": torch.randint(0, 100, (ids.shape[0], ids.shape[1], 2), device=part.device)}))
+    # A batch of 16 x 512 positions with masked prompts: past 4,096 a GPU sorts the position mask another way (on
+    # the CPU 4 x 64, where the way is the same and 8k positions of the 30k-token head take a minute).
+    B, S = (16, 512) if part.cuda else (4, 64)
+    big = torch.randint(5, 2000, (B, S), device=part.device)
+    big_mask = (torch.arange(S, device=part.device)[None, :] < torch.randint(S // 2, S + 1, (B, 1), device=part.device)).long()
+    prompt = torch.arange(S, device=part.device)[None, :] < torch.randint(0, S // 5, (B, 1), device=part.device)
+    cases.append((f"llama-topk-{B}x{S}-prompts", llama, lm, cases[-3][3],
+                  {"input_ids": big, "attention_mask": big_mask, "labels": big.masked_fill((big_mask == 0) | prompt, -100),
+                   "offsets": torch.randint(0, 100, (B, S, 2), device=part.device)}))
     amp, _ = autocast_for(part.device)
     checked: dict[str, Any] = {}
     for name, model, task, spec, batch in cases:
-        rows = np.arange(ids.shape[0])
+        rows = np.arange(batch["input_ids"].shape[0])
         with torch.inference_mode(), amp:
             outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
             sync = arrays(reduce_outputs(task, outputs, batch, rows, rows, spec, 0))
@@ -659,7 +673,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="seconds for all parts together (default 480; 4x with --quick); each part's cap scales with it")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and token counts: every path once, on the CPU if need be")
     ap.add_argument("--tokens", default="", metavar="PART=N,...",
-                    help="tokens to dump for bert-large / llama-1b (and to run for llama-7b), instead of the part's target")
+                    help="tokens to dump for bert-large / llama-1b (and to run for llama-7b), instead of the part's target "
+                    "(under --quick, no more than its tiny target)")
     ap.add_argument("--caps", default="", metavar="PART=S,...",
                     help="a part's time cap in seconds, instead of its share of the budget (e.g. a short run of two parts)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

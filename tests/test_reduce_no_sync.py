@@ -192,10 +192,6 @@ def _syncs(name: str, args, kwargs) -> bool:
     if name in ("index", "_index_put_impl_", "index_put", "index_put_"):  # a boolean mask among the indices
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
-    if name == "multinomial":  # one draw or no replacement: torch checks the probabilities with .item() first
-        n = args[1] if len(args) > 1 else kwargs["num_samples"]
-        replacement = args[2] if len(args) > 2 else kwargs.get("replacement", False)
-        return n == 1 or not replacement
     if name == "repeat_interleave":  # the output size, unless given
         return kwargs.get("output_size") is None and len(args) < 4
     return False
