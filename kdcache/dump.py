@@ -681,7 +681,7 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
         else:  # sampled: draws reproducible per batch (a resumed dump rewrites identical shards)
             if per_position:  # uncovered rows (padding may hold NaN) draw from a uniform row, discarded after
                 covered = positions.flatten().index_select(0, order)  # [B*P]
-                value = value.masked_fill(~covered[:, None], 0)
+                value = value.masked_fill_(~covered[:, None], 0)  # in place: value is the gather's own copy
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
