@@ -165,7 +165,7 @@ def test_same_arrays_as_the_syncing_version(cases, name):
 
 # -- no sync: the aten ops reduce_outputs runs, recorded ---------------------------------------------------------
 class _Ops(TorchDispatchMode):
-    """Records every aten op run under it, with whether a boolean tensor indexes (a mask: nonzero inside)."""
+    """Counts the aten ops run under it and records those that wait for the device (``_syncs``)."""
 
     def __init__(self):
         super().__init__()
@@ -187,13 +187,14 @@ _READ_BACK = {"nonzero", "nonzero_static", "argwhere", "_local_scalar_dense", "i
 
 
 def _syncs(name: str, args, kwargs) -> bool:
+    """Whether an aten op (by name, with its arguments) must read a value back from the device to run."""
     if name in _READ_BACK:
         return True
     if name in ("index", "_index_put_impl_", "index_put", "index_put_"):  # a boolean mask among the indices
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
     if name == "repeat_interleave":  # the output size, unless given
-        return kwargs.get("output_size") is None and len(args) < 4
+        return kwargs.get("output_size") is None
     return False
 
 
@@ -205,6 +206,7 @@ def _syncing_ops(fn, case) -> tuple[list[str], int]:
 
 @pytest.mark.parametrize("name", CASES)
 def test_reduce_outputs_never_reads_back_from_the_device(cases, name):
+    """No op of the reduction waits for the device: the host can queue the next forward while this batch's runs."""
     syncing, count = _syncing_ops(reduce_outputs, cases[name])
     assert count > 20  # the mode saw the reduction's ops
     assert syncing == []
