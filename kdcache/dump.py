@@ -674,18 +674,19 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
             copies.then(lambda name=t.name, raw=raw, cut=per_position: out.targets.__setitem__(
                 name, (_trim(raw, out.n_positions) if cut else raw).astype(np.float32, copy=False)))
             continue
-        if per_position:
-            value = value.flatten(0, 1).index_select(0, order)  # [B*P, C]
-        if t.mode == "topk":
-            comps = reduce_topk(value, t.k, t.temperatures)
+        if t.mode == "topk":  # per row: reduced in the batch's order ([B, P, k]), no gather of the logits
+            comps = {c: v.flatten(0, 1) for c, v in reduce_topk(value, t.k, t.temperatures).items()}  # [B*P, ...]
+            rows_order = order
         else:  # sampled: draws reproducible per batch (a resumed dump rewrites identical shards)
+            rows_order = None  # the draws are taken in covered-first order, as a boolean index gave the rows
             if per_position:  # uncovered rows (padding may hold NaN) draw from a uniform row, discarded after
+                value = value.flatten(0, 1).index_select(0, order)  # [B*P, C]
                 covered = positions.flatten().index_select(0, order)  # [B*P]
                 value = value.masked_fill_(~covered[:, None], 0)  # in place: value is the gather's own copy
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
-        raw = {c: copies.copy(_rows_to_front(v, counts, positions.shape[1])) for c, v in comps.items()}
+        raw = {c: copies.copy(_rows_to_front(v, counts, positions.shape[1], rows_order)) for c, v in comps.items()}
         copies.then(lambda name=t.name, raw=raw, dtypes=dtypes: out.targets.__setitem__(
             name, {c: _trim(v, out.n_positions).astype(dtypes[c], copy=False) for c, v in raw.items()}))
     h_spec = spec.hidden
