@@ -331,8 +331,8 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     tokens = int(m["input_tokens"])
     loop_s = clock.last_end - calls[0]  # first forward to the last shard's close (every write done)
     st = {x[2]: {"seconds": clock.seconds[x[2]], "cpu": clock.cpu[x[2]], "calls": clock.calls[x[2]], "thread": x[3]} for x in STAGES}
-    # The covered positions' rows of the logits (value[positions] in the dump's reduction) are a device op on a GPU
-    # too, but an inline one that cannot be timed apart: measured here on the same shapes, per covered position.
+    # The covered-first ordering (and, for sampled draws, the gather of the logits' rows) in the dump's reduction are
+    # device ops on a GPU too, but inline ones that cannot be timed apart: measured here on the same shapes.
     host = {key: host_split(st, key, covered.total[key], tokens) for key in ("seconds", "cpu")}
     from kdcache.cache.summary import summarize
 
@@ -366,9 +366,10 @@ def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tok
 
 
 class CoveredRows:
-    """Times, before each batch's reduction, the one device op inside it that no stage names: selecting the covered
-    positions' rows of the per-position outputs (``value[positions]``), done again here on the same tensors and the same
-    positions so that its cost can be taken out of the reduction's total (wall and thread CPU seconds, summed)."""
+    """Times, before each batch's reduction, the device ops inside it that no stage names: ordering the covered
+    positions first (a stable sort of the position mask) and, for sampled draws, gathering the logits' rows in that
+    order, done again here on the same tensors so that their cost can be taken out of the reduction's total (wall and
+    thread CPU seconds, summed). Top-k gathers only its [B*P, k] results, too small to count."""
 
     def __init__(self):
         self.total = {"seconds": 0.0, "cpu": 0.0}
@@ -383,13 +384,14 @@ class CoveredRows:
             spec = args[2] if len(args) > 2 else kwargs["spec"]
             if spec.per_position:
                 positions = task.position_mask(batch)  # [B, P]
+                t0, c0 = time.perf_counter(), time.thread_time()
+                order = dump.covered_first(positions)  # [B*P]
                 for t in spec.targets:
                     value = task.output_targets(outputs).get(t.name)
-                    if t.per == "position" and t.mode in ("full", "topk", "sampled") and value is not None:
-                        t0, c0 = time.perf_counter(), time.thread_time()
-                        value[..., : t.width][positions]  # [N, C], as the reduction selects them
-                        self.total["seconds"] += time.perf_counter() - t0
-                        self.total["cpu"] += time.thread_time() - c0
+                    if t.per == "position" and t.mode == "sampled" and value is not None:
+                        value[..., : t.width].flatten(0, 1).index_select(0, order)  # [B*P, C], as the draws take them
+                self.total["seconds"] += time.perf_counter() - t0
+                self.total["cpu"] += time.thread_time() - c0
             return inner(task, outputs, batch, *args, **kwargs)
 
         dump.reduce_outputs = measured
@@ -473,7 +475,7 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     L += ["| stage | thread | " + " | ".join(c["name"] for c in cases) + " |", "|---|---|" + "---:|" * len(cases)]
     for _, _, name, thread in STAGES:
         L.append(f"| {name} | {thread} | " + " | ".join(f"{c['stages'][name]['cpu']:.2f}" for c in cases) + " |")
-    L.append("| covered positions' logit rows (`value[positions]` inside reduce; timed again on the same tensors before each "
+    L.append("| covered positions' order and logit rows (inside reduce; timed again on the same tensors before each "
              "reduction) | device | "
              + " | ".join(f"{c['host']['cpu']['covered_rows']:.2f}" for c in cases) + " |")
     L.append("| **host: forward loop** (collate + hand-off + reduce less its device work) | main | "

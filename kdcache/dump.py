@@ -569,14 +569,14 @@ def collate_batch(task, features, rows: np.ndarray, tokenizer, device: torch.dev
     return {k: v.to(device) for k, v in padded.items()}
 
 
-def _covered_first(positions: torch.Tensor) -> torch.Tensor:
+def covered_first(positions: torch.Tensor) -> torch.Tensor:
     """[B*S] flat position indices, the covered ones first (row by row, in order: the rows a boolean index
     ``value[positions]`` gives), then the rest. A stable sort on the device: no row count goes to the host."""
     return torch.sort((~positions).flatten().to(torch.uint8), stable=True).indices  # [B*S]
 
 
 def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor, span: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows [B*S, ...] in ``_covered_first`` order (row b's counts[b] covered ones, then row b+1's, then the rest; or
+    """Rows [B*S, ...] in ``covered_first`` order (row b's counts[b] covered ones, then row b+1's, then the rest; or
     in the batch's own order, taken through ``order``) as [B, span, ...] with each row's first counts[b] positions
     real and zeros after: what the cache stores (a row's first n_positions), padded to ``span`` rather than to
     max(counts), which only the host learns (``_trim``). One gather: no boolean index, no row count on the host."""
@@ -644,7 +644,7 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
     fields = task.output_targets(outputs)  # name -> [B, C] or [B, P, C]
     positions = task.position_mask(batch) if spec.per_position else None  # [B, P]
     counts = positions.sum(dim=1) if positions is not None else None  # [B] covered positions per row
-    order = _covered_first(positions) if positions is not None else None  # [B*P]
+    order = covered_first(positions) if positions is not None else None  # [B*P]
     out = TeacherBatch(
         feature_ids=feature_ids.astype(np.int64),
         example_ids=example_ids.astype(np.int64),
