@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from kdcache.cache.format import TargetSpec
-from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, ensure_example_ids, example_positions, user_columns
+from kdcache.config import FineTuneConfig, field_error
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, ensure_example_ids, example_positions
+from kdcache.tasks.data_checks import DataError, user_columns
+from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.vocab_head import VocabularyHead
 
 OFFSETS = "offsets"  # feature column and stored target: [n_positions, 2] (context_end, target_end) characters
@@ -45,11 +47,26 @@ NLL, TOKENS = "nll", "tokens"  # infer() outputs per feature: summed negative lo
 
 class CausalLM(VocabularyHead):
     name = "causal_lm"
+    field_defaults = {**VocabularyHead.field_defaults, "max_length": 512, "text_column": "text"}
+    own_fields = ("messages_column", "prompt_column", "ignore_spans_column", "packing", "cross_tokenizer")
+    generates = True
+    hub_task = "text-generation"
     model_class = AutoModelForCausalLM
     input_keys = ("input_ids", "attention_mask", "position_ids")
     forward_keys = ("input_ids", "attention_mask", "position_ids")
     feature_target_keys = (OFFSETS,)
     lower_is_better = True
+
+    def check_config(self, config: FineTuneConfig) -> None:
+        """The data layouts exclude each other: chat data or prompt/completion columns; sequence-level KD needs the
+        prompts it answers; cross-tokenizer alignment works on each example's own text, never a packed block."""
+        super().check_config(config)
+        if config.messages_column and (config.prompt_column or config.ignore_spans_column):
+            raise field_error("messages_column", "chat data marks its prompts by role: remove prompt_column and ignore_spans_column")
+        if config.sequence_kd and not (config.prompt_column or config.messages_column):
+            raise field_error("sequence_kd", "has the teacher answer each example's prompt: set prompt_column or messages_column")
+        if config.cross_tokenizer and config.packing:
+            raise field_error("cross_tokenizer", "aligns each example's own text: turn packing off (a packed block mixes examples)")
 
     # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:

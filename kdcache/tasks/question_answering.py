@@ -43,8 +43,13 @@ from transformers import AutoModelForQuestionAnswering
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, MASK_FILL, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+from kdcache.tasks.base import Task
+from kdcache.tasks.columns import EXAMPLE_ID, ensure_example_ids, example_positions
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.features import require_fast_tokenizer
+from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.squad import squad_metrics
+from kdcache.tasks.targets import MASK_FILL
 
 CLS_INDEX = 0  # the position that means "no answer here" ([CLS] / <s> of BERT- and RoBERTa-style tokenizers)
 NO_OFFSET = [-1, -1]  # offset_mapping entry of tokens outside the context
@@ -52,6 +57,8 @@ NO_OFFSET = [-1, -1]  # offset_mapping entry of tokens outside the context
 
 class QuestionAnswering(Task):
     name = "question_answering"
+    field_defaults = {"max_length": 384, "doc_stride": 128}
+    hub_task = "question-answering"
     model_class = AutoModelForQuestionAnswering
     head_modules = ("qa_outputs",)
     label_keys = ("start_positions", "end_positions")
@@ -118,8 +125,7 @@ class QuestionAnswering(Task):
         """One or more features (windows) per example, in example then window order: model inputs,
         ``kd_example_id``, ``length``, ``start_positions``/``end_positions`` when the answers column exists,
         and ``offset_mapping`` when split != "train"."""
-        if not getattr(tokenizer, "is_fast", False):
-            raise DataError("question_answering needs a fast (Rust) tokenizer: its offset mappings place answers in the context")
+        require_fast_tokenizer(tokenizer, self.name, "its offset mappings place answers in the context")
         dataset = ensure_example_ids(dataset)
         has_answers = config.answers_column in dataset.column_names
         keep_offsets = split != "train"

@@ -20,7 +20,9 @@ from transformers import AutoModelForSeq2SeqLM
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, DataError, LabelInfo, ensure_example_ids, example_positions
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, ensure_example_ids, example_positions
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.vocab_head import VocabularyHead
 
 TEXT = "text"  # the output field of infer(): generated text per feature
@@ -135,6 +137,9 @@ class Seq2SeqTask(VocabularyHead):
 
 class Summarization(Seq2SeqTask):
     name = "summarization"
+    field_defaults = {**Seq2SeqTask.field_defaults, "max_length": 512, "max_target_length": 128, "text_column": "document",
+                      "summary_column": "summary"}
+    hub_task = "summarization"
 
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         return [config.text_column, config.summary_column]
@@ -176,6 +181,8 @@ class Summarization(Seq2SeqTask):
 
 class Translation(Seq2SeqTask):
     name = "translation"
+    field_defaults = {**Seq2SeqTask.field_defaults, "max_target_length": 128, "text_column": "translation"}
+    hub_task = "translation"
 
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         return [config.text_column]

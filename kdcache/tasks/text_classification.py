@@ -14,12 +14,16 @@ from transformers import AutoModelForSequenceClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, Task, ensure_example_ids, example_positions, labeled_flags
-from kdcache.tasks.labels import class_label_names, label_kwargs, odd_label, stray_class_id, teacher_label_mismatch
+from kdcache.tasks.base import Task
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, ensure_example_ids, example_positions, labeled_flags
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, odd_label, stray_class_id
 
 
-class TextClassification(Task):
+class TextClassification(LabelSetHead, Task):
     name = "text_classification"
+    field_defaults = {**Task.field_defaults, "text_column": "text", "label_column": "label"}
+    hub_task = "text-classification"
     model_class = AutoModelForSequenceClassification
     head_modules = ("classifier", "score", "pre_classifier")
     accepts_transfer = True
@@ -125,13 +129,6 @@ class TextClassification(Task):
 
         remove = [c for c in dataset.column_names if c != EXAMPLE_ID]
         return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
-
-    # -- models ----------------------------------------------------------------------------------
-    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
-        return label_kwargs(labels)
-
-    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
-        return teacher_label_mismatch(model_config, labels, teacher_name)
 
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:

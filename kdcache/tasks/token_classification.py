@@ -34,25 +34,20 @@ from transformers import AutoModelForTokenClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import (
-    EXAMPLE_ID,
-    IGNORE_INDEX,
-    LABELED,
-    DataError,
-    LabelInfo,
-    Task,
-    ensure_example_ids,
-    example_positions,
-    labeled_flags,
-)
-from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
+from kdcache.tasks.base import Task
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, LABELED, ensure_example_ids, example_positions, labeled_flags
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.features import require_fast_tokenizer
+from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names
 
 OUTSIDE = "O"  # the tag of words a truncated feature does not cover
 KD_MASK = "kd_mask"  # [S] per training feature of a run with a transfer set: 1 where the KD term applies
 
 
-class TokenClassification(Task):
+class TokenClassification(LabelSetHead, Task):
     name = "token_classification"
+    field_defaults = {**Task.field_defaults, "text_column": "tokens", "label_column": "ner_tags"}
+    hub_task = "token-classification"
     model_class = AutoModelForTokenClassification
     head_modules = ("classifier",)
     accepts_transfer = True
@@ -147,8 +142,7 @@ class TokenClassification(Task):
         """One feature per example, in input order: model inputs, ``kd_example_id``, ``length``, ``labels``
         (per token, -100 where no tag) when the tag column exists, and ``word_ids`` when split != "train".
         Training rows with no tagged token are dropped (they carry no loss)."""
-        if not getattr(tokenizer, "is_fast", False):
-            raise DataError("token_classification needs a fast (Rust) tokenizer: its word_ids() align tags to sub-words")
+        require_fast_tokenizer(tokenizer, self.name, "its word_ids() align tags to sub-words")
         dataset = ensure_example_ids(dataset)
         has_labels = config.label_column in dataset.column_names
         keep_word_ids = split != "train"
@@ -195,13 +189,6 @@ class TokenClassification(Task):
                 features = features.filter(lambda tags: any(t != IGNORE_INDEX for t in tags), input_columns="labels",
                                            desc="dropping rows with no tagged token")
         return features
-
-    # -- models ----------------------------------------------------------------------------------
-    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
-        return label_kwargs(labels)
-
-    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
-        return teacher_label_mismatch(model_config, labels, teacher_name)
 
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:
