@@ -141,11 +141,13 @@ GENERIC_LAYER_FAMILY = "classification"  # a task without a row: the top layers,
 SMALL_STUDENT_TASKS = ("text_classification", "token_classification", "question_answering")
 
 
+# A task without a teacher row (token classification: the guide has none) gets the guide's classification teacher.
+GENERIC_TEACHER = RECOMMENDED_TEACHER_MODELS["text_classification"]["default"]
+
+
 def default_teacher(task_type: str) -> str:
-    """The guide's default teacher for a task; a task without a row (token classification: the guide has none) gets
-    the classification teacher."""
-    table = RECOMMENDED_TEACHER_MODELS.get(task_type, RECOMMENDED_TEACHER_MODELS["text_classification"])
-    return table["default"]
+    """The guide's default teacher for a task (GENERIC_TEACHER for a task without a row)."""
+    return RECOMMENDED_TEACHER_MODELS.get(task_type, {}).get("default", GENERIC_TEACHER)
 
 
 def default_temperature(task_type: str, num_labels: int | None = None) -> float:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from kdcache.cache import CacheMismatchError
+from kdcache.tasks.data_checks import DataError
 
 _FIX = "fine-tune the teacher on this label set first (kdcache train with use_distillation: false)"
 
@@ -45,6 +46,17 @@ class LabelSetHead:
 
     def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
         return teacher_label_mismatch(model_config, labels, teacher_name)
+
+
+def string_label_set(values: list[str], num_labels: Optional[int], what: str, one_class: str) -> LabelInfo:
+    """The classes of string labels, sorted by name. DataError when num_labels gives another count, or when a single
+    class occurs (``one_class``: that error, with ``{}`` where the class goes); ``what`` names the values ("labels")."""
+    names = sorted(set(values))
+    if num_labels is not None and num_labels != len(names):
+        raise DataError(f"num_labels is {num_labels} but the training {what} have {len(names)} distinct values")
+    if len(names) < 2:
+        raise DataError(one_class.format(repr(names[0])))
+    return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
 
 
 def label_kwargs(labels: LabelInfo) -> dict[str, Any]:

@@ -128,7 +128,6 @@ class QuestionAnswering(Task):
         require_fast_tokenizer(tokenizer, self.name, "its offset mappings place answers in the context")
         dataset = ensure_example_ids(dataset)
         has_answers = config.answers_column in dataset.column_names
-        keep_offsets = split != "train"
         if has_answers:
             self._checked_answers(dataset, config, split)
         self._check_room(dataset, tokenizer, config, split)
@@ -158,13 +157,13 @@ class QuestionAnswering(Task):
                     s, e = answer_tokens(offsets[i], seq_ids, context_seq, span)
                     starts.append(s)
                     ends.append(e)
-                if keep_offsets:
+                if split != "train":
                     window = np.asarray(offsets[i], dtype=np.int64).reshape(-1, 2)  # [n, 2]
                     window[np.asarray([s != context_seq for s in seq_ids], dtype=bool)] = NO_OFFSET
                     kept.append(window)
             if has_answers:
                 enc["start_positions"], enc["end_positions"] = starts, ends
-            if keep_offsets:
+            if split != "train":
                 enc["offset_mapping"] = kept
             return enc
 

@@ -17,7 +17,7 @@ from kdcache.config import FineTuneConfig
 from kdcache.tasks.base import Task
 from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, ensure_example_ids, example_positions, labeled_flags
 from kdcache.tasks.data_checks import DataError
-from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, odd_label, stray_class_id
+from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, odd_label, stray_class_id, string_label_set
 
 
 class TextClassification(LabelSetHead, Task):
@@ -49,13 +49,8 @@ class TextClassification(LabelSetHead, Task):
         if any(v is None for v in values):
             raise DataError(f"column {config.label_column!r} has empty labels: every training row needs one")
         if all(isinstance(v, str) for v in values):
-            names = sorted(set(values))
-            if config.num_labels is not None and config.num_labels != len(names):
-                raise DataError(f"num_labels is {config.num_labels} but the training labels have {len(names)} distinct values")
-            if len(names) < 2:
-                raise DataError(f"every training label is {names[0]!r}: a classifier needs at least two classes in the "
-                                "training data; add rows of the other classes")
-            return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
+            return string_label_set(values, config.num_labels, "labels", "every training label is {}: a classifier needs at "
+                                    "least two classes in the training data; add rows of the other classes")
         odd = odd_label(values)
         if odd is not None:
             row, value, among = odd

@@ -38,7 +38,7 @@ from kdcache.tasks.base import Task
 from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, LABELED, ensure_example_ids, example_positions, labeled_flags
 from kdcache.tasks.data_checks import DataError
 from kdcache.tasks.features import require_fast_tokenizer
-from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names
+from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, string_label_set
 
 OUTSIDE = "O"  # the tag of words a truncated feature does not cover
 KD_MASK = "kd_mask"  # [S] per training feature of a run with a transfer set: 1 where the KD term applies
@@ -71,12 +71,8 @@ class TokenClassification(LabelSetHead, Task):
         if not values:
             raise DataError(f"the training rows carry no tags in column {col!r}: token classification needs tagged words")
         if all(isinstance(v, str) for v in values):
-            names = sorted(set(values))
-            if config.num_labels is not None and config.num_labels != len(names):
-                raise DataError(f"num_labels is {config.num_labels} but the training tags have {len(names)} distinct values")
-            if len(names) < 2:
-                raise DataError(f"the training tags hold a single tag ({names[0]!r}): token classification needs two or more")
-            return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
+            return string_label_set(values, config.num_labels, "tags",
+                                    "the training tags hold a single tag ({}): token classification needs two or more")
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
             raise DataError(f"column {col!r} must hold lists of tags: all strings (e.g. 'B-location') or all integer ids")
         low, high = int(min(values)), int(max(values))

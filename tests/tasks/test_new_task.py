@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import ConfigError, FineTuneConfig, field_error
-from kdcache.recommend import GENERIC_TEMPERATURE, default_layers, default_teacher, default_temperature, format_recommendations
+from kdcache.recommend import GENERIC_TEACHER, GENERIC_TEMPERATURE, default_layers, default_teacher, default_temperature, format_recommendations
 from kdcache.tasks import get_task, register_task, task_names, unregister_task
 from kdcache.tasks.base import Task
 from kdcache.tasks.columns import EXAMPLE_ID, ensure_example_ids, example_positions
@@ -118,7 +118,7 @@ def test_a_registered_task_is_configured_by_its_own_class(toy_task):
 
 def test_a_task_without_recommendation_rows_gets_the_generic_defaults(toy_task):
     assert default_temperature(toy_task, 3) == GENERIC_TEMPERATURE
-    assert default_teacher(toy_task) == default_teacher("token_classification") == "bert-large-uncased"  # the guide's general one
+    assert default_teacher(toy_task) == default_teacher("token_classification") == GENERIC_TEACHER
     assert default_layers(toy_task, 6) == default_layers("text_classification", 6) == [4, 5, 6]  # the top layers
     printed = format_recommendations(toy_task)
     assert printed.splitlines()[0] == toy_task
