@@ -116,7 +116,7 @@ def test_a_registered_task_is_configured_by_its_own_class(toy_task):
         FineTuneConfig(model_name="m", task_type=toy_task, sequence_kd=True)
 
 
-def test_a_task_without_recommendation_rows_gets_the_generic_defaults(toy_task):
+def test_a_task_without_recommendation_rows_gets_the_generic_defaults(toy_task, kdcache_home):
     assert default_temperature(toy_task, 3) == GENERIC_TEMPERATURE
     assert default_teacher(toy_task) == default_teacher("token_classification") == GENERIC_TEACHER
     assert default_layers(toy_task, 6) == default_layers("text_classification", 6) == [4, 5, 6]  # the top layers
@@ -124,6 +124,7 @@ def test_a_task_without_recommendation_rows_gets_the_generic_defaults(toy_task):
     assert printed.splitlines()[0] == toy_task
     assert f"  temperature: {GENERIC_TEMPERATURE}" in printed and "  layers: top_layers" in printed
     assert toy_task in format_recommendations()  # listed with the built-in tasks
+    assert run_cli(["recommend", "--task", toy_task], kdcache_home).stdout.strip() == format_recommendations(toy_task)
 
 
 @pytest.mark.slow
