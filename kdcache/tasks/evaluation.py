@@ -3,14 +3,30 @@ predictions, and the task's metric over them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from kdcache.config import FineTuneConfig
     from kdcache.tasks.labels import LabelInfo
+
+
+def inference_mode(method: Callable) -> Callable:
+    """``method`` run under torch.inference_mode(), torch imported at the call: task modules load without torch,
+    so that a config asks its task without paying for the training stack."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+
+    return run
 
 
 class TaskEvaluation:
@@ -18,7 +34,7 @@ class TaskEvaluation:
 
     lower_is_better: bool = False  # the primary metric improves downwards (perplexity)
 
-    @torch.inference_mode()
+    @inference_mode
     def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:
         """A model's outputs on one padded eval batch, per feature, for :meth:`predictions`: name -> a list
         of [C] or [n_i, C] float arrays (cut to each feature's positions). Generating tasks override it."""

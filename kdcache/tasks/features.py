@@ -6,18 +6,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 
 from kdcache.tasks.columns import IGNORE_INDEX, MODEL_INPUT_KEYS
 from kdcache.tasks.data_checks import DataError, check_columns
 
 if TYPE_CHECKING:
+    import torch
+
     from kdcache.config import FineTuneConfig
     from kdcache.tasks.labels import LabelInfo
 
 
 def pad_labels(values: list) -> torch.Tensor:
     """[B] for scalar labels; [B, longest] padded with -100 for per-token label lists."""
+    import torch
+
     if not isinstance(values[0], (list, tuple, np.ndarray)):
         return torch.tensor(values)
     out = torch.full((len(values), max(len(v) for v in values)), IGNORE_INDEX, dtype=torch.long)  # [B, P]

@@ -14,8 +14,15 @@ if TYPE_CHECKING:
 class TaskModel:
     """The model side of a task: its class, its head, and the checks a teacher's or student's config must pass."""
 
-    model_class: Any = None  # the transformers Auto class (from_pretrained) of the task's models
+    auto_class: str = ""  # the transformers Auto class of the task's models, by name (transformers loads on first use)
     head_modules: tuple[str, ...] = ()  # top-level modules of the task head (must be trained in a teacher)
+
+    @property
+    def model_class(self) -> Any:
+        """The transformers Auto class whose from_pretrained builds the task's teacher and student."""
+        import transformers
+
+        return getattr(transformers, self.auto_class)
 
     def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments of a student built for these labels (e.g. num_labels)."""

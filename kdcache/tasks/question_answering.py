@@ -35,11 +35,9 @@ Metrics: SQuAD exact match and F1 in percent (0-100, as the official script; see
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
-from transformers import AutoModelForQuestionAnswering
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
@@ -51,6 +49,9 @@ from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.squad import squad_metrics
 from kdcache.tasks.targets import MASK_FILL
 
+if TYPE_CHECKING:
+    import torch
+
 CLS_INDEX = 0  # the position that means "no answer here" ([CLS] / <s> of BERT- and RoBERTa-style tokenizers)
 NO_OFFSET = [-1, -1]  # offset_mapping entry of tokens outside the context
 
@@ -59,7 +60,7 @@ class QuestionAnswering(Task):
     name = "question_answering"
     field_defaults = {"max_length": 384, "doc_stride": 128}
     hub_task = "question-answering"
-    model_class = AutoModelForQuestionAnswering
+    auto_class = "AutoModelForQuestionAnswering"
     head_modules = ("qa_outputs",)
     label_keys = ("start_positions", "end_positions")
 
@@ -174,6 +175,8 @@ class QuestionAnswering(Task):
         return [TargetSpec("logits", "position", 2)]
 
     def output_targets(self, outputs) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"logits": torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)}  # [B, S, 2]
 
     def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -6,11 +6,9 @@ is -100 (no hard-label loss; the KD term covers it)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
@@ -19,12 +17,15 @@ from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, ensure_example_ids, 
 from kdcache.tasks.data_checks import DataError
 from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, odd_label, stray_class_id, string_label_set
 
+if TYPE_CHECKING:
+    import torch
+
 
 class TextClassification(LabelSetHead, Task):
     name = "text_classification"
     field_defaults = {**Task.field_defaults, "text_column": "text", "label_column": "label"}
     hub_task = "text-classification"
-    model_class = AutoModelForSequenceClassification
+    auto_class = "AutoModelForSequenceClassification"
     head_modules = ("classifier", "score", "pre_classifier")
     accepts_transfer = True
 

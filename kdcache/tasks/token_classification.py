@@ -26,11 +26,9 @@ says where the KD term applies since the labels no longer can.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from transformers import AutoModelForTokenClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
@@ -40,6 +38,9 @@ from kdcache.tasks.data_checks import DataError
 from kdcache.tasks.features import require_fast_tokenizer
 from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, string_label_set
 
+if TYPE_CHECKING:
+    import torch
+
 OUTSIDE = "O"  # the tag of words a truncated feature does not cover
 KD_MASK = "kd_mask"  # [S] per training feature of a run with a transfer set: 1 where the KD term applies
 
@@ -48,7 +49,7 @@ class TokenClassification(LabelSetHead, Task):
     name = "token_classification"
     field_defaults = {**Task.field_defaults, "text_column": "tokens", "label_column": "ner_tags"}
     hub_task = "token-classification"
-    model_class = AutoModelForTokenClassification
+    auto_class = "AutoModelForTokenClassification"
     head_modules = ("classifier",)
     accepts_transfer = True
     mask_keys = (KD_MASK,)

@@ -6,14 +6,15 @@ every token of its tokenizer (extra rows of a padded embedding matrix are tolera
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from kdcache.cache.format import DEFAULT_TEMPERATURES, TargetSpec
 from kdcache.config import FineTuneConfig
 from kdcache.tasks.base import Task
 from kdcache.tasks.data_checks import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class VocabularyHead(Task):

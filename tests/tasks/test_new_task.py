@@ -32,7 +32,7 @@ class ToyRating(Task):
 
     name = "toy_rating"
     field_defaults = {"max_length": 32, "text_column": "sentence", "label_column": "stars"}
-    model_class = AutoModelForSequenceClassification
+    auto_class = "AutoModelForSequenceClassification"
     head_modules = ("classifier",)
 
     def check_config(self, config: FineTuneConfig) -> None:
