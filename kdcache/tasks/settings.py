@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from kdcache.config import field_error
+from kdcache.tasks import task_class, task_names, task_names_where
 
 if TYPE_CHECKING:
     from kdcache.config import FineTuneConfig
@@ -25,8 +26,6 @@ class TaskSettings:
     def check_config(self, config: FineTuneConfig) -> None:
         """Raise ConfigError naming the first field this task refuses: options its head or generation facts rule out,
         and fields another task owns. A task with rules of its own overrides it (calling super() first)."""
-        from kdcache.tasks import task_names_where
-
         if not self.vocabulary_head and config.logits_mode not in (None, "full"):
             raise field_error("logits_mode", f"applies to {', '.join(task_names_where('vocabulary_head'))} (vocabulary-scale "
                                              f"heads); {self.name} stores its full logits: remove it")
@@ -41,8 +40,6 @@ class TaskSettings:
 
     def _check_foreign_fields(self, config: FineTuneConfig) -> None:
         """ConfigError for a field that another task owns (its own_fields) set on a run of this one."""
-        from kdcache.tasks import task_class, task_names
-
         for owner in task_names():
             if owner == self.name:
                 continue
