@@ -1,6 +1,6 @@
 """What a task states about its configuration (DESIGN.md §5): the values its unset fields take, the fields only it
 reads, the head facts that decide which options apply to it, and its own fields' rules. `FineTuneConfig` asks the
-task for all of these, so that no module outside kdcache/tasks/ names a task."""
+task for all of these, so that no code outside kdcache/tasks/ branches on a task."""
 
 from __future__ import annotations
 
