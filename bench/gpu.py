@@ -426,7 +426,7 @@ def part_host_copies(part: Part) -> None:
     from kdcache.config import FineTuneConfig
     from kdcache.dump import HostCopies, autocast_for, reduce_outputs, store_spec_for
     from kdcache.tasks import get_task
-    from kdcache.tasks.base import LabelInfo
+    from kdcache.tasks.labels import LabelInfo
 
     def arrays(batch) -> dict[str, np.ndarray]:
         out = {k: getattr(batch, k) for k in ("n_tokens", "n_positions", "hidden", "hidden_q", "hidden_scale", "hidden_outlier_idx",

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from kdcache.config import ConfigError, FineTuneConfig
-from kdcache.tasks.base import DataError
+from kdcache.tasks.data_checks import DataError
 
 __all__ = ["AugmentOptions", "AugmentResult", "augment_dataset", "drop_words", "swap_words", "sidecar_path"]
 

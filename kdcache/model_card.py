@@ -12,7 +12,6 @@ from typing import Any, Optional
 from kdcache.cache.durable import write_atomic
 from kdcache.config import FineTuneConfig
 from kdcache.recommend import teacher_name_for
-from kdcache.tasks.defaults import HUB_TASKS
 
 CARD_NAME = "README.md"
 MARKER = "<!-- written by kdcache: rewritten by train-student and kdcache compare -->"
@@ -60,12 +59,14 @@ def build_card(config: FineTuneConfig, metrics: dict[str, float], metric: str, t
     (report.json's ``criteria``) or None before a compare."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    hub_task = HUB_TASKS[config.task_type]
+    from kdcache.tasks import task_class
+
+    hub_task = task_class(config.task_type).hub_task  # None for a task the hub has no id for: no pipeline tag, no results
     teacher = teacher_name_for(config) if config.use_distillation else None
     base, dataset = hub_id(config.model_name), hub_id(config.dataset_name)
     name = Path(config.output_dir).name
     results = None
-    if metric in metrics:
+    if metric in metrics and hub_task:
         dataset_type, dataset_name = _eval_source(config)
         results = [EvalResult(task_type=hub_task, dataset_type=dataset_type, dataset_name=dataset_name, metric_type=metric,
                               metric_value=round(float(metrics[metric]), 4),

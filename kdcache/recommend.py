@@ -1,12 +1,14 @@
 """The guide's recommendation tables, in one place: defaults for teachers, students,
-temperatures and layers per task. `kdcache recommend` prints them."""
+temperatures and layers per task. `kdcache recommend` prints them.
+
+A task's rows are optional: a task without them (a new one) gets the generic defaults below."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from kdcache.layer_strategy import strategy_layers
-from kdcache.tasks.defaults import LAYER_FAMILY, VOCABULARY_TASKS
+from kdcache.tasks import task_names
 
 RECOMMENDED_TEACHER_MODELS: dict[str, dict[str, str]] = {
     "text_classification": {
@@ -76,6 +78,12 @@ TEMPERATURE_GUIDE: dict[str, float] = {
     "causal_lm": 1.0,  # kdcache's own: LLM distillation (MiniLLM, GKD, DistillKit) trains at T = 1
 }
 
+# Tasks whose guide temperature depends on the label count: (row for 2 labels, row for more).
+TEMPERATURE_BY_LABELS: dict[str, tuple[str, str]] = {
+    "text_classification": ("binary_classification", "multi_class_classification"),
+}
+GENERIC_TEMPERATURE = 1.0  # a task without a row: T 1, what kdcache measured best on every task it measured (docs/recipe.md)
+
 LAYER_SELECTION_GUIDE: dict[str, dict] = {
     "classification": {"strategy": "top_layers", "layers": [-1, -2, -3]},
     "generation": {"strategy": "distributed", "layers": [0, 4, 8, 12]},
@@ -117,75 +125,96 @@ def small_student(teacher_depth: int) -> dict[str, object]:
     return {"student_layers": [0, teacher_depth - 1] if teacher_depth > 1 else [0], "prune_vocabulary": True}
 
 
-# Which row of LAYER_SELECTION_GUIDE each task uses (a task fact: kept in kdcache/tasks/defaults.py).
-_LAYER_FAMILY = LAYER_FAMILY
+# Which row of LAYER_SELECTION_GUIDE each task uses (the guide's rows: classification = top layers, qa = bookend,
+# generation = distributed); kdcache.layer_strategy maps its strategy onto the teacher's depth.
+LAYER_FAMILY: dict[str, str] = {
+    "text_classification": "classification",
+    "token_classification": "classification",
+    "question_answering": "qa",
+    "summarization": "generation",
+    "translation": "generation",
+    "causal_lm": "generation",
+}
+GENERIC_LAYER_FAMILY = "classification"  # a task without a row: the top layers, nearest the head
+
+# The tasks whose smallest student is SMALL_STUDENT_NOTE's (heads over labels: a vocabulary head cannot be pruned).
+SMALL_STUDENT_TASKS = ("text_classification", "token_classification", "question_answering")
+
+
+# A task without a teacher row (token classification: the guide has none) gets the guide's classification teacher.
+GENERIC_TEACHER = RECOMMENDED_TEACHER_MODELS["text_classification"]["default"]
 
 
 def default_teacher(task_type: str) -> str:
-    """The guide's default teacher for a task."""
-    table = RECOMMENDED_TEACHER_MODELS.get(task_type)
-    if table is None:
-        # token classification has no row in the guide: the classification teacher serves.
-        table = RECOMMENDED_TEACHER_MODELS["text_classification"]
-    return table["default"]
+    """The guide's default teacher for a task (GENERIC_TEACHER for a task without a row)."""
+    return RECOMMENDED_TEACHER_MODELS.get(task_type, {}).get("default", GENERIC_TEACHER)
 
 
 def default_temperature(task_type: str, num_labels: int | None = None) -> float:
-    """The guide's temperature for a task (binary vs multi-class for classification)."""
-    if task_type == "text_classification":
-        key = "binary_classification" if num_labels == 2 else "multi_class_classification"
-        return TEMPERATURE_GUIDE[key]
-    return TEMPERATURE_GUIDE[task_type]
+    """The guide's temperature for a task (binary vs multi-class where its row splits by label count); a task without
+    a row gets GENERIC_TEMPERATURE."""
+    by_labels = TEMPERATURE_BY_LABELS.get(task_type)
+    if by_labels is not None:
+        return TEMPERATURE_GUIDE[by_labels[0] if num_labels == 2 else by_labels[1]]
+    return TEMPERATURE_GUIDE.get(task_type, GENERIC_TEMPERATURE)
+
+
+def _layer_row(task_type: str) -> dict:
+    """The task's LAYER_SELECTION_GUIDE row (GENERIC_LAYER_FAMILY's for a task without one)."""
+    return LAYER_SELECTION_GUIDE[LAYER_FAMILY.get(task_type, GENERIC_LAYER_FAMILY)]
 
 
 def layer_strategy(task_type: str) -> str:
     """The guide's layer-selection strategy for a task: top_layers, distributed or bookend."""
-    return LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task_type]]["strategy"]
+    return _layer_row(task_type)["strategy"]
 
 
 def default_layers(task_type: str, depth: Optional[int] = None) -> list[int]:
     """The hidden layers to distil for a task: its strategy mapped onto a teacher of ``depth`` layers, or the guide's
     own list (for a 12-layer teacher) when the depth is not known."""
     if depth is None:
-        return list(LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task_type]]["layers"])
+        return list(_layer_row(task_type)["layers"])
     return list(strategy_layers(layer_strategy(task_type), depth))
 
 
 def format_recommendations(task_type: str | None = None, depths: Optional[dict[str, int]] = None) -> str:
     """Human-readable tables for `kdcache recommend`; an unknown task is a ConfigError listing the known ones. ``depths``
     (task -> a teacher's layer count, see `teacher_depths`) adds each task's layers resolved on that teacher."""
-    if task_type and task_type not in _LAYER_FAMILY:
+    if task_type and task_type not in task_names():
         from kdcache.config import ConfigError
 
-        raise ConfigError(f"--task: unknown task {task_type!r}; choose one of {', '.join(_LAYER_FAMILY)}")
-    tasks = [task_type] if task_type else list(_LAYER_FAMILY)
+        raise ConfigError(f"--task: unknown task {task_type!r}; choose one of {', '.join(task_names())}")
     lines = []
-    for task in tasks:
-        lines.append(f"{task}")
-        teachers = RECOMMENDED_TEACHER_MODELS.get(task)
-        if teachers:
-            lines.append("  teachers: " + ", ".join(f"{k}={v}" for k, v in teachers.items()))
-        students = RECOMMENDED_STUDENT_MODELS.get(task)
-        if students:
-            lines.append("  students: " + ", ".join(f"{k}={v}" for k, v in students.items()))
-        if task not in VOCABULARY_TASKS:
-            lines.append(f"  smallest student: {SMALL_STUDENT_NOTE}")
-        if task == "text_classification":
-            lines.append(
-                f"  temperature: {TEMPERATURE_GUIDE['binary_classification']} (binary), "
-                f"{TEMPERATURE_GUIDE['multi_class_classification']} (multi-class)"
-            )
-        else:
-            lines.append(f"  temperature: {default_temperature(task)}")
-        family = LAYER_SELECTION_GUIDE[_LAYER_FAMILY[task]]
-        depth = (depths or {}).get(task)
-        lines.append(f"  layers: {family['strategy']} (the guide's {family['layers']} for a 12-layer teacher)"
-                     + (f"; on the teacher's {depth} layers: {default_layers(task, depth)}" if depth else ""))
+    for task in [task_type] if task_type else task_names():
+        lines += _task_lines(task, (depths or {}).get(task))
     lines.append("size ratios: " + ", ".join(f"{k} {v['ratio']} ({v['example']})" for k, v in MODEL_SIZE_RATIOS.items()))
     lines.append("training recipe (the config's defaults; docs/recipe.md): "
                  + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in TRAINING_RECIPE.items()))
     lines += [f"  - {note}" for note in RECIPE_NOTES]
     return "\n".join(lines)
+
+
+def _task_lines(task: str, depth: Optional[int]) -> list[str]:
+    """`kdcache recommend`'s lines for one task (its rows, or the generic defaults), with its layers on a teacher of
+    ``depth`` layers when given."""
+    lines = [task]
+    teachers = RECOMMENDED_TEACHER_MODELS.get(task)
+    if teachers:
+        lines.append("  teachers: " + ", ".join(f"{k}={v}" for k, v in teachers.items()))
+    students = RECOMMENDED_STUDENT_MODELS.get(task)
+    if students:
+        lines.append("  students: " + ", ".join(f"{k}={v}" for k, v in students.items()))
+    if task in SMALL_STUDENT_TASKS:
+        lines.append(f"  smallest student: {SMALL_STUDENT_NOTE}")
+    by_labels = TEMPERATURE_BY_LABELS.get(task)
+    if by_labels:
+        lines.append(f"  temperature: {TEMPERATURE_GUIDE[by_labels[0]]} (binary), {TEMPERATURE_GUIDE[by_labels[1]]} (multi-class)")
+    else:
+        lines.append(f"  temperature: {default_temperature(task)}")
+    family = _layer_row(task)
+    lines.append(f"  layers: {family['strategy']} (the guide's {family['layers']} for a 12-layer teacher)"
+                 + (f"; on the teacher's {depth} layers: {default_layers(task, depth)}" if depth else ""))
+    return lines
 
 
 def teacher_depths(teacher: str, tasks: list[str]) -> dict[str, int]:

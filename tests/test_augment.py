@@ -15,7 +15,7 @@ from helpers import MR_TRAIN, fails_cleanly, read_jsonl, run_cli, write_jsonl, w
 from kdcache.augment import AugmentOptions, augment_dataset, sidecar_path
 from kdcache.config import ConfigError, FineTuneConfig
 from kdcache.data import load_file
-from kdcache.tasks.base import DataError
+from kdcache.tasks.data_checks import DataError
 from shipped_data import WNUT_TRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,7 +23,7 @@ from seq2seq_models import TLDR_TRAIN, invoke_cli
 from kdcache import FineTuneConfig
 from kdcache.cache import CacheMismatchError, CacheReader
 from kdcache.dump import dump_teacher
-from kdcache.tasks.base import IGNORE_INDEX
+from kdcache.tasks.columns import IGNORE_INDEX
 from kdcache.train import train_student
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a causal-LM teacher trained, then students from each cache layout
@@ -217,7 +217,7 @@ def test_cross_tokenizer_with_the_same_tokenizer_is_the_plain_layout(lm, tmp_pat
     from kdcache.distill.collator import DistillationCollator, TargetFetcher
     from kdcache.distill.cross_tokenizer import CrossTokenizer
     from kdcache.tasks import get_task
-    from kdcache.tasks.base import LabelInfo
+    from kdcache.tasks.labels import LabelInfo
 
     teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
     config = _config(lm, tmp_path, teacher, teacher)
@@ -245,8 +245,8 @@ def test_sequence_kd_scores_the_teachers_own_responses_and_resumes_without_regen
 
     from kdcache.cache.generated import read_generated
     from kdcache.tasks import get_task
-    from kdcache.tasks.base import LabelInfo
     from kdcache.tasks.causal_lm import CausalLM
+    from kdcache.tasks.labels import LabelInfo
 
     teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
     student = make_causal(tmp_path / "student", lm["tok"], "gpt2", layers=1, width=32, seed=1)
@@ -386,7 +386,7 @@ def test_cross_tokenizer_chat_aligns_across_chat_templates(lm, tmp_path):
     from transformers import AutoTokenizer
 
     from kdcache.tasks import get_task
-    from kdcache.tasks.base import LabelInfo
+    from kdcache.tasks.labels import LabelInfo
 
     teacher = make_causal(tmp_path / "teacher", lm["tok"], "gpt2", layers=1, width=32, init_range=0.3)
     other = build_lm_tokenizer(tmp_path / "tok_other", 500, template=PLAIN_CHAT)

@@ -137,9 +137,9 @@ def test_recommend_prints_each_task_s_default_temperature():
     import re
 
     from kdcache.recommend import TEMPERATURE_GUIDE, default_temperature, format_recommendations
-    from kdcache.tasks.defaults import TASK_TYPES
+    from kdcache.tasks import task_names
 
-    for task in TASK_TYPES:
+    for task in task_names():
         printed = re.search(r"^  temperature: (.+)$", format_recommendations(task), re.M).group(1)
         if task == "text_classification":
             assert printed == f"{default_temperature(task, 2)} (binary), {default_temperature(task, 6)} (multi-class)"

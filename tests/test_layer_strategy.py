@@ -13,7 +13,7 @@ from helpers import run_cli, write_pipeline
 from kdcache.config import FineTuneConfig
 from kdcache.layer_strategy import strategy_layers, teacher_layers
 from kdcache.recommend import LAYER_SELECTION_GUIDE, default_layers, layer_strategy, requested_layers
-from kdcache.tasks.defaults import TASK_TYPES
+from kdcache.tasks import task_names
 from kdcache.teacher import LayerError, resolve_layers
 
 DEPTHS = (2, 4, 6, 12, 24)
@@ -30,7 +30,7 @@ def _config(task: str, **fields) -> FineTuneConfig:
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("task", TASK_TYPES)
+@pytest.mark.parametrize("task", task_names())
 def test_every_task_default_fits_the_teacher_depth(task, depth):
     config = _config(task, distill_hidden_states=True)
     strategy = layer_strategy(task)

@@ -159,7 +159,7 @@ def test_transfer_rows_get_the_soft_term_only(tmp_path, tiny_student, trained_te
 
 def test_proportion_sampler_refuses_a_mix_it_cannot_make():
     """The sampler's own checks (after tokenization, which may drop rows) are one-line data errors with advice."""
-    from kdcache.tasks.base import DataError
+    from kdcache.tasks.data_checks import DataError
 
     with pytest.raises(DataError, match="holds 4 labeled and 0 transfer rows: check the transfer set's input columns"):
         TransferMixSampler(np.ones(4, dtype=bool), batch_size=8, proportion=0.25, seed=0)

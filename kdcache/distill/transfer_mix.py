@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from kdcache.tasks.base import DataError
+from kdcache.tasks.data_checks import DataError
 
 __all__ = ["transfer_rows_per_batch", "TransferMixSampler"]
 

@@ -27,17 +27,20 @@ predicts, so that a student with another tokenizer can align its own positions
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from kdcache.cache.format import TargetSpec
-from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, ensure_example_ids, example_positions, user_columns
+from kdcache.config import FineTuneConfig, field_error
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, ensure_example_ids, example_positions
+from kdcache.tasks.data_checks import DataError, user_columns
+from kdcache.tasks.evaluation import inference_mode
+from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.vocab_head import VocabularyHead
+
+if TYPE_CHECKING:
+    import torch
 
 OFFSETS = "offsets"  # feature column and stored target: [n_positions, 2] (context_end, target_end) characters
 NLL, TOKENS = "nll", "tokens"  # infer() outputs per feature: summed negative log-likelihood, tokens scored
@@ -45,11 +48,26 @@ NLL, TOKENS = "nll", "tokens"  # infer() outputs per feature: summed negative lo
 
 class CausalLM(VocabularyHead):
     name = "causal_lm"
-    model_class = AutoModelForCausalLM
+    field_defaults = {**VocabularyHead.field_defaults, "max_length": 512, "text_column": "text"}
+    own_fields = ("messages_column", "prompt_column", "ignore_spans_column", "packing", "cross_tokenizer")
+    generates = True
+    hub_task = "text-generation"
+    auto_class = "AutoModelForCausalLM"
     input_keys = ("input_ids", "attention_mask", "position_ids")
     forward_keys = ("input_ids", "attention_mask", "position_ids")
     feature_target_keys = (OFFSETS,)
     lower_is_better = True
+
+    def check_config(self, config: FineTuneConfig) -> None:
+        """The data layouts exclude each other: chat data or prompt/completion columns; sequence-level KD needs the
+        prompts it answers; cross-tokenizer alignment works on each example's own text, never a packed block."""
+        super().check_config(config)
+        if config.messages_column and (config.prompt_column or config.ignore_spans_column):
+            raise field_error("messages_column", "chat data marks its prompts by role: remove prompt_column and ignore_spans_column")
+        if config.sequence_kd and not (config.prompt_column or config.messages_column):
+            raise field_error("sequence_kd", "has the teacher answer each example's prompt: set prompt_column or messages_column")
+        if config.cross_tokenizer and config.packing:
+            raise field_error("cross_tokenizer", "aligns each example's own text: turn packing off (a packed block mixes examples)")
 
     # -- data ------------------------------------------------------------------------------------
     def input_columns(self, config: FineTuneConfig) -> list[str]:
@@ -109,6 +127,8 @@ class CausalLM(VocabularyHead):
     def pad(self, tokenizer, rows: dict[str, list], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Right-padded tensors. Packed rows keep their ``position_ids``; padding continues them as a segment
         of its own (so attention never mixes it with a real example)."""
+        import torch
+
         batch = super().pad(tokenizer, rows, tuple(k for k in keys if k not in ("position_ids", OFFSETS)))
         S = batch["input_ids"].shape[1]
         if "position_ids" in keys and "position_ids" in rows:
@@ -146,7 +166,7 @@ class CausalLM(VocabularyHead):
     def generates_responses(self, config: FineTuneConfig) -> bool:
         return bool(config.sequence_kd)
 
-    @torch.inference_mode()
+    @inference_mode
     def generate_responses(self, model, tokenizer, dataset, config: FineTuneConfig, device, batch_size: int = 16) -> list[str]:
         """Greedy or beam responses (num_beams, max_new_tokens, length_penalty) to each example's prompt, cut at
         the first special token the model writes (an end of turn or of text)."""
@@ -199,18 +219,22 @@ class CausalLM(VocabularyHead):
 
     def position_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, S]: positions whose next token carries loss (position t predicts token t + 1)."""
+        import torch
+
         labels = batch["labels"]
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         return mask
 
     # -- evaluation --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference_mode
     def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:
         """Per feature: the summed negative log-likelihood of its loss-carrying tokens, and their count."""
+        import torch
+
         logits = model(**self.model_inputs(batch, with_labels=False)).logits[:, :-1]  # [B, S-1, V]
         targets = batch["labels"][:, 1:]  # [B, S-1]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")  # [B, S-1]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")  # [B, S-1]
         counted = targets != IGNORE_INDEX
         return {NLL: (nll * counted).sum(1).tolist(), TOKENS: counted.sum(1).tolist()}
 

@@ -1,5 +1,5 @@
-"""Label vocabularies of classification heads, shared by the tasks that have one (text and token
-classification): the from_pretrained arguments for a label set, the check that a teacher's head
+"""Label vocabularies (`LabelInfo`) and the classification heads over them, shared by the tasks that have one (text
+and token classification): the from_pretrained arguments for a label set, the check that a teacher's head
 was trained on the same one, and putting the data's classes in the order of the teacher's head.
 
 Class ids follow the training labels sorted by name, but a teacher's logits follow its head's
@@ -11,14 +11,52 @@ with bare integer ids leaves nothing to compare: ids are taken as they are."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
 from kdcache.cache import CacheMismatchError
-from kdcache.tasks.base import LabelInfo
+from kdcache.tasks.data_checks import DataError
 
 _FIX = "fine-tune the teacher on this label set first (kdcache train with use_distillation: false)"
+
+
+@dataclass
+class LabelInfo:
+    """The label vocabulary of a run, fixed from the training split (empty for span tasks)."""
+
+    num_labels: int
+    id2label: dict[int, str] = field(default_factory=dict)
+    label2id: dict[str, int] = field(default_factory=dict)
+    string_labels: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific facts of the train split
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_labels": self.num_labels, "id2label": {str(k): v for k, v in self.id2label.items()},
+                "string_labels": self.string_labels, **({"extra": self.extra} if self.extra else {})}
+
+
+class LabelSetHead:
+    """Model hooks of a task whose head classifies over the run's label set: the student's head is built for it,
+    and a teacher's head must have been trained on it (mixed into a Task before its base)."""
+
+    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
+        return label_kwargs(labels)
+
+    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
+        return teacher_label_mismatch(model_config, labels, teacher_name)
+
+
+def string_label_set(values: list[str], num_labels: Optional[int], what: str, one_class: str) -> LabelInfo:
+    """The classes of string labels, sorted by name. DataError when num_labels gives another count, or when a single
+    class occurs (``one_class``: that error, with ``{}`` where the class goes); ``what`` names the values ("labels")."""
+    names = sorted(set(values))
+    if num_labels is not None and num_labels != len(names):
+        raise DataError(f"num_labels is {num_labels} but the training {what} have {len(names)} distinct values")
+    if len(names) < 2:
+        raise DataError(one_class.format(repr(names[0])))
+    return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
 
 
 def label_kwargs(labels: LabelInfo) -> dict[str, Any]:

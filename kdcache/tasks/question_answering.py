@@ -35,16 +35,22 @@ Metrics: SQuAD exact match and F1 in percent (0-100, as the official script; see
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
-from transformers import AutoModelForQuestionAnswering
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, MASK_FILL, DataError, LabelInfo, Task, ensure_example_ids, example_positions
+from kdcache.tasks.base import Task
+from kdcache.tasks.columns import EXAMPLE_ID, ensure_example_ids, example_positions
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.features import require_fast_tokenizer
+from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.squad import squad_metrics
+from kdcache.tasks.targets import MASK_FILL
+
+if TYPE_CHECKING:
+    import torch
 
 CLS_INDEX = 0  # the position that means "no answer here" ([CLS] / <s> of BERT- and RoBERTa-style tokenizers)
 NO_OFFSET = [-1, -1]  # offset_mapping entry of tokens outside the context
@@ -52,7 +58,9 @@ NO_OFFSET = [-1, -1]  # offset_mapping entry of tokens outside the context
 
 class QuestionAnswering(Task):
     name = "question_answering"
-    model_class = AutoModelForQuestionAnswering
+    field_defaults = {"max_length": 384, "doc_stride": 128}
+    hub_task = "question-answering"
+    auto_class = "AutoModelForQuestionAnswering"
     head_modules = ("qa_outputs",)
     label_keys = ("start_positions", "end_positions")
 
@@ -118,11 +126,9 @@ class QuestionAnswering(Task):
         """One or more features (windows) per example, in example then window order: model inputs,
         ``kd_example_id``, ``length``, ``start_positions``/``end_positions`` when the answers column exists,
         and ``offset_mapping`` when split != "train"."""
-        if not getattr(tokenizer, "is_fast", False):
-            raise DataError("question_answering needs a fast (Rust) tokenizer: its offset mappings place answers in the context")
+        require_fast_tokenizer(tokenizer, self.name, "its offset mappings place answers in the context")
         dataset = ensure_example_ids(dataset)
         has_answers = config.answers_column in dataset.column_names
-        keep_offsets = split != "train"
         if has_answers:
             self._checked_answers(dataset, config, split)
         self._check_room(dataset, tokenizer, config, split)
@@ -152,13 +158,13 @@ class QuestionAnswering(Task):
                     s, e = answer_tokens(offsets[i], seq_ids, context_seq, span)
                     starts.append(s)
                     ends.append(e)
-                if keep_offsets:
+                if split != "train":
                     window = np.asarray(offsets[i], dtype=np.int64).reshape(-1, 2)  # [n, 2]
                     window[np.asarray([s != context_seq for s in seq_ids], dtype=bool)] = NO_OFFSET
                     kept.append(window)
             if has_answers:
                 enc["start_positions"], enc["end_positions"] = starts, ends
-            if keep_offsets:
+            if split != "train":
                 enc["offset_mapping"] = kept
             return enc
 
@@ -169,6 +175,8 @@ class QuestionAnswering(Task):
         return [TargetSpec("logits", "position", 2)]
 
     def output_targets(self, outputs) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"logits": torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)}  # [B, S, 2]
 
     def kd_view(self, name: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -12,16 +12,20 @@ generated text (``num_beams``, ``max_new_tokens``, ``length_penalty``)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from transformers import AutoModelForSeq2SeqLM
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, DataError, LabelInfo, ensure_example_ids, example_positions
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, MODEL_INPUT_KEYS, ensure_example_ids, example_positions
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.evaluation import inference_mode
+from kdcache.tasks.labels import LabelInfo
 from kdcache.tasks.vocab_head import VocabularyHead
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT = "text"  # the output field of infer(): generated text per feature
 
@@ -29,7 +33,7 @@ TEXT = "text"  # the output field of infer(): generated text per feature
 class Seq2SeqTask(VocabularyHead):
     """What summarization and translation share; subclasses say where source and reference come from."""
 
-    model_class = AutoModelForSeq2SeqLM
+    auto_class = "AutoModelForSeq2SeqLM"
     forward_keys = ("input_ids", "attention_mask", "labels")  # teacher forcing: the decoder reads the targets
     generates = True
 
@@ -110,6 +114,8 @@ class Seq2SeqTask(VocabularyHead):
     def generate_targets(self, model, batch: dict[str, torch.Tensor], config: FineTuneConfig, tokenizer) -> dict[str, torch.Tensor]:
         """The teacher's own outputs as labels [B, P]: generated ids after the decoder's start token, up to
         and including the end token, -100 beyond."""
+        import torch
+
         out = _generate(model, batch, config)  # [B, 1 + P]
         ids = out[:, 1:]  # drop the decoder start token
         eos = model.generation_config.eos_token_id
@@ -119,7 +125,7 @@ class Seq2SeqTask(VocabularyHead):
         return {"labels": ids.masked_fill(after, IGNORE_INDEX)}
 
     # -- evaluation --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference_mode
     def infer(self, model, tokenizer, batch: dict[str, torch.Tensor], config: FineTuneConfig) -> dict[str, list[Any]]:
         """Generated text per feature (the settings num_beams, max_new_tokens, length_penalty)."""
         out = _generate(model, batch, config)
@@ -135,6 +141,9 @@ class Seq2SeqTask(VocabularyHead):
 
 class Summarization(Seq2SeqTask):
     name = "summarization"
+    field_defaults = {**Seq2SeqTask.field_defaults, "max_length": 512, "max_target_length": 128, "text_column": "document",
+                      "summary_column": "summary"}
+    hub_task = "summarization"
 
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         return [config.text_column, config.summary_column]
@@ -176,6 +185,8 @@ class Summarization(Seq2SeqTask):
 
 class Translation(Seq2SeqTask):
     name = "translation"
+    field_defaults = {**Seq2SeqTask.field_defaults, "max_target_length": 128, "text_column": "translation"}
+    hub_task = "translation"
 
     def input_columns(self, config: FineTuneConfig) -> list[str]:
         return [config.text_column]

@@ -6,21 +6,26 @@ is -100 (no hard-label loss; the KD term covers it)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo, Task, ensure_example_ids, example_positions, labeled_flags
-from kdcache.tasks.labels import class_label_names, label_kwargs, odd_label, stray_class_id, teacher_label_mismatch
+from kdcache.tasks.base import Task
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, ensure_example_ids, example_positions, labeled_flags
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, odd_label, stray_class_id, string_label_set
+
+if TYPE_CHECKING:
+    import torch
 
 
-class TextClassification(Task):
+class TextClassification(LabelSetHead, Task):
     name = "text_classification"
-    model_class = AutoModelForSequenceClassification
+    field_defaults = {**Task.field_defaults, "text_column": "text", "label_column": "label"}
+    hub_task = "text-classification"
+    auto_class = "AutoModelForSequenceClassification"
     head_modules = ("classifier", "score", "pre_classifier")
     accepts_transfer = True
 
@@ -45,13 +50,8 @@ class TextClassification(Task):
         if any(v is None for v in values):
             raise DataError(f"column {config.label_column!r} has empty labels: every training row needs one")
         if all(isinstance(v, str) for v in values):
-            names = sorted(set(values))
-            if config.num_labels is not None and config.num_labels != len(names):
-                raise DataError(f"num_labels is {config.num_labels} but the training labels have {len(names)} distinct values")
-            if len(names) < 2:
-                raise DataError(f"every training label is {names[0]!r}: a classifier needs at least two classes in the "
-                                "training data; add rows of the other classes")
-            return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
+            return string_label_set(values, config.num_labels, "labels", "every training label is {}: a classifier needs at "
+                                    "least two classes in the training data; add rows of the other classes")
         odd = odd_label(values)
         if odd is not None:
             row, value, among = odd
@@ -125,13 +125,6 @@ class TextClassification(Task):
 
         remove = [c for c in dataset.column_names if c != EXAMPLE_ID]
         return dataset.map(encode, batched=True, remove_columns=remove, desc=f"tokenizing {split}")
-
-    # -- models ----------------------------------------------------------------------------------
-    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
-        return label_kwargs(labels)
-
-    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
-        return teacher_label_mismatch(model_config, labels, teacher_name)
 
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:

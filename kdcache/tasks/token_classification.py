@@ -26,34 +26,30 @@ says where the KD term applies since the labels no longer can.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from transformers import AutoModelForTokenClassification
 
 from kdcache.cache.format import TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import (
-    EXAMPLE_ID,
-    IGNORE_INDEX,
-    LABELED,
-    DataError,
-    LabelInfo,
-    Task,
-    ensure_example_ids,
-    example_positions,
-    labeled_flags,
-)
-from kdcache.tasks.labels import class_label_names, label_kwargs, teacher_label_mismatch
+from kdcache.tasks.base import Task
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX, LABELED, ensure_example_ids, example_positions, labeled_flags
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.features import require_fast_tokenizer
+from kdcache.tasks.labels import LabelInfo, LabelSetHead, class_label_names, string_label_set
+
+if TYPE_CHECKING:
+    import torch
 
 OUTSIDE = "O"  # the tag of words a truncated feature does not cover
 KD_MASK = "kd_mask"  # [S] per training feature of a run with a transfer set: 1 where the KD term applies
 
 
-class TokenClassification(Task):
+class TokenClassification(LabelSetHead, Task):
     name = "token_classification"
-    model_class = AutoModelForTokenClassification
+    field_defaults = {**Task.field_defaults, "text_column": "tokens", "label_column": "ner_tags"}
+    hub_task = "token-classification"
+    auto_class = "AutoModelForTokenClassification"
     head_modules = ("classifier",)
     accepts_transfer = True
     mask_keys = (KD_MASK,)
@@ -76,12 +72,8 @@ class TokenClassification(Task):
         if not values:
             raise DataError(f"the training rows carry no tags in column {col!r}: token classification needs tagged words")
         if all(isinstance(v, str) for v in values):
-            names = sorted(set(values))
-            if config.num_labels is not None and config.num_labels != len(names):
-                raise DataError(f"num_labels is {config.num_labels} but the training tags have {len(names)} distinct values")
-            if len(names) < 2:
-                raise DataError(f"the training tags hold a single tag ({names[0]!r}): token classification needs two or more")
-            return LabelInfo(len(names), dict(enumerate(names)), {n: i for i, n in enumerate(names)}, True)
+            return string_label_set(values, config.num_labels, "tags",
+                                    "the training tags hold a single tag ({}): token classification needs two or more")
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
             raise DataError(f"column {col!r} must hold lists of tags: all strings (e.g. 'B-location') or all integer ids")
         low, high = int(min(values)), int(max(values))
@@ -147,8 +139,7 @@ class TokenClassification(Task):
         """One feature per example, in input order: model inputs, ``kd_example_id``, ``length``, ``labels``
         (per token, -100 where no tag) when the tag column exists, and ``word_ids`` when split != "train".
         Training rows with no tagged token are dropped (they carry no loss)."""
-        if not getattr(tokenizer, "is_fast", False):
-            raise DataError("token_classification needs a fast (Rust) tokenizer: its word_ids() align tags to sub-words")
+        require_fast_tokenizer(tokenizer, self.name, "its word_ids() align tags to sub-words")
         dataset = ensure_example_ids(dataset)
         has_labels = config.label_column in dataset.column_names
         keep_word_ids = split != "train"
@@ -195,13 +186,6 @@ class TokenClassification(Task):
                 features = features.filter(lambda tags: any(t != IGNORE_INDEX for t in tags), input_columns="labels",
                                            desc="dropping rows with no tagged token")
         return features
-
-    # -- models ----------------------------------------------------------------------------------
-    def model_kwargs(self, labels: LabelInfo) -> dict[str, Any]:
-        return label_kwargs(labels)
-
-    def check_teacher_config(self, model_config, labels: LabelInfo, teacher_name: str) -> Optional[str]:
-        return teacher_label_mismatch(model_config, labels, teacher_name)
 
     # -- targets -----------------------------------------------------------------------------------
     def target_specs(self, labels: LabelInfo, config: Optional[FineTuneConfig] = None, tokenizer=None) -> list[TargetSpec]:

@@ -6,17 +6,22 @@ every token of its tokenizer (extra rows of a padded embedding matrix are tolera
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from kdcache.cache.format import DEFAULT_TEMPERATURES, TargetSpec
 from kdcache.config import FineTuneConfig
-from kdcache.tasks.base import DataError, Task
+from kdcache.tasks.base import Task
+from kdcache.tasks.data_checks import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class VocabularyHead(Task):
     """A task whose model outputs a distribution over the vocabulary at each target position."""
+
+    vocabulary_head = True
+    field_defaults = {**Task.field_defaults, "logits_mode": "topk", "logits_k": 6}
 
     def target_params(self, config: FineTuneConfig) -> dict[str, Any]:
         params: dict[str, Any] = {"logits_mode": config.logits_mode}

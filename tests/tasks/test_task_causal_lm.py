@@ -21,7 +21,9 @@ from seq2seq_models import TLDR_TRAIN  # noqa: E402
 
 from kdcache import FineTuneConfig  # noqa: E402
 from kdcache.tasks import get_task  # noqa: E402
-from kdcache.tasks.base import IGNORE_INDEX, DataError, LabelInfo  # noqa: E402
+from kdcache.tasks.columns import IGNORE_INDEX  # noqa: E402
+from kdcache.tasks.data_checks import DataError  # noqa: E402
+from kdcache.tasks.labels import LabelInfo  # noqa: E402
 
 TASK = get_task("causal_lm")
 

@@ -10,9 +10,11 @@ from task_data import make_config, make_dataset, unk_rate
 
 from kdcache.config import ConfigError
 from kdcache.tasks import get_task
-from kdcache.tasks.base import EXAMPLE_ID, MASK_FILL, DataError
+from kdcache.tasks.columns import EXAMPLE_ID
+from kdcache.tasks.data_checks import DataError
 from kdcache.tasks.question_answering import answer_tokens, best_answer, split_by_title
 from kdcache.tasks.squad import exact_match, f1_score, normalize_answer, squad_metrics
+from kdcache.tasks.targets import MASK_FILL
 
 # A context in hand_tokenizer's vocabulary: every word is one token except "walking" (walk ##ing).
 CONTEXT = "the cat is in the park . the dog is in new york . a cat is walking in central park . the dog is a cat ."

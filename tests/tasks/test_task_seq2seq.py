@@ -16,9 +16,10 @@ from seq2seq_models import TLDR_TRAIN, build_tokenizer, translation_rows
 from task_data import make_config, make_dataset
 
 from kdcache.config import ConfigError, FineTuneConfig
-from kdcache.tasks import get_task
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError, LabelInfo
-from kdcache.tasks.defaults import FIELD_DEFAULTS
+from kdcache.tasks import get_task, task_class
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX
+from kdcache.tasks.data_checks import DataError
+from kdcache.tasks.labels import LabelInfo
 
 
 @pytest.fixture(scope="module")
@@ -246,4 +247,4 @@ def test_seq2seq_fields_from_the_command_line_strings():
         FineTuneConfig.from_dict({"model_name": "m", "task_type": "summarization", "temperatures": "1,-2"})
     translation = FineTuneConfig(model_name="m", task_type="translation")
     assert (translation.text_column, translation.logits_mode) == ("translation", "topk")
-    assert translation.logits_k == FIELD_DEFAULTS["translation"]["logits_k"] > 0
+    assert translation.logits_k == task_class("translation").field_defaults["logits_k"] > 0

@@ -10,7 +10,8 @@ import torch
 from task_data import make_config, make_dataset
 
 from kdcache.tasks import get_task
-from kdcache.tasks.base import EXAMPLE_ID, DataError
+from kdcache.tasks.columns import EXAMPLE_ID
+from kdcache.tasks.data_checks import DataError
 from kdcache.tasks.text_classification import macro_f1
 
 ROWS = [{"text": "the cat is walking", "label": "pos"}, {"text": "a dog", "label": "neg"},

@@ -11,7 +11,8 @@ import torch
 from task_data import make_config, make_dataset, unk_rate
 
 from kdcache.tasks import get_task
-from kdcache.tasks.base import EXAMPLE_ID, IGNORE_INDEX, DataError
+from kdcache.tasks.columns import EXAMPLE_ID, IGNORE_INDEX
+from kdcache.tasks.data_checks import DataError
 
 WORDS = ["The", "cats", "walking", "in", "New", "York"]
 TAGS = ["O", "B-group", "O", "O", "B-location", "I-location"]
