@@ -69,6 +69,7 @@ class TrainResult:
     eval_examples_per_s: float = float("nan")  # the student's inference throughput on the eval data (after warm-up)
     findings: list[dict[str, Any]] = field(default_factory=list)  # diagnose.did_distillation_help, from the training log
 
+
 @dataclass
 class TrainPlan:
     """What one training run works from, resolved before the student loads: the data and its labels (in the order of
