@@ -2,7 +2,7 @@
 teacher's causal-LM cache. Stage one stores, per target position, the characters (context_end, target_end) of the text
 the teacher had read and of the token it predicted, and the teacher vocabulary's continuation strings
 (:func:`continuation_strings`); stage two checks that the cache can serve another tokenizer (:func:`crosses`,
-:func:`check_stored_target`), and builds one :class:`CrossTokenizer` (``CrossTokenizer.from_cache``), which the collator
+:func:`check_stored_target`), and builds one :class:`CrossTokenizer` (``CrossTokenizer.for_run``), which the collator
 asks to lay the teacher's rows on the student's aligned positions (``place``) and the trainer asks for the loss of the
 teacher's top-k mapped into the student's vocabulary (``topk_kl``). Positions that do not align learn from the hard
 labels only. Documented in docs/causal-lm.md.
@@ -42,6 +42,7 @@ strings are lowercase and match only the other side's lowercase tokens.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -55,6 +56,8 @@ from kdcache.tokenizer_identity import tokenizer_hash
 
 __all__ = ["CONTINUATIONS", "CrossTokenizer", "crosses", "check_stored_target", "refuse_token_hidden", "cross_hint",
            "continuation_strings", "vocab_map", "target_offsets", "align", "fold_topk", "alignment_share"]
+
+log = logging.getLogger(__name__)
 
 ANCHOR_TEXT = "x"  # a plain word every tokenizer encodes; the continuation of a token is read after it
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for a partial UTF-8 character
@@ -269,8 +272,18 @@ class CrossTokenizer:
         return cls(torch.from_numpy(vocab_map(teacher_strings, student_strings)), len(student_strings))
 
     @classmethod
+    def for_run(cls, config, reader: CacheReader, source_tokenizer, student_tokenizer) -> Optional["CrossTokenizer"]:
+        """Stage two's entry point: None unless the run crosses tokenizers (``source_tokenizer``: the one the student's
+        rows were cut with), else the map from the cache to ``student_tokenizer`` (the student's, pruned or not)."""
+        if not crosses(config, reader, source_tokenizer):
+            return None
+        aligner = cls.from_cache(reader, student_tokenizer)
+        log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
+        return aligner
+
+    @classmethod
     def from_cache(cls, reader: CacheReader, student_tokenizer) -> "CrossTokenizer":
-        """The run's entry point: from the continuation strings the cache's manifest stores."""
+        """From the continuation strings the cache's manifest stores."""
         strings = reader.manifest.get("tokenizer", {}).get(CONTINUATIONS)
         if not strings:
             raise CacheMismatchError("cross_tokenizer", None, True,

@@ -325,7 +325,7 @@ def _write(plan: DumpPlan, state: str) -> DumpResult:
 
     on_rank0(prepare, world)
     per_shard = int(json.loads((plan.path / PROGRESS_NAME).read_text())["shard_examples"])
-    teacher_pass = TeacherPass.for_rank(plan, model, features, per_shard, rank, world, bound)
+    teacher_pass = TeacherPass.for_rank(plan, model, features, lengths, per_shard, rank, world, bound)
     t_loop = time.perf_counter()
     together(teacher_pass.run, world)  # every rank's shards are published (or every rank stops with the first error)
     manifest = _manifest(plan, bound, lengths, per_shard, responses is not None)
@@ -403,13 +403,16 @@ class TeacherPass:
     plan: DumpPlan
     model: torch.nn.Module
     features: Any
+    lengths: np.ndarray  # [F] tokens per feature
+    example_ids: np.ndarray  # [F]
     shard_writer: ShardWriter
     ranges: list[tuple[int, int]]  # [lo, hi) feature ids of every shard
     todo: list[int]  # this rank's shards still to write
     bar: Any  # tqdm progress bar of this rank's features
 
     @classmethod
-    def for_rank(cls, plan: DumpPlan, model, features, per_shard: int, rank: int, world: int, bound: dict) -> "TeacherPass":
+    def for_rank(cls, plan: DumpPlan, model, features, lengths: np.ndarray, per_shard: int, rank: int, world: int,
+                 bound: dict) -> "TeacherPass":
         """The pass of ``rank``: the shards of ``per_shard`` features not yet published whose index is rank modulo world."""
         num_features = len(features)
         shard_writer = ShardWriter(plan.path, plan.spec, clean=False, on_publish=plan.on_shard, bound=bound)
@@ -420,14 +423,14 @@ class TeacherPass:
         bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_features, unit="ft",
                    desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
                    disable=not plan.progress or rank != 0)
-        return cls(plan, model, features, shard_writer, ranges, [i for i in mine if i not in done], bar)
+        example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
+        return cls(plan, model, features, lengths, example_ids, shard_writer, ranges, [i for i in mine if i not in done], bar)
 
     def run(self) -> None:
         """Write this rank's shards (each published atomically as it completes)."""
         plan, features, model, bar, ranges, todo = self.plan, self.features, self.model, self.bar, self.ranges, self.todo
         task, config, tokenizer, dev, amp, spec = plan.task, plan.config, plan.tokenizer, plan.device, plan.amp, plan.spec
-        lengths = kdata.column_array(features, "length")  # [F] tokens per feature
-        example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
+        lengths, example_ids = self.lengths, self.example_ids  # [F] each
         generated_targets = any(t.mode == "tokens" for t in spec.targets)
         batch_size = config.teacher_batch_size or 2 * config.batch_size
         tokens_seen, t0 = 0, time.perf_counter()

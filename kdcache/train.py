@@ -20,7 +20,7 @@ from kdcache.cache import CacheError, CacheReader
 from kdcache.cache.lock import ReadLock
 from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import ConfigError, FineTuneConfig
-from kdcache.cross_tokenizer import CrossTokenizer, crosses
+from kdcache.cross_tokenizer import CrossTokenizer
 from kdcache.diagnose import did_distillation_help
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
@@ -267,15 +267,12 @@ def _cache_teacher(plan: TrainPlan, student: Student, resources: contextlib.Exit
     if layers is not None:
         stored = list(reader.spec.hidden.layers)
         positions = [stored.index(l) for l in layers]
-    cross = crosses(config, reader, student.source_tokenizer)
+    aligner = CrossTokenizer.for_run(config, reader, student.source_tokenizer, student.tokenizer)
+    cross = aligner is not None
     targets = [reader.spec.target(t.name) for t in fetched_targets(plan.task, plan.labels, config, student.source_tokenizer, cross)]
     pooling = hidden_pooling_for(config, reader) if layers is not None else "none"
     fetcher = TargetFetcher(reader, targets, positions, pooling=pooling)
     resources.callback(fetcher.close)  # first (callbacks run last-in first-out): its last read, then the reader
-    aligner = None
-    if cross:
-        aligner = CrossTokenizer.from_cache(reader, student.tokenizer)
-        log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
     teacher_width = int(reader.manifest["teacher"]["hidden_size"])
     stored_width = reader.spec.hidden.hidden_size if reader.spec.hidden is not None else teacher_width
     if layers is not None and stored_width != teacher_width:  # the projection maps the student's width to teacher_width
