@@ -5,7 +5,11 @@ The forward pass runs under `torch.inference_mode()` (bf16/fp16 autocast on GPU)
 length-sorted batches; layer selection, pooling and int8 quantisation happen on the device, and a
 background thread writes shards so the forward pass never waits on disk. Shards cover contiguous
 example-id ranges and are published atomically, so a killed dump resumes at the first missing
-shard."""
+shard.
+
+The stage reads as its steps: ``resolve_plan`` (every input read and checked into a :class:`DumpPlan`, nothing
+loaded or written), ``run_plan`` (a hit, or the cache written under the directory's lock: the states are
+kdcache.cache.directory_state's; the forward pass is :class:`TeacherPass`), and the :class:`DumpResult` it reports."""
 
 from __future__ import annotations
 

@@ -1,6 +1,11 @@
 """Stage two, `kdcache train-student` (and plain fine-tuning): train a student with the
 Trainer, its loss reading the teacher's targets from the cache by example id. The teacher is
-never constructed here."""
+never constructed here.
+
+The stage reads as its steps: ``resolve_plan`` (the data and labels, a :class:`TrainPlan`), ``attach_teacher`` (the
+cache located, locked and its teacher checked: kdcache.student_cache), ``prepare_student``, ``open_teacher`` (the
+cache matched to the student's features, or the online teacher), ``build_trainer``, training, and the
+:class:`TrainResult` it reports (and saves)."""
 
 from __future__ import annotations
 

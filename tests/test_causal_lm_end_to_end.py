@@ -214,8 +214,8 @@ def test_cross_tokenizer_with_the_same_tokenizer_is_the_plain_layout(lm, tmp_pat
     """The alignment rule, applied to identical tokenizations, reproduces the token-level layout exactly."""
     from transformers import AutoTokenizer
 
-    from kdcache.distill.collator import DistillationCollator, TargetFetcher
     from kdcache.cross_tokenizer import CrossTokenizer
+    from kdcache.distill.collator import DistillationCollator, TargetFetcher
     from kdcache.tasks import get_task
     from kdcache.tasks.base import LabelInfo
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import REPO, read_jsonl
 
-from kdcache.teacher import reduce_topk
 from kdcache.cross_tokenizer import align, alignment_share, continuation_strings, fold_topk, target_offsets, vocab_map
+from kdcache.teacher import reduce_topk
 
 TLDR_TRAIN = REPO / "data" / "scitldr" / "train.jsonl"
 TLDR_VALID = REPO / "data" / "scitldr" / "validation.jsonl"
