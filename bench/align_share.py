@@ -1,8 +1,8 @@
-"""How much of a causal-LM teacher cache a student with ANOTHER tokenizer can use (kdcache.tokenization_alignment).
+"""How much of a causal-LM teacher cache a student with ANOTHER tokenizer can use (kdcache.cross_tokenizer).
 
 Trains two byte-level BPEs (vocab 8000 and 2000) on the shipped SciTLDR training sample (abstracts
-and TLDRs, built as tests/test_tokenization_alignment.py builds its BPEs), loads MiniLM's uncased WordPiece (vocab
-30522, installed offline), and measures kdcache.tokenization_alignment.alignment_share on the 200 validation texts
+and TLDRs, built as tests/test_cross_tokenizer.py builds its BPEs), loads MiniLM's uncased WordPiece (vocab
+30522, installed offline), and measures kdcache.cross_tokenizer.alignment_share on the 200 validation texts
 (document + " " + summary) for each (teacher, student) pairing: the share of each side's target
 positions whose context aligns with a position of the other side, the share whose predicted span
 is the same too, and the share of the teacher's vocabulary with a student token appending the same
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, RESULTS, machine_info, minilm_dir, read_jsonl
-from kdcache.tokenization_alignment import alignment_share
+from kdcache.cross_tokenizer import alignment_share
 
 TLDR_TRAIN = REPO / "data" / "scitldr" / "train.jsonl"
 TLDR_VALID = REPO / "data" / "scitldr" / "validation.jsonl"

@@ -5,7 +5,11 @@ The forward pass runs under `torch.inference_mode()` (bf16/fp16 autocast on GPU)
 length-sorted batches; layer selection, pooling and int8 quantisation happen on the device, and a
 background thread writes shards so the forward pass never waits on disk. Shards cover contiguous
 example-id ranges and are published atomically, so a killed dump resumes at the first missing
-shard."""
+shard.
+
+The stage reads as its steps: ``resolve_plan`` (every input read and checked into a :class:`DumpPlan`, nothing
+loaded or written), ``run_plan`` (a hit, or the cache written under the directory's lock: the states are
+kdcache.cache.directory_state's; the forward pass is :class:`TeacherPass`), and the :class:`DumpResult` it reports."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,50 +31,38 @@ from kdcache import data as kdata
 from kdcache.cache import (
     BackgroundWriter,
     CacheError,
-    CacheMismatchError,
-    CacheReader,
     HiddenSpec,
     ShardWriter,
     StoreSpec,
     TeacherBatch,
-    canonical_json,
     fingerprint,
     quantize_int8,
 )
-from kdcache.cache.durable import write_json_atomic
-from kdcache.cache.errors import REPAIR_ADVICE, short_repr
+from kdcache.cache.directory_state import HIT, REPAIR, RESUME, check_location, clean_failed, intact_hit, prepare_dir, verdict
 from kdcache.cache.format import (
     ALGORITHM_VERSION,
     CONTINUATIONS,
     GENERATED_META_NAME,
-    GENERATED_NAME,
-    LOCK_NAME,
     MANIFEST_NAME,
-    MARKER_NAME,
     PROGRESS_NAME,
-    SHARD_GLOB,
     SHARD_META_GLOB,
-    TMP_SUFFIX,
-    is_cache_file,
     parse_shard_index,
-    shard_meta_name,
-    shard_name,
 )
 from kdcache.cache.generated import read_generated, write_generated
 from kdcache.cache.lock import CacheLock
 from kdcache.cache.lookup import default_cache_dir, fingerprint_inputs, lookup_inputs
-from kdcache.cache.ownership import CACHE, linked_names, owns_cache, write_marker
 from kdcache.cache.remote import cache_location
 from kdcache.cache.writer import io_errors
 from kdcache.config import FineTuneConfig
+from kdcache.cross_tokenizer import continuation_strings
 from kdcache.distributed import local_device, on_rank0, rank_and_world, together
 from kdcache.layer_strategy import teacher_layers
 from kdcache.models import ModelError, model_identity, resolve_model_path
+from kdcache.preflight import check_max_length, check_vocabulary
 from kdcache.recommend import requested_layers, teacher_name_for
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 from kdcache.teacher import reduce_sampled, reduce_topk, select_hidden, untrained_head_problem
-from kdcache.tokenization_alignment import continuation_strings
 from kdcache.tokenizer_identity import tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -142,137 +134,6 @@ def plan_shards(mean_tokens: float, spec: StoreSpec, shard_examples: Optional[in
     return int(min(max(TARGET_SHARD_BYTES // max(per_feature, 1.0), 256), 1 << 20))
 
 
-def _clear_cache_dir(path: Path) -> None:
-    """Remove a cache's own files (never anything else, nor the lock this dump holds) so it can be redone."""
-    with io_errors(path):
-        for child in path.iterdir():
-            if child.is_file() and is_cache_file(child.name) and child.name not in (LOCK_NAME, MARKER_NAME):
-                child.unlink()
-
-
-def _check_location(path: Path) -> None:
-    """Refuse a --cache-dir that cannot be a directory (it, or a folder above it, is a file) before anything runs."""
-    p = path
-    while True:
-        if p.exists():
-            if not p.is_dir():
-                where = "is a file" if p == path else f"is under {p}, which is a file"
-                raise CacheError(f"--cache-dir {path} {where}, not a directory: choose a --cache-dir in a directory")
-            return
-        if p.parent == p:
-            return
-        p = p.parent
-
-
-def _damage(path: Path, spec: StoreSpec, inputs: dict) -> Optional[str]:
-    """Why a complete cache whose fingerprint matches cannot be used as it is (None when it is intact):
-    every shard's sha256, the manifest's own checksum, the id tiling and totals (``CacheReader(verify=True)``),
-    and the store spec and fingerprint inputs this run would write."""
-    try:
-        with CacheReader(path, verify=True) as reader:
-            m = reader.manifest
-    except CacheError as exc:
-        return str(exc).replace(": " + REPAIR_ADVICE, "")
-    if canonical_json(m.get("store")) != canonical_json(json.loads(canonical_json(spec.to_dict()))):
-        return "its manifest's store spec differs from what these inputs store"
-    if canonical_json(m.get("fingerprint_inputs")) != canonical_json(inputs):
-        return "its manifest's fingerprint inputs differ from this run's"
-    if m.get("num_examples") != inputs.get("num_examples"):
-        return f"its manifest counts {short_repr(m.get('num_examples'))} examples but these inputs have {inputs.get('num_examples')}"
-    listed = {e.get("file") for e in m.get("shards", []) if isinstance(e, dict)}
-    unlisted = sorted(p.name for p in path.glob(SHARD_GLOB) if p.name not in listed)
-    if unlisted:
-        return f"its manifest does not list {unlisted[0]}, which is on disk"
-    return None
-
-
-def _clean_failed(path: Path, state: str) -> None:
-    """After a dump from scratch failed before publishing any shard, remove what it wrote (its progress marker,
-    temp files, responses): nothing of value is lost, and the directory is as the dump found it."""
-    if state not in ("fresh", "redo") or not path.is_dir() or any(path.glob(SHARD_META_GLOB)):
-        return
-    for name in (PROGRESS_NAME, GENERATED_NAME, GENERATED_META_NAME) + ((MARKER_NAME,) if state == "fresh" else ()):
-        (path / name).unlink(missing_ok=True)
-    for child in path.glob("*" + TMP_SUFFIX):
-        child.unlink(missing_ok=True)
-    for child in path.glob(SHARD_GLOB):
-        child.unlink(missing_ok=True)
-
-
-def _check_dir_state(path: Path, fp: str, inputs: dict, force: bool) -> str:
-    """'hit', 'resume', 'fresh' or 'redo' (clear first) for a cache directory; changes nothing on
-    disk, so that a run which fails later (bad data, bad teacher) leaves the directory as it was.
-    Refuses foreign or mismatching content."""
-    if not path.exists():
-        return "fresh"
-    if not path.is_dir():
-        raise CacheError(f"--cache-dir {path} is a file, not a directory")
-    names = [p.name for p in path.iterdir()]
-    foreign = [n for n in names if not is_cache_file(n)]
-    if foreign:
-        raise CacheError(
-            f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(foreign)[:3])}"
-            f"{'...' if len(foreign) > 3 else ''}); choose an empty or new directory"
-        )
-    linked = linked_names(path)
-    if linked:
-        several = len(linked) > 1
-        what = "are links or not plain files" if several else "is a link or not a plain file"
-        raise CacheError(f"--cache-dir {path}: its {', '.join(linked[:3])} {what}, and kdcache never follows links in a cache: "
-                         f"remove {path / linked[0]}{' and the others' if several else ''}, or choose another --cache-dir")
-    content = [n for n in names if n not in (LOCK_NAME, MARKER_NAME + TMP_SUFFIX)]  # a lock or a marker half-made: no content
-    if content and not owns_cache(path):  # kdcache's names, but not kdcache's content (nor its marker)
-        raise CacheError(f"--cache-dir {path} is not a kdcache cache (it holds {', '.join(sorted(content)[:3])}"
-                         f"{'...' if len(content) > 3 else ''} but no {MARKER_NAME}, and no manifest or {PROGRESS_NAME} of "
-                         "kdcache's): kdcache clears only its own caches; choose an empty or new --cache-dir")
-    names = [n for n in names if n not in (LOCK_NAME, MARKER_NAME) and not n.endswith(TMP_SUFFIX)]  # not content
-    if force:
-        return "redo" if names else "fresh"
-    for marker in (MANIFEST_NAME, PROGRESS_NAME):
-        if marker in names:
-            try:
-                existing = json.loads((path / marker).read_text())
-            except (OSError, ValueError):
-                existing = None
-            if not isinstance(existing, dict):
-                raise CacheError(f"--cache-dir {path}: its {marker} is damaged (not a JSON object), so its shards cannot be matched "
-                                 "to these inputs: pass --force to redo the cache")
-            if existing.get("fingerprint") == fp:
-                return "hit" if marker == MANIFEST_NAME else "resume"
-            old_inputs = existing.get("fingerprint_inputs")
-            field, old, new = _first_difference(old_inputs if isinstance(old_inputs, dict) else {}, inputs)
-            raise CacheMismatchError(
-                field, old, new,
-                f"{path} holds a {'complete' if marker == MANIFEST_NAME else 'partial'} cache for different inputs: "
-                f"field {field!r} is {short_repr(old)} there but {short_repr(new)} for this run; pass --force to redo it, "
-                f"or a different --cache-dir",
-            )
-    if names:
-        # shard files without a progress marker: a dump from before the marker, cannot be trusted
-        raise CacheError(f"--cache-dir {path} holds shard files but no {PROGRESS_NAME}; pass --force to redo it")
-    return "fresh"
-
-
-def _repair_shard_examples(path: Path) -> Optional[int]:
-    """Features per shard of the cache being repaired (its manifest's, when that is a positive int): shards that
-    do not fit the plan are redone, so a wrong value costs time, never correctness."""
-    try:
-        value = json.loads((path / MANIFEST_NAME).read_text()).get("shard_examples")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _first_difference(old: dict, new: dict) -> tuple[str, Any, Any]:
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-                sub, a, b = _first_difference(old[key], new[key])
-                return f"{key}.{sub}", a, b
-            return key, old.get(key), new.get(key)
-    return "fingerprint", None, None
-
-
 def load_teacher(task, teacher_name: str, teacher_path: str):
     """Load the teacher, refusing one whose task head was never trained (it would teach noise)."""
     model, info = task.model_class.from_pretrained(teacher_path, output_loading_info=True)
@@ -288,6 +149,36 @@ def load_teacher(task, teacher_name: str, teacher_path: str):
     if problem:
         log.warning("%s", problem)
     return model
+
+
+@dataclass
+class DumpPlan:
+    """Everything one dump runs on, resolved and checked before the teacher's weights load or anything is written:
+    the data, the teacher's config and tokenizer, what the cache stores, the inputs that name it and where it goes."""
+
+    config: FineTuneConfig
+    task: Any
+    teacher_name: str
+    teacher_path: str
+    raw: Any  # the training rows: the labeled split, then the transfer set's
+    in_memory: bool  # the rows came as a dataset object, not from config's files or hub dataset
+    labels: Any  # LabelInfo, in the order of the teacher's head
+    ds_hash: str
+    model_config: Any  # the teacher's transformers config
+    tokenizer: Any  # the teacher's, padding on the right: rows are stored as their first n_tokens positions
+    spec: StoreSpec
+    lookup: dict[str, Any]  # what names the cache (kdcache.cache.lookup)
+    inputs: dict[str, Any]  # the fingerprint inputs: lookup, teacher and tokenizer identity, compute dtype, algorithm
+    fp: str
+    path: Path
+    device: torch.device
+    amp: Any  # the autocast context of the forward pass
+    compute_dtype: str
+    shard_examples: Optional[int] = None  # features per shard; None: about TARGET_SHARD_BYTES each
+    progress: bool = True
+    on_shard: Optional[Callable[[Path, dict], None]] = None
+    start: float = 0.0  # perf_counter() when the dump began
+    hash_s: float = 0.0  # seconds spent hashing the teacher's weights
 
 
 def dump_teacher(
@@ -308,40 +199,26 @@ def dump_teacher(
 
         return dump_remote(dump_teacher, config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
                            progress=progress)
-    cache_dir = str(target) if target is not None else None  # a file:// URL is its directory
     start = time.perf_counter()
     if shard_examples is not None and shard_examples <= 0:
         raise CacheError(f"--shard-examples must be a positive number of features per shard, got {shard_examples}")
+    plan = resolve_plan(config, train_dataset, target, device)  # a file:// URL is its directory
+    plan = replace(plan, shard_examples=shard_examples, progress=progress, on_shard=on_shard, start=start)
+    return run_plan(plan, force)
+
+
+def resolve_plan(config: FineTuneConfig, train_dataset=None, cache_dir: Optional[Path] = None,
+                 device: Optional[str] = None) -> DumpPlan:
+    """The dump's plan, every input checked: the data read and hashed, the teacher's config, tokenizer and head
+    checked against the task and max_length (its weights are not loaded), its weights hashed, the cache named."""
     task = get_task(config.task_type)
     teacher_name = teacher_name_for(config)
     teacher_path = resolve_model_path(teacher_name)
-
     raw = kdata.training_rows(config, task, train_dataset)  # the labeled split, then the transfer set's rows (if any)
     labels = task.label_info(kdata.labeled_rows(raw), config)
     ds_hash = kdata.dataset_hash(raw, task.input_columns(config))
-
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(teacher_path)
-    except OSError as exc:
-        raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its config ({exc})") from None
-    labels = align_to_teacher(model_config, labels)  # string labels in the order of the teacher's head, if it names them
-    problem = task.check_teacher_config(model_config, labels, teacher_name)
-    if problem:
-        raise ModelError(problem)
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise ModelError(f"max_length {config.max_length} (--max-length) exceeds the teacher's {positions} positions: "
-                         f"set max_length to {positions} or less")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    except OSError as exc:
-        raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its tokenizer ({exc}); save the "
-                         "tokenizer next to the teacher's weights (tokenizer.save_pretrained)") from None
-    problem = task.check_vocabulary(model_config, tokenizer, f"teacher {teacher_name!r}")
-    if problem:
-        raise ModelError(problem)
+    model_config, labels = _teacher_config(config, task, teacher_name, teacher_path, labels)
+    tokenizer = _teacher_tokenizer(config, task, teacher_name, teacher_path, model_config)
     try:
         spec = store_spec_for(config, task, model_config, labels, tokenizer)
     except ValueError as exc:  # e.g. logits_k larger than the vocabulary
@@ -357,131 +234,211 @@ def dump_teacher(
     hash_s = time.perf_counter() - t_hash
     inputs = {**fingerprint_inputs(lookup, identity, tokenizer_hash(tokenizer)),
               "compute_dtype": compute_dtype, "algorithm_version": ALGORITHM_VERSION}
-    fp = fingerprint(inputs)
     path = Path(cache_dir or config.cache_dir or default_cache_dir(lookup))
-    _check_location(path)
+    check_location(path)
+    return DumpPlan(config, task, teacher_name, teacher_path, raw, train_dataset is not None, labels, ds_hash, model_config,
+                    tokenizer, spec, lookup, inputs, fingerprint(inputs), path, dev, amp, compute_dtype, hash_s=hash_s)
 
+
+def _teacher_config(config: FineTuneConfig, task, teacher_name: str, teacher_path: str, labels):
+    """The teacher's transformers config, checked against the task's labels and max_length, and the labels in the
+    order of the teacher's head (when it names them)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(teacher_path)
+    except OSError as exc:
+        raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its config ({exc})") from None
+    labels = align_to_teacher(model_config, labels)  # string labels in the order of the teacher's head, if it names them
+    problem = task.check_teacher_config(model_config, labels, teacher_name)
+    if problem:
+        raise ModelError(problem)
+    check_max_length(model_config, config, "teacher")
+    return model_config, labels
+
+
+def _teacher_tokenizer(config: FineTuneConfig, task, teacher_name: str, teacher_path: str, model_config):
+    """The teacher's tokenizer, checked against its vocabulary."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    except OSError as exc:
+        raise ModelError(f"teacher_model_name {teacher_name!r}: cannot load its tokenizer ({exc}); save the "
+                         "tokenizer next to the teacher's weights (tokenizer.save_pretrained)") from None
+    check_vocabulary(task, model_config, tokenizer, f"teacher {teacher_name!r}")
+    return tokenizer
+
+
+def run_plan(plan: DumpPlan, force: bool = False) -> DumpResult:
+    """Find the plan's cache complete (a hit), or write it: fresh, resumed, redone (``force``) or repaired, under the
+    directory's lock. A dump from scratch that fails leaves the directory as it found it."""
     rank, world = rank_and_world()
-
-    def first_look() -> bool:
-        """Read-only: a foreign or mismatched directory is left untouched, and an intact complete cache is a hit
-        without the lock (it may be on a read-only disk shared by a team)."""
-        first = _check_dir_state(path, fp, inputs, force)
-        return first == "hit" and not (path / PROGRESS_NAME).exists() and _damage(path, spec, inputs) is None
-
-    if on_rank0(first_look, world):  # rank 0 looks; its verdict, or its error, reaches every rank
-        log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
-        return DumpResult(path, True, json.loads((path / MANIFEST_NAME).read_text()), time.perf_counter() - start)
+    path = plan.path
+    # Rank 0 looks, read-only and without the lock; its verdict, or its error, reaches every rank.
+    if on_rank0(lambda: intact_hit(path, plan.fp, plan.inputs, plan.spec, force), world):
+        return _hit(plan)
     with contextlib.ExitStack() as held:
 
-        def verdict() -> str:
+        def locked_verdict() -> str:
             held.enter_context(CacheLock(path))  # one dump per directory (rank 0 holds it for all ranks)
-            state = _check_dir_state(path, fp, inputs, force)
-            problem = _damage(path, spec, inputs) if state == "hit" else None
-            if problem:
-                log.warning("%s: the cache is damaged (%s); repairing it: every shard is re-verified, bad or missing ones "
-                            "redone, the manifest rewritten", path, problem)
-                return "repair"
-            return state
+            return verdict(path, plan.fp, plan.inputs, plan.spec, force)
 
-        state = on_rank0(verdict, world)  # every rank follows rank 0's verdict (or stops with its error)
-        if state == "hit":
+        state = on_rank0(locked_verdict, world)  # every rank follows rank 0's verdict (or stops with its error)
+        if state == HIT:
             if rank == 0:  # killed between writing the manifest and removing the progress marker
                 with io_errors(path):
                     (path / PROGRESS_NAME).unlink(missing_ok=True)
-            manifest = json.loads((path / MANIFEST_NAME).read_text())
-            log.info("cache hit: %s is complete for these inputs (use --force to redo)", path)
-            return DumpResult(path, True, manifest, time.perf_counter() - start)
+            return _hit(plan)
         try:
-            result = _dump(config, train_dataset, task, teacher_name, teacher_path, raw, labels, ds_hash, model_config, tokenizer,
-                           spec, lookup, inputs, fp, path, state, dev, amp, compute_dtype, shard_examples, progress, start, on_shard)
-            result.repaired = state == "repair"
-            result.phases["hash"] = hash_s
+            result = _write(plan, state)
+            result.repaired = state == REPAIR
+            result.phases["hash"] = plan.hash_s
             return result
         except BaseException:
             if rank == 0:
-                _clean_failed(path, state)
+                clean_failed(path, state)
             raise
 
 
-def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teacher_path: str, raw, labels, ds_hash: str,
-          model_config, tokenizer, spec: StoreSpec, lookup: dict, inputs: dict, fp: str, path: Path, state: str, dev, amp,
-          compute_dtype: str, shard_examples: Optional[int], progress: bool, start: float,
-          on_shard: Optional[Callable[[Path, dict], None]] = None) -> DumpResult:
+def _hit(plan: DumpPlan) -> DumpResult:
+    """The result of a dump that found its cache complete."""
+    log.info("cache hit: %s is complete for these inputs (use --force to redo)", plan.path)
+    return DumpResult(plan.path, True, json.loads((plan.path / MANIFEST_NAME).read_text()), time.perf_counter() - plan.start)
+
+
+def _write(plan: DumpPlan, state: str) -> DumpResult:
     """Load the teacher, make the features, then write (or resume, or repair) the cache: the part run under the lock."""
     rank, world = rank_and_world()
-    # The teacher loads in a thread while the data is tokenized (both mostly outside the GIL);
-    # both finish before anything is written, so bad data or a bad teacher leaves no trace on disk.
     t_load = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
-        loading = pool.submit(lambda: load_teacher(task, teacher_name, teacher_path).to(dev).eval())
-        features = kdata.make_features(task, raw, tokenizer, config, labels, "train")
-        model = loading.result()
+    model, features = _teacher_and_features(plan)
     responses, published = None, False
-    if task.generates_responses(config):  # sequence-level KD: the teacher writes the responses it is then scored on
-        responses, published, features = _responses(task, model, tokenizer, raw, labels, config, path, fp,
-                                                     "resume" if state == "repair" else state, dev, world)
+    if plan.task.generates_responses(plan.config):  # sequence-level KD: the teacher writes the responses it is then scored on
+        responses, published, features = _responses(plan, model, RESUME if state == REPAIR else state, world)
     t_loop_start = time.perf_counter()
     lengths = kdata.column_array(features, "length")  # [F] tokens per feature
-    example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
     num_features = len(features)
-
-    # The manifest fields that say what the shards' numbers mean, bound into every shard as it is written.
-    bound = {
-        "fingerprint": fp,
-        "teacher": {
-            "name": teacher_name, **{k: v for k, v in inputs["teacher_identity"].items() if k != "name"},
-            "model_type": model_config.model_type, "num_hidden_layers": task.hidden_config(model_config).num_hidden_layers,
-            "hidden_size": task.hidden_config(model_config).hidden_size, "compute_dtype": compute_dtype,
-            "output_rows": task.output_rows(model_config),
-        },
-        "tokenizer_hash": inputs["tokenizer_hash"],
-        "labels": labels.to_dict(),
-    }
+    bound = _bound_fields(plan)
+    progress = {"fingerprint": plan.fp, "fingerprint_inputs": plan.inputs, "num_examples": len(plan.raw),
+                "num_features": num_features, "shard_examples": plan_shards(float(lengths.mean()), plan.spec, plan.shard_examples)}
 
     # Rank 0 prepares the directory (progress marker, clean-up, shard verification) before any
     # rank writes; then each rank takes every world-th missing shard.
     def prepare() -> None:
-        if state == "redo":
-            _clear_cache_dir(path)
-        with io_errors(path):
-            path.mkdir(parents=True, exist_ok=True)
-            write_marker(path, CACHE)  # the first write: from now on the directory is kdcache's (rm, gc, --force)
-        if state in ("fresh", "redo", "repair"):
-            with io_errors(path):
-                write_json_atomic(path / PROGRESS_NAME, {
-                    "fingerprint": fp, "fingerprint_inputs": inputs, "num_examples": len(raw), "num_features": num_features,
-                    "shard_examples": (_repair_shard_examples(path) if state == "repair" else None)
-                    or plan_shards(float(lengths.mean()), spec, shard_examples),
-                })
-            (path / MANIFEST_NAME).unlink(missing_ok=True)  # a repair: the cache is incomplete until it is rewritten
-        planned = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
-        planned_ranges = [[lo, min(lo + planned, num_features)] for lo in range(0, num_features, planned)]
-        for index, meta in ShardWriter(path, spec, bound=bound).done_shards().items():  # deletes temp files and invalid shards
-            if index >= len(planned_ranges) or list(meta["id_range"]) != planned_ranges[index]:  # not this plan's shard
-                with io_errors(path):
-                    (path / shard_meta_name(index)).unlink(missing_ok=True)
-                    (path / shard_name(index)).unlink(missing_ok=True)
+        prepare_dir(plan.path, state, progress, plan.spec, bound)
         if responses is not None and not published:
-            write_generated(path, responses, fp)
+            write_generated(plan.path, responses, plan.fp)
 
     on_rank0(prepare, world)
-    per_shard = int(json.loads((path / PROGRESS_NAME).read_text())["shard_examples"])
-    shard_writer = ShardWriter(path, spec, clean=False, on_publish=on_shard, bound=bound)
-    done = {i for i in (parse_shard_index(p.name) for p in path.glob(SHARD_META_GLOB)) if i is not None}
-    ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
-    todo = [i for i in range(len(ranges)) if i not in done and i % world == rank]
+    per_shard = int(json.loads((plan.path / PROGRESS_NAME).read_text())["shard_examples"])
+    teacher_pass = TeacherPass.for_rank(plan, model, features, lengths, per_shard, rank, world, bound)
+    t_loop = time.perf_counter()
+    together(teacher_pass.run, world)  # every rank's shards are published (or every rank stops with the first error)
+    manifest = _manifest(plan, bound, lengths, per_shard, responses is not None)
 
-    generated_targets = any(t.mode == "tokens" for t in spec.targets)
-    batch_size = config.teacher_batch_size or 2 * config.batch_size
-    mine = [i for i in range(len(ranges)) if i % world == rank]
-    done_features = sum(ranges[i][1] - ranges[i][0] for i in mine if i in done)
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_features, unit="ft",
-               desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
-               disable=not progress or rank != 0)
-    def write_mine() -> None:
+    def publish() -> None:
+        teacher_pass.shard_writer.write_manifest(manifest)
+        with io_errors(plan.path):
+            (plan.path / PROGRESS_NAME).unlink(missing_ok=True)
+
+    on_rank0(publish, world)
+    manifest = json.loads((plan.path / MANIFEST_NAME).read_text())
+    phases = {"load_tokenize": t_loop_start - t_load, "forward_write": time.perf_counter() - t_loop}
+    return DumpResult(plan.path, False, manifest, time.perf_counter() - plan.start, phases=phases)
+
+
+def _teacher_and_features(plan: DumpPlan):
+    """The teacher on its device, and the training features. The teacher loads in a thread while the data is tokenized
+    (both mostly outside the GIL); both finish before anything is written, so bad data or a bad teacher leaves no trace
+    on disk."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-load") as pool:
+        loading = pool.submit(lambda: load_teacher(plan.task, plan.teacher_name, plan.teacher_path).to(plan.device).eval())
+        features = kdata.make_features(plan.task, plan.raw, plan.tokenizer, plan.config, plan.labels, "train")
+        return loading.result(), features
+
+
+def _bound_fields(plan: DumpPlan) -> dict[str, Any]:
+    """The manifest fields that say what the shards' numbers mean, bound into every shard as it is written."""
+    hidden_config = plan.task.hidden_config(plan.model_config)
+    return {
+        "fingerprint": plan.fp,
+        "teacher": {
+            "name": plan.teacher_name, **{k: v for k, v in plan.inputs["teacher_identity"].items() if k != "name"},
+            "model_type": plan.model_config.model_type, "num_hidden_layers": hidden_config.num_hidden_layers,
+            "hidden_size": hidden_config.hidden_size, "compute_dtype": plan.compute_dtype,
+            "output_rows": plan.task.output_rows(plan.model_config),
+        },
+        "tokenizer_hash": plan.inputs["tokenizer_hash"],
+        "labels": plan.labels.to_dict(),
+    }
+
+
+def _manifest(plan: DumpPlan, bound: dict[str, Any], lengths: np.ndarray, per_shard: int, generated: bool) -> dict[str, Any]:
+    """The manifest rank 0 publishes once every shard is: the bound fields, what the cache was made from, and how."""
+    config, tokenizer = plan.config, plan.tokenizer
+    transfer = kdata.transfer_record(plan.raw, config)
+    manifest = {
+        **bound,
+        "fingerprint_inputs": plan.inputs,
+        "lookup_inputs": plan.lookup,
+        "num_examples": len(plan.raw),
+        "num_features": len(lengths),
+        "input_tokens": int(lengths.sum()),
+        "task": config.task_type,
+        "dataset_hash": plan.ds_hash,
+        "split": config.train_split if config.train_file is None and not plan.in_memory else "train",
+        "data_source": config.train_file or config.dataset_name or "in-memory dataset",
+        **({"transfer": transfer} if transfer else {}),  # labeled vs transfer-set examples (absent without a transfer set)
+        "features": plan.task.feature_params(config),
+        "tokenizer": {"class": type(tokenizer).__name__, "name": plan.teacher_name, "vocab_size": len(tokenizer),
+                      **({CONTINUATIONS: continuation_strings(tokenizer)} if any(t.mode == "offsets" for t in plan.spec.targets) else {})},
+        "shard_examples": per_shard,
+        "config": config.to_dict(),
+        "created_unix": time.time(),
+    }
+    if generated:
+        manifest["generated"] = json.loads((plan.path / GENERATED_META_NAME).read_text())
+    return manifest
+
+
+@dataclass
+class TeacherPass:
+    """One rank's share of the teacher's forward pass: its missing shards (every world-th), each batch by batch,
+    longest features first, reduced on the device and handed to a background writer thread."""
+
+    plan: DumpPlan
+    model: torch.nn.Module
+    features: Any
+    lengths: np.ndarray  # [F] tokens per feature
+    example_ids: np.ndarray  # [F]
+    shard_writer: ShardWriter
+    ranges: list[tuple[int, int]]  # [lo, hi) feature ids of every shard
+    todo: list[int]  # this rank's shards still to write
+    bar: Any  # tqdm progress bar of this rank's features
+
+    @classmethod
+    def for_rank(cls, plan: DumpPlan, model, features, lengths: np.ndarray, per_shard: int, rank: int, world: int,
+                 bound: dict) -> "TeacherPass":
+        """The pass of ``rank``: the shards of ``per_shard`` features not yet published whose index is rank modulo world."""
+        num_features = len(features)
+        shard_writer = ShardWriter(plan.path, plan.spec, clean=False, on_publish=plan.on_shard, bound=bound)
+        done = {i for i in (parse_shard_index(p.name) for p in plan.path.glob(SHARD_META_GLOB)) if i is not None}
+        ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
+        mine = [i for i in range(len(ranges)) if i % world == rank]
+        done_features = sum(ranges[i][1] - ranges[i][0] for i in mine if i in done)
+        bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), initial=done_features, unit="ft",
+                   desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
+                   disable=not plan.progress or rank != 0)
+        example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
+        return cls(plan, model, features, lengths, example_ids, shard_writer, ranges, [i for i in mine if i not in done], bar)
+
+    def run(self) -> None:
+        """Write this rank's shards (each published atomically as it completes)."""
+        plan, features, model, bar, ranges, todo = self.plan, self.features, self.model, self.bar, self.ranges, self.todo
+        task, config, tokenizer, dev, amp, spec = plan.task, plan.config, plan.tokenizer, plan.device, plan.amp, plan.spec
+        lengths, example_ids = self.lengths, self.example_ids  # [F] each
+        generated_targets = any(t.mode == "tokens" for t in spec.targets)
+        batch_size = config.teacher_batch_size or 2 * config.batch_size
         tokens_seen, t0 = 0, time.perf_counter()
-        with BackgroundWriter(shard_writer) as writer:
+        with BackgroundWriter(self.shard_writer) as writer:
             for index in todo:
                 lo, hi = ranges[index]
                 writer.open_shard(index, (lo, hi))
@@ -505,57 +462,23 @@ def _dump(config: FineTuneConfig, train_dataset, task, teacher_name: str, teache
             writer.flush()
         bar.close()
 
-    t_loop = time.perf_counter()
-    together(write_mine, world)  # every rank's shards are published (or every rank stops with the first error)
 
-    transfer = kdata.transfer_record(raw, config)
-    manifest = {
-        **bound,
-        "fingerprint_inputs": inputs,
-        "lookup_inputs": lookup,
-        "num_examples": len(raw),
-        "num_features": num_features,
-        "input_tokens": int(lengths.sum()),
-        "task": config.task_type,
-        "dataset_hash": ds_hash,
-        "split": config.train_split if config.train_file is None and train_dataset is None else "train",
-        "data_source": config.train_file or config.dataset_name or "in-memory dataset",
-        **({"transfer": transfer} if transfer else {}),  # labeled vs transfer-set examples (absent without a transfer set)
-        "features": task.feature_params(config),
-        "tokenizer": {"class": type(tokenizer).__name__, "name": teacher_name, "vocab_size": len(tokenizer),
-                      **({CONTINUATIONS: continuation_strings(tokenizer)} if any(t.mode == "offsets" for t in spec.targets) else {})},
-        "shard_examples": per_shard,
-        "config": config.to_dict(),
-        "created_unix": time.time(),
-    }
-    if responses is not None:
-        manifest["generated"] = json.loads((path / GENERATED_META_NAME).read_text())
-
-    def publish() -> None:
-        shard_writer.write_manifest(manifest)
-        with io_errors(path):
-            (path / PROGRESS_NAME).unlink(missing_ok=True)
-
-    on_rank0(publish, world)
-    manifest = json.loads((path / MANIFEST_NAME).read_text())
-    phases = {"load_tokenize": t_loop_start - t_load, "forward_write": time.perf_counter() - t_loop}
-    return DumpResult(path, False, manifest, time.perf_counter() - start, phases=phases)
-
-
-def _responses(task, model, tokenizer, raw, labels, config: FineTuneConfig, path: Path, fp: str, state: str, dev, world: int):
+def _responses(plan: DumpPlan, model, state: str, world: int):
     """The teacher's responses (published ones when resuming, else generated now, by rank 0, in memory: nothing is
     written before the features of the rewritten rows are known to be valid), whether they were already published,
     and the features of the rewritten rows."""
+    task, config, raw = plan.task, plan.config, plan.raw
+
     def generate() -> tuple[Optional[list], bool]:
-        responses = read_generated(path, fp) if state == "resume" else None
+        responses = read_generated(plan.path, plan.fp) if state == RESUME else None
         if responses is not None:
             return responses, True
         log.info("sequence_kd: generating the teacher's responses to %d prompts", len(raw))
-        return task.generate_responses(model, tokenizer, raw, config, dev,
+        return task.generate_responses(model, plan.tokenizer, raw, config, plan.device,
                                        batch_size=config.teacher_batch_size or 2 * config.batch_size), False
 
     responses, published = on_rank0(generate, world)  # every rank gets rank 0's responses (or its error)
-    features = kdata.make_features(task, task.with_responses(raw, responses, config), tokenizer, config, labels, "train")
+    features = kdata.make_features(task, task.with_responses(raw, responses, config), plan.tokenizer, config, plan.labels, "train")
     return responses, published, features
 
 

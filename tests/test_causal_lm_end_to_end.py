@@ -214,8 +214,8 @@ def test_cross_tokenizer_with_the_same_tokenizer_is_the_plain_layout(lm, tmp_pat
     """The alignment rule, applied to identical tokenizations, reproduces the token-level layout exactly."""
     from transformers import AutoTokenizer
 
+    from kdcache.cross_tokenizer import CrossTokenizer
     from kdcache.distill.collator import DistillationCollator, TargetFetcher
-    from kdcache.distill.cross_tokenizer import CrossTokenizer
     from kdcache.tasks import get_task
     from kdcache.tasks.labels import LabelInfo
 
@@ -314,10 +314,11 @@ def test_sequence_kd_needs_prompts_and_a_cache_with_responses(lm, tmp_path):
 def test_cross_tokenizer_loss_reaches_the_whole_student_vocabulary():
     """A student vocabulary larger than the teacher's: mapped ids beyond the teacher's width get their gradient."""
     from kdcache.cache.format import TargetSpec
+    from kdcache.cross_tokenizer import CrossTokenizer
     from kdcache.distill.trainer import DistillationTrainer
 
     trainer = DistillationTrainer.__new__(DistillationTrainer)  # the loss alone: no model, no data
-    trainer.vocab_map, trainer.processing_class = torch.tensor([5, 900, -1, 1100]), [None] * 1200  # len() = 1200 tokens
+    trainer.cross_tokenizer = CrossTokenizer(torch.tensor([5, 900, -1, 1100]), student_vocab=1200)
     trainer.temperature, trainer.topk_loss = 1.0, "rest"
     spec = TargetSpec("logits", "position", 4, "topk", 2, (1.0,))
     student = torch.zeros(1, 1, 1200, requires_grad=True)

@@ -10,7 +10,7 @@ from helpers import REPO
 
 
 def test_cache_and_config_import_without_torch():
-    code = ("import sys, kdcache, kdcache.cache, kdcache.config, kdcache.tasks; "
+    code = ("import sys, kdcache, kdcache.cache, kdcache.cache.directory_state, kdcache.config, kdcache.tasks; "
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -326,7 +326,7 @@ def test_a_deleted_teacher_is_named_from_the_manifest(tmp_path, kdcache_home, tr
     config = config_for(teacher, tiny_student, small_data, tmp_path)
     manifest = dump_teacher(config, progress=False).manifest
     shutil.rmtree(teacher)  # a supported workflow: stage two never needs the teacher
-    with caplog.at_level(logging.INFO, logger="kdcache.train"):
+    with caplog.at_level(logging.INFO, logger="kdcache.student_cache"):
         train_student(config)
     sha = manifest["fingerprint_inputs"]["teacher_identity"]["weights_sha256"]
     assert any(str(teacher) in r.message and sha[:12] in r.message for r in caplog.records)

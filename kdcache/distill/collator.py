@@ -222,7 +222,7 @@ class DistillationCollator:
     sequences) replaces that key's labels."""
 
     def __init__(self, tokenizer, fetcher: Optional[TargetFetcher], task, aligner=None):
-        """``aligner`` (a :class:`~kdcache.distill.cross_tokenizer.CrossTokenizer`): the cache was dumped with another
+        """``aligner`` (a :class:`~kdcache.cross_tokenizer.CrossTokenizer`): the cache was dumped with another
         tokenizer; its rows are laid out on the student's positions by character offsets instead."""
         self.tokenizer = tokenizer
         self.fetcher = fetcher

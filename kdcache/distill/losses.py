@@ -120,7 +120,7 @@ def topk_rest_kl(student_logits: torch.Tensor, idx: torch.Tensor, logp: torch.Te
 def mapped_topk_kl(student_logits: torch.Tensor, idx: torch.Tensor, p: torch.Tensor, rest: torch.Tensor, valid: torch.Tensor,
                    temperature: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """T² · KL over the buckets {each valid slot's token} + rest, from a teacher distribution already at ``temperature``
-    (a teacher top-k mapped into the student's vocabulary, :func:`kdcache.tokenization_alignment.fold_topk`).
+    (a teacher top-k mapped into the student's vocabulary, :func:`kdcache.cross_tokenizer.fold_topk`).
 
     student_logits [..., V]; idx [..., k] student ids; p [..., k] teacher probabilities (0 on invalid slots); rest [...]
     the teacher's mass of every other token; valid [..., k] bool; mask [...] the rows that count."""

@@ -20,12 +20,11 @@ from kdcache.cache.format import TargetSpec
 from kdcache.config import ConfigError
 from kdcache.data import EXAMPLE_ID, FEATURE_ID, LABELED, column_array
 from kdcache.distill.collator import HIDDEN_KEY, HIDDEN_MASK_KEY, ReadAheadSampler, TargetFetcher, target_key
-from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, mapped_topk_kl, sampled_kl, topk_renormalized_kl, topk_rest_kl
+from kdcache.distill.losses import combined_loss, hidden_mse_loss, kd_kl_loss, sampled_kl, topk_renormalized_kl, topk_rest_kl
 from kdcache.distill.shard_order import ShardBlockSampler
 from kdcache.distill.transfer_mix import TransferMixSampler
 from kdcache.distributed import any_rank, first_error
 from kdcache.teacher import pool_student, select_hidden
-from kdcache.tokenization_alignment import fold_topk
 
 __all__ = ["PROJECTIONS_FILE", "TrainingDiverged", "OnlineTeacher", "DistillationTrainer"]
 
@@ -100,16 +99,16 @@ class DistillationTrainer(Trainer):
     def __init__(self, *args: Any, task, temperature: float, alpha: float, hidden_weight: float, distill_logits: bool,
                  hidden_pooling: str = "none", fetcher: Optional[TargetFetcher] = None,
                  online_teacher: Optional[OnlineTeacher] = None, targets: Optional[dict[str, TargetSpec]] = None,
-                 topk_loss: str = "rest", vocab_map: Optional[torch.Tensor] = None,
+                 topk_loss: str = "rest", cross_tokenizer=None,
                  transfer_proportion: Optional[float] = None, **kwargs: Any):
         """``targets``: the stored spec of each distilled target field (its mode decides the loss; absent =
         full logits, as the online teacher gives); ``topk_loss``: "rest" (k+1 buckets) or "renormalized";
-        ``vocab_map`` [V_teacher] (student id or -1): the cache's top-k ids are the teacher tokenizer's, mapped
-        into the student's vocabulary at the aligned positions (cross-tokenizer); ``transfer_proportion``: the fraction
+        ``cross_tokenizer`` (a :class:`kdcache.cross_tokenizer.CrossTokenizer`): the cache's top-k ids are the teacher
+        tokenizer's, mapped into the student's vocabulary at the aligned positions; ``transfer_proportion``: the fraction
         of every batch drawn from the transfer set (:class:`TransferMixSampler`; None: one shuffled pool)."""
         super().__init__(*args, **kwargs)
         self.transfer_proportion = transfer_proportion
-        self.vocab_map = vocab_map
+        self.cross_tokenizer = cross_tokenizer
         self.task = task
         self.targets = dict(targets or {})
         self.topk_loss = topk_loss
@@ -288,17 +287,11 @@ class DistillationTrainer(Trainer):
         vocabulary-scale head that copy and its backward cost more than the loss)."""
         # [B, P, V]: a padded embedding matrix's extra rows dropped (a view); the vocabulary is the student's own when
         # the cache holds another tokenizer's (cross-tokenizer), the teacher's (the same) otherwise
-        width = len(self.processing_class) if self.vocab_map is not None else spec.width
+        width = self.cross_tokenizer.student_vocab if self.cross_tokenizer is not None else spec.width
         s = s_view[..., :width]
         T = self.temperature
-        if self.vocab_map is not None:  # another tokenizer's top-k: mapped into the student's vocabulary at T
-            comps = dict(comps)
-            if self.vocab_map.device != s.device:  # moved once, not copied every step
-                self.vocab_map = self.vocab_map.to(s.device)
-            idx, p, rest, valid = fold_topk(comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(T)],
-                                            self.vocab_map, T)
-            loss = mapped_topk_kl(s, idx, p, rest, valid, T, mask)
-            comps["idx"] = idx.gather(-1, p.argmax(-1, keepdim=True))  # [B, P, 1]: the teacher's most likely mapped token
+        if self.cross_tokenizer is not None:  # another tokenizer's top-k: mapped into the student's vocabulary at T
+            loss, comps = self.cross_tokenizer.topk_kl(s, comps, spec, T, mask)
         elif spec.mode == "topk" and self.topk_loss == "renormalized":  # needs no stored normaliser
             loss = topk_renormalized_kl(s, comps["idx"], comps["logp"], T, mask)
         elif spec.mode == "topk":

@@ -1,4 +1,4 @@
-"""kdcache.tokenization_alignment: continuation strings, vocabulary maps, the position alignment rule and the folding
+"""kdcache.cross_tokenizer: continuation strings, vocabulary maps, the position alignment rule and the folding
 of a teacher's top-k into a student vocabulary, on real tokenizers built here (two byte-level BPEs
 of different sizes trained on the shipped SciTLDR sample) and MiniLM's uncased WordPiece (installed
 offline). No network."""
@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import REPO, read_jsonl
 
+from kdcache.cross_tokenizer import align, alignment_share, continuation_strings, fold_topk, target_offsets, vocab_map
 from kdcache.teacher import reduce_topk
-from kdcache.tokenization_alignment import align, alignment_share, continuation_strings, fold_topk, target_offsets, vocab_map
 
 TLDR_TRAIN = REPO / "data" / "scitldr" / "train.jsonl"
 TLDR_VALID = REPO / "data" / "scitldr" / "validation.jsonl"

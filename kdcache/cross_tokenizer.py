@@ -1,5 +1,11 @@
-"""Token-level alignment between two tokenizations of the same text, so that a teacher cache can
-distil a student whose tokenizer differs from the teacher's (causal LMs).
+"""Cross-tokenizer distillation, in one place: a student whose tokenizer differs from the teacher's trains from the
+teacher's causal-LM cache. Stage one stores, per target position, the characters (context_end, target_end) of the text
+the teacher had read and of the token it predicted, and the teacher vocabulary's continuation strings
+(:func:`continuation_strings`); stage two checks that the cache can serve another tokenizer (:func:`crosses`,
+:func:`check_stored_target`), and builds one :class:`CrossTokenizer` (``CrossTokenizer.for_run``), which the collator
+asks to lay the teacher's rows on the student's aligned positions (``place``) and the trainer asks for the loss of the
+teacher's top-k mapped into the student's vocabulary (``topk_kl``). Positions that do not align learn from the hard
+labels only. Documented in docs/causal-lm.md.
 
 The alignment rule
 ------------------
@@ -36,10 +42,22 @@ strings are lowercase and match only the other side's lowercase tokens.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from kdcache.cache import CacheMismatchError, CacheReader
+from kdcache.cache.format import CONTINUATIONS, TargetSpec
+from kdcache.distill.collator import positions_key, target_key
+from kdcache.distill.losses import mapped_topk_kl
+from kdcache.tokenizer_identity import tokenizer_hash
+
+__all__ = ["CONTINUATIONS", "CrossTokenizer", "crosses", "check_stored_target", "refuse_token_hidden", "cross_hint",
+           "continuation_strings", "vocab_map", "target_offsets", "align", "fold_topk", "alignment_share"]
+
+log = logging.getLogger(__name__)
 
 ANCHOR_TEXT = "x"  # a plain word every tokenizer encodes; the continuation of a token is read after it
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for a partial UTF-8 character
@@ -196,3 +214,132 @@ def alignment_share(teacher_tokenizer, student_tokenizer, texts: Sequence[str]) 
         "teacher_vocab_mappable": mappable,
         "teacher_vocab_mapped": int((mapped >= 0).sum()),
     }
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def crosses(config, reader: CacheReader, student_tokenizer) -> bool:
+    """cross_tokenizer is on and the student's tokenizer is not the one the cache was dumped with."""
+    return config.cross_tokenizer and reader.manifest.get("tokenizer_hash") != tokenizer_hash(student_tokenizer)
+
+
+def cross_hint(reader: CacheReader) -> str:
+    """The way out of a tokenizer mismatch when the cache can serve another tokenizer (it stores offsets)."""
+    if any(t.mode == "offsets" for t in reader.spec.targets):
+        return ", or set cross_tokenizer: true (--cross-tokenizer true) to distil at the positions both tokenizations align on"
+    return ""
+
+
+def refuse_token_hidden(path) -> None:
+    """Per-token hidden states line up with the teacher's tokens only: a cache storing them cannot serve another
+    tokenizer while they are distilled."""
+    raise CacheMismatchError("cross_tokenizer", False, True,
+                             f"{path} stores per-token hidden states, which need the teacher's tokenizer: with cross_tokenizer "
+                             "turn distill_hidden_states off (--distill-hidden-states false)")
+
+
+def check_stored_target(reader: CacheReader, path, target: TargetSpec) -> Optional[TargetSpec]:
+    """Refuse a cache that cannot serve ``target`` (the student's spec) across tokenizers: it needs the character
+    offsets and top-k logits. Returns the stored spec whose temperatures the run must find (None for the offsets)."""
+    stored = reader.spec.target(target.name)
+    if stored is None or (target.mode != "offsets" and stored.mode != "topk"):
+        what = "no character offsets" if stored is None else f"{target.name!r} in mode {stored.mode!r}"
+        raise CacheMismatchError("cross_tokenizer", None if stored is None else stored.mode, target.mode,
+                                 f"{path} stores {what}: a student with another tokenizer trains from a causal_lm cache "
+                                 "with logits_mode topk; re-run dump-teacher with logits_mode: topk")
+    return stored if target.mode != "offsets" else None
+
+
+class CrossTokenizer:
+    """The teacher-to-student vocabulary map, the per-batch layout of teacher rows on student positions (the
+    collator's ``place``) and the loss of the mapped top-k (the trainer's ``topk_kl``)."""
+
+    def __init__(self, vocab_map: torch.Tensor, student_vocab: int):
+        """``vocab_map`` [V_t] int64: the student id of each teacher id, -1 for none; ``student_vocab``: the
+        student tokenizer's size, the width of the distribution the student learns."""
+        self.vocab_map = vocab_map  # [V_t]
+        self.student_vocab = int(student_vocab)
+        self.teacher_vocab = len(vocab_map)
+        self.mapped = int((self.vocab_map >= 0).sum())
+        self.positions = 0  # student target positions seen
+        self.aligned = 0  # of which aligned with a teacher position
+
+    @classmethod
+    def from_strings(cls, teacher_strings: Sequence[str | None], student_tokenizer) -> "CrossTokenizer":
+        """From the teacher vocabulary's continuation strings and the student's tokenizer."""
+        student_strings = continuation_strings(student_tokenizer)
+        return cls(torch.from_numpy(vocab_map(teacher_strings, student_strings)), len(student_strings))
+
+    @classmethod
+    def for_run(cls, config, reader: CacheReader, source_tokenizer, student_tokenizer) -> Optional["CrossTokenizer"]:
+        """Stage two's entry point: None unless the run crosses tokenizers (``source_tokenizer``: the one the student's
+        rows were cut with), else the map from the cache to ``student_tokenizer`` (the student's, pruned or not)."""
+        if not crosses(config, reader, source_tokenizer):
+            return None
+        aligner = cls.from_cache(reader, student_tokenizer)
+        log.info("cross-tokenizer: %d of the teacher's %d tokens map to the student's vocabulary", aligner.mapped, aligner.teacher_vocab)
+        return aligner
+
+    @classmethod
+    def from_cache(cls, reader: CacheReader, student_tokenizer) -> "CrossTokenizer":
+        """From the continuation strings the cache's manifest stores."""
+        strings = reader.manifest.get("tokenizer", {}).get(CONTINUATIONS)
+        if not strings:
+            raise CacheMismatchError("cross_tokenizer", None, True,
+                                     f"{reader.path} stores no teacher vocabulary for another tokenizer: re-run dump-teacher "
+                                     "with this kdcache version (add --force when cache_dir names this cache)")
+        return cls.from_strings(strings, student_tokenizer)
+
+    def topk_kl(self, s: torch.Tensor, comps: dict[str, torch.Tensor], spec: TargetSpec, temperature: float,
+                mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """T²·KL of the student's logits ``s`` [B, P, V_s] against the teacher's stored top-k ``comps`` (idx, logp,
+        logrest [B, P, m]) mapped into the student's vocabulary at ``temperature``, over ``mask`` [B, P]; and the
+        components with ``idx`` [B, P, 1] the teacher's most likely mapped token (for agreement)."""
+        if self.vocab_map.device != s.device:  # moved once, not copied every step
+            self.vocab_map = self.vocab_map.to(s.device)
+        idx, p, rest, valid = fold_topk(comps["idx"], comps["logp"], comps["logrest"][..., spec.temperature_index(temperature)],
+                                        self.vocab_map, temperature)
+        loss = mapped_topk_kl(s, idx, p, rest, valid, temperature, mask)
+        return loss, {**comps, "idx": idx.gather(-1, p.argmax(-1, keepdim=True))}  # [B, P, 1]
+
+    def place(self, batch: dict[str, torch.Tensor], fetched: dict[str, torch.Tensor], targets: Sequence[TargetSpec],
+              mask: torch.Tensor) -> None:
+        """Replace the fetched teacher rows ([B, P_t, ...], each row's first n real) by rows on the student's positions
+        [B, S, ...] and add ``teacher_<name>:aligned`` [B, S] (True where a teacher position aligned).
+
+        batch["offsets"] [B, P_s, 2]: the student's (context_end, target_end) per position of ``mask`` [B, S], in order."""
+        offsets = next(t for t in targets if t.mode == "offsets")
+        t_off = fetched.pop(target_key(offsets.name))  # [B, P_t, 2]
+        t_n = fetched.pop(positions_key(offsets.name))  # [B]
+        s_off = batch["offsets"]  # [B, P_s, 2]
+        B, S = mask.shape
+        s_rows, t_rows, rows = [], [], []
+        for b in range(B):
+            where = mask[b].nonzero()[:, 0]  # [n_s] student positions, in order
+            s_ctx = s_off[b, : len(where), 0].numpy()
+            t_ctx = t_off[b, : int(t_n[b]), 0].numpy()
+            si, ti = align(s_ctx, t_ctx)
+            self.positions += len(where)
+            self.aligned += len(si)
+            s_rows.append(where[torch.from_numpy(si)])
+            t_rows.append(torch.from_numpy(ti))
+            rows.append(torch.full((len(si),), b, dtype=torch.long))
+        b_idx, s_idx, t_idx = torch.cat(rows), torch.cat(s_rows), torch.cat(t_rows)
+        aligned = torch.zeros((B, S), dtype=torch.bool)
+        aligned[b_idx, s_idx] = True
+        for t in targets:
+            if t.mode == "offsets":
+                continue
+            fetched.pop(positions_key(t.name), None)
+            for key in [k for k in fetched if k.startswith(target_key(t.name) + ":")]:
+                value = fetched[key]  # [B, P_t, m]
+                out = value.new_zeros((B, S, *value.shape[2:]))
+                out[b_idx, s_idx] = value[b_idx, t_idx]
+                fetched[key] = out
+            fetched[target_key(t.name, "aligned")] = aligned
+
+    @property
+    def share(self) -> float:
+        """Share of the student's target positions that aligned so far."""
+        return self.aligned / self.positions if self.positions else float("nan")
