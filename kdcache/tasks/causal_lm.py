@@ -22,7 +22,7 @@ Targets: ``logits`` per position whose next token carries loss (masked positions
 mode topk / sampled / full (:mod:`kdcache.tasks.vocab_head`), and ``offsets``: per stored position the
 character offsets (context_end, target_end) of the text the model has read and of the token it
 predicts, so that a student with another tokenizer can align its own positions
-(:mod:`kdcache.tokenization_alignment`). Metric: perplexity of the loss-carrying tokens."""
+(:mod:`kdcache.cross_tokenizer`). Metric: perplexity of the loss-carrying tokens."""
 
 from __future__ import annotations
 
