@@ -1,7 +1,7 @@
 """The demo's student options against the guide's size and speed criteria, without training: students built from the
 real MiniLM teacher the way train-student builds them (student_layers, then prune_vocabulary over the demo's data),
 their parameters, and their batch-1 speed-up over the 6-layer teacher measured interleaved and paired
-(kdcache.speed) next to the old one-after-the-other measurement. Also how much of the eval text a vocabulary pruned
+(kdcache.evaluation.speed) next to the old one-after-the-other measurement. Also how much of the eval text a vocabulary pruned
 to the training text alone would turn into [UNK]. Speed does not depend on the weights, so untrained heads serve.
 
     python -m bench.demo_student [--runs 100]        (writes bench/results/demo_student.json)
@@ -68,9 +68,9 @@ def main() -> None:
 
     from kdcache import data as kdata
     from kdcache.config import FineTuneConfig
-    from kdcache.evaluate import latency_call, measure_paired_latency
+    from kdcache.evaluation.measure import latency_call, measure_paired_latency
+    from kdcache.evaluation.speed import time_interleaved
     from kdcache.models import count_parameters, keep_layers, resolve_model_path
-    from kdcache.speed import time_interleaved
     from kdcache.tasks import get_task
     from kdcache.vocab_prune import kept_ids, prune_embeddings, prune_tokenizer
 

@@ -176,7 +176,7 @@ def hand_loop(name: str, lr: float, seed: int) -> dict[str, Any]:
 
     from kdcache import data as kdata
     from kdcache.config import FineTuneConfig
-    from kdcache.evaluate import score
+    from kdcache.evaluation.measure import score
     from kdcache.tasks import get_task
     from kdcache.train import build_student
 
@@ -237,7 +237,7 @@ def analyse(name: str, batches: int = 16) -> dict[str, Any]:
     from kdcache import data as kdata
     from kdcache.config import FineTuneConfig
     from kdcache.distill.losses import kd_kl_loss
-    from kdcache.evaluate import load_model
+    from kdcache.evaluation.measure import load_model
     from kdcache.tasks import get_task
     from kdcache.train import build_student
 

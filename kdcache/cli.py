@@ -215,15 +215,15 @@ def compare_cmd(config_path: Optional[str], teacher: Optional[str], student: Opt
                 time_teacher: bool, latency_runs: int, warmup: int, throughput_batch: int, resamples: int, **kwargs: Any) -> None:
     """Teacher vs student on the eval data: the metric with its bootstrap CI, size, latency and throughput, the
     guide's criteria and diagnostics. Prints the report and writes report.md / report.json into the student's folder."""
+    from kdcache.evaluation.report import run_comparison, write_report
     from kdcache.recommend import teacher_name_for
-    from kdcache.report import run_comparison, write_report
 
     fields, _ = _split_fields(kwargs)
     config = resolve_config(config_path, fields)
     report, student_dir = run_comparison(config, teacher or teacher_name_for(config), student or config.output_dir,
                                          teacher_cache, time_teacher, throughput_batch, latency_runs, warmup, resamples)
     if student_dir is None:
-        from kdcache.report import format_markdown
+        from kdcache.evaluation.report import format_markdown
 
         click.echo(format_markdown(report))
         click.echo("(the student is not a local folder: the report was not written)")

@@ -16,7 +16,7 @@ from kdcache.recommend import teacher_name_for
 CARD_NAME = "README.md"
 MARKER = "<!-- written by kdcache: rewritten by train-student and kdcache compare -->"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"; a local path is not one
-# The guide's "Evaluation Criteria", as `kdcache compare` checks them (kdcache/report.py).
+# The guide's "Evaluation Criteria", as `kdcache compare` checks them (kdcache/evaluation/report.py).
 CRITERIA = ("metric >= 90% of the teacher's", "inference >= 50% faster", "size >= 40% smaller")
 
 

@@ -306,7 +306,7 @@ def _train(run: SweepRun, task, output_dir: Path) -> dict[str, Any]:
     """Train one run from the cache and record its result (the finish marker, written last)."""
     import torch
 
-    from kdcache.evaluate import weights_bytes
+    from kdcache.evaluation.measure import weights_bytes
     from kdcache.train import train_student
 
     if os.path.lexists(run.folder):  # a run cut short (or trained with another config): start it afresh

@@ -26,12 +26,12 @@ from kdcache.cache.lock import ReadLock
 from kdcache.cache.staging import StagedCacheReader
 from kdcache.config import ConfigError, FineTuneConfig
 from kdcache.cross_tokenizer import CrossTokenizer
-from kdcache.diagnose import did_distillation_help
 from kdcache.distill.callbacks import MonitorCallback
 from kdcache.distill.collator import DistillationCollator, TargetFetcher
 from kdcache.distill.model import DistillationModel, proportional_layer_map
 from kdcache.distill.trainer import DistillationTrainer, OnlineTeacher
-from kdcache.evaluate import examples_per_second, score
+from kdcache.evaluation.diagnose import did_distillation_help
+from kdcache.evaluation.measure import examples_per_second, score
 from kdcache.layer_strategy import teacher_layers
 from kdcache.model_card import build_card, write_card
 from kdcache.models import ModelError, count_parameters, keep_layers, resolve_model_path, untied_shared_parameters

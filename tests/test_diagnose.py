@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kdcache.config import FineTuneConfig
-from kdcache.diagnose import KD_STAYS_HIGH, SIZE_RATIO_RANGE, diagnose, temperature_range
+from kdcache.evaluation.diagnose import KD_STAYS_HIGH, SIZE_RATIO_RANGE, diagnose, temperature_range
 
 
 def training_log(kd_start: float, kd_end: float, steps: int = 8, samples_per_s: float = 64.0) -> list[dict]:

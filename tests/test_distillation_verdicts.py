@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from seq2seq_models import invoke_cli
 
 from kdcache.config import FineTuneConfig
-from kdcache.diagnose import GUIDE_REMEDIES, did_distillation_help
+from kdcache.evaluation.diagnose import GUIDE_REMEDIES, did_distillation_help
 from kdcache.model_card import MARKER, build_card, hub_id, write_card
 
 DISTILLED = FineTuneConfig(model_name="student", task_type="text_classification", use_distillation=True,
@@ -201,7 +201,7 @@ def test_the_bootstrap_difference_is_paired():
     narrower than two independent intervals would suggest."""
     from datasets import Dataset
 
-    from kdcache.report import bootstrap
+    from kdcache.evaluation.report import bootstrap
     from kdcache.tasks import LabelInfo, get_task
 
     task = get_task("text_classification")

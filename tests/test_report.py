@@ -13,7 +13,7 @@ from datasets import Dataset
 from helpers import MR_VALID, fails_cleanly, read_jsonl, run_cli, write_pipeline
 
 from kdcache.config import FineTuneConfig
-from kdcache.report import bootstrap, build_report, criteria, format_markdown, metric_share
+from kdcache.evaluation.report import bootstrap, build_report, criteria, format_markdown, metric_share
 from kdcache.tasks import get_task
 
 TASK = get_task("text_classification")
@@ -161,7 +161,7 @@ def _report_files(folder) -> dict:
     return {name: (folder / name).read_bytes() for name in ("report.md", "report.json") if (folder / name).exists()}
 
 
-# Not marked slow although it trains (the distilled fixture): make test-fast's one run through kdcache/eval_cache.py.
+# Not marked slow although it trains (the distilled fixture): make test-fast's one run through kdcache/evaluation/teacher_cache.py.
 def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_data):
     pipeline, home, root = str(distilled["pipeline"]), distilled["home"], distilled["root"]
     eval_cache = root / "eval_cache"
@@ -191,7 +191,7 @@ def test_the_teachers_metric_from_a_cache_of_the_eval_split(distilled, small_dat
 
     # With the teacher back, --time-teacher loads it for timing only; its metric (from the cache) is the one the
     # loaded teacher scores: the cached logits give the same predictions.
-    from kdcache.report import run_comparison
+    from kdcache.evaluation.report import run_comparison
 
     config = FineTuneConfig.from_yaml(pipeline)
     loaded, _ = run_comparison(config, str(distilled["teacher"]), str(distilled["student"]), latency_runs=3, warmup=1, resamples=0)

@@ -1,4 +1,4 @@
-"""The speed criterion's paired timing (kdcache.speed): calls alternate, each round's ratio cancels a load shared by
+"""The speed criterion's paired timing (kdcache.evaluation.speed): calls alternate, each round's ratio cancels a load shared by
 its two calls, and the interval is the bootstrap's. A simulated clock stands in for the machine's load; one run on
 tiny models goes through the real loading and inference."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdcache.speed import paired_speedup, time_interleaved
+from kdcache.evaluation.speed import paired_speedup, time_interleaved
 
 
 class LoadedClock:
@@ -66,7 +66,7 @@ def test_interleaved_calls_alternate_and_recover_the_ratio_under_a_rising_load()
 def test_paired_latency_of_tiny_models(trained_teacher, tiny_student, small_data, one_thread):
     from kdcache import data as kdata
     from kdcache.config import FineTuneConfig
-    from kdcache.evaluate import measure_paired_latency
+    from kdcache.evaluation.measure import measure_paired_latency
     from kdcache.tasks import get_task
 
     config = FineTuneConfig(model_name=str(tiny_student), task_type="text_classification", max_length=48,

@@ -206,7 +206,7 @@ def test_bad_messages_and_spans(tok, rows):
 
 
 def test_compare_reads_perplexity_downwards():
-    from kdcache.evaluate import format_comparison
+    from kdcache.evaluation.measure import format_comparison
 
     def model(ppl: float, params: int) -> dict:
         return {"metrics": {"perplexity": ppl}, "num_parameters": params, "bytes_on_disk": 4 * params, "examples_per_s": 1e9 / params}

@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 from kdcache import data as kdata
 from kdcache.config import FineTuneConfig
 from kdcache.distributed import local_device
+from kdcache.evaluation.speed import paired_speedup, time_interleaved
 from kdcache.models import ModelError, count_parameters, resolve_model_path
-from kdcache.speed import paired_speedup, time_interleaved
 from kdcache.tasks import get_task
 from kdcache.tasks.labels import align_to_teacher
 
@@ -149,7 +149,7 @@ def measure_latency(model, tokenizer, task, features, config: FineTuneConfig, ru
 def measure_paired_latency(teacher_name: str, student_name: str, config: FineTuneConfig, examples, labels, runs: int = 50,
                            warmup: int = 5, device: Optional[torch.device] = None) -> dict[str, Any]:
     """The speed criterion's figures: teacher and student called in alternation at batch 1 on the same eval example
-    each round (each cut by its own tokenizer), timings paired (kdcache.speed). Returns each model's latency (median
+    each round (each cut by its own tokenizer), timings paired (kdcache.evaluation.speed). Returns each model's latency (median
     and p90 in ms) and the student's speed-up: the median of the paired ratios with its bootstrap CI."""
     task = get_task(config.task_type)
     calls = []

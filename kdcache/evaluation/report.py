@@ -14,7 +14,7 @@ import numpy as np
 
 from kdcache.cache.durable import write_atomic
 from kdcache.config import ConfigError, FineTuneConfig
-from kdcache.diagnose import MIN_METRIC_SHARE, diagnose, did_distillation_help
+from kdcache.evaluation.diagnose import MIN_METRIC_SHARE, diagnose, did_distillation_help
 
 __all__ = ["MIN_METRIC_SHARE", "MIN_SPEEDUP", "MIN_SIZE_REDUCTION", "metric_share", "bootstrap", "criteria",
            "build_report", "format_markdown", "monitor_plots", "write_report", "plain_baseline", "run_comparison"]
@@ -105,7 +105,7 @@ def _speed_figure(speedup: Optional[float], speed: Optional[dict[str, Any]]) -> 
 def criteria(share: float, speedup: Optional[float], size_reduction: Optional[float],
              share_ci: Optional[list[float]] = None, speed: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """The guide's three criteria on the point estimates: each with its figure, threshold and pass (True / False,
-    or None where the figure could not be measured). ``speed``: the paired timing's figures (kdcache.speed), whose
+    or None where the figure could not be measured). ``speed``: the paired timing's figures (kdcache.evaluation.speed), whose
     ratio is ``speedup``."""
     ci = f" (95% CI {share_ci[0]:.1%}-{share_ci[1]:.1%})" if share_ci else ""
     return [
@@ -128,11 +128,11 @@ def build_report(task, config: FineTuneConfig, examples, teacher: dict[str, Any]
                  resamples: int = 1000, history: Optional[list[dict[str, Any]]] = None,
                  run_config: Optional[FineTuneConfig] = None, notes: Optional[list[str]] = None,
                  plain: Optional[dict[str, Any]] = None, speed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The report as JSON-ready data from the two models' figures (see `kdcache.evaluate.measure_model`; a teacher
+    """The report as JSON-ready data from the two models' figures (see `kdcache.evaluation.measure.measure_model`; a teacher
     read from a cache has no latency or throughput, and may lack its sizes). ``history`` and ``run_config`` are
     the student's training log and config (for the diagnostics; ``config`` stands in for a missing one). ``plain``:
     the figures of a plain student of the same model (a sweep's use_distillation: false run), for distilled - plain.
-    ``speed``: the speed-up from interleaved, paired timings (`kdcache.evaluate.measure_paired_latency`), which
+    ``speed``: the speed-up from interleaved, paired timings (`kdcache.evaluation.measure.measure_paired_latency`), which
     replaces the ratio of the two median latencies."""
     metric, lower = task.primary_metric(), task.lower_is_better
     t_m, s_m = teacher["metrics"][metric], student["metrics"][metric]
@@ -351,8 +351,8 @@ def run_comparison(config: FineTuneConfig, teacher_name: str, student_name: str,
     $KDCACHE_HOME): then it is not loaded unless ``time_teacher`` asks for its speed. Returns the report and the
     student's folder (None when the student is not a local directory)."""
     from kdcache import data as kdata
-    from kdcache.eval_cache import cached_teacher, find_eval_cache
-    from kdcache.evaluate import measure_model, measure_paired_latency, parameters_on_disk, weights_bytes
+    from kdcache.evaluation.measure import measure_model, measure_paired_latency, parameters_on_disk, weights_bytes
+    from kdcache.evaluation.teacher_cache import cached_teacher, find_eval_cache
     from kdcache.tasks import DataError, get_task
 
     task = get_task(config.task_type)
