@@ -348,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         specs["hidden"] = hidden_cost.spec_for(args.quick, work / "hidden", threads, {**QUALITY_COMMON, **ner["config"]},
                                                {**QUALITY_STUDENT, **ner["student"]})
     if "lm" in run:
-        specs["lm"] = lm.spec_for(args.quick, work / "lm", threads)
+        specs["lm"] = lm.spec_for(args.quick, work / "lm", threads, None if args.quick else seeds)
         specs["lm"]["parts"] = names(args.lm_parts, SECTION_PARTS["lm"], "lm part")
 
     started: dict[str, tuple[float, float]] = {}  # section -> (unix time, load average) at its start
