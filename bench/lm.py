@@ -604,7 +604,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
         cut = f" (abstracts cut to their first {sp['text_chars']} characters)" if sp.get("text_chars") else ""
         seeds = sorted({r.get("seed", 0) for r in q["runs"]})
         n_student = setup.get("student_texts", setup["train_texts"])
-        subset = (f"the first {n_student:,} of the training texts ({setup.get('student_chars', 0):,} characters): {n_student / setup['train_texts']:.0%} "
+        share = n_student / setup["train_texts"]
+        subset = (f"the first {n_student:,} of the training texts ({setup.get('student_chars', 0):,} characters): {share:.0%} "
                   f"of what the teacher learnt from" if n_student < setup["train_texts"] else "the same training texts")
         L += [f"Text: the shipped SciTLDR sample (Apache-2.0), each row's abstract + newline + TLDR{cut}: {setup['train_texts']:,} training "
               f"texts ({setup['train_chars']:,} characters), held out the {setup['eval_texts']} validation texts "
