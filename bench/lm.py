@@ -525,6 +525,7 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
                                    "bits_per_char": statistics.fmean(bpc.values()), "bits_per_char_by_seed": bpc,
                                    "spread": (max(bpc.values()) - min(bpc.values())) / 2,
                                    "seconds": statistics.fmean(r["seconds"] for r in runs),
+                                   "seconds_range": (min(r["seconds"] for r in runs), max(r["seconds"] for r in runs)),
                                    "aligned_share": statistics.fmean(shares) if None not in shares else None,
                                    "num_parameters": runs[0]["num_parameters"], "vocab": setup["vocab"][runs[0]["tokenizer"]],
                                    "gap_closed": None, "minus_plain": None}
@@ -587,6 +588,12 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
             f"{result['setup']['train_texts']:,} texts; docs/recipe.md) | {verdict} |"]
 
 
+def _seconds(st: dict[str, Any]) -> str:
+    """A kind's wall seconds per run: the mean, and the range over its seeds when there is more than one run."""
+    lo, hi = st.get("seconds_range") or (st["seconds"], st["seconds"])
+    return f"{st['seconds']:.0f}" if round(lo) == round(hi) else f"{st['seconds']:.0f} ({lo:.0f}–{hi:.0f})"
+
+
 def _num(x: Optional[float], fmt: str) -> str:
     return "" if x is None else f"{x:{fmt}}"
 
@@ -625,7 +632,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
               "(the held-out negative log-likelihood over the characters it covers) compares across tokenizers. Figures are "
               "means over the seeds; ± is the seed spread (half the max − min range). Plain − this: the plain student's bits/char "
               "(same tokenizer) minus this student's, mean of the per-seed differences, so positive means distillation helped; "
-              "clear when it exceeds the larger of the two arms' seed spreads. Aligned: the "
+              "clear when it exceeds the larger of the two arms' seed spreads. s/run: wall seconds of `train_student`, mean (range over "
+              "the seeds); they follow the machine's load (see the sections table), not the kind. Aligned: the "
               "share of the student's target positions that aligned with a teacher position (the others learn from the text "
               "alone), over its training. Gap closed: the share of the bits/char gap between the plain student of the same "
               "tokenizer and the teacher that distillation closes.", "",
@@ -645,12 +653,13 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
             per_seed = " / ".join(f"{st['bits_per_char_by_seed'][x]:.4f}" for x in sorted(st["bits_per_char_by_seed"]))
             L.append(f"| {KIND_NAMES.get(kind, kind)} | {st['vocab']:,} | {st['perplexity']:.2f} | {st['bits_per_char']:.4f} ± "
                      f"{st['spread']:.4f} | {per_seed} | {st['bits_per_char'] / t['bits_per_char']:.3f} | {vs} | {gap} | "
-                     f"{_num(st['aligned_share'], '.3f')} | {per} | {st['seconds']:.0f} |")
+                     f"{_num(st['aligned_share'], '.3f')} | {per} | {_seconds(st)} |")
         if f["void"]:
             L += ["", f"**{f['void']}.** The student rows above are shown, not read (no gap-closed figure): this setting "
                   "cannot say whether distillation helps."]
         positions = next(iter(setup["caches"].values()))["positions"]
-        L += ["", f"Caches of the teacher over the {setup['train_texts']:,} training texts ({positions:,} target positions): bytes from "
+        L += ["", f"Caches of the teacher over the students' {setup.get('student_texts', setup['train_texts']):,} training texts "
+              f"({positions:,} target positions): bytes from "
               "kdcache's cache summary (the Arrow buffers, uncompressed), per target position and per input token; "
               "full float32 logits would take 4 x the vocabulary per position (not dumped). Top-k mass: the teacher's probability "
               "on the stored tokens (sampled: on the distinct tokens drawn), mean over positions.", "",

@@ -40,6 +40,8 @@ def test_distilled_minus_plain_is_paired_positive_when_distillation_helps_and_ju
     text = "\n".join(lm.markdown(_result([1.80, 1.82, 1.84], [1.70, 1.73, 1.72], teacher_bpc=1.50), quick=False))
     assert "| 1.7167 ± 0.0150 | 1.7000 / 1.7300 / 1.7200 | 1.144 | +0.1033 (3/3), clear |" in text
     assert "trained on the first 250 of the training texts (300 characters): 25% of what the teacher learnt from" in text
+    assert "Caches of the teacher over the students' 250 training texts" in text
+    assert "| 36.1 | 11 (10–12) |" in text  # the top-6 row's cache bytes, then its wall seconds: mean (range over seeds)
 
 
 def test_a_student_level_with_plain_misses_and_a_weak_teacher_voids_the_row():
