@@ -5,14 +5,16 @@
 
 No pretrained causal LM is available offline, so the teacher is trained here, on text the project
 ships: the SciTLDR sample (data/scitldr, Apache-2.0), each row's abstract + "\\n" + TLDR; the 1,000
-training rows train everything, the 200 validation rows are the held-out text. Three parts, each in
-this one process (run by bench.run_mode, mode "lm"):
+training rows train the teacher, the first STUDENT_ROWS (250) of them the students, the 200 validation
+rows are the held-out text. Three parts, each in this one process (run by bench.run_mode, mode "lm"):
   quality  two GPT-2-style byte-level BPEs built here (about 8,000 and 4,000 tokens); a GPT-2-shaped
            teacher over the first, trained by kdcache's own plain fine-tuning (saved and reused by
-           later runs with the same config); its top-6 + rest and 16-draw sampled caches (reused as
-           cache hits); then students of one shape, seed, lr, batch and number of epochs: plain,
-           top-6 + rest, top-6 renormalised (the same cache, topk_loss renormalized), 16 sampled
-           draws, and over the 4,000-token BPE a plain student and one distilled from the top-6
+           later runs with the same config); its top-6 + rest and 16-draw sampled caches of the
+           students' texts (reused as cache hits); then students of one shape, lr, batch and number
+           of epochs over 3 seeds (each seed its own init, shared by every kind: paired runs; each
+           finished run is kept in quality-runs.jsonl and reused): plain, top-6 + rest, top-6
+           renormalised (the same cache, topk_loss renormalized), 16 sampled draws, top-6 + rest at
+           alpha 0.8, and over the 4,000-token BPE a plain student and one distilled from the top-6
            cache with cross_tokenizer (the share of its positions that aligned counted). Held-out
            perplexity and bits per character (the comparison across tokenizers) of each, wall
            times, and each cache's bytes per target position and per input token (from
@@ -27,6 +29,7 @@ this one process (run by bench.run_mode, mode "lm"):
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +42,7 @@ TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
 TLDR_VALID = common.REPO / "data" / "scitldr" / "validation.jsonl"
 EOT = "<|endoftext|>"
 PARTS = ("quality", "steps", "gpu")
+STUDENT_ROWS = 250  # the students' texts: the first quarter of the 1,000 the teacher learnt from
 
 # The caches, dumped once each from the teacher (the renormalised and the cross-tokenizer students read top6).
 CACHES: dict[str, dict[str, Any]] = {"top6": {"logits_mode": "topk", "logits_k": 6},
@@ -50,6 +54,10 @@ KINDS: dict[str, dict[str, Any]] = {
     "top6-renorm": {"tokenizer": "main", "config": {"use_distillation": True, **CACHES["top6"], "topk_loss": "renormalized"},
                     "cache": "top6"},
     "sampled16": {"tokenizer": "main", "config": {"use_distillation": True, **CACHES["sampled16"]}, "cache": "sampled16"},
+    # the default's target at a heavier KD weight: do the renormalised and sampled arms win by their larger gradient
+    # (docs/recipe.md, bench.kd_scale) or by their targets?
+    "top6-alpha0.8": {"tokenizer": "main", "config": {"use_distillation": True, **CACHES["top6"], "distillation_alpha": 0.8},
+                      "cache": "top6"},
     "plain-other": {"tokenizer": "other", "config": {"use_distillation": False}, "cache": None},
     "cross-top6": {"tokenizer": "other", "config": {"use_distillation": True, **CACHES["top6"], "cross_tokenizer": True},
                    "cache": "top6"},
@@ -59,6 +67,7 @@ KIND_NAMES = {
     "top6": "offline, top-6 + rest (the default)",
     "top6-renorm": "offline, top-6 renormalised (DistillKit / Megatron way)",
     "sampled16": "offline, 16 sampled draws",
+    "top6-alpha0.8": "offline, top-6 + rest, alpha 0.8",
     "plain-other": "student, plain fine-tuning",
     "cross-top6": "offline, top-6 + rest of the teacher's cache, cross_tokenizer",
 }
@@ -161,14 +170,11 @@ def aligned_share_callback():
 
 
 # -- the teacher and its caches -------------------------------------------------------------------------
-def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Data, tokenizers, the teacher (trained here, or reused) and its caches (dumped, or found): what the
-    quality and steps parts share."""
+def prepare_teacher(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Data, tokenizers and the teacher (trained here on every training text, or reused): the part of ``prepare``
+    that the students' subset and seeds do not change."""
     from transformers import AutoTokenizer
 
-    from kdcache.cache import CacheMismatchError
-    from kdcache.cache.summary import summarize
-    from kdcache.dump import dump_teacher
     from kdcache.train import train_student
 
     q = spec["quality"]
@@ -198,12 +204,42 @@ def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         teacher = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters,
                    "train_runtime_s": t.train_metrics.get("train_runtime"), "reused": False}
     print(f"[lm] teacher {teacher['metrics']} in {teacher['seconds']:.0f}s{' (reused)' if teacher.get('reused') else ''}", flush=True)
+    return {"files": files, "train_texts": train_texts, "eval_texts": eval_texts, "toks": toks, "base": base,
+            "max_length": max_length, "teacher_dir": teacher_dir, "teacher": teacher}
+
+
+def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Data, tokenizers, the teacher (trained here, or reused) and its caches (dumped, or found): what the
+    quality and steps parts share."""
+    from transformers import AutoTokenizer
+
+    from kdcache.cache import CacheMismatchError
+    from kdcache.cache.summary import summarize
+    from kdcache.dump import dump_teacher
+
+    q = spec["quality"]
+    tp = prepare_teacher(spec, work)
+    files, train_texts, eval_texts, toks, base = tp["files"], tp["train_texts"], tp["eval_texts"], tp["toks"], tp["base"]
+    max_length = positions = tp["max_length"]
+    teacher_dir, teacher = tp["teacher_dir"], tp["teacher"]
 
     s_shape = q["student"]
-    student = {**base, "teacher_model_name": str(teacher_dir), "batch_size": s_shape["batch"], "learning_rate": s_shape["lr"],
-               "num_epochs": s_shape["epochs"], "distillation_alpha": q["alpha"], "temperature": q["temperature"]}
-    inits = {role: make_gpt2(work / f"student-init-{s_shape['layers']}x{s_shape['width']}-{q['vocab'][role]}-p{positions}",
-                             toks[role], s_shape["layers"], s_shape["width"], s_shape["heads"], positions, 1) for role in toks}
+    # The students' text: the first student_rows training texts (None: all of them). The teacher learnt from every
+    # training text; students that see only part of it are what makes the teacher worth distilling (docs/recipe.md).
+    student_texts = train_texts[:q["student_rows"]] if q.get("student_rows") else train_texts
+    student_file = files["train"]
+    if len(student_texts) < len(train_texts):
+        student_file = common.write_jsonl(files["train"].with_name(f"{files['train'].stem}-first{len(student_texts)}.jsonl"),
+                                          [{"text": t} for t in student_texts])
+    student = {**base, "train_file": str(student_file), "teacher_model_name": str(teacher_dir), "batch_size": s_shape["batch"],
+               "learning_rate": s_shape["lr"], "num_epochs": s_shape["epochs"], "distillation_alpha": q["alpha"],
+               "temperature": q["temperature"]}
+    # One random init per tokenizer and seed (seed s: init seed s + 1), shared by every kind of that seed: paired runs.
+    inits_by_seed = {seed: {role: make_gpt2(work / f"student-init-{s_shape['layers']}x{s_shape['width']}-{q['vocab'][role]}-p{positions}"
+                                                   f"{'' if seed == 0 else f'-s{seed + 1}'}",
+                                            toks[role], s_shape["layers"], s_shape["width"], s_shape["heads"], positions, seed + 1)
+                            for role in toks} for seed in seeds_of(spec)}
+    inits = inits_by_seed[seeds_of(spec)[0]]
     caches = {}
     for name, fields in CACHES.items():
         # force=False: a re-run finds the complete cache of the same inputs (a cache hit) and reports its first dump's time;
@@ -225,33 +261,83 @@ def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
               f"dump {caches[name]['dump_s']:.0f}s{' (cache hit)' if d.hit else ''}", flush=True)
     vocab = {role: len(AutoTokenizer.from_pretrained(t)) for role, t in toks.items()}
     return {"tokenizers": {k: str(v) for k, v in toks.items()}, "vocab": vocab, "max_length": max_length,
-            "train_texts": len(train_texts), "eval_texts": len(eval_texts),
+            "train_texts": len(train_texts), "eval_texts": len(eval_texts), "student_texts": len(student_texts),
             "train_chars": sum(map(len, train_texts)), "eval_chars": sum(map(len, eval_texts)),
+            "student_chars": sum(map(len, student_texts)),
             "teacher_dir": str(teacher_dir), "teacher": teacher, "student_config": student, "inits": {k: str(v) for k, v in inits.items()},
+            "inits_by_seed": {seed: {k: str(v) for k, v in i.items()} for seed, i in inits_by_seed.items()},
             "caches": caches}
 
 
 # -- quality ------------------------------------------------------------------------------------------
+def seeds_of(spec: dict[str, Any]) -> list[int]:
+    """The quality part's seeds (an older spec without them: seed 0 alone)."""
+    return list(spec["quality"].get("seeds") or [0])
+
+
+PRIMARY_KINDS = ("plain", "top6")  # the summary's comparison: run first, over every seed, before the other kinds
+
+
+def run_order(kinds: list[str], seeds: list[int]) -> list[tuple[int, str]]:
+    """(seed, kind) in the order they run: the primary kinds over every seed first, then the other kinds of the
+    teacher's tokenizer, then the cross-tokenizer ones, each group seed by seed, so that a run cut short still has
+    the summary's paired comparison."""
+    def group(kind: str) -> int:
+        return 0 if kind in PRIMARY_KINDS else 1 if KINDS[kind]["tokenizer"] == "main" else 2
+
+    return [(seed, k) for g in (0, 1, 2) for seed in seeds for k in kinds if group(k) == g]
+
+
+def run_key(config_fields: dict[str, Any], cache: Optional[dict[str, Any]], teacher: dict[str, Any]) -> str:
+    """What a finished run's figures depend on: its resolved config, its cache (path and positions) and the teacher's
+    figures (a teacher trained again redoes its caches and so its students)."""
+    import hashlib
+    import json
+
+    what = {"config": config_fields, "cache": None if cache is None else [cache["path"], cache["positions"]],
+            "teacher": teacher["metrics"]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_quality(spec: dict[str, Any], work: Path, prep: dict[str, Any]) -> dict[str, Any]:
-    """Every student kind, one seed: held-out perplexity, bits per character, wall time, aligned share."""
+    """Every student kind over every seed: held-out perplexity, bits per character, wall time, aligned share. Each
+    finished run is appended to quality-runs.jsonl in the work folder; a rerun with the same inputs reuses it."""
+    import json
+
     from kdcache.train import train_student
 
+    log = work / "quality-runs.jsonl"
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            done[rec["key"]] = rec["run"]
     out: dict[str, Any] = {"spec": spec["quality"], "runs": []}
-    for kind in spec["kinds"]:
+    for seed, kind in run_order(spec["kinds"], seeds_of(spec)):
         how = KINDS[kind]
-        cfg = _config({**prep["student_config"], **how["config"], "model_name": prep["inits"][how["tokenizer"]]})
+        cfg = _config({**prep["student_config"], **how["config"], "seed": seed,
+                       "model_name": prep["inits_by_seed"][seed][how["tokenizer"]]})
+        cache = prep["caches"][how["cache"]] if how["cache"] else None
+        key = run_key(cfg.to_dict(), cache, prep["teacher"])
+        if key in done:
+            out["runs"].append({**done[key], "reused": True})
+            print(f"[lm] {kind} seed {seed}: reused", flush=True)
+            continue
         share = aligned_share_callback()
         t0 = time.perf_counter()
-        r = train_student(cfg, cache_dir=prep["caches"][how["cache"]]["path"] if how["cache"] else None,
-                          output_dir=str(work / f"student-{kind}"), callbacks=[share], save=False)
+        r = train_student(cfg, cache_dir=cache["path"] if cache else None,
+                          output_dir=str(work / f"student-{kind}-s{seed}"), callbacks=[share], save=False)
         kd = [h["loss_kd"] for h in r.log_history if "loss_kd" in h]
-        run = {"kind": kind, "tokenizer": how["tokenizer"], "cache": how["cache"], "metrics": r.metrics,
+        run = {"kind": kind, "seed": seed, "tokenizer": how["tokenizer"], "cache": how["cache"], "metrics": r.metrics,
                "seconds": time.perf_counter() - t0, "train_runtime_s": r.train_metrics.get("train_runtime"),
-               "train_loss": r.train_metrics.get("train_loss"), "last_loss_kd": kd[-1] if kd else None,
-               "num_parameters": r.num_parameters, "aligned": share.counts}
+               "train_loss": r.train_metrics.get("train_loss"), "first_loss_kd": kd[0] if kd else None,
+               "last_loss_kd": kd[-1] if kd else None, "num_parameters": r.num_parameters, "aligned": share.counts}
         out["runs"].append(run)
-        print(f"[lm] {kind}: perplexity {r.metrics.get('eval_perplexity'):.2f}, bits/char {r.metrics.get('eval_bits_per_char'):.4f}"
-              + (f", aligned {share.counts['share']:.3f}" if share.counts else "") + f" in {run['seconds']:.0f}s", flush=True)
+        with log.open("a") as fh:
+            fh.write(json.dumps({"key": key, "run": run}, default=str) + "\n")
+        print(f"[lm] {kind} seed {seed}: perplexity {r.metrics.get('eval_perplexity'):.2f}, bits/char "
+              f"{r.metrics.get('eval_bits_per_char'):.4f}" + (f", aligned {share.counts['share']:.3f}" if share.counts else "")
+              + f" in {run['seconds']:.0f}s", flush=True)
     return out
 
 
@@ -380,7 +466,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if {"quality", "steps"} & set(spec["parts"]):
         prep = prepare(spec, work)
-        out["setup"] = {k: v for k, v in prep.items() if k not in ("student_config", "inits")}
+        out["setup"] = {k: v for k, v in prep.items() if k not in ("student_config", "inits", "inits_by_seed")}
         if "quality" in spec["parts"]:
             out["quality"] = run_quality(spec, work, prep)
         if "steps" in spec["parts"]:
@@ -396,20 +482,27 @@ GPU_1B = {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediat
           "max_length": 2048, "batch": 16, "rows": 1000, "repeat": 8, "tokenizer_vocab": 8000}
 
 
-def spec_for(quick: bool, work: Path, threads: Optional[int]) -> dict[str, Any]:
-    """The run_mode spec: the CPU sizes (a 15-minute teacher on one core), tiny ones with --quick (every path once)."""
+def spec_for(quick: bool, work: Path, threads: Optional[int], seeds: Optional[list[int]] = None) -> dict[str, Any]:
+    """The run_mode spec: the CPU sizes (a 15-minute teacher on one core), tiny ones with --quick (every path once).
+
+    The teacher learns from all 1,000 training texts, the students from the first STUDENT_ROWS of them: a teacher that
+    knows more text than the student sees (the usual case for a causal LM: a teacher pretrained on more than the
+    student's corpus). On the same 1,000 texts the 4L x 256 teacher was only 5.4% better than the plain 2L x 128 student
+    in bits/char (1.493 against 1.578, one seed): under the 10% a teacher worth distilling needs (bench.validity)."""
     # Small batches: 1,000 texts make few optimizer steps, and at batch 16 (or at lr 2e-3 and above) the teacher stalls
     # near the unigram loss; batch 4 at lr 1e-3 learns (its first epoch: held-out perplexity 428, against 830 at 3e-3).
     quality = {"train_rows": None, "eval_rows": None, "text_chars": None, "vocab": {"main": 8000, "other": 4000}, "logging_steps": 50,
                "teacher": {"layers": 4, "width": 256, "heads": 4, "batch": 4, "lr": 1e-3, "epochs": 4},
                "student": {"layers": 2, "width": 128, "heads": 4, "batch": 4, "lr": 1e-3, "epochs": 3},
-               "teacher_batch": 32, "alpha": 0.5, "temperature": 1.0}
+               "teacher_batch": 32, "alpha": 0.5, "temperature": 1.0, "student_rows": STUDENT_ROWS,
+               "seeds": list(seeds) if seeds is not None else [0, 1, 2]}
     steps = {"warmup": 5, "measured": 40, "rounds": 3}
     gpu = dict(GPU_1B)
     if quick:
         quality.update(train_rows=48, eval_rows=16, text_chars=240, vocab={"main": 600, "other": 400}, logging_steps=2,
                        teacher={"layers": 1, "width": 32, "heads": 4, "batch": 8, "lr": 2e-3, "epochs": 1},
-                       student={"layers": 1, "width": 32, "heads": 4, "batch": 8, "lr": 2e-3, "epochs": 1}, teacher_batch=8)
+                       student={"layers": 1, "width": 32, "heads": 4, "batch": 8, "lr": 2e-3, "epochs": 1}, teacher_batch=8,
+                       student_rows=24, seeds=list(seeds) if seeds is not None else [0])
         steps.update(warmup=1, measured=2, rounds=1)
         # the GPU part's code path, on the CPU: a tiny Llama with a padded head, one packed block per batch row
         gpu.update(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=640, positions=512, max_length=256, batch=4,
@@ -429,17 +522,26 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
         f["teacher"] = {"perplexity": t["eval_perplexity"], "bits_per_char": t.get("eval_bits_per_char", float("nan")),
                         "seconds": setup["teacher"]["seconds"], "num_parameters": setup["teacher"]["num_parameters"]}
         f["students"] = {}
+        by_kind: dict[str, list[dict[str, Any]]] = {}
         for r in q["runs"]:
-            m = r["metrics"]
-            f["students"][r["kind"]] = {"perplexity": m["eval_perplexity"], "bits_per_char": m.get("eval_bits_per_char", float("nan")),
-                                        "seconds": r["seconds"], "aligned_share": (r.get("aligned") or {}).get("share"),
-                                        "num_parameters": r["num_parameters"], "vocab": setup["vocab"][r["tokenizer"]]}
-        for st in f["students"].values():
-            st["gap_closed"] = None
+            by_kind.setdefault(r["kind"], []).append(r)
+        for kind, runs in by_kind.items():
+            bpc = {r.get("seed", 0): r["metrics"].get("eval_bits_per_char", float("nan")) for r in runs}
+            shares = [(r.get("aligned") or {}).get("share") for r in runs]
+            f["students"][kind] = {"perplexity": statistics.fmean(r["metrics"]["eval_perplexity"] for r in runs),
+                                   "bits_per_char": statistics.fmean(bpc.values()), "bits_per_char_by_seed": bpc,
+                                   "spread": (max(bpc.values()) - min(bpc.values())) / 2,
+                                   "seconds": statistics.fmean(r["seconds"] for r in runs),
+                                   "seconds_range": (min(r["seconds"] for r in runs), max(r["seconds"] for r in runs)),
+                                   "aligned_share": statistics.fmean(shares) if None not in shares else None,
+                                   "num_parameters": runs[0]["num_parameters"], "vocab": setup["vocab"][runs[0]["tokenizer"]],
+                                   "gap_closed": None, "minus_plain": None}
         for kind, st in f["students"].items():  # the share of the plain student's bits/char gap to the teacher it closes
             plain = f["students"].get("plain" if KINDS.get(kind, {}).get("tokenizer") == "main" else "plain-other")
             if plain is not None and kind not in ("plain", "plain-other") and plain["bits_per_char"] != f["teacher"]["bits_per_char"]:
                 st["gap_closed"] = (plain["bits_per_char"] - st["bits_per_char"]) / (plain["bits_per_char"] - f["teacher"]["bits_per_char"])
+            if plain is not None and kind not in ("plain", "plain-other"):
+                st["minus_plain"] = distilled_minus_plain(plain, st)
         plain = f["students"].get("plain")
         f["void"] = (setting_void(f["teacher"]["bits_per_char"], plain["bits_per_char"],
                                   [st["bits_per_char"] for st in f["students"].values()], higher_is_better=False, metric="bits/char")
@@ -461,6 +563,44 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
     return f
 
 
+def distilled_minus_plain(plain: dict[str, Any], distilled: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Distilled against plain over the seeds both have (paired: the same init and data order per seed), in bits/char
+    with the sign that makes positive mean distillation helped: plain - distilled. ``diff`` the mean of the per-seed
+    differences, ``spread`` the larger of the two arms' seed spreads (half their max - min) over those seeds, ``clear``
+    whether diff exceeds it, ``wins`` the seeds where the distilled student is better."""
+    p, d = plain["bits_per_char_by_seed"], distilled["bits_per_char_by_seed"]
+    seeds = sorted(set(p) & set(d))
+    if not seeds:
+        return None
+    diffs = [p[x] - d[x] for x in seeds]
+    spread = max((max(v[x] for x in seeds) - min(v[x] for x in seeds)) / 2 for v in (p, d))
+    diff = statistics.fmean(diffs)
+    return {"diff": diff, "spread": spread, "clear": diff > spread, "wins": sum(x > 0 for x in diffs), "seeds": len(seeds),
+            "by_seed": dict(zip(seeds, diffs))}
+
+
+def summary_rows(result: dict[str, Any]) -> list[str]:
+    """BENCHMARKS.md's summary row for causal LM: the default (top-6 + rest) student minus the plain one, bits/char,
+    positive when distillation helped; VOID where the setting cannot tell."""
+    f = figures(result)
+    top = f.get("students", {}).get("top6")
+    if not top or not top.get("minus_plain"):
+        return []
+    m, sp = top["minus_plain"], result["quality"]["spec"]
+    verdict = "VOID" if f["void"] else ("met" if m["clear"] else "**missed**")
+    return [f"| causal_lm: distilled − plain ({m['seeds']} seeds) | {m['diff']:+.4f} | > the larger seed spread {m['spread']:.4f} "
+            f"(bits/char, plain − distilled: positive = distillation helped; top-6 + rest, alpha {sp['alpha']:g}, T "
+            f"{sp['temperature']:g}; students on "
+            f"{result['setup'].get('student_texts', result['setup']['train_texts']):,} of the teacher's "
+            f"{result['setup']['train_texts']:,} texts; docs/recipe.md) | {verdict} |"]
+
+
+def _seconds(st: dict[str, Any]) -> str:
+    """A kind's wall seconds per run: the mean, and the range over its seeds when there is more than one run."""
+    lo, hi = st.get("seconds_range") or (st["seconds"], st["seconds"])
+    return f"{st['seconds']:.0f}" if round(lo) == round(hi) else f"{st['seconds']:.0f} ({lo:.0f}–{hi:.0f})"
+
+
 def _num(x: Optional[float], fmt: str) -> str:
     return "" if x is None else f"{x:{fmt}}"
 
@@ -476,40 +616,57 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
         t, v = f["teacher"], setup["vocab"]
         reused = " (trained by an earlier run with the same config, reused)" if setup["teacher"].get("reused") else ""
         cut = f" (abstracts cut to their first {sp['text_chars']} characters)" if sp.get("text_chars") else ""
+        seeds = sorted({r.get("seed", 0) for r in q["runs"]})
+        n_student = setup.get("student_texts", setup["train_texts"])
+        share = n_student / setup["train_texts"]
+        subset = (f"the first {n_student:,} of the training texts ({setup.get('student_chars', 0):,} characters): {share:.0%} "
+                  f"of what the teacher learnt from" if n_student < setup["train_texts"] else "the same training texts")
         L += [f"Text: the shipped SciTLDR sample (Apache-2.0), each row's abstract + newline + TLDR{cut}: {setup['train_texts']:,} training "
               f"texts ({setup['train_chars']:,} characters), held out the {setup['eval_texts']} validation texts "
               f"({setup['eval_chars']:,} characters); one example per text, max_length {setup['max_length']}, length-grouped "
               f"batches. Tokenizers: GPT-2-style byte-level BPEs built here on the training texts, {v['main']:,} and {v['other']:,} tokens.",
               "",
               f"Teacher: GPT-2 {ts['layers']} layers x {ts['width']} ({t['num_parameters'] / 1e6:.2f}M parameters, {v['main']:,}-token "
-              f"BPE), random init, trained here by kdcache's own plain training (`use_distillation: false`), {ts['epochs']} epochs, "
-              f"batch {ts['batch']}, lr {ts['lr']:g}, in {t['seconds'] / 60:.1f} min{reused}. Students: GPT-2 {ss['layers']} layers x "
-              f"{ss['width']}, one random init per tokenizer (same seed), {ss['epochs']} epochs, batch {ss['batch']}, lr {ss['lr']:g}, "
-              f"seed 42 for every run; distilled ones alpha {sp['alpha']:g}, T {sp['temperature']:g}. One seed per student (no spread).",
+              f"BPE), random init, trained here by kdcache's own plain training (`use_distillation: false`) on all "
+              f"{setup['train_texts']:,} training texts, {ts['epochs']} epochs, batch {ts['batch']}, lr {ts['lr']:g}, in "
+              f"{t['seconds'] / 60:.1f} min{reused}. Students: GPT-2 {ss['layers']} layers x {ss['width']}, trained on {subset} "
+              f"(the caches hold the teacher's targets for those texts), {ss['epochs']} epochs, batch {ss['batch']}, lr {ss['lr']:g}; "
+              f"distilled ones at kdcache's causal-LM defaults: alpha {sp['alpha']:g}, T {sp['temperature']:g}, top-6 + rest unless "
+              f"named. Seeds {', '.join(map(str, seeds))}: seed s is the training seed and the students' random init (init seed "
+              f"s + 1, one per tokenizer), the same for every kind, so the kinds are paired per seed.",
               "",
               "Perplexity is per token of the model's own tokenizer, so it compares models that share one; bits per character "
-              "(the held-out negative log-likelihood over the characters it covers) compares across tokenizers. Aligned: the "
+              "(the held-out negative log-likelihood over the characters it covers) compares across tokenizers. Figures are "
+              "means over the seeds; ± is the seed spread (half the max − min range). Plain − this: the plain student's bits/char "
+              "(same tokenizer) minus this student's, mean of the per-seed differences, so positive means distillation helped; "
+              "clear when it exceeds the larger of the two arms' seed spreads. s/run: wall seconds of `train_student`, mean (range over "
+              "the seeds); they follow the machine's load (see the sections table), not the kind. Aligned: the "
               "share of the student's target positions that aligned with a teacher position (the others learn from the text "
               "alone), over its training. Gap closed: the share of the bits/char gap between the plain student of the same "
               "tokenizer and the teacher that distillation closes.", "",
-              "| model | tokenizer | held-out perplexity | bits / char | x teacher bits/char | gap closed | aligned | cache bytes / position "
-              "| s/run |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-              f"| teacher ({ts['layers']}L x {ts['width']}) | {v['main']:,} | {t['perplexity']:.2f} | {t['bits_per_char']:.4f} | 1.000 | | | | "
-              f"{t['seconds']:.0f} |"]
+              "| model | tokenizer | held-out perplexity | bits / char | bits / char per seed | x teacher bits/char | plain − this "
+              "(wins) | gap closed | aligned | cache bytes / position | s/run |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| teacher ({ts['layers']}L x {ts['width']}) | {v['main']:,} | {t['perplexity']:.2f} | {t['bits_per_char']:.4f} | | 1.000 "
+              f"| | | | | {t['seconds']:.0f} |"]
         caches = f["caches"]
         for kind, st in f["students"].items():
             cache = KINDS.get(kind, {}).get("cache")
             per = "" if cache is None else f"{caches[cache]['logits_bytes_per_position'] + caches[cache]['offsets_bytes_per_position']:.1f}"
             gap = "void" if f["void"] and st["gap_closed"] is not None else _num(st["gap_closed"], ".0%")
-            L.append(f"| {KIND_NAMES.get(kind, kind)} | {st['vocab']:,} | {st['perplexity']:.2f} | {st['bits_per_char']:.4f} | "
-                     f"{st['bits_per_char'] / t['bits_per_char']:.3f} | {gap} | {_num(st['aligned_share'], '.3f')} | "
-                     f"{per} | {st['seconds']:.0f} |")
+            m = st["minus_plain"]
+            vs = "" if m is None else (f"{m['diff']:+.4f} ({m['wins']}/{m['seeds']})"
+                                       + ("" if f["void"] else (", clear" if m["clear"] else ", within spread")))
+            per_seed = " / ".join(f"{st['bits_per_char_by_seed'][x]:.4f}" for x in sorted(st["bits_per_char_by_seed"]))
+            L.append(f"| {KIND_NAMES.get(kind, kind)} | {st['vocab']:,} | {st['perplexity']:.2f} | {st['bits_per_char']:.4f} ± "
+                     f"{st['spread']:.4f} | {per_seed} | {st['bits_per_char'] / t['bits_per_char']:.3f} | {vs} | {gap} | "
+                     f"{_num(st['aligned_share'], '.3f')} | {per} | {_seconds(st)} |")
         if f["void"]:
             L += ["", f"**{f['void']}.** The student rows above are shown, not read (no gap-closed figure): this setting "
                   "cannot say whether distillation helps."]
         positions = next(iter(setup["caches"].values()))["positions"]
-        L += ["", f"Caches of the teacher over the {setup['train_texts']:,} training texts ({positions:,} target positions): bytes from "
+        L += ["", f"Caches of the teacher over the students' {setup.get('student_texts', setup['train_texts']):,} training texts "
+              f"({positions:,} target positions): bytes from "
               "kdcache's cache summary (the Arrow buffers, uncompressed), per target position and per input token; "
               "full float32 logits would take 4 x the vocabulary per position (not dumped). Top-k mass: the teacher's probability "
               "on the stored tokens (sampled: on the distinct tokens drawn), mean over positions.", "",

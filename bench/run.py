@@ -253,6 +253,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="parts of the seq2seq section to run (steps, quality); a part not run keeps its latest saved figures")
     p.add_argument("--lm-parts", default=",".join(lm.PARTS),
                    help="parts of the lm section to run (quality, steps, gpu); a part not run keeps its latest saved figures")
+    p.add_argument("--lm-kinds", default=",".join(lm.KINDS),
+                   help="student kinds of the lm section's quality part (default: all; runs finished with the same inputs are reused)")
     p.add_argument("--results", default=None,
                    help="--profile gpu: the folder for each part's JSON as it finishes (point it at $OUT on the GPU machine; "
                    "default bench/results/gpu-profile)")
@@ -348,8 +350,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         specs["hidden"] = hidden_cost.spec_for(args.quick, work / "hidden", threads, {**QUALITY_COMMON, **ner["config"]},
                                                {**QUALITY_STUDENT, **ner["student"]})
     if "lm" in run:
-        specs["lm"] = lm.spec_for(args.quick, work / "lm", threads)
+        specs["lm"] = lm.spec_for(args.quick, work / "lm", threads, None if args.quick else seeds)
         specs["lm"]["parts"] = names(args.lm_parts, SECTION_PARTS["lm"], "lm part")
+        specs["lm"]["kinds"] = names(args.lm_kinds, tuple(lm.KINDS), "lm kind")
 
     started: dict[str, tuple[float, float]] = {}  # section -> (unix time, load average) at its start
 
@@ -650,6 +653,8 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
         from bench.recipe import summary_rows
 
         L += summary_rows()
+        if r.get("lm"):  # causal LM's distilled − plain over its seeds (bench/lm.py)
+            L += lm.summary_rows(r["lm"])
         L += gpu_report.summary_rows(gpu_report.load(gpu_report.MEASURED))
     L.append("")
     return L

@@ -123,10 +123,11 @@ def test_the_lm_section_marks_a_teacher_barely_better_than_plain_void():
     result = {"setup": setup, "quality": {"runs": runs, "spec": spec}}
     text = "\n".join(lm.markdown(result, quick=False))  # BENCHMARKS.md section 8's figures: the teacher 5.4% better
     assert "**VOID: the teacher (bits/char 1.493) is +5.4% relative" in text
-    assert "| offline, top-6 + rest (the default) | 8,000 | 250.00 | 1.5500 | 1.038 | void |" in text
+    assert "| offline, top-6 + rest (the default) | 8,000 | 250.00 | 1.5500 ± 0.0000 | 1.5500 | 1.038 | +0.0281 (1/1) | void |" in text
+    assert lm.summary_rows(result)[0].endswith("| VOID |")
     setup["teacher"]["metrics"]["eval_bits_per_char"] = 1.2  # 24% better: gap closed is read
     text = "\n".join(lm.markdown(result, quick=False))
-    assert "VOID" not in text and "| 1.5500 | 1.292 | 7% |" in text
+    assert "VOID" not in text and "| 1.5500 | 1.292 | +0.0281 (1/1), clear | 7% |" in text
 
 
 def test_a_plain_student_at_zero_is_judged_not_divided_by():
