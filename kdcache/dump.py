@@ -556,6 +556,17 @@ class HostCopies:
         return ready
 
 
+def _reduce_hidden(task, outputs, attention_mask: torch.Tensor, h_spec, copies: HostCopies, out: TeacherBatch) -> None:
+    """The selected hidden layers, float16 or int8 with outliers, copied to the host into ``out``."""
+    hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
+    if h_spec.dtype == "float16":
+        out.hidden = copies.copy(hidden.to(torch.float16))
+    else:
+        q, scale, idx, val = quantize_int8(hidden.float(), h_spec.n_outliers)
+        out.hidden_q, out.hidden_scale = copies.copy(q), copies.copy(scale)
+        out.hidden_outlier_idx, out.hidden_outlier_val = copies.copy(idx), copies.copy(val)
+
+
 def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: np.ndarray, example_ids: np.ndarray,
                    spec: StoreSpec, seed: int = 0, copies: Optional[HostCopies] = None) -> TeacherBatch:
     """Reduce the teacher's outputs on the device and copy only what is stored to the host (asynchronously on a GPU:
@@ -612,15 +623,8 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
         raw = {c: copies.copy(_rows_to_front(v, counts, positions.shape[1], rows_order)) for c, v in comps.items()}
         copies.then(lambda name=t.name, raw=raw, dtypes=dtypes: out.targets.__setitem__(
             name, {c: _trim(v, out.n_positions).astype(dtypes[c], copy=False) for c, v in raw.items()}))
-    h_spec = spec.hidden
-    if h_spec is not None:
-        hidden = select_hidden(task.hidden_states(outputs), h_spec.layers, attention_mask, h_spec.pooling)  # [B, L, T, H]
-        if h_spec.dtype == "float16":
-            out.hidden = copies.copy(hidden.to(torch.float16))
-        else:
-            q, scale, idx, val = quantize_int8(hidden.float(), h_spec.n_outliers)
-            out.hidden_q, out.hidden_scale = copies.copy(q), copies.copy(scale)
-            out.hidden_outlier_idx, out.hidden_outlier_val = copies.copy(idx), copies.copy(val)
+    if spec.hidden is not None:
+        _reduce_hidden(task, outputs, attention_mask, spec.hidden, copies, out)
     if own:
         copies.issued()()
     return out
