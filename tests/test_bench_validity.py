@@ -93,18 +93,39 @@ def test_the_summary_row_per_task_reports_distilled_minus_plain_or_void(tmp_path
 
     monkeypatch.setattr(recipe, "WORK", tmp_path)
     (tmp_path / "wnut17").mkdir()
-    teacher = tmp_path / "wnut17" / "teacher.json"
-    rows = [{"set": "wnut17", "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 1.0}
-            for (r, k, v) in (("recipe T=2.5", "plain", 0.30), ("recipe T=1", "distilled", 0.31)) for s in (0, 1, 2)]
+    teacher = tmp_path / "wnut17" / "teacher.json"  # the students267 set learns from wnut17's teacher
+    assert recipe.teacher_json("wnut17_students267") == teacher
+    # students on all rows (wnut17, not the summary's set) lose; students on 267 rows gain: only the latter count
+    rows = [{"set": name, "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 1.0}
+            for name, gain in (("wnut17", -0.05), ("wnut17_students267", 0.02))
+            for (r, k, v) in (("recipe T=2.5", "plain", 0.30), ("recipe T=1", "distilled", 0.30 + gain)) for s in (0, 1, 2)]
     out = tmp_path / "results.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     teacher.write_text(json.dumps({"metrics": {"eval_f1": 0.40}}))
-    assert recipe.summary_rows(out) == ["| token_classification: distilled − plain (3 seeds) | +0.0100 | >= 0 "
-                                        "(larger seed spread 0.0100; docs/recipe.md) | met |"]
+    assert recipe.summary_rows(out) == ["| token_classification: distilled − plain (3 seeds) | +0.0200 | >= 0 "
+                                        "(larger seed spread 0.0100, clear of it; wnut17_students267: teacher on all 1,000 rows, "
+                                        "students on the first 267; docs/recipe.md) | met |"]
     teacher.write_text(json.dumps({"metrics": {"eval_f1": 0.32}}))  # under 10% above plain: no verdict
     assert recipe.summary_rows(out)[0].endswith("| VOID |")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["seed"] < 2))  # 2 seeds: no row yet
     assert recipe.summary_rows(out) == []
+
+
+def test_the_students_rows_of_a_teacher_worth_distilling_carry_every_tag():
+    """wnut17_students267's students read a prefix of the teacher's rows; it must hold every tag of the training and
+    validation rows (an eval tag outside the training tags is an error), and a shorter one (250 rows) would not."""
+    import bench.recipe as recipe
+    from shipped_data import read_jsonl
+
+    s = recipe.SETS["wnut17_students267"]
+    assert recipe.teacher_set("wnut17_students267") == "wnut17" and recipe.SETS["wnut17"]["teacher_rows"] is None
+    train, valid = read_jsonl(s["train_file"]), read_jsonl(s["eval_file"])
+
+    def tags(rows):
+        return {t for r in rows for t in r["ner_tags"]}
+
+    assert tags(train[:s["student_rows"]]) == tags(train) | tags(valid)
+    assert tags(train[:250]) != tags(train) | tags(valid)
 
 
 def test_the_lm_section_marks_a_teacher_barely_better_than_plain_void():
