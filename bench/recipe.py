@@ -442,6 +442,49 @@ def summary_rows(path: Path = WORK / "results.jsonl") -> list[str]:
     return lines
 
 
+def seed_table(path: Path, name: str) -> str:
+    """Set ``name``'s distilled − plain per seed (same seed: same initialisation and batch order) for each recipe with
+    distilled runs: the seeds' differences, how many the distilled student won, their mean, the larger of the two arms'
+    seed spreads (half the max-min range) and whether the mean clears it."""
+    runs = {(r["set"], r["recipe"], r["kind"], r["seed"]): r for r in map(json.loads, reversed(path.read_text().splitlines()))}
+    key = metric_key(name)
+    table = TASK_RECIPES[SETS[name]["task_type"]]
+    seeds = sorted({seed for (s, _, _, seed) in runs if s == name})
+    lines = [f"| {name}: recipe | " + " | ".join(f"seed {x}" for x in seeds) + " | wins | mean | larger spread | clear |",
+             "|---|" + "---:|" * len(seeds) + "---|---:|---:|---|"]
+    for recipe in table:
+        base = table[recipe].get("base", recipe)
+        both = [x for x in seeds if (name, recipe, "distilled", x) in runs and (name, base, "plain", x) in runs]
+        if not both:
+            continue
+        d = {x: runs[(name, recipe, "distilled", x)]["metrics"][key] for x in both}
+        p = {x: runs[(name, base, "plain", x)]["metrics"][key] for x in both}
+        diffs = {x: d[x] - p[x] for x in both}
+        mean = statistics.fmean(diffs.values())
+        spread = max((max(v.values()) - min(v.values())) / 2 for v in (d, p))
+        cells = " | ".join(f"{diffs[x]:+.4f}" if x in diffs else "—" for x in seeds)
+        lines.append(f"| {recipe} | {cells} | {sum(v > 0 for v in diffs.values())}/{len(both)} | {mean:+.4f} | {spread:.4f} | "
+                     f"{'yes' if abs(mean) > spread else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_tables(task: str, path: Path = WORK / "results.jsonl") -> list[str]:
+    """BENCHMARKS.md's lines for the sets behind a task's summary row (SUMMARY_SETS): each set's setting, the recipe
+    table and the per-seed differences, as docs/recipe.md shows them; none before they have run."""
+    if task not in SUMMARY_SETS or not path.exists():
+        return []
+    lines: list[str] = []
+    for name in SUMMARY_SETS[task]:
+        if not any(json.loads(r)["set"] == name for r in path.read_text().splitlines()):
+            continue
+        lines += [f"The recipe study's setting behind the summary row (`python -m bench.recipe --task {task} --sets {name}`; "
+                  f"docs/recipe.md): {SETS[name].get('setting', name)}; kdcache's defaults (lr 1e-4 constant after a 10% warm-up, "
+                  "alpha 0.5, the task's temperature unless the recipe names one), 2 pretrained MiniLM layers (0 and 5), "
+                  f"{SETS[name].get('student', {}).get('num_epochs', STUDENT['num_epochs'])} epochs, batch {STUDENT['batch_size']}.", "",
+                  render(path, task, [name]), seed_table(path, name)]
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="text_classification", choices=list(TASK_RECIPES),
@@ -503,6 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     doc = REPO / "docs" / "recipe.md"  # each table between its markers
     for tag in dict.fromkeys(table_tag(s) for s in sets):
         table = render(out, args.task, [s for s in sets if table_tag(s) == tag])
+        table += "".join("\n" + seed_table(out, s) for s in SUMMARY_SETS.get(args.task, ()) if s in sets and table_tag(s) == tag)
         (WORK / f"{tag.replace(' ', '-')}.md").write_text(table)
         start, end = f"<!-- {tag} -->\n", f"<!-- /{tag} -->"
         text = doc.read_text()

@@ -155,3 +155,27 @@ def test_a_plain_student_at_zero_is_judged_not_divided_by():
     """bench --quick's tiny students can score 0: the margin is unbounded then, not a ZeroDivisionError."""
     assert setting_void(0.2, 0.0, [0.1]) is None
     assert setting_void(0.0, 0.0, [0.0]).startswith("VOID: the teacher")
+
+
+def test_the_per_seed_table_pairs_each_seed_and_says_whether_the_mean_clears_the_spread(tmp_path, monkeypatch):
+    import json
+
+    import bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    (tmp_path / "wnut17").mkdir()
+    (tmp_path / "wnut17" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.40}}))
+    plain = {0: 0.20, 1: 0.24, 2: 0.22}  # spread 0.02
+    gains = {"recipe T=1": {0: 0.05, 1: 0.03, 2: 0.04}, "recipe T=2.5": {0: -0.01, 1: 0.02, 2: -0.02}}
+    rows = [{"set": "wnut17_students267", "recipe": "recipe T=2.5", "kind": "plain", "seed": x, "metrics": {"eval_f1": v},
+             "wall_s": 1.0} for x, v in plain.items()]
+    rows += [{"set": "wnut17_students267", "recipe": r, "kind": "distilled", "seed": x, "metrics": {"eval_f1": plain[x] + g},
+              "wall_s": 1.0} for r, by in gains.items() for x, g in by.items()]
+    out = tmp_path / "results.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = recipe.seed_table(out, "wnut17_students267")
+    assert "| recipe T=2.5 | -0.0100 | +0.0200 | -0.0200 | 1/3 | -0.0033 | 0.0350 | no |" in table
+    assert "| recipe T=1 | +0.0500 | +0.0300 | +0.0400 | 3/3 | +0.0400 | 0.0200 | yes |" in table
+    lines = recipe.summary_tables("token_classification", out)
+    assert any("students on the first 267" in x for x in lines) and table in lines
+    assert recipe.summary_tables("text_classification", out) == []
