@@ -5,7 +5,8 @@ hand-written PyTorch loop.
 For each data set it fine-tunes a MiniLM teacher once (kept between runs), dumps its logits for the
 students' rows once, then trains 2-layer MiniLM students (pretrained layers 0 and 5) under each recipe,
 plain and distilled, over several seeds, plus the hand loop (text classification only). ``--task`` picks
-the sets of one task (text classification: mr_polarity, SST-2; token classification: wnut17), each task
+the sets of one task (text classification: mr_polarity, SST-2; token classification: wnut17, and wnut17_students267:
+the same teacher, students on its first 267 rows), each task
 with its own recipes. Runs are spread over worker processes
 (one torch thread each) and appended to ``results.jsonl`` as they finish; a rerun skips finished runs,
 so the study can be extended a recipe at a time. ``--render`` rebuilds the table from what is there.
@@ -477,12 +478,17 @@ def summary_tables(task: str, path: Path = WORK / "results.jsonl") -> list[str]:
         return []
     lines: list[str] = []
     for name in SUMMARY_SETS[task]:
-        if not any(json.loads(r)["set"] == name for r in path.read_text().splitlines()):
+        recipes = list(dict.fromkeys(r["recipe"] for r in map(json.loads, path.read_text().splitlines()) if r["set"] == name))
+        if not recipes:
             continue
-        lines += [f"The recipe study's setting behind the summary row (`python -m bench.recipe --task {task} --sets {name}`; "
-                  f"docs/recipe.md): {SETS[name].get('setting', name)}; kdcache's defaults (lr 1e-4 constant after a 10% warm-up, "
-                  "alpha 0.5, the task's temperature unless the recipe names one), 2 pretrained MiniLM layers (0 and 5), "
-                  f"{SETS[name].get('student', {}).get('num_epochs', STUDENT['num_epochs'])} epochs, batch {STUDENT['batch_size']}.", "",
+        teacher = json.loads(teacher_json(name).read_text()) if teacher_json(name).exists() else {}
+        trained = f", trained in {teacher['seconds']:.0f} s" if "seconds" in teacher else ""
+        lines += [f"The recipe study's setting behind the summary row (`python -m bench.recipe --task {task} --sets {name} "
+                  f"--recipes \"{','.join(recipes)}\"`; docs/recipe.md): {SETS[name].get('setting', name)} (the teacher of "
+                  f"set {teacher_set(name)}{trained}); kdcache's defaults (lr 1e-4 constant after a 10% warm-up, alpha 0.5) unless the "
+                  f"recipe names a field, 2 pretrained MiniLM layers (0 and 5), "
+                  f"{SETS[name].get('student', {}).get('num_epochs', STUDENT['num_epochs'])} epochs, batch {STUDENT['batch_size']}; "
+                  "wall = seconds per run, two runs at a time on one core each.", "",
                   render(path, task, [name]), seed_table(path, name)]
     return lines
 
