@@ -471,9 +471,11 @@ def seed_table(path: Path, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_tables(task: str, path: Path = WORK / "results.jsonl") -> list[str]:
+def summary_tables(task: str, path: Optional[Path] = None) -> list[str]:
     """BENCHMARKS.md's lines for the sets behind a task's summary row (SUMMARY_SETS): each set's setting, the recipe
-    table and the per-seed differences, as docs/recipe.md shows them; none before they have run."""
+    table and the per-seed differences, as docs/recipe.md shows them; none before they have run. ``path``: the study's
+    results (default WORK/results.jsonl)."""
+    path = path or WORK / "results.jsonl"
     if task not in SUMMARY_SETS or not path.exists():
         return []
     lines: list[str] = []

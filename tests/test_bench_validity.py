@@ -179,3 +179,29 @@ def test_the_per_seed_table_pairs_each_seed_and_says_whether_the_mean_clears_the
     lines = recipe.summary_tables("token_classification", out)
     assert any("students on the first 267" in x for x in lines) and table in lines
     assert recipe.summary_tables("text_classification", out) == []
+
+
+def test_benchmarks_md_shows_the_summary_sets_tables_in_the_task_section(tmp_path, monkeypatch):
+    """bench.run's token-classification section carries the recipe study's tables behind its summary row (not --quick)."""
+    import json
+
+    import bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    (tmp_path / "wnut17").mkdir()
+    (tmp_path / "wnut17" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.36}, "seconds": 437.0}))
+    rows = [{"set": "wnut17_students267", "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 50.0}
+            for (r, k, v) in (("recipe T=2.5", "plain", 0.26), ("recipe T=1", "distilled", 0.25)) for s in (0, 1, 2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q = _quality(0.36, [0.26, 0.27], [0.25, 0.26])
+    q["dump_s"] = 1.0
+    q["storage"].update(rows=2, examples=2, tokens=10, bytes_on_disk=2**20, stored={},
+                        fields={"logits": {"bytes_per_token": 4.0, "bytes_per_feature": 20.0, "bytes_per_example": 20.0,
+                                           "ratio_to_float32": 1.0}})
+    r = {"sizes": {}, "sections": {}, "quality": {"token_classification": q}}
+    f = {"quality": {"token_classification": run.quality_figures(q)}}
+    md = "\n".join(run._quality_md(r, f, quick=False))
+    assert "students on the first 267 (the teacher of set wnut17, trained in 437 s)" in md
+    assert "| wnut17_students267 (0.3600) | recipe T=1 | 0.2700 ± 0.0100 | 0.2600 ± 0.0100 | -0.0100 | 3 | 50 / 50 | yes |" in md
+    assert "| recipe T=1 | -0.0100 | -0.0100 | -0.0100 | 0/3 | -0.0100 | 0.0100 | no |" in md
+    assert "wnut17_students267" not in "\n".join(run._quality_md(r, f, quick=True))
