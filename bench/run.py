@@ -816,6 +816,10 @@ def _quality_md(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
                      f"{fld['bytes_per_example']:.1f} | {ratio} |")
         total = sum(fld["bytes_per_token"] for fld in st["fields"].values())
         L += [f"| all | | {total:.2f} | | | |", ""]
+        if not quick:  # the recipe study's runs behind the task's summary row (bench.recipe), where there are some
+            from bench.recipe import summary_tables
+
+            L += summary_tables(task)
     return L
 
 

@@ -93,18 +93,39 @@ def test_the_summary_row_per_task_reports_distilled_minus_plain_or_void(tmp_path
 
     monkeypatch.setattr(recipe, "WORK", tmp_path)
     (tmp_path / "wnut17").mkdir()
-    teacher = tmp_path / "wnut17" / "teacher.json"
-    rows = [{"set": "wnut17", "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 1.0}
-            for (r, k, v) in (("recipe T=2.5", "plain", 0.30), ("recipe T=1", "distilled", 0.31)) for s in (0, 1, 2)]
+    teacher = tmp_path / "wnut17" / "teacher.json"  # the students267 set learns from wnut17's teacher
+    assert recipe.teacher_json("wnut17_students267") == teacher
+    # students on all rows (wnut17, not the summary's set) lose; students on 267 rows gain: only the latter count
+    rows = [{"set": name, "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 1.0}
+            for name, gain in (("wnut17", -0.05), ("wnut17_students267", 0.02))
+            for (r, k, v) in (("recipe T=2.5", "plain", 0.30), ("recipe T=1", "distilled", 0.30 + gain)) for s in (0, 1, 2)]
     out = tmp_path / "results.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     teacher.write_text(json.dumps({"metrics": {"eval_f1": 0.40}}))
-    assert recipe.summary_rows(out) == ["| token_classification: distilled − plain (3 seeds) | +0.0100 | >= 0 "
-                                        "(larger seed spread 0.0100; docs/recipe.md) | met |"]
+    assert recipe.summary_rows(out) == ["| token_classification: distilled − plain (3 seeds) | +0.0200 | >= 0 "
+                                        "(larger seed spread 0.0100, clear of it; wnut17_students267: teacher on all 1,000 rows, "
+                                        "students on the first 267; docs/recipe.md) | met |"]
     teacher.write_text(json.dumps({"metrics": {"eval_f1": 0.32}}))  # under 10% above plain: no verdict
     assert recipe.summary_rows(out)[0].endswith("| VOID |")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["seed"] < 2))  # 2 seeds: no row yet
     assert recipe.summary_rows(out) == []
+
+
+def test_the_students_rows_of_a_teacher_worth_distilling_carry_every_tag():
+    """wnut17_students267's students read a prefix of the teacher's rows; it must hold every tag of the training and
+    validation rows (an eval tag outside the training tags is an error), and a shorter one (250 rows) would not."""
+    import bench.recipe as recipe
+    from shipped_data import read_jsonl
+
+    s = recipe.SETS["wnut17_students267"]
+    assert recipe.teacher_set("wnut17_students267") == "wnut17" and recipe.SETS["wnut17"]["teacher_rows"] is None
+    train, valid = read_jsonl(s["train_file"]), read_jsonl(s["eval_file"])
+
+    def tags(rows):
+        return {t for r in rows for t in r["ner_tags"]}
+
+    assert tags(train[:s["student_rows"]]) == tags(train) | tags(valid)
+    assert tags(train[:250]) != tags(train) | tags(valid)
 
 
 def test_the_lm_section_marks_a_teacher_barely_better_than_plain_void():
@@ -134,3 +155,53 @@ def test_a_plain_student_at_zero_is_judged_not_divided_by():
     """bench --quick's tiny students can score 0: the margin is unbounded then, not a ZeroDivisionError."""
     assert setting_void(0.2, 0.0, [0.1]) is None
     assert setting_void(0.0, 0.0, [0.0]).startswith("VOID: the teacher")
+
+
+def test_the_per_seed_table_pairs_each_seed_and_says_whether_the_mean_clears_the_spread(tmp_path, monkeypatch):
+    import json
+
+    import bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    (tmp_path / "wnut17").mkdir()
+    (tmp_path / "wnut17" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.40}}))
+    plain = {0: 0.20, 1: 0.24, 2: 0.22}  # spread 0.02
+    gains = {"recipe T=1": {0: 0.05, 1: 0.03, 2: 0.04}, "recipe T=2.5": {0: -0.01, 1: 0.02, 2: -0.02}}
+    rows = [{"set": "wnut17_students267", "recipe": "recipe T=2.5", "kind": "plain", "seed": x, "metrics": {"eval_f1": v},
+             "wall_s": 1.0} for x, v in plain.items()]
+    rows += [{"set": "wnut17_students267", "recipe": r, "kind": "distilled", "seed": x, "metrics": {"eval_f1": plain[x] + g},
+              "wall_s": 1.0} for r, by in gains.items() for x, g in by.items()]
+    out = tmp_path / "results.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = recipe.seed_table(out, "wnut17_students267")
+    assert "| recipe T=2.5 | -0.0100 | +0.0200 | -0.0200 | 1/3 | -0.0033 | 0.0350 | no |" in table
+    assert "| recipe T=1 | +0.0500 | +0.0300 | +0.0400 | 3/3 | +0.0400 | 0.0200 | yes |" in table
+    lines = recipe.summary_tables("token_classification", out)
+    assert any("students on the first 267" in x for x in lines) and table in lines
+    assert recipe.summary_tables("text_classification", out) == []
+
+
+def test_benchmarks_md_shows_the_summary_sets_tables_in_the_task_section(tmp_path, monkeypatch):
+    """bench.run's token-classification section carries the recipe study's tables behind its summary row (not --quick)."""
+    import json
+
+    import bench.recipe as recipe
+
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    (tmp_path / "wnut17").mkdir()
+    (tmp_path / "wnut17" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.36}, "seconds": 437.0}))
+    rows = [{"set": "wnut17_students267", "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 50.0}
+            for (r, k, v) in (("recipe T=2.5", "plain", 0.26), ("recipe T=1", "distilled", 0.25)) for s in (0, 1, 2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q = _quality(0.36, [0.26, 0.27], [0.25, 0.26])
+    q["dump_s"] = 1.0
+    q["storage"].update(rows=2, examples=2, tokens=10, bytes_on_disk=2**20, stored={},
+                        fields={"logits": {"bytes_per_token": 4.0, "bytes_per_feature": 20.0, "bytes_per_example": 20.0,
+                                           "ratio_to_float32": 1.0}})
+    r = {"sizes": {}, "sections": {}, "quality": {"token_classification": q}}
+    f = {"quality": {"token_classification": run.quality_figures(q)}}
+    md = "\n".join(run._quality_md(r, f, quick=False))
+    assert "students on the first 267 (the teacher of set wnut17, trained in 437 s)" in md
+    assert "| wnut17_students267 (0.3600) | recipe T=1 | 0.2700 ± 0.0100 | 0.2600 ± 0.0100 | -0.0100 | 3 | 50 / 50 | yes |" in md
+    assert "| recipe T=1 | -0.0100 | -0.0100 | -0.0100 | 0/3 | -0.0100 | 0.0100 | no |" in md
+    assert "wnut17_students267" not in "\n".join(run._quality_md(r, f, quick=True))
