@@ -6,6 +6,7 @@ Without a launcher everything is one rank and these are plain calls."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 from typing import Callable, Optional, TypeVar
@@ -30,7 +31,19 @@ def rank_and_world() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_group() -> None:
+    """At exit, destroy the process group this module joined: left to the interpreter's teardown, the backend's
+    threads can die with the C++ runtime's "terminate called without an active exception" under a user's one-line
+    error (seen once in CI)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group something else already tore down: nothing left to do at exit
+            pass
 
 
 def local_device() -> torch.device:
