@@ -655,9 +655,21 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
         L += summary_rows()
         if r.get("lm"):  # causal LM's distilled − plain over its seeds (bench/lm.py)
             L += lm.summary_rows(r["lm"])
+        L += unmeasured_task_rows(L)
         L += gpu_report.summary_rows(gpu_report.load(gpu_report.MEASURED))
     L.append("")
     return L
+
+
+def unmeasured_task_rows(lines: list[str]) -> list[str]:
+    """One distilled − plain row for every task (issue 20): a task the summary has no such row for says it is not
+    measured yet in a setting that can tell, rather than being left out of the table."""
+    from kdcache.tasks import task_names
+
+    have = {line[2:].split(":", 1)[0] for line in lines if line.startswith("| ") and "distilled − plain" in line}
+    return [f"| {task}: distilled − plain | not measured | a setting that can tell (teacher >= {MIN_TEACHER_MARGIN:.0%} "
+            f"over plain, some student >= {MIN_LEARNED:.0%} of the teacher), 3 seeds | not measured yet |"
+            for task in task_names() if task not in have]
 
 
 def _steps_md(r: dict[str, Any], f: dict[str, Any]) -> list[str]:

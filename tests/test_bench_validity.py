@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import run, seq2seq, transfer
+from bench.common import REPO
 from bench.recipe import SETS, render
 from bench.validity import quality_ratio, setting_void
 
@@ -49,7 +50,7 @@ def test_the_quality_summary_gives_no_verdict_from_a_void_setting(monkeypatch):
     fine = run.quality_figures(_quality(0.50, [0.334, 0.330], [0.47, 0.46]))
     assert void["void"].startswith("VOID") and fine["void"] is None
     lines = run._summary({}, {"quality": {"token_classification": void}}, quick=False)
-    row = [line for line in lines if line.startswith("| token_classification")]
+    row = [line for line in lines if line.startswith("| token_classification: quality setting")]
     assert len(row) == 1 and "| VOID |" in row[0] and "met" not in row[0] and "missed" not in row[0]
     lines = run._summary({}, {"quality": {"token_classification": fine}}, quick=False)
     assert any("offline student / teacher" in line and "| met |" in line for line in lines)
@@ -205,3 +206,20 @@ def test_benchmarks_md_shows_the_summary_sets_tables_in_the_task_section(tmp_pat
     assert "| wnut17_students267 (0.3600) | recipe T=1 | 0.2700 ± 0.0100 | 0.2600 ± 0.0100 | -0.0100 | 3 | 50 / 50 | yes |" in md
     assert "| recipe T=1 | -0.0100 | -0.0100 | -0.0100 | 0/3 | -0.0100 | 0.0100 | no |" in md
     assert "wnut17_students267" not in "\n".join(run._quality_md(r, f, quick=True))
+
+
+def test_every_task_has_a_distilled_minus_plain_row_in_the_summary(monkeypatch):
+    """Issue 20: one row per task; a task not measured in a setting that can tell says so, with no verdict."""
+    import bench.recipe
+    from kdcache.tasks import task_names
+
+    measured = "| token_classification: distilled − plain (3 seeds) | -0.0087 | >= 0 | **missed** |"
+    monkeypatch.setattr(bench.recipe, "summary_rows", lambda: [measured])
+    lines = run._summary({}, {}, quick=False)
+    rows = {task: [line for line in lines if line.startswith(f"| {task}: distilled − plain")] for task in task_names()}
+    assert all(len(r) == 1 for r in rows.values()), rows
+    assert rows["token_classification"] == [measured]
+    unmeasured = [r[0] for task, r in rows.items() if task != "token_classification"]
+    assert all("| not measured |" in r and "met |" not in r and "missed" not in r for r in unmeasured)
+    text = (REPO / "BENCHMARKS.md").read_text()
+    assert all(f"| {task}: distilled − plain" in text for task in task_names())  # the rendered summary has them too
