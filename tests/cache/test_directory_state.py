@@ -143,6 +143,22 @@ def test_a_failed_fresh_dump_leaves_nothing_and_a_failed_redo_keeps_the_marker(t
     assert (tmp_path / "c" / MANIFEST_NAME).exists()
 
 
+def test_a_failed_fresh_dump_removes_only_its_own_names_and_never_a_link_target(tmp_path):
+    """clean_failed beside a foreign file and a link named like a shard: the link goes (it is a name the dump used),
+    what it points to and the foreign file stay."""
+    spec = SPECS["fp16-none"]
+    progress = {"fingerprint": FP, "fingerprint_inputs": INPUTS, "num_examples": 7, "num_features": 14, "shard_examples": 5}
+    path = tmp_path / "f"
+    prepare_dir(path, FRESH, progress, spec, {"fingerprint": FP})
+    outside = tmp_path / "outside.arrow"
+    outside.write_bytes(b"not kdcache's")
+    (path / shard_name(0)).symlink_to(outside)
+    (path / "notes.txt").write_text("the user's")
+    clean_failed(path, FRESH)
+    assert [p.name for p in path.iterdir()] == ["notes.txt"] and (path / "notes.txt").read_text() == "the user's"
+    assert outside.read_bytes() == b"not kdcache's"
+
+
 def test_a_cache_dir_under_a_file_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CacheError, match=r"is under .*file, which is a file, not a directory: choose a --cache-dir in a directory"):
