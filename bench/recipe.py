@@ -484,12 +484,14 @@ def summary_tables(task: str, path: Optional[Path] = None) -> list[str]:
         if not recipes:
             continue
         teacher = json.loads(teacher_json(name).read_text()) if teacher_json(name).exists() else {}
+        own = SETS[name].get("student", {})
+        layers = [str(x) for x in own.get("student_layers", STUDENT["student_layers"])]
         trained = f", trained in {teacher['seconds']:.0f} s" if "seconds" in teacher else ""
         lines += [f"The recipe study's setting behind the summary row (`python -m bench.recipe --task {task} --sets {name} "
                   f"--recipes \"{','.join(recipes)}\"`; docs/recipe.md): {SETS[name].get('setting', name)} (the teacher of "
                   f"set {teacher_set(name)}{trained}); kdcache's defaults (lr 1e-4 constant after a 10% warm-up, alpha 0.5) unless the "
-                  f"recipe names a field, 2 pretrained MiniLM layers (0 and 5), "
-                  f"{SETS[name].get('student', {}).get('num_epochs', STUDENT['num_epochs'])} epochs, batch {STUDENT['batch_size']}; "
+                  f"recipe names a field, {len(layers)} pretrained MiniLM layers ({', '.join(layers[:-1])} and {layers[-1]}), "
+                  f"{own.get('num_epochs', STUDENT['num_epochs'])} epochs, batch {own.get('batch_size', STUDENT['batch_size'])}; "
                   "wall = seconds per run, two runs at a time on one core each.", "",
                   render(path, task, [name]), seed_table(path, name)]
     return lines

@@ -651,6 +651,9 @@ def _summary(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
                      f">= {CRITERION:.2f} | {_verdict(None if quick else off['meets_criterion'])} |")
     if not quick:  # the recipe study's per-task rows (bench.recipe, docs/recipe.md), where it has 3 seeds
         from bench.recipe import summary_rows
+        from bench.recipe_qa import register
+
+        register()  # the QA sets of the study (bench/recipe_qa.py)
 
         L += summary_rows()
         if r.get("lm"):  # causal LM's distilled − plain over its seeds (bench/lm.py)
@@ -830,6 +833,9 @@ def _quality_md(r: dict[str, Any], f: dict[str, Any], quick: bool) -> list[str]:
         L += [f"| all | | {total:.2f} | | | |", ""]
         if not quick:  # the recipe study's runs behind the task's summary row (bench.recipe), where there are some
             from bench.recipe import summary_tables
+            from bench.recipe_qa import register
+
+            register()  # the QA sets of the study (bench/recipe_qa.py)
 
             L += summary_tables(task)
     return L
