@@ -487,7 +487,8 @@ def summary_tables(task: str, path: Optional[Path] = None) -> list[str]:
         own = SETS[name].get("student", {})
         layers = [str(x) for x in own.get("student_layers", STUDENT["student_layers"])]
         trained = f", trained in {teacher['seconds']:.0f} s" if "seconds" in teacher else ""
-        lines += [f"The recipe study's setting behind the summary row (`python -m bench.recipe --task {task} --sets {name} "
+        module = SETS[name].get("module", "bench.recipe")  # the set's study (bench.recipe_qa adds its sets to this one)
+        lines += [f"The recipe study's setting behind the summary row (`python -m {module} --task {task} --sets {name} "
                   f"--recipes \"{','.join(recipes)}\"`; docs/recipe.md): {SETS[name].get('setting', name)} (the teacher of "
                   f"set {teacher_set(name)}{trained}); kdcache's defaults (lr 1e-4 constant after a 10% warm-up, alpha 0.5) unless the "
                   f"recipe names a field, {len(layers)} pretrained MiniLM layers ({', '.join(layers[:-1])} and {layers[-1]}), "

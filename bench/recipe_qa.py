@@ -29,8 +29,9 @@ QA_SETS: dict[str, dict[str, Any]] = {
                     "text_column": None, "label_column": None, "teacher_rows": None, "student_rows": None,
                     "teacher": {**WINDOWS, "num_epochs": TEACHER_EPOCHS},
                     "student": {**WINDOWS, "student_layers": [0, 2, 3, 5], "num_epochs": 3},
-                    "setting": "all 978 training rows, windows of 192 tokens (stride 64); the teacher all-MiniLM-L6-v2 "
-                               f"fine-tuned {TEACHER_EPOCHS} epochs, students of 4 of its pretrained layers (0, 2, 3, 5), 3 epochs",
+                    "setting": "all 978 training rows, windows of 192 tokens (stride 64), the teacher all-MiniLM-L6-v2 "
+                               f"fine-tuned {TEACHER_EPOCHS} epochs, 4-layer students 3 epochs",
+                    "module": "bench.recipe_qa",  # the command that runs it (BENCHMARKS.md names it)
                     "table": "recipe-table question_answering"},
 }
 # kdcache's defaults (constant lr 1e-4 after a 10% warm-up, alpha 0.5, logits only) at the QA temperature before this

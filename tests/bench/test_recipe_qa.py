@@ -47,6 +47,7 @@ def test_the_qa_summary_row_gives_the_paired_mean_and_the_setting_and_replaces_t
     assert not any(r.startswith("| question_answering") for r in run.unmeasured_task_rows(rows))
     section = "\n".join(recipe.summary_tables("question_answering", out))
     assert "4 pretrained MiniLM layers (0, 2, 3 and 5)" in section and "batch 16" in section
+    assert "`python -m bench.recipe_qa --task question_answering --sets " in section  # a command that runs it
     assert "| +5.0000 | +4.0000 | +3.0000 | 3/3 | +4.0000 | 1.0000 | yes |" in section
 
 
