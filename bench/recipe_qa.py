@@ -61,9 +61,12 @@ register()
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(argv) if argv is not None else __import__("sys").argv[1:]
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(prog="python -m bench.recipe_qa", add_help=False)
     p.add_argument("--task")
+    p.add_argument("--analyse", action="store_true")
     known, _ = p.parse_known_args(args)
+    if known.analyse:  # bench.recipe.analyse reads per-example or per-position class labels; QA's are span positions
+        p.error("--analyse covers the class-label tasks of bench.recipe, not question answering; run without it")
     if known.task is None:
         args = ["--task", TASK, *args]
     return recipe.main(args)

@@ -57,3 +57,9 @@ def test_the_qa_summary_row_is_void_when_no_student_learns(tmp_path, monkeypatch
     out = _write(tmp_path, 36.8, [8.1, 7.5, 8.7], [8.7, 8.4, 9.0])
     rows = [r for r in recipe.summary_rows(out) if r.startswith("| question_answering")]
     assert len(rows) == 1 and rows[0].endswith("| VOID |")
+
+
+def test_the_analysis_it_cannot_do_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        recipe_qa.main(["--analyse"])
+    assert exc.value.code == 2 and "run without it" in capsys.readouterr().err
