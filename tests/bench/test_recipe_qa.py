@@ -63,3 +63,11 @@ def test_the_analysis_it_cannot_do_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         recipe_qa.main(["--analyse"])
     assert exc.value.code == 2 and "run without it" in capsys.readouterr().err
+
+
+def test_the_summary_rows_recipe_is_kdcaches_qa_default():
+    """BENCHMARKS.md's QA row reports "kdcache's defaults": its recipe's temperature must be the one a user gets."""
+    from kdcache.recommend import default_temperature
+
+    assert recipe_qa.QA_RECIPES[recipe_qa.DEFAULT_RECIPE]["temperature"] == default_temperature("question_answering")
+    assert "distillation_alpha" not in recipe_qa.QA_RECIPES[recipe_qa.DEFAULT_RECIPE]  # alpha: the config's default
