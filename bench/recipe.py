@@ -89,11 +89,12 @@ SETS: dict[str, dict[str, Any]] = {
                     "table": "recipe-table token_classification teachers"},
     # the same teachers and labeled rows, and the other 733 shipped training rows' words (labels dropped) as a transfer set
     # for the distilled students: half of every batch (transfer_proportion 0.5), 14 passes over the 267 labeled rows each
-    # (234 steps of 32, 3,744 transfer draws, about 5 passes over the 733); the plain students are the same 267-row runs
+    # (234 steps of 32, 3,744 transfer draws, about 5 passes over the 733); compared with plain students on the same 267
+    # rows given about as many steps ("plain_recipe": 28 epochs, 252 steps), so that the gain is not one of more steps
     "wnut17_t12_transfer": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
                             "text_column": "tokens", "label_column": "ner_tags", "teacher_of": "wnut17_t12", "student_rows": 267,
                             "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
-                            "derive": "transfer", "transfer_rows": (267, 1000),
+                            "plain_recipe": "recipe T=1 28 epochs", "derive": "transfer", "transfer_rows": (267, 1000),
                             "distil": {"transfer_file": str(WORK / "data" / "wnut17_transfer733.jsonl"), "transfer_proportion": 0.5},
                             "setting": "teacher 12 epochs on all 1,000 shipped rows, students on the first 267 labeled, "
                                        "distilled with the other 733 rows' words as a transfer set",
@@ -101,7 +102,7 @@ SETS: dict[str, dict[str, Any]] = {
     "wnut17_full_transfer": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
                              "text_column": "tokens", "label_column": "ner_tags", "teacher_of": "wnut17_full", "student_rows": 267,
                              "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
-                             "derive": "transfer", "transfer_rows": (267, 1000),
+                             "plain_recipe": "recipe T=1 28 epochs", "derive": "transfer", "transfer_rows": (267, 1000),
                              "distil": {"transfer_file": str(WORK / "data" / "wnut17_transfer733.jsonl"), "transfer_proportion": 0.5},
                              "setting": "teacher 4 epochs on WNUT 2017's 3,394 training rows, students on the first 267 labeled, "
                                         "distilled with the other 733 shipped rows' words as a transfer set",
@@ -139,6 +140,10 @@ TOKEN_RECIPES: dict[str, dict[str, Any]] = {
     "recipe T=1 +hidden": {"temperature": 1.0, "distill_hidden_states": True, "teacher_layers_to_distill": [-1, -3],
                            "base": "recipe T=2.5"},
     "recipe T=1 8 epochs": {"temperature": 1.0, "num_epochs": 8},
+    # twice the students' 14 epochs over 267 rows (252 steps): the plain control with about the steps of a distilled student
+    # whose batches are half transfer rows (234), so that a gain from the transfer set is not a gain from more steps
+    "recipe T=1 28 epochs": {"temperature": 1.0, "num_epochs": 28},
+    "recipe T=1 42 epochs": {"temperature": 1.0, "num_epochs": 42},  # whether plain's best epoch count lies beyond 28
 }
 # The recipes of each task (hand loops: text classification only, the loop batches scalar labels).
 TASK_RECIPES: dict[str, dict[str, dict[str, Any]]] = {"text_classification": RECIPES, "token_classification": TOKEN_RECIPES}
@@ -196,6 +201,12 @@ def plain_set(name: str) -> str:
     """The set whose plain runs a set's distilled runs are compared with: its own, or the one named by "plain_of" (sets
     that differ only in the teacher or the transfer set share one plain student)."""
     return SETS[name].get("plain_of", name)
+
+
+def plain_recipe(name: str, recipe: str) -> str:
+    """The recipe of the plain runs that set ``name``'s distilled runs of ``recipe`` are compared with: the set's own
+    "plain_recipe" (a plain student given about the distilled one's steps), else the recipe's "base", else the recipe."""
+    return SETS[name].get("plain_recipe") or TASK_RECIPES[SETS[name]["task_type"]].get(recipe, {}).get("base") or recipe
 
 
 def teacher_dir(name: str) -> Path:
@@ -430,11 +441,11 @@ def render(path: Path, task: str = "text_classification", only: Optional[list[st
     for s in sets:
         key = metric_key(s)
         for recipe in list(recipes) + (list(HAND) if task == "text_classification" else []):
-            base = recipes.get(recipe, {}).get("base")
-            plain_runs = groups.get((plain_set(s), base or recipe, "plain"), [])  # a loss variant's plain runs: its base's
+            plain_runs = groups.get((plain_set(s), plain_recipe(s, recipe), "plain"), [])  # a loss variant's: its base's
             dist_runs = groups.get((s, recipe, "distilled"), [])
-            if not dist_runs and (recipe not in HAND or not plain_runs):
-                continue
+            if not dist_runs and (not plain_runs or (recipe not in HAND and (plain_set(s) != s or recipe in recipes and
+                                                                             plain_recipe(s, recipe) != recipe))):
+                continue  # a row of plain runs alone: a hand loop, or a recipe run plainly only (another epoch count)
             plain, p, p_wall = cell(plain_runs, key)
             dist, d, d_wall = cell(dist_runs, key)
             # distilled − plain over the seeds both have (same seed: same initialisation and batch order)
@@ -469,11 +480,10 @@ def summary_rows(path: Path = WORK / "results.jsonl") -> list[str]:
     runs = {(r["set"], r["recipe"], r["kind"], r["seed"]): r for r in map(json.loads, reversed(path.read_text().splitlines()))}
     lines = []
     for task, recipe in DEFAULT_RECIPE.items():
-        base = TASK_RECIPES[task][recipe].get("base", recipe)
         diffs, spreads, voids, seeds, settings = [], [], [], set(), []
         for s in SUMMARY_SETS.get(task) or [s for s in SETS if SETS[s]["task_type"] == task]:
             key = metric_key(s)
-            ps = plain_set(s)
+            ps, base = plain_set(s), plain_recipe(s, recipe)
             both = sorted(seed for (s2, r, k, seed) in runs if (s2, r, k) == (s, recipe, "distilled") and (ps, base, "plain", seed) in runs)
             if len(both) < 3 or not teacher_json(s).exists():
                 continue
@@ -507,7 +517,7 @@ def seed_table(path: Path, name: str) -> str:
     lines = [f"| {name}: recipe | " + " | ".join(f"seed {x}" for x in seeds) + " | wins | mean | larger spread | clear |",
              "|---|" + "---:|" * len(seeds) + "---|---:|---:|---|"]
     for recipe in table:
-        base = table[recipe].get("base", recipe)
+        base = plain_recipe(name, recipe)
         both = [x for x in seeds if (name, recipe, "distilled", x) in runs and (plain_set(name), base, "plain", x) in runs]
         if not both:
             continue
@@ -546,6 +556,28 @@ def summary_tables(task: str, path: Optional[Path] = None) -> list[str]:
     return lines
 
 
+def plan_jobs(sets: list[str], recipes: list[str], kinds: list[str], seeds: list[int], done: set[tuple],
+              caches: dict[tuple, Optional[str]]) -> list[dict[str, Any]]:
+    """The runs to do, seed by seed (a study cut short still has every cell at the same number of seeds), skipping those
+    in ``done``: each (set, recipe, kind) asked, where a distilled run's plain pair is the run plain_set / plain_recipe
+    name (asked once however many sets share it). ``caches``: (set, recipe) -> the cache its distilled runs read."""
+    done = set(done)
+    jobs = []
+    for seed in seeds:
+        for s in sets:
+            for recipe in recipes:
+                table = TASK_RECIPES[SETS[s]["task_type"]]
+                wanted = ["plain"] if recipe in HAND else kinds
+                for kind in wanted:
+                    run = (plain_recipe(s, recipe) if recipe in table else recipe) if kind == "plain" else recipe
+                    job = {"set": plain_set(s) if kind == "plain" else s, "recipe": run, "kind": kind, "seed": seed,
+                           "cache": caches.get((s, recipe))}
+                    if (job["set"], run, kind, seed) not in done:
+                        done.add((job["set"], run, kind, seed))
+                        jobs.append(job)
+    return jobs
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="text_classification", choices=list(TASK_RECIPES),
@@ -579,27 +611,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if not args.render:
         done = _done(out)
-        caches = {s: str(prepare(s)) for s in sets}
+        kinds_asked = args.kinds.split(",")  # plain runs need no teacher: a plain-only run trains none
+        caches = {s: str(prepare(s)) if "distilled" in kinds_asked else None for s in sets}
         hidden_caches: dict[tuple, str] = {}  # (set, recipe) -> the cache with the recipe's hidden states
         for s in sets:
             for recipe in recipes:
                 fields = recipe_fields(s, recipe) if recipe in TASK_RECIPES[SETS[s]["task_type"]] else {}
-                if fields.get("distill_hidden_states"):
+                if fields.get("distill_hidden_states") and "distilled" in kinds_asked:
                     hidden_caches[(s, recipe)] = str(prepare(s, {k: fields[k] for k in HIDDEN_FIELDS if k in fields}))
-        jobs = []  # seed by seed, so that a study cut short still has every cell at the same number of seeds
-        for seed in map(int, args.seeds.split(",")):
-            for s in sets:
-                for recipe in recipes:
-                    cache = hidden_caches.get((s, recipe), caches[s])
-                    table = TASK_RECIPES[SETS[s]["task_type"]]
-                    kinds = ["plain"] if recipe in HAND else args.kinds.split(",")
-                    if table.get(recipe, {}).get("base"):  # a loss variant: its plain runs are its base recipe's
-                        kinds = [k for k in kinds if k != "plain"]
-                    for kind in kinds:
-                        job = {"set": plain_set(s) if kind == "plain" else s, "recipe": recipe, "kind": kind, "seed": seed, "cache": cache}
-                        if (job["set"], recipe, kind, seed) not in done and job not in jobs:
-                            done.add((job["set"], recipe, kind, seed))  # a plain run shared by several sets runs once
-                            jobs.append(job)
+        jobs = plan_jobs(sets, recipes, args.kinds.split(","), list(map(int, args.seeds.split(","))), done,
+                         {(s, r): hidden_caches.get((s, r), caches[s]) for s in sets for r in recipes})
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(jobs[i::args.workers], str(out))) for i in range(args.workers)]
         for proc in procs:

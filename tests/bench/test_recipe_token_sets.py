@@ -32,6 +32,28 @@ def test_sets_sharing_a_plain_student_pair_their_distilled_runs_with_it(tmp_path
     out = tmp_path / "results.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "| recipe T=1 | +0.0100 | +0.0100 | +0.0100 | 3/3 | +0.0100 | 0.0200 | no |" in recipe.seed_table(out, "wnut17_t12")
-    assert "| recipe T=1 | +0.0500 | +0.0500 | +0.0500 | 3/3 | +0.0500 | 0.0200 | yes |" in recipe.seed_table(out, "wnut17_t12_transfer")
     table = recipe.render(out, "token_classification", ["wnut17_t12"])
     assert "| wnut17_t12 (0.4000) | recipe T=1 | 0.2200 ± 0.0200 | 0.2300 ± 0.0200 | +0.0100 | 3 | 1 / 2 | yes |" in table
+    # the transfer set's pair is the plain student at 28 epochs (about its steps): a plain run at 14 does not pair with it
+    assert "| recipe T=1 |" not in recipe.seed_table(out, "wnut17_t12_transfer")
+    rows = [dict(r, recipe="recipe T=1 28 epochs", metrics={"eval_f1": r["metrics"]["eval_f1"] + 0.03}) for r in rows[:3]]
+    with out.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert "| recipe T=1 | +0.0200 | +0.0200 | +0.0200 | 3/3 | +0.0200 | 0.0200 | no |" in recipe.seed_table(out, "wnut17_t12_transfer")
+    # the plain-only 28-epoch runs show as a row of their own set, not as a row of every set that shares them
+    assert "| wnut17_students267 | recipe T=1 28 epochs | 0.2500 ± 0.0200 | — | — | 3 |" in recipe.render(out, "token_classification", ["wnut17_students267"])
+    assert "28 epochs" not in table
+
+
+def test_a_distilled_run_brings_its_plain_pair_once_for_every_set_that_shares_it():
+    sets = ["wnut17_t12", "wnut17_t12_transfer", "wnut17_full_transfer"]
+    jobs = recipe.plan_jobs(sets, ["recipe T=1"], ["plain", "distilled"], [0, 1], {("wnut17_students267", "recipe T=2.5", "plain", 1)}, {})
+    runs = [(j["set"], j["recipe"], j["kind"], j["seed"]) for j in jobs]
+    assert runs == [("wnut17_students267", "recipe T=2.5", "plain", 0),  # wnut17_t12's pair: the base recipe's, same steps
+                    ("wnut17_t12", "recipe T=1", "distilled", 0),
+                    ("wnut17_students267", "recipe T=1 28 epochs", "plain", 0),  # the transfer sets' pair: about their steps
+                    ("wnut17_t12_transfer", "recipe T=1", "distilled", 0), ("wnut17_full_transfer", "recipe T=1", "distilled", 0),
+                    ("wnut17_t12", "recipe T=1", "distilled", 1),  # seed 1's plain 14-epoch run was done
+                    ("wnut17_students267", "recipe T=1 28 epochs", "plain", 1),
+                    ("wnut17_t12_transfer", "recipe T=1", "distilled", 1), ("wnut17_full_transfer", "recipe T=1", "distilled", 1)]
+    assert [j["set"] for j in recipe.plan_jobs(sets, ["recipe T=1"], ["distilled"], [0], set(), {})] == sets
