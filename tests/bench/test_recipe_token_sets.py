@@ -41,7 +41,8 @@ def test_sets_sharing_a_plain_student_pair_their_distilled_runs_with_it(tmp_path
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     assert "| recipe T=1 | +0.0200 | +0.0200 | +0.0200 | 3/3 | +0.0200 | 0.0200 | no |" in recipe.seed_table(out, "wnut17_t12_transfer")
     # the plain-only 28-epoch runs show as a row of their own set, not as a row of every set that shares them
-    assert "| wnut17_students267 | recipe T=1 28 epochs | 0.2500 ± 0.0200 | — | — | 3 |" in recipe.render(out, "token_classification", ["wnut17_students267"])
+    own = recipe.render(out, "token_classification", ["wnut17_students267"])
+    assert "| wnut17_students267 | recipe T=1 28 epochs | 0.2500 ± 0.0200 | — | — | 3 |" in own
     assert "28 epochs" not in table
 
 
@@ -57,3 +58,20 @@ def test_a_distilled_run_brings_its_plain_pair_once_for_every_set_that_shares_it
                     ("wnut17_students267", "recipe T=1 28 epochs", "plain", 1),
                     ("wnut17_t12_transfer", "recipe T=1", "distilled", 1), ("wnut17_full_transfer", "recipe T=1", "distilled", 1)]
     assert [j["set"] for j in recipe.plan_jobs(sets, ["recipe T=1"], ["distilled"], [0], set(), {})] == sets
+
+
+def test_the_summary_row_reads_the_transfer_set_against_the_plain_student_at_about_its_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "WORK", tmp_path)
+    assert recipe.SUMMARY_SETS["token_classification"] == ("wnut17_t12_transfer",)
+    (tmp_path / "wnut17_t12").mkdir()
+    (tmp_path / "wnut17_t12" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.53}}))
+    runs = {("wnut17_students267", "recipe T=2.5", "plain"): 0.24, ("wnut17_students267", "recipe T=1 28 epochs", "plain"): 0.32,
+            ("wnut17_t12_transfer", "recipe T=1", "distilled"): 0.36}
+    rows = [{"set": s, "recipe": r, "kind": k, "seed": x, "metrics": {"eval_f1": v + 0.01 * x}, "wall_s": 1.0}
+            for (s, r, k), v in runs.items() for x in (0, 1, 2)]
+    out = tmp_path / "results.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [row] = recipe.summary_rows(out)
+    assert row.startswith("| token_classification: distilled − plain (3 seeds) | +0.0400 | >= 0 (larger seed spread 0.0100, "
+                          "clear of it; wnut17_t12_transfer: teacher 12 epochs on all 1,000 shipped rows;")
+    assert row.endswith("| met |")
