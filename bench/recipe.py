@@ -87,7 +87,7 @@ SETS: dict[str, dict[str, Any]] = {
                     "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
                     "setting": "teacher 4 epochs on WNUT 2017's 3,394 training rows, students on the first 267",
                     "table": "recipe-table token_classification teachers"},
-    # the same teachers and labeled rows, and the other 733 shipped training rows' words (labels dropped) as a transfer set
+    # wnut17_t12's teacher and labeled rows, and the other 733 shipped training rows' words (labels dropped) as a transfer set
     # for the distilled students: half of every batch (transfer_proportion 0.5), 14 passes over the 267 labeled rows each
     # (234 steps of 32, 3,744 transfer draws, about 5 passes over the 733); compared with plain students on the same 267
     # rows given about as many steps ("plain_recipe": 28 epochs, 252 steps), so that the gain is not one of more steps
@@ -100,14 +100,6 @@ SETS: dict[str, dict[str, Any]] = {
                                        "distilled one with the other 733 rows' words as a transfer set (half of each batch, 14 "
                                        "epochs, 234 steps), the plain one 28 epochs (252 steps)",
                             "table": "recipe-table token_classification teachers"},
-    "wnut17_full_transfer": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
-                             "text_column": "tokens", "label_column": "ner_tags", "teacher_of": "wnut17_full", "student_rows": 267,
-                             "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
-                             "plain_recipe": "recipe T=1 28 epochs", "derive": "transfer", "transfer_rows": (267, 1000),
-                             "distil": {"transfer_file": str(WORK / "data" / "wnut17_transfer733.jsonl"), "transfer_proportion": 0.5},
-                             "setting": "teacher 4 epochs on WNUT 2017's 3,394 training rows, students on the first 267 labeled, "
-                                        "distilled with the other 733 shipped rows' words as a transfer set",
-                             "table": "recipe-table token_classification teachers"},
     # a 7-class set derived from the shipped WNUT 2017 sample (entity_type_rows): each row's words joined, labelled with
     # the type of its first entity (person, location, corporation, product, creative-work, group) or "none"
     "wnut17_entity_type": {"task_type": "text_classification", "derive": "entity_type",

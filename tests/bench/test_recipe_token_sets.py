@@ -47,16 +47,17 @@ def test_sets_sharing_a_plain_student_pair_their_distilled_runs_with_it(tmp_path
 
 
 def test_a_distilled_run_brings_its_plain_pair_once_for_every_set_that_shares_it():
-    sets = ["wnut17_t12", "wnut17_t12_transfer", "wnut17_full_transfer"]
+    sets = ["wnut17_t12", "wnut17_t12_transfer", "wnut17_full"]
     jobs = recipe.plan_jobs(sets, ["recipe T=1"], ["plain", "distilled"], [0, 1], {("wnut17_students267", "recipe T=2.5", "plain", 1)}, {})
     runs = [(j["set"], j["recipe"], j["kind"], j["seed"]) for j in jobs]
     assert runs == [("wnut17_students267", "recipe T=2.5", "plain", 0),  # wnut17_t12's pair: the base recipe's, same steps
                     ("wnut17_t12", "recipe T=1", "distilled", 0),
                     ("wnut17_students267", "recipe T=1 28 epochs", "plain", 0),  # the transfer sets' pair: about their steps
-                    ("wnut17_t12_transfer", "recipe T=1", "distilled", 0), ("wnut17_full_transfer", "recipe T=1", "distilled", 0),
+                    ("wnut17_t12_transfer", "recipe T=1", "distilled", 0),
+                    ("wnut17_full", "recipe T=1", "distilled", 0),  # its pair, the 14-epoch plain run, is asked once
                     ("wnut17_t12", "recipe T=1", "distilled", 1),  # seed 1's plain 14-epoch run was done
                     ("wnut17_students267", "recipe T=1 28 epochs", "plain", 1),
-                    ("wnut17_t12_transfer", "recipe T=1", "distilled", 1), ("wnut17_full_transfer", "recipe T=1", "distilled", 1)]
+                    ("wnut17_t12_transfer", "recipe T=1", "distilled", 1), ("wnut17_full", "recipe T=1", "distilled", 1)]
     assert [j["set"] for j in recipe.plan_jobs(sets, ["recipe T=1"], ["distilled"], [0], set(), {})] == sets
 
 
