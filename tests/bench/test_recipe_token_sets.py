@@ -76,3 +76,11 @@ def test_the_summary_row_reads_the_transfer_set_against_the_plain_student_at_abo
     assert row.startswith("| token_classification: distilled − plain (3 seeds) | +0.0400 | >= 0 (larger seed spread 0.0100, "
                           "clear of it; wnut17_t12_transfer: teacher 12 epochs on all 1,000 shipped rows;")
     assert row.endswith("| met |")
+
+
+def test_each_distilled_recipe_of_the_transfer_set_pairs_with_plain_at_about_its_steps_or_more():
+    """14 epochs half transfer (234 steps) against plain 28 (252); 28 epochs (468) against plain's best measured, 42 (378)."""
+    assert recipe.plain_recipe("wnut17_t12_transfer", "recipe T=1") == "recipe T=1 28 epochs"
+    assert recipe.plain_recipe("wnut17_t12_transfer", "recipe T=1 28 epochs") == "recipe T=1 42 epochs"
+    assert recipe.plain_recipe("wnut17_t12", "recipe T=1") == "recipe T=2.5"  # no transfer rows: the same 126 steps
+    assert recipe.plain_recipe("wnut17_students267", "recipe T=1 28 epochs") == "recipe T=1 28 epochs"
