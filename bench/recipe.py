@@ -101,7 +101,8 @@ SETS: dict[str, dict[str, Any]] = {
                             "distil": {"transfer_file": str(WORK / "data" / "wnut17_transfer733.jsonl"), "transfer_proportion": 0.5},
                             "setting": "teacher 12 epochs on all 1,000 shipped rows; students on the first 267 labeled, the "
                                        "distilled one with the other 733 rows' words as a transfer set (half of each batch, 14 "
-                                       "epochs, 234 steps), the plain one 28 epochs (252 steps)",
+                                       "epochs, 234 steps), the plain one 28 epochs (252 steps); recipe T=1 28 epochs: the "
+                                       "distilled one 28 epochs (468 steps), the plain one 42 (378)",
                             "table": "recipe-table token_classification teachers"},
     # a 7-class set derived from the shipped WNUT 2017 sample (entity_type_rows): each row's words joined, labelled with
     # the type of its first entity (person, location, corporation, product, creative-work, group) or "none"
