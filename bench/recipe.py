@@ -6,8 +6,10 @@ For each data set it fine-tunes a MiniLM teacher once (kept between runs), dumps
 students' rows once, then trains 2-layer MiniLM students (pretrained layers 0 and 5) under each recipe,
 plain and distilled, over several seeds, plus the hand loop (text classification only). ``--task`` picks
 the sets of one task (text classification: mr_polarity, SST-2; token classification: wnut17, and wnut17_students267:
-the same teacher, students on its first 267 rows), each task
-with its own recipes. Runs are spread over worker processes
+the same teacher, students on its first 267 rows; wnut17_t12 / wnut17_full: teachers that fit their entities; and
+wnut17_t12_transfer: the other 733 rows as a transfer set, the setting docs/recipe.md recommends), each task
+with its own recipes. A distilled run brings the plain run it is compared with (the same set's, or the one "plain_of"
+and "plain_recipe" name). Runs are spread over worker processes
 (one torch thread each) and appended to ``results.jsonl`` as they finish; a rerun skips finished runs,
 so the study can be extended a recipe at a time. ``--render`` rebuilds the table from what is there.
 
@@ -15,6 +17,7 @@ so the study can be extended a recipe at a time. ``--render`` rebuilds the table
     python -m bench.recipe --sets mr_polarity --recipes trainer_default,constant --seeds 0,1,2
     python -m bench.recipe --task token_classification --analyse    # why the loss terms pull as they do
     python -m bench.recipe --task token_classification              # its recipes x kinds x seeds
+    python -m bench.recipe --task token_classification --sets wnut17_t12_transfer --recipes "recipe T=1,recipe T=1 28 epochs"
 """
 
 from __future__ import annotations
