@@ -6,8 +6,10 @@ For each data set it fine-tunes a MiniLM teacher once (kept between runs), dumps
 students' rows once, then trains 2-layer MiniLM students (pretrained layers 0 and 5) under each recipe,
 plain and distilled, over several seeds, plus the hand loop (text classification only). ``--task`` picks
 the sets of one task (text classification: mr_polarity, SST-2; token classification: wnut17, and wnut17_students267:
-the same teacher, students on its first 267 rows), each task
-with its own recipes. Runs are spread over worker processes
+the same teacher, students on its first 267 rows; wnut17_t12 / wnut17_full: teachers that fit their entities; and
+wnut17_t12_transfer: the other 733 rows as a transfer set, the setting docs/recipe.md recommends), each task
+with its own recipes. A distilled run brings the plain run it is compared with (the same set's, or the one "plain_of"
+and "plain_recipe" name). Runs are spread over worker processes
 (one torch thread each) and appended to ``results.jsonl`` as they finish; a rerun skips finished runs,
 so the study can be extended a recipe at a time. ``--render`` rebuilds the table from what is there.
 
@@ -15,6 +17,7 @@ so the study can be extended a recipe at a time. ``--render`` rebuilds the table
     python -m bench.recipe --sets mr_polarity --recipes trainer_default,constant --seeds 0,1,2
     python -m bench.recipe --task token_classification --analyse    # why the loss terms pull as they do
     python -m bench.recipe --task token_classification              # its recipes x kinds x seeds
+    python -m bench.recipe --task token_classification --sets wnut17_t12_transfer --recipes "recipe T=1,recipe T=1 28 epochs"
 """
 
 from __future__ import annotations
@@ -71,6 +74,39 @@ SETS: dict[str, dict[str, Any]] = {
                            "student": {"num_epochs": 14, "label_alignment": "first"},
                            "setting": "teacher on all 1,000 rows, students on the first 267",
                            "table": "recipe-table token_classification students267"},
+    # issue 20's teachers that fit their training entities, with the same students (first 267 rows, 14 epochs) and the same
+    # plain runs ("plain_of": plain runs do not depend on the teacher). wnut17_t12: the teacher on the shipped 1,000 rows for
+    # 12 epochs instead of 4; wnut17_full: on WNUT 2017's whole training split (3,394 rows, ../shared/data, not shipped)
+    # for 4 epochs, the first 1,000 of which are the shipped sample
+    "wnut17_t12": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
+                   "text_column": "tokens", "label_column": "ner_tags", "teacher_rows": None, "student_rows": 267,
+                   "teacher": {"num_epochs": 12, "label_alignment": "first"},
+                   "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
+                   "setting": "teacher 12 epochs on all 1,000 shipped rows, students on the first 267",
+                   "table": "recipe-table token_classification teachers"},
+    "wnut17_full": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
+                    "text_column": "tokens", "label_column": "ner_tags", "teacher_rows": None, "student_rows": 267,
+                    "teacher": {"num_epochs": 4, "label_alignment": "first", "train_file": str(SHARED / "wnut17" / "train.jsonl")},
+                    "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
+                    "setting": "teacher 4 epochs on WNUT 2017's 3,394 training rows, students on the first 267",
+                    "table": "recipe-table token_classification teachers"},
+    # wnut17_t12's teacher and labeled rows, and the other 733 shipped training rows' words (labels dropped) as a transfer set
+    # for the distilled students: half of every batch (transfer_proportion 0.5), 14 passes over the 267 labeled rows each
+    # (234 steps of 32, 3,744 transfer draws, about 5 passes over the 733); compared with plain students on the same 267
+    # rows given about as many steps ("plain_recipe": 28 epochs, 252 steps), so that the gain is not one of more steps;
+    # at 28 epochs (468 steps), with plain's best epoch count measured, 42 (378 steps)
+    "wnut17_t12_transfer": {"task_type": "token_classification", "train_file": str(WNUT_TRAIN), "eval_file": str(WNUT_VALID),
+                            "text_column": "tokens", "label_column": "ner_tags", "teacher_of": "wnut17_t12", "student_rows": 267,
+                            "student": {"num_epochs": 14, "label_alignment": "first"}, "plain_of": "wnut17_students267",
+                            "derive": "transfer",
+                            "transfer_rows": (267, 1000),
+                            "plain_recipe": {"recipe T=1": "recipe T=1 28 epochs", "recipe T=1 28 epochs": "recipe T=1 42 epochs"},
+                            "distil": {"transfer_file": str(WORK / "data" / "wnut17_transfer733.jsonl"), "transfer_proportion": 0.5},
+                            "setting": "teacher 12 epochs on all 1,000 shipped rows; students on the first 267 labeled, the "
+                                       "distilled one with the other 733 rows' words as a transfer set (half of each batch, 14 "
+                                       "epochs, 234 steps), the plain one 28 epochs (252 steps); recipe T=1 28 epochs: the "
+                                       "distilled one 28 epochs (468 steps), the plain one 42 (378)",
+                            "table": "recipe-table token_classification teachers"},
     # a 7-class set derived from the shipped WNUT 2017 sample (entity_type_rows): each row's words joined, labelled with
     # the type of its first entity (person, location, corporation, product, creative-work, group) or "none"
     "wnut17_entity_type": {"task_type": "text_classification", "derive": "entity_type",
@@ -104,6 +140,10 @@ TOKEN_RECIPES: dict[str, dict[str, Any]] = {
     "recipe T=1 +hidden": {"temperature": 1.0, "distill_hidden_states": True, "teacher_layers_to_distill": [-1, -3],
                            "base": "recipe T=2.5"},
     "recipe T=1 8 epochs": {"temperature": 1.0, "num_epochs": 8},
+    # twice the students' 14 epochs over 267 rows (252 steps): the plain control with about the steps of a distilled student
+    # whose batches are half transfer rows (234), so that a gain from the transfer set is not a gain from more steps
+    "recipe T=1 28 epochs": {"temperature": 1.0, "num_epochs": 28},
+    "recipe T=1 42 epochs": {"temperature": 1.0, "num_epochs": 42},  # whether plain's best epoch count lies beyond 28
 }
 # The recipes of each task (hand loops: text classification only, the loop batches scalar labels).
 TASK_RECIPES: dict[str, dict[str, dict[str, Any]]] = {"text_classification": RECIPES, "token_classification": TOKEN_RECIPES}
@@ -133,8 +173,17 @@ def entity_type_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def transfer_rows(path: Path, start: int, stop: int) -> list[dict[str, Any]]:
+    """Rows ``start:stop`` of a WNUT 2017 file as transfer rows: their words only, the tags dropped (unlabeled text)."""
+    return [{"tokens": json.loads(line)["tokens"]} for line in path.read_text().splitlines()[start:stop]]
+
+
 def derive(name: str) -> None:
     """Write a derived set's files (from shipped data, under bench/results) when the set is one."""
+    if SETS[name].get("derive") == "transfer":
+        target = Path(SETS[name]["distil"]["transfer_file"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(r) + "\n" for r in transfer_rows(Path(SETS[name]["train_file"]), *SETS[name]["transfer_rows"])))
     if SETS[name].get("derive") != "entity_type":
         return
     for source, target in ((WNUT_TRAIN, SETS[name]["train_file"]), (WNUT_VALID, SETS[name]["eval_file"])):
@@ -146,6 +195,19 @@ def teacher_set(name: str) -> str:
     """The set whose teacher a set's students learn from: its own, or the one named by "teacher_of" (one teacher, trained
     once, for sets that differ only in the students' rows)."""
     return SETS[name].get("teacher_of", name)
+
+
+def plain_set(name: str) -> str:
+    """The set whose plain runs a set's distilled runs are compared with: its own, or the one named by "plain_of" (sets
+    that differ only in the teacher or the transfer set share one plain student)."""
+    return SETS[name].get("plain_of", name)
+
+
+def plain_recipe(name: str, recipe: str) -> str:
+    """The recipe of the plain runs that set ``name``'s distilled runs of ``recipe`` are compared with: the set's own
+    "plain_recipe" for it (a plain student given about the distilled one's steps), else the recipe's "base", else the recipe."""
+    own = SETS[name].get("plain_recipe", {}).get(recipe)
+    return own or TASK_RECIPES[SETS[name]["task_type"]].get(recipe, {}).get("base") or recipe
 
 
 def teacher_dir(name: str) -> Path:
@@ -380,11 +442,11 @@ def render(path: Path, task: str = "text_classification", only: Optional[list[st
     for s in sets:
         key = metric_key(s)
         for recipe in list(recipes) + (list(HAND) if task == "text_classification" else []):
-            base = recipes.get(recipe, {}).get("base")
-            plain_runs = groups.get((s, base or recipe, "plain"), [])  # a loss variant's plain runs: its base's
+            plain_runs = groups.get((plain_set(s), plain_recipe(s, recipe), "plain"), [])  # a loss variant's: its base's
             dist_runs = groups.get((s, recipe, "distilled"), [])
-            if not dist_runs and (recipe not in HAND or not plain_runs):
-                continue
+            if not dist_runs and (not plain_runs or (recipe not in HAND and (plain_set(s) != s or recipe in recipes and
+                                                                             plain_recipe(s, recipe) != recipe))):
+                continue  # a row of plain runs alone: a hand loop, or a recipe run plainly only (another epoch count)
             plain, p, p_wall = cell(plain_runs, key)
             dist, d, d_wall = cell(dist_runs, key)
             # distilled − plain over the seeds both have (same seed: same initialisation and batch order)
@@ -406,8 +468,8 @@ def render(path: Path, task: str = "text_classification", only: Optional[list[st
 # The recipe each task's defaults now are (docs/recipe.md): the row BENCHMARKS.md's summary reports per task.
 DEFAULT_RECIPE = {"text_classification": "constant_1e-4_warmup T=1", "token_classification": "recipe T=1"}
 # The sets a task's summary row averages over (default: every set of the task): token classification's is the setting
-# docs/recipe.md recommends, a teacher that has read more rows than its students.
-SUMMARY_SETS = {"token_classification": ("wnut17_students267",)}
+# docs/recipe.md recommends: few labeled rows, more unlabeled text as a transfer set, a teacher that fits its entities.
+SUMMARY_SETS = {"token_classification": ("wnut17_t12_transfer",)}
 
 
 def summary_rows(path: Path = WORK / "results.jsonl") -> list[str]:
@@ -419,15 +481,15 @@ def summary_rows(path: Path = WORK / "results.jsonl") -> list[str]:
     runs = {(r["set"], r["recipe"], r["kind"], r["seed"]): r for r in map(json.loads, reversed(path.read_text().splitlines()))}
     lines = []
     for task, recipe in DEFAULT_RECIPE.items():
-        base = TASK_RECIPES[task][recipe].get("base", recipe)
         diffs, spreads, voids, seeds, settings = [], [], [], set(), []
         for s in SUMMARY_SETS.get(task) or [s for s in SETS if SETS[s]["task_type"] == task]:
             key = metric_key(s)
-            both = sorted(seed for (s2, r, k, seed) in runs if (s2, r, k) == (s, recipe, "distilled") and (s, base, "plain", seed) in runs)
+            ps, base = plain_set(s), plain_recipe(s, recipe)
+            both = sorted(seed for (s2, r, k, seed) in runs if (s2, r, k) == (s, recipe, "distilled") and (ps, base, "plain", seed) in runs)
             if len(both) < 3 or not teacher_json(s).exists():
                 continue
             d = [runs[(s, recipe, "distilled", x)]["metrics"][key] for x in both]
-            p = [runs[(s, base, "plain", x)]["metrics"][key] for x in both]
+            p = [runs[(ps, base, "plain", x)]["metrics"][key] for x in both]
             diffs.append(statistics.fmean(d) - statistics.fmean(p))
             spreads.append(max(max(d) - min(d), max(p) - min(p)) / 2)
             seeds.add(len(both))
@@ -456,12 +518,12 @@ def seed_table(path: Path, name: str) -> str:
     lines = [f"| {name}: recipe | " + " | ".join(f"seed {x}" for x in seeds) + " | wins | mean | larger spread | clear |",
              "|---|" + "---:|" * len(seeds) + "---|---:|---:|---|"]
     for recipe in table:
-        base = table[recipe].get("base", recipe)
-        both = [x for x in seeds if (name, recipe, "distilled", x) in runs and (name, base, "plain", x) in runs]
+        base = plain_recipe(name, recipe)
+        both = [x for x in seeds if (name, recipe, "distilled", x) in runs and (plain_set(name), base, "plain", x) in runs]
         if not both:
             continue
         d = {x: runs[(name, recipe, "distilled", x)]["metrics"][key] for x in both}
-        p = {x: runs[(name, base, "plain", x)]["metrics"][key] for x in both}
+        p = {x: runs[(plain_set(name), base, "plain", x)]["metrics"][key] for x in both}
         diffs = {x: d[x] - p[x] for x in both}
         mean = statistics.fmean(diffs.values())
         spread = max((max(v.values()) - min(v.values())) / 2 for v in (d, p))
@@ -498,6 +560,28 @@ def summary_tables(task: str, path: Optional[Path] = None) -> list[str]:
     return lines
 
 
+def plan_jobs(sets: list[str], recipes: list[str], kinds: list[str], seeds: list[int], done: set[tuple],
+              caches: dict[tuple, Optional[str]]) -> list[dict[str, Any]]:
+    """The runs to do, seed by seed (a study cut short still has every cell at the same number of seeds), skipping those
+    in ``done``: each (set, recipe, kind) asked, where a distilled run's plain pair is the run plain_set / plain_recipe
+    name (asked once however many sets share it). ``caches``: (set, recipe) -> the cache its distilled runs read."""
+    done = set(done)
+    jobs = []
+    for seed in seeds:
+        for s in sets:
+            for recipe in recipes:
+                table = TASK_RECIPES[SETS[s]["task_type"]]
+                wanted = ["plain"] if recipe in HAND else kinds
+                for kind in wanted:
+                    run = (plain_recipe(s, recipe) if recipe in table else recipe) if kind == "plain" else recipe
+                    job = {"set": plain_set(s) if kind == "plain" else s, "recipe": run, "kind": kind, "seed": seed,
+                           "cache": caches.get((s, recipe))}
+                    if (job["set"], run, kind, seed) not in done:
+                        done.add((job["set"], run, kind, seed))
+                        jobs.append(job)
+    return jobs
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="text_classification", choices=list(TASK_RECIPES),
@@ -531,25 +615,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if not args.render:
         done = _done(out)
-        caches = {s: str(prepare(s)) for s in sets}
+        kinds_asked = args.kinds.split(",")  # plain runs need no teacher: a plain-only run trains none
+        caches = {s: str(prepare(s)) if "distilled" in kinds_asked else None for s in sets}
         hidden_caches: dict[tuple, str] = {}  # (set, recipe) -> the cache with the recipe's hidden states
         for s in sets:
             for recipe in recipes:
                 fields = recipe_fields(s, recipe) if recipe in TASK_RECIPES[SETS[s]["task_type"]] else {}
-                if fields.get("distill_hidden_states"):
+                if fields.get("distill_hidden_states") and "distilled" in kinds_asked:
                     hidden_caches[(s, recipe)] = str(prepare(s, {k: fields[k] for k in HIDDEN_FIELDS if k in fields}))
-        jobs = []  # seed by seed, so that a study cut short still has every cell at the same number of seeds
-        for seed in map(int, args.seeds.split(",")):
-            for s in sets:
-                for recipe in recipes:
-                    cache = hidden_caches.get((s, recipe), caches[s])
-                    table = TASK_RECIPES[SETS[s]["task_type"]]
-                    kinds = ["plain"] if recipe in HAND else args.kinds.split(",")
-                    if table.get(recipe, {}).get("base"):  # a loss variant: its plain runs are its base recipe's
-                        kinds = [k for k in kinds if k != "plain"]
-                    for kind in kinds:
-                        if (s, recipe, kind, seed) not in done:
-                            jobs.append({"set": s, "recipe": recipe, "kind": kind, "seed": seed, "cache": cache})
+        jobs = plan_jobs(sets, recipes, args.kinds.split(","), list(map(int, args.seeds.split(","))), done,
+                         {(s, r): hidden_caches.get((s, r), caches[s]) for s in sets for r in recipes})
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(jobs[i::args.workers], str(out))) for i in range(args.workers)]
         for proc in procs:

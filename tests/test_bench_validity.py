@@ -93,6 +93,7 @@ def test_the_summary_row_per_task_reports_distilled_minus_plain_or_void(tmp_path
     import bench.recipe as recipe
 
     monkeypatch.setattr(recipe, "WORK", tmp_path)
+    monkeypatch.setitem(recipe.SUMMARY_SETS, "token_classification", ("wnut17_students267",))  # the mechanics, on a set without a transfer set
     (tmp_path / "wnut17").mkdir()
     teacher = tmp_path / "wnut17" / "teacher.json"  # the students267 set learns from wnut17's teacher
     assert recipe.teacher_json("wnut17_students267") == teacher
@@ -164,6 +165,7 @@ def test_the_per_seed_table_pairs_each_seed_and_says_whether_the_mean_clears_the
     import bench.recipe as recipe
 
     monkeypatch.setattr(recipe, "WORK", tmp_path)
+    monkeypatch.setitem(recipe.SUMMARY_SETS, "token_classification", ("wnut17_students267",))  # the mechanics, on a set without a transfer set
     (tmp_path / "wnut17").mkdir()
     (tmp_path / "wnut17" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.40}}))
     plain = {0: 0.20, 1: 0.24, 2: 0.22}  # spread 0.02
@@ -189,6 +191,7 @@ def test_benchmarks_md_shows_the_summary_sets_tables_in_the_task_section(tmp_pat
     import bench.recipe as recipe
 
     monkeypatch.setattr(recipe, "WORK", tmp_path)
+    monkeypatch.setitem(recipe.SUMMARY_SETS, "token_classification", ("wnut17_students267",))  # the mechanics, on a set without a transfer set
     (tmp_path / "wnut17").mkdir()
     (tmp_path / "wnut17" / "teacher.json").write_text(json.dumps({"metrics": {"eval_f1": 0.36}, "seconds": 437.0}))
     rows = [{"set": "wnut17_students267", "recipe": r, "kind": k, "seed": s, "metrics": {"eval_f1": v + 0.01 * s}, "wall_s": 50.0}
