@@ -426,11 +426,11 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
         r["document"] + "\n" + r["summary"] for r in common.read_jsonl(TLDR_TRAIN)], 1000))
     steps = {"teacher_d": 256, "teacher_layers": 4, "student_d": 256, "student_layers": 3, "rows": 640, "batch_size": 16,
              "max_length": 128, "max_target_length": 128, "warmup": 5, "measured": 20, "rounds": 3}
-    quality = {"vocab": 6000, "teacher_rows": 29000, "student_rows": 7250, "eval_rows": 500, "epoch_eval_rows": 200,
+    quality = {"vocab": 6000, "teacher_rows": 29000, "student_rows": 3625, "eval_rows": 500, "epoch_eval_rows": 200,
                "dynamic_batching": True, "teacher_name": "m30k-teacher-all", "teacher_d": 256, "teacher_layers": 3,
-               "teacher_batch": 64, "teacher_lr": 1e-3, "teacher_epochs": 5, "teacher_schedule": "linear", "student_tag": "-quarter",
-               "student_d": 128, "student_layers": 2, "student_batch": 32, "student_lr": 1e-3, "student_epochs": 4,
-               "only_needed_caches": True, "fidelity": True, "codecs": True, "fidelity_rows": 200,
+               "teacher_batch": 64, "teacher_lr": 1e-3, "teacher_epochs": 5, "teacher_schedule": "linear", "student_tag": "-eighth",
+               "student_d": 128, "student_layers": 2, "student_batch": 16, "student_lr": 2e-3, "student_epochs": 3,
+               "only_needed_caches": True, "fidelity": False, "codecs": False, "fidelity_rows": 200,
                "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
