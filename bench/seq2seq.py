@@ -42,6 +42,16 @@ KINDS: dict[str, dict[str, Any]] = {
     "sampled": {"config": {"use_distillation": True, "logits_mode": "sampled", "logits_k": 16}, "cache": "sampled16"},
     "seqkd": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "sequence_kd": True}, "cache": "seqkd"},
     "online": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6}, "cache": "teacher"},
+    # kdcache's default temperature for translation (3, the guide's band for complex tasks; the arms above train at 2) and the
+    # T 1 that won on text classification, token classification and causal LM (docs/recipe.md)
+    "topk-T3": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 3.0}, "cache": "topk6"},
+    "topk-T1": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 1.0}, "cache": "topk6"},
+    # twice the epochs (KD students often need longer), each distilled arm paired with the plain one of the same length
+    "plain-6ep": {"config": {"use_distillation": False, "num_epochs": 6}, "cache": None},
+    "topk-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "num_epochs": 6}, "cache": "topk6",
+                 "plain": "plain-6ep"},
+    "seqkd-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "sequence_kd": True, "num_epochs": 6},
+                  "cache": "seqkd", "plain": "plain-6ep"},
 }
 KIND_NAMES = {
     "plain": "student, plain fine-tuning",
@@ -50,6 +60,11 @@ KIND_NAMES = {
     "sampled": "offline, 16 sampled draws",
     "seqkd": "offline, sequence-level KD (teacher's greedy outputs + their top-6)",
     "online": "online, full logits (teacher in the loop)",
+    "topk-T3": "offline, top-6 + rest, T 3 (kdcache's translation default)",
+    "topk-T1": "offline, top-6 + rest, T 1",
+    "plain-6ep": "student, plain fine-tuning, 6 epochs",
+    "topk-6ep": "offline, top-6 + rest bucket (the default), 6 epochs",
+    "seqkd-6ep": "offline, sequence-level KD, 6 epochs",
 }
 # The arms the quality part trains by default: plain, kdcache's default (top-6 + rest) and sequence-level KD (Kim & Rush
 # 2016: the strongest for small NMT students); the others run when named (bench.run --seq2seq-kinds).
@@ -454,8 +469,9 @@ def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
         kinds[kind]["seeds"] = len(runs)
         kinds[kind]["bleu_by_seed"] = {r["seed"]: r["metrics"].get("eval_bleu", float("nan")) for r in runs}
     for kind, f in kinds.items():
-        f["minus_plain"] = distilled_minus_plain(kinds["plain"]["bleu_by_seed"], f["bleu_by_seed"]) if kind != "plain" and \
-            "plain" in kinds else None
+        plain = KINDS[kind].get("plain", "plain")  # the plain arm trained like this one (epochs)
+        f["minus_plain"] = distilled_minus_plain(kinds[plain]["bleu_by_seed"], f["bleu_by_seed"]) if \
+            KINDS[kind]["config"]["use_distillation"] and plain in kinds else None
     return kinds
 
 

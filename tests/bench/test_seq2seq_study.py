@@ -32,6 +32,17 @@ def test_distilled_minus_plain_is_paired_and_judged_against_the_larger_spread():
     assert figures["plain"]["minus_plain"] is None
 
 
+def test_each_distilled_arm_is_paired_with_the_plain_arm_trained_as_long():
+    result = _result([10.0, 11.0, 12.0], [12.0, 12.5, 13.5], 20.0)
+    for kind, values in (("plain-6ep", [14.0, 15.0, 16.0]), ("topk-6ep", [15.0, 15.0, 17.0]), ("topk-T3", [9.0, 11.0, 12.0])):
+        result["quality"]["runs"] += [{"kind": kind, "seed": seed, "seconds": 1.0, "kl_to_teacher": 1.0,
+                                       "metrics": {"eval_bleu": v, "eval_chrf": 1.0}} for seed, v in enumerate(values)]
+    figures = seq2seq.quality_figures(result["quality"])
+    assert figures["topk-6ep"]["minus_plain"]["by_seed"] == {0: 1.0, 1: 0.0, 2: 1.0}  # against plain-6ep, not plain
+    assert figures["topk-T3"]["minus_plain"]["by_seed"] == {0: -1.0, 1: 0.0, 2: 0.0}
+    assert figures["plain-6ep"]["minus_plain"] is None
+
+
 def test_summary_rows_name_the_setting_and_put_the_mean_difference_first():
     rows = seq2seq.summary_rows(_result([10.0, 11.0, 12.0], [12.0, 12.5, 13.5], 20.0, seqkd=[12.0, 9.0, 11.0]))
     assert rows[0].startswith("| translation: distilled − plain (3 seeds) | +1.67 | > the larger seed spread 1.00 (BLEU, ")
