@@ -55,13 +55,13 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 KIND_NAMES = {
     "plain": "student, plain fine-tuning",
-    "topk": "offline, top-6 + rest bucket (the default)",
+    "topk": "offline, top-6 + rest bucket (the default), T 2",
     "topk-renorm32": "offline, top-32 renormalised",
     "sampled": "offline, 16 sampled draws",
     "seqkd": "offline, sequence-level KD (teacher's greedy outputs + their top-6)",
     "online": "online, full logits (teacher in the loop)",
-    "topk-T3": "offline, top-6 + rest, T 3 (kdcache's translation default)",
-    "topk-T1": "offline, top-6 + rest, T 1",
+    "topk-T3": "offline, top-6 + rest bucket, T 3 (kdcache's translation default)",
+    "topk-T1": "offline, top-6 + rest bucket, T 1",
     "plain-6ep": "student, plain fine-tuning, 6 epochs",
     "topk-6ep": "offline, top-6 + rest bucket (the default), 6 epochs",
     "seqkd-6ep": "offline, sequence-level KD, 6 epochs",
@@ -496,16 +496,23 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
     if not q or "runs" not in q:
         return []
     figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
+    default = "topk-T3" if "topk-T3" in figures else "topk"  # kdcache's translation default is T 3; older runs have T 2 only
     rows = []
-    for kind, label in (("topk", "translation: distilled − plain"), ("seqkd", "translation, sequence-level KD: distilled − plain")):
+    for kind, label in ((default, "translation: distilled − plain"), ("seqkd", "translation, sequence-level KD: distilled − plain")):
         m = figures.get(kind, {}).get("minus_plain")
         if not m:
             continue
         verdict = "VOID" if void else ("met" if m["clear"] else "**missed**")
         rows.append(f"| {label} ({m['seeds']} seeds) | {m['diff']:+.2f} | > the larger seed spread {m['spread']:.2f} (BLEU, "
-                    f"{KIND_NAMES[kind]}, alpha 0.5, T 2; Multi30k en->de, students on {_rows(sp, 'student'):,} of the teacher's "
-                    f"{_rows(sp, 'teacher'):,} pairs; docs/recipe.md) | {verdict} |")
+                    f"{KIND_NAMES[kind]}, alpha 0.5, T {temperature_of(kind):g}; Multi30k en->de, students on "
+                    f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} pairs, {sp['student_epochs']} epochs; "
+                    f"docs/recipe.md) | {verdict} |")
     return rows
+
+
+def temperature_of(kind: str) -> float:
+    """The KD temperature a student kind trains at: its own, else the quality part's (quality_base)."""
+    return KINDS[kind]["config"].get("temperature", 2.0)
 
 
 def _rows(sp: dict[str, Any], who: str) -> int:

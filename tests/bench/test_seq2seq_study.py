@@ -41,6 +41,8 @@ def test_each_distilled_arm_is_paired_with_the_plain_arm_trained_as_long():
     assert figures["topk-6ep"]["minus_plain"]["by_seed"] == {0: 1.0, 1: 0.0, 2: 1.0}  # against plain-6ep, not plain
     assert figures["topk-T3"]["minus_plain"]["by_seed"] == {0: -1.0, 1: 0.0, 2: 0.0}
     assert figures["plain-6ep"]["minus_plain"] is None
+    row = seq2seq.summary_rows(result)[0]  # kdcache's translation default (T 3) is the summary's row once it ran
+    assert row.startswith("| translation: distilled − plain (3 seeds) | -0.33 |") and "T 3 (kdcache's translation default)" in row
 
 
 def test_summary_rows_name_the_setting_and_put_the_mean_difference_first():
@@ -63,7 +65,7 @@ def test_markdown_shows_the_setting_the_teacher_per_epoch_and_the_paired_table()
     text = "\n".join(seq2seq.markdown(_result([10.0, 11.0, 12.0], [12.0, 12.5, 13.5], 20.0), quick=False))
     assert "trained here on the first 29,000 training pairs, 5 epochs" in text
     assert "after each epoch: 8.50, 15.25" in text and "on the first 7,250 pairs, 3 epochs" in text
-    assert "| offline, top-6 + rest bucket (the default) | +2.00 | +1.50 | +1.50 | +1.67 | 1.00 | yes |" in text
+    assert "| offline, top-6 + rest bucket (the default), T 2 | +2.00 | +1.50 | +1.50 | +1.67 | 1.00 | yes |" in text
 
 
 @pytest.mark.usefixtures("one_thread")
