@@ -48,8 +48,8 @@ KINDS: dict[str, dict[str, Any]] = {
     "topk-T1": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 1.0}, "cache": "topk6"},
     # twice the epochs (KD students often need longer), each distilled arm paired with the plain one of the same length
     "plain-6ep": {"config": {"use_distillation": False, "num_epochs": 6}, "cache": None},
-    "topk-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "num_epochs": 6}, "cache": "topk6",
-                 "plain": "plain-6ep"},
+    "topk-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 3.0, "num_epochs": 6},
+                 "cache": "topk6", "plain": "plain-6ep"},
     "seqkd-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "sequence_kd": True, "num_epochs": 6},
                   "cache": "seqkd", "plain": "plain-6ep"},
 }
@@ -63,7 +63,7 @@ KIND_NAMES = {
     "topk-T3": "offline, top-6 + rest bucket, T 3 (kdcache's translation default)",
     "topk-T1": "offline, top-6 + rest bucket, T 1",
     "plain-6ep": "student, plain fine-tuning, 6 epochs",
-    "topk-6ep": "offline, top-6 + rest bucket (the default), 6 epochs",
+    "topk-6ep": "offline, top-6 + rest bucket, T 3 (kdcache's translation default), 6 epochs",
     "seqkd-6ep": "offline, sequence-level KD, 6 epochs",
 }
 # The arms the quality part trains by default: plain, kdcache's default (top-6 + rest) and sequence-level KD (Kim & Rush
@@ -496,7 +496,8 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
     if not q or "runs" not in q:
         return []
     figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
-    default = "topk-T3" if "topk-T3" in figures else "topk"  # kdcache's translation default is T 3; older runs have T 2 only
+    # kdcache's translation default (top-6 + rest, T 3): the longest-trained arm of it that ran (older runs have T 2 only)
+    default = next(k for k in ("topk-6ep", "topk-T3", "topk") if k in figures or k == "topk")
     rows = []
     for kind, label in ((default, "translation: distilled − plain"), ("seqkd", "translation, sequence-level KD: distilled − plain")):
         m = figures.get(kind, {}).get("minus_plain")
@@ -505,7 +506,8 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
         verdict = "VOID" if void else ("met" if m["clear"] else "**missed**")
         rows.append(f"| {label} ({m['seeds']} seeds) | {m['diff']:+.2f} | > the larger seed spread {m['spread']:.2f} (BLEU, "
                     f"{KIND_NAMES[kind]}, alpha 0.5, T {temperature_of(kind):g}; Multi30k en->de, students on "
-                    f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} pairs, {sp['student_epochs']} epochs; "
+                    f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} pairs, "
+                    f"{KINDS[kind]['config'].get('num_epochs', sp['student_epochs'])} epochs; "
                     f"docs/recipe.md) | {verdict} |")
     return rows
 
