@@ -505,7 +505,8 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
             continue
         verdict = "VOID" if void else ("met" if m["clear"] else "**missed**")
         rows.append(f"| {label} ({m['seeds']} seeds) | {m['diff']:+.2f} | > the larger seed spread {m['spread']:.2f} (BLEU, "
-                    f"{KIND_NAMES[kind]}, alpha 0.5, T {temperature_of(kind):g}; Multi30k en->de, students on "
+                    f"{'sequence-level KD' if KINDS[kind]['config'].get('sequence_kd') else 'top-6 + rest'}, alpha 0.5, "
+                    f"T {temperature_of(kind):g}; Multi30k en->de, students on "
                     f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} pairs, "
                     f"{KINDS[kind]['config'].get('num_epochs', sp['student_epochs'])} epochs; "
                     f"docs/recipe.md) | {verdict} |")

@@ -43,7 +43,7 @@ def test_each_distilled_arm_is_paired_with_the_plain_arm_trained_as_long():
     assert figures["plain-6ep"]["minus_plain"] is None
     # the summary's row is kdcache's translation default (top-6 + rest, T 3), its longest-trained arm that ran
     row = seq2seq.summary_rows(result)[0]
-    assert row.startswith("| translation: distilled − plain (3 seeds) | +0.67 |") and "T 3 (kdcache's translation default)" in row
+    assert row.startswith("| translation: distilled − plain (3 seeds) | +0.67 |") and "(BLEU, top-6 + rest, alpha 0.5, T 3; " in row
     assert ", 6 epochs;" in row
     result["quality"]["runs"] = [r for r in result["quality"]["runs"] if r["kind"] != "topk-6ep"]
     assert seq2seq.summary_rows(result)[0].startswith("| translation: distilled − plain (3 seeds) | -0.33 |")
@@ -52,7 +52,7 @@ def test_each_distilled_arm_is_paired_with_the_plain_arm_trained_as_long():
 def test_summary_rows_name_the_setting_and_put_the_mean_difference_first():
     rows = seq2seq.summary_rows(_result([10.0, 11.0, 12.0], [12.0, 12.5, 13.5], 20.0, seqkd=[12.0, 9.0, 11.0]))
     assert rows[0].startswith("| translation: distilled − plain (3 seeds) | +1.67 | > the larger seed spread 1.00 (BLEU, ")
-    assert "students on 7,250 of the teacher's 29,000 pairs" in rows[0] and rows[0].endswith("| met |")
+    assert "students on 7,250 of the teacher's 29,000 pairs, 3 epochs;" in rows[0] and rows[0].endswith("| met |")
     assert rows[1].startswith("| translation, sequence-level KD: distilled − plain (3 seeds) | -0.33 |") and rows[1].endswith("| **missed** |")
     # bench.run adds no "not measured" row for translation once the measured one is there
     assert not [r for r in run.unmeasured_task_rows(rows) if r.startswith("| translation:")]
