@@ -69,7 +69,7 @@ def test_markdown_shows_the_setting_the_teacher_per_epoch_and_the_paired_table()
     text = "\n".join(seq2seq.markdown(_result([10.0, 11.0, 12.0], [12.0, 12.5, 13.5], 20.0), quick=False))
     assert "trained here on the first 29,000 training pairs, 5 epochs" in text
     assert "after each epoch: 8.50, 15.25" in text and "on the first 7,250 pairs, 3 epochs" in text
-    assert "| offline, top-6 + rest bucket (the default), T 2 | +2.00 | +1.50 | +1.50 | +1.67 | 1.00 | yes |" in text
+    assert "| offline, top-6 + rest bucket (the default targets), T 2 | +2.00 | +1.50 | +1.50 | +1.67 | 1.00 | yes |" in text
 
 
 @pytest.mark.usefixtures("one_thread")
