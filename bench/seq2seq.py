@@ -569,7 +569,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
               f"{tm.get('eval_bleu', float('nan')):.2f}, chrF {tm.get('eval_chrf', float('nan')):.2f}{watched}. "
               f"Students: T5 d={sp['student_d']}, {sp['student_layers']}+{sp['student_layers']} layers, random init (the same per "
               f"seed in every arm), on the first {_rows(sp, 'student'):,} pairs, {sp['student_epochs']} epochs, batch "
-              f"{sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm names another. KL = mean per-token KL(teacher || student) at T=1 on "
+              f"{sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm names another. "
+              f"KL = mean per-token KL(teacher || student) at T=1 on "
               f"{sp['fidelity_rows']} held-out pairs (teacher forcing).", "",
               "| student | BLEU | chrF | KL to teacher | s/run |", "|---|---:|---:|---:|---:|"]
         figures = quality_figures(q)
