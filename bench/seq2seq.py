@@ -498,8 +498,9 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
     figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
     # kdcache's translation default (top-6 + rest, T 3): the longest-trained arm of it that ran (older runs have T 2 only)
     default = next(k for k in ("topk-6ep", "topk-T3", "topk") if k in figures or k == "topk")
+    seqkd = "seqkd-6ep" if "seqkd-6ep" in figures else "seqkd"
     rows = []
-    for kind, label in ((default, "translation: distilled − plain"), ("seqkd", "translation, sequence-level KD: distilled − plain")):
+    for kind, label in ((default, "translation: distilled − plain"), (seqkd, "translation, sequence-level KD: distilled − plain")):
         m = figures.get(kind, {}).get("minus_plain")
         if not m:
             continue
