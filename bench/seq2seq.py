@@ -42,15 +42,33 @@ KINDS: dict[str, dict[str, Any]] = {
     "sampled": {"config": {"use_distillation": True, "logits_mode": "sampled", "logits_k": 16}, "cache": "sampled16"},
     "seqkd": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "sequence_kd": True}, "cache": "seqkd"},
     "online": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6}, "cache": "teacher"},
+    # kdcache's default temperature for translation (3, the guide's band for complex tasks; the arms above train at 2) and the
+    # T 1 that won on text classification, token classification and causal LM (docs/recipe.md)
+    "topk-T3": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 3.0}, "cache": "topk6"},
+    "topk-T1": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 1.0}, "cache": "topk6"},
+    # twice the epochs (KD students often need longer), each distilled arm paired with the plain one of the same length
+    "plain-6ep": {"config": {"use_distillation": False, "num_epochs": 6}, "cache": None},
+    "topk-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "temperature": 3.0, "num_epochs": 6},
+                 "cache": "topk6", "plain": "plain-6ep"},
+    "seqkd-6ep": {"config": {"use_distillation": True, "logits_mode": "topk", "logits_k": 6, "sequence_kd": True, "num_epochs": 6},
+                  "cache": "seqkd", "plain": "plain-6ep"},
 }
 KIND_NAMES = {
     "plain": "student, plain fine-tuning",
-    "topk": "offline, top-6 + rest bucket (the default)",
+    "topk": "offline, top-6 + rest bucket (the default targets), T 2",
     "topk-renorm32": "offline, top-32 renormalised",
     "sampled": "offline, 16 sampled draws",
     "seqkd": "offline, sequence-level KD (teacher's greedy outputs + their top-6)",
     "online": "online, full logits (teacher in the loop)",
+    "topk-T3": "offline, top-6 + rest bucket, T 3 (kdcache's translation default)",
+    "topk-T1": "offline, top-6 + rest bucket, T 1",
+    "plain-6ep": "student, plain fine-tuning, 6 epochs",
+    "topk-6ep": "offline, top-6 + rest bucket, T 3 (kdcache's translation default), 6 epochs",
+    "seqkd-6ep": "offline, sequence-level KD, 6 epochs",
 }
+# The arms the quality part trains by default: plain, kdcache's default (top-6 + rest) and sequence-level KD (Kim & Rush
+# 2016: the strongest for small NMT students); the others run when named (bench.run --seq2seq-kinds).
+QUALITY_KINDS = ("plain", "topk", "seqkd")
 CACHES = {"topk6": {"logits_mode": "topk", "logits_k": 6}, "topk32": {"logits_mode": "topk", "logits_k": 32},
           "sampled16": {"logits_mode": "sampled", "logits_k": 16}, "seqkd": {"logits_mode": "topk", "logits_k": 6, "sequence_kd": True}}
 # Target-side fidelity: (mode, k) points of the bytes / KL curve.
@@ -143,6 +161,79 @@ def run_steps(spec: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 # -- quality and fidelity -------------------------------------------------------------------------
+def quality_base(q: dict[str, Any]) -> dict[str, Any]:
+    """Config fields the teacher and the students share: the data, lengths, evaluation rows and decoding."""
+    return {"task_type": "translation", "train_file": str(M30K["train"]), "eval_file": str(M30K["eval"]), "source_lang": "en",
+            "target_lang": "de", "max_length": 64, "max_target_length": 96, "max_eval_samples": q["eval_rows"],
+            "disable_tqdm": True, "logging_steps": 50, "warmup_ratio": 0.05, "max_new_tokens": 48, "temperature": 2.0,
+            "use_dynamic_batching": q.get("dynamic_batching", False)}
+
+
+def train_teacher(q: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """The BPE and the teacher (trained on the first teacher_rows pairs, or reused when an earlier run trained it with the
+    same config): (tokenizer dir, teacher dir, its figures, with validation BLEU after each epoch when measured)."""
+    from kdcache.train import train_student
+
+    rows = common.read_jsonl(M30K["train"])
+    tok = build_bpe(work / f"m30k-bpe{q['vocab']}", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
+    base = quality_base(q)
+    t_init = make_t5(work / f"m30k-teacher-init-{q['vocab']}", str(tok), q["teacher_d"], q["teacher_layers"], 0)
+    teacher_dir = work / q.get("teacher_name", "m30k-teacher")
+    teacher_cfg = _config({**base, "model_name": str(t_init), "batch_size": q["teacher_batch"], "learning_rate": q["teacher_lr"],
+                           "num_epochs": q["teacher_epochs"], "max_train_samples": q.get("teacher_rows", q.get("train_rows")),
+                           "lr_scheduler_type": q.get("teacher_schedule", "constant_with_warmup")})
+    epochs_file = teacher_dir.with_name(teacher_dir.name + ".epochs.json")
+    info = finished_teacher(teacher_dir, teacher_cfg)  # a re-run reuses a teacher trained with the same config
+    if info is None:
+        t0 = time.perf_counter()
+        rows_watched = q.get("epoch_eval_rows", 0)
+        watch = epoch_bleu_callback(str(t_init), base, rows_watched) if rows_watched else None
+        t = train_student(teacher_cfg, output_dir=str(teacher_dir), save=True, callbacks=[watch] if watch else None)
+        info = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters}
+        if watch:
+            epochs_file.write_text(json.dumps(watch.history))
+    if epochs_file.exists():
+        info["bleu_by_epoch"] = json.loads(epochs_file.read_text())
+    print(f"[seq2seq quality] teacher {info['metrics']} in {info['seconds']:.0f}s", flush=True)
+    return tok, teacher_dir, info
+
+
+def epoch_bleu_callback(tokenizer_dir: str, base: dict[str, Any], rows: int):
+    """A TrainerCallback: greedy BLEU on the first ``rows`` validation pairs after each epoch (to watch a teacher learn);
+    its ``history`` lists {epoch, step, bleu}."""
+    from transformers import TrainerCallback
+
+    pairs = [r["translation"] for r in common.read_jsonl(Path(base["eval_file"]))[:rows]]
+    src, ref = [p[base["source_lang"]] for p in pairs], [p[base["target_lang"]] for p in pairs]
+
+    class EpochBleu(TrainerCallback):
+        def __init__(self):
+            self.history: list[dict[str, Any]] = []
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            import sacrebleu
+            import torch
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+            hyps: list[str] = []
+            model = getattr(model, "student", model)  # kdcache's trainer wraps the model it trains
+            was_training = model.training
+            model.eval()
+            with torch.inference_mode():
+                for i in range(0, len(src), 64):
+                    enc = tok(src[i:i + 64], return_tensors="pt", padding=True, truncation=True, max_length=base["max_length"])
+                    out = model.generate(**enc.to(model.device), max_new_tokens=base["max_new_tokens"], num_beams=1)
+                    hyps += tok.batch_decode(out, skip_special_tokens=True)
+            model.train(was_training)
+            bleu = sacrebleu.corpus_bleu([h.strip() for h in hyps], [ref]).score
+            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, "bleu": bleu})
+            print(f"[seq2seq quality] teacher epoch {state.epoch:.2f} (step {state.global_step}): BLEU {bleu:.2f} on {len(src)} "
+                  "validation pairs", flush=True)
+
+    return EpochBleu()
+
+
 def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """Teacher, caches, fidelity and students for translation (see the module docstring)."""
     from transformers import AutoModelForSeq2SeqLM
@@ -152,32 +243,22 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     from kdcache.train import train_student
 
     q = spec["quality"]
-    rows = common.read_jsonl(M30K["train"])
-    tok = build_bpe(work / "m30k-bpe", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
-    base = {"task_type": "translation", "train_file": str(M30K["train"]), "eval_file": str(M30K["eval"]), "source_lang": "en",
-            "target_lang": "de", "max_length": 64, "max_target_length": 96, "max_train_samples": q["train_rows"],
-            "max_eval_samples": q["eval_rows"], "disable_tqdm": True, "logging_steps": 50, "warmup_ratio": 0.05,
-            "max_new_tokens": 48, "temperature": 2.0}
     out: dict[str, Any] = {"spec": q, "vocab": q["vocab"], "runs": [], "caches": {}}
-    t_init = make_t5(work / "m30k-teacher-init", str(tok), q["teacher_d"], q["teacher_layers"], 0)
-    t0 = time.perf_counter()
-    teacher_dir = work / "m30k-teacher"
-    teacher_cfg = _config({**base, "model_name": str(t_init), "batch_size": q["teacher_batch"], "learning_rate": q["teacher_lr"],
-                           "num_epochs": q["teacher_epochs"]})
-    out["teacher"] = finished_teacher(teacher_dir, teacher_cfg)  # a re-run reuses a teacher trained with the same config
-    if out["teacher"] is None:
-        t = train_student(teacher_cfg, output_dir=str(teacher_dir), save=True)
-        out["teacher"] = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters}
-    print(f"[seq2seq quality] teacher {out['teacher']['metrics']} in {out['teacher']['seconds']:.0f}s", flush=True)
-
+    tok, teacher_dir, out["teacher"] = train_teacher(q, work)
+    base = quality_base(q)
     student = {**base, "teacher_model_name": str(teacher_dir), "batch_size": q["student_batch"], "learning_rate": q["student_lr"],
-               "num_epochs": q["student_epochs"], "distillation_alpha": 0.5}
-    init = {seed: make_t5(work / f"m30k-student-init-{seed}", str(tok), q["student_d"], q["student_layers"], 100 + seed)
+               "num_epochs": q["student_epochs"], "distillation_alpha": 0.5,
+               "max_train_samples": q.get("student_rows", q.get("train_rows"))}
+    tag = q.get("student_tag", "")
+    init = {seed: make_t5(work / f"m30k-student-init{tag}-{seed}", str(tok), q["student_d"], q["student_layers"], 100 + seed)
             for seed in spec["seeds"]}
+    caches = {KINDS[k]["cache"] for k in spec["kinds"]} if q.get("only_needed_caches") else set(CACHES)
     for name, fields in CACHES.items():
+        if name not in caches:
+            continue
         # force=False: a re-run finds the complete cache of the same inputs (a cache hit) and reports its first dump's time
         d = dump_teacher(_config({**student, **fields, "model_name": str(init[spec["seeds"][0]]), "use_distillation": True}),
-                         cache_dir=str(work / f"m30k-cache-{name}"), force=False, progress=False)
+                         cache_dir=str(work / f"m30k-cache{tag}-{name}"), force=False, progress=False)
         dump_s = first_dump_seconds(d)
         summary = summarize(d.cache_dir)
         positions = summary.get("positions") or 1
@@ -193,16 +274,21 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             how = KINDS[kind]
             cfg = _config({**student, **how["config"], "model_name": str(init[seed]), "seed": seed})
             cache = how["cache"]
+            run_dir = work / f"m30k{tag}-{kind}-{seed}"
             t0 = time.perf_counter()
-            r = train_student(cfg, cache_dir=out["caches"][cache]["path"] if cache in out["caches"] else None,
-                              output_dir=str(work / f"m30k-{kind}-{seed}"), online_teacher=teacher_model if cache == "teacher" else None)
-            kl = _kl_to_teacher(teacher_model, work / f"m30k-{kind}-{seed}", ref_batches)
-            out["runs"].append({"kind": kind, "seed": seed, "metrics": r.metrics, "kl_to_teacher": kl, "seconds": time.perf_counter() - t0,
-                                "train_runtime_s": r.train_metrics.get("train_runtime"), "num_parameters": r.num_parameters})
-            print(f"[seq2seq quality] {kind} seed {seed}: {r.metrics} KL {kl:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
-            if kind == "plain" and seed == spec["seeds"][0]:
-                out["fidelity"] = run_fidelity(teacher_model, work / f"m30k-{kind}-{seed}", ref_batches, q)
-    out["codecs"] = _codecs(out["caches"]["topk6"]["path"], q.get("codec_rows_per_chunk", 64))
+            done = finished_teacher(run_dir, cfg)  # a re-run (more seeds) reuses a student trained with the same config
+            if done is None:
+                r = train_student(cfg, cache_dir=out["caches"][cache]["path"] if cache in out["caches"] else None,
+                                  output_dir=str(run_dir), online_teacher=teacher_model if cache == "teacher" else None)
+                done = {"metrics": r.metrics, "seconds": time.perf_counter() - t0, "num_parameters": r.num_parameters,
+                        "train_runtime_s": r.train_metrics.get("train_runtime")}
+            kl = _kl_to_teacher(teacher_model, run_dir, ref_batches)
+            out["runs"].append({"kind": kind, "seed": seed, "kl_to_teacher": kl, **done})
+            print(f"[seq2seq quality] {kind} seed {seed}: {done['metrics']} KL {kl:.4f} in {done['seconds']:.0f}s", flush=True)
+            if kind == "plain" and seed == spec["seeds"][0] and q.get("fidelity", True):
+                out["fidelity"] = run_fidelity(teacher_model, run_dir, ref_batches, q)
+    if "topk6" in out["caches"] and q.get("codecs", True):
+        out["codecs"] = _codecs(out["caches"]["topk6"]["path"], q.get("codec_rows_per_chunk", 64))
     return out
 
 
@@ -355,16 +441,19 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
         r["document"] + "\n" + r["summary"] for r in common.read_jsonl(TLDR_TRAIN)], 1000))
     steps = {"teacher_d": 256, "teacher_layers": 4, "student_d": 256, "student_layers": 3, "rows": 640, "batch_size": 16,
              "max_length": 128, "max_target_length": 128, "warmup": 5, "measured": 20, "rounds": 3}
-    quality = {"vocab": 8000, "train_rows": 8000, "eval_rows": 500, "teacher_d": 256, "teacher_layers": 3, "teacher_batch": 64,
-               "teacher_lr": 1e-3, "teacher_epochs": 4, "student_d": 128, "student_layers": 2, "student_batch": 64, "student_lr": 1e-3,
-               "student_epochs": 2, "fidelity_rows": 200, "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
+    quality = {"vocab": 6000, "teacher_rows": 29000, "student_rows": 3625, "eval_rows": 500, "epoch_eval_rows": 200,
+               "dynamic_batching": True, "teacher_name": "m30k-teacher-all", "teacher_d": 256, "teacher_layers": 3,
+               "teacher_batch": 64, "teacher_lr": 1e-3, "teacher_epochs": 5, "teacher_schedule": "linear", "student_tag": "-eighth",
+               "student_d": 128, "student_layers": 2, "student_batch": 16, "student_lr": 2e-3, "student_epochs": 3,
+               "only_needed_caches": True, "fidelity": False, "codecs": False, "fidelity_rows": 200,
+               "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
                      max_target_length=160, warmup=1, measured=2, rounds=1)
-        quality.update(vocab=600, train_rows=96, eval_rows=16, teacher_d=32, teacher_layers=1, teacher_epochs=1, student_d=32,
-                       student_layers=1, student_epochs=1, fidelity_rows=16, fidelity_draws=2)
+        quality.update(vocab=600, teacher_rows=96, student_rows=48, eval_rows=16, epoch_eval_rows=8, teacher_d=32, teacher_layers=1,
+                       teacher_epochs=1, student_d=32, student_layers=1, student_epochs=1, fidelity_rows=16, fidelity_draws=2)
     return {"mode": "seq2seq", "work": str(work), "parts": ["steps", "quality"], "tokenizer_32k": tok32k, "steps": steps,
-            "quality": quality, "seeds": seeds, "kinds": list(KINDS), "threads": threads}
+            "quality": quality, "seeds": seeds, "kinds": list(QUALITY_KINDS), "threads": threads}
 
 
 def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +467,61 @@ def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
         kinds[kind]["kl"] = _stats([r["kl_to_teacher"] for r in runs])
         kinds[kind]["seconds"] = statistics.mean(r["seconds"] for r in runs)
         kinds[kind]["seeds"] = len(runs)
+        kinds[kind]["bleu_by_seed"] = {r["seed"]: r["metrics"].get("eval_bleu", float("nan")) for r in runs}
+    for kind, f in kinds.items():
+        plain = KINDS[kind].get("plain", "plain")  # the plain arm trained like this one (epochs)
+        f["minus_plain"] = distilled_minus_plain(kinds[plain]["bleu_by_seed"], f["bleu_by_seed"]) if \
+            KINDS[kind]["config"]["use_distillation"] and plain in kinds else None
     return kinds
+
+
+def distilled_minus_plain(plain: dict[int, float], distilled: dict[int, float]) -> Optional[dict[str, Any]]:
+    """Distilled against plain BLEU over the seeds both have (paired: the same init and data order per seed). ``diff`` the
+    mean of the per-seed differences (positive: distillation helped), ``spread`` the larger of the two arms' seed spreads
+    (half their max - min) over those seeds, ``clear`` whether diff exceeds it, ``wins`` the seeds where distilled is ahead."""
+    seeds = sorted(set(plain) & set(distilled))
+    if not seeds:
+        return None
+    diffs = [distilled[x] - plain[x] for x in seeds]
+    spread = max((max(v[x] for x in seeds) - min(v[x] for x in seeds)) / 2 for v in (plain, distilled))
+    diff = statistics.fmean(diffs)
+    return {"diff": diff, "spread": spread, "clear": diff > spread, "wins": sum(x > 0 for x in diffs), "seeds": len(seeds),
+            "by_seed": dict(zip(seeds, diffs))}
+
+
+def summary_rows(result: dict[str, Any]) -> list[str]:
+    """BENCHMARKS.md's summary rows for translation: kdcache's default student (top-6 + rest) minus the plain one in BLEU
+    (the first number cell), then sequence-level KD's where it ran; VOID where the setting cannot tell."""
+    q = result.get("quality")
+    if not q or "runs" not in q:
+        return []
+    figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
+    # kdcache's translation default (top-6 + rest, T 3): the longest-trained arm of it that ran (older runs have T 2 only)
+    default = next(k for k in ("topk-6ep", "topk-T3", "topk") if k in figures or k == "topk")
+    seqkd = "seqkd-6ep" if "seqkd-6ep" in figures else "seqkd"
+    rows = []
+    for kind, label in ((default, "translation: distilled − plain"), (seqkd, "translation, sequence-level KD: distilled − plain")):
+        m = figures.get(kind, {}).get("minus_plain")
+        if not m:
+            continue
+        verdict = "VOID" if void else ("met" if m["clear"] else "**missed**")
+        rows.append(f"| {label} ({m['seeds']} seeds) | {m['diff']:+.2f} | > the larger seed spread {m['spread']:.2f} (BLEU, "
+                    f"{'sequence-level KD' if KINDS[kind]['config'].get('sequence_kd') else 'top-6 + rest'}, alpha 0.5, "
+                    f"T {temperature_of(kind):g}; Multi30k en->de, students on "
+                    f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} pairs, "
+                    f"{KINDS[kind]['config'].get('num_epochs', sp['student_epochs'])} epochs; "
+                    f"docs/recipe.md) | {verdict} |")
+    return rows
+
+
+def temperature_of(kind: str) -> float:
+    """The KD temperature a student kind trains at: its own, else the quality part's (quality_base)."""
+    return KINDS[kind]["config"].get("temperature", 2.0)
+
+
+def _rows(sp: dict[str, Any], who: str) -> int:
+    """Training pairs of the teacher or the students (one train_rows for both in the settings measured before)."""
+    return sp.get(f"{who}_rows", sp.get("train_rows"))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -416,12 +559,19 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     elif q:
         sp = q["spec"]
         tm = q["teacher"]["metrics"]
-        L += [f"Translation, Multi30k en->de (local only; {sp['train_rows']:,} training pairs, the first {sp['eval_rows']} "
-              f"validation pairs, greedy decoding), a {sp['vocab']:,}-token BPE built here. Teacher: T5 d={sp['teacher_d']}, "
-              f"{sp['teacher_layers']}+{sp['teacher_layers']} layers, {q['teacher']['num_parameters'] / 1e6:.1f}M parameters, trained here "
-              f"{sp['teacher_epochs']} epochs: BLEU {tm.get('eval_bleu', float('nan')):.2f}, chrF {tm.get('eval_chrf', float('nan')):.2f}. "
-              f"Students: T5 d={sp['student_d']}, {sp['student_layers']}+{sp['student_layers']} layers, random init, "
-              f"{sp['student_epochs']} epochs, alpha 0.5, T 2. KL = mean per-token KL(teacher || student) at T=1 on "
+        by_epoch = q["teacher"].get("bleu_by_epoch")
+        watched = (f" (BLEU on the first {sp['epoch_eval_rows']} validation pairs after each epoch: "
+                   + ", ".join(f"{e['bleu']:.2f}" for e in by_epoch) + ")") if by_epoch else ""
+        L += [f"Translation, Multi30k en->de (local only; the first {sp['eval_rows']} validation pairs, greedy decoding), a "
+              f"{sp['vocab']:,}-token BPE built here. Teacher: T5 d={sp['teacher_d']}, {sp['teacher_layers']}+{sp['teacher_layers']} "
+              f"layers, {q['teacher']['num_parameters'] / 1e6:.1f}M parameters, trained here on the first {_rows(sp, 'teacher'):,} "
+              f"training pairs, {sp['teacher_epochs']} epochs, batch {sp['teacher_batch']}, lr {sp['teacher_lr']:g} "
+              f"({sp.get('teacher_schedule', 'constant_with_warmup')}), {q['teacher']['seconds'] / 60:.0f} min: BLEU "
+              f"{tm.get('eval_bleu', float('nan')):.2f}, chrF {tm.get('eval_chrf', float('nan')):.2f}{watched}. "
+              f"Students: T5 d={sp['student_d']}, {sp['student_layers']}+{sp['student_layers']} layers, random init (the same per "
+              f"seed in every arm), on the first {_rows(sp, 'student'):,} pairs, {sp['student_epochs']} epochs, batch "
+              f"{sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm names another. "
+              f"KL = mean per-token KL(teacher || student) at T=1 on "
               f"{sp['fidelity_rows']} held-out pairs (teacher forcing).", "",
               "| student | BLEU | chrF | KL to teacher | s/run |", "|---|---:|---:|---:|---:|"]
         figures = quality_figures(q)
@@ -439,6 +589,14 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
         void = quality_void(q)
         if void:
             L += ["", f"**{void}.** The student rows above are shown, not read: this setting cannot say whether distillation helps."]
+        paired = {k: f["minus_plain"] for k, f in figures.items() if f.get("minus_plain")}
+        if paired and not void:
+            L += ["", "Distilled − plain BLEU, paired by seed (the same initialisation and data order):", "",
+                  "| student | " + " | ".join(f"seed {x}" for x in sorted(figures["plain"]["bleu_by_seed"])) +
+                  " | mean | larger seed spread | clear |", "|---|" + "---:|" * (len(figures["plain"]["bleu_by_seed"]) + 3)]
+            for kind, m in paired.items():
+                cells = " | ".join(f"{m['by_seed'][x]:+.2f}" if x in m["by_seed"] else "" for x in sorted(figures["plain"]["bleu_by_seed"]))
+                L.append(f"| {KIND_NAMES[kind]} | {cells} | {m['diff']:+.2f} | {m['spread']:.2f} | {'yes' if m['clear'] else 'no'} |")
         L += ["", "Caches (bytes per target position, uncompressed; dump wall time):", "",
               "| cache | bytes / position | top-k mass | dump s |", "|---|---:|---:|---:|"]
         for name, c in q["caches"].items():
@@ -467,4 +625,5 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     return L
 
 
-__all__ = ["run", "spec_for", "markdown", "quality_figures", "quality_void", "make_t5", "build_bpe"]
+__all__ = ["run", "spec_for", "markdown", "quality_figures", "quality_void", "summary_rows", "distilled_minus_plain", "make_t5",
+           "build_bpe", "train_teacher"]
