@@ -251,9 +251,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch threads per measuring process (default: torch's, all cores; 1 with --quick, whose processes overlap)")
     p.add_argument("--seq2seq-parts", default="steps,quality",
                    help="parts of the seq2seq section to run (steps, quality); a part not run keeps its latest saved figures")
-    p.add_argument("--seq2seq-kinds", default=",".join(seq2seq.QUALITY_KINDS),
-                   help=f"student kinds of the seq2seq section's quality part (default: {','.join(seq2seq.QUALITY_KINDS)}; all: "
-                   f"{','.join(seq2seq.KINDS)}; runs finished with the same inputs are reused)")
+    p.add_argument("--seq2seq-kinds", default=None,
+                   help=f"student kinds of the seq2seq section's quality part (default: {','.join(seq2seq.QUALITY_KINDS)}, "
+                   f"every kind with --quick; all: {','.join(seq2seq.KINDS)}; runs finished with the same inputs are reused)")
     p.add_argument("--lm-parts", default=",".join(lm.PARTS),
                    help="parts of the lm section to run (quality, steps, gpu); a part not run keeps its latest saved figures")
     p.add_argument("--lm-kinds", default=",".join(lm.KINDS),
@@ -346,7 +346,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "seq2seq" in run:
         specs["seq2seq"] = seq2seq.spec_for(args.quick, work / "seq2seq", seeds, threads)
         specs["seq2seq"]["parts"] = names(args.seq2seq_parts, SECTION_PARTS["seq2seq"], "seq2seq part")
-        specs["seq2seq"]["kinds"] = names(args.seq2seq_kinds, tuple(seq2seq.KINDS), "seq2seq kind")
+        if args.seq2seq_kinds is not None:
+            specs["seq2seq"]["kinds"] = names(args.seq2seq_kinds, tuple(seq2seq.KINDS), "seq2seq kind")
     if "ceiling" in run:
         specs["ceiling"] = ceiling.spec_for(args.quick, work / "ceiling", threads)
     if "hidden" in run:

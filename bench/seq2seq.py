@@ -451,9 +451,11 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
                      max_target_length=160, warmup=1, measured=2, rounds=1)
         quality.update(vocab=600, teacher_rows=96, student_rows=48, eval_rows=16, epoch_eval_rows=8, teacher_d=32, teacher_layers=1,
-                       teacher_epochs=1, student_d=32, student_layers=1, student_epochs=1, fidelity_rows=16, fidelity_draws=2)
+                       teacher_epochs=1, student_d=32, student_layers=1, student_epochs=1, fidelity_rows=16, fidelity_draws=2,
+                       only_needed_caches=False, fidelity=True, codecs=True)  # --quick runs every path once
+    kinds = list(KINDS) if quick else list(QUALITY_KINDS)
     return {"mode": "seq2seq", "work": str(work), "parts": ["steps", "quality"], "tokenizer_32k": tok32k, "steps": steps,
-            "quality": quality, "seeds": seeds, "kinds": list(QUALITY_KINDS), "threads": threads}
+            "quality": quality, "seeds": seeds, "kinds": kinds, "threads": threads}
 
 
 def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
