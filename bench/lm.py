@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from bench import common
 from bench.seq2seq import finished_teacher, first_dump_seconds
-from bench.validity import setting_void
+from bench.validity import paired_difference, setting_void
 
 TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
 TLDR_VALID = common.REPO / "data" / "scitldr" / "validation.jsonl"
@@ -564,19 +564,9 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def distilled_minus_plain(plain: dict[str, Any], distilled: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Distilled against plain over the seeds both have (paired: the same init and data order per seed), in bits/char
-    with the sign that makes positive mean distillation helped: plain - distilled. ``diff`` the mean of the per-seed
-    differences, ``spread`` the larger of the two arms' seed spreads (half their max - min) over those seeds, ``clear``
-    whether diff exceeds it, ``wins`` the seeds where the distilled student is better."""
-    p, d = plain["bits_per_char_by_seed"], distilled["bits_per_char_by_seed"]
-    seeds = sorted(set(p) & set(d))
-    if not seeds:
-        return None
-    diffs = [p[x] - d[x] for x in seeds]
-    spread = max((max(v[x] for x in seeds) - min(v[x] for x in seeds)) / 2 for v in (p, d))
-    diff = statistics.fmean(diffs)
-    return {"diff": diff, "spread": spread, "clear": diff > spread, "wins": sum(x > 0 for x in diffs), "seeds": len(seeds),
-            "by_seed": dict(zip(seeds, diffs))}
+    """Distilled against plain bits/char over the seeds both have (bench.validity.paired_difference, lower is better:
+    positive when distillation helped, plain - distilled, judged against the larger seed spread)."""
+    return paired_difference(plain["bits_per_char_by_seed"], distilled["bits_per_char_by_seed"], higher_is_better=False)
 
 
 def summary_rows(result: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import common
-from bench.validity import setting_void
+from bench.validity import paired_difference, setting_void
 
 SHARED = common.REPO.parent / "shared" / "data"
 M30K = {"train": SHARED / "multi30k" / "train.jsonl", "eval": SHARED / "multi30k" / "validation.jsonl"}
@@ -478,17 +478,9 @@ def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
 
 
 def distilled_minus_plain(plain: dict[int, float], distilled: dict[int, float]) -> Optional[dict[str, Any]]:
-    """Distilled against plain BLEU over the seeds both have (paired: the same init and data order per seed). ``diff`` the
-    mean of the per-seed differences (positive: distillation helped), ``spread`` the larger of the two arms' seed spreads
-    (half their max - min) over those seeds, ``clear`` whether diff exceeds it, ``wins`` the seeds where distilled is ahead."""
-    seeds = sorted(set(plain) & set(distilled))
-    if not seeds:
-        return None
-    diffs = [distilled[x] - plain[x] for x in seeds]
-    spread = max((max(v[x] for x in seeds) - min(v[x] for x in seeds)) / 2 for v in (plain, distilled))
-    diff = statistics.fmean(diffs)
-    return {"diff": diff, "spread": spread, "clear": diff > spread, "wins": sum(x > 0 for x in diffs), "seeds": len(seeds),
-            "by_seed": dict(zip(seeds, diffs))}
+    """Distilled against plain BLEU over the seeds both have (bench.validity.paired_difference: positive when
+    distillation helped, judged against the larger seed spread)."""
+    return paired_difference(plain, distilled)
 
 
 def summary_rows(result: dict[str, Any]) -> list[str]:

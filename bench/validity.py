@@ -5,7 +5,8 @@ nothing cannot show a difference: either way the section is VOID and draws no ve
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import statistics
+from typing import Any, Iterable, Mapping, Optional
 
 MIN_TEACHER_MARGIN = 0.10  # the teacher beats the plain student by >= 10% relative on the task's metric
 MIN_LEARNED = 0.30  # some student arm reaches >= 30% of the teacher's quality
@@ -39,3 +40,20 @@ def setting_void(teacher: float, plain: float, arms: Iterable[float], higher_is_
         return (f"VOID: no student learns the task (the best arm reaches {best:.0%} of the teacher's {metric}, under "
                 f"{MIN_LEARNED:.0%}); no conclusion is drawn")
     return None
+
+
+def paired_difference(plain: Mapping[int, float], distilled: Mapping[int, float],
+                      higher_is_better: bool = True) -> Optional[dict[str, Any]]:
+    """Distilled against plain over the seeds both have (paired: the same init and data order per seed), signed so that
+    positive means distillation helped. ``diff`` the mean of the per-seed differences, ``spread`` the larger of the two
+    arms' seed spreads (half their max - min) over those seeds, ``clear`` whether diff exceeds it, ``wins`` the seeds
+    where distilled is ahead; None when no seed has both."""
+    seeds = sorted(set(plain) & set(distilled))
+    if not seeds:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    diffs = [sign * (distilled[x] - plain[x]) for x in seeds]
+    spread = max((max(v[x] for x in seeds) - min(v[x] for x in seeds)) / 2 for v in (plain, distilled))
+    diff = statistics.fmean(diffs)
+    return {"diff": diff, "spread": spread, "clear": diff > spread, "wins": sum(x > 0 for x in diffs), "seeds": len(seeds),
+            "by_seed": dict(zip(seeds, diffs))}

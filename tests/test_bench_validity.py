@@ -226,3 +226,16 @@ def test_every_task_has_a_distilled_minus_plain_row_in_the_summary(monkeypatch):
     assert all("| not measured |" in r and "met |" not in r and "missed" not in r for r in unmeasured)
     text = (REPO / "BENCHMARKS.md").read_text()
     assert all(f"| {task}: distilled − plain" in text for task in task_names())  # the rendered summary has them too
+
+
+def test_paired_difference_is_signed_so_positive_means_distillation_helped():
+    from bench.validity import paired_difference
+
+    # higher is better (BLEU): distilled ahead on seeds 0 and 2; seed 3 has no plain run and is left out
+    up = paired_difference({0: 2.0, 1: 3.0, 2: 1.0}, {0: 3.0, 1: 2.5, 2: 2.0, 3: 9.0})
+    assert up["seeds"] == 3 and up["wins"] == 2 and up["by_seed"] == {0: 1.0, 1: -0.5, 2: 1.0}
+    assert up["diff"] == 0.5 and up["spread"] == 1.0 and not up["clear"]
+    # lower is better (bits/char): the same numbers read the other way round
+    down = paired_difference({0: 2.0, 1: 3.0, 2: 1.0}, {0: 3.0, 1: 2.5, 2: 2.0}, higher_is_better=False)
+    assert down["diff"] == -0.5 and down["wins"] == 1
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
