@@ -46,7 +46,7 @@ STUDIES: dict[str, dict[str, Any]] = {
     "summarization": {"task": "summarization", "data": TLDR, "prefix": "tldr", "label": "summarization",
                       "metrics": ("rouge1", "rouge2", "rougeL"), "metric_names": ("ROUGE-1", "ROUGE-2", "ROUGE-L"),
                       "metric_name": "ROUGE-L", "setting": "SciTLDR abstract -> TLDR",
-                      "unit": "documents", "fields": {"max_length": 256, "max_target_length": 144, "max_new_tokens": 64}},
+                      "unit": "documents", "fields": {"max_length": 128, "max_target_length": 144, "max_new_tokens": 64}},
 }
 PARTS = ("steps", "quality", "summarization")
 
@@ -531,9 +531,9 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
     # Summarization: a teacher that starts pretrained (bert2bert from MiniLM-L6, 6+6 layers) trained on all 1,992 SciTLDR
     # rows; 2+2-layer students (MiniLM's layers 0 and 5 on both sides) on the first 500, a quarter (the teacher has read more)
     summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "teacher_rows": 1992,
-                     "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 100, "teacher_name": "tldr-teacher-all",
-                     "teacher_batch": 16, "teacher_lr": 1e-4, "teacher_epochs": 4, "teacher_schedule": "linear",
-                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 1e-4, "student_epochs": 6, "fidelity_rows": 100,
+                     "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50, "teacher_name": "tldr-teacher-all",
+                     "teacher_batch": 16, "teacher_lr": 1.5e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
+                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 1e-4, "student_epochs": 4, "fidelity_rows": 100,
                      "only_needed_caches": True, "fidelity": False, "codecs": False}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
@@ -682,7 +682,8 @@ def _summarization_setting(q: dict[str, Any], watched: str) -> str:
             f"greedy decoding, at most 64 new tokens; ROUGE F1 x 100 with stemming, kdcache's own evaluation). Teacher: bert2bert "
             f"(transformers' EncoderDecoderModel) warm-started from the pretrained MiniLM-L6 on both sides (6+6 layers, its "
             f"WordPiece tokenizer; the decoder's cross-attention starts random), {q['teacher']['num_parameters'] / 1e6:.1f}M "
-            f"parameters, trained here on all {_rows(sp, 'teacher'):,} training documents (sources cut to 256 tokens), "
+            f"parameters, trained here on all {_rows(sp, 'teacher'):,} training documents (sources cut to "
+            f"{study_of(q)['fields']['max_length']} tokens), "
             f"{sp['teacher_epochs']} epochs, batch {sp['teacher_batch']}, lr {sp['teacher_lr']:g} "
             f"({sp.get('teacher_schedule', 'constant_with_warmup')}), {q['teacher']['seconds'] / 60:.0f} min: ROUGE-1 "
             f"{tm.get('eval_rouge1', float('nan')):.2f}, ROUGE-2 {tm.get('eval_rouge2', float('nan')):.2f}, ROUGE-L "
