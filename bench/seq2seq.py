@@ -49,6 +49,9 @@ STUDIES: dict[str, dict[str, Any]] = {
                       "unit": "documents", "fields": {"max_length": 128, "max_target_length": 144, "max_new_tokens": 64}},
 }
 PARTS = ("steps", "quality", "summarization")
+# A teacher whose greedy outputs on the watched validation rows are mostly one text has learnt the targets' language, not
+# the task (a warm-started bert2bert does this before its random cross-attention learns to read the source).
+MIN_DISTINCT = 0.5
 
 # The students of the quality figure: what each changes in the student config, and its cache.
 KINDS: dict[str, dict[str, Any]] = {
@@ -272,7 +275,8 @@ def train_teacher(q: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, 
 def epoch_metric_callback(tokenizer_dir: str, base: dict[str, Any], rows: int, watch_file: Optional[Path] = None):
     """A TrainerCallback: the task's primary metric (kdcache's own, e.g. BLEU, ROUGE-L) of greedy outputs on the first
     ``rows`` rows of ``watch_file`` (default: the eval file) after each epoch, to watch a teacher learn; its ``history``
-    lists {epoch, step, <metric>}."""
+    lists {epoch, step, <metric>, distinct}: distinct is the share of different outputs (a model that writes one text for
+    every input has learnt the targets' language, not the task)."""
     from transformers import TrainerCallback
 
     from kdcache.tasks import get_task
@@ -306,9 +310,10 @@ def epoch_metric_callback(tokenizer_dir: str, base: dict[str, Any], rows: int, w
                     hyps += [h.strip() for h in tok.batch_decode(out, skip_special_tokens=True)]
             model.train(was_training)
             value = task.compute_metrics(hyps, columns, LabelInfo(0), cfg)[metric]
-            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, metric: value})
-            print(f"[seq2seq quality] teacher epoch {state.epoch:.2f} (step {state.global_step}): {metric} {value:.2f} on "
-                  f"{len(src)} validation rows", flush=True)
+            distinct = len(set(hyps)) / max(len(hyps), 1)
+            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, metric: value, "distinct": distinct})
+            print(f"[seq2seq quality] teacher epoch {state.epoch:.2f} (step {state.global_step}): {metric} {value:.2f}, "
+                  f"{distinct:.0%} distinct outputs on {len(src)} validation rows", flush=True)
 
     return EpochMetric()
 
@@ -532,7 +537,7 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
     # rows; 2+2-layer students (MiniLM's layers 0 and 5 on both sides) on the first 500, a quarter (the teacher has read more)
     summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "teacher_rows": 1992,
                      "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50, "teacher_name": "tldr-teacher-all",
-                     "teacher_batch": 16, "teacher_lr": 1.5e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
+                     "teacher_batch": 16, "teacher_lr": 3e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
                      "student_keep": [0, 5], "student_batch": 16, "student_lr": 1e-4, "student_epochs": 4, "fidelity_rows": 100,
                      "only_needed_caches": True, "fidelity": False, "codecs": False}
     if quick:
@@ -621,11 +626,16 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def quality_void(q: dict[str, Any]) -> Optional[str]:
-    """Why a study's comparison cannot tell (bench.validity on its primary metric: teacher vs the plain student's mean,
-    every student kind's mean), or None."""
+    """Why a study's comparison cannot tell (a teacher that writes one text for most inputs; bench.validity on its primary
+    metric: teacher vs the plain student's mean, every student kind's mean), or None."""
     figures, primary = quality_figures(q), primary_metric(q)
     if "plain" not in figures:
         return "VOID: no plain student to compare the teacher with; no conclusion is drawn"
+    last = (q["teacher"].get("by_epoch") or [{}])[-1]
+    if last.get("distinct", 1.0) < MIN_DISTINCT:
+        return (f"VOID: the teacher writes the same text for most inputs (only {last['distinct']:.0%} of its greedy outputs on "
+                f"{q['spec']['epoch_eval_rows']} validation {study_of(q)['unit']} differ after its last epoch): it has learnt "
+                "the targets' language, not the task; no conclusion is drawn")
     teacher = q["teacher"]["metrics"].get(f"eval_{primary}", float("nan"))
     return setting_void(teacher, figures["plain"][primary]["mean"], [f[primary]["mean"] for f in figures.values()],
                         metric=study_of(q)["metric_name"])
@@ -705,7 +715,9 @@ def _quality_md(q: dict[str, Any]) -> list[str]:
     study, primary = study_of(q), primary_metric(q)
     by_epoch = q["teacher"].get("by_epoch") or q["teacher"].get("bleu_by_epoch")  # older runs name it after BLEU
     watched = (f" ({study['metric_name']} on the first {q['spec']['epoch_eval_rows']} validation "
-               f"{study['unit']} after each epoch: " + ", ".join(f"{e[primary]:.2f}" for e in by_epoch) + ")") if by_epoch else ""
+               f"{study['unit']} after each epoch: " + ", ".join(f"{e[primary]:.2f}" for e in by_epoch) +
+               ("; distinct outputs " + ", ".join(f"{e['distinct']:.0%}" for e in by_epoch) if all("distinct" in e for e in by_epoch) else "") +
+               ")") if by_epoch else ""
     names = study.get("metric_names", study["metrics"])
     L = [SETTINGS[study["task"]](q, watched), ""]
     figures = quality_figures(q)

@@ -107,3 +107,15 @@ def test_a_summarization_teacher_no_better_than_plain_is_void():
     assert seq2seq.summary_rows(result)[0].endswith("| VOID |")
     text = "\n".join(seq2seq.markdown(result, quick=False))
     assert "**VOID: the teacher (ROUGE-L 22)" in text and "paired by seed" not in text
+
+
+def test_a_teacher_that_writes_one_text_for_every_input_is_void():
+    """Over 10% ahead of plain on ROUGE-L, but one sentence for most documents (a bert2bert before its cross-attention
+    reads the source): no verdict."""
+    result = _result([20.0, 21.0, 22.0], [21.0, 22.5, 22.5], 30.0)
+    result["summarization"]["teacher"]["by_epoch"][-1]["distinct"] = 0.04
+    assert seq2seq.summary_rows(result)[0].endswith("| VOID |")
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert "**VOID: the teacher writes the same text for most inputs (only 4% of its greedy outputs on 100 validation documents" in text
+    result["summarization"]["teacher"]["by_epoch"][-1]["distinct"] = 0.9
+    assert seq2seq.summary_rows(result)[0].endswith("| **missed** |")
