@@ -538,7 +538,7 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
     summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "teacher_rows": 1992,
                      "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50, "teacher_name": "tldr-teacher-all",
                      "teacher_batch": 16, "teacher_lr": 3e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
-                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 1e-4, "student_epochs": 4, "fidelity_rows": 100,
+                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 3e-4, "student_epochs": 6, "fidelity_rows": 100,
                      "only_needed_caches": True, "fidelity": False, "codecs": False}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
