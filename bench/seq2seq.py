@@ -412,7 +412,7 @@ def _heldout_batches(model_dir: Path, base: dict[str, Any], n_rows: int) -> list
     examples = kdata.with_example_ids(kdata.load_split(cfg, "eval").select(range(n_rows)))
     feats = task.tokenize(examples, tok, cfg, task.label_info(examples, cfg), "eval")
     keys = ("input_ids", "attention_mask", "labels")
-    return [task.pad(tok, feats[i:i + 32], keys) for i in range(0, len(feats), 32)]
+    return [task.pad(tok, feats[i:i + 8], keys) for i in range(0, len(feats), 8)]  # 8 rows: [8, P, V] logits stay small
 
 
 def _kl_to_teacher(teacher, student_dir: Path, batches) -> float:
