@@ -61,7 +61,7 @@ from kdcache.recommend import recommended_recipe
 
 SECTIONS = ("steps", "dump", "storage", "quality", "seq2seq", "lm", "transfer", "ceiling", "hidden")
 # Parts of a section that can run alone (a part not run keeps its latest saved figures).
-SECTION_PARTS = {"seq2seq": ("steps", "quality"), "lm": lm.PARTS}
+SECTION_PARTS = {"seq2seq": seq2seq.PARTS, "lm": lm.PARTS}
 
 
 # Storage cases: each adds its rows to the storage table. A new logit mode adds an entry (the
@@ -250,7 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per measuring process (default: torch's, all cores; 1 with --quick, whose processes overlap)")
     p.add_argument("--seq2seq-parts", default="steps,quality",
-                   help="parts of the seq2seq section to run (steps, quality); a part not run keeps its latest saved figures")
+                   help="parts of the seq2seq section to run (steps, quality (translation), summarization); a part not run keeps its "
+                   "latest saved figures")
     p.add_argument("--seq2seq-kinds", default=None,
                    help=f"student kinds of the seq2seq section's quality part (default: {','.join(seq2seq.QUALITY_KINDS)}, "
                    f"every kind with --quick; all: {','.join(seq2seq.KINDS)}; runs finished with the same inputs are reused)")

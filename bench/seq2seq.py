@@ -32,6 +32,26 @@ from bench.validity import paired_difference, setting_void
 SHARED = common.REPO.parent / "shared" / "data"
 M30K = {"train": SHARED / "multi30k" / "train.jsonl", "eval": SHARED / "multi30k" / "validation.jsonl"}
 TLDR_TRAIN = common.REPO / "data" / "scitldr" / "train.jsonl"
+# Summarization: SciTLDR (abstract -> one-sentence TLDR) from ../shared/data, read locally: all 1,992 training rows (the
+# shipped sample has the first 1,000), the test split scores, the validation split watches the teacher learn.
+TLDR = {"train": SHARED / "scitldr" / "train.jsonl", "eval": SHARED / "scitldr" / "test.jsonl",
+        "watch": SHARED / "scitldr" / "validation.jsonl"}
+M30K["watch"] = M30K["eval"]
+
+# The quality studies, each a part of this section (its result key): the task, the data, how its figures are named.
+STUDIES: dict[str, dict[str, Any]] = {
+    "quality": {"task": "translation", "data": M30K, "prefix": "m30k", "label": "translation", "metrics": ("bleu", "chrf"),
+                "metric_names": ("BLEU", "chrF"), "metric_name": "BLEU", "setting": "Multi30k en->de", "unit": "pairs",
+                "fields": {"source_lang": "en", "target_lang": "de", "max_length": 64, "max_target_length": 96, "max_new_tokens": 48}},
+    "summarization": {"task": "summarization", "data": TLDR, "prefix": "tldr", "label": "summarization",
+                      "metrics": ("rouge1", "rouge2", "rougeL"), "metric_names": ("ROUGE-1", "ROUGE-2", "ROUGE-L"),
+                      "metric_name": "ROUGE-L", "setting": "SciTLDR abstract -> TLDR",
+                      "unit": "documents", "fields": {"max_length": 128, "max_target_length": 144, "max_new_tokens": 64}},
+}
+PARTS = ("steps", "quality", "summarization")
+# A teacher whose greedy outputs on the watched validation rows are mostly one text has learnt the targets' language, not
+# the task (a warm-started bert2bert does this before its random cross-attention learns to read the source).
+MIN_DISTINCT = 0.5
 
 # The students of the quality figure: what each changes in the student config, and its cache.
 KINDS: dict[str, dict[str, Any]] = {
@@ -112,6 +132,30 @@ def make_t5(path: Path, tokenizer_path: str, d_model: int, layers: int, seed: in
     return path
 
 
+def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], seed: int) -> Path:
+    """A bert2bert EncoderDecoderModel warm-started from one pretrained BERT (encoder and decoder alike; the decoder's
+    cross-attention starts random, drawn after torch.manual_seed(seed)), keeping only ``layers`` of each side when given,
+    with the decoder's start / pad / end tokens set to [CLS] / [PAD] / [SEP]; saved with its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, EncoderDecoderModel
+
+    from kdcache.models import keep_layers
+
+    if (path / "config.json").exists():
+        return path
+    tok = AutoTokenizer.from_pretrained(encoder_path)
+    torch.manual_seed(seed)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_path, encoder_path)
+    if layers is not None:
+        keep_layers(model.encoder, layers)
+        keep_layers(model.decoder, layers)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tok.cls_token_id, tok.pad_token_id, tok.sep_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def _config(fields: dict[str, Any]):
     from kdcache.config import FineTuneConfig
 
@@ -161,23 +205,53 @@ def run_steps(spec: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 # -- quality and fidelity -------------------------------------------------------------------------
+def study_of(q: dict[str, Any]) -> dict[str, Any]:
+    """The study a quality spec, or a study's result (which holds its spec), belongs to (a spec without a task is
+    translation's, as every run before summarization)."""
+    spec = q.get("spec", q)
+    return next(s for s in STUDIES.values() if s["task"] == spec.get("task", "translation"))
+
+
+def primary_metric(q: dict[str, Any]) -> str:
+    """The study's primary metric: its task's (kdcache.tasks), e.g. bleu, rougeL."""
+    from kdcache.tasks import get_task
+
+    return get_task(study_of(q)["task"]).primary_metric()
+
+
 def quality_base(q: dict[str, Any]) -> dict[str, Any]:
     """Config fields the teacher and the students share: the data, lengths, evaluation rows and decoding."""
-    return {"task_type": "translation", "train_file": str(M30K["train"]), "eval_file": str(M30K["eval"]), "source_lang": "en",
-            "target_lang": "de", "max_length": 64, "max_target_length": 96, "max_eval_samples": q["eval_rows"],
-            "disable_tqdm": True, "logging_steps": 50, "warmup_ratio": 0.05, "max_new_tokens": 48, "temperature": 2.0,
-            "use_dynamic_batching": q.get("dynamic_batching", False)}
+    study = study_of(q)
+    return {"task_type": study["task"], "train_file": str(study["data"]["train"]), "eval_file": str(study["data"]["eval"]),
+            **study["fields"], "max_eval_samples": q["eval_rows"], "disable_tqdm": True, "logging_steps": 50, "warmup_ratio": 0.05,
+            "temperature": 2.0, "use_dynamic_batching": q.get("dynamic_batching", False)}
+
+
+def initial_models(q: dict[str, Any], work: Path) -> tuple[str, Path, Any]:
+    """The study's tokenizer, its teacher's initial weights, and ``student(seed)`` making a student's (the same per seed in
+    every arm). Translation: a BPE built here and random T5s; summarization: bert2bert models warm-started from the
+    pretrained BERT named by q["pretrained"] (the students keep q["student_keep"] of its layers on both sides)."""
+    if study_of(q)["task"] == "summarization":
+        pre = q["pretrained"]
+        teacher = make_bert2bert(work / "tldr-teacher-init", pre, None, 0)
+        keep = q["student_keep"]
+        return pre, teacher, lambda seed: make_bert2bert(work / f"tldr-student-init-{len(keep)}l-{seed}", pre, keep, 100 + seed)
+    rows = common.read_jsonl(M30K["train"])
+    tok = build_bpe(work / f"m30k-bpe{q['vocab']}", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
+    teacher = make_t5(work / f"m30k-teacher-init-{q['vocab']}", str(tok), q["teacher_d"], q["teacher_layers"], 0)
+    tag = q.get("student_tag", "")
+    return str(tok), teacher, lambda seed: make_t5(work / f"m30k-student-init{tag}-{seed}", str(tok), q["student_d"],
+                                                   q["student_layers"], 100 + seed)
 
 
 def train_teacher(q: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, Any]]:
-    """The BPE and the teacher (trained on the first teacher_rows pairs, or reused when an earlier run trained it with the
-    same config): (tokenizer dir, teacher dir, its figures, with validation BLEU after each epoch when measured)."""
+    """The tokenizer and the teacher (trained on the first teacher_rows rows, or reused when an earlier run trained it with
+    the same config): (tokenizer dir, teacher dir, its figures, with the primary metric on validation rows after each
+    epoch when measured)."""
     from kdcache.train import train_student
 
-    rows = common.read_jsonl(M30K["train"])
-    tok = build_bpe(work / f"m30k-bpe{q['vocab']}", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
+    tok, t_init, _ = initial_models(q, work)
     base = quality_base(q)
-    t_init = make_t5(work / f"m30k-teacher-init-{q['vocab']}", str(tok), q["teacher_d"], q["teacher_layers"], 0)
     teacher_dir = work / q.get("teacher_name", "m30k-teacher")
     teacher_cfg = _config({**base, "model_name": str(t_init), "batch_size": q["teacher_batch"], "learning_rate": q["teacher_lr"],
                            "num_epochs": q["teacher_epochs"], "max_train_samples": q.get("teacher_rows", q.get("train_rows")),
@@ -187,31 +261,39 @@ def train_teacher(q: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, 
     if info is None:
         t0 = time.perf_counter()
         rows_watched = q.get("epoch_eval_rows", 0)
-        watch = epoch_bleu_callback(str(t_init), base, rows_watched) if rows_watched else None
+        watch = epoch_metric_callback(str(t_init), base, rows_watched, study_of(q)["data"]["watch"]) if rows_watched else None
         t = train_student(teacher_cfg, output_dir=str(teacher_dir), save=True, callbacks=[watch] if watch else None)
         info = {"metrics": t.metrics, "seconds": time.perf_counter() - t0, "num_parameters": t.num_parameters}
         if watch:
             epochs_file.write_text(json.dumps(watch.history))
     if epochs_file.exists():
-        info["bleu_by_epoch"] = json.loads(epochs_file.read_text())
+        info["by_epoch"] = json.loads(epochs_file.read_text())
     print(f"[seq2seq quality] teacher {info['metrics']} in {info['seconds']:.0f}s", flush=True)
     return tok, teacher_dir, info
 
 
-def epoch_bleu_callback(tokenizer_dir: str, base: dict[str, Any], rows: int):
-    """A TrainerCallback: greedy BLEU on the first ``rows`` validation pairs after each epoch (to watch a teacher learn);
-    its ``history`` lists {epoch, step, bleu}."""
+def epoch_metric_callback(tokenizer_dir: str, base: dict[str, Any], rows: int, watch_file: Optional[Path] = None):
+    """A TrainerCallback: the task's primary metric (kdcache's own, e.g. BLEU, ROUGE-L) of greedy outputs on the first
+    ``rows`` rows of ``watch_file`` (default: the eval file) after each epoch, to watch a teacher learn; its ``history``
+    lists {epoch, step, <metric>, distinct}: distinct is the share of different outputs (a model that writes one text for
+    every input has learnt the targets' language, not the task)."""
     from transformers import TrainerCallback
 
-    pairs = [r["translation"] for r in common.read_jsonl(Path(base["eval_file"]))[:rows]]
-    src, ref = [p[base["source_lang"]] for p in pairs], [p[base["target_lang"]] for p in pairs]
+    from kdcache.tasks import get_task
+    from kdcache.tasks.labels import LabelInfo
 
-    class EpochBleu(TrainerCallback):
+    task = get_task(base["task_type"])
+    cfg = _config({**base, "model_name": tokenizer_dir})
+    metric = task.primary_metric()
+    data = common.read_jsonl(Path(watch_file or base["eval_file"]))[:rows]
+    columns = {k: [r[k] for r in data] for k in data[0]}  # [rows] per column, as a datasets batch
+    src = [cfg.source_prefix + s for s in task.sources(columns, cfg)]
+
+    class EpochMetric(TrainerCallback):
         def __init__(self):
             self.history: list[dict[str, Any]] = []
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            import sacrebleu
             import torch
             from transformers import AutoTokenizer
 
@@ -221,44 +303,47 @@ def epoch_bleu_callback(tokenizer_dir: str, base: dict[str, Any], rows: int):
             was_training = model.training
             model.eval()
             with torch.inference_mode():
-                for i in range(0, len(src), 64):
-                    enc = tok(src[i:i + 64], return_tensors="pt", padding=True, truncation=True, max_length=base["max_length"])
-                    out = model.generate(**enc.to(model.device), max_new_tokens=base["max_new_tokens"], num_beams=1)
-                    hyps += tok.batch_decode(out, skip_special_tokens=True)
+                for i in range(0, len(src), 32):
+                    enc = tok(src[i:i + 32], return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length,
+                              return_token_type_ids=False)
+                    out = model.generate(**enc.to(model.device), max_new_tokens=cfg.max_new_tokens, num_beams=1)
+                    hyps += [h.strip() for h in tok.batch_decode(out, skip_special_tokens=True)]
             model.train(was_training)
-            bleu = sacrebleu.corpus_bleu([h.strip() for h in hyps], [ref]).score
-            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, "bleu": bleu})
-            print(f"[seq2seq quality] teacher epoch {state.epoch:.2f} (step {state.global_step}): BLEU {bleu:.2f} on {len(src)} "
-                  "validation pairs", flush=True)
+            value = task.compute_metrics(hyps, columns, LabelInfo(0), cfg)[metric]
+            distinct = len(set(hyps)) / max(len(hyps), 1)
+            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, metric: value, "distinct": distinct})
+            print(f"[seq2seq quality] teacher epoch {state.epoch:.2f} (step {state.global_step}): {metric} {value:.2f}, "
+                  f"{distinct:.0%} distinct outputs on {len(src)} validation rows", flush=True)
 
-    return EpochBleu()
+    return EpochMetric()
 
 
-def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Teacher, caches, fidelity and students for translation (see the module docstring)."""
+def run_quality(spec: dict[str, Any], work: Path, part: str = "quality") -> dict[str, Any]:
+    """Teacher, caches, fidelity and students of one study (``part``: translation's "quality", or "summarization")."""
     from transformers import AutoModelForSeq2SeqLM
 
     from kdcache.cache.summary import summarize
     from kdcache.dump import dump_teacher
     from kdcache.train import train_student
 
-    q = spec["quality"]
-    out: dict[str, Any] = {"spec": q, "vocab": q["vocab"], "runs": [], "caches": {}}
+    q = spec[part]
+    prefix = STUDIES[part]["prefix"]
+    out: dict[str, Any] = {"spec": q, "vocab": q.get("vocab"), "runs": [], "caches": {}}
     tok, teacher_dir, out["teacher"] = train_teacher(q, work)
     base = quality_base(q)
     student = {**base, "teacher_model_name": str(teacher_dir), "batch_size": q["student_batch"], "learning_rate": q["student_lr"],
                "num_epochs": q["student_epochs"], "distillation_alpha": 0.5,
                "max_train_samples": q.get("student_rows", q.get("train_rows"))}
     tag = q.get("student_tag", "")
-    init = {seed: make_t5(work / f"m30k-student-init{tag}-{seed}", str(tok), q["student_d"], q["student_layers"], 100 + seed)
-            for seed in spec["seeds"]}
+    make_student = initial_models(q, work)[2]
+    init = {seed: make_student(seed) for seed in spec["seeds"]}
     caches = {KINDS[k]["cache"] for k in spec["kinds"]} if q.get("only_needed_caches") else set(CACHES)
     for name, fields in CACHES.items():
         if name not in caches:
             continue
         # force=False: a re-run finds the complete cache of the same inputs (a cache hit) and reports its first dump's time
         d = dump_teacher(_config({**student, **fields, "model_name": str(init[spec["seeds"][0]]), "use_distillation": True}),
-                         cache_dir=str(work / f"m30k-cache{tag}-{name}"), force=False, progress=False)
+                         cache_dir=str(work / f"{prefix}-cache{tag}-{name}"), force=False, progress=False)
         dump_s = first_dump_seconds(d)
         summary = summarize(d.cache_dir)
         positions = summary.get("positions") or 1
@@ -274,7 +359,7 @@ def run_quality(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             how = KINDS[kind]
             cfg = _config({**student, **how["config"], "model_name": str(init[seed]), "seed": seed})
             cache = how["cache"]
-            run_dir = work / f"m30k{tag}-{kind}-{seed}"
+            run_dir = work / f"{prefix}{tag}-{kind}-{seed}"
             t0 = time.perf_counter()
             done = finished_teacher(run_dir, cfg)  # a re-run (more seeds) reuses a student trained with the same config
             if done is None:
@@ -322,12 +407,12 @@ def _heldout_batches(model_dir: Path, base: dict[str, Any], n_rows: int) -> list
     from kdcache.tasks import get_task
 
     cfg = _config({**base, "model_name": str(model_dir)})
-    task = get_task("translation")
+    task = get_task(base["task_type"])
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = kdata.with_example_ids(kdata.load_split(cfg, "eval").select(range(n_rows)))
     feats = task.tokenize(examples, tok, cfg, task.label_info(examples, cfg), "eval")
     keys = ("input_ids", "attention_mask", "labels")
-    return [task.pad(tok, feats[i:i + 32], keys) for i in range(0, len(feats), 32)]
+    return [task.pad(tok, feats[i:i + 8], keys) for i in range(0, len(feats), 8)]  # 8 rows: [8, P, V] logits stay small
 
 
 def _kl_to_teacher(teacher, student_dir: Path, batches) -> float:
@@ -423,11 +508,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "steps" in spec["parts"]:
         out["steps"] = run_steps(spec, work)
-    if "quality" in spec["parts"]:
-        if not M30K["train"].exists():
-            out["quality"] = {"skipped": f"{M30K['train']} not found (Multi30k is read from ../shared/data, never shipped)"}
-        else:
-            out["quality"] = run_quality(spec, work)
+    for part, study in STUDIES.items():
+        if part not in spec["parts"]:
+            continue
+        missing = [p for p in (study["data"]["train"], study["data"]["eval"]) if not p.exists()]
+        out[part] = ({"skipped": f"{missing[0]} not found ({study['task']} data is read from ../shared/data, never shipped)"}
+                     if missing else run_quality(spec, work, part))
     out["peak_rss_bytes"] = common.peak_rss_bytes()
     return out
 
@@ -447,64 +533,81 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
                "student_d": 128, "student_layers": 2, "student_batch": 16, "student_lr": 2e-3, "student_epochs": 3,
                "only_needed_caches": True, "fidelity": False, "codecs": False, "fidelity_rows": 200,
                "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
+    # Summarization: a teacher that starts pretrained (bert2bert from MiniLM-L6, 6+6 layers) trained on all 1,992 SciTLDR
+    # rows; 2+2-layer students (MiniLM's layers 0 and 5 on both sides) on the first 500, a quarter (the teacher has read more)
+    summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "teacher_rows": 1992,
+                     "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50, "teacher_name": "tldr-teacher-all",
+                     "teacher_batch": 16, "teacher_lr": 3e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
+                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 3e-4, "student_epochs": 6, "fidelity_rows": 100,
+                     "only_needed_caches": True, "fidelity": False, "codecs": False}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
                      max_target_length=160, warmup=1, measured=2, rounds=1)
         quality.update(vocab=600, teacher_rows=96, student_rows=48, eval_rows=16, epoch_eval_rows=8, teacher_d=32, teacher_layers=1,
                        teacher_epochs=1, student_d=32, student_layers=1, student_epochs=1, fidelity_rows=16, fidelity_draws=2,
                        only_needed_caches=False, fidelity=True, codecs=True)  # --quick runs every path once
+        # a random 6-layer 32-wide BERT over MiniLM's tokenizer stands in for the pretrained MiniLM
+        tiny = common.make_bert(work / "quick-bert-6l", common.TINY_MINILM, 512, 0, head=False)
+        summarization.update(pretrained=str(tiny), teacher_rows=48, student_rows=24, eval_rows=8, epoch_eval_rows=4, teacher_epochs=1,
+                             student_epochs=1, fidelity_rows=8)
     kinds = list(KINDS) if quick else list(QUALITY_KINDS)
     return {"mode": "seq2seq", "work": str(work), "parts": ["steps", "quality"], "tokenizer_32k": tok32k, "steps": steps,
-            "quality": quality, "seeds": seeds, "kinds": kinds, "threads": threads}
+            "quality": quality, "summarization": summarization, "seeds": seeds, "kinds": kinds, "threads": threads}
 
 
 def quality_figures(q: dict[str, Any]) -> dict[str, Any]:
-    """Per kind: BLEU, chrF and KL to the teacher over seeds (mean, spread)."""
+    """Per kind: the study's metrics (translation BLEU, chrF; summarization ROUGE-1/2/L) and KL to the teacher over seeds
+    (mean, spread), its primary metric per seed, and distilled − plain on it."""
     kinds: dict[str, Any] = {}
+    metrics, primary = study_of(q)["metrics"], primary_metric(q)
     for kind in KINDS:
         runs = [r for r in q.get("runs", []) if r["kind"] == kind]
         if not runs:
             continue
-        kinds[kind] = {m: _stats([r["metrics"].get(f"eval_{m}", float("nan")) for r in runs]) for m in ("bleu", "chrf")}
+        kinds[kind] = {m: _stats([r["metrics"].get(f"eval_{m}", float("nan")) for r in runs]) for m in metrics}
         kinds[kind]["kl"] = _stats([r["kl_to_teacher"] for r in runs])
         kinds[kind]["seconds"] = statistics.mean(r["seconds"] for r in runs)
         kinds[kind]["seeds"] = len(runs)
-        kinds[kind]["bleu_by_seed"] = {r["seed"]: r["metrics"].get("eval_bleu", float("nan")) for r in runs}
+        kinds[kind]["by_seed"] = {r["seed"]: r["metrics"].get(f"eval_{primary}", float("nan")) for r in runs}
     for kind, f in kinds.items():
         plain = KINDS[kind].get("plain", "plain")  # the plain arm trained like this one (epochs)
-        f["minus_plain"] = distilled_minus_plain(kinds[plain]["bleu_by_seed"], f["bleu_by_seed"]) if \
+        f["minus_plain"] = distilled_minus_plain(kinds[plain]["by_seed"], f["by_seed"]) if \
             KINDS[kind]["config"]["use_distillation"] and plain in kinds else None
     return kinds
 
 
 def distilled_minus_plain(plain: dict[int, float], distilled: dict[int, float]) -> Optional[dict[str, Any]]:
-    """Distilled against plain BLEU over the seeds both have (bench.validity.paired_difference: positive when
+    """Distilled against plain on the primary metric over the seeds both have (bench.validity.paired_difference: positive when
     distillation helped, judged against the larger seed spread)."""
     return paired_difference(plain, distilled)
 
 
 def summary_rows(result: dict[str, Any]) -> list[str]:
-    """BENCHMARKS.md's summary rows for translation: kdcache's default student (top-6 + rest) minus the plain one in BLEU
-    (the first number cell), then sequence-level KD's where it ran; VOID where the setting cannot tell."""
-    q = result.get("quality")
-    if not q or "runs" not in q:
-        return []
-    figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
-    # kdcache's translation default (top-6 + rest, T 3): the longest-trained arm of it that ran (older runs have T 2 only)
-    default = next(k for k in ("topk-6ep", "topk-T3", "topk") if k in figures or k == "topk")
-    seqkd = "seqkd-6ep" if "seqkd-6ep" in figures else "seqkd"
+    """BENCHMARKS.md's summary rows, per study that ran (translation, summarization): kdcache's default student (top-6 +
+    rest) minus the plain one in the primary metric (the first number cell), then sequence-level KD's where it ran;
+    VOID where the setting cannot tell."""
     rows = []
-    for kind, label in ((default, "translation: distilled − plain"), (seqkd, "translation, sequence-level KD: distilled − plain")):
-        m = figures.get(kind, {}).get("minus_plain")
-        if not m:
+    for part, study in STUDIES.items():
+        q = result.get(part)
+        if not q or "runs" not in q:
             continue
-        verdict = "VOID" if void else ("met" if m["clear"] else "**missed**")
-        rows.append(f"| {label} ({m['seeds']} seeds) | {m['diff']:+.2f} | > the larger seed spread {m['spread']:.2f} (BLEU, "
-                    f"{'sequence-level KD' if KINDS[kind]['config'].get('sequence_kd') else 'top-6 + rest'}, alpha 0.5, "
-                    f"T {temperature_of(kind):g}; Multi30k en->de, students on "
-                    f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} pairs, "
-                    f"{KINDS[kind]['config'].get('num_epochs', sp['student_epochs'])} epochs; "
-                    f"docs/recipe.md) | {verdict} |")
+        figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
+        # kdcache's default (top-6 + rest, T 3): the longest-trained arm of it that ran (older runs have T 2 only)
+        default = next(k for k in ("topk-6ep", "topk-T3", "topk") if k in figures or k == "topk")
+        seqkd = "seqkd-6ep" if "seqkd-6ep" in figures else "seqkd"
+        for kind, label in ((default, f"{study['label']}: distilled − plain"),
+                            (seqkd, f"{study['label']}, sequence-level KD: distilled − plain")):
+            m = figures.get(kind, {}).get("minus_plain")
+            if not m:
+                continue
+            verdict = "VOID" if void else ("met" if m["clear"] else "**missed**")
+            rows.append(f"| {label} ({m['seeds']} seeds) | {m['diff']:+.2f} | > the larger seed spread {m['spread']:.2f} "
+                        f"({study['metric_name']}, "
+                        f"{'sequence-level KD' if KINDS[kind]['config'].get('sequence_kd') else 'top-6 + rest'}, alpha 0.5, "
+                        f"T {temperature_of(kind):g}; {study['setting']}, students on "
+                        f"{_rows(sp, 'student'):,} of the teacher's {_rows(sp, 'teacher'):,} {study['unit']}, "
+                        f"{KINDS[kind]['config'].get('num_epochs', sp['student_epochs'])} epochs; "
+                        f"docs/recipe.md) | {verdict} |")
     return rows
 
 
@@ -523,13 +626,19 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def quality_void(q: dict[str, Any]) -> Optional[str]:
-    """Why the translation comparison cannot tell (bench.validity on BLEU: teacher vs the plain student's mean, every
-    student kind's mean), or None."""
-    figures = quality_figures(q)
+    """Why a study's comparison cannot tell (a teacher that writes one text for most inputs; bench.validity on its primary
+    metric: teacher vs the plain student's mean, every student kind's mean), or None."""
+    figures, primary = quality_figures(q), primary_metric(q)
     if "plain" not in figures:
         return "VOID: no plain student to compare the teacher with; no conclusion is drawn"
-    teacher = q["teacher"]["metrics"].get("eval_bleu", float("nan"))
-    return setting_void(teacher, figures["plain"]["bleu"]["mean"], [f["bleu"]["mean"] for f in figures.values()], metric="BLEU")
+    last = (q["teacher"].get("by_epoch") or [{}])[-1]
+    if last.get("distinct", 1.0) < MIN_DISTINCT:
+        return (f"VOID: the teacher writes the same text for most inputs (only {last['distinct']:.0%} of its greedy outputs on "
+                f"{q['spec']['epoch_eval_rows']} validation {study_of(q)['unit']} differ after its last epoch): it has learnt "
+                "the targets' language, not the task; no conclusion is drawn")
+    teacher = q["teacher"]["metrics"].get(f"eval_{primary}", float("nan"))
+    return setting_void(teacher, figures["plain"][primary]["mean"], [f[primary]["mean"] for f in figures.values()],
+                        metric=study_of(q)["metric_name"])
 
 
 def markdown(result: dict[str, Any], quick: bool) -> list[str]:
@@ -547,77 +656,120 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
             L.append(f"| {kind} | {med[kind]:.3f} | {r[kind]:.3f} |")
         L += ["", f"Goal: offline / plain <= 1.05 (top-k: {r['offline-topk']:.3f}, "
               f"{'met' if r['offline-topk'] <= 1.05 else 'missed'}).", ""]
-    q = result.get("quality")
-    if q and "skipped" in q:
-        L += [f"Translation quality: skipped ({q['skipped']}).", ""]
-    elif q:
-        sp = q["spec"]
-        tm = q["teacher"]["metrics"]
-        by_epoch = q["teacher"].get("bleu_by_epoch")
-        watched = (f" (BLEU on the first {sp['epoch_eval_rows']} validation pairs after each epoch: "
-                   + ", ".join(f"{e['bleu']:.2f}" for e in by_epoch) + ")") if by_epoch else ""
-        L += [f"Translation, Multi30k en->de (local only; the first {sp['eval_rows']} validation pairs, greedy decoding), a "
-              f"{sp['vocab']:,}-token BPE built here. Teacher: T5 d={sp['teacher_d']}, {sp['teacher_layers']}+{sp['teacher_layers']} "
-              f"layers, {q['teacher']['num_parameters'] / 1e6:.1f}M parameters, trained here on the first {_rows(sp, 'teacher'):,} "
-              f"training pairs, {sp['teacher_epochs']} epochs, batch {sp['teacher_batch']}, lr {sp['teacher_lr']:g} "
-              f"({sp.get('teacher_schedule', 'constant_with_warmup')}), {q['teacher']['seconds'] / 60:.0f} min: BLEU "
-              f"{tm.get('eval_bleu', float('nan')):.2f}, chrF {tm.get('eval_chrf', float('nan')):.2f}{watched}. "
-              f"Students: T5 d={sp['student_d']}, {sp['student_layers']}+{sp['student_layers']} layers, random init (the same per "
-              f"seed in every arm), on the first {_rows(sp, 'student'):,} pairs, {sp['student_epochs']} epochs, batch "
-              f"{sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm names another. "
-              f"KL = mean per-token KL(teacher || student) at T=1 on "
-              f"{sp['fidelity_rows']} held-out pairs (teacher forcing).", "",
-              "| student | BLEU | chrF | KL to teacher | s/run |", "|---|---:|---:|---:|---:|"]
-        figures = quality_figures(q)
-        seeds = min((f["seeds"] for f in figures.values()), default=0)
-        L.insert(len(L) - 2, f"Seeds: {seeds}" + (" (the ± columns are the spread over seeds)." if seeds > 1 else
-                                                    " (no spread: one seed per student)."))
-        L.insert(len(L) - 2, "")
+    for part, study in STUDIES.items():
+        q = result.get(part)
+        if q and "skipped" in q:
+            L += [f"{study['label'].capitalize()} quality: skipped ({q['skipped']}).", ""]
+        elif q:
+            L += _quality_md(q) + [""]
+    if L[-1] != "":
+        L.append("")
+    return L
 
-        def cell(x: dict[str, float], fmt: str) -> str:
-            return f"{x['mean']:{fmt}} ± {x['std']:{fmt}}" if seeds > 1 else f"{x['mean']:{fmt}}"
 
-        for kind, f in figures.items():
-            L.append(f"| {KIND_NAMES[kind]} | {cell(f['bleu'], '.2f')} | {cell(f['chrf'], '.2f')} | {cell(f['kl'], '.3f')} | "
-                     f"{f['seconds']:.0f} |")
-        void = quality_void(q)
-        if void:
-            L += ["", f"**{void}.** The student rows above are shown, not read: this setting cannot say whether distillation helps."]
-        paired = {k: f["minus_plain"] for k, f in figures.items() if f.get("minus_plain")}
-        if paired and not void:
-            L += ["", "Distilled − plain BLEU, paired by seed (the same initialisation and data order):", "",
-                  "| student | " + " | ".join(f"seed {x}" for x in sorted(figures["plain"]["bleu_by_seed"])) +
-                  " | mean | larger seed spread | clear |", "|---|" + "---:|" * (len(figures["plain"]["bleu_by_seed"]) + 3)]
-            for kind, m in paired.items():
-                cells = " | ".join(f"{m['by_seed'][x]:+.2f}" if x in m["by_seed"] else "" for x in sorted(figures["plain"]["bleu_by_seed"]))
-                L.append(f"| {KIND_NAMES[kind]} | {cells} | {m['diff']:+.2f} | {m['spread']:.2f} | {'yes' if m['clear'] else 'no'} |")
-        L += ["", "Caches (bytes per target position, uncompressed; dump wall time):", "",
-              "| cache | bytes / position | top-k mass | dump s |", "|---|---:|---:|---:|"]
-        for name, c in q["caches"].items():
-            per = " + ".join(f"{k} {v:.1f}" for k, v in c["bytes_per_position"].items())
-            mass = c.get("topk_mass")
-            L.append(f"| {name} | {sum(c['bytes_per_position'].values()):.1f} ({per}) | "
-                     f"{'' if mass is None else f'{mass:.3f}'} | {c['dump_s']:.1f} |")
-        fid = q.get("fidelity")
-        if fid:
-            L += ["", f"Target fidelity on {fid['positions']:,} held-out positions ({fid['vocab']:,}-token vocabulary), at the plain "
-                  "student: the cached-target loss over the full-vocabulary KL, and the relative L2 error of its gradient w.r.t. "
-                  "the student's logits (sampled: one draw; in brackets the mean of draws).", "",
-                  "| stored | k | bytes / position | top-k mass | T | loss / full KL | gradient error |", "|---|---:|---:|---:|---:|---:|---:|"]
-            for p in fid["points"]:
-                mean = "" if p["grad_rel_error_of_mean"] is None else f" ({p['grad_rel_error_of_mean']:.3f})"
-                mass = "" if p["topk_mass"] is None else f"{p['topk_mass']:.3f}"
-                L.append(f"| {p['mode']} | {p['k']} | {p['bytes_per_position']} | {mass} | {p['T']:g} | {p['loss_over_full']:.3f} | "
-                         f"{p['grad_rel_error']:.3f}{mean} |")
-        cod = q.get("codecs")
-        if cod:
-            L += ["", f"Codecs on the top-6 cache's target field (bench.topk_codecs; chunks of {cod['rows_per_chunk']} rows, random reads "
-                  "of 16 rows, one thread):", "", "| codec | bytes / position | x smaller | random-read positions/s |", "|---|---:|---:|---:|"]
-            for c in cod["results"]:
-                L.append(f"| {c['name']} | {c['bytes_per_position']:.2f} | {c['x_smaller_than_none']:.2f} | {c['read_positions_per_s']:,.0f} |")
-    L.append("")
+def _translation_setting(q: dict[str, Any], watched: str) -> str:
+    """The translation study's setting, as BENCHMARKS.md states it above its table."""
+    sp, tm = q["spec"], q["teacher"]["metrics"]
+    return (f"Translation, Multi30k en->de (local only; the first {sp['eval_rows']} validation pairs, greedy decoding), a "
+            f"{sp['vocab']:,}-token BPE built here. Teacher: T5 d={sp['teacher_d']}, {sp['teacher_layers']}+{sp['teacher_layers']} "
+            f"layers, {q['teacher']['num_parameters'] / 1e6:.1f}M parameters, trained here on the first {_rows(sp, 'teacher'):,} "
+            f"training pairs, {sp['teacher_epochs']} epochs, batch {sp['teacher_batch']}, lr {sp['teacher_lr']:g} "
+            f"({sp.get('teacher_schedule', 'constant_with_warmup')}), {q['teacher']['seconds'] / 60:.0f} min: BLEU "
+            f"{tm.get('eval_bleu', float('nan')):.2f}, chrF {tm.get('eval_chrf', float('nan')):.2f}{watched}. "
+            f"Students: T5 d={sp['student_d']}, {sp['student_layers']}+{sp['student_layers']} layers, random init (the same per "
+            f"seed in every arm), on the first {_rows(sp, 'student'):,} pairs, {sp['student_epochs']} epochs, batch "
+            f"{sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm names another. "
+            f"KL = mean per-token KL(teacher || student) at T=1 on "
+            f"{sp['fidelity_rows']} held-out pairs (teacher forcing).")
+
+
+def _summarization_setting(q: dict[str, Any], watched: str) -> str:
+    """The summarization study's setting, as BENCHMARKS.md states it above its table."""
+    sp, tm = q["spec"], q["teacher"]["metrics"]
+    keep = sp["student_keep"]
+    student_params = next((r["num_parameters"] for r in q["runs"] if r.get("num_parameters")), None)
+    return (f"Summarization, SciTLDR abstract -> one-sentence TLDR (local only; the first {sp['eval_rows']} test documents, "
+            f"greedy decoding, at most 64 new tokens; ROUGE F1 x 100 with stemming, kdcache's own evaluation). Teacher: bert2bert "
+            f"(transformers' EncoderDecoderModel) warm-started from the pretrained MiniLM-L6 on both sides (6+6 layers, its "
+            f"WordPiece tokenizer; the decoder's cross-attention starts random), {q['teacher']['num_parameters'] / 1e6:.1f}M "
+            f"parameters, trained here on all {_rows(sp, 'teacher'):,} training documents (sources cut to "
+            f"{study_of(q)['fields']['max_length']} tokens), "
+            f"{sp['teacher_epochs']} epochs, batch {sp['teacher_batch']}, lr {sp['teacher_lr']:g} "
+            f"({sp.get('teacher_schedule', 'constant_with_warmup')}), {q['teacher']['seconds'] / 60:.0f} min: ROUGE-1 "
+            f"{tm.get('eval_rouge1', float('nan')):.2f}, ROUGE-2 {tm.get('eval_rouge2', float('nan')):.2f}, ROUGE-L "
+            f"{tm.get('eval_rougeL', float('nan')):.2f}{watched}. Students: bert2bert keeping MiniLM's layers "
+            f"{' and '.join(map(str, keep))} on both sides ({len(keep)}+{len(keep)} layers"
+            + (f", {student_params / 1e6:.1f}M parameters" if student_params else "") +
+            f"; the cross-attention drawn per seed, the same in every arm), on the first {_rows(sp, 'student'):,} documents, "
+            f"{sp['student_epochs']} epochs, batch {sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm "
+            f"names another. KL = mean per-token KL(teacher || student) at T=1 on the first {sp['fidelity_rows']} test documents "
+            "(teacher forcing on the references).")
+
+
+SETTINGS = {"translation": _translation_setting, "summarization": _summarization_setting}
+
+
+def _quality_md(q: dict[str, Any]) -> list[str]:
+    """One study's BENCHMARKS.md block: its setting, the students' table, distilled − plain paired by seed, the caches
+    (and, where measured, target fidelity and codecs)."""
+    study, primary = study_of(q), primary_metric(q)
+    by_epoch = q["teacher"].get("by_epoch") or q["teacher"].get("bleu_by_epoch")  # older runs name it after BLEU
+    watched = (f" ({study['metric_name']} on the first {q['spec']['epoch_eval_rows']} validation "
+               f"{study['unit']} after each epoch: " + ", ".join(f"{e[primary]:.2f}" for e in by_epoch) +
+               ("; distinct outputs " + ", ".join(f"{e['distinct']:.0%}" for e in by_epoch) if all("distinct" in e for e in by_epoch) else "") +
+               ")") if by_epoch else ""
+    names = study.get("metric_names", study["metrics"])
+    L = [SETTINGS[study["task"]](q, watched), ""]
+    figures = quality_figures(q)
+    seeds = min((f["seeds"] for f in figures.values()), default=0)
+    L += [f"Seeds: {seeds}" + (" (the ± columns are the spread over seeds)." if seeds > 1 else " (no spread: one seed per student)."),
+          "", "| student | " + " | ".join(names) + " | KL to teacher | s/run |", "|---|" + "---:|" * (len(names) + 2)]
+
+    def cell(x: dict[str, float], fmt: str) -> str:
+        return f"{x['mean']:{fmt}} ± {x['std']:{fmt}}" if seeds > 1 else f"{x['mean']:{fmt}}"
+
+    for kind, f in figures.items():
+        L.append(f"| {KIND_NAMES[kind]} | " + " | ".join(cell(f[m], ".2f") for m in study["metrics"]) +
+                 f" | {cell(f['kl'], '.3f')} | {f['seconds']:.0f} |")
+    void = quality_void(q)
+    if void:
+        L += ["", f"**{void}.** The student rows above are shown, not read: this setting cannot say whether distillation helps."]
+    paired = {k: f["minus_plain"] for k, f in figures.items() if f.get("minus_plain")}
+    if paired and not void:
+        order = sorted(figures["plain"]["by_seed"])
+        L += ["", f"Distilled − plain {study['metric_name']}, paired by seed (the same initialisation and data order):", "",
+              "| student | " + " | ".join(f"seed {x}" for x in order) + " | mean | larger seed spread | clear |",
+              "|---|" + "---:|" * (len(order) + 3)]
+        for kind, m in paired.items():
+            cells = " | ".join(f"{m['by_seed'][x]:+.2f}" if x in m["by_seed"] else "" for x in order)
+            L.append(f"| {KIND_NAMES[kind]} | {cells} | {m['diff']:+.2f} | {m['spread']:.2f} | {'yes' if m['clear'] else 'no'} |")
+    L += ["", "Caches (bytes per target position, uncompressed; dump wall time):", "",
+          "| cache | bytes / position | top-k mass | dump s |", "|---|---:|---:|---:|"]
+    for name, c in q["caches"].items():
+        per = " + ".join(f"{k} {v:.1f}" for k, v in c["bytes_per_position"].items())
+        mass = c.get("topk_mass")
+        L.append(f"| {name} | {sum(c['bytes_per_position'].values()):.1f} ({per}) | "
+                 f"{'' if mass is None else f'{mass:.3f}'} | {c['dump_s']:.1f} |")
+    fid = q.get("fidelity")
+    if fid:
+        L += ["", f"Target fidelity on {fid['positions']:,} held-out positions ({fid['vocab']:,}-token vocabulary), at the plain "
+              "student: the cached-target loss over the full-vocabulary KL, and the relative L2 error of its gradient w.r.t. "
+              "the student's logits (sampled: one draw; in brackets the mean of draws).", "",
+              "| stored | k | bytes / position | top-k mass | T | loss / full KL | gradient error |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for p in fid["points"]:
+            mean = "" if p["grad_rel_error_of_mean"] is None else f" ({p['grad_rel_error_of_mean']:.3f})"
+            mass = "" if p["topk_mass"] is None else f"{p['topk_mass']:.3f}"
+            L.append(f"| {p['mode']} | {p['k']} | {p['bytes_per_position']} | {mass} | {p['T']:g} | {p['loss_over_full']:.3f} | "
+                     f"{p['grad_rel_error']:.3f}{mean} |")
+    cod = q.get("codecs")
+    if cod:
+        L += ["", f"Codecs on the top-6 cache's target field (bench.topk_codecs; chunks of {cod['rows_per_chunk']} rows, random reads "
+              "of 16 rows, one thread):", "", "| codec | bytes / position | x smaller | random-read positions/s |", "|---|---:|---:|---:|"]
+        for c in cod["results"]:
+            L.append(f"| {c['name']} | {c['bytes_per_position']:.2f} | {c['x_smaller_than_none']:.2f} | {c['read_positions_per_s']:,.0f} |")
     return L
 
 
 __all__ = ["run", "spec_for", "markdown", "quality_figures", "quality_void", "summary_rows", "distilled_minus_plain", "make_t5",
+           "make_bert2bert", "epoch_metric_callback", "STUDIES", "PARTS",
            "build_bpe", "train_teacher"]

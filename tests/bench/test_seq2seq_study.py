@@ -89,7 +89,7 @@ def test_the_epoch_callback_scores_the_model_being_trained(tmp_path):
     init = seq2seq.make_t5(tmp_path / "init", str(tok), 64, 1, 0)
     base = {"task_type": "translation", "train_file": str(data), "eval_file": str(data), "source_lang": "en", "target_lang": "de",
             "max_length": 32, "max_target_length": 32, "max_new_tokens": 16, "disable_tqdm": True}
-    watch = seq2seq.epoch_bleu_callback(str(init), base, len(pairs))
+    watch = seq2seq.epoch_metric_callback(str(init), base, len(pairs))
     cfg = seq2seq._config({**base, "model_name": str(init), "batch_size": 2, "learning_rate": 1e-2, "num_epochs": 3, "seed": 0})
     train_student(cfg, output_dir=str(tmp_path / "out"), callbacks=[watch])
     assert [h["epoch"] for h in watch.history] == [1.0, 2.0, 3.0] and [h["step"] for h in watch.history] == [4, 8, 12]

@@ -1,0 +1,121 @@
+"""bench.seq2seq's summarization study: bert2bert teacher and students (transformers' EncoderDecoderModel, warm-started
+from one BERT) through kdcache's real dump and training, and the study's figures, summary row and Markdown."""
+
+import json
+
+import pytest
+from helpers import make_bert
+
+from bench import run, seq2seq
+
+# Short "documents" whose summaries are a phrase of them: a tiny bert2bert learns them in a few epochs.
+DOCS = [{"document": f"this {a} film is a {b} story about love and the people who make it", "summary": f"a {b} story about love"}
+        for a in ("new", "old", "long", "short") for b in ("good", "bad")]
+
+
+def test_bert2bert_students_keep_the_named_layers_and_the_start_tokens(tmp_path, tokenizer_dir):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    base = make_bert(tmp_path / "bert", tokenizer_dir, layers=4, hidden=32, seed=0)
+    student = seq2seq.make_bert2bert(tmp_path / "student", str(base), [0, 3], 100)
+    again = seq2seq.make_bert2bert(tmp_path / "again", str(base), [0, 3], 100)
+    other = seq2seq.make_bert2bert(tmp_path / "other", str(base), [0, 3], 101)
+    model = AutoModelForSeq2SeqLM.from_pretrained(student)  # loads back through the Auto class kdcache uses
+    bert = AutoModelForSeq2SeqLM.from_pretrained(seq2seq.make_bert2bert(tmp_path / "full", str(base), None, 0))
+    tok = AutoTokenizer.from_pretrained(student)
+    assert model.config.encoder.num_hidden_layers == 2 and model.config.decoder.num_hidden_layers == 2
+    assert bert.config.encoder.num_hidden_layers == 4
+    assert (model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id) == \
+        (tok.cls_token_id, tok.pad_token_id, tok.sep_token_id)
+    assert model.generation_config.decoder_start_token_id == tok.cls_token_id
+    # the student's second layer is the pretrained BERT's last, on both sides
+    for side in ("encoder", "decoder"):
+        kept = dict(getattr(model, side).named_parameters())
+        full = dict(getattr(bert, side).named_parameters())
+        name = next(n for n in kept if ".layer.1.attention.self.query.weight" in n)
+        assert torch.equal(kept[name], full[name.replace(".layer.1.", ".layer.3.")])
+    # the random cross-attention is the seed's: the same in every arm, another for another seed
+    cross = "decoder.bert.encoder.layer.0.crossattention.self.query.weight"
+    same = AutoModelForSeq2SeqLM.from_pretrained(again).state_dict()[cross]
+    assert torch.equal(model.state_dict()[cross], same)
+    assert not torch.equal(AutoModelForSeq2SeqLM.from_pretrained(other).state_dict()[cross], same)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_bert2bert_teacher_and_student_distil_through_kdcache(tmp_path, tokenizer_dir):
+    """kdcache trains a bert2bert teacher (watched per epoch with ROUGE-L, the last equal to kdcache's own evaluation of
+    the saved model), dumps its sequence-level KD cache (its generated targets) and trains a 2+2-layer student from it."""
+    from kdcache.cache.summary import summarize
+    from kdcache.dump import dump_teacher
+    from kdcache.train import train_student
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in DOCS))
+    base_bert = make_bert(tmp_path / "bert", tokenizer_dir, layers=4, hidden=32, seed=0)
+    t_init = seq2seq.make_bert2bert(tmp_path / "t-init", str(base_bert), None, 0)
+    s_init = seq2seq.make_bert2bert(tmp_path / "s-init", str(base_bert), [0, 3], 100)
+    base = {"task_type": "summarization", "train_file": str(data), "eval_file": str(data), "max_length": 32,
+            "max_target_length": 16, "max_new_tokens": 12, "disable_tqdm": True, "seed": 0}
+    watch = seq2seq.epoch_metric_callback(str(t_init), base, len(DOCS))
+    t = train_student(seq2seq._config({**base, "model_name": str(t_init), "batch_size": 4, "learning_rate": 2e-3,
+                                       "num_epochs": 8, "lr_scheduler_type": "linear"}), output_dir=str(tmp_path / "teacher"), callbacks=[watch])
+    assert [h["epoch"] for h in watch.history] == [float(e) for e in range(1, 9)]
+    assert t.metrics["eval_rougeL"] > 50  # it learnt the summaries (a check that can fail)
+    assert watch.history[-1]["rougeL"] == pytest.approx(t.metrics["eval_rougeL"])
+    student = {**base, "model_name": str(s_init), "teacher_model_name": str(tmp_path / "teacher"), "batch_size": 4,
+               "learning_rate": 3e-3, "num_epochs": 2, "use_distillation": True, "logits_k": 6, "sequence_kd": True}
+    d = dump_teacher(seq2seq._config(student), cache_dir=str(tmp_path / "cache"), force=False, progress=False)
+    assert set(summarize(d.cache_dir)["fields"]) >= {"logits", "labels"}
+    s = train_student(seq2seq._config(student), cache_dir=str(d.cache_dir), output_dir=str(tmp_path / "student"))
+    assert s.num_parameters < t.num_parameters and "eval_rougeL" in s.metrics
+
+
+def _result(plain: list[float], topk: list[float], teacher_rouge: float) -> dict:
+    runs = [{"kind": kind, "seed": seed, "seconds": 300.0, "kl_to_teacher": 2.0, "num_parameters": 27.6e6,
+             "metrics": {"eval_rouge1": v + 8, "eval_rouge2": v / 3, "eval_rougeL": v}}
+            for kind, values in (("plain", plain), ("topk-T3", topk)) for seed, v in enumerate(values)]
+    spec = {"task": "summarization", "teacher_rows": 1992, "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 100,
+            "teacher_batch": 16, "teacher_lr": 1e-4, "teacher_epochs": 4, "teacher_schedule": "linear", "student_keep": [0, 5],
+            "student_batch": 16, "student_lr": 1e-4, "student_epochs": 6, "fidelity_rows": 100}
+    teacher = {"metrics": {"eval_rouge1": 38.0, "eval_rouge2": 15.0, "eval_rougeL": teacher_rouge}, "seconds": 2400.0,
+               "num_parameters": 49.0e6, "by_epoch": [{"epoch": 1.0, "step": 125, "rougeL": 21.5}, {"epoch": 2.0, "step": 250, "rougeL": 26.25}]}
+    return {"summarization": {"spec": spec, "teacher": teacher, "runs": runs, "caches": {}}}
+
+
+def test_summarization_rows_pair_kdcaches_default_with_plain_on_rouge_l():
+    result = _result([20.0, 21.0, 22.0], [21.0, 22.5, 22.5], 30.0)
+    figures = seq2seq.quality_figures(result["summarization"])
+    assert figures["topk-T3"]["minus_plain"]["by_seed"] == {0: 1.0, 1: 1.5, 2: 0.5}
+    assert figures["plain"]["rouge2"]["mean"] == pytest.approx(7.0)
+    rows = seq2seq.summary_rows(result)
+    assert len(rows) == 1 and rows[0].startswith("| summarization: distilled − plain (3 seeds) | +1.00 | > the larger seed spread "
+                                                  "1.00 (ROUGE-L, top-6 + rest, alpha 0.5, T 3; SciTLDR abstract -> TLDR, "
+                                                  "students on 500 of the teacher's 1,992 documents, 6 epochs;")
+    assert rows[0].endswith("| **missed** |")  # +1.00 is not more than the spread 1.00
+    # bench.run's summary then has no "not measured" row for summarization
+    assert not [r for r in run.unmeasured_task_rows(rows) if r.startswith("| summarization:")]
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert "| student | ROUGE-1 | ROUGE-2 | ROUGE-L | KL to teacher | s/run |" in text
+    assert "(ROUGE-L on the first 100 validation documents after each epoch: 21.50, 26.25)" in text
+    assert "keeping MiniLM's layers 0 and 5 on both sides (2+2 layers, 27.6M parameters" in text
+    assert "| offline, top-6 + rest bucket, T 3 (kdcache's translation default) | +1.00 | +1.50 | +0.50 | +1.00 | 1.00 | no |" in text
+
+
+def test_a_summarization_teacher_no_better_than_plain_is_void():
+    result = _result([20.0, 21.0, 22.0], [21.0, 22.5, 22.5], 22.0)  # 4.8% over plain's mean
+    assert seq2seq.summary_rows(result)[0].endswith("| VOID |")
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert "**VOID: the teacher (ROUGE-L 22)" in text and "paired by seed" not in text
+
+
+def test_a_teacher_that_writes_one_text_for_every_input_is_void():
+    """Over 10% ahead of plain on ROUGE-L, but one sentence for most documents (a bert2bert before its cross-attention
+    reads the source): no verdict."""
+    result = _result([20.0, 21.0, 22.0], [21.0, 22.5, 22.5], 30.0)
+    result["summarization"]["teacher"]["by_epoch"][-1]["distinct"] = 0.04
+    assert seq2seq.summary_rows(result)[0].endswith("| VOID |")
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert "**VOID: the teacher writes the same text for most inputs (only 4% of its greedy outputs on 100 validation documents" in text
+    result["summarization"]["teacher"]["by_epoch"][-1]["distinct"] = 0.9
+    assert seq2seq.summary_rows(result)[0].endswith("| **missed** |")
