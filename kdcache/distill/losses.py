@@ -114,6 +114,7 @@ class _SparseKL(torch.autograd.Function):
             on, off = total_a + b, total_a - b * (1.0 - q_r) / q_r
         scale = grad_out * weight / T  # [...]
         off_scale = off * scale  # [...] every token's factor on q_j
+        on_minus_off = on - off  # [...] the idx tokens' extra factor on q_j
         grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # [..., V]
         in_place = z.dtype == torch.float32  # else each block is computed in float32, then cast into grad
         for blk in _row_blocks(tuple(z.shape), _block_rows(z)):
@@ -123,7 +124,7 @@ class _SparseKL(torch.autograd.Function):
             if valid is not None:
                 q_idx = q_idx * valid[blk]  # a slot that names no token moves nothing into its bucket (its a is 0 too)
             g.mul_(off_scale[blk].unsqueeze(-1))
-            g.scatter_add_(-1, idx[blk], ((on - off)[blk].unsqueeze(-1) * q_idx - a[blk]) * scale[blk].unsqueeze(-1))
+            g.scatter_add_(-1, idx[blk], (on_minus_off[blk].unsqueeze(-1) * q_idx - a[blk]) * scale[blk].unsqueeze(-1))
             if not in_place:
                 grad[blk].copy_(g)
         return grad, None, None, None, None, None, None, None, None
