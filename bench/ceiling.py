@@ -9,8 +9,10 @@ ceiling above which a faster teacher would not make the dump faster.
 
 Where the time goes is measured by timing the pipeline's own functions while it runs (the stage table):
 on a GPU the reductions (top-k / sampling / hidden selection and int8 quantisation) run on the device,
-so the host's own work is the rest; the host ceiling is the slower of the two host threads (the forward
-loop's own host work, and the background writer), since they overlap.
+so the host's own work is the rest; the host ceiling is the slowest of the host threads (the forward
+loop's own host work, each background writer thread and its sha256 helper), since they overlap. The cases
+dump with the writer threads a GPU dump runs by default (kdcache.dump.default_writers: 2); one case runs the
+int8 hidden-state store with one writer beside it, in the same run.
 
 The goal (issue 22): a host ceiling >= 3x the H200 forward rate of the matching teacher, so that on a GPU
 the teacher is the bottleneck. The bert-large rate is the one measured on an H200 (issue 22); the Llama
@@ -52,6 +54,8 @@ CASES: list[dict[str, Any]] = [
      "config": {}, "hidden_layers": None},
     {"name": "full-ner-hidden-1024", "label": "full logits + int8 hidden, 2 layers x 1024", "teacher": "bert-large",
      "task": "token_classification", "config": {}, "hidden_layers": [-1, -3]},
+    {"name": "full-ner-hidden-1024-1w", "label": "the same, one writer thread", "teacher": "bert-large",
+     "task": "token_classification", "config": {}, "hidden_layers": [-1, -3], "writers": 1},
     {"name": "topk6-32k", "label": "top-6 + rest, 32k vocabulary", "teacher": "llama-7b", "task": "causal_lm", "vocab": 32000,
      "config": {"logits_mode": "topk", "logits_k": 6}, "hidden_layers": None},
     {"name": "topk6-128k", "label": "top-6 + rest, 128k vocabulary", "teacher": "llama-1b", "task": "causal_lm", "vocab": 128256,
@@ -72,7 +76,7 @@ STAGES: list[tuple[str, str, str, str]] = [
     ("kdcache.dump", "_rows_to_front", "per-position outputs to [B, P, ...] rows", "device"),
     ("kdcache.dump", "select_hidden", "hidden: stack the layers, zero the padding", "device"),
     ("kdcache.dump", "quantize_int8", "hidden: int8 quantisation (+ outliers)", "device"),
-    ("kdcache.cache.writer", "BackgroundWriter.write", "hand-off to the writer (waits only when its queue is full)", "main"),
+    ("kdcache.cache.writer", "WriterPool.write", "hand-off to the writers (waits only when its queue is full)", "main"),
     ("kdcache.cache.writer", "_record_batch", "record batch: validate, cut rows, finite checks (total)", "writer"),
     ("kdcache.cache.writer", "_ragged_values", "cut padded rows to their lengths", "writer"),
     ("kdcache.cache.writer", "_check_finite", "finite-value checks", "writer"),
@@ -232,7 +236,9 @@ def make_replay_teacher(path: Path, case: dict[str, Any], tokenizer, max_length:
 class StageClock:
     """Wraps the pipeline's functions with timers, restoring them on exit: per stage, ``seconds`` by ``clock``
     (wall by default), ``cpu`` (the calling thread's CPU seconds: what other work on a shared machine does not
-    inflate; torch's own worker threads are not counted) and ``calls``."""
+    inflate; torch's own worker threads are not counted) and ``calls``; and ``lanes``: the same per writer thread
+    (stage -> lane -> [seconds, cpu]), where a shard's sha256 helper thread counts in the lane of the writer whose
+    shard it hashes (with several writers, each lane's work overlaps the others')."""
 
     def __init__(self, stages: list[tuple[str, str, str, str]], clock: Callable[[], float] = time.perf_counter):
         self.stages = stages
@@ -242,11 +248,25 @@ class StageClock:
         self.calls = {s[2]: 0 for s in stages}
         self.missing: list[str] = []
         self.last_end = 0.0
+        self.lanes: dict[str, dict[int, list[float]]] = {s[2]: {} for s in stages}
+        self._digest_lane: dict[int, int] = {}  # id(GrowingFileDigest) -> the writer thread writing its shard
         self._lock = threading.Lock()
         self._saved: list[tuple[Any, str, Any]] = []
 
-    def _wrap(self, fn: Callable, stage: str) -> Callable:
+    def _lane(self, attr: str, args: tuple) -> int:
+        """The lane of a call: its thread, except a shard's sha256 (the lane of the writer that writes the shard)."""
+        me = threading.get_ident()
+        if attr == "ShardWriter.write" and getattr(args[0], "_digest", None) is not None:  # before it hands bytes to the hasher
+            with self._lock:
+                self._digest_lane[id(args[0]._digest)] = me
+        if attr == "GrowingFileDigest.hash_to":
+            with self._lock:
+                return self._digest_lane.get(id(args[0]), me)
+        return me
+
+    def _wrap(self, fn: Callable, stage: str, attr: str) -> Callable:
         def timed(*args, **kwargs):
+            lane = self._lane(attr, args)
             t0, c0 = self.clock(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
@@ -257,6 +277,9 @@ class StageClock:
                     self.cpu[stage] += c1 - c0
                     self.calls[stage] += 1
                     self.last_end = max(self.last_end, t1)
+                    acc = self.lanes[stage].setdefault(lane, [0.0, 0.0])
+                    acc[0] += t1 - t0
+                    acc[1] += c1 - c0
 
         return timed
 
@@ -273,7 +296,7 @@ class StageClock:
                 continue
             original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
             self._saved.append((owner, name, original))
-            setattr(owner, name, self._wrap(original, stage))
+            setattr(owner, name, self._wrap(original, stage, attr))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -288,7 +311,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     from transformers import AutoTokenizer
 
     from kdcache.config import FineTuneConfig
-    from kdcache.dump import dump_teacher
+    from kdcache.dump import default_writers, dump_teacher
 
     lm = case["task"] == "causal_lm"
     s = sizes["lm" if lm else "ner"]
@@ -311,6 +334,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
                                "teacher_batch_size": s["batch"], "batch_size": s["batch"], "disable_tqdm": True,
                                **({"teacher_layers_to_distill": case["hidden_layers"], "hidden_dtype": "int8"}
                                   if case["hidden_layers"] else {})})
+    writers = case.get("writers", default_writers(torch.device("cuda")))  # as a GPU dump writes, unless the case says
     calls: list[float] = []
     _, ReplayTeacher = replay_classes()
     original_forward = ReplayTeacher.forward
@@ -323,14 +347,21 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     try:
         with StageClock(STAGES) as clock, CoveredRows() as covered:
             t0 = time.perf_counter()
-            result = dump_teacher(config, cache_dir=str(work / f"cache-{case['name']}"), force=True, device="cpu", progress=False)
+            result = dump_teacher(config, cache_dir=str(work / f"cache-{case['name']}"), force=True, device="cpu", progress=False,
+                                  writers=writers, shard_examples=case.get("shard_examples"))
             wall = time.perf_counter() - t0
     finally:
         ReplayTeacher.forward = original_forward
     m = result.manifest
     tokens = int(m["input_tokens"])
     loop_s = clock.last_end - calls[0]  # first forward to the last shard's close (every write done)
-    st = {x[2]: {"seconds": clock.seconds[x[2]], "cpu": clock.cpu[x[2]], "calls": clock.calls[x[2]], "thread": x[3]} for x in STAGES}
+    lane_no: dict[int, int] = {}  # thread ident -> 0, 1, ... in order of first appearance
+    for x in STAGES:
+        for lane in clock.lanes[x[2]]:
+            lane_no.setdefault(lane, len(lane_no))
+    st = {x[2]: {"seconds": clock.seconds[x[2]], "cpu": clock.cpu[x[2]], "calls": clock.calls[x[2]], "thread": x[3],
+                 "lanes": {str(lane_no[lane]): {"seconds": v[0], "cpu": v[1]} for lane, v in clock.lanes[x[2]].items()}}
+          for x in STAGES}
     # The covered-first ordering (and, for sampled draws, the gather of the logits' rows) in the dump's reduction are
     # device ops on a GPU too, but inline ones that cannot be timed apart: measured here on the same shapes.
     host = {key: host_split(st, key, covered.total[key], tokens) for key in ("seconds", "cpu")}
@@ -339,7 +370,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     field_bytes = {name: f["bytes_per_token"] for name, f in summarize(result.cache_dir)["fields"].items()}
     out = {"name": case["name"], "label": case["label"], "teacher": case["teacher"], "task": case["task"],
            "vocab": case.get("vocab"), "store": m["store"], "tokens": tokens, "features": int(m["num_features"]),
-           "shards": len(m["shards"]), "batches": len(calls), "max_length": s["max_length"], "batch": s["batch"],
+           "shards": len(m["shards"]), "writers": writers, "batches": len(calls), "max_length": s["max_length"], "batch": s["batch"],
            "dump_wall_s": wall, "fixed_s": wall - loop_s, "loop_s": loop_s, "pipeline_tokens_per_s": tokens / loop_s,
            "host": host, "stages": st, "missing_stages": clock.missing, "bytes_on_disk": int(m["bytes"]),
            "bytes_per_token": int(m["bytes"]) / tokens, "field_bytes_per_token": field_bytes, "torch_threads": torch.get_num_threads()}
@@ -351,14 +382,23 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
 
 def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tokens: int) -> dict[str, Any]:
     """The host's own work by ``key`` ("seconds": wall, "cpu": thread CPU): the forward loop's (collate, hand-off, and
-    the reduction less its device work: the named device stages and the covered rows' selection) and the writer's
-    (write + close); they overlap, so the slower bounds the host's tokens/s."""
+    the reduction less its device work: the named device stages and the covered rows' selection), the busiest writer
+    thread's (write + close) and the busiest writer's sha256 helper; they overlap, so the slowest bounds the host's
+    tokens/s."""
     named = {x[1]: x[2] for x in STAGES}
     device = sum(v[key] for v in st.values() if v["thread"] == "device")
-    loop = (st[named["collate_batch"]][key] + st[named["BackgroundWriter.write"]][key]
+    loop = (st[named["collate_batch"]][key] + st[named["WriterPool.write"]][key]
             + max(0.0, st[named["reduce_outputs"]][key] - device - covered_rows))
-    writer = st[named["ShardWriter.write"]][key] + st[named["ShardWriter.close_shard"]][key]
-    hasher = st[named["GrowingFileDigest.hash_to"]][key]
+
+    def busiest(*attrs: str) -> float:
+        per_lane: dict[str, float] = {}
+        for attr in attrs:
+            for lane, v in st[named[attr]]["lanes"].items():
+                per_lane[lane] = per_lane.get(lane, 0.0) + v[key]
+        return max(per_lane.values(), default=0.0)
+
+    writer = busiest("ShardWriter.write", "ShardWriter.close_shard")
+    hasher = busiest("GrowingFileDigest.hash_to")
     threads = {"forward loop": loop, "writer": writer, "hasher": hasher}
     bound = max(threads, key=threads.get)
     return {"device": device, "covered_rows": covered_rows, "loop": loop, "writer": writer, "hasher": hasher,
@@ -406,7 +446,9 @@ def spec_for(quick: bool, work: Path, threads: Optional[int]) -> dict[str, Any]:
     """Sizes: tokens per case so that each takes seconds to a minute on 2 CPU cores; --quick: a few batches."""
     sizes = {"ner": {"tokens": 200_000, "words_per_row": 100, "max_length": 128, "batch": 256},
              "lm": {"tokens": 20_000, "max_length": 512, "batch": 4}}
-    big = {"topk6-128k": {"tokens": 4_000, "batch": 4}}  # 4 x 512 tokens a batch, as the 32k cases (1.05 GB of float32 logits)
+    big = {"topk6-128k": {"tokens": 4_000, "batch": 4},  # 4 x 512 tokens a batch, as the 32k cases (1.05 GB of float32 logits)
+           # 8 shards of the default 256 MiB at 2 KiB a token: each writer thread of a pair writes 4
+           "full-ner-hidden-1024": {"tokens": 1_000_000}, "full-ner-hidden-1024-1w": {"tokens": 1_000_000}}
     if quick:
         sizes = {"ner": {"tokens": 2_000, "words_per_row": 40, "max_length": 64, "batch": 16},
                  "lm": {"tokens": 2_000, "max_length": 128, "batch": 2}}
@@ -446,9 +488,11 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
          "precomputed outputs of the teacher's shapes (logits, every layer's hidden states; float32, as a CPU dump computes "
          "them) at no cost. *Pipeline* tokens/s (first forward to the last shard published, wall) is what this CPU sustains "
          "with the reductions on it too. On a GPU the reductions (top-k, sampling, hidden selection, int8 quantisation, "
-         "the covered positions' rows: `device` below) run on the device; the *host ceiling* is the slower of the two host "
-         "threads' own work (the forward loop: collate, copies to numpy, hand-off; the background writer: validation, "
-         "Arrow encoding, fsync; the hasher: the shard's sha256 as it is written), which overlap, in each thread's CPU seconds "
+         "the covered positions' rows: `device` below) run on the device; the *host ceiling* is the slowest of the host "
+         "threads' own work (the forward loop: collate, copies to numpy, hand-off; each background writer: validation, "
+         "Arrow encoding, fsync; its hasher: the shard's sha256 as it is written), which overlap, in each thread's CPU seconds "
+         "(the busiest writer's and hasher's, with the two writer threads a GPU dump runs by default, a shard each; one "
+         "case with one writer) "
          "(the machine is shared: wall "
          "seconds count the other work too; the wall-clock figure is given beside it). Goal: host ceiling >= "
          f"{GOAL:.0f}x the teacher's H200 forward rate, so that the teacher is the bottleneck. *Disk at the forward rate*: "
@@ -470,8 +514,9 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
                  f"{c['bytes_per_token'] * t['forward_tokens_per_s'] / 1e6:,.0f} MB/s |")
     L += ["", "Forward rates: " + "; ".join(f"{t['label']}: {t['forward_tokens_per_s']:,.0f} tokens/s, {t['source']}"
                                             for t in teachers.values()) + ".", ""]
-    L += ["Where the time goes, CPU seconds of the calling thread per stage (wall seconds in the JSON); `main` = the forward "
-          "loop's thread, `writer` = the background writer, `device` = work a GPU does; totals include the rows under them:", ""]
+    L += ["Where the time goes, CPU seconds of the calling thread per stage, summed over the writer threads (wall seconds "
+          "and each thread's share in the JSON); `main` = the forward loop's thread, `writer` = the background writers, "
+          "`device` = work a GPU does; totals include the rows under them:", ""]
     L += ["| stage | thread | " + " | ".join(c["name"] for c in cases) + " |", "|---|---|" + "---:|" * len(cases)]
     for _, _, name, thread in STAGES:
         L.append(f"| {name} | {thread} | " + " | ".join(f"{c['stages'][name]['cpu']:.2f}" for c in cases) + " |")
@@ -480,8 +525,10 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
              + " | ".join(f"{c['host']['cpu']['covered_rows']:.2f}" for c in cases) + " |")
     L.append("| **host: forward loop** (collate + hand-off + reduce less its device work) | main | "
              + " | ".join(f"**{c['host']['cpu']['loop']:.2f}**" for c in cases) + " |")
-    L.append("| **host: writer** (write + close) | writer | " + " | ".join(f"**{c['host']['cpu']['writer']:.2f}**" for c in cases) + " |")
-    L.append("| **host: hasher** (sha256 as the shard grows) | hasher | "
+    L.append("| writer threads (shards written at once) | | " + " | ".join(str(c.get("writers", 1)) for c in cases) + " |")
+    L.append("| **host: writer** (write + close, the busiest writer thread) | writer | "
+             + " | ".join(f"**{c['host']['cpu']['writer']:.2f}**" for c in cases) + " |")
+    L.append("| **host: hasher** (sha256 as the shard grows, the busiest writer's) | hasher | "
              + " | ".join(f"**{c['host']['cpu'].get('hasher', 0.0):.2f}**" for c in cases) + " |")
     L.append("| pipeline wall, first forward to last shard published (wall s) | | " + " | ".join(f"{c['loop_s']:.2f}" for c in cases) + " |")
     L.append("| fixed costs: load, hash, tokenize, manifest (wall s) | | " + " | ".join(f"{c['fixed_s']:.2f}" for c in cases) + " |")

@@ -109,14 +109,18 @@ def main(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Redo the cache even if a complete one exists.")
 @click.option("--device", default=None, help="torch device for the teacher (default: cuda if available).")
 @click.option("--shard-examples", type=int, default=None, help="Examples per shard (default: about 256 MiB each).")
+@click.option("--writers", type=int, default=None,
+              help="Shards written at once, a thread each (default: 2 beside a GPU, 1 on a CPU); the cache is the same for any number.")
 @_handle_errors
-def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[str], shard_examples: Optional[int], **kwargs: Any) -> None:
+def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[str], shard_examples: Optional[int],
+                     writers: Optional[int], **kwargs: Any) -> None:
     """Stage one: run the teacher over the training data and write its cache."""
     from kdcache.dump import dump_teacher
 
     fields, _ = _split_fields(kwargs)
     config = resolve_config(config_path, fields)
-    result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples, progress=not config.disable_tqdm)
+    result = dump_teacher(config, force=force, device=device, shard_examples=shard_examples, progress=not config.disable_tqdm,
+                          writers=writers)
     m = result.manifest
     done = "repaired a damaged cache" if result.repaired else "dumped"
     state = "cache hit (complete, nothing to do)" if result.hit else f"{done} in {result.seconds:.1f}s"

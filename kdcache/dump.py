@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,12 +31,12 @@ from transformers import AutoTokenizer
 
 from kdcache import data as kdata
 from kdcache.cache import (
-    BackgroundWriter,
     CacheError,
     HiddenSpec,
     ShardWriter,
     StoreSpec,
     TeacherBatch,
+    WriterPool,
     fingerprint,
     quantize_int8,
 )
@@ -151,6 +153,9 @@ def load_teacher(task, teacher_name: str, teacher_path: str):
     return model
 
 
+MAX_WRITERS = 16  # writer threads a dump may run (each holds an open shard and up to 4 queued batches)
+
+
 @dataclass
 class DumpPlan:
     """Everything one dump runs on, resolved and checked before the teacher's weights load or anything is written:
@@ -175,6 +180,7 @@ class DumpPlan:
     amp: Any  # the autocast context of the forward pass
     compute_dtype: str
     shard_examples: Optional[int] = None  # features per shard; None: about TARGET_SHARD_BYTES each
+    writers: Optional[int] = None  # shards written at once, a thread each; None: default_writers(device)
     progress: bool = True
     on_shard: Optional[Callable[[Path, dict], None]] = None
     start: float = 0.0  # perf_counter() when the dump began
@@ -190,20 +196,25 @@ def dump_teacher(
     shard_examples: Optional[int] = None,
     progress: bool = True,
     on_shard: Optional[Callable[[Path, dict], None]] = None,
+    writers: Optional[int] = None,
 ) -> DumpResult:
     """Run the teacher over the training split's features and write (or find) its cache (``cache_dir`` may be a URL on
-    object storage: see kdcache.remote_dump). ``on_shard(dir, meta)`` runs after each shard is published."""
+    object storage: see kdcache.remote_dump). ``on_shard(dir, meta)`` runs after each shard is published (from a writer
+    thread, one call at a time). ``writers``: shards written at once, a thread each (default: default_writers); the
+    cache's bytes are the same for any number."""
+    if shard_examples is not None and shard_examples <= 0:
+        raise CacheError(f"--shard-examples must be a positive number of features per shard, got {shard_examples}")
+    if writers is not None and not 1 <= writers <= MAX_WRITERS:
+        raise CacheError(f"--writers must be a number of writer threads from 1 to {MAX_WRITERS}, got {writers}")
     target = cache_location(cache_dir or config.cache_dir) if (cache_dir or config.cache_dir) else None
     if isinstance(target, str):  # a URL on object storage
         from kdcache.remote_dump import dump_remote
 
         return dump_remote(dump_teacher, config, train_dataset, target, force=force, device=device, shard_examples=shard_examples,
-                           progress=progress)
+                           progress=progress, writers=writers)
     start = time.perf_counter()
-    if shard_examples is not None and shard_examples <= 0:
-        raise CacheError(f"--shard-examples must be a positive number of features per shard, got {shard_examples}")
     plan = resolve_plan(config, train_dataset, target, device)  # a file:// URL is its directory
-    plan = replace(plan, shard_examples=shard_examples, progress=progress, on_shard=on_shard, start=start)
+    plan = replace(plan, shard_examples=shard_examples, writers=writers, progress=progress, on_shard=on_shard, start=start)
     return run_plan(plan, force)
 
 
@@ -409,7 +420,8 @@ class TeacherPass:
     features: Any
     lengths: np.ndarray  # [F] tokens per feature
     example_ids: np.ndarray  # [F]
-    shard_writer: ShardWriter
+    shard_writer: ShardWriter  # writes the manifest
+    make_writer: Callable[[], ShardWriter]  # a writer of this cache's shards, one per writer thread
     ranges: list[tuple[int, int]]  # [lo, hi) feature ids of every shard
     todo: list[int]  # this rank's shards still to write
     bar: Any  # tqdm progress bar of this rank's features
@@ -419,7 +431,9 @@ class TeacherPass:
                  bound: dict) -> "TeacherPass":
         """The pass of ``rank``: the shards of ``per_shard`` features not yet published whose index is rank modulo world."""
         num_features = len(features)
-        shard_writer = ShardWriter(plan.path, plan.spec, clean=False, on_publish=plan.on_shard, bound=bound)
+        on_publish = one_at_a_time(plan.on_shard) if plan.on_shard is not None else None  # writer threads publish
+        make_writer = partial(ShardWriter, plan.path, plan.spec, clean=False, on_publish=on_publish, bound=bound)
+        shard_writer = make_writer()
         done = {i for i in (parse_shard_index(p.name) for p in plan.path.glob(SHARD_META_GLOB)) if i is not None}
         ranges = [(lo, min(lo + per_shard, num_features)) for lo in range(0, num_features, per_shard)]
         mine = [i for i in range(len(ranges)) if i % world == rank]
@@ -428,24 +442,25 @@ class TeacherPass:
                    desc="dump-teacher" if world == 1 else f"dump-teacher [rank {rank}/{world}]",
                    disable=not plan.progress or rank != 0)
         example_ids = kdata.column_array(features, kdata.EXAMPLE_ID)  # [F]
-        return cls(plan, model, features, lengths, example_ids, shard_writer, ranges, [i for i in mine if i not in done], bar)
+        return cls(plan, model, features, lengths, example_ids, shard_writer, make_writer, ranges, [i for i in mine if i not in done],
+                   bar)
 
     def run(self) -> None:
-        """Write this rank's shards (each published atomically as it completes)."""
-        plan, features, model, bar, ranges, todo = self.plan, self.features, self.model, self.bar, self.ranges, self.todo
+        """Write this rank's shards (each published atomically as it completes), ``plan.writers`` at a time: their
+        batches take turns, each shard's to its own writer thread."""
+        plan, features, model, bar = self.plan, self.features, self.model, self.bar
         task, config, tokenizer, dev, amp, spec = plan.task, plan.config, plan.tokenizer, plan.device, plan.amp, plan.spec
         lengths, example_ids = self.lengths, self.example_ids  # [F] each
         generated_targets = any(t.mode == "tokens" for t in spec.targets)
         batch_size = config.teacher_batch_size or 2 * config.batch_size
+        n_writers = plan.writers or default_writers(dev)
         tokens_seen, t0 = 0, time.perf_counter()
-        with BackgroundWriter(self.shard_writer) as writer:
-            for index in todo:
-                lo, hi = ranges[index]
-                writer.open_shard(index, (lo, hi))
-                rows = np.arange(lo, hi)
-                rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first
-                for b in range(0, len(rows), batch_size):
-                    batch_rows = rows[b:b + batch_size]
+        with WriterPool(self.make_writer, min(n_writers, max(len(self.todo), 1))) as pool:
+            for first in range(0, len(self.todo), pool.size):
+                group = self.todo[first:first + pool.size]
+                for index in group:
+                    pool.open_shard(index, self.ranges[index])
+                for index, batch_rows, last in self._batches(group, batch_size):
                     batch = collate_batch(task, features, batch_rows, tokenizer, dev)
                     with torch.inference_mode(), amp:
                         if generated_targets:  # seq2seq sequence-level KD: the teacher writes the targets it is then scored on
@@ -453,14 +468,47 @@ class TeacherPass:
                         outputs = model(**task.model_inputs(batch, with_labels=False), output_hidden_states=spec.hidden is not None)
                     copies = HostCopies(dev)
                     reduced = reduce_outputs(task, outputs, batch, batch_rows, example_ids[batch_rows], spec, config.seed, copies)
-                    writer.write(reduced, copies.issued())  # the writer thread waits for the copies; this loop does not
+                    pool.write(index, reduced, copies.issued())  # the writer thread waits for the copies; this loop does not
+                    if last:
+                        pool.close_shard(index)
                     tokens_seen += int(lengths[batch_rows].sum())
                     bar.update(len(batch_rows))
                     elapsed = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(tok_s=f"{tokens_seen / elapsed:,.0f}", refresh=False)
-                writer.close_shard()
-            writer.flush()
+            pool.flush()
         bar.close()
+
+    def _batches(self, group: list[int], batch_size: int):
+        """(shard index, [b] feature ids, whether it is the shard's last batch) for the shards of ``group`` in turn, batch by
+        batch; each shard's batches in its own order (longest features first), as one writer would write them."""
+        per_shard = []
+        for index in group:
+            lo, hi = self.ranges[index]
+            rows = np.arange(lo, hi)
+            rows = rows[np.argsort(-self.lengths[rows], kind="stable")]  # longest first
+            per_shard.append((index, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]))
+        for j in range(max(len(batches) for _, batches in per_shard)):
+            for index, batches in per_shard:
+                if j < len(batches):
+                    yield index, batches[j], j == len(batches) - 1
+
+
+def default_writers(device: torch.device) -> int:
+    """Writer threads when ``--writers`` is not given: two beside a GPU (a store of hidden states copies and hashes
+    gigabytes a minute there: one thread's share is the dump's ceiling), one on a CPU, whose cores run the teacher."""
+    return 2 if device.type == "cuda" else 1
+
+
+def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind a lock: the writer threads publish shards concurrently, a publish hook (an upload) need not be
+    thread-safe."""
+    lock = threading.Lock()
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return fn(*args, **kwargs)
+
+    return locked
 
 
 def _responses(plan: DumpPlan, model, state: str, world: int):

@@ -46,7 +46,8 @@ def working_dir(url: str) -> Path:
 
 
 def dump_remote(dump_local: Callable[..., Any], config: FineTuneConfig, train_dataset, url: str, force: bool = False,
-                device: Optional[str] = None, shard_examples: Optional[int] = None, progress: bool = True):
+                device: Optional[str] = None, shard_examples: Optional[int] = None, progress: bool = True,
+                writers: Optional[int] = None):
     """Dump (or find) the cache at ``url``: pull, dump locally uploading each shard, level the remote, manifest last; all
     under the lock of the URL's working directory (refused in one line while another dump here holds it).
     ``dump_local`` is the local dump (``kdcache.dump.dump_teacher``, which calls this one for a URL: passed in, not
@@ -59,7 +60,7 @@ def dump_remote(dump_local: Callable[..., Any], config: FineTuneConfig, train_da
     work = root / COPY_NAME
     lock = _lock(root, url)
     try:
-        return _dump_locked(dump_local, config, train_dataset, url, work, force, device, shard_examples, progress)
+        return _dump_locked(dump_local, config, train_dataset, url, work, force, device, shard_examples, progress, writers)
     finally:
         try:
             lock.release(remove_dir=not work.exists())  # a failed dump keeps its copy: the next one resumes from it
@@ -85,7 +86,7 @@ def _lock(root: Path, url: str) -> CacheLock:
 
 
 def _dump_locked(dump_local: Callable[..., Any], config: FineTuneConfig, train_dataset, url: str, work: Path, force: bool,
-                 device: Optional[str], shard_examples: Optional[int], progress: bool):
+                 device: Optional[str], shard_examples: Optional[int], progress: bool, writers: Optional[int]):
     """dump_remote's work, under the working directory's lock: list, pull, dump, push, remove the local copy."""
     remote = RemoteDir(url)
     names = remote.names()  # a missing bucket, missing credentials or an unreachable server fail here, before any work
@@ -117,7 +118,7 @@ def _dump_locked(dump_local: Callable[..., Any], config: FineTuneConfig, train_d
 
     try:
         result = dump_local(config, train_dataset, cache_dir=str(work), force=force, device=device,
-                              shard_examples=shard_examples, progress=progress, on_shard=upload_shard)
+                              shard_examples=shard_examples, progress=progress, on_shard=upload_shard, writers=writers)
     except CacheError as e:
         raise _renamed(e, work, url) from None
     changed = _push(remote, work)

@@ -212,6 +212,16 @@ def test_shard_examples_zero_is_refused_not_the_default(tmp_path, kdcache_home, 
     nothing_left(kdcache_home, tmp_path / "out")
 
 
+@pytest.mark.parametrize("writers", ["0", "17"])
+def test_writers_out_of_range_is_refused_and_the_advice_works(tmp_path, kdcache_home, tiny_student, small_data, writers):
+    args = dump_args(tiny_student, small_data["train"], tmp_path, "--writers", writers, "--shard-examples", "4")
+    refused(cli(args), "--writers", "from 1 to 16", writers)
+    nothing_left(kdcache_home, tmp_path / "out")
+    args[args.index(writers)] = "16"  # the advice followed: the dump runs, a writer thread per shard at once
+    result = cli(args)
+    assert result.exit_code == 0, result.output
+
+
 # -- models --------------------------------------------------------------------------------------------
 def test_a_model_path_that_does_not_exist_says_so(tmp_path, kdcache_home, tiny_student, small_data, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ from .format import FORMAT_VERSION, HiddenSpec, StoreSpec, TargetSpec
 from .quant import dequantize_int8, dequantize_int8_torch, quantize_int8
 from .reader import CacheReader, TeacherRows
 from .summary import format_summary, summarize
-from .writer import BackgroundWriter, ShardWriter, TeacherBatch
+from .writer import BackgroundWriter, ShardWriter, TeacherBatch, WriterPool
 
 __all__ = [
     "FORMAT_VERSION",
@@ -23,6 +23,7 @@ __all__ = [
     "TeacherRows",
     "ShardWriter",
     "BackgroundWriter",
+    "WriterPool",
     "CacheReader",
     "CacheError",
     "CacheMismatchError",

@@ -688,3 +688,93 @@ class BackgroundWriter:
             self.abort()
         else:
             self.close()
+
+
+class WriterPool:
+    """Shards written in parallel: ``n`` BackgroundWriters, each driving a ShardWriter of its own (one open shard each).
+
+    A dump that stores kilobytes per token (hidden states) is otherwise bound by one thread's copies into the page cache
+    and one sha256. A shard is written whole by the writer it was opened on, batch by batch in the order given, so its
+    bytes are the ones a single writer would write; shards publish in whatever order they finish (a resume takes any
+    set of published shards). ``make_writer()`` returns a fresh ShardWriter for the same directory and spec.
+    """
+
+    def __init__(self, make_writer: Callable[[], ShardWriter], n: int, maxsize: int = 4):
+        if n < 1:
+            raise ValueError(f"WriterPool needs at least one writer, got {n}")
+        self.writers: list[BackgroundWriter] = []
+        try:
+            for _ in range(n):
+                self.writers.append(BackgroundWriter(make_writer(), maxsize=maxsize))
+        except BaseException:
+            self.abort()
+            raise
+        self._open: dict[int, BackgroundWriter] = {}  # open shard index -> the writer writing it
+
+    @property
+    def size(self) -> int:
+        return len(self.writers)
+
+    def _raise_if_failed(self) -> None:
+        for w in self.writers:  # any writer's error stops the producer at once, not when it next reaches that writer
+            w._raise_if_failed()
+
+    def open_shard(self, index: int, id_range: tuple[int, int]) -> None:
+        """Queue the start of shard ``index`` over feature ids [lo, hi) on a writer that has no open shard."""
+        self._raise_if_failed()
+        if index in self._open:
+            raise RuntimeError(f"shard {index} is already open")
+        free = [w for w in self.writers if not w._shard_open]
+        if not free:
+            raise RuntimeError(f"all {self.size} writers have an open shard: close one before opening shard {index}")
+        free[0].open_shard(index, id_range)
+        self._open[index] = free[0]
+
+    def write(self, index: int, batch: TeacherBatch, ready: Callable[[], None] | None = None) -> None:
+        """Queue one batch of open shard ``index`` (as BackgroundWriter.write)."""
+        self._raise_if_failed()
+        if index not in self._open:
+            raise RuntimeError(f"shard {index} is not open: call open_shard first")
+        self._open[index].write(batch, ready)
+
+    def close_shard(self, index: int) -> None:
+        """Queue publishing shard ``index``; its writer takes the next shard opened."""
+        self._raise_if_failed()
+        if index not in self._open:
+            raise RuntimeError(f"shard {index} is not open")
+        self._open.pop(index).close_shard()
+
+    def flush(self) -> list[dict]:
+        """Wait until every writer has written what was queued; the metas of shards closed since the last flush, by index."""
+        metas = [m for w in self.writers for m in w.flush()]
+        return sorted(metas, key=lambda m: m["index"])
+
+    def close(self) -> list[dict]:
+        """Flush and stop every writer (each finishes and publishes what it was given even when another failed, a failed
+        one drops its open shard); then raise the first error, or return the closed shards' metas by index."""
+        metas: list[dict] = []
+        first: BaseException | None = None
+        for w in self.writers:
+            try:
+                metas += w.close()
+            except BaseException as e:  # noqa: BLE001 - the others still finish; the first error is raised below
+                w.abort()  # its unfinished shard's temp file goes
+                first = first or e
+        if first is not None:
+            raise first
+        return sorted(metas, key=lambda m: m["index"])
+
+    def abort(self) -> None:
+        """Drop every open shard and stop every writer."""
+        for w in self.writers:
+            w.abort()
+        self._open.clear()
+
+    def __enter__(self) -> "WriterPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()

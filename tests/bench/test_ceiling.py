@@ -48,6 +48,24 @@ def test_replayed_outputs_reach_a_verified_cache_and_every_stage_is_timed(tmp_pa
         assert h["writer"] > 0 and h["loop"] > 0 and h["tokens_per_s"] == out["tokens"] / max(h["loop"], h["writer"], h["hasher"])
 
 
+def test_two_writer_threads_are_two_lanes_and_the_busiest_bounds_the_host(tmp_path, kdcache_home):
+    case = {"name": "ner-2w", "label": "int8 hidden, two writers", "teacher": "bert-large", "task": "token_classification",
+            "config": {}, "hidden_layers": [-1], "writers": 2, "shard_examples": 3}
+    out = ceiling.run_case(case, SIZES, tmp_path)
+    assert out["writers"] == 2 and out["shards"] >= 2
+    with CacheReader(tmp_path / "cache-ner-2w", verify=True) as reader:
+        assert len(reader.manifest["shards"]) == out["shards"]
+    write = out["stages"]["write a batch (total: record batch + Arrow IPC encode and write)"]
+    close = out["stages"]["close a shard (total: footer, fsync, sha256, rename, meta)"]
+    hashed = out["stages"]["sha256 of the written bytes (its own thread)"]
+    assert len(write["lanes"]) == 2 and set(close["lanes"]) == set(write["lanes"])
+    assert set(hashed["lanes"]) == set(write["lanes"])  # each shard's sha256 counts in the lane of the writer of that shard
+    for key in ("seconds", "cpu"):
+        per_lane = [write["lanes"][lane][key] + close["lanes"][lane][key] for lane in write["lanes"]]
+        assert out["host"][key]["writer"] == max(per_lane) < write[key] + close[key]
+        assert out["host"][key]["hasher"] == max(v[key] for v in hashed["lanes"].values()) < hashed[key]
+
+
 def _ceiling_result(host_7b: float, host_70b: float) -> dict:
     case = lambda name, host, bpt: {"name": name, "label": name, "tokens": 1000, "bytes_per_token": bpt,  # noqa: E731
                                     "host": {"cpu": {"tokens_per_s": host}}}
