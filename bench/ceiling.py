@@ -11,8 +11,8 @@ Where the time goes is measured by timing the pipeline's own functions while it 
 on a GPU the reductions (top-k / sampling / hidden selection and int8 quantisation) run on the device,
 so the host's own work is the rest; the host ceiling is the slowest of the host threads (the forward
 loop's own host work, each background writer thread and its sha256 helper), since they overlap. The cases
-dump with the writer threads a GPU dump runs by default (kdcache.dump.default_writers: 2); one case runs the
-int8 hidden-state store with one writer beside it, in the same run.
+dump with the writer threads a dump on the H200 machine (16 cores) runs by default (kdcache.dump.default_writers:
+4); one case runs the int8 hidden-state store with one writer beside it, in the same run.
 
 The goal (issue 22): a host ceiling >= 3x the H200 forward rate of the matching teacher, so that on a GPU
 the teacher is the bottleneck. The bert-large rate is the one measured on an H200 (issue 22); the Llama
@@ -47,15 +47,17 @@ TEACHERS: dict[str, dict[str, Any]] = {
                  "source": f"assumed: 2 x parameters FLOP/token at {MFU:.0%} of the H200's dense bf16 peak"},
 }
 
+GPU_HOST_CORES = 16  # the H200 machine's CPU cores (../shared/gpu/README.md): its dumps' default writer threads follow them
+
 # One case per store mode the issue names. `vocab`: the causal LM's vocabulary (a tokenizer of that size
 # is built here); `labels`: a token-classification head of that many labels (the shipped WNUT 2017 tags).
 CASES: list[dict[str, Any]] = [
     {"name": "full-ner", "label": "full logits, 13-label token head", "teacher": "bert-large", "task": "token_classification",
      "config": {}, "hidden_layers": None},
     {"name": "full-ner-hidden-1024", "label": "full logits + int8 hidden, 2 layers x 1024", "teacher": "bert-large",
-     "task": "token_classification", "config": {}, "hidden_layers": [-1, -3]},
+     "task": "token_classification", "config": {}, "hidden_layers": [-1, -3], "shard_examples": 625},
     {"name": "full-ner-hidden-1024-1w", "label": "the same, one writer thread", "teacher": "bert-large",
-     "task": "token_classification", "config": {}, "hidden_layers": [-1, -3], "writers": 1},
+     "task": "token_classification", "config": {}, "hidden_layers": [-1, -3], "shard_examples": 625, "writers": 1},
     {"name": "topk6-32k", "label": "top-6 + rest, 32k vocabulary", "teacher": "llama-7b", "task": "causal_lm", "vocab": 32000,
      "config": {"logits_mode": "topk", "logits_k": 6}, "hidden_layers": None},
     {"name": "topk6-128k", "label": "top-6 + rest, 128k vocabulary", "teacher": "llama-1b", "task": "causal_lm", "vocab": 128256,
@@ -67,15 +69,18 @@ CASES: list[dict[str, Any]] = [
 ]
 
 # Stages timed while the pipeline runs: (module, attribute, stage, thread). A method is "Class.method".
-# "device" stages run on the GPU in a GPU dump; the rest is the host's own work.
+# "device" stages run on the GPU in a GPU dump; "device-part" ones are inside a device stage (its breakdown, not
+# counted twice); the rest is the host's own work.
 STAGES: list[tuple[str, str, str, str]] = [
     ("kdcache.dump", "collate_batch", "collate: pad the batch, to tensors", "main"),
     ("kdcache.dump", "reduce_outputs", "reduce: every output reduction and its copy to numpy (total)", "main"),
     ("kdcache.dump", "reduce_topk", "top-k + rest (log-sum-exp per temperature)", "device"),
     ("kdcache.dump", "reduce_sampled", "sampled draws (softmax, multinomial)", "device"),
     ("kdcache.dump", "_rows_to_front", "per-position outputs to [B, P, ...] rows", "device"),
-    ("kdcache.dump", "select_hidden", "hidden: stack the layers, zero the padding", "device"),
-    ("kdcache.dump", "quantize_int8", "hidden: int8 quantisation (+ outliers)", "device"),
+    ("kdcache.dump", "_reduce_hidden", "hidden (total): select, quantise, issue the copies; freeing its float32 tensors is "
+     "here (tens of ms a batch on a CPU, the caching allocator's on a GPU)", "device"),
+    ("kdcache.dump", "select_hidden", "hidden: stack the layers, zero the padding", "device-part"),
+    ("kdcache.dump", "quantize_int8", "hidden: int8 quantisation (+ outliers)", "device-part"),
     ("kdcache.cache.writer", "WriterPool.write", "hand-off to the writers (waits only when its queue is full)", "main"),
     ("kdcache.cache.writer", "_record_batch", "record batch: validate, cut rows, finite checks (total)", "writer"),
     ("kdcache.cache.writer", "_ragged_values", "cut padded rows to their lengths", "writer"),
@@ -311,7 +316,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     from transformers import AutoTokenizer
 
     from kdcache.config import FineTuneConfig
-    from kdcache.dump import default_writers, dump_teacher
+    from kdcache.dump import dump_teacher
 
     lm = case["task"] == "causal_lm"
     s = sizes["lm" if lm else "ner"]
@@ -334,7 +339,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
                                "teacher_batch_size": s["batch"], "batch_size": s["batch"], "disable_tqdm": True,
                                **({"teacher_layers_to_distill": case["hidden_layers"], "hidden_dtype": "int8"}
                                   if case["hidden_layers"] else {})})
-    writers = case.get("writers", default_writers(torch.device("cuda")))  # as a GPU dump writes, unless the case says
+    writers = case.get("writers", default_writers_h200())
     calls: list[float] = []
     _, ReplayTeacher = replay_classes()
     original_forward = ReplayTeacher.forward
@@ -447,7 +452,7 @@ def spec_for(quick: bool, work: Path, threads: Optional[int]) -> dict[str, Any]:
     sizes = {"ner": {"tokens": 200_000, "words_per_row": 100, "max_length": 128, "batch": 256},
              "lm": {"tokens": 20_000, "max_length": 512, "batch": 4}}
     big = {"topk6-128k": {"tokens": 4_000, "batch": 4},  # 4 x 512 tokens a batch, as the 32k cases (1.05 GB of float32 logits)
-           # 8 shards of the default 256 MiB at 2 KiB a token: each writer thread of a pair writes 4
+           # 10,000 rows: 16 shards of 625 (170 MB each at 2 KiB a token), 4 for each of 4 writer threads
            "full-ner-hidden-1024": {"tokens": 1_000_000}, "full-ner-hidden-1024-1w": {"tokens": 1_000_000}}
     if quick:
         sizes = {"ner": {"tokens": 2_000, "words_per_row": 40, "max_length": 64, "batch": 16},
@@ -479,6 +484,15 @@ def forward_rates(gpu_peak_tflops: Optional[float] = None) -> dict[str, dict[str
     return out
 
 
+def default_writers_h200() -> int:
+    """The writer threads kdcache's dump runs by default on the H200 machine."""
+    import torch
+
+    from kdcache.dump import default_writers
+
+    return default_writers(torch.device("cuda"), GPU_HOST_CORES)
+
+
 def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     teachers = result["teachers"]
     cases = result["cases"]
@@ -491,7 +505,8 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
          "the covered positions' rows: `device` below) run on the device; the *host ceiling* is the slowest of the host "
          "threads' own work (the forward loop: collate, copies to numpy, hand-off; each background writer: validation, "
          "Arrow encoding, fsync; its hasher: the shard's sha256 as it is written), which overlap, in each thread's CPU seconds "
-         "(the busiest writer's and hasher's, with the two writer threads a GPU dump runs by default, a shard each; one "
+         "(the busiest writer's and hasher's, with the writer threads a dump on the 16-core H200 machine runs by default, "
+         f"{default_writers_h200()}, a shard each; one "
          "case with one writer) "
          "(the machine is shared: wall "
          "seconds count the other work too; the wall-clock figure is given beside it). Goal: host ceiling >= "

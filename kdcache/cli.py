@@ -110,7 +110,8 @@ def main(verbose: bool) -> None:
 @click.option("--device", default=None, help="torch device for the teacher (default: cuda if available).")
 @click.option("--shard-examples", type=int, default=None, help="Examples per shard (default: about 256 MiB each).")
 @click.option("--writers", type=int, default=None,
-              help="Shards written at once, a thread each (default: 2 beside a GPU, 1 on a CPU); the cache is the same for any number.")
+              help="Shards written at once, a thread each (default: one per 4 CPU cores, 1 to 4, beside a GPU; 1 on a CPU); the "
+                   "cache is the same for any number.")
 @_handle_errors
 def dump_teacher_cmd(config_path: Optional[str], force: bool, device: Optional[str], shard_examples: Optional[int],
                      writers: Optional[int], **kwargs: Any) -> None:

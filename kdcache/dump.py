@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -493,10 +494,13 @@ class TeacherPass:
                     yield index, batches[j], j == len(batches) - 1
 
 
-def default_writers(device: torch.device) -> int:
-    """Writer threads when ``--writers`` is not given: two beside a GPU (a store of hidden states copies and hashes
-    gigabytes a minute there: one thread's share is the dump's ceiling), one on a CPU, whose cores run the teacher."""
-    return 2 if device.type == "cuda" else 1
+def default_writers(device: torch.device, cores: Optional[int] = None) -> int:
+    """Writer threads when ``--writers`` is not given. Beside a GPU, one per 4 host cores (``cores``: os.cpu_count()),
+    from 1 to 4: a store of hidden states copies gigabytes a minute into the page cache and hashes them, and one
+    thread's share of that bounds the dump (BENCHMARKS.md section 10). On a CPU, one: its cores run the teacher."""
+    if device.type != "cuda":
+        return 1
+    return min(4, max(1, (cores or os.cpu_count() or 1) // 4))
 
 
 def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -110,3 +110,12 @@ def test_pool_refuses_more_open_shards_than_writers(tmp_path):
         pool.abort()
     with pytest.raises(ValueError, match="at least one writer"):
         WriterPool(partial(ShardWriter, tmp_path, spec), 0)
+
+
+def test_default_writers_follow_the_host_cores_beside_a_gpu_and_are_one_on_a_cpu():
+    import torch
+
+    from kdcache.dump import default_writers
+
+    assert [default_writers(torch.device("cuda"), cores) for cores in (1, 2, 7, 8, 12, 16, 128)] == [1, 1, 1, 2, 3, 4, 4]
+    assert default_writers(torch.device("cpu"), 128) == 1
