@@ -77,6 +77,8 @@ STAGES: list[tuple[str, str, str, str]] = [
     ("kdcache.dump", "reduce_topk", "top-k + rest (log-sum-exp per temperature)", "device"),
     ("kdcache.dump", "reduce_sampled", "sampled draws (softmax, multinomial)", "device"),
     ("kdcache.dump", "_rows_to_front", "per-position outputs to [B, P, ...] rows", "device"),
+    ("kdcache.dump", "covered_first", "covered positions first: their order (a stable sort of the position mask)", "device"),
+    ("kdcache.dump", "_covered_rows_first", "sampled: the logits' rows in that order (a gather)", "device"),
     ("kdcache.dump", "_reduce_hidden", "hidden (total): select, quantise, issue the copies; freeing its float32 tensors is "
      "here (tens of ms a batch on a CPU, the caching allocator's on a GPU)", "device"),
     ("kdcache.dump", "select_hidden", "hidden: stack the layers, zero the padding", "device-part"),
@@ -350,7 +352,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
 
     ReplayTeacher.forward = forward
     try:
-        with StageClock(STAGES) as clock, CoveredRows() as covered:
+        with StageClock(STAGES) as clock:
             t0 = time.perf_counter()
             result = dump_teacher(config, cache_dir=str(work / f"cache-{case['name']}"), force=True, device="cpu", progress=False,
                                   writers=writers, shard_examples=case.get("shard_examples"))
@@ -367,9 +369,7 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     st = {x[2]: {"seconds": clock.seconds[x[2]], "cpu": clock.cpu[x[2]], "calls": clock.calls[x[2]], "thread": x[3],
                  "lanes": {str(lane_no[lane]): {"seconds": v[0], "cpu": v[1]} for lane, v in clock.lanes[x[2]].items()}}
           for x in STAGES}
-    # The covered-first ordering (and, for sampled draws, the gather of the logits' rows) in the dump's reduction are
-    # device ops on a GPU too, but inline ones that cannot be timed apart: measured here on the same shapes.
-    host = {key: host_split(st, key, covered.total[key], tokens) for key in ("seconds", "cpu")}
+    host = {key: host_split(st, key, tokens) for key in ("seconds", "cpu")}
     from kdcache.cache.summary import summarize
 
     field_bytes = {name: f["bytes_per_token"] for name, f in summarize(result.cache_dir)["fields"].items()}
@@ -385,15 +385,15 @@ def run_case(case: dict[str, Any], sizes: dict[str, Any], work: Path) -> dict[st
     return out
 
 
-def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tokens: int) -> dict[str, Any]:
+def host_split(st: dict[str, dict[str, Any]], key: str, tokens: int) -> dict[str, Any]:
     """The host's own work by ``key`` ("seconds": wall, "cpu": thread CPU): the forward loop's (collate, hand-off, and
-    the reduction less its device work: the named device stages and the covered rows' selection), the busiest writer
+    the reduction less its device work, the named device stages), the busiest writer
     thread's (write + close) and the busiest writer's sha256 helper; they overlap, so the slowest bounds the host's
     tokens/s."""
     named = {x[1]: x[2] for x in STAGES}
     device = sum(v[key] for v in st.values() if v["thread"] == "device")
     loop = (st[named["collate_batch"]][key] + st[named["WriterPool.write"]][key]
-            + max(0.0, st[named["reduce_outputs"]][key] - device - covered_rows))
+            + max(0.0, st[named["reduce_outputs"]][key] - device))
 
     def busiest(*attrs: str) -> float:
         per_lane: dict[str, float] = {}
@@ -406,44 +406,8 @@ def host_split(st: dict[str, dict[str, Any]], key: str, covered_rows: float, tok
     hasher = busiest("GrowingFileDigest.hash_to")
     threads = {"forward loop": loop, "writer": writer, "hasher": hasher}
     bound = max(threads, key=threads.get)
-    return {"device": device, "covered_rows": covered_rows, "loop": loop, "writer": writer, "hasher": hasher,
+    return {"device": device, "loop": loop, "writer": writer, "hasher": hasher,
             "tokens_per_s": tokens / max(threads[bound], 1e-9), "bound": bound}
-
-
-class CoveredRows:
-    """Times, before each batch's reduction, the device ops inside it that no stage names: ordering the covered
-    positions first (a stable sort of the position mask) and, for sampled draws, gathering the logits' rows in that
-    order, done again here on the same tensors so that their cost can be taken out of the reduction's total (wall and
-    thread CPU seconds, summed). Top-k gathers only its [B*P, k] results, too small to count."""
-
-    def __init__(self):
-        self.total = {"seconds": 0.0, "cpu": 0.0}
-
-    def __enter__(self) -> "CoveredRows":
-        import kdcache.dump as dump
-
-        self._module, self._original = dump, dump.reduce_outputs
-        inner = self._original
-
-        def measured(task, outputs, batch, *args, **kwargs):
-            spec = args[2] if len(args) > 2 else kwargs["spec"]
-            if spec.per_position:
-                positions = task.position_mask(batch)  # [B, P]
-                t0, c0 = time.perf_counter(), time.thread_time()
-                order = dump.covered_first(positions)  # [B*P]
-                for t in spec.targets:
-                    value = task.output_targets(outputs).get(t.name)
-                    if t.per == "position" and t.mode == "sampled" and value is not None:
-                        value[..., : t.width].flatten(0, 1).index_select(0, order)  # [B*P, C], as the draws take them
-                self.total["seconds"] += time.perf_counter() - t0
-                self.total["cpu"] += time.thread_time() - c0
-            return inner(task, outputs, batch, *args, **kwargs)
-
-        dump.reduce_outputs = measured
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._module.reduce_outputs = self._original
 
 
 # --- the section ---------------------------------------------------------------------------------------
@@ -535,9 +499,6 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     L += ["| stage | thread | " + " | ".join(c["name"] for c in cases) + " |", "|---|---|" + "---:|" * len(cases)]
     for _, _, name, thread in STAGES:
         L.append(f"| {name} | {thread} | " + " | ".join(f"{c['stages'][name]['cpu']:.2f}" for c in cases) + " |")
-    L.append("| covered positions' order and logit rows (inside reduce; timed again on the same tensors before each "
-             "reduction) | device | "
-             + " | ".join(f"{c['host']['cpu']['covered_rows']:.2f}" for c in cases) + " |")
     L.append("| **host: forward loop** (collate + hand-off + reduce less its device work) | main | "
              + " | ".join(f"**{c['host']['cpu']['loop']:.2f}**" for c in cases) + " |")
     L.append("| writer threads (shards written at once) | | " + " | ".join(str(c.get("writers", 1)) for c in cases) + " |")

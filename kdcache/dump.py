@@ -566,6 +566,14 @@ def _rows_to_front(rows: torch.Tensor, counts: torch.Tensor, span: int, order: O
     return out.masked_fill(~real, 0)  # an uncovered row's values (padding: even NaN) never reach the host
 
 
+def _covered_rows_first(value: torch.Tensor, positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[B*P, C] rows of ``value`` [B, P, C] in ``order`` (covered positions first), the uncovered ones zeroed: their
+    draws (from a uniform row: padding may hold NaN) are discarded after. One gather, on the device."""
+    value = value.flatten(0, 1).index_select(0, order)  # [B*P, C]
+    covered = positions.flatten().index_select(0, order)  # [B*P]
+    return value.masked_fill_(~covered[:, None], 0)  # in place: value is the gather's own copy
+
+
 def _trim(padded: np.ndarray, n_positions: np.ndarray) -> np.ndarray:
     """A host array [B, S, ...] cut to [B, P, ...], P = the most positions a row covers (a view, no copy)."""
     return padded[:, : int(n_positions.max()) if n_positions.size else 0]
@@ -665,10 +673,8 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
             rows_order = order
         else:  # sampled: draws reproducible per batch (a resumed dump rewrites identical shards)
             rows_order = None  # the draws are taken in covered-first order, as a boolean index gave the rows
-            if per_position:  # uncovered rows (padding may hold NaN) draw from a uniform row, discarded after
-                value = value.flatten(0, 1).index_select(0, order)  # [B*P, C]
-                covered = positions.flatten().index_select(0, order)  # [B*P]
-                value = value.masked_fill_(~covered[:, None], 0)  # in place: value is the gather's own copy
+            if per_position:
+                value = _covered_rows_first(value, positions, order)  # [B*P, C]
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
             comps = reduce_sampled(value, t.k, t.temperatures, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
