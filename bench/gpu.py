@@ -208,7 +208,7 @@ def dump_figures(part: Part, config, fwd_s: float, fwd_tokens: int, flops_per_to
     """Run ``dump_teacher`` and record its wall time, phases and the ratios to the bare forward (per token)."""
     import torch
 
-    from kdcache.dump import dump_teacher
+    from kdcache.dump import default_writers, dump_teacher
 
     if part.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -222,7 +222,9 @@ def dump_figures(part: Part, config, fwd_s: float, fwd_tokens: int, flops_per_to
            "dump_loop_tokens_per_s": tokens / loop, "dump_tokens_per_s": tokens / d.seconds,
            "dump_loop_over_forward": loop / (fwd_per_token * tokens), "dump_wall_over_forward": d.seconds / (fwd_per_token * tokens),
            "cache_bytes": int(d.manifest["bytes"]), "cache_bytes_per_token": d.manifest["bytes"] / tokens,
-           "dump_gpu_peak_bytes": int(torch.cuda.max_memory_allocated()) if part.cuda else None}
+           "dump_gpu_peak_bytes": int(torch.cuda.max_memory_allocated()) if part.cuda else None,
+           "dump_writers": default_writers(part.device), "host_cores": os.cpu_count(),
+           "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}
     if flops_per_token and part.peak:
         out["dump_loop_mfu"] = flops_per_token * tokens / loop / 1e12 / part.peak
     part.record(**out)

@@ -574,7 +574,26 @@ def _check_tiling(shards: list[dict], n: int) -> None:
 # Background writing
 
 
-class BackgroundWriter:
+class _ClosedOrAborted:
+    """As a context manager: ``close()`` on a clean exit, ``abort()`` when the block raised (nothing half-written stays)."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class BackgroundWriter(_ClosedOrAborted):
     """A ShardWriter driven by one daemon thread through a bounded queue.
 
     The producer (a GPU forward loop) only waits on disk when ``maxsize`` batches are queued.
@@ -680,17 +699,8 @@ class BackgroundWriter:
         self._thread.join()
         self._stopped = True
 
-    def __enter__(self) -> "BackgroundWriter":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-
-
-class WriterPool:
+class WriterPool(_ClosedOrAborted):
     """Shards written in parallel: ``n`` BackgroundWriters, each driving a ShardWriter of its own (one open shard each).
 
     A dump that stores kilobytes per token (hidden states) is otherwise bound by one thread's copies into the page cache
@@ -769,12 +779,3 @@ class WriterPool:
         for w in self.writers:
             w.abort()
         self._open.clear()
-
-    def __enter__(self) -> "WriterPool":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
