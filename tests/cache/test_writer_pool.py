@@ -119,3 +119,39 @@ def test_default_writers_follow_the_host_cores_beside_a_gpu_and_are_one_on_a_cpu
 
     assert [default_writers(torch.device("cuda"), cores) for cores in (1, 2, 7, 8, 12, 16, 128)] == [1, 1, 1, 2, 3, 4, 4]
     assert default_writers(torch.device("cpu"), 128) == 1
+
+
+def test_publish_hooks_run_one_at_a_time_when_writers_publish_together(tmp_path):
+    """The dump wraps its on_shard hook (an upload) so that writer threads publishing at once never run it together."""
+    import threading
+    import time
+
+    from kdcache.dump import one_at_a_time
+
+    inside, overlaps, seen = [0], [], []
+
+    def upload(directory, meta):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.01)  # long enough for the other writers to arrive while this one is inside
+        seen.append(meta["index"])
+        inside[0] -= 1
+
+    spec = SPECS["logits"]
+    truth = make_truth(spec, 16, seed=24)  # generated here, seed 24
+    hook = one_at_a_time(upload)
+    start = threading.Barrier(4)
+
+    def publish(i):
+        w = ShardWriter(tmp_path, spec, on_publish=hook)
+        start.wait()
+        w.open_shard(i, (4 * i, 4 * i + 4))
+        w.write(make_batch(spec, truth, np.arange(4 * i, 4 * i + 4)))
+        w.close_shard()
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == [0, 1, 2, 3] and max(overlaps) == 1
