@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from kdcache.row_blocks import row_blocks, rows_per_block
+
 
 class LayerError(ValueError):
     """A requested hidden layer does not exist in the model."""
@@ -66,7 +68,20 @@ def reduce_topk(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -
     at T=1, ``logrest`` [..., n_T] float16 log of the mass outside the top-k at each temperature, all on
     logits' device. Both sums are taken directly in float32, the tail's over the non-top-k entries, so
     nothing cancels: lse_T(all) = logaddexp(lse_T(top-k), lse_T(rest)), one pass over the vocabulary per
-    temperature."""
+    temperature. The passes run block by block of rows (kdcache.row_blocks: no [N, V] float32 copy of the
+    logits; each row's result is the same for any blocking)."""
+    lead = logits.shape[:-1]
+    out = {"idx": torch.empty((*lead, k), dtype=torch.long, device=logits.device),
+           "logp": torch.empty((*lead, k), dtype=torch.float16, device=logits.device),
+           "logrest": torch.empty((*lead, len(temperatures)), dtype=torch.float16, device=logits.device)}
+    for blk in row_blocks(tuple(logits.shape), rows_per_block(logits)):
+        for name, value in _reduce_topk_rows(logits[blk], k, temperatures).items():
+            out[name][blk] = value
+    return out
+
+
+def _reduce_topk_rows(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> dict[str, torch.Tensor]:
+    """reduce_topk of one block of rows [..., V]."""
     lf = logits.float()  # [..., V]
     top, idx = lf.topk(k, dim=-1)  # [..., k] descending
     outside = lf.scatter(-1, idx, float("-inf"))  # [..., V], the top-k removed

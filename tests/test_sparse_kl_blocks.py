@@ -9,8 +9,9 @@ import itertools
 import pytest
 import torch
 
-from kdcache.distill import losses
+import kdcache.row_blocks as row_blocks_module
 from kdcache.distill.losses import mapped_topk_kl, sampled_kl, topk_rest_kl
+from kdcache.row_blocks import row_blocks
 from kdcache.teacher import reduce_sampled, reduce_topk
 
 V = 97
@@ -20,7 +21,7 @@ V = 97
                                         ((0, 4, V), 2), ((4, 0, V), 2)])
 def test_row_blocks_cover_every_row_once(shape, rows):
     seen = torch.zeros(shape[:-1], dtype=torch.int64)
-    for blk in losses._row_blocks(shape, rows):
+    for blk in row_blocks(shape, rows):
         view = seen[blk]
         assert view.numel() <= rows
         view += 1  # a basic index: a view, so this counts into ``seen``
@@ -66,7 +67,7 @@ def test_many_blocks_give_the_loss_and_gradient_of_one(monkeypatch, dtype, T):
     teacher, wide, mask = _inputs(dtype)
     for name, fn in _cases(teacher, T).items():
         one = _loss_and_grad(lambda z, fn=fn: fn(z, mask), wide)
-        monkeypatch.setitem(losses.BLOCK_ELEMENTS, "cpu", 4 * V)  # blocks of 4 rows: the 18 rows in 6 blocks
+        monkeypatch.setitem(row_blocks_module.BLOCK_ELEMENTS, "cpu", 4 * V)  # blocks of 4 rows: the 18 rows in 6 blocks
         many = _loss_and_grad(lambda z, fn=fn: fn(z, mask), wide)
         monkeypatch.undo()
         assert torch.isfinite(one[0]) and float(one[0]) > 0, name
@@ -91,7 +92,7 @@ def test_blocked_gradient_matches_autograd_through_the_vocabulary(monkeypatch, T
         per_row = (t_top.exp() * (t_top - q_top)).sum(-1) + t_rest.exp() * (t_rest - q_rest)  # [2, 9]
         return (per_row * mask).sum() / mask.sum() * T**2
 
-    monkeypatch.setitem(losses.BLOCK_ELEMENTS, "cpu", 2 * V)
+    monkeypatch.setitem(row_blocks_module.BLOCK_ELEMENTS, "cpu", 2 * V)
     loss, grad = _loss_and_grad(lambda z: topk_rest_kl(z, idx, logp, logrest, T, mask), wide)
     ref_loss, ref_grad = _loss_and_grad(reference, wide)
     assert abs(float(loss) - float(ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))

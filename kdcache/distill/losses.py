@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kdcache.row_blocks import row_blocks, rows_per_block
+
 
 def kd_kl_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -37,39 +39,6 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-# Elements of one block of the vocabulary-wide passes: on a CPU a block stays in cache, and reusing it spares
-# the page faults of a fresh [N, V] float32 buffer (4.6x faster forward at V = 30,522); on an accelerator a few
-# blocks bound the peak memory (no [N, V] float32 copy of a bf16 head) at a handful of kernel launches.
-BLOCK_ELEMENTS = {"cpu": 1 << 21, "other": 1 << 26}
-
-
-def _row_blocks(shape: tuple[int, ...], rows: int):
-    """Index tuples that cut the leading dimensions of ``shape`` (all but the last, the vocabulary) into blocks of
-    at most ``rows`` rows. Each is a basic index, so it gives a view of a tensor of any strides (a sliced head
-    included) and the matching rows of a [...]-shaped per-row tensor."""
-    lead = shape[:-1]
-    if not lead:
-        yield ()
-        return
-    inner = 1
-    for d in lead[1:]:
-        inner *= d
-    if inner <= rows:
-        per = max(1, rows // max(inner, 1))
-        for start in range(0, lead[0], per):
-            yield (slice(start, start + per),)
-        return
-    for a in range(lead[0]):
-        for sub in _row_blocks(shape[1:], rows):
-            yield (a, *sub)
-
-
-def _block_rows(z: torch.Tensor) -> int:
-    """Rows per block of the vocabulary-wide passes over z [..., V] (see BLOCK_ELEMENTS)."""
-    elements = BLOCK_ELEMENTS["cpu" if z.device.type == "cpu" else "other"]
-    return max(1, elements // max(z.shape[-1], 1))
-
-
 class _SparseKL(torch.autograd.Function):
     """Σ_rows w · [Σ_i a_i (c_i − log q_i) + b (c_r − log q_r)] with q = softmax(z / T) over the vocabulary, q_r the
     mass outside the m tokens ``idx``, and its gradient in closed form (no autograd through the vocabulary):
@@ -78,7 +47,7 @@ class _SparseKL(torch.autograd.Function):
         ∂/∂z_j = w / T · q_j (A − b (1 − q_r) / q_r)   for the other tokens
 
     so a step over a [B, P, V] head costs one log-sum-exp forward and one softmax backward, not the
-    half-dozen vocabulary-wide temporaries of autograd; both run block by block of rows (``_row_blocks``), so no
+    half-dozen vocabulary-wide temporaries of autograd; both run block by block of rows (``kdcache.row_blocks``), so no
     [N, V] float32 temporary exists beside the gradient itself. ``b`` is None for no rest bucket (sampled
     targets); ``valid`` [..., m] (None: all) marks the slots that name a token (others carry a = 0 and are no
     bucket)."""
@@ -86,7 +55,7 @@ class _SparseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, idx, a, c, b, c_r, temperature, weight, valid=None):
         lse = torch.empty(z.shape[:-1], dtype=torch.float32, device=z.device)  # [...]
-        for blk in _row_blocks(tuple(z.shape), _block_rows(z)):
+        for blk in row_blocks(tuple(z.shape), rows_per_block(z)):
             zt = z[blk].float() / temperature  # [n, V]
             # log-sum-exp as max(zt) − max(log_softmax(zt)): one fused kernel and two reads, faster than
             # torch.logsumexp's composite (max, subtract, exp, sum) and as exact (the second max lies in [−log V, 0])
@@ -117,7 +86,7 @@ class _SparseKL(torch.autograd.Function):
         on_minus_off = on - off  # [...] the idx tokens' extra factor on q_j
         grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # [..., V]
         in_place = z.dtype == torch.float32  # else each block is computed in float32, then cast into grad
-        for blk in _row_blocks(tuple(z.shape), _block_rows(z)):
+        for blk in row_blocks(tuple(z.shape), rows_per_block(z)):
             g = grad[blk] if in_place else torch.empty(grad[blk].shape, dtype=torch.float32, device=z.device)  # [n, V]
             g.copy_(z[blk]).div_(T).sub_(lse[blk].unsqueeze(-1)).exp_()  # q
             q_idx = g.gather(-1, idx[blk])  # [n, m]
