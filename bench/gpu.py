@@ -487,10 +487,35 @@ def part_host_copies(part: Part) -> None:
         checked[name] = {"identical": same, "sync_free": sync_free, "as_covered_rows_only": before() if before else None,
                          "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in sync.items()}}
         part.record(checked=checked)
+    part.record(topk_blocks=topk_blocks_identical(part))
     if not all(c["identical"] for c in checked.values()):
         raise AssertionError("asynchronous host copies differ from synchronous ones: " + json.dumps(checked))
     if not all(c["sync_free"] in (True, None) for c in checked.values()):
         raise AssertionError("reduce_outputs waits for the GPU: " + json.dumps({k: c["sync_free"] for k, c in checked.items()}))
+
+
+def topk_blocks_identical(part: Part) -> dict[str, Any]:
+    """Whether the dump's top-k + rest reduction, run block by block of rows (kdcache.row_blocks), gives on this device
+    the arrays of one block over every row, bit for bit (the CPU's tests show it there): bf16 logits of a 128k
+    vocabulary, 8,192 positions on a GPU. If not, the cache's ALGORITHM_VERSION must change with the blocking."""
+    import torch
+
+    import kdcache.row_blocks as rb
+    from kdcache.teacher import reduce_topk
+
+    n, vocab = (8192, 128_256) if part.cuda else (1024, 5_000)  # 16 and 3 blocks
+    g = torch.Generator(device=part.device).manual_seed(7)
+    logits = (torch.randn(n, vocab, device=part.device, generator=g) * 4).to(torch.bfloat16)
+    key = "cpu" if part.device.type == "cpu" else "other"
+    blocked = reduce_topk(logits, 6, (1.0, 2.0))
+    saved = rb.BLOCK_ELEMENTS[key]
+    rb.BLOCK_ELEMENTS[key] = n * vocab
+    try:
+        whole = reduce_topk(logits, 6, (1.0, 2.0))
+    finally:
+        rb.BLOCK_ELEMENTS[key] = saved
+    return {"rows": n, "vocab": vocab, "rows_per_block": rb.rows_per_block(logits),
+            "identical": all(torch.equal(blocked[k], whole[k]) for k in blocked)}
 
 
 def covered_rows_only(task, outputs, batch, spec, seed: int, feature_ids, stored) -> Optional[Callable[[], dict[str, bool]]]:
