@@ -75,10 +75,12 @@ STAGES: list[tuple[str, str, str, str]] = [
     ("kdcache.dump", "collate_batch", "collate: pad the batch, to tensors", "main"),
     ("kdcache.dump", "reduce_outputs", "reduce: every output reduction and its copy to numpy (total)", "main"),
     ("kdcache.dump", "reduce_topk", "top-k + rest (log-sum-exp per temperature)", "device"),
-    ("kdcache.dump", "reduce_sampled", "sampled draws (softmax, multinomial)", "device"),
+    ("kdcache.dump", "_draws", "sampled (total): the rows in covered-first order, the draws; freeing the rows' copy is "
+     "here", "device"),
+    ("kdcache.dump", "reduce_sampled", "sampled draws (softmax, multinomial)", "device-part"),
     ("kdcache.dump", "_rows_to_front", "per-position outputs to [B, P, ...] rows", "device"),
     ("kdcache.dump", "covered_first", "covered positions first: their order (a stable sort of the position mask)", "device"),
-    ("kdcache.dump", "_covered_rows_first", "sampled: the logits' rows in that order (a gather)", "device"),
+    ("kdcache.dump", "_covered_rows_first", "sampled: the logits' rows in that order (a gather)", "device-part"),
     ("kdcache.dump", "_reduce_hidden", "hidden (total): select, quantise, issue the copies; freeing its float32 tensors is "
      "here (tens of ms a batch on a CPU, the caching allocator's on a GPU)", "device"),
     ("kdcache.dump", "select_hidden", "hidden: stack the layers, zero the padding", "device-part"),

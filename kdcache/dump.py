@@ -574,6 +574,14 @@ def _covered_rows_first(value: torch.Tensor, positions: torch.Tensor, order: tor
     return value.masked_fill_(~covered[:, None], 0)  # in place: value is the gather's own copy
 
 
+def _draws(value: torch.Tensor, positions: Optional[torch.Tensor], order: Optional[torch.Tensor], t, generator) -> dict[str, torch.Tensor]:
+    """Target ``t``'s sampled draws from ``value`` [B, C] or, per position, [B, P, C]: then from its rows in covered-first
+    ``order`` (``_covered_rows_first``), a copy that lives only in here."""
+    if positions is not None:
+        value = _covered_rows_first(value, positions, order)  # [B*P, C]
+    return reduce_sampled(value, t.k, t.temperatures, generator)
+
+
 def _trim(padded: np.ndarray, n_positions: np.ndarray) -> np.ndarray:
     """A host array [B, S, ...] cut to [B, P, ...], P = the most positions a row covers (a view, no copy)."""
     return padded[:, : int(n_positions.max()) if n_positions.size else 0]
@@ -673,10 +681,8 @@ def reduce_outputs(task, outputs, batch: dict[str, torch.Tensor], feature_ids: n
             rows_order = order
         else:  # sampled: draws reproducible per batch (a resumed dump rewrites identical shards)
             rows_order = None  # the draws are taken in covered-first order, as a boolean index gave the rows
-            if per_position:
-                value = _covered_rows_first(value, positions, order)  # [B*P, C]
             generator = torch.Generator(device=value.device).manual_seed(int(seed) * 1_000_003 + int(feature_ids.min()))
-            comps = reduce_sampled(value, t.k, t.temperatures, generator)
+            comps = _draws(value, positions if per_position else None, order, t, generator)
         dtypes = {suffix[1:]: np.dtype(dtype) for suffix, (dtype, _) in t.components().items()}
         raw = {c: copies.copy(_rows_to_front(v, counts, positions.shape[1], rows_order)) for c, v in comps.items()}
         copies.then(lambda name=t.name, raw=raw, dtypes=dtypes: out.targets.__setitem__(
