@@ -65,7 +65,8 @@ CASES: list[dict[str, Any]] = [
     {"name": "sampled16-32k", "label": "16 sampled draws, 32k vocabulary", "teacher": "llama-7b", "task": "causal_lm",
      "vocab": 32000, "config": {"logits_mode": "sampled", "logits_k": 16}, "hidden_layers": None},
     {"name": "topk6-32k-hidden-4096", "label": "top-6 + rest, 32k + int8 hidden, 2 layers x 4096", "teacher": "llama-7b",
-     "task": "causal_lm", "vocab": 32000, "config": {"logits_mode": "topk", "logits_k": 6}, "hidden_layers": [-1, -3]},
+     "task": "causal_lm", "vocab": 32000, "config": {"logits_mode": "topk", "logits_k": 6}, "hidden_layers": [-1, -3],
+     "shard_examples": 10},  # 39 blocks of 512 tokens: 4 shards, one for each writer thread
 ]
 
 # Stages timed while the pipeline runs: (module, attribute, stage, thread). A method is "Class.method".
