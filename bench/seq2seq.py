@@ -140,12 +140,16 @@ CROSS_INITS = ("random", "self")
 CROSS_INIT_NAMES = {"random": "random", "self": "as a copy of each layer's own pretrained self-attention"}
 
 
-def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], seed: int, cross_init: str = "random") -> Path:
+def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], seed: int, cross_init: str = "random",
+                   drop_cls: bool = False) -> Path:
     """A bert2bert EncoderDecoderModel warm-started from one pretrained BERT (encoder and decoder alike), keeping only
     ``layers`` of each side when given, with the decoder's start / pad / end tokens set to [CLS] / [PAD] / [SEP]; saved with
     its tokenizer. The decoder's cross-attention (cross_init): "random", drawn after torch.manual_seed(seed), or "self", a
     copy of each decoder layer's own pretrained self-attention (the encoder's layer l is the same BERT layer, so its hidden
-    states live in the space that attention reads: the decoder attends to matching source tokens from step 0)."""
+    states live in the space that attention reads: the decoder attends to matching source tokens from step 0).
+    drop_cls: save a tokenizer that ends texts in [SEP] without the leading [CLS]. A BERT tokenizer puts [CLS] first in
+    the targets too, after the decoder's start token [CLS], so the decoder learns [CLS] -> [CLS] and its greedy outputs
+    can loop on [CLS]."""
     import torch
     from transformers import AutoTokenizer, EncoderDecoderModel
 
@@ -166,8 +170,22 @@ def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], s
     for cfg in (model.config, model.generation_config):
         cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tok.cls_token_id, tok.pad_token_id, tok.sep_token_id
     model.save_pretrained(path)
-    tok.save_pretrained(path)
+    (sep_only(tok) if drop_cls else tok).save_pretrained(path)
     return path
+
+
+def sep_only(tok):
+    """A copy of a BERT tokenizer (fast) whose texts are ``tokens [SEP]``: no [CLS] in front, of sources or targets."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    inner = copy.deepcopy(tok.backend_tokenizer)
+    inner.post_processor = processors.TemplateProcessing(single="$A [SEP]", pair="$A [SEP] $B:1 [SEP]:1",
+                                                         special_tokens=[("[SEP]", tok.sep_token_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, cls_token=tok.cls_token, sep_token=tok.sep_token, pad_token=tok.pad_token,
+                                   unk_token=tok.unk_token, mask_token=tok.mask_token, model_max_length=tok.model_max_length)
 
 
 def copy_self_to_cross_attention(decoder) -> None:
@@ -257,12 +275,13 @@ def initial_models(q: dict[str, Any], work: Path) -> tuple[str, Path, Any]:
     pretrained BERT named by q["pretrained"] (the students keep q["student_keep"] of its layers on both sides)."""
     if study_of(q)["task"] == "summarization":
         pre = q["pretrained"]
-        cross = q.get("cross_init", "random")  # part of the initialisation: the same for the teacher and every arm
-        tag = "" if cross == "random" else f"-cross{cross}"  # the runs before cross_init existed are "random", untagged
-        teacher = make_bert2bert(work / f"tldr-teacher-init{tag}", pre, None, 0, cross)
+        cross, drop = q.get("cross_init", "random"), q.get("drop_cls", False)  # part of the initialisation: the same everywhere
+        # the runs before these existed were "random" with [CLS] first, untagged
+        tag = ("" if cross == "random" else f"-cross{cross}") + ("-nocls" if drop else "")
+        teacher = make_bert2bert(work / f"tldr-teacher-init{tag}", pre, None, 0, cross, drop)
         keep = q["student_keep"]
-        return pre, teacher, lambda seed: make_bert2bert(work / f"tldr-student-init-{len(keep)}l{tag}-{seed}", pre, keep, 100 + seed,
-                                                         cross)
+        return str(teacher), teacher, lambda seed: make_bert2bert(work / f"tldr-student-init-{len(keep)}l{tag}-{seed}", pre, keep,
+                                                                  100 + seed, cross, drop)
     rows = common.read_jsonl(M30K["train"])
     tok = build_bpe(work / f"m30k-bpe{q['vocab']}", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
     teacher = make_t5(work / f"m30k-teacher-init-{q['vocab']}", str(tok), q["teacher_d"], q["teacher_layers"], 0)
@@ -299,11 +318,13 @@ def train_teacher(q: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, 
     return tok, teacher_dir, info
 
 
-def probe_spec(q: dict[str, Any], cross_init: str) -> dict[str, Any]:
-    """The summarization study's teacher, trained one epoch from the ``cross_init`` initialisation and scored on 50 test
-    rows: a probe of whether an initialisation makes the teacher read its source (its epoch figures: source_gap, distinct),
-    long before a full teacher's greedy outputs would tell."""
-    return {**q, "cross_init": cross_init, "teacher_epochs": 1, "teacher_name": f"tldr-probe-cross{cross_init}", "eval_rows": 50}
+def probe_spec(q: dict[str, Any], cross_init: str, lr: Optional[float] = None) -> dict[str, Any]:
+    """The summarization study's teacher, trained one epoch from the ``cross_init`` initialisation (at ``lr``, default the
+    study's) and scored on 50 test rows: a probe of whether a setting makes the teacher read its source (its epoch
+    figures: source_gap, distinct), long before a full teacher's greedy outputs would tell."""
+    lr = q["teacher_lr"] if lr is None else lr
+    return {**q, "cross_init": cross_init, "teacher_epochs": 1, "teacher_lr": lr, "eval_rows": 50,
+            "teacher_name": f"tldr-probe-cross{cross_init}" + ("" if lr == q["teacher_lr"] else f"-lr{lr:g}")}
 
 
 def epoch_metric_callback(tokenizer_dir: str, base: dict[str, Any], rows: int, watch_file: Optional[Path] = None):
@@ -612,10 +633,13 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
                "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
     # Summarization: a teacher that starts pretrained (bert2bert from MiniLM-L6, 6+6 layers) trained on all 1,992 SciTLDR
     # rows; 2+2-layer students (MiniLM's layers 0 and 5 on both sides) on the first 500, a quarter (the teacher has read more)
-    summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "teacher_rows": 1992,
-                     "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50, "teacher_name": "tldr-teacher-all",
-                     "teacher_batch": 16, "teacher_lr": 3e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
-                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 3e-4, "student_epochs": 6, "fidelity_rows": 100,
+    # The cross-attention starts as a copy of each layer's self-attention; lr 1e-4 (at 3e-4 the encoder's last layer
+    # collapsed to one vector for every token within an epoch: docs/recipe.md's probe).
+    summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "cross_init": "self",
+                     "drop_cls": True, "teacher_rows": 1992, "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50,
+                     "teacher_name": "tldr-teacher-crossself-nocls", "student_tag": "-crossself-nocls",
+                     "teacher_batch": 16, "teacher_lr": 1e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
+                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 1e-4, "student_epochs": 6, "fidelity_rows": 100,
                      "only_needed_caches": True, "fidelity": False, "codecs": False}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,

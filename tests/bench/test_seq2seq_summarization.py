@@ -174,3 +174,17 @@ def test_a_teacher_that_does_not_read_its_source_is_void():
     assert "cross-entropy on others' sources minus on their own, nats/token, +0.40, +0.05)" in text
     result["summarization"]["teacher"]["by_epoch"][-1]["source_gap"] = 0.3
     assert seq2seq.summary_rows(result)[0].endswith("| **missed** |")
+
+
+def test_drop_cls_saves_a_tokenizer_without_the_leading_cls(tmp_path, tokenizer_dir):
+    """Targets (and sources) end in [SEP] with no [CLS] in front, so the decoder's start token [CLS] is never a target."""
+    from transformers import AutoTokenizer
+
+    base = make_bert(tmp_path / "bert", tokenizer_dir, layers=2, hidden=32, seed=0)
+    plain = AutoTokenizer.from_pretrained(seq2seq.make_bert2bert(tmp_path / "a", str(base), None, 0))
+    tok = AutoTokenizer.from_pretrained(seq2seq.make_bert2bert(tmp_path / "b", str(base), None, 0, drop_cls=True))
+    text = "a good story about love"
+    assert plain(text_target=text)["input_ids"][0] == plain.cls_token_id
+    assert tok(text_target=text)["input_ids"] == plain(text_target=text)["input_ids"][1:]
+    assert tok(text)["input_ids"][-1] == tok.sep_token_id and tok.cls_token_id == plain.cls_token_id
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
