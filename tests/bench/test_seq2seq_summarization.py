@@ -174,6 +174,12 @@ def test_a_teacher_that_does_not_read_its_source_is_void():
     assert "cross-entropy on others' sources minus on their own, nats/token, +0.40, +0.05)" in text
     result["summarization"]["teacher"]["by_epoch"][-1]["source_gap"] = 0.3
     assert seq2seq.summary_rows(result)[0].endswith("| **missed** |")
+    # the setting names how the bert2bert started
+    assert "the decoder's cross-attention starts random)" in text
+    result["summarization"]["spec"].update(cross_init="self", drop_cls=True)
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert ("its WordPiece tokenizer, texts ending in [SEP] without a leading [CLS]; the decoder's cross-attention starts as a copy "
+            "of each layer's own pretrained self-attention)") in text
 
 
 def test_drop_cls_saves_a_tokenizer_without_the_leading_cls(tmp_path, tokenizer_dir):
