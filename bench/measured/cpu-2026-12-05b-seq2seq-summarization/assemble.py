@@ -3,11 +3,13 @@ students' KL to the teacher and the share of distinct greedy outputs of the teac
 watched validation documents (the teacher's own is also in its by_epoch figures); then prints BENCHMARKS.md section
 7's summarization block and its summary row.
 
-    PYTHONPATH=$PWD KDCACHE_HOME=bench/results/work/cpu/kdcache_home python bench/measured/cpu-2026-12-05b-seq2seq-summarization/assemble.py
+    export PYTHONPATH=$PWD KDCACHE_HOME=bench/results/work/cpu/kdcache_home
+    python bench/measured/cpu-2026-12-05b-seq2seq-summarization/assemble.py [KINDS: default plain,topk-T3,seqkd]
 """
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from bench import common, seq2seq
 torch.set_num_threads(2)
 here = Path(__file__).parent
 spec = {**seq2seq.spec_for(False, Path("bench/results/work/cpu/seq2seq"), [0, 1, 2], 2), "parts": ["summarization"],
-        "kinds": ["plain", "topk-T3", "seqkd"]}
+        "kinds": sys.argv[1].split(",") if sys.argv[1:] else ["plain", "topk-T3", "seqkd"]}
 t0 = time.time()
 result = seq2seq.run(spec)
 q = spec["summarization"]
