@@ -63,8 +63,9 @@ def test_a_bert2bert_teacher_and_student_distil_through_kdcache(tmp_path, tokeni
     assert [h["epoch"] for h in watch.history] == [float(e) for e in range(1, 9)]
     assert t.metrics["eval_rougeL"] > 50  # it learnt the summaries (a check that can fail)
     assert watch.history[-1]["rougeL"] == pytest.approx(t.metrics["eval_rougeL"])
-    # it reads its source: the summary's adjective comes from the document, so another document's source costs it
-    assert watch.history[-1]["source_gap"] > 0.2
+    # each epoch also records whether it reads its source (source_gap: its own test below)
+    last = watch.history[-1]
+    assert last["source_gap"] == pytest.approx(last["shuffled_ce"] - last["matched_ce"]) and 0 < last["matched_ce"] < 10
     student = {**base, "model_name": str(s_init), "teacher_model_name": str(tmp_path / "teacher"), "batch_size": 4,
                "learning_rate": 3e-3, "num_epochs": 2, "use_distillation": True, "logits_k": 6, "sequence_kd": True}
     d = dump_teacher(seq2seq._config(student), cache_dir=str(tmp_path / "cache"), force=False, progress=False)
