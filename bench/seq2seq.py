@@ -52,6 +52,9 @@ PARTS = ("steps", "quality", "summarization")
 # A teacher whose greedy outputs on the watched validation rows are mostly one text has learnt the targets' language, not
 # the task (a warm-started bert2bert does this before its random cross-attention learns to read the source).
 MIN_DISTINCT = 0.5
+# ... and one whose references score (nearly) as well on another row's source as on their own does not read its input:
+# shuffled minus matched mean token cross-entropy on those rows, in nats (source_gap), at least this much.
+MIN_SOURCE_GAP = 0.1
 
 # The students of the quality figure: what each changes in the student config, and its cache.
 KINDS: dict[str, dict[str, Any]] = {
@@ -132,15 +135,28 @@ def make_t5(path: Path, tokenizer_path: str, d_model: int, layers: int, seed: in
     return path
 
 
-def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], seed: int) -> Path:
-    """A bert2bert EncoderDecoderModel warm-started from one pretrained BERT (encoder and decoder alike; the decoder's
-    cross-attention starts random, drawn after torch.manual_seed(seed)), keeping only ``layers`` of each side when given,
-    with the decoder's start / pad / end tokens set to [CLS] / [PAD] / [SEP]; saved with its tokenizer."""
+# How a bert2bert's decoder cross-attention starts (make_bert2bert), and how BENCHMARKS.md says it.
+CROSS_INITS = ("random", "self")
+CROSS_INIT_NAMES = {"random": "random", "self": "as a copy of each layer's own pretrained self-attention"}
+
+
+def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], seed: int, cross_init: str = "random",
+                   drop_cls: bool = False) -> Path:
+    """A bert2bert EncoderDecoderModel warm-started from one pretrained BERT (encoder and decoder alike), keeping only
+    ``layers`` of each side when given, with the decoder's start / pad / end tokens set to [CLS] / [PAD] / [SEP]; saved with
+    its tokenizer. The decoder's cross-attention (cross_init): "random", drawn after torch.manual_seed(seed), or "self", a
+    copy of each decoder layer's own pretrained self-attention (the encoder's layer l is the same BERT layer, so its hidden
+    states live in the space that attention reads: the decoder attends to matching source tokens from step 0).
+    drop_cls: save a tokenizer that ends texts in [SEP] without the leading [CLS]. A BERT tokenizer puts [CLS] first in
+    the targets too, after the decoder's start token [CLS], so the decoder learns [CLS] -> [CLS] and its greedy outputs
+    can loop on [CLS]."""
     import torch
     from transformers import AutoTokenizer, EncoderDecoderModel
 
     from kdcache.models import keep_layers
 
+    if cross_init not in CROSS_INITS:
+        raise ValueError(f"cross_init {cross_init!r}: one of {', '.join(CROSS_INITS)}")
     if (path / "config.json").exists():
         return path
     tok = AutoTokenizer.from_pretrained(encoder_path)
@@ -149,11 +165,37 @@ def make_bert2bert(path: Path, encoder_path: str, layers: Optional[list[int]], s
     if layers is not None:
         keep_layers(model.encoder, layers)
         keep_layers(model.decoder, layers)
+    if cross_init == "self":
+        copy_self_to_cross_attention(model.decoder)
     for cfg in (model.config, model.generation_config):
         cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = tok.cls_token_id, tok.pad_token_id, tok.sep_token_id
     model.save_pretrained(path)
-    tok.save_pretrained(path)
+    (sep_only(tok) if drop_cls else tok).save_pretrained(path)
     return path
+
+
+def sep_only(tok):
+    """A copy of a BERT tokenizer (fast) whose texts are ``tokens [SEP]``: no [CLS] in front, of sources or targets."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    inner = copy.deepcopy(tok.backend_tokenizer)
+    inner.post_processor = processors.TemplateProcessing(single="$A [SEP]", pair="$A [SEP] $B:1 [SEP]:1",
+                                                         special_tokens=[("[SEP]", tok.sep_token_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, cls_token=tok.cls_token, sep_token=tok.sep_token, pad_token=tok.pad_token,
+                                   unk_token=tok.unk_token, mask_token=tok.mask_token, model_max_length=tok.model_max_length)
+
+
+def copy_self_to_cross_attention(decoder) -> None:
+    """Set every decoder layer's cross-attention (query / key / value, output dense and LayerNorm) to a copy of that layer's
+    self-attention weights."""
+    import torch
+
+    with torch.no_grad():
+        for layer in decoder.base_model.encoder.layer:
+            layer.crossattention.load_state_dict(layer.attention.state_dict())
 
 
 def _config(fields: dict[str, Any]):
@@ -233,9 +275,13 @@ def initial_models(q: dict[str, Any], work: Path) -> tuple[str, Path, Any]:
     pretrained BERT named by q["pretrained"] (the students keep q["student_keep"] of its layers on both sides)."""
     if study_of(q)["task"] == "summarization":
         pre = q["pretrained"]
-        teacher = make_bert2bert(work / "tldr-teacher-init", pre, None, 0)
+        cross, drop = q.get("cross_init", "random"), q.get("drop_cls", False)  # part of the initialisation: the same everywhere
+        # the runs before these existed were "random" with [CLS] first, untagged
+        tag = ("" if cross == "random" else f"-cross{cross}") + ("-nocls" if drop else "")
+        teacher = make_bert2bert(work / f"tldr-teacher-init{tag}", pre, None, 0, cross, drop)
         keep = q["student_keep"]
-        return pre, teacher, lambda seed: make_bert2bert(work / f"tldr-student-init-{len(keep)}l-{seed}", pre, keep, 100 + seed)
+        return str(teacher), teacher, lambda seed: make_bert2bert(work / f"tldr-student-init-{len(keep)}l{tag}-{seed}", pre, keep,
+                                                                  100 + seed, cross, drop)
     rows = common.read_jsonl(M30K["train"])
     tok = build_bpe(work / f"m30k-bpe{q['vocab']}", [r["translation"]["en"] + "\n" + r["translation"]["de"] for r in rows], q["vocab"])
     teacher = make_t5(work / f"m30k-teacher-init-{q['vocab']}", str(tok), q["teacher_d"], q["teacher_layers"], 0)
@@ -272,11 +318,22 @@ def train_teacher(q: dict[str, Any], work: Path) -> tuple[Path, Path, dict[str, 
     return tok, teacher_dir, info
 
 
+def probe_spec(q: dict[str, Any], cross_init: str, lr: Optional[float] = None) -> dict[str, Any]:
+    """The summarization study's teacher, trained one epoch from the ``cross_init`` initialisation (at ``lr``, default the
+    study's) and scored on 50 test rows: a probe of whether a setting makes the teacher read its source (its epoch
+    figures: source_gap, distinct), long before a full teacher's greedy outputs would tell."""
+    lr = q["teacher_lr"] if lr is None else lr
+    return {**q, "cross_init": cross_init, "teacher_epochs": 1, "teacher_lr": lr, "eval_rows": 50,
+            "teacher_name": f"tldr-probe-cross{cross_init}" + ("" if lr == q["teacher_lr"] else f"-lr{lr:g}")}
+
+
 def epoch_metric_callback(tokenizer_dir: str, base: dict[str, Any], rows: int, watch_file: Optional[Path] = None):
     """A TrainerCallback: the task's primary metric (kdcache's own, e.g. BLEU, ROUGE-L) of greedy outputs on the first
     ``rows`` rows of ``watch_file`` (default: the eval file) after each epoch, to watch a teacher learn; its ``history``
-    lists {epoch, step, <metric>, distinct}: distinct is the share of different outputs (a model that writes one text for
-    every input has learnt the targets' language, not the task)."""
+    lists {epoch, step, <metric>, distinct, matched_ce, shuffled_ce, source_gap}: distinct is the share of different
+    outputs, source_gap what the references' cross-entropy loses when each row gets another row's source (source_gap).
+    A model that writes one text for every input, or scores as well on another's source, has learnt the targets'
+    language, not the task."""
     from transformers import TrainerCallback
 
     from kdcache.tasks import get_task
@@ -294,28 +351,69 @@ def epoch_metric_callback(tokenizer_dir: str, base: dict[str, Any], rows: int, w
             self.history: list[dict[str, Any]] = []
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            import torch
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-            hyps: list[str] = []
             model = getattr(model, "student", model)  # kdcache's trainer wraps the model it trains
             was_training = model.training
             model.eval()
-            with torch.inference_mode():
-                for i in range(0, len(src), 32):
-                    enc = tok(src[i:i + 32], return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length,
-                              return_token_type_ids=False)
-                    out = model.generate(**enc.to(model.device), max_new_tokens=cfg.max_new_tokens, num_beams=1)
-                    hyps += [h.strip() for h in tok.batch_decode(out, skip_special_tokens=True)]
+            hyps = greedy_outputs(model, tok, src, cfg.max_length, cfg.max_new_tokens)
+            gap = source_gap(model, tok, data, base)
             model.train(was_training)
             value = task.compute_metrics(hyps, columns, LabelInfo(0), cfg)[metric]
             distinct = len(set(hyps)) / max(len(hyps), 1)
-            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, metric: value, "distinct": distinct})
+            self.history.append({"epoch": round(state.epoch or 0, 2), "step": state.global_step, metric: value, "distinct": distinct,
+                                 **gap})
             print(f"[seq2seq quality] teacher epoch {state.epoch:.2f} (step {state.global_step}): {metric} {value:.2f}, "
-                  f"{distinct:.0%} distinct outputs on {len(src)} validation rows", flush=True)
+                  f"{distinct:.0%} distinct outputs on {len(src)} validation rows; cross-entropy {gap['matched_ce']:.3f} on their "
+                  f"own sources, {gap['shuffled_ce']:.3f} on others' (gap {gap['source_gap']:+.3f})", flush=True)
 
     return EpochMetric()
+
+
+def greedy_outputs(model, tok, sources: list[str], max_length: int, max_new_tokens: int) -> list[str]:
+    """The model's greedy outputs for ``sources`` (stripped text), 32 at a time."""
+    import torch
+
+    hyps: list[str] = []
+    with torch.inference_mode():
+        for i in range(0, len(sources), 32):
+            enc = tok(sources[i:i + 32], return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                      return_token_type_ids=False)
+            out = model.generate(**enc.to(model.device), max_new_tokens=max_new_tokens, num_beams=1)
+            hyps += [h.strip() for h in tok.batch_decode(out, skip_special_tokens=True)]
+    return hyps
+
+
+def source_gap(model, tok, rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, float]:
+    """Does a seq2seq model read its source? The references' mean token cross-entropy (teacher forcing) given their own
+    sources (matched_ce) and given the next row's (shuffled_ce: every source moved one row on), and source_gap =
+    shuffled_ce - matched_ce: about 0 for a model that ignores its input, clearly positive for one that reads it."""
+    import datasets
+    import torch
+
+    from kdcache.tasks import get_task
+
+    task = get_task(base["task_type"])
+    cfg = _config({**base, "model_name": str(tok.name_or_path)})
+    examples = datasets.Dataset.from_list(rows)
+    feats = task.tokenize(examples, tok, cfg, task.label_info(examples, cfg), "eval")
+    n = len(feats)
+    sources = {k: feats[k] for k in ("input_ids", "attention_mask")}
+    shuffled = {k: v[1:] + v[:1] for k, v in sources.items()}  # row i reads row i+1's source
+    ce = {}
+    with torch.inference_mode():
+        for name, src in (("matched_ce", sources), ("shuffled_ce", shuffled)):
+            total, count = 0.0, 0
+            for i in range(0, n, 16):
+                b = task.pad(tok, {**{k: v[i:i + 16] for k, v in src.items()}, "labels": feats["labels"][i:i + 16]},
+                             ("input_ids", "attention_mask", "labels"))
+                logits = model(**{k: v.to(model.device) for k, v in b.items()}).logits.float()  # [B, P, V]
+                labels = b["labels"].to(model.device)  # [B, P], -100 off the reference
+                total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"))
+                count += int((labels != -100).sum())
+            ce[name] = total / max(count, 1)
+    return {**ce, "source_gap": ce["shuffled_ce"] - ce["matched_ce"]}
 
 
 def run_quality(spec: dict[str, Any], work: Path, part: str = "quality") -> dict[str, Any]:
@@ -535,10 +633,13 @@ def spec_for(quick: bool, work: Path, seeds: list[int], threads: Optional[int]) 
                "fidelity_temperatures": [1.0, 2.0], "fidelity_draws": 8}
     # Summarization: a teacher that starts pretrained (bert2bert from MiniLM-L6, 6+6 layers) trained on all 1,992 SciTLDR
     # rows; 2+2-layer students (MiniLM's layers 0 and 5 on both sides) on the first 500, a quarter (the teacher has read more)
-    summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "teacher_rows": 1992,
-                     "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50, "teacher_name": "tldr-teacher-all",
-                     "teacher_batch": 16, "teacher_lr": 3e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
-                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 3e-4, "student_epochs": 6, "fidelity_rows": 100,
+    # The cross-attention starts as a copy of each layer's self-attention; lr 1e-4 (at 3e-4 the encoder's last layer
+    # collapsed to one vector for every token within an epoch: docs/recipe.md's probe).
+    summarization = {"task": "summarization", "pretrained": resolve_model_path(common.MINILM), "cross_init": "self",
+                     "drop_cls": True, "teacher_rows": 1992, "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 50,
+                     "teacher_name": "tldr-teacher-crossself-nocls", "student_tag": "-crossself-nocls",
+                     "teacher_batch": 16, "teacher_lr": 1e-4, "teacher_epochs": 3, "teacher_schedule": "linear",
+                     "student_keep": [0, 5], "student_batch": 16, "student_lr": 1e-4, "student_epochs": 6, "fidelity_rows": 100,
                      "only_needed_caches": True, "fidelity": False, "codecs": False}
     if quick:
         steps.update(teacher_d=32, teacher_layers=1, student_d=32, student_layers=1, rows=48, batch_size=8, max_length=64,
@@ -636,6 +737,10 @@ def quality_void(q: dict[str, Any]) -> Optional[str]:
         return (f"VOID: the teacher writes the same text for most inputs (only {last['distinct']:.0%} of its greedy outputs on "
                 f"{q['spec']['epoch_eval_rows']} validation {study_of(q)['unit']} differ after its last epoch): it has learnt "
                 "the targets' language, not the task; no conclusion is drawn")
+    if last.get("source_gap", MIN_SOURCE_GAP) < MIN_SOURCE_GAP:
+        return (f"VOID: the teacher does not read its input (on {q['spec']['epoch_eval_rows']} validation {study_of(q)['unit']} "
+                f"after its last epoch, the references' cross-entropy is {last['matched_ce']:.3f} nats/token given their own "
+                f"sources and {last['shuffled_ce']:.3f} given others', a gap under {MIN_SOURCE_GAP:g}); no conclusion is drawn")
     teacher = q["teacher"]["metrics"].get(f"eval_{primary}", float("nan"))
     return setting_void(teacher, figures["plain"][primary]["mean"], [f[primary]["mean"] for f in figures.values()],
                         metric=study_of(q)["metric_name"])
@@ -691,7 +796,9 @@ def _summarization_setting(q: dict[str, Any], watched: str) -> str:
     return (f"Summarization, SciTLDR abstract -> one-sentence TLDR (local only; the first {sp['eval_rows']} test documents, "
             f"greedy decoding, at most 64 new tokens; ROUGE F1 x 100 with stemming, kdcache's own evaluation). Teacher: bert2bert "
             f"(transformers' EncoderDecoderModel) warm-started from the pretrained MiniLM-L6 on both sides (6+6 layers, its "
-            f"WordPiece tokenizer; the decoder's cross-attention starts random), {q['teacher']['num_parameters'] / 1e6:.1f}M "
+            f"WordPiece tokenizer{', texts ending in [SEP] without a leading [CLS]' if sp.get('drop_cls') else ''}; the decoder's "
+            f"cross-attention starts "
+            f"{CROSS_INIT_NAMES[sp.get('cross_init', 'random')]}), {q['teacher']['num_parameters'] / 1e6:.1f}M "
             f"parameters, trained here on all {_rows(sp, 'teacher'):,} training documents (sources cut to "
             f"{study_of(q)['fields']['max_length']} tokens), "
             f"{sp['teacher_epochs']} epochs, batch {sp['teacher_batch']}, lr {sp['teacher_lr']:g} "
@@ -700,7 +807,8 @@ def _summarization_setting(q: dict[str, Any], watched: str) -> str:
             f"{tm.get('eval_rougeL', float('nan')):.2f}{watched}. Students: bert2bert keeping MiniLM's layers "
             f"{' and '.join(map(str, keep))} on both sides ({len(keep)}+{len(keep)} layers"
             + (f", {student_params / 1e6:.1f}M parameters" if student_params else "") +
-            f"; the cross-attention drawn per seed, the same in every arm), on the first {_rows(sp, 'student'):,} documents, "
+            f"; the cross-attention {'drawn per seed' if sp.get('cross_init', 'random') == 'random' else 'likewise'}, the same in "
+            f"every arm), on the first {_rows(sp, 'student'):,} documents, "
             f"{sp['student_epochs']} epochs, batch {sp['student_batch']}, lr {sp['student_lr']:g}, alpha 0.5, T 2 unless the arm "
             f"names another. KL = mean per-token KL(teacher || student) at T=1 on the first {sp['fidelity_rows']} test documents "
             "(teacher forcing on the references).")
@@ -717,6 +825,8 @@ def _quality_md(q: dict[str, Any]) -> list[str]:
     watched = (f" ({study['metric_name']} on the first {q['spec']['epoch_eval_rows']} validation "
                f"{study['unit']} after each epoch: " + ", ".join(f"{e[primary]:.2f}" for e in by_epoch) +
                ("; distinct outputs " + ", ".join(f"{e['distinct']:.0%}" for e in by_epoch) if all("distinct" in e for e in by_epoch) else "") +
+               ("; cross-entropy on others' sources minus on their own, nats/token, " +
+                ", ".join(f"{e['source_gap']:+.2f}" for e in by_epoch) if all("source_gap" in e for e in by_epoch) else "") +
                ")") if by_epoch else ""
     names = study.get("metric_names", study["metrics"])
     L = [SETTINGS[study["task"]](q, watched), ""]

@@ -63,6 +63,9 @@ def test_a_bert2bert_teacher_and_student_distil_through_kdcache(tmp_path, tokeni
     assert [h["epoch"] for h in watch.history] == [float(e) for e in range(1, 9)]
     assert t.metrics["eval_rougeL"] > 50  # it learnt the summaries (a check that can fail)
     assert watch.history[-1]["rougeL"] == pytest.approx(t.metrics["eval_rougeL"])
+    # each epoch also records whether it reads its source (source_gap: its own test below)
+    last = watch.history[-1]
+    assert last["source_gap"] == pytest.approx(last["shuffled_ce"] - last["matched_ce"]) and 0 < last["matched_ce"] < 10
     student = {**base, "model_name": str(s_init), "teacher_model_name": str(tmp_path / "teacher"), "batch_size": 4,
                "learning_rate": 3e-3, "num_epochs": 2, "use_distillation": True, "logits_k": 6, "sequence_kd": True}
     d = dump_teacher(seq2seq._config(student), cache_dir=str(tmp_path / "cache"), force=False, progress=False)
@@ -119,3 +122,76 @@ def test_a_teacher_that_writes_one_text_for_every_input_is_void():
     assert "**VOID: the teacher writes the same text for most inputs (only 4% of its greedy outputs on 100 validation documents" in text
     result["summarization"]["teacher"]["by_epoch"][-1]["distinct"] = 0.9
     assert seq2seq.summary_rows(result)[0].endswith("| **missed** |")
+
+
+def test_self_cross_init_copies_each_decoder_layers_self_attention(tmp_path, tokenizer_dir):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    base = make_bert(tmp_path / "bert", tokenizer_dir, layers=4, hidden=32, seed=0)
+    model = AutoModelForSeq2SeqLM.from_pretrained(seq2seq.make_bert2bert(tmp_path / "s", str(base), [0, 3], 100, cross_init="self"))
+    rand = AutoModelForSeq2SeqLM.from_pretrained(seq2seq.make_bert2bert(tmp_path / "r", str(base), [0, 3], 100))
+    for which in (model, rand):
+        for layer in which.decoder.bert.encoder.layer:
+            cross, own = layer.crossattention.state_dict(), layer.attention.state_dict()
+            weights = [k for k in own if k.endswith("weight") and "LayerNorm" not in k]  # q / k / v, output dense
+            same = [torch.equal(cross[k], own[k]) for k in (weights if which is rand else own)]
+            assert all(same) if which is model else not any(same)
+    # the rest is the pretrained BERT's in both
+    assert torch.equal(model.encoder.encoder.layer[1].attention.self.query.weight, rand.encoder.encoder.layer[1].attention.self.query.weight)
+    with pytest.raises(ValueError, match="cross_init 'copy': one of random, self"):
+        seq2seq.make_bert2bert(tmp_path / "x", str(base), None, 0, cross_init="copy")
+
+
+def test_source_gap_is_zero_for_a_decoder_that_cannot_see_its_source(tmp_path, tokenizer_dir):
+    """With the cross-attention's values and output zeroed, the decoder's outputs do not depend on the source: matched and
+    shuffled sources score alike. A randomly drawn cross-attention does see it (a gap that is not exactly 0)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    base_bert = make_bert(tmp_path / "bert", tokenizer_dir, layers=2, hidden=32, seed=0)
+    path = seq2seq.make_bert2bert(tmp_path / "m", str(base_bert), None, 0)
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    base = {"task_type": "summarization", "max_length": 32, "max_target_length": 16, "max_new_tokens": 12}
+    seeing = seq2seq.source_gap(model, tok, DOCS, base)
+    assert seeing["matched_ce"] > 0 and seeing["source_gap"] != 0
+    with torch.no_grad():
+        for layer in model.decoder.bert.encoder.layer:
+            layer.crossattention.self.value.weight.zero_()
+            layer.crossattention.self.value.bias.zero_()
+    blind = seq2seq.source_gap(model, tok, DOCS, base)
+    assert blind["source_gap"] == pytest.approx(0.0, abs=1e-5) and blind["matched_ce"] > 0
+
+
+def test_a_teacher_that_does_not_read_its_source_is_void():
+    result = _result([20.0, 21.0, 22.0], [21.0, 22.5, 22.5], 30.0)
+    result["summarization"]["teacher"]["by_epoch"] = [
+        {"epoch": 1.0, "step": 125, "rougeL": 21.5, "distinct": 0.8, "matched_ce": 3.1, "shuffled_ce": 3.5, "source_gap": 0.4},
+        {"epoch": 2.0, "step": 250, "rougeL": 26.25, "distinct": 0.9, "matched_ce": 3.0, "shuffled_ce": 3.05, "source_gap": 0.05}]
+    assert seq2seq.summary_rows(result)[0].endswith("| VOID |")
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert "**VOID: the teacher does not read its input (on 100 validation documents after its last epoch, the references' " \
+           "cross-entropy is 3.000 nats/token given their own sources and 3.050 given others'" in text
+    assert "cross-entropy on others' sources minus on their own, nats/token, +0.40, +0.05)" in text
+    result["summarization"]["teacher"]["by_epoch"][-1]["source_gap"] = 0.3
+    assert seq2seq.summary_rows(result)[0].endswith("| **missed** |")
+    # the setting names how the bert2bert started
+    assert "the decoder's cross-attention starts random)" in text
+    result["summarization"]["spec"].update(cross_init="self", drop_cls=True)
+    text = "\n".join(seq2seq.markdown(result, quick=False))
+    assert ("its WordPiece tokenizer, texts ending in [SEP] without a leading [CLS]; the decoder's cross-attention starts as a copy "
+            "of each layer's own pretrained self-attention)") in text
+
+
+def test_drop_cls_saves_a_tokenizer_without_the_leading_cls(tmp_path, tokenizer_dir):
+    """Targets (and sources) end in [SEP] with no [CLS] in front, so the decoder's start token [CLS] is never a target."""
+    from transformers import AutoTokenizer
+
+    base = make_bert(tmp_path / "bert", tokenizer_dir, layers=2, hidden=32, seed=0)
+    plain = AutoTokenizer.from_pretrained(seq2seq.make_bert2bert(tmp_path / "a", str(base), None, 0))
+    tok = AutoTokenizer.from_pretrained(seq2seq.make_bert2bert(tmp_path / "b", str(base), None, 0, drop_cls=True))
+    text = "a good story about love"
+    assert plain(text_target=text)["input_ids"][0] == plain.cls_token_id
+    assert tok(text_target=text)["input_ids"] == plain(text_target=text)["input_ids"][1:]
+    assert tok(text)["input_ids"][-1] == tok.sep_token_id and tok.cls_token_id == plain.cls_token_id
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
