@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from bench import common
 from bench.validity import paired_difference, setting_void
+from kdcache.recommend import default_temperature
 
 SHARED = common.REPO.parent / "shared" / "data"
 M30K = {"train": SHARED / "multi30k" / "train.jsonl", "eval": SHARED / "multi30k" / "validation.jsonl"}
@@ -693,8 +694,10 @@ def summary_rows(result: dict[str, Any]) -> list[str]:
         if not q or "runs" not in q:
             continue
         figures, void, sp = quality_figures(q), quality_void(q), q["spec"]
-        # kdcache's default (top-6 + rest, T 3): the longest-trained arm of it that ran (older runs have T 2 only)
-        default = next(k for k in ("topk-6ep", "topk-T3", "topk") if k in figures or k == "topk")
+        # kdcache's default (top-6 + rest at the task's default temperature): the longest-trained arm of it that ran
+        # (older runs have T 2 only)
+        t_default = default_temperature(study["task"])
+        default = next((k for k in ("topk-6ep", f"topk-T{t_default:g}") if k in figures and temperature_of(k) == t_default), "topk")
         seqkd = "seqkd-6ep" if "seqkd-6ep" in figures else "seqkd"
         for kind, label in ((default, f"{study['label']}: distilled − plain"),
                             (seqkd, f"{study['label']}, sequence-level KD: distilled − plain")):

@@ -28,7 +28,7 @@ from kdcache.recommend import default_temperature
 
 ROUGE = {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum"}
 STORED = [float(t) for t in DEFAULT_TEMPERATURES]  # what dump-teacher stores by default: 1, 1.5, 2, 2.5, 3, 4
-DEFAULT_T = default_temperature("summarization")  # what a student trains at unless told: 3
+DEFAULT_T = default_temperature("summarization")  # what a student trains at unless told: 1
 OTHER_T = next(t for t in STORED if t != DEFAULT_T)  # stored, not the default
 assert 5.0 not in STORED
 

@@ -31,10 +31,11 @@ SIZE_RATIO_RANGE = (min(_RATIOS), max(_RATIOS))  # teacher / student parameters
 # The guide's temperature bands ("Simple classification: 1.5 - 2.0", "Complex tasks: 2.0 - 4.0"); a task's band
 # is the first that holds the guide's temperature for it (a temperature in none, kdcache's own causal-LM 1.0, is
 # its own range).
-# The guide's bands, then kdcache's own for (multi-class, binary and token) classification, whose measured defaults (1.0) lie
-# below the guide's 1.5: the first band holding the task's default temperature is the task's.
+# The guide's bands, then kdcache's own for (multi-class, binary and token) classification and summarization, whose measured
+# defaults (1.0) lie below the guide's: the first band holding the task's default temperature is the task's.
 TEMPERATURE_BANDS = ((1.5, 2.0, "simple classification"), (2.0, 4.0, "complex tasks"),
-                     (1.0, 2.0, "classification and token classification (kdcache's measured defaults, docs/recipe.md)"))
+                     (1.0, 2.0, "classification, token classification and summarization (kdcache's measured defaults, "
+                                "docs/recipe.md)"))
 
 
 # The guide's "Common Issues and Solutions", quoted: the remedies that did_distillation_help's findings cite.
