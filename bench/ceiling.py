@@ -513,8 +513,10 @@ def markdown(result: dict[str, Any], quick: bool) -> list[str]:
     L.append("| fixed costs: load, hash, tokenize, manifest (wall s) | | " + " | ".join(f"{c['fixed_s']:.2f}" for c in cases) + " |")
     L += ["", "Reading it: the writer's work grows with the bytes stored per token (cutting the padded rows, the Arrow IPC "
           "write into the page cache, and in a thread of its own the sha256 of what was written), so at 2 KiB and more per "
-          "token it is the writer that bounds the host; the forward loop's host work is mostly the collate (the datasets "
-          "row gather and padding) plus small copies. For the vocabulary cases the forward loop's figure is the reduction's "
+          "token one writer thread bounds the host (the one-writer case); with several, each writes whole shards of its own "
+          "and only the busiest one's share counts, which is why the dump runs as many beside a GPU (--writers; "
+          "kdcache.dump.default_writers). The forward loop's host work is mostly the collate (the datasets row gather and "
+          "padding) plus small copies. For the vocabulary cases the forward loop's figure is the reduction's "
           "total less its device parts, a small difference of large numbers on this CPU: read it as rough. Every "
           "vocabulary case dumps batches of 4 x 512 tokens (the 128k one holds 1.05 GB of float32 logits a batch); a "
           "GPU dump's batches are larger still (16 x 2048 for the 1B Llama), so per-batch overheads weigh less there. The "
