@@ -77,7 +77,7 @@ def test_a_bert2bert_teacher_and_student_distil_through_kdcache(tmp_path, tokeni
 def _result(plain: list[float], topk: list[float], teacher_rouge: float) -> dict:
     runs = [{"kind": kind, "seed": seed, "seconds": 300.0, "kl_to_teacher": 2.0, "num_parameters": 27.6e6,
              "metrics": {"eval_rouge1": v + 8, "eval_rouge2": v / 3, "eval_rougeL": v}}
-            for kind, values in (("plain", plain), ("topk-T3", topk)) for seed, v in enumerate(values)]
+            for kind, values in (("plain", plain), ("topk-T1", topk), ("topk-T3", plain)) for seed, v in enumerate(values)]
     spec = {"task": "summarization", "teacher_rows": 1992, "student_rows": 500, "eval_rows": 300, "epoch_eval_rows": 100,
             "teacher_batch": 16, "teacher_lr": 1e-4, "teacher_epochs": 4, "teacher_schedule": "linear", "student_keep": [0, 5],
             "student_batch": 16, "student_lr": 1e-4, "student_epochs": 6, "fidelity_rows": 100}
@@ -89,11 +89,12 @@ def _result(plain: list[float], topk: list[float], teacher_rouge: float) -> dict
 def test_summarization_rows_pair_kdcaches_default_with_plain_on_rouge_l():
     result = _result([20.0, 21.0, 22.0], [21.0, 22.5, 22.5], 30.0)
     figures = seq2seq.quality_figures(result["summarization"])
-    assert figures["topk-T3"]["minus_plain"]["by_seed"] == {0: 1.0, 1: 1.5, 2: 0.5}
+    assert figures["topk-T1"]["minus_plain"]["by_seed"] == {0: 1.0, 1: 1.5, 2: 0.5}  # kdcache's default (T 1)
+    assert figures["topk-T3"]["minus_plain"]["diff"] == 0.0  # the guide's T 3: not the row's
     assert figures["plain"]["rouge2"]["mean"] == pytest.approx(7.0)
     rows = seq2seq.summary_rows(result)
     assert len(rows) == 1 and rows[0].startswith("| summarization: distilled − plain (3 seeds) | +1.00 | > the larger seed spread "
-                                                  "1.00 (ROUGE-L, top-6 + rest, alpha 0.5, T 3; SciTLDR abstract -> TLDR, "
+                                                  "1.00 (ROUGE-L, top-6 + rest, alpha 0.5, T 1; SciTLDR abstract -> TLDR, "
                                                   "students on 500 of the teacher's 1,992 documents, 6 epochs;")
     assert rows[0].endswith("| **missed** |")  # +1.00 is not more than the spread 1.00
     # bench.run's summary then has no "not measured" row for summarization
@@ -102,7 +103,7 @@ def test_summarization_rows_pair_kdcaches_default_with_plain_on_rouge_l():
     assert "| student | ROUGE-1 | ROUGE-2 | ROUGE-L | KL to teacher | s/run |" in text
     assert "(ROUGE-L on the first 100 validation documents after each epoch: 21.50, 26.25)" in text
     assert "keeping MiniLM's layers 0 and 5 on both sides (2+2 layers, 27.6M parameters" in text
-    assert "| offline, top-6 + rest bucket, T 3 (kdcache's translation default) | +1.00 | +1.50 | +0.50 | +1.00 | 1.00 | no |" in text
+    assert "| offline, top-6 + rest bucket, T 1 | +1.00 | +1.50 | +0.50 | +1.00 | 1.00 | no |" in text
 
 
 def test_a_summarization_teacher_no_better_than_plain_is_void():
